@@ -1,0 +1,192 @@
+// CPU kernels of the two OBS operators: batched subset scoring and the per-row
+// Schur update (the hot loop of StructuredOBS.prune_true_obs).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace s3sparse {
+namespace {
+
+// ------------------------------------------------------------------ score_subsets
+std::tuple<at::Tensor, at::Tensor> score_subsets_cpu(const at::Tensor& w_in, const at::Tensor& c_in,
+                                                     const std::optional<at::Tensor>& c_index_in,
+                                                     const at::Tensor& subsets_in) {
+  constexpr const char* op = "s3sparse.score_subsets";
+  check_score_subsets(w_in, c_in, c_index_in, subsets_in, op);
+  const at::Tensor w = w_in.contiguous();
+  const at::Tensor c = c_in.contiguous();
+  const at::Tensor subsets = subsets_in.contiguous();
+  const int64_t N = w.size(0), E = w.size(1), U = c.size(0);
+  const int64_t S = subsets.size(0), P = subsets.size(1);
+  const int64_t* sub = subsets.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < S * P; ++i) {
+    S3_CHECK_VALUE(sub[i] >= 0 && sub[i] < E, op, ": `subsets` entries must be in [0, ", E,
+                   "), got ", sub[i], " in subset ", i / P);
+  }
+  at::Tensor c_index;
+  if (c_index_in.has_value()) {
+    c_index = c_index_in->contiguous();
+    const int64_t* ci = c_index.const_data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      S3_CHECK_VALUE(ci[n] >= 0 && ci[n] < U, op, ": `c_index` entries must be in [0, ", U,
+                     "), got ", ci[n], " at item ", n);
+    }
+  }
+  at::Tensor costs = at::empty({N, S}, w.options());
+  at::Tensor best = at::zeros({N}, w.options().dtype(at::kLong));
+  if (N == 0 || S == 0) return {costs, best};
+
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "score_subsets_cpu_w", [&] {
+    using acc_t = scalar_t;
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    acc_t* cost_out = costs.mutable_data_ptr<acc_t>();
+    int64_t* best_out = best.mutable_data_ptr<int64_t>();
+    const int64_t* ci = c_index.defined() ? c_index.const_data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "score_subsets_cpu_c", [&] {
+      const scalar_t* cp = c.const_data_ptr<scalar_t>();
+      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        std::vector<acc_t> a(P * P), z(P);
+        for (int64_t n = n0; n < n1; ++n) {
+          const acc_t* wn = wp + n * E;
+          const scalar_t* C = cp + (ci ? ci[n] : n) * E * E;
+          acc_t best_cost = std::numeric_limits<acc_t>::infinity();
+          int64_t best_s = 0;
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t* idx = sub + s * P;
+            for (int64_t i = 0; i < P; ++i) {
+              for (int64_t j = 0; j < P; ++j) a[i * P + j] = static_cast<acc_t>(C[idx[i] * E + idx[j]]);
+              z[i] = wn[idx[i]];
+            }
+            acc_t cost = std::numeric_limits<acc_t>::infinity();
+            if (small_cholesky(a.data(), P)) {
+              small_forward_solve(a.data(), z.data(), P);
+              cost = 0;
+              for (int64_t i = 0; i < P; ++i) cost += z[i] * z[i];
+            }
+            cost_out[n * S + s] = cost;
+            if (cost < best_cost) {
+              best_cost = cost;
+              best_s = s;
+            }
+          }
+          best_out[n] = best_s;
+        }
+      });
+    });
+  });
+  return {costs, best};
+}
+
+// ------------------------------------------------------------------ schur_update_
+// Valid pruned columns of every row, checked before anything is written.
+std::vector<std::vector<int64_t>> pruned_columns(const at::Tensor& pruned, int64_t K, const char* op) {
+  const at::Tensor p = pruned.contiguous();
+  const int64_t B = p.size(0), P = p.size(1);
+  const int64_t* pp = p.const_data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> cols(B);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t col = pp[b * P + j];
+      S3_CHECK_VALUE(col >= -1 && col < K, op, ": `pruned` entries must be column indices in [0, ", K,
+                     ") or -1 for none, got ", col, " in row ", b);
+      if (col >= 0) cols[b].push_back(col);
+    }
+    std::vector<int64_t> sorted = cols[b];
+    std::sort(sorted.begin(), sorted.end());
+    S3_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), op,
+                   ": `pruned` row ", b, " names a column twice");
+  }
+  return cols;
+}
+
+at::Tensor schur_update_cpu(at::Tensor& w, at::Tensor& c, const at::Tensor& pruned) {
+  constexpr const char* op = "s3sparse.schur_update_";
+  check_schur_update(w, c, pruned, op);
+  const int64_t B = w.size(0), K = w.size(1);
+  const auto cols = pruned_columns(pruned, K, op);
+  at::Tensor status = at::zeros({B}, w.options().dtype(at::kInt));
+  int32_t* st = status.mutable_data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "schur_update_cpu_w", [&] {
+    using acc_t = scalar_t;
+    const auto acc_type = w.scalar_type();
+    acc_t* wp = w.mutable_data_ptr<acc_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "schur_update_cpu_c", [&] {
+      scalar_t* cp = c.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        // Keep ATen calls below autograd: this is a kernel, not user code.
+        at::AutoDispatchBelowADInplaceOrView guard;
+        for (int64_t b = b0; b < b1; ++b) {
+          const auto& S = cols[b];
+          const int64_t P = static_cast<int64_t>(S.size());
+          if (P == 0) continue;
+          scalar_t* C = cp + b * K * K;
+          acc_t* wb = wp + b * K;
+          // L = chol(C_SS).
+          std::vector<acc_t> L(P * P);
+          for (int64_t i = 0; i < P; ++i)
+            for (int64_t j = 0; j < P; ++j) L[i * P + j] = static_cast<acc_t>(C[S[i] * K + S[j]]);
+          if (!small_cholesky(L.data(), P)) {
+            st[b] = 1;
+            continue;
+          }
+          // A = C[:, S] L^-T (row k: L^-1 C[k, S]);  z = L^-1 w_S.
+          at::Tensor A = at::empty({K, P}, at::TensorOptions().dtype(acc_type));
+          acc_t* ap = A.mutable_data_ptr<acc_t>();
+          for (int64_t k = 0; k < K; ++k) {
+            acc_t* ak = ap + k * P;
+            for (int64_t i = 0; i < P; ++i) ak[i] = static_cast<acc_t>(C[k * K + S[i]]);
+            small_forward_solve(L.data(), ak, P);
+          }
+          std::vector<acc_t> z(P);
+          for (int64_t i = 0; i < P; ++i) z[i] = wb[S[i]];
+          small_forward_solve(L.data(), z.data(), P);
+          // w -= A z.
+          for (int64_t k = 0; k < K; ++k) {
+            acc_t s = 0;
+            for (int64_t i = 0; i < P; ++i) s += ap[k * P + i] * z[i];
+            wb[k] -= s;
+          }
+          // C -= A A^T, in acc_t, a band of rows at a time for reduced-precision storage.
+          at::Tensor Cb = at::from_blob(C, {K, K}, c.options());
+          if (c.scalar_type() == acc_type) {
+            Cb.addmm_(A, A.t(), 1, -1);
+          } else {
+            constexpr int64_t band = 256;
+            for (int64_t r0 = 0; r0 < K; r0 += band) {
+              const int64_t r1 = std::min(K, r0 + band);
+              at::Tensor rows = Cb.slice(0, r0, r1);
+              at::Tensor upd = rows.to(acc_type).addmm_(A.slice(0, r0, r1), A.t(), 1, -1);
+              rows.copy_(upd);
+            }
+          }
+          // The pruned coordinates are exactly zero from now on.
+          for (int64_t i = 0; i < P; ++i) {
+            wb[S[i]] = 0;
+            scalar_t* row = C + S[i] * K;
+            std::fill(row, row + K, scalar_t(0));
+            for (int64_t k = 0; k < K; ++k) C[k * K + S[i]] = scalar_t(0);
+          }
+        }
+      });
+    });
+  });
+  return status;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s3sparse, CPU, m) {
+  m.impl("score_subsets", &score_subsets_cpu);
+  m.impl("schur_update_", &schur_update_cpu);
+}
+
+}  // namespace s3sparse

@@ -1,0 +1,30 @@
+// Every s3sparse operator schema, in one place. Kernels live in csrc/cpu and
+// csrc/cuda (TORCH_LIBRARY_IMPL); Python wrappers, fake kernels and docs in
+// s3sparse/ops.py; pure-torch oracles in s3sparse/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(s3sparse, m) {
+  // Strided block reductions: view (size, stride, offset) over the flat elements
+  // of contiguous `x`, cut into blocks; one value per block ('norm' with `p`,
+  // 'min', 'max' or 'sum'). The view is never materialised.
+  m.def("block_reduce(Tensor x, int[] size, int[] stride, int offset, int[] block, str reduce, float p=2.0) -> Tensor");
+
+  // In-place block scaling over the same kind of view: every element of block g
+  // is multiplied by scale[g]; a zero factor writes an exact zero (masking).
+  m.def("block_scale_(Tensor(a!) x, int[] size, int[] stride, int offset, int[] block, Tensor scale) -> ()");
+
+  // Along the last dim: the k-th largest value and a mask of exactly the k
+  // largest entries (ties go to the lower index; NaN ranks as -inf).
+  m.def("kth_largest(Tensor x, int k) -> (Tensor values, Tensor keep)");
+
+  // Batched OBS subset scoring. For item n with weights w[n] (E,) and inverse-
+  // Hessian block C = c[c_index[n]] (E, E): cost[n, s] = w_P^T (C_PP)^-1 w_P for
+  // P = subsets[s]; best[n] = argmin_s cost[n, s]. Non-PD C_PP costs +inf.
+  m.def("score_subsets(Tensor w, Tensor c, Tensor? c_index, Tensor subsets) -> (Tensor costs, Tensor best)");
+
+  // Per-row OBS step: for every row b, with S = the valid entries of pruned[b]:
+  //   w[b] -= C[:, S] C_SS^-1 w[b, S];  C -= C[:, S] C_SS^-1 C[S, :];  w[b, S] = 0
+  // in place, C of row b being c[b] (fp16/bf16/fp32/fp64 storage, fp32+ math).
+  // status[b] = 1 when C_SS is not positive definite: that row is left untouched.
+  m.def("schur_update_(Tensor(a!) w, Tensor(b!) c, Tensor pruned) -> Tensor status");
+}

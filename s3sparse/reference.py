@@ -1,0 +1,160 @@
+"""Pure-torch oracles of every s3sparse operator.
+
+Each function here computes what the compiled kernel of the same name computes,
+written for clarity rather than speed (float64 math, Python loops where that is
+plainest). Tests compare the CPU and CUDA kernels against these on random inputs.
+They take and return the same arguments as the ops in :mod:`s3sparse.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "block_reduce",
+    "block_scale_",
+    "kth_largest",
+    "score_subsets",
+    "schur_update_",
+    "interleaved_block_view",
+]
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _strided(x: Tensor, size: Sequence[int], stride: Sequence[int], offset: int) -> Tensor:
+    return torch.as_strided(x, tuple(size), tuple(stride), x.storage_offset() + offset)
+
+
+def interleaved_block_view(v: Tensor, block: Sequence[int]) -> Tensor:
+    """``v`` of shape ``(G0*b0, G1*b1, ...)`` as ``(G0, b0, G1, b1, ...)`` (may copy)."""
+    shape = []
+    for s, b in zip(v.shape, block):
+        shape += [s // b, b]
+    return v.reshape(shape)
+
+
+def block_reduce(
+    x: Tensor,
+    size: Sequence[int],
+    stride: Sequence[int],
+    offset: int,
+    block: Sequence[int],
+    reduce: str,
+    p: float = 2.0,
+) -> Tensor:
+    v = _strided(x, size, stride, offset).to(torch.float64)
+    bv = interleaved_block_view(v, block)
+    dims = tuple(range(1, 2 * len(size), 2))
+    grid = tuple(s // b for s, b in zip(size, block))
+    if bv.numel() == 0:
+        return torch.empty(grid, dtype=x.dtype, device=x.device)
+    if reduce == "norm":
+        if math.isinf(p):
+            out = bv.abs().amax(dim=dims)
+        else:
+            out = bv.abs().pow(p).sum(dim=dims).pow(1.0 / p)
+    elif reduce == "min":
+        out = bv.amin(dim=dims)
+    elif reduce == "max":
+        out = bv.amax(dim=dims)
+    elif reduce == "sum":
+        out = bv.sum(dim=dims)
+    else:
+        raise ValueError(f"reduce must be 'norm', 'min', 'max' or 'sum', got {reduce!r}")
+    return out.reshape(grid).to(x.dtype)
+
+
+def block_scale_(
+    x: Tensor,
+    size: Sequence[int],
+    stride: Sequence[int],
+    offset: int,
+    block: Sequence[int],
+    scale: Tensor,
+) -> None:
+    v = _strided(x, size, stride, offset)
+    s = scale.to(_opmath(x.dtype))
+    for d, b in enumerate(block):
+        s = s.repeat_interleave(b, dim=d)
+    out = torch.where(s == 0, torch.zeros((), dtype=s.dtype, device=s.device), v.to(s.dtype) * s)
+    v.copy_(out.to(x.dtype))
+
+
+def kth_largest(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    n = x.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    key = torch.nan_to_num(x.to(torch.float64), nan=-math.inf)
+    # Stable sort: among equal values the lower index comes first.
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    keep.scatter_(-1, order[..., :k], True)
+    if k == 0:
+        values = torch.full(x.shape[:-1], math.inf, dtype=x.dtype, device=x.device)
+    else:
+        values = key.gather(-1, order[..., k - 1 : k]).squeeze(-1).to(x.dtype)
+    return values, keep
+
+
+def score_subsets(
+    w: Tensor, c: Tensor, c_index: Optional[Tensor], subsets: Tensor
+) -> tuple[Tensor, Tensor]:
+    N = w.shape[0]
+    S = subsets.shape[0]
+    costs = torch.empty(N, S, dtype=torch.float64)
+    w64 = w.double().cpu()
+    c64 = c.double().cpu()
+    idx = c_index.cpu() if c_index is not None else torch.arange(N)
+    sub = subsets.cpu()
+    for n in range(N):
+        C = c64[idx[n]]
+        for s in range(S):
+            P = sub[s]
+            if P.numel() == 0:
+                costs[n, s] = 0.0
+                continue
+            L, info = torch.linalg.cholesky_ex(C[P][:, P])
+            if info.item() != 0:
+                costs[n, s] = math.inf
+                continue
+            z = torch.linalg.solve_triangular(L, w64[n, P].unsqueeze(-1), upper=False)
+            costs[n, s] = (z * z).sum()
+    if S == 0:
+        best = torch.zeros(N, dtype=torch.long)
+    else:
+        best = torch.nan_to_num(costs, nan=math.inf).argmin(dim=1)
+    return costs.to(device=w.device, dtype=w.dtype), best.to(w.device)
+
+
+def schur_update_(w: Tensor, c: Tensor, pruned: Tensor) -> Tensor:
+    B, K = w.shape
+    status = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        S = pruned[b][pruned[b] >= 0].cpu()
+        if S.numel() == 0:
+            continue
+        if S.unique().numel() != S.numel():
+            raise ValueError(f"pruned[{b}] repeats a column: {S.tolist()}")
+        C = c[b].double()
+        L, info = torch.linalg.cholesky_ex(C[S][:, S])
+        if info.item() != 0:
+            status[b] = 1
+            continue
+        # X = C_SS^-1 C[S, :], so C[:, S] X is the Schur correction.
+        X = torch.cholesky_solve(C[S, :], L)
+        wb = w[b].double()
+        wb = wb - X.T @ wb[S]
+        C = C - C[:, S] @ X
+        wb[S] = 0.0
+        C[S, :] = 0.0
+        C[:, S] = 0.0
+        w[b].copy_(wb.to(w.dtype))
+        c[b].copy_(C.to(c.dtype))
+    return status.to(w.device)
