@@ -1,0 +1,96 @@
+"""The reference implementation's functional entry points, over the generic pruners.
+
+Each takes a weight ``W0`` (M, K) and returns a pruned copy (``W0`` is not
+modified), so scripts written for the reference run unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .obd import prune_magnitude, prune_obd
+from .sparsegpt import prune_sparsegpt
+
+__all__ = ["magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", "sparsegpt_block16"]
+
+
+def _copy(W0: Tensor) -> Tensor:
+    if W0.dim() != 2:
+        raise ValueError(f"`W0` must be a 2-D weight (out_features, in_features), got shape {tuple(W0.shape)}")
+    return W0.detach().clone()
+
+
+def _row_groups_scope(W: Tensor, block_cols: int, scope_blocks: int):
+    from ..block import BlockSpec
+    from ..scope import ScopeSpec
+
+    K = W.shape[1]
+    if K % (block_cols * scope_blocks):
+        raise ValueError(
+            f"K={K} is not a multiple of {block_cols * scope_blocks} (scopes of {scope_blocks} blocks of "
+            f"{block_cols} columns); choose sizes that divide K"
+        )
+    return ScopeSpec(BlockSpec(W, (1, block_cols)), (1, scope_blocks))
+
+
+def _check_keep(num_keep: int, scope_size: int) -> int:
+    if not 0 <= int(num_keep) <= scope_size:
+        raise ValueError(f"`num_keep` must be in [0, {scope_size}] (the scope size), got {num_keep}")
+    return int(num_keep)
+
+
+def magnitude(W0: Tensor, scope_size: int = 4, num_keep: int = 2) -> Tensor:
+    """N:M magnitude pruning: keep the ``num_keep`` largest |w| of every ``scope_size`` consecutive weights of a row."""
+    W = _copy(W0)
+    prune_magnitude(_row_groups_scope(W, 1, scope_size), _check_keep(num_keep, scope_size))
+    return W
+
+
+def obd_prune(W0: Tensor, H: Tensor, scope_size: int = 4, num_keep: int = 2) -> Tensor:
+    """N:M OBD pruning: keep the ``num_keep`` weights of largest ``w²·H_cc`` in every ``scope_size`` group of a row."""
+    W = _copy(W0)
+    prune_obd(_row_groups_scope(W, 1, scope_size), H, _check_keep(num_keep, scope_size))
+    return W
+
+
+def sparsegpt_prune(
+    W0: Tensor,
+    H: Tensor,
+    block_size: int = 1,
+    scope_size: int = 4,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    num_keep: Optional[int] = None,
+) -> Tensor:
+    """SparseGPT with blocks of ``block_size`` columns, scopes of ``scope_size`` blocks along rows.
+
+    Keeps ``num_keep`` blocks per scope (default half): ``block_size=1`` is 2:4,
+    ``block_size=2`` the 4:8 pattern of the paper.
+    """
+    W = _copy(W0)
+    keep = scope_size // 2 if num_keep is None else _check_keep(num_keep, scope_size)
+    prune_sparsegpt(_row_groups_scope(W, block_size, scope_size), H, keep, blocksize=blocksize, damp=damp)
+    return W
+
+
+def sparsegpt_coupled_24(W0: Tensor, H: Tensor, blocksize: int = 128, damp: float = 0.01) -> Tensor:
+    """SparseGPT to coupled 2:4 (columns j and j+8 of every 16-column tile pruned together)."""
+    from ..patterns import coupled_nm
+
+    W = _copy(W0)
+    scope, nnz = coupled_nm(W)
+    prune_sparsegpt(scope, H, nnz, blocksize=blocksize, damp=damp)
+    return W
+
+
+def sparsegpt_block16(W0: Tensor, H: Tensor, blocksize: int = 128, damp: float = 0.01) -> Tensor:
+    """SparseGPT to 16-column blocks where rows p and p+8 of each 16-row group compete (keep 1 of 2)."""
+    from ..patterns import row_coupled_blocks
+
+    W = _copy(W0)
+    scope, nnz = row_coupled_blocks(W)
+    prune_sparsegpt(scope, H, nnz, blocksize=blocksize, damp=damp)
+    return W

@@ -1,0 +1,214 @@
+"""Layer Hessians from calibration inputs, their damped inverses, and output error.
+
+For a linear layer ``y = x Wᵀ`` and calibration inputs ``X`` (N×K), the layer-wise
+reconstruction loss ``‖X ΔWᵀ‖²`` has Hessian (per row of W) ``H = XᵀX / N``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_hessian",
+    "HessianAccumulator",
+    "output_error",
+    "check_hessian",
+    "damping_value",
+    "damped_inverse",
+]
+
+DeviceLike = Union[str, torch.device, None]
+
+
+def check_hessian(hessian: Tensor, num_cols: int, like: Optional[Tensor] = None, name: str = "hessian") -> None:
+    """Raise a clear error unless ``hessian`` is a finite float (K, K) matrix matching ``like``."""
+    if not isinstance(hessian, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(hessian).__name__}")
+    if not hessian.is_floating_point():
+        raise TypeError(f"`{name}` must be a float tensor, got {hessian.dtype}")
+    if hessian.shape != (num_cols, num_cols):
+        raise ValueError(
+            f"`{name}` must be (K, K) = ({num_cols}, {num_cols}) for a weight with K={num_cols} "
+            f"input columns, got {tuple(hessian.shape)}"
+        )
+    if like is not None and hessian.device != like.device:
+        raise ValueError(
+            f"`{name}` is on {hessian.device} but the weight is on {like.device}; "
+            f"move one of them, e.g. `{name}.to({str(like.device)!r})`"
+        )
+    if not torch.isfinite(hessian).all():
+        raise ValueError(f"`{name}` holds NaN or Inf entries")
+
+
+def compute_hessian(
+    X: Tensor, device: DeviceLike = None, batch_size: Optional[int] = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``H = XᵀX / N`` from calibration inputs.
+
+    Args:
+        X: inputs of shape (N, K) or (..., K) (leading dims are flattened into N).
+        device: where to accumulate (default: the device of X).
+        batch_size: rows per accumulation step, to bound memory (default: all).
+        dtype: accumulation and result dtype (float32 or float64).
+
+    Returns:
+        (K, K) symmetric positive semi-definite matrix.
+    """
+    if X.dim() < 2:
+        raise ValueError(f"`X` must be (N, K) or (..., K) calibration inputs, got shape {tuple(X.shape)}")
+    acc = HessianAccumulator(X.shape[-1], device=device if device is not None else X.device, dtype=dtype)
+    acc.add(X, batch_size=batch_size)
+    return acc.hessian
+
+
+class HessianAccumulator:
+    """Streaming ``H = Σ xᵀx / N`` for calibration loops.
+
+    Example::
+
+        acc = HessianAccumulator(layer.in_features, device="cuda")
+        handle = acc.attach(layer)          # or call acc.add(x) yourself
+        for batch in calibration_batches:
+            model(batch)
+        handle.remove()
+        H = acc.hessian
+
+    Args:
+        num_cols: K, the layer's number of input features.
+        device: where H lives.
+        dtype: float32 (default) or float64 accumulation.
+    """
+
+    def __init__(self, num_cols: int, device: DeviceLike = None, dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+        if num_cols < 1:
+            raise ValueError(f"`num_cols` must be >= 1, got {num_cols}")
+        self.num_cols = int(num_cols)
+        self.dtype = dtype
+        self._sum = torch.zeros(num_cols, num_cols, dtype=dtype, device=device)
+        self.num_samples = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor, batch_size: Optional[int] = None) -> None:
+        """Add inputs ``x`` of shape (..., K) (leading dims are samples)."""
+        if x.shape[-1] != self.num_cols:
+            raise ValueError(
+                f"`x` must have K={self.num_cols} features in its last dim, got shape {tuple(x.shape)}"
+            )
+        rows = x.reshape(-1, self.num_cols)
+        step = rows.shape[0] if not batch_size else int(batch_size)
+        for start in range(0, rows.shape[0], max(step, 1)):
+            chunk = rows[start : start + step].to(device=self._sum.device, dtype=self.dtype)
+            self._sum.addmm_(chunk.T, chunk)
+        self.num_samples += rows.shape[0]
+
+    def attach(self, module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Accumulate the inputs of ``module`` on every forward; returns the hook handle."""
+
+        def hook(_module, args):
+            self.add(args[0])
+
+        return module.register_forward_pre_hook(hook)
+
+    @property
+    def hessian(self) -> Tensor:
+        """The mean ``XᵀX / N`` so far (a new tensor)."""
+        if self.num_samples == 0:
+            raise RuntimeError("HessianAccumulator has no samples yet: call add(x) first")
+        return self._sum / self.num_samples
+
+
+def damping_value(hessian: Tensor, damp: float) -> float:
+    """Absolute damping: ``damp · mean(diag H)`` when ``damp < 1``, else ``damp`` itself."""
+    if damp < 0:
+        raise ValueError(f"`damp` must be >= 0, got {damp}")
+    if damp >= 1.0:
+        return float(damp)
+    mean_diag = float(torch.diagonal(hessian).double().mean())
+    if not mean_diag > 0:  # an all-zero Hessian: any positive scale will do
+        mean_diag = 1.0
+    return damp * mean_diag
+
+
+def _with_dead_inputs_fixed(hessian: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of H in ``dtype`` whose zero diagonal entries (dead inputs) are 1.
+
+    Dead inputs carry no information; unit curvature keeps the inverse finite
+    (as SparseGPT does) without touching the other coordinates.
+    """
+    H = hessian.to(dtype=dtype, copy=True)
+    diag = torch.diagonal(H)
+    diag[diag == 0] = 1.0
+    return H
+
+
+def damped_inverse(
+    hessian: Tensor,
+    damp: float,
+    dtype: torch.dtype = torch.float32,
+    max_tries: int = 6,
+    what: str = "H + damp*I",
+    upper_factor: bool = False,
+) -> tuple[Tensor, float]:
+    """``(H + λI)⁻¹`` by Cholesky, raising λ tenfold until it is positive definite.
+
+    ``λ = damp · mean(diag H)`` for ``damp < 1``, else ``damp``; dead inputs (zero
+    diagonal) get unit curvature first. With ``upper_factor`` the result is the
+    upper Cholesky factor ``U`` of the inverse (``UᵀU = (H + λI)⁻¹``), SparseGPT's
+    form. Returns the matrix (``dtype``) and the λ actually used; warns when λ had
+    to grow, raises ``ValueError`` when even the largest λ fails.
+    """
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    H0 = _with_dead_inputs_fixed(hessian, work_dtype)
+    lam = damping_value(H0, damp)
+    eye = torch.eye(H0.shape[0], dtype=work_dtype, device=H0.device)
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H0 + lam * eye)
+        if int(info) == 0:
+            result = torch.cholesky_inverse(L)
+            if upper_factor:
+                result, info = torch.linalg.cholesky_ex(result, upper=True)
+            if int(info) == 0 and torch.isfinite(result).all():
+                if attempt:
+                    warnings.warn(
+                        f"{what} was not positive definite; damping raised to {lam:.3g} "
+                        f"({attempt} retries)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return result.to(dtype), lam
+        lam = max(lam * 10.0, damping_value(H0, 1e-6))
+    raise ValueError(
+        f"{what} is not positive definite even with damping {lam:.3g}; "
+        "check the Hessian for NaN/Inf or an all-zero calibration set"
+    )
+
+
+def output_error(W_pruned: Tensor, W_orig: Tensor, H: Tensor, N: Optional[int] = None) -> float:
+    """Reconstruction error of a pruned layer on the calibration distribution.
+
+    Relative (default): ``sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))``. With ``N`` (the number
+    of calibration samples behind ``H = XᵀX/N``): the absolute ``‖X ΔWᵀ‖_F =
+    sqrt(N · tr(ΔW H ΔWᵀ))``.
+    """
+    if W_pruned.shape != W_orig.shape:
+        raise ValueError(
+            f"`W_pruned` {tuple(W_pruned.shape)} and `W_orig` {tuple(W_orig.shape)} must have the same shape"
+        )
+    check_hessian(H, W_orig.shape[-1], name="H")
+    Hd = H.double().to(W_orig.device)
+    W = W_orig.double()
+    dW = W_pruned.double().to(W.device) - W
+    num = float(((dW @ Hd) * dW).sum())
+    if N is not None:
+        return math.sqrt(max(num, 0.0) * N)
+    den = float(((W @ Hd) * W).sum())
+    if den <= 0:
+        raise ValueError("tr(W H Wᵀ) is zero: the relative error is undefined; pass N for the absolute error")
+    return math.sqrt(max(num, 0.0) / den)

@@ -1,0 +1,87 @@
+"""Magnitude and OBD pruning over any ScopeSpec or ScopeCoupling.
+
+Both keep, in every scope, the ``nnz`` blocks of largest saliency and zero the
+rest, through the specification's own ``hard_threshold`` (so they work on every
+pattern, coupling and parameter the specification can express):
+
+* magnitude: the block's L2 norm ``‖w_b‖``;
+* OBD (Optimal Brain Damage, diagonal Hessian): ``Σ_b w² · H_cc`` over the
+  block's elements, ``c`` the element's input column — the second-order loss of
+  removing the block when the Hessian is taken as diagonal.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import torch
+from torch import Tensor
+
+from .hessian import check_hessian
+
+__all__ = ["prune_magnitude", "prune_obd"]
+
+HessianArg = Union[Tensor, Mapping[object, Tensor]]
+
+
+def _block_specs(node) -> list:
+    """Every BlockSpec under a scope, block coupling or scope coupling (in order)."""
+    if hasattr(node, "scopes"):
+        return [spec for scope in node.scopes for spec in _block_specs(scope)]
+    if hasattr(node, "block"):
+        return _block_specs(node.block)
+    if hasattr(node, "specs"):
+        return list(node.specs)
+    return [node]
+
+
+def _hessian_for(spec, hessian: HessianArg) -> Tensor:
+    if isinstance(hessian, Tensor):
+        return hessian
+    param = spec.view.param
+    for key in (spec, spec.view, param, getattr(spec, "name", None)):
+        if key is None:
+            continue
+        try:
+            if key in hessian:
+                return hessian[key]
+        except TypeError:  # unhashable key type for this mapping
+            continue
+    for key, value in hessian.items():
+        if key is param or getattr(key, "param", None) is param:
+            return value
+    raise KeyError(
+        f"no Hessian given for block {spec!r}; map each parameter (or its BlockSpec, View or name) to its (K, K) Hessian"
+    )
+
+
+@torch.no_grad()
+def prune_magnitude(scope, nnz: int) -> None:
+    """Keep the ``nnz`` blocks of largest L2 norm in every scope; zero the others (in place)."""
+    scope.hard_threshold(nnz=nnz)
+
+
+@torch.no_grad()
+def prune_obd(scope, hessian: HessianArg, nnz: int) -> None:
+    """Keep the ``nnz`` blocks of largest OBD saliency ``Σ w²·diag(H)`` per scope (in place).
+
+    Args:
+        scope: ScopeSpec or ScopeCoupling.
+        hessian: the (K, K) Hessian of the weight, or, for patterns over several
+            parameters, a mapping from each parameter (or its BlockSpec / View /
+            name) to its Hessian.
+        nnz: blocks kept per scope.
+    """
+    specs = _block_specs(scope)
+    values = {}
+    for spec in specs:
+        param = spec.view.param
+        if param.dim() != 2:
+            raise ValueError(f"OBD needs 2-D weights (out, in); block {spec!r} is on a {param.dim()}-D parameter")
+        H = _hessian_for(spec, hessian)
+        check_hessian(H, param.shape[1], like=param)
+        diag = torch.diagonal(H).to(torch.float32).clamp(min=0)
+        # Block norm of w·sqrt(h) is sqrt(Σ w² h): the OBD saliency's monotone transform.
+        values[spec] = param.detach().to(torch.float32) * diag.sqrt()
+    single = len(specs) == 1 and not hasattr(scope, "scopes") and not hasattr(scope.block, "specs")
+    scope.hard_threshold(nnz=nnz, values=values[specs[0]] if single else values)

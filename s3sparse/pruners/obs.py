@@ -1,0 +1,540 @@
+"""Structured OBS (Optimal Brain Surgeon) on any regular S3 pattern.
+
+Notation (one weight row w, inverse Hessian ``C = (H + λI)⁻¹``): removing the set
+S of coordinates costs ``w_Sᵀ (C_SS)⁻¹ w_S``; the optimal compensation of the
+other weights is ``w ← w − C_{:,S} (C_SS)⁻¹ w_S``, after which the row's inverse
+Hessian over the remaining coordinates is the Schur complement
+``C ← C − C_{:,S} (C_SS)⁻¹ C_{S,:}``. Rows are independent (the layer loss is a
+sum over rows), so a scope spanning several rows costs the sum of its rows' costs:
+the scope's sub-block of C is block-diagonal by row.
+
+Two families:
+
+* :meth:`StructuredOBS.prune` — one shared ``C`` for all rows. Phase 1 picks, per
+  (row group, scope), the subset of blocks with the least OBS cost among all
+  ``C(g, g−nnz)`` subsets. Phase 2 compensates: ``local`` (inside the scope),
+  ``full`` (every still-active column, scopes in sequence, C frozen), ``split``
+  (C recomputed from H on the still-active columns between ``n_splits`` column
+  chunks), ``interleaved`` (masks also re-selected per chunk with that C).
+* :meth:`StructuredOBS.prune_true_obs` — every row keeps its own C, updated by the
+  Schur complement after each batch of ``ng`` scopes (op ``schur_update_``); a
+  batch's blocks are chosen by ``independent`` (Σ w²/diag C per block) or
+  ``joint`` (exact subset cost, op ``score_subsets``) scoring and compensated
+  jointly on all remaining weights of the row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .hessian import check_hessian, damped_inverse
+from .layout import RowGroups, block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
+
+__all__ = ["StructuredOBS"]
+
+# Largest number of candidate subsets per scope that exhaustive selection enumerates.
+MAX_SUBSETS = 20_000
+# Most columns one row prunes in one Schur step of prune_true_obs (bounds C_SS).
+MAX_PRUNED_PER_STEP = 256
+# Bytes of working memory per element of a gathered temporary.
+_GATHER_BUDGET = 1 << 28
+
+_COMPENSATE = ("local", "full", "split", "interleaved")
+_ORDERS = ("left_to_right", "largest_first")
+_SCORINGS = ("independent", "joint")
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    """Memory the pruner may plan to use on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _math_dtype(storage: torch.dtype) -> torch.dtype:
+    return torch.float64 if storage == torch.float64 else torch.float32
+
+
+def _more_damping(damp: float, factor: float, relative_cap: float) -> float:
+    """Damping ``factor`` times larger; a relative damping (< 1) stays relative, at most ``relative_cap``."""
+    if damp >= 1.0:
+        return damp * factor
+    return max(damp, min(max(damp * factor, 1e-6), relative_cap))
+
+
+class StructuredOBS:
+    """Structured OBS pruner operating through a ScopeSpec.
+
+    Args:
+        scope: ScopeSpec whose blocks lie on one 2-D weight (M, K) — any regular
+            pattern: N:M, coupled N:M, column blocks, row-coupled blocks.
+        hessian: (K, K) layer Hessian ``XᵀX/N`` on the weight's device.
+        damp: damping; relative to mean(diag H) when < 1, absolute otherwise.
+        inv_h: precomputed (K, K) damped inverse; skips the inversion.
+    """
+
+    def __init__(self, scope, hessian: Tensor, damp: float = 1e-4, inv_h: Optional[Tensor] = None):
+        self.scope = scope
+        self.layout = scope_layout(scope)
+        self.W = self.layout.param
+        self.M, self.num_cols = self.W.shape
+        check_hessian(hessian, self.num_cols, like=self.W)
+        if damp < 0:
+            raise ValueError(f"`damp` must be >= 0, got {damp}")
+        self.hessian = hessian
+        self.damp = float(damp)
+        self.groups: RowGroups = row_groups(self.layout)
+        self.blocks_per_scope = self.layout.blocks_per_scope
+        self.bk = self.layout.block_numel
+        # The most elements one row holds in one scope (E for per-row patterns).
+        slots = torch.nn.functional.one_hot(self.groups.local_rows, self.groups.rows_per_group)
+        self._row_elems_per_scope = int(slots.sum(dim=1).max()) if slots.numel() else 0
+        if inv_h is not None:
+            check_hessian(inv_h, self.num_cols, like=self.W, name="inv_h")
+            self.inv_hessian = inv_h.to(torch.float32)
+        else:
+            self.inv_hessian = self.compute_inverse(hessian, damp)
+
+    # ------------------------------------------------------------ basics
+    @staticmethod
+    def compute_inverse(hessian: Tensor, damp: float = 1e-4) -> Tensor:
+        """``(H + damp·I)⁻¹`` (damp relative to mean(diag H) when < 1), fp32.
+
+        Dead inputs (zero diagonal) get unit curvature; damping is raised (with a
+        warning) until the matrix is positive definite.
+        """
+        return damped_inverse(hessian, damp, what="StructuredOBS's H + damp*I")[0]
+
+    def _num_prune(self, nnz: int) -> int:
+        return self.blocks_per_scope - normalize_nnz(nnz, self.blocks_per_scope)
+
+    def _subsets(self, num_prune: int) -> Tensor:
+        n = count_subsets(self.blocks_per_scope, num_prune)
+        if n > MAX_SUBSETS:
+            raise ValueError(
+                f"choosing {num_prune} of {self.blocks_per_scope} blocks per scope has {n} candidate subsets "
+                f"(more than {MAX_SUBSETS}); use prune_true_obs(scoring='independent') or SparseGPT for this pattern"
+            )
+        return block_subsets(self.blocks_per_scope, num_prune, self.bk, self.W.device)[1]
+
+    def _working_copy(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.W.detach().to(dtype, copy=True)
+
+    def _write_back(self, W: Tensor) -> None:
+        if not torch.isfinite(W).all():
+            raise FloatingPointError("pruning produced non-finite weights; the weight was left unchanged")
+        self.W.data.copy_(W.to(self.W.dtype))
+
+    def _positions_by_col_chunk(self, block_size: int) -> list[Tensor]:
+        """Scope positions split so that each chunk's first columns span ``block_size`` columns."""
+        first = self.groups.cols.amin(dim=1).cpu()
+        chunk_of = torch.div(first, max(int(block_size), 1), rounding_mode="floor")
+        bounds = torch.unique_consecutive(chunk_of, return_counts=True)[1].tolist()
+        return list(torch.arange(len(first)).split(bounds))
+
+    def _gather_weights(self, W: Tensor, positions: Tensor) -> Tensor:
+        """Weights of the scopes at ``positions`` of every group: (R, n, E)."""
+        g = self.groups
+        rows = g.rows[:, g.local_rows[positions]]
+        return W[rows, g.cols[positions]]
+
+    def _shared_blocks(self, C: Tensor, positions: Tensor, col_map: Optional[Tensor] = None) -> Tensor:
+        """Block-diagonal-by-row sub-blocks of a shared C for the scopes at ``positions``: (n, E, E)."""
+        g = self.groups
+        cols = g.cols[positions]
+        if col_map is not None:
+            cols = col_map[cols]
+        lr = g.local_rows[positions]
+        block = C[cols.unsqueeze(-1), cols.unsqueeze(-2)]
+        return block * (lr.unsqueeze(-1) == lr.unsqueeze(-2))
+
+    # ------------------------------------------------------------ prune (shared C)
+    def _select_shared(
+        self, W: Tensor, C: Tensor, positions: Tensor, subsets: Tensor, col_map: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """Least-cost subset per (group, position) under a shared C: (best, cost), each (R, n)."""
+        R, E = self.groups.num_groups, self.layout.elems_per_scope
+        per_item = max(1, R * subsets.shape[0] * (subsets.shape[1] ** 2 + E))
+        step = max(1, _GATHER_BUDGET // (4 * per_item))
+        best, cost = [], []
+        for chunk in positions.split(step):
+            w = self._gather_weights(W, chunk).reshape(-1, E)
+            blocks = self._shared_blocks(C, chunk, col_map)
+            c_index = torch.arange(chunk.numel(), device=W.device).repeat(R)
+            costs, b = ops.score_subsets(w, blocks, subsets, c_index)
+            best.append(b.view(R, -1))
+            cost.append(costs.gather(1, b.unsqueeze(1)).view(R, -1))
+        return torch.cat(best, dim=1), torch.cat(cost, dim=1)
+
+    def _compensate_local(self, W: Tensor, best: Tensor, subsets: Tensor) -> None:
+        """Prune each scope's chosen subset and compensate inside the scope only."""
+        g = self.groups
+        E = self.layout.elems_per_scope
+        all_elems = torch.arange(E, device=W.device)
+        positions = torch.arange(g.scopes_per_group, device=W.device)
+        for chunk in positions.split(max(1, _GATHER_BUDGET // (4 * max(1, g.num_groups * E * E)))):
+            rows = g.rows[:, g.local_rows[chunk]]
+            cols = g.cols[chunk]
+            w = W[rows, cols]  # (R, n, E)
+            blocks = self._shared_blocks(self.inv_hessian, chunk)  # (n, E, E)
+            b = best[:, chunk]
+            new_w = w.clone()
+            for s in range(subsets.shape[0]):
+                chosen = b == s
+                P = subsets[s]
+                Q = all_elems[~torch.isin(all_elems, P)]
+                C_PP = blocks[:, P][:, :, P]
+                C_QP = blocks[:, Q][:, :, P]
+                L, _ = torch.linalg.cholesky_ex(C_PP)
+                # T = C_QP C_PP^-1, per position: (n, |Q|, |P|).
+                T = torch.cholesky_solve(C_QP.transpose(1, 2), L).transpose(1, 2)
+                delta = torch.einsum("rnp,nqp->rnq", w[:, :, P], T)
+                keep_mask = chosen.unsqueeze(-1)
+                new_w[:, :, Q] -= delta * keep_mask
+                new_w[:, :, P] = new_w[:, :, P].masked_fill(keep_mask, 0.0)
+            W[rows, cols] = new_w
+
+    def _max_pruned_per_row(self, num_positions: int, pruned_per_scope: int) -> int:
+        """Most columns one row can lose when ``num_positions`` scopes each prune ``pruned_per_scope`` elements."""
+        return num_positions * min(pruned_per_scope, self._row_elems_per_scope)
+
+    def _row_lists(self, positions: Tensor, pruned: Tensor, p_max: int) -> Tensor:
+        """Pruned elements (R', n, E) of the scopes at ``positions`` in R' groups, as the
+        (R'·rpc, p_max) columns each row prunes (rows group-major, -1 padded)."""
+        g = self.groups
+        rpc = g.rows_per_group
+        cols = g.cols[positions]  # (n, E)
+        slot = torch.arange(rpc, device=cols.device).view(1, rpc, 1, 1)
+        member = (g.local_rows[positions].view(1, 1, *cols.shape) == slot) & pruned.unsqueeze(1)
+        per_row = torch.where(member, cols.view(1, 1, *cols.shape), -1).reshape(pruned.shape[0] * rpc, -1)
+        # Valid (non-negative) columns first; every row has at most p_max of them.
+        return torch.sort(per_row, dim=1, descending=True).values[:, :p_max].contiguous()
+
+    def _compensate_rows(
+        self, W: Tensor, C: Tensor, row_index: Tensor, pruned_cols: Tensor, active: Tensor, active_cols: Tensor
+    ) -> None:
+        """Frozen-C OBS step for many rows: prune ``pruned_cols`` (-1 padded) of each row
+        and compensate its still-active columns among ``active_cols`` (C is over those).
+        ``pruned_cols`` are indices into ``active_cols``."""
+        valid = pruned_cols >= 0
+        pc = pruned_cols.clamp(min=0)
+        n, P = pc.shape
+        eye = torch.eye(P, dtype=C.dtype, device=C.device)
+        both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+        C_PP = torch.where(both, C[pc.unsqueeze(-1), pc.unsqueeze(-2)], eye)
+        abs_cols = active_cols[pc]
+        w_P = W[row_index.unsqueeze(1), abs_cols] * valid
+        L, info = torch.linalg.cholesky_ex(C_PP)
+        z = torch.cholesky_solve(w_P.unsqueeze(-1), L).squeeze(-1)  # (n, P)
+        z = torch.where(info.view(-1, 1) == 0, z, torch.zeros_like(z))
+        step = max(1, _GATHER_BUDGET // (4 * max(1, P * C.shape[1])))
+        for i0 in range(0, n, step):
+            sl = slice(i0, i0 + step)
+            delta = torch.einsum("np,npk->nk", z[sl], C[pc[sl]])
+            rows = row_index[sl]
+            delta = delta * active[rows][:, active_cols]
+            W[rows.unsqueeze(1), active_cols] -= delta
+        W[row_index.unsqueeze(1), abs_cols] = torch.where(valid, 0.0, W[row_index.unsqueeze(1), abs_cols])
+        active[row_index.unsqueeze(1), abs_cols] = active[row_index.unsqueeze(1), abs_cols] & ~valid
+
+    def _compensate_sequential(
+        self,
+        W: Tensor,
+        C: Tensor,
+        best: Tensor,
+        positions: Tensor,
+        subsets: Tensor,
+        active: Tensor,
+        active_cols: Tensor,
+        col_map: Tensor,
+    ) -> None:
+        """Scopes at ``positions`` in order, each pruned with frozen C and compensated on all active columns."""
+        E = self.layout.elems_per_scope
+        R = self.groups.num_groups
+        rows = self.groups.rows.reshape(-1)
+        p_max = self._max_pruned_per_row(1, subsets.shape[1])
+        for j in range(positions.numel()):
+            pruned = torch.zeros(R, 1, E, dtype=torch.bool, device=W.device)
+            pruned.scatter_(2, subsets[best[:, j]].unsqueeze(1), True)
+            cols = self._row_lists(positions[j : j + 1], pruned, p_max)
+            local = torch.where(cols >= 0, col_map[cols.clamp(min=0)], -1)
+            self._compensate_rows(W, C, rows, local, active, active_cols)
+
+    @torch.no_grad()
+    def prune(self, nnz: int, block_size: int = 2048, compensate: str = "local", n_splits: int = 1) -> None:
+        """Prune to ``nnz`` blocks per scope with a shared inverse Hessian, in place.
+
+        Phase 1 enumerates all ``C(g, g−nnz)`` subsets per scope and picks the best
+        per (row group, scope) by OBS cost under ``C = (H + λI)⁻¹``. Phase 2:
+
+        * ``'local'``: compensate within the scope only (fast, scopes independent);
+        * ``'full'``: scopes in column order, each compensating every still-active
+          column of its rows, C frozen;
+        * ``'split'``: like ``'full'``, but C is recomputed from H on the columns not
+          yet visited between ``n_splits`` column chunks (visited ones are frozen);
+        * ``'interleaved'``: like ``'split'``, and the masks of each chunk are
+          re-selected with the recomputed C and the compensated weights.
+
+        Args:
+            nnz: blocks kept per scope.
+            block_size: column chunk for the subset search (bounds memory).
+            compensate: ``'local'``, ``'full'``, ``'split'`` or ``'interleaved'``.
+            n_splits: column chunks for ``'split'`` / ``'interleaved'``.
+        """
+        if compensate not in _COMPENSATE:
+            raise ValueError(f"`compensate` must be one of {_COMPENSATE}, got {compensate!r}")
+        if int(n_splits) < 1:
+            raise ValueError(f"`n_splits` must be >= 1, got {n_splits}")
+        num_prune = self._num_prune(nnz)
+        if num_prune == 0:
+            return
+        subsets = self._subsets(num_prune)
+        W = self._working_copy()
+        G = self.groups.scopes_per_group
+        device = W.device
+        all_cols = torch.arange(self.num_cols, device=device)
+        if compensate == "local":
+            best = torch.cat(
+                [self._select_shared(W, self.inv_hessian, pos.to(device), subsets)[0]
+                 for pos in self._positions_by_col_chunk(block_size)],
+                dim=1,
+            )
+            self._compensate_local(W, best, subsets)
+            self._write_back(W)
+            return
+
+        splits = 1 if compensate == "full" else int(n_splits)
+        chunks = list(torch.arange(G, device=device).tensor_split(splits))
+        reselect = compensate == "interleaved"
+        if not reselect:
+            best_all = torch.cat(
+                [self._select_shared(W, self.inv_hessian, pos.to(device), subsets)[0]
+                 for pos in self._positions_by_col_chunk(block_size)],
+                dim=1,
+            )
+        active = torch.ones(self.M, self.num_cols, dtype=torch.bool, device=device)
+        frozen = torch.zeros(self.num_cols, dtype=torch.bool, device=device)
+        for k, positions in enumerate(chunks):
+            if positions.numel() == 0:
+                continue
+            if k == 0:
+                active_cols, C = all_cols, self.inv_hessian
+            else:
+                active_cols = all_cols[~frozen]
+                C, _ = damped_inverse(
+                    self.hessian[active_cols][:, active_cols], self.damp, what="H + damp*I on the active columns"
+                )
+            col_map = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
+            col_map[active_cols] = torch.arange(active_cols.numel(), device=device)
+            if reselect:
+                best = self._select_shared(W, C, positions, subsets, col_map)[0]
+            else:
+                best = best_all[:, positions]
+            self._compensate_sequential(W, C, best, positions, subsets, active, active_cols, col_map)
+            frozen[self.groups.cols[positions].reshape(-1)] = True
+        self._write_back(W)
+
+    # ------------------------------------------------------------ prune_true_obs (per-row C)
+    def _prescore_order(self, W: Tensor, num_prune: int, scoring: str) -> Tensor:
+        """Scope positions by descending OBS cost under the shared C (summed over groups)."""
+        g = self.groups
+        positions = torch.arange(g.scopes_per_group, device=W.device)
+        if scoring == "joint" and count_subsets(self.blocks_per_scope, num_prune) <= MAX_SUBSETS:
+            _, cost = self._select_shared(W, self.inv_hessian, positions, self._subsets(num_prune))
+        else:
+            d = torch.diagonal(self.inv_hessian)[g.cols]  # (G, E)
+            w = self._gather_weights(W, positions)  # (R, G, E)
+            block_cost = (w * w / d).view(*w.shape[:2], self.blocks_per_scope, self.bk).sum(-1)
+            cost = block_cost.sort(dim=-1).values[..., :num_prune].sum(-1)
+        return torch.argsort(cost.sum(dim=0), descending=True, stable=True)
+
+    def _auto_chunk_rows(self, c_dtype: torch.dtype, p_max: int) -> int:
+        K = self.num_cols
+        elem = torch.empty((), dtype=c_dtype).element_size()
+        per_row = K * K * elem + 4 * K * (p_max + 8)
+        budget = _free_memory_bytes(self.W.device) // 2
+        rows = max(1, budget // per_row)
+        return int(min(rows, self.M, 1024))
+
+    def _true_obs_chunk(
+        self,
+        W: Tensor,
+        group_index: Tensor,
+        batches: list[Tensor],
+        nnz: int,
+        scoring: str,
+        subsets: Optional[Tensor],
+        C0: Tensor,
+        c_dtype: torch.dtype,
+        p_max: int,
+    ) -> tuple[Tensor, Tensor]:
+        """True OBS for the rows of some groups; returns their new rows and a failed-group mask."""
+        g = self.groups
+        rpc, E, bk = g.rows_per_group, self.layout.elems_per_scope, self.bk
+        Rc = group_index.numel()
+        device = W.device
+        rows = g.rows[group_index].reshape(-1)
+        B = rows.numel()
+        Wc = W[rows].to(_math_dtype(c_dtype))
+        # Scale C so its largest entry is 1: costs and compensations are invariant to
+        # the scale, and fp16 storage neither overflows nor underflows.
+        scale = 1.0 / float(torch.diagonal(C0).abs().max().clamp(min=1e-30))
+        Cc = (C0 * scale).to(c_dtype).unsqueeze(0).expand(B, -1, -1).contiguous()
+        failed = torch.zeros(B, dtype=torch.bool, device=device)
+        local_base = (torch.arange(Rc, device=device) * rpc).view(Rc, 1, 1)
+        for positions in batches:
+            cols = g.cols[positions]  # (n, E)
+            row_local = local_base + g.local_rows[positions]  # (Rc, n, E)
+            w = Wc[row_local, cols]
+            n = positions.numel()
+            if scoring == "independent":
+                d = Cc[row_local, cols, cols].to(Wc.dtype)
+                bad = ~(d > 0) | ~torch.isfinite(d)
+                bad_per_row = torch.zeros(B, device=device).index_add_(0, row_local.reshape(-1), bad.reshape(-1).float())
+                failed |= bad_per_row > 0
+                cost = torch.where(bad, torch.inf, w * w / d.clamp(min=1e-30))
+                block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
+                _, keep = ops.kth_largest(block_cost, nnz)
+                pruned = (~keep).repeat_interleave(bk, dim=-1)
+            else:
+                lr = g.local_rows[positions]
+                same_row = lr.unsqueeze(-1) == lr.unsqueeze(-2)
+                blocks = Cc[row_local.unsqueeze(-1), cols.unsqueeze(-1), cols.unsqueeze(-2)] * same_row
+                _, best = ops.score_subsets(w.reshape(-1, E), blocks.reshape(-1, E, E), subsets)
+                pruned = torch.zeros(Rc * n, E, dtype=torch.bool, device=device)
+                pruned.scatter_(1, subsets[best], True)
+                pruned = pruned.view(Rc, n, E)
+            per_row = self._row_lists(positions, pruned, p_max)
+            per_row = torch.where(failed.unsqueeze(1), -1, per_row)
+            status = ops.schur_update_(Wc, Cc, per_row)
+            failed |= status != 0
+        failed |= ~torch.isfinite(Wc).all(dim=1)
+        return Wc, failed.view(Rc, rpc).any(dim=1)
+
+    @torch.no_grad()
+    def prune_true_obs(
+        self,
+        nnz: int,
+        ng: int = 64,
+        chunk_size: Optional[int] = None,
+        order: str = "left_to_right",
+        scoring: str = "independent",
+        c_dtype: Optional[torch.dtype] = None,
+        progress_fn: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        """Per-row True OBS with Schur-complement updates, in place.
+
+        Every row keeps its own inverse Hessian C, updated after each batch of
+        ``ng`` scopes; the batch's blocks are chosen per scope (``independent``:
+        the blocks of least Σ w²/diag C; ``joint``: the subset of least exact OBS
+        cost) and compensated jointly on every remaining weight of the row,
+        including kept weights of scopes already done.
+
+        Args:
+            nnz: blocks kept per scope.
+            ng: scopes per batch (capped so a row prunes at most 256 columns per step).
+            chunk_size: rows held at once (each with a K×K C); default: from free memory.
+            order: ``'left_to_right'`` or ``'largest_first'`` (scopes by descending
+                pre-scored cost under the shared C).
+            scoring: ``'independent'`` or ``'joint'``.
+            c_dtype: storage of the per-row C; default fp16 (math is fp32).
+            progress_fn: optional ``callable(str)`` for progress messages.
+
+        Rows whose sub-problem turns out not positive definite (fp16 round-off,
+        rank-deficient H) are redone in fp32, then with more damping, then in
+        fp64; a warning says how many. The weight is written once, at the end.
+        """
+        if order not in _ORDERS:
+            raise ValueError(f"`order` must be one of {_ORDERS}, got {order!r}")
+        if scoring not in _SCORINGS:
+            raise ValueError(f"`scoring` must be one of {_SCORINGS}, got {scoring!r}")
+        if int(ng) < 1:
+            raise ValueError(f"`ng` must be >= 1, got {ng}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"`chunk_size` must be >= 1 rows or None, got {chunk_size}")
+        c_dtype = torch.float16 if c_dtype is None else c_dtype
+        if c_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"`c_dtype` must be float16, bfloat16, float32 or float64, got {c_dtype}")
+        num_prune = self._num_prune(nnz)
+        if num_prune == 0:
+            return
+        nnz = self.blocks_per_scope - num_prune
+        pruned_per_scope = num_prune * self.bk
+        subsets = self._subsets(num_prune) if scoring == "joint" else None
+        g = self.groups
+        device = self.W.device
+        W = self._working_copy()
+
+        positions = (
+            self._prescore_order(W, num_prune, scoring)
+            if order == "largest_first"
+            else torch.arange(g.scopes_per_group, device=device)
+        )
+        per_scope_row = self._max_pruned_per_row(1, pruned_per_scope)
+        ng_eff = max(1, min(int(ng), MAX_PRUNED_PER_STEP // max(1, per_scope_row)))
+        batches = list(positions.split(ng_eff))
+        p_max = self._max_pruned_per_row(ng_eff, pruned_per_scope)
+
+        rpc = g.rows_per_group
+        rows_per_chunk = int(chunk_size) if chunk_size is not None else self._auto_chunk_rows(c_dtype, p_max)
+        groups_per_chunk = max(1, rows_per_chunk // rpc)
+
+        levels = [(c_dtype, self.damp)]
+        if c_dtype in (torch.float16, torch.bfloat16):
+            levels.append((torch.float32, self.damp))
+        levels += [(torch.float32, _more_damping(self.damp, 100.0, 0.1)), (torch.float64, _more_damping(self.damp, 1e4, 0.5))]
+
+        todo = torch.arange(g.num_groups, device=device)
+        redone = 0
+        for level, (dtype, damp) in enumerate(levels):
+            if todo.numel() == 0:
+                break
+            if level == 0 and dtype != torch.float64:
+                C0 = self.inv_hessian
+            else:
+                C0 = damped_inverse(self.hessian, damp, dtype=_math_dtype(dtype), what="H + damp*I")[0]
+            if level:
+                redone += todo.numel() * rpc
+            failed_all = []
+            n_chunks = math.ceil(todo.numel() / groups_per_chunk)
+            for ci, group_index in enumerate(todo.split(groups_per_chunk)):
+                if progress_fn is not None:
+                    progress_fn(
+                        f"true OBS: rows chunk {ci + 1}/{n_chunks} ({group_index.numel() * rpc} rows"
+                        + (f", retry level {level}" if level else "") + ")"
+                    )
+                Wc, failed = self._true_obs_chunk(W, group_index, batches, nnz, scoring, subsets, C0, dtype, p_max)
+                ok_rows = g.rows[group_index[~failed]].reshape(-1)
+                W[ok_rows] = Wc.view(group_index.numel(), rpc, -1)[~failed].reshape(-1, self.num_cols).to(W.dtype)
+                failed_all.append(group_index[failed])
+            todo = torch.cat(failed_all) if failed_all else todo[:0]
+        if todo.numel():
+            raise FloatingPointError(
+                f"{todo.numel() * rpc} rows stayed numerically unstable even in fp64 with heavy damping; "
+                "the weight was left unchanged (check the Hessian for NaN/Inf)"
+            )
+        if redone:
+            warnings.warn(
+                f"prune_true_obs: {redone} of {self.M} rows hit a non-positive-definite sub-problem and were redone "
+                "with fp32 C / more damping",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if progress_fn is not None:
+            progress_fn("")
+        self._write_back(W)
