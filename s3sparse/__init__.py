@@ -25,3 +25,64 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "ops", "reference", "__version__"]
+
+# --- specification (view, block, scope, builder) -----------------------------
+from . import tensor_ops  # noqa: E402
+from .block import BlockCoupling, BlockSpec, SparseBlock  # noqa: E402
+from .builder import SparsityBuilder  # noqa: E402
+from .errors import CouplingError, S3Error, ShapeMismatchError, SparseKitError, SpecError  # noqa: E402
+from .scope import ScopeCoupling, ScopeSpec  # noqa: E402
+from .view import View  # noqa: E402
+
+__all__ += [
+    "View",
+    "SparseBlock",
+    "BlockSpec",
+    "BlockCoupling",
+    "ScopeSpec",
+    "ScopeCoupling",
+    "SparsityBuilder",
+    "S3Error",
+    "SparseKitError",
+    "SpecError",
+    "ShapeMismatchError",
+    "CouplingError",
+    "tensor_ops",
+]
+
+# --- pruners ---------------------------------------------------------------
+from .pruners import (  # noqa: E402
+    HessianAccumulator,
+    StructuredOBS,
+    compute_hessian,
+    magnitude,
+    obd_prune,
+    output_error,
+    prune_magnitude,
+    prune_obd,
+    prune_sparsegpt,
+    sparsegpt_block16,
+    sparsegpt_coupled_24,
+    sparsegpt_prune,
+)
+
+__all__ += [
+    "HessianAccumulator",
+    "StructuredOBS",
+    "compute_hessian",
+    "magnitude",
+    "obd_prune",
+    "output_error",
+    "prune_magnitude",
+    "prune_obd",
+    "prune_sparsegpt",
+    "sparsegpt_block16",
+    "sparsegpt_coupled_24",
+    "sparsegpt_prune",
+]
+
+# --- helpers: solvers, named patterns, pictures --------------------------------
+# viz imports matplotlib only inside draw_layout, so importing it here is free.
+from . import linalg, patterns, viz  # noqa: E402
+
+__all__ += ["linalg", "patterns", "viz"]

@@ -1,0 +1,72 @@
+"""The exceptions of s3sparse.
+
+Every error s3sparse raises about a bad argument is an :class:`S3Error`, so a
+caller can catch them all at once; the ones about values are also
+:class:`ValueError` (and :class:`UnknownNameError` a :class:`KeyError`), so code
+that catches the built-in kinds keeps working. Messages name the argument, what
+was expected and what was got.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "S3Error",
+    "SparseKitError",
+    "SpecError",
+    "ShapeMismatchError",
+    "CouplingError",
+    "UnknownNameError",
+]
+
+
+class S3Error(Exception):
+    """Base class of every error raised by s3sparse."""
+
+
+#: The reference implementation's name of the base class, for scripts written for it.
+SparseKitError = S3Error
+
+
+class SpecError(S3Error, ValueError):
+    """An invalid specification argument (a view, a block or scope shape, a count...)."""
+
+
+def _format_shape(shape: Any) -> str:
+    if hasattr(shape, "__len__") and not isinstance(shape, str):
+        try:
+            dims = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            return str(shape)
+        return str(dims)
+    return str(shape)
+
+
+class ShapeMismatchError(S3Error, ValueError):
+    """A tensor argument does not have the shape it must have.
+
+    Args:
+        expected: the shape wanted (a tuple, or a description such as
+            ``"(4, 8) or (2, 16)"``).
+        got: the shape received.
+        context: the argument's name (and optionally where), e.g. ``"values"``.
+    """
+
+    def __init__(self, expected: Any, got: Any, context: str = "") -> None:
+        self.expected = expected
+        self.got = got
+        self.context = context
+        message = f"expected shape {_format_shape(expected)}, got {_format_shape(got)}"
+        super().__init__(f"`{context}`: {message}" if context else f"shape mismatch: {message}")
+
+
+class CouplingError(S3Error, ValueError):
+    """Blocks or scopes that cannot be coupled (their grids disagree, or they repeat)."""
+
+
+class UnknownNameError(S3Error, KeyError):
+    """A name that a :class:`~s3sparse.builder.SparsityBuilder` does not know."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
