@@ -14,8 +14,9 @@ Two families:
   (row group, scope), the subset of blocks with the least OBS cost among all
   ``C(g, g−nnz)`` subsets. Phase 2 compensates: ``local`` (inside the scope),
   ``full`` (every still-active column, scopes in sequence, C frozen), ``split``
-  (C recomputed from H on the still-active columns between ``n_splits`` column
-  chunks), ``interleaved`` (masks also re-selected per chunk with that C).
+  (C recomputed from H on the unvisited columns between ``n_splits`` column
+  chunks, visited columns frozen), ``interleaved`` (as ``full``, with each chunk's
+  masks re-selected from the compensated weights under the recomputed C).
 * :meth:`StructuredOBS.prune_true_obs` — every row keeps its own C, updated by the
   Schur complement after each batch of ``ng`` scopes (op ``schur_update_``); a
   batch's blocks are chosen by ``independent`` (Σ w²/diag C per block) or
@@ -43,6 +44,9 @@ __all__ = ["StructuredOBS"]
 MAX_SUBSETS = 20_000
 # Most columns one row prunes in one Schur step of prune_true_obs (bounds C_SS).
 MAX_PRUNED_PER_STEP = 256
+# Conditional variance (diagonal of the Jacobi-scaled per-row C, 1 at the start)
+# below which a stored C is treated as round-off: its row is redone in higher precision.
+_HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
 # Bytes of working memory per element of a gathered temporary.
 _GATHER_BUDGET = 1 << 28
 
@@ -286,9 +290,13 @@ class StructuredOBS:
         * ``'full'``: scopes in column order, each compensating every still-active
           column of its rows, C frozen;
         * ``'split'``: like ``'full'``, but C is recomputed from H on the columns not
-          yet visited between ``n_splits`` column chunks (visited ones are frozen);
-        * ``'interleaved'``: like ``'split'``, and the masks of each chunk are
-          re-selected with the recomputed C and the compensated weights.
+          yet visited between ``n_splits`` column chunks, and compensation goes to
+          those columns only (visited ones are frozen);
+        * ``'interleaved'``: like ``'full'``, but the masks of each of the ``n_splits``
+          chunks are re-selected, just before the chunk is pruned, from the
+          compensated weights with C recomputed from H on the unvisited columns.
+          Compensation still reaches every active column, so it never does worse
+          than ``'full'`` on average (``n_splits=1`` is ``'full'``).
 
         Args:
             nnz: blocks kept per scope.
@@ -319,7 +327,7 @@ class StructuredOBS:
             return
 
         splits = 1 if compensate == "full" else int(n_splits)
-        chunks = list(torch.arange(G, device=device).tensor_split(splits))
+        chunks = [c for c in torch.arange(G, device=device).tensor_split(splits) if c.numel()]
         reselect = compensate == "interleaved"
         if not reselect:
             best_all = torch.cat(
@@ -327,26 +335,30 @@ class StructuredOBS:
                  for pos in self._positions_by_col_chunk(block_size)],
                 dim=1,
             )
+        identity_map = all_cols
         active = torch.ones(self.M, self.num_cols, dtype=torch.bool, device=device)
-        frozen = torch.zeros(self.num_cols, dtype=torch.bool, device=device)
+        unvisited = torch.ones(self.num_cols, dtype=torch.bool, device=device)
         for k, positions in enumerate(chunks):
-            if positions.numel() == 0:
-                continue
+            # C on the columns no chunk has visited yet: split compensates with it,
+            # interleaved selects this chunk's masks with it.
             if k == 0:
-                active_cols, C = all_cols, self.inv_hessian
+                C_k, cols_k, map_k = self.inv_hessian, all_cols, identity_map
             else:
-                active_cols = all_cols[~frozen]
-                C, _ = damped_inverse(
-                    self.hessian[active_cols][:, active_cols], self.damp, what="H + damp*I on the active columns"
+                cols_k = all_cols[unvisited]
+                C_k, _ = damped_inverse(
+                    self.hessian[cols_k][:, cols_k], self.damp, what="H + damp*I on the unvisited columns"
                 )
-            col_map = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
-            col_map[active_cols] = torch.arange(active_cols.numel(), device=device)
+                map_k = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
+                map_k[cols_k] = torch.arange(cols_k.numel(), device=device)
             if reselect:
-                best = self._select_shared(W, C, positions, subsets, col_map)[0]
+                best = self._select_shared(W, C_k, positions, subsets, map_k)[0]
+                # Compensate like 'full': every still-active column, frozen C. Freezing
+                # visited columns (as 'split' does) loses more than the fresh C gains.
+                self._compensate_sequential(W, self.inv_hessian, best, positions, subsets, active, all_cols, identity_map)
             else:
                 best = best_all[:, positions]
-            self._compensate_sequential(W, C, best, positions, subsets, active, active_cols, col_map)
-            frozen[self.groups.cols[positions].reshape(-1)] = True
+                self._compensate_sequential(W, C_k, best, positions, subsets, active, cols_k, map_k)
+            unvisited[self.groups.cols[positions].reshape(-1)] = False
         self._write_back(W)
 
     # ------------------------------------------------------------ prune_true_obs (per-row C)
@@ -390,11 +402,16 @@ class StructuredOBS:
         device = W.device
         rows = g.rows[group_index].reshape(-1)
         B = rows.numel()
-        Wc = W[rows].to(_math_dtype(c_dtype))
-        # Scale C so its largest entry is 1: costs and compensations are invariant to
-        # the scale, and fp16 storage neither overflows nor underflows.
-        scale = 1.0 / float(torch.diagonal(C0).abs().max().clamp(min=1e-30))
-        Cc = (C0 * scale).to(c_dtype).unsqueeze(0).expand(B, -1, -1).contiguous()
+        # Work in Jacobi-scaled coordinates: C~ = D^-1/2 C D^-1/2 (unit diagonal, entries
+        # in [-1, 1]) and w~ = D^-1/2 w, D = diag(C). Costs, compensations and Schur
+        # updates are the same in these coordinates, and fp16 storage of C~ keeps
+        # every column's relative precision.
+        col_scale = torch.diagonal(C0).clamp(min=torch.finfo(C0.dtype).tiny).sqrt()
+        Wc = (W[rows].to(C0.dtype) / col_scale).to(_math_dtype(c_dtype))
+        Cc = (C0 / col_scale.unsqueeze(1) / col_scale.unsqueeze(0)).to(c_dtype).unsqueeze(0).expand(B, -1, -1).contiguous()
+        health_tol = _HEALTH_TOL[c_dtype]
+        # Columns each row still holds; one spare column absorbs the -1 padding.
+        alive = torch.ones(B, self.num_cols + 1, dtype=torch.bool, device=device)
         failed = torch.zeros(B, dtype=torch.bool, device=device)
         local_base = (torch.arange(Rc, device=device) * rpc).view(Rc, 1, 1)
         for positions in batches:
@@ -404,10 +421,7 @@ class StructuredOBS:
             n = positions.numel()
             if scoring == "independent":
                 d = Cc[row_local, cols, cols].to(Wc.dtype)
-                bad = ~(d > 0) | ~torch.isfinite(d)
-                bad_per_row = torch.zeros(B, device=device).index_add_(0, row_local.reshape(-1), bad.reshape(-1).float())
-                failed |= bad_per_row > 0
-                cost = torch.where(bad, torch.inf, w * w / d.clamp(min=1e-30))
+                cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
                 block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
                 _, keep = ops.kth_largest(block_cost, nnz)
                 pruned = (~keep).repeat_interleave(bk, dim=-1)
@@ -423,7 +437,14 @@ class StructuredOBS:
             per_row = torch.where(failed.unsqueeze(1), -1, per_row)
             status = ops.schur_update_(Wc, Cc, per_row)
             failed |= status != 0
+            alive.scatter_(1, torch.where(per_row < 0, self.num_cols, per_row), False)
+            # A remaining coordinate's conditional variance (diag of C~, 1 at the start)
+            # at or below the storage's noise level means the row's C is no longer
+            # trustworthy: redo the row in higher precision.
+            diag = torch.diagonal(Cc, dim1=1, dim2=2)
+            failed |= ((diag <= health_tol) | ~torch.isfinite(diag)).logical_and(alive[:, :-1]).any(dim=1)
         failed |= ~torch.isfinite(Wc).all(dim=1)
+        Wc = (Wc.to(C0.dtype) * col_scale).to(torch.float32)
         return Wc, failed.view(Rc, rpc).any(dim=1)
 
     @torch.no_grad()

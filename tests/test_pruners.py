@@ -1,0 +1,391 @@
+"""Pruners on the four SPEC §2 patterns: the pattern holds, quality orders as it must,
+SparseGPT reproduces the published algorithm, True OBS equals a brute-force float64
+OBS, numerics are robust, and bad inputs are refused without touching the weight."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+import s3sparse
+from s3sparse import ops
+from s3sparse.pruners import (
+    StructuredOBS,
+    compute_hessian,
+    magnitude,
+    obd_prune,
+    output_error,
+    prune_magnitude,
+    prune_obd,
+    prune_sparsegpt,
+    sparsegpt_block16,
+    sparsegpt_coupled_24,
+    sparsegpt_prune,
+)
+
+from pruner_utils import PATTERN_NAMES, assert_pattern_holds, make_layer, pattern
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _skip_without(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def _run(method: str, W: torch.Tensor, H: torch.Tensor, name: str, **kw) -> None:
+    scope, nnz = pattern(name, W)
+    if method == "magnitude":
+        prune_magnitude(scope, nnz)
+    elif method == "obd":
+        prune_obd(scope, H, nnz)
+    elif method == "sparsegpt":
+        prune_sparsegpt(scope, H, nnz)
+    elif method == "true_obs":
+        StructuredOBS(scope, H).prune_true_obs(nnz, **kw)
+    else:
+        StructuredOBS(scope, H).prune(nnz, compensate=method, **kw)
+
+
+METHODS = ["magnitude", "obd", "sparsegpt", "true_obs", "local", "full", "split", "interleaved"]
+
+
+# ---------------------------------------------------------------- the pattern holds
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+@pytest.mark.parametrize("method", METHODS)
+def test_pattern_holds_after_every_pruner(device, name, method):
+    _skip_without(device)
+    seed = random.randrange(1 << 30)
+    W0, _, H = make_layer(32, 128, 96, seed, device)
+    W = torch.nn.Parameter(W0.clone())
+    kw = {"n_splits": 3} if method in ("split", "interleaved") else {}
+    _run(method, W, H, name, **kw)
+    _, nnz = pattern(name, W)
+    assert torch.isfinite(W).all()
+    assert_pattern_holds(name, W.detach(), nnz)
+    assert output_error(W.detach(), W0, H) < 1.0, f"seed {seed}"
+
+
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+@pytest.mark.parametrize("order", ["left_to_right", "largest_first"])
+@pytest.mark.parametrize("scoring", ["independent", "joint"])
+def test_true_obs_options_keep_the_pattern(name, order, scoring):
+    W0, _, H = make_layer(32, 128, 256, random.randrange(1 << 30))
+    W = W0.clone()
+    scope, nnz = pattern(name, W)
+    messages = []
+    StructuredOBS(scope, H).prune_true_obs(
+        nnz, ng=8, chunk_size=16, order=order, scoring=scoring, c_dtype=torch.float32, progress_fn=messages.append
+    )
+    assert_pattern_holds(name, W, nnz)
+    assert any("chunk" in m for m in messages)
+
+
+# ---------------------------------------------------------------- quality ordering
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+@pytest.mark.parametrize("samples", [512, 64], ids=["N_gt_K", "N_lt_K"])
+def test_output_error_ordering(name, samples):
+    """Averaged over seeds: true OBS < SparseGPT < OBD < magnitude, and interleaved <= full."""
+    K = 128
+    errors = {m: 0.0 for m in ("magnitude", "obd", "sparsegpt", "true_obs", "full", "interleaved")}
+    seeds = [random.randrange(1 << 30) for _ in range(3)]
+    for seed in seeds:
+        W0, _, H = make_layer(32, K, samples, seed)
+        for method in errors:
+            W = W0.clone()
+            kw = {"n_splits": 4} if method == "interleaved" else {}
+            _run(method, W, H, name, **kw)
+            errors[method] += output_error(W, W0, H) / len(seeds)
+    msg = f"seeds {seeds}: {errors}"
+    assert errors["true_obs"] < errors["sparsegpt"] < errors["obd"] < errors["magnitude"], msg
+    assert errors["interleaved"] <= errors["full"], msg
+
+
+# ---------------------------------------------------------------- SparseGPT = the published algorithm
+def sparsegpt_published(W, H, prunen, prunem, blocksize=128, percdamp=0.01):
+    """A plain transcription of SparseGPT's N:M algorithm (Frantar & Alistarh, 2023)."""
+    W = W.clone().float()
+    H = H.clone().float()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns, device=W.device)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if i % prunem == 0:
+                tmp = W1[:, i : i + prunem] ** 2 / (torch.diag(Hinv1)[i : i + prunem].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W, mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 8)])
+@pytest.mark.parametrize("samples", [400, 100], ids=["N_gt_K", "N_lt_K"])
+def test_sparsegpt_reproduces_published_algorithm(device, n, m, samples):
+    _skip_without(device)
+    seed = random.randrange(1 << 30)
+    W0, _, H = make_layer(40, 320, samples, seed, device)  # 320 columns: lazy blocks of 128 + a ragged one
+    ref, ref_mask = sparsegpt_published(W0, H, m - n, m)
+    W = W0.clone()
+    scope, nnz = s3sparse.patterns.nm(W, n, m)
+    prune_sparsegpt(scope, H, nnz)
+    assert torch.equal(W == 0, ref_mask), f"seed {seed}"
+    rel = float((W - ref).norm() / ref.norm())
+    assert rel < 1e-5, f"seed {seed}: relative difference {rel}"
+    # The functional entry point is the same computation.
+    if n * 2 == m:
+        assert torch.equal(sparsegpt_prune(W0, H, scope_size=m), W)
+
+
+# ---------------------------------------------------------------- True OBS = brute-force float64 OBS
+def true_obs_brute_force(W0, H, name, damp=1e-4):
+    """Exact per-row OBS, one Schur step per pruned block, float64, written from SPEC §3 and
+    the pattern's definition by plain indexing (independent scoring, left to right)."""
+    M, K = W0.shape
+    W = W0.double().clone()
+    Hd = H.double()
+    C0 = torch.linalg.inv(Hd + damp * Hd.diagonal().mean() * torch.eye(K, dtype=torch.float64, device=H.device))
+    C = [C0.clone() for _ in range(M)]
+
+    def scopes():
+        """Yield (blocks, nnz) per scope, left to right within each row group; a block is [(row, col), ...]."""
+        if name == "24":
+            for r in range(M):
+                for t in range(K // 4):
+                    yield [[(r, 4 * t + j)] for j in range(4)], 2
+        elif name == "48":
+            for r in range(M):
+                for t in range(K // 8):
+                    yield [[(r, 8 * t + 2 * j), (r, 8 * t + 2 * j + 1)] for j in range(4)], 2
+        elif name == "coupled24":
+            for r in range(M):
+                for t in range(K // 16):
+                    for half in range(2):
+                        yield [[(r, 16 * t + i), (r, 16 * t + 8 + i)] for i in range(4 * half, 4 * half + 4)], 2
+        elif name == "block16":
+            for a in range(M // 16):
+                for p in range(8):
+                    for t in range(K // 16):
+                        yield [
+                            [(16 * a + 8 * h + p, 16 * t + j) for j in range(16)] for h in range(2)
+                        ], 1
+
+    for blocks, nnz in scopes():
+        cost = [sum(float(W[r, c] ** 2 / C[r][c, c]) for r, c in blk) for blk in blocks]
+        ranked = sorted(range(len(blocks)), key=lambda b: (-cost[b], b))
+        for b in sorted(ranked[nnz:]):
+            rows = sorted({r for r, _ in blocks[b]})
+            for r in rows:
+                S = torch.tensor([c for rr, c in blocks[b] if rr == r], device=H.device)
+                Cr = C[r]
+                X = torch.linalg.solve(Cr[S][:, S], Cr[S, :])
+                W[r] -= X.T @ W[r, S]
+                C[r] = Cr - Cr[:, S] @ X
+                W[r, S] = 0.0
+    return W
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+def test_true_obs_ng1_equals_brute_force(device, name):
+    _skip_without(device)
+    seed = random.randrange(1 << 30)
+    W0, _, H = make_layer(16, 64, 128, seed, device)
+    ref = true_obs_brute_force(W0, H, name)
+    W = W0.clone()
+    scope, nnz = pattern(name, W)
+    StructuredOBS(scope, H).prune_true_obs(nnz, ng=1, c_dtype=torch.float64)
+    ref = torch.where(ref.abs() < 1e-12, torch.zeros_like(ref), ref)  # round-off on pruned columns
+    assert torch.equal(W == 0, ref == 0), f"seed {seed}"
+    rel = float((W.double() - ref).norm() / ref.norm())
+    assert rel < 1e-6, f"seed {seed}: relative difference {rel}"
+
+
+def test_true_obs_fp16_close_to_fp64():
+    W0, _, H = make_layer(32, 128, 256, random.randrange(1 << 30))
+    errs = {}
+    for dtype in (torch.float16, torch.float64):
+        W = W0.clone()
+        scope, nnz = pattern("24", W)
+        StructuredOBS(scope, H).prune_true_obs(nnz, c_dtype=dtype)
+        errs[dtype] = output_error(W, W0, H)
+    assert errs[torch.float16] < errs[torch.float64] * 1.02, errs
+
+
+def test_true_obs_chunking_does_not_change_the_result():
+    W0, _, H = make_layer(32, 128, 256, random.randrange(1 << 30))
+    results = []
+    for chunk in (None, 1, 7, 32):
+        W = W0.clone()
+        scope, nnz = pattern("block16", W)
+        StructuredOBS(scope, H).prune_true_obs(nnz, chunk_size=chunk, c_dtype=torch.float64)
+        results.append(W)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- robust numerics
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_deficient_hessian_with_dead_inputs(method):
+    """Fewer tokens than columns and dead input columns: no NaN, the pattern holds."""
+    W0, X, _ = make_layer(32, 128, 40, random.randrange(1 << 30))
+    X[:, ::7] = 0.0  # dead inputs: zero diagonal in H
+    H = compute_hessian(X)
+    W = W0.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _run(method, W, H, "24")
+    assert torch.isfinite(W).all()
+    assert_pattern_holds("24", W, 2)
+
+
+def test_non_pd_rows_are_redone_and_reported(monkeypatch):
+    """Rows whose fp16 Schur step fails are redone in fp32 with a warning; result as a clean fp32 run."""
+    W0, _, H = make_layer(16, 64, 128, random.randrange(1 << 30))
+    real = ops.schur_update_
+    calls = {"n": 0}
+
+    def flaky(w, c, pruned):
+        status = real(w, c, pruned)
+        if c.dtype == torch.float16:
+            calls["n"] += 1
+            status[::3] = 1  # pretend rows 0, 3, 6, ... hit a non-PD C_SS (their update must not count)
+        return status
+
+    monkeypatch.setattr(ops, "schur_update_", flaky)
+    W = W0.clone()
+    scope, nnz = pattern("24", W)
+    with pytest.warns(RuntimeWarning, match="redone"):
+        StructuredOBS(scope, H).prune_true_obs(nnz, chunk_size=16)
+    monkeypatch.setattr(ops, "schur_update_", real)
+    assert calls["n"] > 0
+    W32 = W0.clone()
+    scope32, _ = pattern("24", W32)
+    StructuredOBS(scope32, H).prune_true_obs(nnz, chunk_size=16, c_dtype=torch.float32)
+    redone = torch.arange(0, 16, 3)
+    torch.testing.assert_close(W[redone], W32[redone])
+    assert torch.isfinite(W).all()
+    assert_pattern_holds("24", W, nnz)
+
+
+def test_hessian_needing_more_damping_warns_not_fails():
+    W0, _, _ = make_layer(16, 64, 8, random.randrange(1 << 30))
+    H = 1.1 * torch.eye(64) - 0.1 * torch.ones(64, 64)  # positive diagonal, one eigenvalue -5.3: indefinite
+    W = W0.clone()
+    scope, nnz = pattern("24", W)
+    with pytest.warns(RuntimeWarning, match="damping raised"):
+        prune_sparsegpt(scope, H, nnz)
+    assert torch.isfinite(W).all()
+    assert_pattern_holds("24", W, nnz)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _bad_calls(W, H):
+    scope, nnz = pattern("24", W)
+    return {
+        "H not KxK": (lambda: prune_sparsegpt(scope, H[:-1], nnz), "hessian"),
+        "H int dtype": (lambda: StructuredOBS(scope, H.long()), "float"),
+        "nnz too large": (lambda: StructuredOBS(scope, H).prune_true_obs(5), "nnz"),
+        "nnz negative": (lambda: prune_sparsegpt(scope, H, -1), "nnz"),
+        "nnz float": (lambda: StructuredOBS(scope, H).prune(1.5), "nnz"),
+        "bad compensate": (lambda: StructuredOBS(scope, H).prune(2, compensate="nope"), "compensate"),
+        "bad order": (lambda: StructuredOBS(scope, H).prune_true_obs(2, order="nope"), "order"),
+        "bad scoring": (lambda: StructuredOBS(scope, H).prune_true_obs(2, scoring="nope"), "scoring"),
+        "bad ng": (lambda: StructuredOBS(scope, H).prune_true_obs(2, ng=0), "ng"),
+        "bad c_dtype": (lambda: StructuredOBS(scope, H).prune_true_obs(2, c_dtype=torch.int8), "c_dtype"),
+        "H with NaN": (lambda: prune_obd(scope, torch.full_like(H, float("nan")), nnz), "NaN"),
+        "bad damp": (lambda: StructuredOBS(scope, H, damp=-1.0), "damp"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls(torch.zeros(8, 16), torch.eye(16)).keys()))
+def test_bad_inputs_raise_and_leave_weight_untouched(case):
+    W0, _, H = make_layer(8, 16, 32, 0)
+    W = W0.clone()
+    fn, needle = _bad_calls(W, H)[case]
+    with pytest.raises((ValueError, TypeError)) as info:
+        fn()
+    assert needle in str(info.value)
+    assert torch.equal(W, W0)
+
+
+@pytest.mark.cuda
+def test_hessian_on_another_device_is_refused():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    W0, _, H = make_layer(8, 16, 32, 0)
+    W = W0.clone()
+    scope, nnz = pattern("24", W)
+    with pytest.raises(ValueError, match="device|cuda|cpu"):
+        prune_sparsegpt(scope, H.cuda(), nnz)
+    assert torch.equal(W, W0)
+
+
+def test_error_mid_prune_leaves_weight_untouched(monkeypatch):
+    W0, _, H = make_layer(16, 64, 128, 1)
+    W = W0.clone()
+    scope, nnz = pattern("24", W)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(ops, "schur_update_", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        StructuredOBS(scope, H).prune_true_obs(nnz)
+    assert torch.equal(W, W0)
+
+
+# ---------------------------------------------------------------- functional entry points
+def test_functional_entry_points_return_pruned_copies():
+    W0, _, H = make_layer(32, 128, 256, random.randrange(1 << 30))
+    keep = W0.clone()
+    out = magnitude(W0, 4, 2)
+    by_hand = W0.view(32, 32, 4).abs().topk(2, dim=-1).indices
+    mask = torch.zeros(32, 32, 4, dtype=torch.bool).scatter_(-1, by_hand, True).view(32, 128)
+    assert torch.equal(out, torch.where(mask, W0, torch.zeros_like(W0)))
+    obd = obd_prune(W0, H, 4, 2)
+    sal = (W0**2 * H.diagonal()).view(32, 32, 4)
+    mask = torch.zeros(32, 32, 4, dtype=torch.bool).scatter_(-1, sal.topk(2, dim=-1).indices, True).view(32, 128)
+    assert torch.equal(obd, torch.where(mask, W0, torch.zeros_like(W0)))
+    assert_pattern_holds("48", sparsegpt_prune(W0, H, block_size=2, scope_size=4), 2)
+    assert_pattern_holds("coupled24", sparsegpt_coupled_24(W0, H), 2)
+    assert_pattern_holds("block16", sparsegpt_block16(W0, H), 1)
+    assert torch.equal(W0, keep)
+    with pytest.raises(ValueError, match="num_keep"):
+        magnitude(W0, 4, 5)
+    with pytest.raises(ValueError, match="multiple"):
+        sparsegpt_prune(W0[:, :126], H[:126, :126])
+
+
+def test_reference_names_are_importable_from_the_package():
+    for name in ("magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", "sparsegpt_block16",
+                 "StructuredOBS", "compute_hessian", "output_error", "HessianAccumulator"):
+        assert hasattr(s3sparse, name), name
