@@ -389,3 +389,40 @@ def test_reference_names_are_importable_from_the_package():
     for name in ("magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", "sparsegpt_block16",
                  "StructuredOBS", "compute_hessian", "output_error", "HessianAccumulator"):
         assert hasattr(s3sparse, name), name
+
+
+# ---------------------------------------------------------------- multi-parameter couplings
+def test_magnitude_and_obd_on_coupled_parameters():
+    """An MLP's hidden channels: row j of W_up and column j of W_down are one block;
+    channels of both compete in one scope (magnitude) or are scored by their own
+    Hessians (OBD)."""
+    from s3sparse import SparsityBuilder
+
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    D, F = 8, 12
+    up0, down0 = torch.randn(F, D, generator=g), torch.randn(D, F, generator=g)
+    X = torch.randn(64, D, generator=g)
+    H_up = X.T @ X / 64
+    hidden = torch.relu(X @ up0.T)
+    H_down = hidden.T @ hidden / 64
+    for method in ("magnitude", "obd"):
+        up, down = up0.clone(), down0.clone()
+        builder = (
+            SparsityBuilder()
+            .add_block(up, (1, -1), "up_rows")
+            .add_block(down, (-1, 1), "down_cols")
+            .couple_blocks(["up_rows", "down_cols"], [(0, 1), (1, 0)], "channels")
+            .add_scope("channels", (-1, 1), "mlp")
+        )
+        scope = builder.get_scope("mlp")
+        if method == "magnitude":
+            prune_magnitude(scope, 6)
+            score = up0.pow(2).sum(1) + down0.pow(2).sum(0)
+        else:
+            prune_obd(scope, {up: H_up, down: H_down}, 6)
+            score = (up0.pow(2) * H_up.diagonal()).sum(1) + (down0.pow(2) * H_down.diagonal()).sum(0)
+        kept = torch.zeros(F, dtype=torch.bool)
+        kept[score.topk(6).indices] = True
+        assert torch.equal(up.abs().sum(1) > 0, kept), method
+        assert torch.equal(down.abs().sum(0) > 0, kept), method
+        torch.testing.assert_close(up[kept], up0[kept])

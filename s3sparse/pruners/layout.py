@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 from torch import Tensor
+
+from ..block import BlockCoupling
+from ..scope import ScopeCoupling
 
 __all__ = ["ScopeLayout", "RowGroups", "scope_layout", "row_groups"]
 
@@ -91,7 +92,7 @@ class RowGroups:
 
 def _block_members(block) -> tuple[list, list[tuple[int, ...]]]:
     """The BlockSpecs behind a block node and the axis order aligning each to the node's grid."""
-    if hasattr(block, "specs"):  # BlockCoupling
+    if isinstance(block, BlockCoupling):
         return list(block.specs), [tuple(int(a) for a in o) for o in block.orders]
     return [block], [tuple(range(len(block.grid_shape)))]
 
@@ -133,7 +134,7 @@ def scope_layout(scope) -> ScopeLayout:
     Raises ``ValueError`` for a ScopeCoupling or blocks on several parameters
     (second-order pruners use one layer's Hessian), or a parameter that is not 2-D.
     """
-    if hasattr(scope, "scopes"):
+    if isinstance(scope, ScopeCoupling):
         raise ValueError(
             "second-order pruners (SparseGPT, Structured OBS) prune one weight with its own Hessian; "
             "a ScopeCoupling spans several parameters — prune it with magnitude() or obd(), "
@@ -256,7 +257,3 @@ def normalize_nnz(nnz: int, blocks_per_scope: int) -> int:
     if not 0 <= nnz <= blocks_per_scope:
         raise ValueError(f"`nnz` must be in [0, {blocks_per_scope}] (blocks per scope), got {nnz}")
     return nnz
-
-
-def sequence_of(names: Sequence[str]) -> str:
-    return ", ".join(repr(n) for n in names)

@@ -24,17 +24,6 @@ __all__ = ["prune_magnitude", "prune_obd"]
 HessianArg = Union[Tensor, Mapping[object, Tensor]]
 
 
-def _block_specs(node) -> list:
-    """Every BlockSpec under a scope, block coupling or scope coupling (in order)."""
-    if hasattr(node, "scopes"):
-        return [spec for scope in node.scopes for spec in _block_specs(scope)]
-    if hasattr(node, "block"):
-        return _block_specs(node.block)
-    if hasattr(node, "specs"):
-        return list(node.specs)
-    return [node]
-
-
 def _hessian_for(spec, hessian: HessianArg) -> Tensor:
     if isinstance(hessian, Tensor):
         return hessian
@@ -72,16 +61,14 @@ def prune_obd(scope, hessian: HessianArg, nnz: int) -> None:
             name) to its Hessian.
         nnz: blocks kept per scope.
     """
-    specs = _block_specs(scope)
     values = {}
-    for spec in specs:
+    for spec in scope.block_specs():
         param = spec.view.param
         if param.dim() != 2:
             raise ValueError(f"OBD needs 2-D weights (out, in); block {spec!r} is on a {param.dim()}-D parameter")
         H = _hessian_for(spec, hessian)
         check_hessian(H, param.shape[1], like=param)
         diag = torch.diagonal(H).to(torch.float32).clamp(min=0)
-        # Block norm of w·sqrt(h) is sqrt(Σ w² h): the OBD saliency's monotone transform.
+        # Block norm of w·sqrt(h) is sqrt(Σ w² h): a monotone transform of the OBD saliency.
         values[spec] = param.detach().to(torch.float32) * diag.sqrt()
-    single = len(specs) == 1 and not hasattr(scope, "scopes") and not hasattr(scope.block, "specs")
-    scope.hard_threshold(nnz=nnz, values=values[specs[0]] if single else values)
+    scope.hard_threshold(nnz=nnz, values=values)
