@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <cstdint>
@@ -286,6 +287,30 @@ inline void check_schur_update(const at::Tensor& w, const at::Tensor& c, const a
                  B, ", ", K, ", ", K, ") to match `w` of shape ", w.sizes(), ", got ", c.sizes());
   S3_CHECK_VALUE(pruned.size(0) == B, op, ": `pruned` must have B=", B, " rows, got shape ",
                  pruned.sizes());
+}
+
+// Valid pruned columns of every row (the entries of `pruned` other than -1),
+// checked before anything is written: every entry in [-1, K), no column twice
+// in a row. `pruned` must be a contiguous CPU int64 (B, P) tensor (the CUDA
+// kernel copies its (small) index tensor to the host for this).
+inline std::vector<std::vector<int64_t>> pruned_columns(const at::Tensor& pruned, int64_t K,
+                                                        const char* op) {
+  const int64_t B = pruned.size(0), P = pruned.size(1);
+  const int64_t* pp = pruned.const_data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> cols(B);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t col = pp[b * P + j];
+      S3_CHECK_VALUE(col >= -1 && col < K, op, ": `pruned` entries must be column indices in [0, ", K,
+                     ") or -1 for none, got ", col, " in row ", b);
+      if (col >= 0) cols[b].push_back(col);
+    }
+    std::vector<int64_t> sorted = cols[b];
+    std::sort(sorted.begin(), sorted.end());
+    S3_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), op,
+                   ": `pruned` row ", b, " names a column twice");
+  }
+  return cols;
 }
 
 // Cholesky of a small SPD matrix held row-major in `a` (n x n), in place (lower

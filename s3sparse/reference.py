@@ -91,7 +91,10 @@ def kth_largest(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
-    key = torch.nan_to_num(x.to(torch.float64), nan=-math.inf)
+    x64 = x.to(torch.float64)
+    # NaN ranks as -inf (ties with a real -inf go to the lower index); +-inf stay
+    # infinite (nan_to_num alone would also clamp them to +-max finite).
+    key = torch.where(torch.isnan(x64), torch.full_like(x64, -math.inf), x64)
     # Stable sort: among equal values the lower index comes first.
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
@@ -129,7 +132,9 @@ def score_subsets(
     if S == 0:
         best = torch.zeros(N, dtype=torch.long)
     else:
-        best = torch.nan_to_num(costs, nan=math.inf).argmin(dim=1)
+        # The first subset of least cost; NaN never wins, and a row of only
+        # inf / NaN costs gives 0 (posinf=inf keeps inf and NaN tied).
+        best = torch.nan_to_num(costs, nan=math.inf, posinf=math.inf).argmin(dim=1)
     return costs.to(device=w.device, dtype=w.dtype), best.to(w.device)
 
 

@@ -86,32 +86,11 @@ std::tuple<at::Tensor, at::Tensor> score_subsets_cpu(const at::Tensor& w_in, con
 }
 
 // ------------------------------------------------------------------ schur_update_
-// Valid pruned columns of every row, checked before anything is written.
-std::vector<std::vector<int64_t>> pruned_columns(const at::Tensor& pruned, int64_t K, const char* op) {
-  const at::Tensor p = pruned.contiguous();
-  const int64_t B = p.size(0), P = p.size(1);
-  const int64_t* pp = p.const_data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> cols(B);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t j = 0; j < P; ++j) {
-      const int64_t col = pp[b * P + j];
-      S3_CHECK_VALUE(col >= -1 && col < K, op, ": `pruned` entries must be column indices in [0, ", K,
-                     ") or -1 for none, got ", col, " in row ", b);
-      if (col >= 0) cols[b].push_back(col);
-    }
-    std::vector<int64_t> sorted = cols[b];
-    std::sort(sorted.begin(), sorted.end());
-    S3_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), op,
-                   ": `pruned` row ", b, " names a column twice");
-  }
-  return cols;
-}
-
 at::Tensor schur_update_cpu(at::Tensor& w, at::Tensor& c, const at::Tensor& pruned) {
   constexpr const char* op = "s3sparse.schur_update_";
   check_schur_update(w, c, pruned, op);
   const int64_t B = w.size(0), K = w.size(1);
-  const auto cols = pruned_columns(pruned, K, op);
+  const auto cols = pruned_columns(pruned.contiguous(), K, op);
   at::Tensor status = at::zeros({B}, w.options().dtype(at::kInt));
   int32_t* st = status.mutable_data_ptr<int32_t>();
 

@@ -1,0 +1,514 @@
+// CUDA kernels of the two OBS operators, with the semantics of
+// csrc/cpu/obs_ops.cpp (same validation and messages, same +inf / status rules).
+//
+// score_subsets: one (item, subset) pair per thread for P <= kThreadMaxP (the
+//   P x P matrix in registers / local memory), one pair per warp above that
+//   (the matrix in shared memory, a right-looking Cholesky with the forward
+//   solve of w_P folded in). Then one thread per item picks the first least cost.
+// schur_update_: rows are processed in chunks that bound the K x P workspace;
+//   per chunk three kernels, in stream order:
+//   1. chol  (thread block per row): L = chol(C_SS), z = L^-1 w_S in acc precision;
+//      a non-PD C_SS sets status[b] = 1 and the later kernels skip row b, so a
+//      failing row is never written. On success marks the columns S of row b.
+//   2. solve (thread per (row, k)): A[k, :] = L^-1 C[S, k] (stored transposed,
+//      At[p, k], for coalescing), w[k] -= A[k, :] . z, or w[k] = 0 for k in S.
+//   3. update (64 x 64 tile of C per thread block, A tiles in shared memory,
+//      P looped over in chunks of 16): C[i, j] -= sum_p A[i, p] A[j, p] in acc
+//      precision, or C[i, j] = 0 when i or j is in S.
+//   C is read as C[S, k] where the CPU kernel reads C[k, S]: equal for the
+//   symmetric C the op is documented to take.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "common.h"
+#include "cuda/launch.cuh"
+
+namespace s3sparse {
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline unsigned grid_for(int64_t work_items, int64_t per_block) {
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(work_items, per_block));
+  return static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(1) << 20));
+}
+
+template <typename T>
+__device__ __forceinline__ bool pivot_ok(T d) {
+  return d > T(0) && d < T(INFINITY);
+}
+
+// ================================================================== score_subsets
+constexpr int kThreadMaxP = 8;
+
+template <typename acc_t, typename c_t>
+__global__ void score_subsets_thread_kernel(const acc_t* __restrict__ w, const c_t* __restrict__ c,
+                                            const int64_t* __restrict__ c_index,
+                                            const int64_t* __restrict__ subsets,
+                                            acc_t* __restrict__ costs, int64_t N, int64_t S,
+                                            int64_t P, int64_t E) {
+  const int64_t total = N * S;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
+    const int64_t n = t / S, s = t - n * S;
+    const c_t* C = c + (c_index ? c_index[n] : n) * E * E;
+    const acc_t* wn = w + n * E;
+    const int64_t* idx = subsets + s * P;
+    acc_t a[kThreadMaxP * kThreadMaxP];
+    acc_t z[kThreadMaxP];
+    for (int64_t i = 0; i < P; ++i) {
+      const int64_t ii = idx[i];
+      for (int64_t j = 0; j < P; ++j) a[i * P + j] = static_cast<acc_t>(C[ii * E + idx[j]]);
+      z[i] = wn[ii];
+    }
+    acc_t cost = acc_t(INFINITY);
+    if (small_cholesky(a, P)) {
+      small_forward_solve(a, z, P);
+      cost = 0;
+      for (int64_t i = 0; i < P; ++i) cost += z[i] * z[i];
+    }
+    costs[t] = cost;
+  }
+}
+
+// One warp per (item, subset); each warp owns P*P + P acc_t of shared memory.
+template <typename acc_t, typename c_t>
+__global__ void score_subsets_warp_kernel(const acc_t* __restrict__ w, const c_t* __restrict__ c,
+                                          const int64_t* __restrict__ c_index,
+                                          const int64_t* __restrict__ subsets,
+                                          acc_t* __restrict__ costs, int64_t N, int64_t S,
+                                          int64_t P, int64_t E) {
+  S3_DYNAMIC_SHARED(unsigned char, smem_raw);
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t warps_per_block = blockDim.x / 32;
+  const int64_t warp = threadIdx.x / 32;
+  acc_t* a = reinterpret_cast<acc_t*>(smem_raw) + warp * (P * P + P);
+  acc_t* z = a + P * P;
+  const int64_t total = N * S;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * warps_per_block + warp; t < total; t += step) {
+    const int64_t n = t / S, s = t - n * S;
+    const c_t* C = c + (c_index ? c_index[n] : n) * E * E;
+    const acc_t* wn = w + n * E;
+    const int64_t* idx = subsets + s * P;
+    // Lower triangle of C_PP (the entries the CPU kernel's Cholesky reads).
+    for (int64_t e = lane; e < P * P; e += 32) {
+      const int64_t i = e / P, j = e - i * P;
+      if (j <= i) a[i * P + j] = static_cast<acc_t>(C[idx[i] * E + idx[j]]);
+    }
+    for (int64_t i = lane; i < P; i += 32) z[i] = wn[idx[i]];
+    __syncwarp();
+    // Right-looking Cholesky; column j of L is final after its scaling, so the
+    // forward substitution z <- L^-1 z advances with it. Every lane reads the
+    // same pivot, so `ok` and the break are warp-uniform.
+    bool ok = true;
+    for (int64_t j = 0; j < P; ++j) {
+      acc_t d = a[j * P + j];
+      acc_t zj = z[j];
+      if (!pivot_ok(d)) {
+        ok = false;
+        break;
+      }
+      d = sqrt(d);
+      zj = zj / d;
+      __syncwarp();  // every lane has read a[j][j] and z[j]
+      if (lane == 0) {
+        a[j * P + j] = d;
+        z[j] = zj;
+      }
+      for (int64_t i = j + 1 + lane; i < P; i += 32) {
+        const acc_t l = a[i * P + j] / d;
+        a[i * P + j] = l;
+        z[i] -= l * zj;
+      }
+      __syncwarp();
+      const int64_t m2 = P - j - 1;
+      for (int64_t e = lane; e < m2 * m2; e += 32) {
+        const int64_t i = j + 1 + e / m2, m = j + 1 + e % m2;
+        if (m <= i) a[i * P + m] -= a[i * P + j] * a[m * P + j];
+      }
+      __syncwarp();
+    }
+    acc_t cost = acc_t(INFINITY);
+    if (ok) {
+      acc_t part = 0;
+      for (int64_t i = lane; i < P; i += 32) part += z[i] * z[i];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_down_sync(0xffffffffu, part, o);
+      cost = part;
+    }
+    if (lane == 0) costs[t] = cost;
+    __syncwarp();  // a and z are rewritten for the next pair
+  }
+}
+
+// best[n] = the first s of least cost (NaN never wins; all +inf -> 0).
+template <typename acc_t>
+__global__ void argmin_kernel(const acc_t* __restrict__ costs, int64_t* __restrict__ best, int64_t N,
+                              int64_t S) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += step) {
+    acc_t best_cost = acc_t(INFINITY);
+    int64_t best_s = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t v = costs[n * S + s];
+      if (v < best_cost) {
+        best_cost = v;
+        best_s = s;
+      }
+    }
+    best[n] = best_s;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> score_subsets_cuda(const at::Tensor& w_in, const at::Tensor& c_in,
+                                                      const std::optional<at::Tensor>& c_index_in,
+                                                      const at::Tensor& subsets_in) {
+  constexpr const char* op = "s3sparse.score_subsets";
+  check_score_subsets(w_in, c_in, c_index_in, subsets_in, op);
+  const c10::cuda::CUDAGuard guard(w_in.device());
+  const at::Tensor w = w_in.contiguous();
+  const at::Tensor c = c_in.contiguous();
+  const at::Tensor subsets = subsets_in.contiguous();
+  const int64_t N = w.size(0), E = w.size(1), U = c.size(0);
+  const int64_t S = subsets.size(0), P = subsets.size(1);
+  {
+    // (S, P) is small: check it on the host, with the CPU kernel's message.
+    const at::Tensor sub_host = subsets.to(at::kCPU);
+    const int64_t* sub = sub_host.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < S * P; ++i) {
+      S3_CHECK_VALUE(sub[i] >= 0 && sub[i] < E, op, ": `subsets` entries must be in [0, ", E,
+                     "), got ", sub[i], " in subset ", i / P);
+    }
+  }
+  at::Tensor c_index;
+  if (c_index_in.has_value()) {
+    c_index = c_index_in->contiguous();
+    if (N > 0) {
+      // A reduction on the device and one host sync; the offending entry is
+      // only looked up when there is one.
+      const at::Tensor bad = at::logical_or(c_index.lt(0), c_index.ge(U));
+      if (bad.any().item<bool>()) {
+        const int64_t n = bad.nonzero().select(1, 0)[0].item<int64_t>();
+        const int64_t val = c_index[n].item<int64_t>();
+        S3_CHECK_VALUE(false, op, ": `c_index` entries must be in [0, ", U, "), got ", val,
+                       " at item ", n);
+      }
+    }
+  }
+  at::Tensor costs = at::empty({N, S}, w.options());
+  at::Tensor best = at::zeros({N}, w.options().dtype(at::kLong));
+  if (N == 0 || S == 0) return {costs, best};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "score_subsets_cuda_w", [&] {
+    using acc_t = scalar_t;
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    acc_t* cost_out = costs.mutable_data_ptr<acc_t>();
+    const int64_t* ci = c_index.defined() ? c_index.const_data_ptr<int64_t>() : nullptr;
+    const int64_t* sub = subsets.const_data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "score_subsets_cuda_c", [&] {
+      using c_t = scalar_t;
+      const c_t* cp = c.const_data_ptr<c_t>();
+      if (P <= kThreadMaxP) {
+        constexpr int threads = 128;
+        S3_LAUNCH(grid_for(N * S, threads), threads, 0, stream, score_subsets_thread_kernel<acc_t, c_t>)(
+            wp, cp, ci, sub, cost_out, N, S, P, E);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        const int64_t per_warp = (P * P + P) * static_cast<int64_t>(sizeof(acc_t));
+        constexpr int64_t kDefaultSmem = 48 * 1024;
+        int64_t warps = std::min<int64_t>(4, kDefaultSmem / per_warp);
+        auto kernel = score_subsets_warp_kernel<acc_t, c_t>;
+        if (warps < 1) {
+          // One warp per block, with the opt-in (larger) shared memory.
+          int device = 0, optin = 0;
+          C10_CUDA_CHECK(cudaGetDevice(&device));
+          C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+          S3_CHECK_VALUE(per_warp <= optin, op, ": subsets of P=", P, " indices need ", per_warp,
+                         " bytes of shared memory per (item, subset) on CUDA, more than the ", optin,
+                         " this GPU offers; use fewer indices per subset or float32 `w`");
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(per_warp)));
+          warps = 1;
+        }
+        const int threads = static_cast<int>(warps * 32);
+        const size_t smem = static_cast<size_t>(warps * per_warp);
+        S3_LAUNCH(grid_for(N * S, warps), threads, smem, stream, kernel)(wp, cp, ci, sub, cost_out, N, S, P, E);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    constexpr int threads = 256;
+    S3_LAUNCH(grid_for(N, threads), threads, 0, stream, argmin_kernel<acc_t>)(
+        cost_out, best.mutable_data_ptr<int64_t>(), N, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {costs, best};
+}
+
+// ================================================================== schur_update_
+// Row bl of a chunk: cols[bl*ld .. +counts[bl]) are its pruned columns, L its
+// ld x ld factor slot, z its ld slot, At its ld x K slot, mask its K flags.
+
+constexpr int kCholThreads = 256;
+
+template <typename acc_t, typename c_t>
+__global__ void __launch_bounds__(kCholThreads)
+schur_chol_kernel(const acc_t* __restrict__ w, const c_t* __restrict__ c,
+                  const int64_t* __restrict__ cols, const int* __restrict__ counts, acc_t* L,
+                  acc_t* z, uint8_t* __restrict__ mask, int* __restrict__ status, int64_t nb,
+                  int64_t K, int64_t ld) {
+  const int64_t tid = threadIdx.x;
+  constexpr int64_t T = kCholThreads;
+  for (int64_t bl = blockIdx.x; bl < nb; bl += gridDim.x) {
+    const int64_t P = counts[bl];
+    if (P == 0) continue;
+    const int64_t* Sb = cols + bl * ld;
+    const c_t* C = c + bl * K * K;
+    const acc_t* wb = w + bl * K;
+    acc_t* Lb = L + bl * ld * ld;
+    acc_t* zb = z + bl * ld;
+    for (int64_t e = tid; e < P * P; e += T) {
+      const int64_t i = e / P, j = e - i * P;
+      if (j <= i) Lb[i * ld + j] = static_cast<acc_t>(C[Sb[i] * K + Sb[j]]);
+    }
+    for (int64_t i = tid; i < P; i += T) zb[i] = wb[Sb[i]];
+    __syncthreads();
+    // Right-looking Cholesky with the forward solve of z folded in (see the
+    // warp version above). All threads read the same pivot after a barrier:
+    // `ok` and the break are block-uniform.
+    bool ok = true;
+    for (int64_t j = 0; j < P; ++j) {
+      acc_t d = Lb[j * ld + j];
+      acc_t zj = zb[j];
+      if (!pivot_ok(d)) {
+        ok = false;
+        break;
+      }
+      d = sqrt(d);
+      zj = zj / d;
+      __syncthreads();  // every thread has read L[j][j] and z[j]
+      if (tid == 0) {
+        Lb[j * ld + j] = d;
+        zb[j] = zj;
+      }
+      for (int64_t i = j + 1 + tid; i < P; i += T) {
+        const acc_t l = Lb[i * ld + j] / d;
+        Lb[i * ld + j] = l;
+        zb[i] -= l * zj;
+      }
+      __syncthreads();
+      const int64_t m2 = P - j - 1;
+      for (int64_t e = tid; e < m2 * m2; e += T) {
+        const int64_t i = j + 1 + e / m2, m = j + 1 + e % m2;
+        if (m <= i) Lb[i * ld + m] -= Lb[i * ld + j] * Lb[m * ld + j];
+      }
+      __syncthreads();
+    }
+    if (!ok) {
+      if (tid == 0) status[bl] = 1;
+      continue;
+    }
+    for (int64_t i = tid; i < P; i += T) mask[bl * K + Sb[i]] = 1;
+  }
+}
+
+template <typename acc_t, typename c_t>
+__global__ void schur_solve_kernel(acc_t* __restrict__ w, const c_t* __restrict__ c,
+                                   const int64_t* __restrict__ cols, const int* __restrict__ counts,
+                                   const acc_t* __restrict__ L, const acc_t* __restrict__ z,
+                                   const uint8_t* __restrict__ mask, const int* __restrict__ status,
+                                   acc_t* __restrict__ At, int64_t nb, int64_t K, int64_t ld) {
+  const int64_t kstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t bl = blockIdx.y; bl < nb; bl += gridDim.y) {
+    const int64_t P = counts[bl];
+    if (P == 0 || status[bl] != 0) continue;
+    const int64_t* Sb = cols + bl * ld;
+    const c_t* C = c + bl * K * K;
+    const acc_t* Lb = L + bl * ld * ld;
+    const acc_t* zb = z + bl * ld;
+    acc_t* Ab = At + bl * ld * K;
+    acc_t* wb = w + bl * K;
+    for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K; k += kstep) {
+      acc_t dot = 0;
+      for (int64_t i = 0; i < P; ++i) {
+        acc_t s = static_cast<acc_t>(C[Sb[i] * K + k]);
+        for (int64_t m = 0; m < i; ++m) s -= Lb[i * ld + m] * Ab[m * K + k];
+        const acc_t a = s / Lb[i * ld + i];
+        Ab[i * K + k] = a;
+        dot += a * zb[i];
+      }
+      wb[k] = mask[bl * K + k] ? acc_t(0) : wb[k] - dot;
+    }
+  }
+}
+
+constexpr int kTile = 64;       // C tile edge
+constexpr int kTileP = 16;      // P chunk staged in shared memory
+constexpr int kTileThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
+
+template <typename acc_t, typename c_t>
+__global__ void __launch_bounds__(kTileThreads)
+schur_rank_update_kernel(c_t* __restrict__ c, const int* __restrict__ counts,
+                         const int* __restrict__ status, const acc_t* __restrict__ At,
+                         const uint8_t* __restrict__ mask, int64_t nb, int64_t K, int64_t ld,
+                         int64_t tiles) {
+  __shared__ acc_t As[kTileP][kTile];
+  __shared__ acc_t Bs[kTileP][kTile];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16, ty = tid / 16;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) / tiles) * kTile;
+  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) % tiles) * kTile;
+  for (int64_t bl = blockIdx.y; bl < nb; bl += gridDim.y) {
+    const int64_t P = counts[bl];
+    if (P == 0 || status[bl] != 0) continue;  // uniform over the thread block
+    const acc_t* Ab = At + bl * ld * K;
+    acc_t acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[r][q] = 0;
+    for (int64_t p0 = 0; p0 < P; p0 += kTileP) {
+      for (int e = tid; e < kTileP * kTile; e += kTileThreads) {
+        const int p = e / kTile, q = e % kTile;
+        const bool pin = p0 + p < P;
+        As[p][q] = (pin && i0 + q < K) ? Ab[(p0 + p) * K + i0 + q] : acc_t(0);
+        Bs[p][q] = (pin && j0 + q < K) ? Ab[(p0 + p) * K + j0 + q] : acc_t(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int p = 0; p < kTileP; ++p) {
+        acc_t av[4], bv[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) av[r] = As[p][ty + 16 * r];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) bv[q] = Bs[p][tx + 16 * q];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
+      }
+      __syncthreads();
+    }
+    c_t* Cb = c + bl * K * K;
+    const uint8_t* mb = mask + bl * K;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + ty + 16 * r;
+      if (i >= K) continue;
+      const bool mi = mb[i] != 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = j0 + tx + 16 * q;
+        if (j >= K) continue;
+        c_t* cij = Cb + i * K + j;
+        *cij = (mi || mb[j] != 0) ? c_t(0) : static_cast<c_t>(static_cast<acc_t>(*cij) - acc[r][q]);
+      }
+    }
+  }
+}
+
+// Workspace bytes per chunk of rows (the K x pmax matrix A dominates): 256 MiB,
+// or S3SPARSE_SCHUR_WORKSPACE_BYTES when set (tests set it tiny to run the
+// chunk loop one row at a time).
+inline int64_t schur_workspace_budget() {
+  if (const char* env = std::getenv("S3SPARSE_SCHUR_WORKSPACE_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return int64_t(256) << 20;
+}
+
+at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pruned) {
+  constexpr const char* op = "s3sparse.schur_update_";
+  check_schur_update(w, c, pruned, op);
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t B = w.size(0), K = w.size(1);
+  // (B, P) is small: validate it on the host exactly as the CPU kernel does
+  // (range and duplicates), before anything is written. One host sync.
+  const auto cols = pruned_columns(pruned.to(at::kCPU).contiguous(), K, op);
+  at::Tensor status = at::zeros({B}, w.options().dtype(at::kInt));
+  int64_t pmax = 0;
+  for (const auto& s : cols) pmax = std::max<int64_t>(pmax, static_cast<int64_t>(s.size()));
+  if (B == 0 || pmax == 0) return status;
+
+  // Compacted columns (B, pmax) and counts (B,), uploaded once.
+  at::Tensor cols_host = at::zeros({B, pmax}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor counts_host = at::zeros({B}, at::TensorOptions().dtype(at::kInt));
+  {
+    int64_t* ch = cols_host.mutable_data_ptr<int64_t>();
+    int* nh = counts_host.mutable_data_ptr<int>();
+    for (int64_t b = 0; b < B; ++b) {
+      nh[b] = static_cast<int>(cols[b].size());
+      std::copy(cols[b].begin(), cols[b].end(), ch + b * pmax);
+    }
+  }
+  const at::Tensor cols_dev = cols_host.to(w.device());
+  const at::Tensor counts_dev = counts_host.to(w.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "schur_update_cuda_w", [&] {
+    using acc_t = scalar_t;
+    const auto acc_opts = w.options();
+    // Rows per chunk: the workspace of a chunk stays under the budget.
+    const int64_t row_bytes = (pmax * K + pmax * pmax + pmax) * static_cast<int64_t>(sizeof(acc_t)) + K;
+    const int64_t chunk = std::clamp<int64_t>(schur_workspace_budget() / row_bytes, 1, B);
+    at::Tensor Lw = at::empty({chunk, pmax, pmax}, acc_opts);
+    at::Tensor zw = at::empty({chunk, pmax}, acc_opts);
+    at::Tensor Aw = at::empty({chunk, pmax, K}, acc_opts);
+    at::Tensor mask = at::empty({chunk, K}, w.options().dtype(at::kByte));
+    acc_t* wp = w.mutable_data_ptr<acc_t>();
+    int* st = status.mutable_data_ptr<int>();
+    const int64_t* colp = cols_dev.const_data_ptr<int64_t>();
+    const int* cntp = counts_dev.const_data_ptr<int>();
+    const int64_t tiles = ceil_div(K, kTile);
+    TORCH_CHECK(tiles * tiles <= int64_t(0x7fffffff), "s3sparse.schur_update_: K is too large");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "schur_update_cuda_c", [&] {
+      using c_t = scalar_t;
+      c_t* cp = c.mutable_data_ptr<c_t>();
+      for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+        const int64_t nb = std::min(chunk, B - b0);
+        mask.zero_();
+        const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(nb, 65535));
+        S3_LAUNCH(static_cast<unsigned>(std::min<int64_t>(nb, int64_t(1) << 20)), kCholThreads, 0, stream,
+                  schur_chol_kernel<acc_t, c_t>)(
+            wp + b0 * K, cp + b0 * K * K, colp + b0 * pmax, cntp + b0, Lw.mutable_data_ptr<acc_t>(),
+            zw.mutable_data_ptr<acc_t>(), mask.mutable_data_ptr<uint8_t>(), st + b0, nb, K, pmax);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        constexpr int solve_threads = 128;
+        const dim3 solve_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, solve_threads), 65535)),
+                              rows_y);
+        S3_LAUNCH(solve_grid, solve_threads, 0, stream, schur_solve_kernel<acc_t, c_t>)(
+            wp + b0 * K, cp + b0 * K * K, colp + b0 * pmax, cntp + b0, Lw.const_data_ptr<acc_t>(),
+            zw.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(), st + b0,
+            Aw.mutable_data_ptr<acc_t>(), nb, K, pmax);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const dim3 tile_grid(static_cast<unsigned>(tiles * tiles), rows_y);
+        S3_LAUNCH(tile_grid, kTileThreads, 0, stream, schur_rank_update_kernel<acc_t, c_t>)(
+            cp + b0 * K * K, cntp + b0, st + b0, Aw.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(),
+            nb, K, pmax, tiles);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return status;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s3sparse, CUDA, m) {
+  m.impl("score_subsets", &score_subsets_cuda);
+  m.impl("schur_update_", &schur_update_cuda);
+}
+
+}  // namespace s3sparse

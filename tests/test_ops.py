@@ -1,0 +1,675 @@
+"""Every s3sparse operator against its oracle in s3sparse.reference.
+
+Each test draws fresh random inputs from a fresh seed (printed in every failure
+message; set S3SPARSE_TEST_SEED=<seed> to replay one). Tests run on the CPU
+kernels and, where a GPU is present, on the CUDA kernels (the `cuda` marker).
+
+S3SPARSE_CUDA_EMU=<library> (built by tools/cuda_emu/build.sh) adds a third
+device, `cuda_emu`: the CUDA host code and kernels compiled as C++ against a
+host emulator, run on CPU tensors. It is a development check for machines
+without a GPU and is never on by default.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import s3sparse
+from s3sparse import ops
+from s3sparse import reference as ref
+
+HAS_CUDA = torch.cuda.is_available()
+EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+ACC_FLOATS = [torch.float32, torch.float64]
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+if EMU_LIB:
+    DEVICES.append(pytest.param("emu", id="cuda_emu"))
+# Devices with real kernels registered under torch.ops.s3sparse (opcheck, compile).
+REAL_DEVICES = DEVICES[:2]
+
+
+def _dtype_id(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """The torch device of the inputs ("cpu" for the emulator)."""
+    if request.param == "emu":
+        torch.ops.load_library(EMU_LIB)
+        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        return "cpu"
+    return request.param
+
+
+def _is_emu() -> bool:
+    return ops._ops is not torch.ops.s3sparse
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("S3SPARSE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(s)
+    random.seed(s)
+    return s
+
+
+# ---------------------------------------------------------------- comparison helpers
+def assert_close(actual, expected, rtol, atol, msg):
+    """|actual - expected| <= atol + rtol * |expected| elementwise (atol may be a
+    tensor broadcasting against them); NaN and +-inf must match exactly."""
+    a = actual.detach().cpu().to(torch.float64)
+    e = expected.detach().cpu().to(torch.float64)
+    assert a.shape == e.shape, f"{msg}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.equal(a.isnan(), e.isnan()), f"{msg}: NaN positions differ\n{a}\n{e}"
+    fin_e = torch.isfinite(e)
+    special = ~fin_e & ~e.isnan()
+    assert torch.equal(a[special], e[special]), f"{msg}: infinities differ"
+    assert torch.equal(torch.isfinite(a), fin_e), f"{msg}: finiteness differs\n{a}\n{e}"
+    atol_t = torch.as_tensor(atol, dtype=torch.float64).expand(e.shape)
+    err = (a - e).abs()
+    bound = atol_t + rtol * e.abs()
+    bad = fin_e & (err > bound)
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{msg}: {int(bad.sum())} of {e.numel()} elements out of tolerance; first at {i}: "
+            f"got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}, bound {bound[tuple(i)].item()!r}"
+        )
+
+
+def assert_bitwise(actual, expected, msg):
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert a.dtype == e.dtype and a.shape == e.shape, f"{msg}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+    if a.is_floating_point():
+        same = (a == e) | (a.isnan() & e.isnan())
+        # -0.0 == 0.0 above: compare the signs of zeros too (not of NaNs).
+        same &= (torch.signbit(a) == torch.signbit(e)) | a.isnan()
+    else:
+        same = a == e
+    assert bool(same.all()), f"{msg}: {int((~same).sum())} elements differ\n{a}\n{e}"
+
+
+# Rounding of one output value / relative accumulation error, per storage dtype.
+OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-14}
+ACC_RTOL = {torch.float16: 3e-5, torch.bfloat16: 3e-5, torch.float32: 3e-5, torch.float64: 1e-12}
+
+
+# ---------------------------------------------------------------- strided block views
+M16, K16 = 32, 48  # a layer of M x K for the 16-column views (K multiple of 16)
+
+# (id, x shape, size, stride, offset, blocks, overlapping)
+VIEWS = [
+    ("1d", (37,), [36], [1], 1, [[1], [4], [9], [36]], False),
+    ("rows", (6, 32), [6, 32], [32, 1], 0, [[1, 4], [2, 8], [3, 1], [1, 32], [6, 32]], False),
+    ("cols", (6, 32), [32, 6], [1, 32], 0, [[4, 2], [32, 1], [1, 6]], False),
+    ("odd", (7, 9), [7, 9], [9, 1], 0, [[7, 1], [1, 3], [7, 9]], False),
+    # Coupled 2:4: each 16-column group of a row as (8, 2), pairing columns a and a + 8.
+    ("coupled24", (M16, K16), [M16, K16 // 16, 8, 2], [K16, 16, 1, 8], 0,
+     [[1, 1, 1, 2], [1, 1, 4, 2], [1, 1, 8, 2], [2, 3, 4, 1]], False),
+    # 16-row groups as two halves of 8 rows, each half flattened (8 K elements).
+    ("rowgroups16", (M16, K16), [M16 // 16, 2, 8 * K16], [16 * K16, 8 * K16, 1], 0,
+     [[1, 1, 8], [1, 2, 16], [2, 1, K16], [1, 1, 8 * K16]], False),
+    ("gaps", (120,), [5, 7], [11, 1], 3, [[5, 1], [1, 7], [5, 7]], False),
+    ("stride2", (80,), [4, 6], [13, 2], 2, [[2, 3], [4, 2], [1, 1]], False),
+    ("4d", (300,), [2, 3, 4, 5], [130, 40, 9, 1], 4, [[1, 3, 2, 5], [2, 1, 4, 1], [1, 1, 1, 1], [2, 3, 4, 5]], False),
+    # Long blocks: a warp per block (17..4096 elements) and a thread block per block (> 4096) on CUDA.
+    ("long", (4, 5000), [4, 5000], [5000, 1], 0, [[1, 100], [4, 8], [1, 5000], [2, 2500]], False),
+    ("size1", (1,), [1], [1], 0, [[1]], False),
+    ("empty", (8,), [0, 4], [4, 1], 0, [[1, 4], [1, 2]], False),
+    ("empty_inner", (8,), [3, 0], [2, 1], 0, [[1, 1], [3, 1]], False),
+    ("scalar", (5,), [], [], 2, [[]], False),
+    ("broadcast", (10,), [3, 4], [0, 1], 1, [[3, 2], [1, 4]], True),
+]
+VIEW_IDS = [v[0] for v in VIEWS]
+
+REDUCES = [("norm", 2.0), ("norm", 1.0), ("norm", 3.0), ("norm", 0.5), ("norm", math.inf), ("min", 2.0), ("max", 2.0), ("sum", 2.0)]
+
+
+def _reduce_bound(x, size, stride, offset, block, reduce, p, expected, dtype):
+    """Tolerance of one block_reduce output: accumulation error relative to the
+    block's magnitude plus the rounding of the output."""
+    if reduce in ("min", "max") or (reduce == "norm" and math.isinf(p)):
+        return torch.zeros(expected.shape, dtype=torch.float64)  # exact
+    if reduce == "sum":
+        scale = ref.block_reduce(x.abs(), size, stride, offset, block, "sum").double()
+        return ACC_RTOL[dtype] * scale.nan_to_num(posinf=0.0)
+    scale = expected.double().abs().nan_to_num(posinf=0.0)
+    return ACC_RTOL[dtype] * max(1.0, 1.0 / p) * scale
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("view", VIEWS, ids=VIEW_IDS)
+def test_block_reduce(device, seed, dtype, view):
+    name, xshape, size, stride, offset, blocks, _ = view
+    x = (3 * torch.randn(xshape, dtype=torch.float64)).to(dtype)
+    xd = x.to(device)
+    for block, (reduce, p) in itertools.product(blocks, REDUCES):
+        msg = f"seed={seed} view={name} block={block} reduce={reduce} p={p} dtype={dtype}"
+        out = ops.block_reduce(xd, size, stride, offset, block, reduce, p)
+        exp = ref.block_reduce(x, size, stride, offset, block, reduce, p)
+        assert out.dtype == dtype and out.device.type == xd.device.type, msg
+        atol = _reduce_bound(x, size, stride, offset, block, reduce, p, exp, dtype)
+        assert_close(out, exp, OUT_RTOL[dtype], atol, msg)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dtype_id)
+def test_block_reduce_nan_inf(device, seed, dtype):
+    # Blocks of 8 along rows: NaN poisons min / max / every norm / sum; inf wins max and norms.
+    x = torch.randn(4, 32, dtype=torch.float64).to(dtype)
+    x[0, 3] = math.nan
+    x[1, 9] = math.inf
+    x[2, 17] = -math.inf
+    x[3, 0] = math.nan
+    x[3, 1] = math.inf
+    xd = x.to(device)
+    for block in ([1, 8], [2, 16], [4, 32]):
+        for reduce, p in REDUCES:
+            msg = f"seed={seed} block={block} reduce={reduce} p={p}"
+            out = ops.block_reduce(xd, [4, 32], [32, 1], 0, block, reduce, p)
+            exp = ref.block_reduce(x, [4, 32], [32, 1], 0, block, reduce, p)
+            atol = _reduce_bound(x, [4, 32], [32, 1], 0, block, reduce, p, exp, dtype)
+            assert_close(out, exp, OUT_RTOL[dtype], atol.nan_to_num(0.0), msg)
+
+
+SCALE_KINDS = ["float", "bool", "half", "double"]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("view", [v for v in VIEWS if not v[6]], ids=[v[0] for v in VIEWS if not v[6]])
+def test_block_scale(device, seed, dtype, view):
+    name, xshape, size, stride, offset, blocks, _ = view
+    x = (3 * torch.randn(xshape, dtype=torch.float64)).to(dtype)
+    flat = x.view(-1)
+    if flat.numel() >= 3:  # a zero factor writes exact zeros even over inf / NaN
+        flat[0], flat[-1], flat[flat.numel() // 2] = math.nan, math.inf, -math.inf
+    for block, kind in itertools.product(blocks, SCALE_KINDS):
+        msg = f"seed={seed} view={name} block={block} scale={kind} dtype={dtype}"
+        grid = [s // b for s, b in zip(size, block)]
+        f = torch.randn(grid, dtype=torch.float64)
+        u = torch.rand(grid)
+        f = torch.where(u < 0.3, torch.zeros_like(f), torch.where(u < 0.5, torch.ones_like(f), f))
+        scale = {"float": f.float(), "bool": u >= 0.4, "half": f.half(), "double": f}[kind]
+        got = x.clone().to(device)
+        assert ops.block_scale_(got, size, stride, offset, block, scale.to(device)) is None
+        exp = x.clone()
+        ref.block_scale_(exp, size, stride, offset, block, scale)
+        assert_bitwise(got, exp, msg)
+
+
+# ---------------------------------------------------------------- kth_largest
+KTH_SHAPES = [(1,), (7,), (5, 4), (3, 8), (2, 3, 16), (4, 64), (6, 129), (3, 1000), (0, 5), (4, 0)]
+
+
+def _kth_input(shape, mode, dtype):
+    if mode == "randn":
+        x = torch.randn(shape, dtype=torch.float64)
+    else:  # integers: many ties
+        x = torch.randint(-3, 4, shape).to(torch.float64)
+        if mode == "special" and x.numel() > 0:
+            flat = x.view(-1)
+            n = flat.numel()
+            pos = torch.randint(0, n, (max(1, n // 5),))
+            vals = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0], dtype=torch.float64)
+            flat[pos] = vals[torch.randint(0, 5, pos.shape)]
+    return x.to(dtype)
+
+
+def _check_kth(x, k, device, msg):
+    values, keep = ops.kth_largest(x.to(device), k)
+    ev, ek = ref.kth_largest(x, k)
+    assert values.dtype == x.dtype and keep.dtype == torch.bool, msg
+    assert_bitwise(keep, ek, f"{msg} keep")
+    assert_bitwise(values, ev, f"{msg} values")
+    assert bool((keep.sum(-1) == k).all()), msg
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("shape", KTH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kth_largest(device, seed, dtype, shape):
+    n = shape[-1]
+    for mode in ("randn", "ties", "special"):
+        x = _kth_input(shape, mode, dtype)
+        for k in sorted({0, min(1, n), n // 3, max(n - 1, 0), n}):
+            _check_kth(x, k, device, f"seed={seed} shape={shape} mode={mode} k={k} dtype={dtype}")
+
+
+def test_kth_largest_noncontiguous(device, seed):
+    base = _kth_input((40, 6), "special", torch.float32)
+    x = base.t()  # (6, 40), last dim strided
+    for k in (0, 1, 17, 40):
+        _check_kth(x, k, device, f"seed={seed} k={k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=_dtype_id)
+def test_kth_largest_large_n(device, seed, dtype):
+    # Whole-tensor selection: a few very long rows (a thread block per row on CUDA).
+    n = 20000 if _is_emu() else 300000
+    x = _kth_input((2, n), "special", dtype)
+    x[1] = torch.randn(n, dtype=torch.float64).to(dtype)
+    for k in (1, n // 2 + 3, n):
+        _check_kth(x, k, device, f"seed={seed} n={n} k={k} dtype={dtype}")
+
+
+# ---------------------------------------------------------------- score_subsets
+def _spd_blocks(U, E, dtype):
+    X = torch.randn(U, E, 2 * E, dtype=torch.float64)
+    c = X @ X.transpose(1, 2) / (2 * E) + 0.5 * torch.eye(E, dtype=torch.float64)
+    return c.to(dtype)
+
+
+def _subsets(E, P, limit=None):
+    """All P-subsets of range(E) in lexicographic order, or `limit` random ones
+    (in random order); three empty subsets for P = 0."""
+    if P == 0:
+        return torch.zeros((3, 0), dtype=torch.long)
+    if limit is not None:
+        rows, seen = [], set()
+        while len(rows) < limit:  # distinct sets (equal sets would tie up to rounding), each in random order
+            r = torch.randperm(E)[:P]
+            if frozenset(r.tolist()) not in seen:
+                seen.add(frozenset(r.tolist()))
+                rows.append(r)
+        return torch.stack(rows) if rows else torch.zeros((0, P), dtype=torch.long)
+    return torch.tensor(list(itertools.combinations(range(E), P)), dtype=torch.long)
+
+
+# (E, P, at most this many subsets): thread per (item, subset) for P <= 8 on
+# CUDA, a warp per pair above (P > 32 exercises the lane loops).
+# (90, 80): fp64 needs more than the default 48 KiB of shared memory per warp.
+SUBSET_CASES = [(4, 2, None), (8, 4, None), (6, 1, None), (16, 12, 5), (40, 33, 3), (90, 80, 2), (5, 0, None), (4, 2, 0)]
+
+
+def _first_argmin(costs):
+    best = torch.zeros(costs.shape[0], dtype=torch.long)
+    for n in range(costs.shape[0]):
+        cur = math.inf
+        for s in range(costs.shape[1]):
+            if costs[n, s].item() < cur:
+                cur, best[n] = costs[n, s].item(), s
+    return best
+
+
+@pytest.mark.parametrize("wdtype", ACC_FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("cdtype", FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("case", SUBSET_CASES, ids=lambda c: f"E{c[0]}P{c[1]}S{c[2]}")
+def test_score_subsets(device, seed, wdtype, cdtype, case):
+    E, P, limit = case
+    subsets = _subsets(E, P, limit)
+    for shared in (True, False):
+        N = 9
+        U = 3 if shared else N
+        c = _spd_blocks(U, E, torch.float64)
+        if E > 0:
+            c[1, 0, 0] = -1.0  # not PD: every subset holding element 0 costs +inf
+        c = c.to(cdtype)
+        w = torch.randn(N, E, dtype=wdtype)
+        w[2] = 0  # all costs 0: best is the first subset
+        c_index = torch.randint(0, U, (N,)) if shared else None
+        if shared:
+            c_index[0] = 1
+        msg = f"seed={seed} E={E} P={P} S={subsets.shape[0]} shared={shared} w={wdtype} c={cdtype}"
+        costs, best = ops.score_subsets(
+            w.to(device), c.to(device), subsets.to(device), None if c_index is None else c_index.to(device)
+        )
+        ecosts, ebest = ref.score_subsets(w, c, c_index, subsets)
+        assert costs.dtype == wdtype and best.dtype == torch.long, msg
+        assert costs.shape == (N, subsets.shape[0]) and best.shape == (N,), msg
+        rtol, atol = (2e-4, 1e-6) if wdtype == torch.float32 else (1e-10, 1e-12)
+        assert_close(costs, ecosts, rtol, atol, msg)
+        # best is the first least cost of the op's own costs, and (near-)optimal for the oracle.
+        assert_bitwise(best.cpu(), _first_argmin(costs.cpu()), f"{msg} best")
+        if wdtype == torch.float64:
+            assert_bitwise(best.cpu(), ebest, f"{msg} best vs oracle")
+
+
+def test_score_subsets_empty(device, seed):
+    w = torch.randn(0, 4)
+    c = _spd_blocks(2, 4, torch.float32)
+    costs, best = ops.score_subsets(w.to(device), c.to(device), _subsets(4, 2).to(device), torch.zeros(0, dtype=torch.long, device=device))
+    assert costs.shape == (0, 6) and best.shape == (0,)
+    w = torch.randn(1, 1)
+    c = torch.full((1, 1, 1), 2.0)
+    costs, best = ops.score_subsets(w.to(device), c.to(device), torch.zeros(1, 1, dtype=torch.long, device=device))
+    assert_close(costs, w.cpu() ** 2 / 2, 1e-6, 0, f"seed={seed}")
+    assert best.tolist() == [0]
+
+
+def test_score_subsets_very_large_p(device, seed):
+    # The CPU kernel takes any P; the CUDA one keeps a P x P fp64 matrix in a
+    # warp's shared memory and says so when it does not fit (P = 170 > ~168).
+    E = P = 170
+    w = torch.randn(1, E, dtype=torch.float64)
+    c = _spd_blocks(1, E, torch.float64)
+    subsets = torch.arange(P).unsqueeze(0)
+    if device == "cpu" and not _is_emu():
+        costs, _ = ops.score_subsets(w, c, subsets)
+        assert_close(costs, ref.score_subsets(w, c, None, subsets)[0], 1e-9, 0, f"seed={seed}")
+    else:
+        with pytest.raises(ValueError, match="shared memory"):
+            ops.score_subsets(w.to(device), c.to(device), subsets.to(device))
+
+
+# ---------------------------------------------------------------- schur_update_
+def _inverse_hessians(B, K, dtype):
+    X = torch.randn(B, K, 2 * K + 4, dtype=torch.float64)
+    H = X @ X.transpose(1, 2) / (2 * K + 4) + 0.2 * torch.eye(K, dtype=torch.float64)
+    C = torch.linalg.inv(H)
+    return ((C + C.transpose(1, 2)) / 2).to(dtype).contiguous()
+
+
+def _pruned(B, K, P, counts=None):
+    pruned = torch.full((B, P), -1, dtype=torch.long)
+    for b in range(B):
+        cnt = counts[b] if counts is not None else random.randint(0, min(P, K))
+        cols = torch.randperm(K)[:cnt]
+        slots = torch.randperm(P)[:cnt]
+        pruned[b, slots] = cols
+    return pruned
+
+
+SCHUR_TOL = {  # (rtol, atol relative to max |c| or |w|)
+    torch.float16: 2.0**-10 * 1.5,
+    torch.bfloat16: 2.0**-7 * 1.5,
+    torch.float32: 2e-5,
+    torch.float64: 1e-10,
+}
+
+
+def _check_schur(w, c, pruned, device, msg, bad_rows=()):
+    wd, cd = w.clone().to(device), c.clone().to(device)
+    status = ops.schur_update_(wd, cd, pruned.to(device))
+    we, ce = w.clone(), c.clone()
+    estatus = ref.schur_update_(we, ce, pruned)
+    assert status.dtype == torch.int32 and status.shape == (w.shape[0],), msg
+    assert_bitwise(status.cpu(), estatus, f"{msg} status")
+    for b in bad_rows:
+        assert status[b].item() == 1, msg
+    acc = w.dtype
+    for b in range(w.shape[0]):
+        if estatus[b] != 0:  # untouched, bit for bit
+            assert_bitwise(wd[b], w[b], f"{msg} row {b} w (not PD)")
+            assert_bitwise(cd[b], c[b], f"{msg} row {b} c (not PD)")
+            continue
+        S = pruned[b][pruned[b] >= 0]
+        ctol = max(SCHUR_TOL[c.dtype], SCHUR_TOL[acc]) * max(ce[b].abs().max().item(), c[b].abs().max().item(), 1e-30)
+        wtol = SCHUR_TOL[acc] * 10 * max(we[b].abs().max().item(), w[b].abs().max().item(), 1e-30)
+        assert_close(cd[b], ce[b], 0, ctol, f"{msg} row {b} c")
+        assert_close(wd[b], we[b], 0, wtol, f"{msg} row {b} w")
+        # Pruned coordinates are exactly zero.
+        assert bool((wd[b].cpu()[S] == 0).all()), msg
+        assert bool((cd[b].cpu()[S, :] == 0).all()) and bool((cd[b].cpu()[:, S] == 0).all()), msg
+    return wd, cd, status
+
+
+SCHUR_CASES = [(1, 1, 1), (3, 7, 4), (5, 33, 6), (2, 70, 20), (4, 130, 40)]  # (B, K, P)
+
+
+@pytest.mark.parametrize("wdtype", ACC_FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("cdtype", FLOATS, ids=_dtype_id)
+@pytest.mark.parametrize("case", SCHUR_CASES, ids=lambda c: f"B{c[0]}K{c[1]}P{c[2]}")
+def test_schur_update(device, seed, wdtype, cdtype, case):
+    B, K, P = case
+    w = torch.randn(B, K, dtype=wdtype)
+    c = _inverse_hessians(B, K, cdtype)
+    counts = [random.randint(0, min(P, K)) for _ in range(B)]
+    counts[0] = min(P, K)  # the widest row
+    if B > 2:
+        counts[-1] = 0  # a row with nothing to prune
+    pruned = _pruned(B, K, P, counts)
+    bad_rows = []
+    if B > 1 and counts[1] > 0:  # row 1: C_SS not PD -> status 1, row untouched
+        s0 = pruned[1][pruned[1] >= 0][0]
+        c[1, s0, s0] = -1.0
+        bad_rows = [1]
+    _check_schur(w, c, pruned, device, f"seed={seed} case={case} w={wdtype} c={cdtype}", bad_rows)
+
+
+def test_schur_update_edge_sizes(device, seed):
+    # B = 0, K = 0, P = 0 (all -1 and zero-width): nothing happens, status 0.
+    for B, K, P in [(0, 5, 2), (2, 0, 3), (3, 6, 0), (3, 6, 4)]:
+        w = torch.randn(B, K)
+        c = _inverse_hessians(B, K, torch.float32) if B * K else torch.zeros(B, K, K)
+        pruned = torch.full((B, P), -1, dtype=torch.long)
+        wd, cd = w.clone().to(device), c.clone().to(device)
+        status = ops.schur_update_(wd, cd, pruned.to(device))
+        assert status.shape == (B,) and status.dtype == torch.int32
+        assert not bool(status.any())
+        assert_bitwise(wd, w, f"seed={seed} {(B, K, P)} w")
+        assert_bitwise(cd, c, f"seed={seed} {(B, K, P)} c")
+
+
+def test_schur_update_sequential(device, seed):
+    # Pruning S at once equals pruning its columns one at a time (quotient property).
+    B, K, P = 3, 20, 5
+    w = torch.randn(B, K, dtype=torch.float64)
+    c = _inverse_hessians(B, K, torch.float64)
+    pruned = _pruned(B, K, P, [5, 3, 4])
+    w1, c1 = w.clone().to(device), c.clone().to(device)
+    assert not ops.schur_update_(w1, c1, pruned.to(device)).any()
+    w2, c2 = w.clone().to(device), c.clone().to(device)
+    for j in range(P):
+        assert not ops.schur_update_(w2, c2, pruned[:, j : j + 1].contiguous().to(device)).any()
+    assert_close(w2, w1, 0, 1e-9 * w1.abs().max().item(), f"seed={seed} w")
+    assert_close(c2, c1, 0, 1e-9 * c1.abs().max().item(), f"seed={seed} c")
+
+
+def test_schur_update_row_chunks(device, seed, monkeypatch):
+    # The CUDA kernel works through rows in chunks bounded by a workspace budget;
+    # a tiny budget (one row per chunk) must give the same result.
+    B, K, P = 5, 24, 6
+    w = torch.randn(B, K)
+    c = _inverse_hessians(B, K, torch.float16)
+    pruned = _pruned(B, K, P, [6, 2, 0, 5, 6])
+    c[3, pruned[3, pruned[3] >= 0][0], pruned[3, pruned[3] >= 0][0]] = -1.0
+    wa, ca, sa = _check_schur(w, c, pruned, device, f"seed={seed} default budget", bad_rows=[3])
+    monkeypatch.setenv("S3SPARSE_SCHUR_WORKSPACE_BYTES", "1")
+    wb, cb = w.clone().to(device), c.clone().to(device)
+    sb = ops.schur_update_(wb, cb, pruned.to(device))
+    assert_bitwise(sb, sa, f"seed={seed} status")
+    assert_bitwise(wb, wa, f"seed={seed} w")
+    assert_bitwise(cb, ca, f"seed={seed} c")
+
+
+# ---------------------------------------------------------------- bad inputs
+def _bad_calls(dev):
+    x = torch.randn(4, 8, device=dev)
+    grid = torch.ones(4, 2, device=dev)
+    w = torch.randn(3, 4, device=dev)
+    c = torch.eye(4, device=dev).repeat(3, 1, 1)
+    sub = torch.tensor([[0, 1], [2, 3]], device=dev)
+    pr = torch.tensor([[0, -1], [1, 2], [-1, -1]], device=dev)
+    V = ([4, 8], [8, 1], 0, [1, 4])
+    return [
+        # block_reduce
+        ("x int", lambda: ops.block_reduce(x.long(), *V), TypeError, "`x`"),
+        ("x non-contiguous", lambda: ops.block_reduce(x.t(), [8, 4], [4, 1], 0, [1, 4]), ValueError, "`x` must be contiguous"),
+        ("indivisible block", lambda: ops.block_reduce(x, [4, 8], [8, 1], 0, [1, 3]), ValueError, "does not tile"),
+        ("view past x", lambda: ops.block_reduce(x, [4, 8], [8, 1], 1, [1, 4]), ValueError, "`x` has only"),
+        ("stride length", lambda: ops.block_reduce(x, [4, 8], [8], 0, [1, 4]), ValueError, "`stride`"),
+        ("block length", lambda: ops.block_reduce(x, [4, 8], [8, 1], 0, [4]), ValueError, "`block`"),
+        ("negative offset", lambda: ops.block_reduce(x, [4, 8], [8, 1], -1, [1, 4]), ValueError, "`offset`"),
+        ("bad reduce", lambda: ops.block_reduce(x, *V, reduce="mean"), ValueError, "`reduce`"),
+        ("bad p", lambda: ops.block_reduce(x, *V, reduce="norm", p=0.0), ValueError, "`p`"),
+        ("too many dims", lambda: ops.block_reduce(x, [1] * 9, [1] * 9, 0, [1] * 9), ValueError, "at most 8 dims"),
+        # block_scale_
+        ("scale shape", lambda: ops.block_scale_(x, *V, torch.ones(4, 3, device=dev)), ValueError, "`scale`"),
+        ("scale dtype", lambda: ops.block_scale_(x, *V, torch.ones(4, 2, dtype=torch.long, device=dev)), TypeError, "`scale`"),
+        ("scale x int", lambda: ops.block_scale_(x.int(), *V, grid), TypeError, "`x`"),
+        ("scale indivisible", lambda: ops.block_scale_(x, [4, 8], [8, 1], 0, [3, 4], grid), ValueError, "does not tile"),
+        # kth_largest
+        ("k too large", lambda: ops.kth_largest(x, 9), ValueError, "`k`"),
+        ("k negative", lambda: ops.kth_largest(x, -1), ValueError, "`k`"),
+        ("kth x int", lambda: ops.kth_largest(x.long(), 1), TypeError, "`x`"),
+        ("kth scalar", lambda: ops.kth_largest(x[0, 0], 0), ValueError, "`x`"),
+        # score_subsets
+        ("w half", lambda: ops.score_subsets(w.half(), c, sub), TypeError, "`w`"),
+        ("c int", lambda: ops.score_subsets(w, c.long(), sub), TypeError, "`c`"),
+        ("c shape", lambda: ops.score_subsets(w, c[:, :3, :3], sub), ValueError, "`c`"),
+        ("w 1-D", lambda: ops.score_subsets(w[0], c, sub), ValueError, "`w`"),
+        ("subsets dtype", lambda: ops.score_subsets(w, c, sub.int()), TypeError, "`subsets`"),
+        ("subsets range", lambda: ops.score_subsets(w, c, sub + 2), ValueError, "`subsets` entries"),
+        ("subsets negative", lambda: ops.score_subsets(w, c, sub - 1), ValueError, "`subsets` entries"),
+        ("subsets too wide", lambda: ops.score_subsets(w, c, torch.zeros(1, 5, dtype=torch.long, device=dev)), ValueError, "`subsets`"),
+        ("per-item c count", lambda: ops.score_subsets(w, c[:2], sub), ValueError, "`c`"),
+        ("c_index range", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, 1, 2], device=dev)), ValueError, "`c_index` entries"),
+        ("c_index negative", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, -1, 1], device=dev)), ValueError, "`c_index` entries"),
+        ("c_index length", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, 1], device=dev)), ValueError, "`c_index`"),
+        ("c_index dtype", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, 1, 1], dtype=torch.int32, device=dev)), TypeError, "`c_index`"),
+        # schur_update_
+        ("schur w half", lambda: ops.schur_update_(w.half(), c.clone(), pr), TypeError, "`w`"),
+        ("schur w non-contiguous", lambda: ops.schur_update_(torch.randn(4, 3, device=dev).t(), c.clone(), pr), ValueError, "`w` must be contiguous"),
+        ("schur c non-contiguous", lambda: ops.schur_update_(w.clone(), c.transpose(1, 2), pr), ValueError, "`c` must be contiguous"),
+        ("schur c shape", lambda: ops.schur_update_(w.clone(), c[:2].clone(), pr), ValueError, "`c`"),
+        ("schur c int", lambda: ops.schur_update_(w.clone(), c.long(), pr), TypeError, "`c`"),
+        ("pruned dtype", lambda: ops.schur_update_(w.clone(), c.clone(), pr.int()), TypeError, "`pruned`"),
+        ("pruned rows", lambda: ops.schur_update_(w.clone(), c.clone(), pr[:2]), ValueError, "`pruned`"),
+        ("pruned range", lambda: ops.schur_update_(w.clone(), c.clone(), pr + 3), ValueError, "`pruned` entries"),
+        ("pruned below -1", lambda: ops.schur_update_(w.clone(), c.clone(), pr - 1), ValueError, "`pruned` entries"),
+        ("pruned duplicate", lambda: ops.schur_update_(w.clone(), c.clone(), torch.tensor([[1, 1], [0, -1], [-1, -1]], device=dev)), ValueError, "`pruned` row 0 names a column twice"),
+    ]
+
+
+_BAD_IDS = [case[0] for case in _bad_calls("cpu")]
+
+
+@pytest.mark.parametrize("case", range(len(_BAD_IDS)), ids=_BAD_IDS)
+def test_bad_inputs(device, case):
+    name, call, exc, match = _bad_calls(device)[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_bad_input_leaves_tensors_untouched(device):
+    # Validation happens before any write.
+    w = torch.randn(2, 5, device=device)
+    c = torch.eye(5, device=device).repeat(2, 1, 1)
+    w0, c0 = w.clone(), c.clone()
+    with pytest.raises(ValueError, match="`pruned`"):
+        ops.schur_update_(w, c, torch.tensor([[0, 1], [2, 7]], device=device))
+    assert torch.equal(w, w0) and torch.equal(c, c0)
+
+
+@pytest.mark.cuda
+def test_mismatched_devices():
+    cu, cpu = "cuda", "cpu"
+    x = torch.randn(4, 8, device=cu)
+    w = torch.randn(3, 4, device=cu)
+    c = torch.eye(4, device=cu).repeat(3, 1, 1)
+    sub = torch.tensor([[0, 1]], device=cu)
+    pr = torch.full((3, 2), -1, dtype=torch.long, device=cu)
+    with pytest.raises(ValueError, match="`scale`"):
+        ops.block_scale_(x, [4, 8], [8, 1], 0, [1, 4], torch.ones(4, 2, device=cpu))
+    with pytest.raises(ValueError, match="`c`"):
+        ops.score_subsets(w, c.to(cpu), sub)
+    with pytest.raises(ValueError, match="`subsets`"):
+        ops.score_subsets(w, c, sub.to(cpu))
+    with pytest.raises(ValueError, match="`c_index`"):
+        ops.score_subsets(w, c, sub, torch.zeros(3, dtype=torch.long, device=cpu))
+    with pytest.raises(ValueError, match="`c`"):
+        ops.schur_update_(w, c.to(cpu), pr)
+    with pytest.raises(ValueError, match="`pruned`"):
+        ops.schur_update_(w, c, pr.to(cpu))
+
+
+# ---------------------------------------------------------------- opcheck and torch.compile
+def _samples(dev):
+    torch.manual_seed(0)
+    K = 32
+    x = torch.randn(8, K, device=dev)
+    view = ([8, K // 16, 8, 2], [K, 16, 1, 8], 0, [1, 1, 1, 2])
+    scale = (torch.rand(8, K // 16, 8, 1, device=dev) > 0.5)
+    w = torch.randn(5, 4, device=dev)
+    cs = _spd_blocks(2, 4, torch.float16).to(dev)
+    subsets = _subsets(4, 2).to(dev)
+    c_index = torch.tensor([0, 1, 1, 0, 1], device=dev)
+    ws = torch.randn(3, 12, device=dev)
+    cw = _inverse_hessians(3, 12, torch.float32).to(dev)
+    pruned = torch.tensor([[0, 5, -1], [-1, -1, -1], [11, 2, 3]], device=dev)
+    return dict(x=x, view=view, scale=scale, w=w, cs=cs, subsets=subsets, c_index=c_index, ws=ws, cw=cw, pruned=pruned)
+
+
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_opcheck(device):
+    s = _samples(device)
+    o = torch.ops.s3sparse
+    size, stride, offset, block = s["view"]
+    cases = [
+        (o.block_reduce.default, (s["x"], size, stride, offset, block, "norm", 2.0)),
+        (o.block_reduce.default, (s["x"].half(), [8, 32], [32, 1], 0, [2, 4], "max", 2.0)),
+        (o.block_scale_.default, (s["x"].clone(), size, stride, offset, block, s["scale"])),
+        (o.block_scale_.default, (s["x"].double(), [8, 32], [32, 1], 0, [8, 1], torch.randn(1, 32, device=device))),
+        (o.kth_largest.default, (s["x"], 5)),
+        (o.kth_largest.default, (s["x"].view(2, 4, 32).bfloat16(), 0)),
+        (o.score_subsets.default, (s["w"], s["cs"], s["c_index"], s["subsets"])),
+        (o.score_subsets.default, (s["w"].double(), s["cs"][:1].expand(5, 4, 4).contiguous(), None, s["subsets"])),
+        (o.schur_update_.default, (s["ws"].clone(), s["cw"].clone(), s["pruned"])),
+        (o.schur_update_.default, (s["ws"].double(), s["cw"].half(), s["pruned"])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def _all_ops(x, scale, w, cs, c_index, subsets, ws, cw, pruned):
+    K = x.shape[1]
+    size, stride, offset, block = [8, K // 16, 8, 2], [K, 16, 1, 8], 0, [1, 1, 1, 2]
+    norms = ops.block_reduce(x, size, stride, offset, block, "norm", 2.0)
+    y = x.clone()
+    ops.block_scale_(y, size, stride, offset, block, scale)
+    vals, keep = ops.kth_largest(norms.flatten(1), 7)
+    costs, best = ops.score_subsets(w, cs, subsets, c_index)
+    ws2, cw2 = ws.clone(), cw.clone()
+    status = ops.schur_update_(ws2, cw2, pruned)
+    return norms * 2, y, vals, keep, costs, best, ws2, cw2, status
+
+
+def _mutate_inputs(x, scale, ws, cw, pruned):
+    # The mutating ops on graph inputs directly.
+    K = x.shape[1]
+    ops.block_scale_(x, [8, K // 16, 8, 2], [K, 16, 1, 8], 0, [1, 1, 1, 2], scale)
+    return ops.schur_update_(ws, cw, pruned) + 1
+
+
+def _compile_check(device, backend):
+    s = _samples(device)
+    args = (s["x"], s["scale"], s["w"], s["cs"], s["c_index"], s["subsets"], s["ws"], s["cw"], s["pruned"])
+    torch._dynamo.reset()
+    expected = _all_ops(*args)
+    got = torch.compile(_all_ops, backend=backend, fullgraph=True)(*args)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    margs = (s["x"], s["scale"], s["ws"], s["cw"], s["pruned"])
+    m_eager = [a.clone() for a in margs]
+    m_comp = [a.clone() for a in margs]
+    r_eager = _mutate_inputs(*m_eager)
+    r_comp = torch.compile(_mutate_inputs, backend=backend, fullgraph=True)(*m_comp)
+    torch.testing.assert_close(r_comp, r_eager)
+    for e, g in zip(m_eager, m_comp):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_compile(device, backend):
+    _compile_check(device, backend)
+
+
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_compile_inductor(device):
+    _compile_check(device, "inductor")
+
+
+def test_build_info():
+    info = s3sparse.build_info()
+    assert info["cpu"] is True
+    if HAS_CUDA:
+        assert info["cuda"] is True, "a GPU is present but the CUDA kernels were not compiled"

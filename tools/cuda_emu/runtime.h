@@ -1,0 +1,281 @@
+// A host emulator of the small part of CUDA the s3sparse kernels use, to run
+// csrc/cuda/*.cu as plain C++ on a machine without a GPU (a development check
+// of the kernels' logic: indexing, barriers, warp collectives; not of speed,
+// and not of the CUDA memory model beyond what std::barrier orders).
+//
+// Every CUDA thread of a thread block is a std::thread; blocks run one after
+// the other. __syncthreads / __syncwarp are std::barrier waits, warp shuffles
+// and ballots go through per-warp slots between two barrier waits, __shared__
+// variables are function statics (one block at a time), atomicAdd is
+// std::atomic_ref. A barrier reached after a thread of the block has exited is
+// recorded as a divergence error and reported when the launch ends.
+//
+// The c10/cuda/*.h shims next to this file include it in place of the real
+// headers; it also re-points TORCH_LIBRARY_IMPL at the CPU dispatch key. Build
+// (tools/cuda_emu/build.sh does exactly this):
+//   g++ -std=c++20 -shared -fPIC -DS3SPARSE_EMULATE_CUDA -Ds3sparse=s3emu \
+//       -I tools/cuda_emu -I csrc -I <torch include dirs> -x c++ csrc/ops.cpp csrc/cuda/*.cu ...
+// which yields a library registering torch.ops.s3emu.* (the CUDA host code and
+// kernels, running on CPU tensors). tests/test_ops.py runs its CUDA cases
+// through it when S3SPARSE_CUDA_EMU=<path to the library> is set.
+#pragma once
+
+#ifndef S3SPARSE_EMULATE_CUDA
+#error "tools/cuda_emu is only for the host emulation build (-DS3SPARSE_EMULATE_CUDA)"
+#endif
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <barrier>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+// Register the "CUDA" kernels for CPU tensors (their data pointers are host memory).
+#undef TORCH_LIBRARY_IMPL
+#define TORCH_LIBRARY_IMPL(ns, k, m) _TORCH_LIBRARY_IMPL(ns, CPU, m, C10_UID)
+
+// ------------------------------------------------------------------ language
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+using std::fabs;
+using std::isnan;
+using std::pow;
+using std::sqrt;
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// ------------------------------------------------------------------ runtime API
+using cudaStream_t = struct s3emu_stream*;
+using cudaError_t = int;
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return 0;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+  *v = 227 * 1024;  // H100 / H200
+  return 0;
+}
+namespace s3emu_rt {
+// Dynamic shared memory each kernel was allowed above the default 48 KiB.
+inline std::mutex g_attr_mu;
+inline std::map<const void*, int> g_max_dynamic_smem;
+}  // namespace s3emu_rt
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value > 227 * 1024) return 1;  // cudaErrorInvalidValue
+    std::lock_guard<std::mutex> lock(s3emu_rt::g_attr_mu);
+    s3emu_rt::g_max_dynamic_smem[reinterpret_cast<const void*>(f)] = value;
+  }
+  return 0;
+}
+
+namespace c10::cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
+}  // namespace c10::cuda
+
+#define C10_CUDA_CHECK(expr)                                                  \
+  do {                                                                        \
+    if ((expr) != 0) throw std::runtime_error("s3emu: CUDA call failed: " #expr); \
+  } while (0)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+
+// ------------------------------------------------------------------ execution
+namespace s3emu_rt {
+
+constexpr unsigned kMaxThreads = 1024;
+constexpr size_t kMaxDefaultSmem = 48 * 1024;
+
+struct Block {
+  unsigned nthreads;
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+  std::vector<unsigned char> slot;  // 16 bytes per thread, for warp collectives
+  std::vector<unsigned char> dyn_smem;
+  std::atomic<unsigned> exited{0};                 // threads of the block that returned
+  std::unique_ptr<std::atomic<unsigned>[]> warp_exited;  // the same, per warp
+  std::atomic<bool> divergent{false};
+  std::mutex err_mu;
+  std::string error;
+
+  Block(unsigned n, size_t smem)
+      : nthreads(n), bar(n), warp_exited(new std::atomic<unsigned>[(n + 31) / 32]), slot(16 * n),
+        dyn_smem(smem + 16) {
+    for (unsigned w = 0; w < (n + 31) / 32; ++w) warp_exited[w] = 0;
+    for (unsigned w = 0; w < (n + 31) / 32; ++w) {
+      const unsigned lanes = std::min(32u, n - 32 * w);
+      warp_bar.push_back(std::make_unique<std::barrier<>>(lanes));
+    }
+  }
+};
+
+inline thread_local dim3 tl_thread, tl_block;
+inline dim3 g_block_dim, g_grid_dim;
+inline Block* g_blk = nullptr;
+inline std::atomic<long> g_divergences{0};
+
+inline unsigned flat_tid() {
+  return tl_thread.x + g_block_dim.x * (tl_thread.y + g_block_dim.y * tl_thread.z);
+}
+inline std::barrier<>& warp_barrier() { return *g_blk->warp_bar[flat_tid() / 32]; }
+
+// A block barrier after any thread of the block returned, or a warp barrier
+// after a thread of the same warp returned, is divergent code.
+inline void check_block_not_divergent() {
+  if (g_blk->exited.load() != 0) g_blk->divergent.store(true);
+}
+inline void check_warp_not_divergent() {
+  if (g_blk->warp_exited[flat_tid() / 32].load() != 0) g_blk->divergent.store(true);
+}
+
+template <typename Fn>
+void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Fn&& body) {
+  if (smem > kMaxDefaultSmem) {
+    std::lock_guard<std::mutex> lock(g_attr_mu);
+    auto it = g_max_dynamic_smem.find(kernel);
+    if (it == g_max_dynamic_smem.end() || smem > static_cast<size_t>(it->second))
+      throw std::runtime_error("s3emu: launch with " + std::to_string(smem) +
+                               " bytes of dynamic shared memory, above 48 KiB, without "
+                               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize) allowing it");
+  }
+  const unsigned n = block.x * block.y * block.z;
+  if (n == 0 || n > kMaxThreads) throw std::runtime_error("s3emu: bad block size " + std::to_string(n));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("s3emu: empty grid");
+  if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("s3emu: grid.y / grid.z above 65535");
+  g_block_dim = block;
+  g_grid_dim = grid;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block blk(n, smem);
+        g_blk = &blk;
+        std::vector<std::thread> threads;
+        threads.reserve(n);
+        for (unsigned t = 0; t < n; ++t) {
+          threads.emplace_back([&, t] {
+            tl_block = dim3(bx, by, bz);
+            tl_thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            try {
+              body();
+            } catch (const std::exception& e) {
+              std::lock_guard<std::mutex> lock(blk.err_mu);
+              blk.error = e.what();
+            }
+            blk.exited.fetch_add(1);
+            blk.warp_exited[t / 32].fetch_add(1);
+            // Let the others pass any later barrier (recorded as divergence).
+            blk.warp_bar[t / 32]->arrive_and_drop();
+            blk.bar.arrive_and_drop();
+          });
+        }
+        for (auto& th : threads) th.join();
+        g_blk = nullptr;
+        if (!blk.error.empty()) throw std::runtime_error("s3emu: kernel threw: " + blk.error);
+        if (blk.divergent.load()) {
+          g_divergences.fetch_add(1);
+          throw std::runtime_error("s3emu: a barrier was reached after a thread of its block had exited");
+        }
+      }
+}
+
+template <typename... KArgs>
+struct Launch {
+  void (*kernel)(KArgs...);
+  dim3 grid, block;
+  size_t smem;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    static_assert(sizeof...(Args) == sizeof...(KArgs), "s3emu: wrong number of kernel arguments");
+    // Arguments are copied once, as a launch copies them to the device.
+    std::tuple<KArgs...> params(static_cast<KArgs>(args)...);
+    run(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, params); });
+  }
+};
+
+template <typename... KArgs>
+Launch<KArgs...> make_launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...)) {
+  return Launch<KArgs...>{kernel, grid, block, smem};
+}
+
+}  // namespace s3emu_rt
+
+#define threadIdx (::s3emu_rt::tl_thread)
+#define blockIdx (::s3emu_rt::tl_block)
+#define blockDim (::s3emu_rt::g_block_dim)
+#define gridDim (::s3emu_rt::g_grid_dim)
+
+#define S3_LAUNCH(grid, block, smem, stream, ...) \
+  ::s3emu_rt::make_launch(dim3(grid), dim3(block), static_cast<size_t>(smem), __VA_ARGS__)
+#define S3_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::s3emu_rt::g_blk->dyn_smem.data())
+
+// ------------------------------------------------------------------ intrinsics
+inline void __syncthreads() {
+  ::s3emu_rt::check_block_not_divergent();
+  ::s3emu_rt::g_blk->bar.arrive_and_wait();
+}
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  ::s3emu_rt::check_warp_not_divergent();
+  ::s3emu_rt::warp_barrier().arrive_and_wait();
+}
+inline unsigned __ballot_sync(unsigned, bool pred) {
+  using namespace ::s3emu_rt;
+  const unsigned t = flat_tid(), w0 = t / 32 * 32;
+  check_warp_not_divergent();
+  g_blk->slot[16 * t] = pred ? 1 : 0;
+  warp_barrier().arrive_and_wait();
+  unsigned r = 0;
+  for (unsigned l = 0; l < 32 && w0 + l < g_blk->nthreads; ++l)
+    if (g_blk->slot[16 * (w0 + l)]) r |= 1u << l;
+  warp_barrier().arrive_and_wait();
+  return r;
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, int delta) {
+  using namespace ::s3emu_rt;
+  static_assert(sizeof(T) <= 16, "s3emu: shuffle of a type above 16 bytes");
+  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
+  check_warp_not_divergent();
+  std::memcpy(&g_blk->slot[16 * t], &v, sizeof(T));
+  warp_barrier().arrive_and_wait();
+  T out = v;
+  const unsigned src = lane + static_cast<unsigned>(delta);
+  if (src < 32 && w0 + src < g_blk->nthreads) std::memcpy(&out, &g_blk->slot[16 * (w0 + src)], sizeof(T));
+  warp_barrier().arrive_and_wait();
+  return out;
+}
+inline int __popc(unsigned x) { return std::popcount(x); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
+template <typename T>
+T atomicAdd(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_add(v);
+}
