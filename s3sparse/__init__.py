@@ -51,35 +51,10 @@ __all__ += [
 ]
 
 # --- pruners ---------------------------------------------------------------
-from .pruners import (  # noqa: E402
-    HessianAccumulator,
-    StructuredOBS,
-    compute_hessian,
-    magnitude,
-    obd_prune,
-    output_error,
-    prune_magnitude,
-    prune_obd,
-    prune_sparsegpt,
-    sparsegpt_block16,
-    sparsegpt_coupled_24,
-    sparsegpt_prune,
-)
+from . import pruners  # noqa: E402
+from .pruners import *  # noqa: E402,F401,F403
 
-__all__ += [
-    "HessianAccumulator",
-    "StructuredOBS",
-    "compute_hessian",
-    "magnitude",
-    "obd_prune",
-    "output_error",
-    "prune_magnitude",
-    "prune_obd",
-    "prune_sparsegpt",
-    "sparsegpt_block16",
-    "sparsegpt_coupled_24",
-    "sparsegpt_prune",
-]
+__all__ += pruners.__all__
 
 # --- helpers: solvers, named patterns, pictures --------------------------------
 # viz imports matplotlib only inside draw_layout, so importing it here is free.
