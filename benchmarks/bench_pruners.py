@@ -91,6 +91,20 @@ def main() -> None:
     H = synthetic_hessian(K, args.samples, device, args.seed)
     W0 = torch.randn(M, K, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     results = []
+    out = Path(args.out or f"benchmarks/results/pruners-{device.type}-{M}x{K}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        s3sparse=s3sparse.__version__,
+        build=s3sparse.build_info(),
+        commit=git_commit(),
+        rows=M,
+        cols=K,
+        samples=args.samples,
+        seed=args.seed,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     print(f"{M}x{K}, N={args.samples}, {device_name(device)}, torch {torch.__version__}")
     print(f"{'pattern':<11}{'method':<17}{'rel. output error':>18}{'time (s)':>10}{'peak GiB':>10}")
     for name in args.patterns:
@@ -108,22 +122,8 @@ def main() -> None:
             err = output_error(W.detach(), W0, H)
             results.append(dict(pattern=name, method=method, output_error=err, seconds=seconds, peak_gib=peak))
             print(f"{name:<11}{method:<17}{err:>18.5f}{seconds:>10.2f}{peak:>10.2f}", flush=True)
-
-    out = Path(args.out or f"benchmarks/results/pruners-{device.type}-{M}x{K}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        device=device_name(device),
-        torch=torch.__version__,
-        s3sparse=s3sparse.__version__,
-        build=s3sparse.build_info(),
-        commit=git_commit(),
-        rows=M,
-        cols=K,
-        samples=args.samples,
-        seed=args.seed,
-        date=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+            # Rewritten after every run, so an interrupted benchmark keeps what it measured.
+            out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     print(f"wrote {out}")
 
 

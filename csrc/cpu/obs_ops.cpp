@@ -109,43 +109,33 @@ at::Tensor schur_update_cpu(at::Tensor& w, at::Tensor& c, const at::Tensor& prun
           if (P == 0) continue;
           scalar_t* C = cp + b * K * K;
           acc_t* wb = wp + b * K;
-          // L = chol(C_SS).
-          std::vector<acc_t> L(P * P);
+          // L = chol(C_SS), with the pivot rule the CUDA kernel uses.
+          std::vector<acc_t> L(P * P, acc_t(0));
           for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = 0; j < P; ++j) L[i * P + j] = static_cast<acc_t>(C[S[i] * K + S[j]]);
+            for (int64_t j = 0; j <= i; ++j) L[i * P + j] = static_cast<acc_t>(C[S[i] * K + S[j]]);
           if (!small_cholesky(L.data(), P)) {
             st[b] = 1;
             continue;
           }
-          // A = C[:, S] L^-T (row k: L^-1 C[k, S]);  z = L^-1 w_S.
-          at::Tensor A = at::empty({K, P}, at::TensorOptions().dtype(acc_type));
-          acc_t* ap = A.mutable_data_ptr<acc_t>();
-          for (int64_t k = 0; k < K; ++k) {
-            acc_t* ak = ap + k * P;
-            for (int64_t i = 0; i < P; ++i) ak[i] = static_cast<acc_t>(C[k * K + S[i]]);
-            small_forward_solve(L.data(), ak, P);
-          }
+          for (int64_t i = 0; i < P; ++i)
+            for (int64_t j = i + 1; j < P; ++j) L[i * P + j] = acc_t(0);
+          // At = L^-1 C[S, :] (so A = At^T = C[:, S] L^-T), by BLAS triangular solve;
+          // z = L^-1 w_S;  w -= A z.
+          const at::Tensor Sidx = at::from_blob(const_cast<int64_t*>(S.data()), {P}, at::kLong);
+          const at::Tensor Cb = at::from_blob(C, {K, K}, c.options());
+          const at::Tensor Lt = at::from_blob(L.data(), {P, P}, at::TensorOptions().dtype(acc_type));
+          const at::Tensor At = at::linalg_solve_triangular(Lt, Cb.index_select(0, Sidx).to(acc_type),
+                                                            /*upper=*/false);
           std::vector<acc_t> z(P);
           for (int64_t i = 0; i < P; ++i) z[i] = wb[S[i]];
           small_forward_solve(L.data(), z.data(), P);
-          // w -= A z.
-          for (int64_t k = 0; k < K; ++k) {
-            acc_t s = 0;
-            for (int64_t i = 0; i < P; ++i) s += ap[k * P + i] * z[i];
-            wb[k] -= s;
-          }
-          // C -= A A^T, in acc_t, a band of rows at a time for reduced-precision storage.
-          at::Tensor Cb = at::from_blob(C, {K, K}, c.options());
+          at::Tensor wrow = at::from_blob(wb, {K}, w.options());
+          wrow.addmv_(At.t(), at::from_blob(z.data(), {P}, w.options()), 1, -1);
+          // C -= A A^T in acc_t (via an acc_t copy when C is stored in fp16/bf16).
           if (c.scalar_type() == acc_type) {
-            Cb.addmm_(A, A.t(), 1, -1);
+            Cb.addmm_(At.t(), At, 1, -1);
           } else {
-            constexpr int64_t band = 256;
-            for (int64_t r0 = 0; r0 < K; r0 += band) {
-              const int64_t r1 = std::min(K, r0 + band);
-              at::Tensor rows = Cb.slice(0, r0, r1);
-              at::Tensor upd = rows.to(acc_type).addmm_(A.slice(0, r0, r1), A.t(), 1, -1);
-              rows.copy_(upd);
-            }
+            Cb.copy_(Cb.to(acc_type).addmm_(At.t(), At, 1, -1));
           }
           // The pruned coordinates are exactly zero from now on.
           for (int64_t i = 0; i < P; ++i) {

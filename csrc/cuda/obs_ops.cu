@@ -12,9 +12,9 @@
 //      failing row is never written. On success marks the columns S of row b.
 //   2. solve (thread per (row, k)): A[k, :] = L^-1 C[S, k] (stored transposed,
 //      At[p, k], for coalescing), w[k] -= A[k, :] . z, or w[k] = 0 for k in S.
-//   3. update (64 x 64 tile of C per thread block, A tiles in shared memory,
-//      P looped over in chunks of 16): C[i, j] -= sum_p A[i, p] A[j, p] in acc
-//      precision, or C[i, j] = 0 when i or j is in S.
+//   3. update: C -= A A^T by a batched tensor-core GEMM (ATen's baddbmm, fp32
+//      accumulation; for fp16/bf16 storage A is split into hi + lo parts so the
+//      update keeps ~fp32 accuracy), then rows/cols S of C are set to exactly 0.
 //   C is read as C[S, k] where the CPU kernel reads C[k, S]: equal for the
 //   symmetric C the op is documented to take.
 #include <ATen/ATen.h>
@@ -353,68 +353,48 @@ __global__ void schur_solve_kernel(acc_t* __restrict__ w, const c_t* __restrict_
   }
 }
 
-constexpr int kTile = 64;       // C tile edge
-constexpr int kTileP = 16;      // P chunk staged in shared memory
-constexpr int kTileThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
-
-template <typename acc_t, typename c_t>
-__global__ void __launch_bounds__(kTileThreads)
-schur_rank_update_kernel(c_t* __restrict__ c, const int* __restrict__ counts,
-                         const int* __restrict__ status, const acc_t* __restrict__ At,
-                         const uint8_t* __restrict__ mask, int64_t nb, int64_t K, int64_t ld,
-                         int64_t tiles) {
-  __shared__ acc_t As[kTileP][kTile];
-  __shared__ acc_t Bs[kTileP][kTile];
-  const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid % 16, ty = tid / 16;
-  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) / tiles) * kTile;
-  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) % tiles) * kTile;
-  for (int64_t bl = blockIdx.y; bl < nb; bl += gridDim.y) {
-    const int64_t P = counts[bl];
-    if (P == 0 || status[bl] != 0) continue;  // uniform over the thread block
-    const acc_t* Ab = At + bl * ld * K;
-    acc_t acc[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[r][q] = 0;
-    for (int64_t p0 = 0; p0 < P; p0 += kTileP) {
-      for (int e = tid; e < kTileP * kTile; e += kTileThreads) {
-        const int p = e / kTile, q = e % kTile;
-        const bool pin = p0 + p < P;
-        As[p][q] = (pin && i0 + q < K) ? Ab[(p0 + p) * K + i0 + q] : acc_t(0);
-        Bs[p][q] = (pin && j0 + q < K) ? Ab[(p0 + p) * K + j0 + q] : acc_t(0);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int p = 0; p < kTileP; ++p) {
-        acc_t av[4], bv[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) av[r] = As[p][ty + 16 * r];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) bv[q] = Bs[p][tx + 16 * q];
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
-      }
-      __syncthreads();
-    }
+// C[S, :] = 0 and C[:, S] = 0 for the rows that succeeded (the Schur complement
+// is exactly zero there; the GEMM leaves round-off). Thread per (row, p, k).
+template <typename c_t>
+__global__ void schur_zero_pruned_kernel(c_t* __restrict__ c, const int64_t* __restrict__ cols,
+                                         const int* __restrict__ counts, const int* __restrict__ status,
+                                         int64_t nb, int64_t K, int64_t ld) {
+  const int64_t kstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t bl = blockIdx.z; bl < nb; bl += gridDim.z) {
+    if (status[bl] != 0) continue;
     c_t* Cb = c + bl * K * K;
-    const uint8_t* mb = mask + bl * K;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int64_t i = i0 + ty + 16 * r;
-      if (i >= K) continue;
-      const bool mi = mb[i] != 0;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t j = j0 + tx + 16 * q;
-        if (j >= K) continue;
-        c_t* cij = Cb + i * K + j;
-        *cij = (mi || mb[j] != 0) ? c_t(0) : static_cast<c_t>(static_cast<acc_t>(*cij) - acc[r][q]);
+    for (int64_t p = blockIdx.y; p < counts[bl]; p += gridDim.y) {
+      const int64_t s = cols[bl * ld + p];
+      for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K; k += kstep) {
+        Cb[s * K + k] = c_t(0);
+        Cb[k * K + s] = c_t(0);
       }
     }
+  }
+}
+
+// C -= A A^T for a chunk of rows, A = At^T (nb, K, pmax), by batched GEMM on the
+// tensor cores. Entries of At past a row's count, and rows that failed, are
+// zeroed first so they contribute nothing. For fp16 / bf16 storage of C, A is
+// split as A = hi + lo (both in C's dtype) and C -= [hi lo hi] [hi hi lo]^T in
+// one fp32-accumulated product: the update keeps ~fp32 accuracy (hi alone would
+// round A to 11 bits) at 3x the (cheap) flops, and C is rounded once.
+void schur_rank_update(const at::Tensor& c_chunk, const at::Tensor& At, const at::Tensor& counts,
+                       const at::Tensor& status) {
+  const int64_t pmax = At.size(1);
+  const at::Tensor p = at::arange(pmax, counts.options().dtype(at::kLong));
+  const at::Tensor valid = (p.unsqueeze(0) < counts.unsqueeze(1)).logical_and_(status.eq(0).unsqueeze(1));
+  const at::Tensor A = at::where(valid.unsqueeze(2), At, at::zeros({}, At.options()));
+  const auto ct = c_chunk.scalar_type();
+  if (ct == at::kHalf || ct == at::kBFloat16) {
+    const at::Tensor hi = A.to(ct);
+    const at::Tensor lo = (A - hi.to(A.scalar_type())).to(ct);
+    const at::Tensor left = at::cat({hi, lo, hi}, 1);   // (nb, 3P, K)
+    const at::Tensor right = at::cat({hi, hi, lo}, 1);
+    c_chunk.baddbmm_(left.transpose(1, 2), right, 1, -1);
+  } else {
+    const at::Tensor Ac = A.to(ct);
+    c_chunk.baddbmm_(Ac.transpose(1, 2), Ac, 1, -1);
   }
 }
 
@@ -433,6 +413,7 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
   constexpr const char* op = "s3sparse.schur_update_";
   check_schur_update(w, c, pruned, op);
   const c10::cuda::CUDAGuard guard(w.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below are kernel internals
   const int64_t B = w.size(0), K = w.size(1);
   // (B, P) is small: validate it on the host exactly as the CPU kernel does
   // (range and duplicates), before anything is written. One host sync.
@@ -471,8 +452,6 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
     int* st = status.mutable_data_ptr<int>();
     const int64_t* colp = cols_dev.const_data_ptr<int64_t>();
     const int* cntp = counts_dev.const_data_ptr<int>();
-    const int64_t tiles = ceil_div(K, kTile);
-    TORCH_CHECK(tiles * tiles <= int64_t(0x7fffffff), "s3sparse.schur_update_: K is too large");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "schur_update_cuda_c", [&] {
       using c_t = scalar_t;
       c_t* cp = c.mutable_data_ptr<c_t>();
@@ -493,10 +472,13 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
             zw.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(), st + b0,
             Aw.mutable_data_ptr<acc_t>(), nb, K, pmax);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const dim3 tile_grid(static_cast<unsigned>(tiles * tiles), rows_y);
-        S3_LAUNCH(tile_grid, kTileThreads, 0, stream, schur_rank_update_kernel<acc_t, c_t>)(
-            cp + b0 * K * K, cntp + b0, st + b0, Aw.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(),
-            nb, K, pmax, tiles);
+        schur_rank_update(c.narrow(0, b0, nb), Aw.narrow(0, 0, nb), counts_dev.narrow(0, b0, nb),
+                          status.narrow(0, b0, nb));
+        const dim3 zero_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)),
+                             static_cast<unsigned>(std::min<int64_t>(pmax, 65535)),
+                             static_cast<unsigned>(std::min<int64_t>(nb, 65535)));
+        S3_LAUNCH(zero_grid, 256, 0, stream, schur_zero_pruned_kernel<c_t>)(
+            cp + b0 * K * K, colp + b0 * pmax, cntp + b0, st + b0, nb, K, pmax);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -130,10 +130,12 @@ def damping_value(hessian: Tensor, damp: float) -> float:
         raise ValueError(f"`damp` must be >= 0, got {damp}")
     if damp >= 1.0:
         return float(damp)
-    mean_diag = float(torch.diagonal(hessian).double().mean())
-    if not mean_diag > 0:  # an all-zero Hessian: any positive scale will do
-        mean_diag = 1.0
-    return damp * mean_diag
+    # In H's own dtype, over a contiguous copy of the diagonal: the value SparseGPT's
+    # `percdamp * torch.mean(torch.diag(H))` gives, to the last bit.
+    mean_diag = torch.diag(hessian).mean()
+    if not float(mean_diag) > 0:  # an all-zero Hessian: any positive scale will do
+        return float(damp)
+    return float(damp * mean_diag)
 
 
 def _with_dead_inputs_fixed(hessian: Tensor, dtype: torch.dtype) -> Tensor:
