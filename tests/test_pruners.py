@@ -426,3 +426,23 @@ def test_magnitude_and_obd_on_coupled_parameters():
         assert torch.equal(up.abs().sum(1) > 0, kept), method
         assert torch.equal(down.abs().sum(0) > 0, kept), method
         torch.testing.assert_close(up[kept], up0[kept])
+
+
+def test_reference_readme_quick_example_runs_on_cpu():
+    """The reference README's example, with only the import changed (and CPU, smaller sizes)."""
+    import torch
+    from torch.nn import Parameter
+
+    from s3sparse import BlockSpec, ScopeSpec, StructuredOBS
+
+    M, K = 256, 512
+    W = Parameter(torch.randn(M, K, device="cpu"))
+    X = torch.randn(1024, K, device="cpu")  # calibration inputs
+    # Express 2:4 sparsity: scalar blocks, scopes of 4
+    block = BlockSpec(W, shape=(1, 1))
+    scope = ScopeSpec(block, shape=(1, 4))
+    # Prune with Structured OBS
+    hessian = (X.T @ X) / X.shape[0]
+    obs = StructuredOBS(scope, hessian)
+    obs.prune_true_obs(nnz=2)  # keep 2 of 4, in-place
+    assert_pattern_holds("24", W.detach(), 2)

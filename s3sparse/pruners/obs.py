@@ -47,6 +47,8 @@ MAX_PRUNED_PER_STEP = 256
 # Conditional variance (diagonal of the Jacobi-scaled per-row C, 1 at the start)
 # below which a stored C is treated as round-off: its row is redone in higher precision.
 _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
+# Per-row C held at once by prune_true_obs when chunk_size is not given (at least 64 rows).
+_CHUNK_TARGET_BYTES = 8 << 30
 # Bytes of working memory per element of a gathered temporary.
 _GATHER_BUDGET = 1 << 28
 
@@ -59,7 +61,9 @@ def _free_memory_bytes(device: torch.device) -> int:
     """Memory the pruner may plan to use on ``device``."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # Blocks the caching allocator holds but no tensor uses are free to us too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -376,12 +380,14 @@ class StructuredOBS:
         return torch.argsort(cost.sum(dim=0), descending=True, stable=True)
 
     def _auto_chunk_rows(self, c_dtype: torch.dtype, p_max: int) -> int:
+        """Rows per chunk: within half the free memory, and no more than ~8 GiB of
+        per-row C (or 64 rows) — past that, bigger batches no longer run faster."""
         K = self.num_cols
         elem = torch.empty((), dtype=c_dtype).element_size()
         per_row = K * K * elem + 4 * K * (p_max + 8)
-        budget = _free_memory_bytes(self.W.device) // 2
-        rows = max(1, budget // per_row)
-        return int(min(rows, self.M, 1024))
+        fits = _free_memory_bytes(self.W.device) // 2 // per_row
+        useful = max(64, _CHUNK_TARGET_BYTES // per_row)
+        return int(max(1, min(fits, useful, self.M)))
 
     def _true_obs_chunk(
         self,
