@@ -386,7 +386,11 @@ void schur_rank_update(const at::Tensor& c_chunk, const at::Tensor& At, const at
   const at::Tensor valid = (p.unsqueeze(0) < counts.unsqueeze(1)).logical_and_(status.eq(0).unsqueeze(1));
   const at::Tensor A = at::where(valid.unsqueeze(2), At, at::zeros({}, At.options()));
   const auto ct = c_chunk.scalar_type();
-  if (ct == at::kHalf || ct == at::kBFloat16) {
+  static const bool split = [] {
+    const char* env = std::getenv("S3SPARSE_SCHUR_SPLIT");
+    return env == nullptr || env[0] != '0';
+  }();
+  if ((ct == at::kHalf || ct == at::kBFloat16) && split) {
     const at::Tensor hi = A.to(ct);
     const at::Tensor lo = (A - hi.to(A.scalar_type())).to(ct);
     const at::Tensor left = at::cat({hi, lo, hi}, 1);   // (nb, 3P, K)
