@@ -7,11 +7,12 @@
 //   solve of w_P folded in). Then one thread per item picks the first least cost.
 // schur_update_: rows are processed in chunks that bound the K x P workspace;
 //   per chunk three kernels, in stream order:
-//   1. chol  (thread block per row): L = chol(C_SS), z = L^-1 w_S in acc precision;
-//      a non-PD C_SS sets status[b] = 1 and the later kernels skip row b, so a
-//      failing row is never written. On success marks the columns S of row b.
-//   2. solve (thread per (row, k)): A[k, :] = L^-1 C[S, k] (stored transposed,
-//      At[p, k], for coalescing), w[k] -= A[k, :] . z, or w[k] = 0 for k in S.
+//   1. chol (thread block per row, L in shared memory when it fits): L = chol(C_SS),
+//      z = L^-1 w_S in acc precision; a non-PD C_SS sets status[b] = 1 and the
+//      later stages skip row b, so a failing row is never written. On success
+//      marks the columns S of row b.
+//   2. solve: At = L^-1 C[S, :] (A = At^T = C[:, S] L^-T) by a batched triangular
+//      solve (ATen / cuBLAS) on the gathered rows C[S, :]; w -= At^T z, w_S = 0.
 //   3. update: C -= A A^T by a batched tensor-core GEMM (ATen's baddbmm, fp32
 //      accumulation; for fp16/bf16 storage A is split into hi + lo parts so the
 //      update keeps ~fp32 accuracy), then rows/cols S of C are set to exactly 0.
@@ -257,98 +258,114 @@ std::tuple<at::Tensor, at::Tensor> score_subsets_cuda(const at::Tensor& w_in, co
 }
 
 // ================================================================== schur_update_
-// Row bl of a chunk: cols[bl*ld .. +counts[bl]) are its pruned columns, L its
-// ld x ld factor slot, z its ld slot, At its ld x K slot, mask its K flags.
+// Row bl of a chunk: cols[bl*ld .. +counts[bl]) are its P pruned columns; L its
+// ld x ld factor slot (identity past P), z its ld slot (zero past P), mask its K
+// flags (the columns S of a row that succeeded).
 
 constexpr int kCholThreads = 256;
 
+// L = chol(C_SS), z = L^-1 w_S (acc precision), one thread block per row. The
+// factor is built in shared memory when `in_shared` (ld x ld fits), else in
+// place in the global slot; either way the slot ends as L (lower, zero above,
+// identity past P). A non-PD C_SS sets status 1 and leaves the slot identity
+// and z zero, so later stages see a harmless row (and skip it by status).
 template <typename acc_t, typename c_t>
 __global__ void __launch_bounds__(kCholThreads)
 schur_chol_kernel(const acc_t* __restrict__ w, const c_t* __restrict__ c,
-                  const int64_t* __restrict__ cols, const int* __restrict__ counts, acc_t* L,
-                  acc_t* z, uint8_t* __restrict__ mask, int* __restrict__ status, int64_t nb,
-                  int64_t K, int64_t ld) {
-  const int64_t tid = threadIdx.x;
-  constexpr int64_t T = kCholThreads;
+                  const int64_t* __restrict__ cols, const int* __restrict__ counts, acc_t* __restrict__ Lg,
+                  acc_t* __restrict__ z, uint8_t* __restrict__ mask, int* __restrict__ status, int64_t nb,
+                  int64_t K, int ld, bool in_shared) {
+  S3_DYNAMIC_SHARED(unsigned char, smem_raw);
+  const int tid = static_cast<int>(threadIdx.x);
+  constexpr int T = kCholThreads;
   for (int64_t bl = blockIdx.x; bl < nb; bl += gridDim.x) {
-    const int64_t P = counts[bl];
-    if (P == 0) continue;
+    const int P = counts[bl];
     const int64_t* Sb = cols + bl * ld;
     const c_t* C = c + bl * K * K;
     const acc_t* wb = w + bl * K;
-    acc_t* Lb = L + bl * ld * ld;
+    acc_t* Lout = Lg + bl * static_cast<int64_t>(ld) * ld;
+    acc_t* Lb = in_shared ? reinterpret_cast<acc_t*>(smem_raw) : Lout;
     acc_t* zb = z + bl * ld;
-    for (int64_t e = tid; e < P * P; e += T) {
-      const int64_t i = e / P, j = e - i * P;
-      if (j <= i) Lb[i * ld + j] = static_cast<acc_t>(C[Sb[i] * K + Sb[j]]);
+    for (int e = tid; e < ld * ld; e += T) {
+      const int i = e / ld, j = e - i * ld;
+      Lb[e] = (i < P && j <= i) ? static_cast<acc_t>(C[Sb[i] * K + Sb[j]]) : acc_t(i == j ? 1 : 0);
     }
-    for (int64_t i = tid; i < P; i += T) zb[i] = wb[Sb[i]];
+    for (int i = tid; i < ld; i += T) zb[i] = i < P ? wb[Sb[i]] : acc_t(0);
     __syncthreads();
-    // Right-looking Cholesky with the forward solve of z folded in (see the
-    // warp version above). All threads read the same pivot after a barrier:
-    // `ok` and the break are block-uniform.
+    // Right-looking Cholesky with the forward solve of z folded in. Every thread
+    // reads the same pivot after a barrier, so `ok` and the break are uniform.
     bool ok = true;
-    for (int64_t j = 0; j < P; ++j) {
+    for (int j = 0; j < P; ++j) {
       acc_t d = Lb[j * ld + j];
-      acc_t zj = zb[j];
+      const acc_t zj0 = zb[j];
       if (!pivot_ok(d)) {
         ok = false;
         break;
       }
       d = sqrt(d);
-      zj = zj / d;
+      const acc_t zj = zj0 / d;
       __syncthreads();  // every thread has read L[j][j] and z[j]
       if (tid == 0) {
         Lb[j * ld + j] = d;
         zb[j] = zj;
       }
-      for (int64_t i = j + 1 + tid; i < P; i += T) {
+      for (int i = j + 1 + tid; i < P; i += T) {
         const acc_t l = Lb[i * ld + j] / d;
         Lb[i * ld + j] = l;
         zb[i] -= l * zj;
       }
       __syncthreads();
-      const int64_t m2 = P - j - 1;
-      for (int64_t e = tid; e < m2 * m2; e += T) {
-        const int64_t i = j + 1 + e / m2, m = j + 1 + e % m2;
+      const int m2 = P - j - 1;
+      for (int e = tid; e < m2 * m2; e += T) {
+        const int i = j + 1 + e / m2, m = j + 1 + e % m2;
         if (m <= i) Lb[i * ld + m] -= Lb[i * ld + j] * Lb[m * ld + j];
       }
       __syncthreads();
     }
+    __syncthreads();
     if (!ok) {
+      for (int e = tid; e < ld * ld; e += T) Lout[e] = acc_t((e / ld) == (e % ld) ? 1 : 0);
+      for (int i = tid; i < ld; i += T) zb[i] = acc_t(0);
       if (tid == 0) status[bl] = 1;
-      continue;
+    } else {
+      if (in_shared)
+        for (int e = tid; e < ld * ld; e += T) Lout[e] = Lb[e];
+      for (int i = tid; i < P; i += T) mask[bl * K + Sb[i]] = 1;
     }
-    for (int64_t i = tid; i < P; i += T) mask[bl * K + Sb[i]] = 1;
+    __syncthreads();  // the shared slot is reused by the next row
   }
 }
 
+// CS[bl, p, :] = C[S_p, :] in acc precision (zero rows past P): the right-hand
+// side of L At = C[S, :]. Thread per (row, p, k), coalesced along k.
 template <typename acc_t, typename c_t>
-__global__ void schur_solve_kernel(acc_t* __restrict__ w, const c_t* __restrict__ c,
-                                   const int64_t* __restrict__ cols, const int* __restrict__ counts,
-                                   const acc_t* __restrict__ L, const acc_t* __restrict__ z,
-                                   const uint8_t* __restrict__ mask, const int* __restrict__ status,
-                                   acc_t* __restrict__ At, int64_t nb, int64_t K, int64_t ld) {
+__global__ void schur_gather_rows_kernel(const c_t* __restrict__ c, const int64_t* __restrict__ cols,
+                                         const int* __restrict__ counts, acc_t* __restrict__ CS, int64_t nb,
+                                         int64_t K, int64_t ld) {
+  const int64_t kstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t bl = blockIdx.z; bl < nb; bl += gridDim.z) {
+    const c_t* C = c + bl * K * K;
+    for (int64_t p = blockIdx.y; p < ld; p += gridDim.y) {
+      acc_t* out = CS + (bl * ld + p) * K;
+      const bool valid = p < counts[bl];
+      const c_t* src = valid ? C + cols[bl * ld + p] * K : nullptr;
+      for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K; k += kstep)
+        out[k] = valid ? static_cast<acc_t>(src[k]) : acc_t(0);
+    }
+  }
+}
+
+// w -= delta (= A z) and w_S = 0, for the rows that succeeded.
+template <typename acc_t>
+__global__ void schur_update_w_kernel(acc_t* __restrict__ w, const acc_t* __restrict__ delta,
+                                      const uint8_t* __restrict__ mask, const int* __restrict__ status,
+                                      int64_t nb, int64_t K) {
   const int64_t kstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t bl = blockIdx.y; bl < nb; bl += gridDim.y) {
-    const int64_t P = counts[bl];
-    if (P == 0 || status[bl] != 0) continue;
-    const int64_t* Sb = cols + bl * ld;
-    const c_t* C = c + bl * K * K;
-    const acc_t* Lb = L + bl * ld * ld;
-    const acc_t* zb = z + bl * ld;
-    acc_t* Ab = At + bl * ld * K;
-    acc_t* wb = w + bl * K;
+    if (status[bl] != 0) continue;
     for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K; k += kstep) {
-      acc_t dot = 0;
-      for (int64_t i = 0; i < P; ++i) {
-        acc_t s = static_cast<acc_t>(C[Sb[i] * K + k]);
-        for (int64_t m = 0; m < i; ++m) s -= Lb[i * ld + m] * Ab[m * K + k];
-        const acc_t a = s / Lb[i * ld + i];
-        Ab[i * K + k] = a;
-        dot += a * zb[i];
-      }
-      wb[k] = mask[bl * K + k] ? acc_t(0) : wb[k] - dot;
+      const int64_t i = bl * K + k;
+      w[i] = mask[i] ? acc_t(0) : w[i] - delta[i];
     }
   }
 }
@@ -386,11 +403,7 @@ void schur_rank_update(const at::Tensor& c_chunk, const at::Tensor& At, const at
   const at::Tensor valid = (p.unsqueeze(0) < counts.unsqueeze(1)).logical_and_(status.eq(0).unsqueeze(1));
   const at::Tensor A = at::where(valid.unsqueeze(2), At, at::zeros({}, At.options()));
   const auto ct = c_chunk.scalar_type();
-  static const bool split = [] {
-    const char* env = std::getenv("S3SPARSE_SCHUR_SPLIT");
-    return env == nullptr || env[0] != '0';
-  }();
-  if ((ct == at::kHalf || ct == at::kBFloat16) && split) {
+  if (ct == at::kHalf || ct == at::kBFloat16) {
     const at::Tensor hi = A.to(ct);
     const at::Tensor lo = (A - hi.to(A.scalar_type())).to(ct);
     const at::Tensor left = at::cat({hi, lo, hi}, 1);   // (nb, 3P, K)
@@ -446,38 +459,55 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
     using acc_t = scalar_t;
     const auto acc_opts = w.options();
     // Rows per chunk: the workspace of a chunk stays under the budget.
-    const int64_t row_bytes = (pmax * K + pmax * pmax + pmax) * static_cast<int64_t>(sizeof(acc_t)) + K;
+    const int64_t row_bytes = (2 * pmax * K + pmax * pmax + pmax) * static_cast<int64_t>(sizeof(acc_t)) + K;
     const int64_t chunk = std::clamp<int64_t>(schur_workspace_budget() / row_bytes, 1, B);
     at::Tensor Lw = at::empty({chunk, pmax, pmax}, acc_opts);
     at::Tensor zw = at::empty({chunk, pmax}, acc_opts);
-    at::Tensor Aw = at::empty({chunk, pmax, K}, acc_opts);
+    at::Tensor CS = at::empty({chunk, pmax, K}, acc_opts);
     at::Tensor mask = at::empty({chunk, K}, w.options().dtype(at::kByte));
     acc_t* wp = w.mutable_data_ptr<acc_t>();
     int* st = status.mutable_data_ptr<int>();
     const int64_t* colp = cols_dev.const_data_ptr<int64_t>();
     const int* cntp = counts_dev.const_data_ptr<int>();
+    // The factor goes to shared memory when it fits the opt-in limit.
+    int device = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int64_t l_bytes = pmax * pmax * static_cast<int64_t>(sizeof(acc_t));
+    const bool l_in_shared = l_bytes <= optin;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "schur_update_cuda_c", [&] {
       using c_t = scalar_t;
       c_t* cp = c.mutable_data_ptr<c_t>();
+      auto chol = schur_chol_kernel<acc_t, c_t>;
+      const size_t chol_smem = l_in_shared ? static_cast<size_t>(l_bytes) : 0;
+      if (chol_smem > 48 * 1024) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(chol, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(chol_smem)));
+      }
       for (int64_t b0 = 0; b0 < B; b0 += chunk) {
         const int64_t nb = std::min(chunk, B - b0);
         mask.zero_();
         const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(nb, 65535));
-        S3_LAUNCH(static_cast<unsigned>(std::min<int64_t>(nb, int64_t(1) << 20)), kCholThreads, 0, stream,
-                  schur_chol_kernel<acc_t, c_t>)(
-            wp + b0 * K, cp + b0 * K * K, colp + b0 * pmax, cntp + b0, Lw.mutable_data_ptr<acc_t>(),
-            zw.mutable_data_ptr<acc_t>(), mask.mutable_data_ptr<uint8_t>(), st + b0, nb, K, pmax);
+        S3_LAUNCH(static_cast<unsigned>(std::min<int64_t>(nb, int64_t(1) << 20)), kCholThreads, chol_smem, stream,
+                  chol)(wp + b0 * K, cp + b0 * K * K, colp + b0 * pmax, cntp + b0, Lw.mutable_data_ptr<acc_t>(),
+                        zw.mutable_data_ptr<acc_t>(), mask.mutable_data_ptr<uint8_t>(), st + b0, nb, K,
+                        static_cast<int>(pmax), l_in_shared);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        constexpr int solve_threads = 128;
-        const dim3 solve_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, solve_threads), 65535)),
-                              rows_y);
-        S3_LAUNCH(solve_grid, solve_threads, 0, stream, schur_solve_kernel<acc_t, c_t>)(
-            wp + b0 * K, cp + b0 * K * K, colp + b0 * pmax, cntp + b0, Lw.const_data_ptr<acc_t>(),
-            zw.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(), st + b0,
-            Aw.mutable_data_ptr<acc_t>(), nb, K, pmax);
+        const dim3 rows_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)),
+                             static_cast<unsigned>(std::min<int64_t>(pmax, 65535)), rows_y);
+        S3_LAUNCH(rows_grid, 256, 0, stream, schur_gather_rows_kernel<acc_t, c_t>)(
+            cp + b0 * K * K, colp + b0 * pmax, cntp + b0, CS.mutable_data_ptr<acc_t>(), nb, K, pmax);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        schur_rank_update(c.narrow(0, b0, nb), Aw.narrow(0, 0, nb), counts_dev.narrow(0, b0, nb),
-                          status.narrow(0, b0, nb));
+        // At = L^-1 C[S, :] (so A = At^T = C[:, S] L^-T), by batched triangular solve.
+        const at::Tensor L = Lw.narrow(0, 0, nb);
+        const at::Tensor At = at::linalg_solve_triangular(L, CS.narrow(0, 0, nb), /*upper=*/false);
+        // w -= A z (= At^T z), then w_S = 0, for the rows that succeeded.
+        const at::Tensor delta = at::bmm(zw.narrow(0, 0, nb).unsqueeze(1), At).squeeze(1).contiguous();
+        const dim3 w_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)), rows_y);
+        S3_LAUNCH(w_grid, 256, 0, stream, schur_update_w_kernel<acc_t>)(
+            wp + b0 * K, delta.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(), st + b0, nb, K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        schur_rank_update(c.narrow(0, b0, nb), At, counts_dev.narrow(0, b0, nb), status.narrow(0, b0, nb));
         const dim3 zero_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)),
                              static_cast<unsigned>(std::min<int64_t>(pmax, 65535)),
                              static_cast<unsigned>(std::min<int64_t>(nb, 65535)));
