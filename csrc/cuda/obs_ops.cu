@@ -11,11 +11,13 @@
 //      z = L^-1 w_S in acc precision; a non-PD C_SS sets status[b] = 1 and the
 //      later stages skip row b, so a failing row is never written. On success
 //      marks the columns S of row b.
-//   2. solve: At = L^-1 C[S, :] (A = At^T = C[:, S] L^-T) by a batched triangular
-//      solve (ATen / cuBLAS) on the gathered rows C[S, :]; w -= At^T z, w_S = 0.
+//   2. solve: At = L^-1 C[S, :] (A = At^T = C[:, S] L^-T): L^-1 by a batched
+//      triangular solve of the P x P identity, times the gathered rows C[S, :]
+//      by batched GEMM (ATen / cuBLAS); w -= At^T z, w_S = 0.
 //   3. update: C -= A A^T by a batched tensor-core GEMM (ATen's baddbmm, fp32
-//      accumulation; for fp16/bf16 storage A is split into hi + lo parts so the
-//      update keeps ~fp32 accuracy), then rows/cols S of C are set to exactly 0.
+//      accumulation; for fp16/bf16 storage A is split into hi + lo parts, written
+//      in one pass, so the update keeps ~fp32 accuracy), then rows/cols S of C
+//      are set to exactly 0.
 //   C is read as C[S, k] where the CPU kernel reads C[k, S]: equal for the
 //   symmetric C the op is documented to take.
 #include <ATen/ATen.h>
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -390,32 +393,45 @@ __global__ void schur_zero_pruned_kernel(c_t* __restrict__ c, const int64_t* __r
   }
 }
 
-// C -= A A^T for a chunk of rows, A = At^T (nb, K, pmax), by batched GEMM on the
-// tensor cores. Entries of At past a row's count, and rows that failed, are
-// zeroed first so they contribute nothing. For fp16 / bf16 storage of C, A is
-// split as A = hi + lo (both in C's dtype) and C -= [hi lo hi] [hi hi lo]^T in
-// one fp32-accumulated product: the update keeps ~fp32 accuracy (hi alone would
-// round A to 11 bits) at 3x the (cheap) flops, and C is rounded once.
-void schur_rank_update(const at::Tensor& c_chunk, const at::Tensor& At, const at::Tensor& counts,
-                       const at::Tensor& status) {
-  const int64_t pmax = At.size(1);
-  const at::Tensor p = at::arange(pmax, counts.options().dtype(at::kLong));
-  const at::Tensor valid = (p.unsqueeze(0) < counts.unsqueeze(1)).logical_and_(status.eq(0).unsqueeze(1));
-  const at::Tensor A = at::where(valid.unsqueeze(2), At, at::zeros({}, At.options()));
-  const auto ct = c_chunk.scalar_type();
-  if (ct == at::kHalf || ct == at::kBFloat16) {
-    const at::Tensor hi = A.to(ct);
-    const at::Tensor lo = (A - hi.to(A.scalar_type())).to(ct);
-    const at::Tensor left = at::cat({hi, lo, hi}, 1);   // (nb, 3P, K)
-    const at::Tensor right = at::cat({hi, hi, lo}, 1);
-    c_chunk.baddbmm_(left.transpose(1, 2), right, 1, -1);
-  } else {
-    const at::Tensor Ac = A.to(ct);
-    c_chunk.baddbmm_(Ac.transpose(1, 2), Ac, 1, -1);
+// The GEMM operands of C -= A A^T, A = At^T, written in one pass from At (acc
+// precision): entries of At past a row's count, and rows that failed, become 0
+// so they contribute nothing. With `split` (fp16 / bf16 storage of C) A = hi + lo,
+// both in C's dtype, and the operands are left = [hi lo hi], right = [hi hi lo]
+// stacked along P: C -= left^T right is then one fp32-accumulated product that
+// keeps ~fp32 accuracy (hi alone would round A to C's 8/11 bits), and C is
+// rounded once. Without split, left = right = A (in C's dtype).
+template <typename acc_t, typename c_t>
+__global__ void schur_gemm_operands_kernel(const acc_t* __restrict__ At, const int* __restrict__ counts,
+                                           const int* __restrict__ status, c_t* __restrict__ left,
+                                           c_t* __restrict__ right, int64_t nb, int64_t K, int64_t ld,
+                                           bool split) {
+  const int64_t kstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t parts = split ? 3 : 1;
+  for (int64_t bl = blockIdx.z; bl < nb; bl += gridDim.z) {
+    const bool row_ok = status[bl] == 0;
+    for (int64_t p = blockIdx.y; p < ld; p += gridDim.y) {
+      const bool valid = row_ok && p < counts[bl];
+      const acc_t* a = At + (bl * ld + p) * K;
+      c_t* l0 = left + (bl * parts * ld + p) * K;
+      c_t* r0 = right + (bl * parts * ld + p) * K;
+      for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K; k += kstep) {
+        const acc_t v = valid ? a[k] : acc_t(0);
+        const c_t hi = static_cast<c_t>(v);
+        l0[k] = hi;
+        r0[k] = hi;
+        if (split) {
+          const c_t lo = static_cast<c_t>(v - static_cast<acc_t>(hi));
+          l0[ld * K + k] = lo;
+          r0[ld * K + k] = hi;
+          l0[2 * ld * K + k] = hi;
+          r0[2 * ld * K + k] = lo;
+        }
+      }
+    }
   }
 }
 
-// Workspace bytes per chunk of rows (the K x pmax matrix A dominates): 256 MiB,
+// Workspace bytes per chunk of rows (the K x pmax slabs dominate): 1 GiB,
 // or S3SPARSE_SCHUR_WORKSPACE_BYTES when set (tests set it tiny to run the
 // chunk loop one row at a time).
 inline int64_t schur_workspace_budget() {
@@ -423,7 +439,7 @@ inline int64_t schur_workspace_budget() {
     const long long v = std::atoll(env);
     if (v > 0) return static_cast<int64_t>(v);
   }
-  return int64_t(256) << 20;
+  return int64_t(1) << 30;
 }
 
 at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pruned) {
@@ -459,7 +475,9 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
     using acc_t = scalar_t;
     const auto acc_opts = w.options();
     // Rows per chunk: the workspace of a chunk stays under the budget.
-    const int64_t row_bytes = (2 * pmax * K + pmax * pmax + pmax) * static_cast<int64_t>(sizeof(acc_t)) + K;
+    // CS and At in acc_t, up to 2 x 3 GEMM operand slabs in C's dtype, L, z, mask.
+    const int64_t row_bytes = (2 * pmax * K + 2 * pmax * pmax + pmax) * static_cast<int64_t>(sizeof(acc_t)) +
+                              6 * pmax * K * static_cast<int64_t>(c.element_size()) + K;
     const int64_t chunk = std::clamp<int64_t>(schur_workspace_budget() / row_bytes, 1, B);
     at::Tensor Lw = at::empty({chunk, pmax, pmax}, acc_opts);
     at::Tensor zw = at::empty({chunk, pmax}, acc_opts);
@@ -478,6 +496,11 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "schur_update_cuda_c", [&] {
       using c_t = scalar_t;
       c_t* cp = c.mutable_data_ptr<c_t>();
+      const bool split = std::is_same_v<c_t, at::Half> || std::is_same_v<c_t, at::BFloat16>;
+      const int64_t parts = split ? 3 : 1;
+      at::Tensor left = at::empty({chunk, parts * pmax, K}, c.options());
+      at::Tensor right = at::empty({chunk, parts * pmax, K}, c.options());
+      const at::Tensor eye = at::eye(pmax, acc_opts);
       auto chol = schur_chol_kernel<acc_t, c_t>;
       const size_t chol_smem = l_in_shared ? static_cast<size_t>(l_bytes) : 0;
       if (chol_smem > 48 * 1024) {
@@ -498,16 +521,26 @@ at::Tensor schur_update_cuda(at::Tensor& w, at::Tensor& c, const at::Tensor& pru
         S3_LAUNCH(rows_grid, 256, 0, stream, schur_gather_rows_kernel<acc_t, c_t>)(
             cp + b0 * K * K, colp + b0 * pmax, cntp + b0, CS.mutable_data_ptr<acc_t>(), nb, K, pmax);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        // At = L^-1 C[S, :] (so A = At^T = C[:, S] L^-T), by batched triangular solve.
+        // At = L^-1 C[S, :] (so A = At^T = C[:, S] L^-T): L^-1 by a batched triangular
+        // solve of the small P x P identity, then one batched GEMM over the K columns.
         const at::Tensor L = Lw.narrow(0, 0, nb);
-        const at::Tensor At = at::linalg_solve_triangular(L, CS.narrow(0, 0, nb), /*upper=*/false);
+        const at::Tensor Linv = at::linalg_solve_triangular(L, eye.expand({nb, pmax, pmax}), /*upper=*/false);
+        const at::Tensor At = at::bmm(Linv, CS.narrow(0, 0, nb));
         // w -= A z (= At^T z), then w_S = 0, for the rows that succeeded.
         const at::Tensor delta = at::bmm(zw.narrow(0, 0, nb).unsqueeze(1), At).squeeze(1).contiguous();
         const dim3 w_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)), rows_y);
         S3_LAUNCH(w_grid, 256, 0, stream, schur_update_w_kernel<acc_t>)(
             wp + b0 * K, delta.const_data_ptr<acc_t>(), mask.const_data_ptr<uint8_t>(), st + b0, nb, K);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        schur_rank_update(c.narrow(0, b0, nb), At, counts_dev.narrow(0, b0, nb), status.narrow(0, b0, nb));
+        // C -= A A^T by one batched tensor-core GEMM (fp32 accumulation).
+        const dim3 op_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)),
+                           static_cast<unsigned>(std::min<int64_t>(pmax, 65535)), rows_y);
+        S3_LAUNCH(op_grid, 256, 0, stream, schur_gemm_operands_kernel<acc_t, c_t>)(
+            At.const_data_ptr<acc_t>(), cntp + b0, st + b0, left.mutable_data_ptr<c_t>(),
+            right.mutable_data_ptr<c_t>(), nb, K, pmax, split);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const at::Tensor lhs = left.narrow(0, 0, nb);
+        c.narrow(0, b0, nb).baddbmm_(lhs.transpose(1, 2), right.narrow(0, 0, nb), 1, -1);
         const dim3 zero_grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(K, 256), 65535)),
                              static_cast<unsigned>(std::min<int64_t>(pmax, 65535)),
                              static_cast<unsigned>(std::min<int64_t>(nb, 65535)));
