@@ -43,6 +43,11 @@ METHODS = {
 
 
 def git_commit() -> str:
+    """HEAD (+dirty), or $S3SPARSE_COMMIT where the tree has no .git (e.g. a copy sent to a GPU box)."""
+    import os
+
+    if os.environ.get("S3SPARSE_COMMIT"):
+        return os.environ["S3SPARSE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()

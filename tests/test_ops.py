@@ -465,7 +465,9 @@ def test_schur_update_sequential(device, seed):
 
 def test_schur_update_row_chunks(device, seed, monkeypatch):
     # The CUDA kernel works through rows in chunks bounded by a workspace budget;
-    # a tiny budget (one row per chunk) must give the same result.
+    # a tiny budget (one row per chunk) must give the same result — up to GEMM
+    # round-off, since cuBLAS may pick another algorithm for another batch size.
+    # Failed rows stay bit-for-bit untouched either way.
     B, K, P = 5, 24, 6
     w = torch.randn(B, K)
     c = _inverse_hessians(B, K, torch.float16)
@@ -476,8 +478,10 @@ def test_schur_update_row_chunks(device, seed, monkeypatch):
     wb, cb = w.clone().to(device), c.clone().to(device)
     sb = ops.schur_update_(wb, cb, pruned.to(device))
     assert_bitwise(sb, sa, f"seed={seed} status")
-    assert_bitwise(wb, wa, f"seed={seed} w")
-    assert_bitwise(cb, ca, f"seed={seed} c")
+    torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-5, msg=f"seed={seed} w")
+    torch.testing.assert_close(cb.float(), ca.float(), rtol=2e-3, atol=2e-3, msg=f"seed={seed} c")
+    assert_bitwise(wb[3], w[3].to(device), f"seed={seed} failed row w")
+    assert_bitwise(cb[3], c[3].to(device), f"seed={seed} failed row c")
 
 
 # ---------------------------------------------------------------- bad inputs
