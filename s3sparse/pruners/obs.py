@@ -49,7 +49,7 @@ MAX_PRUNED_PER_STEP = 256
 _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
 # Per-row C held at once by prune_true_obs when chunk_size is not given (at least 64 rows).
 _CHUNK_TARGET_BYTES = 8 << 30
-# Bytes of working memory per element of a gathered temporary.
+# Bytes a gathered temporary (weights, C sub-blocks, C rows) may take; larger work is chunked.
 _GATHER_BUDGET = 1 << 28
 
 _COMPENSATE = ("local", "full", "split", "interleaved")
