@@ -257,6 +257,12 @@ def row_coupled_blocks(weight: WeightLike, block_cols: int = 16, rows_apart: int
 
 
 # ------------------------------------------------------------------ whole rows / columns
+def _one_scope(w: Tensor, block_shape: tuple[int, int], total: int, sparsity: float, name: str) -> Pattern:
+    """Blocks of ``block_shape`` all competing in one scope over the whole matrix."""
+    keep = sparsity_to_keep(sparsity, total, name)
+    return ScopeSpec(BlockSpec(w, block_shape, name=f"{name}.block"), (-1, -1), name=name), keep
+
+
 def channels(weight: WeightLike, sparsity: float = 0.5) -> Pattern:
     """Output-channel pruning: whole rows are blocks; all ``M`` rows compete in one scope.
 
@@ -267,10 +273,7 @@ def channels(weight: WeightLike, sparsity: float = 0.5) -> Pattern:
         ``(scope, rows kept)``.
     """
     w = _weight(weight, "channels")
-    M, _ = w.shape
-    keep = sparsity_to_keep(sparsity, M, "channels")
-    block = BlockSpec(w, (1, -1), name="channels.block")
-    return ScopeSpec(block, (-1, -1), name="channels"), keep
+    return _one_scope(w, (1, -1), w.shape[0], sparsity, "channels")
 
 
 def columns(weight: WeightLike, sparsity: float = 0.5) -> Pattern:
@@ -283,10 +286,7 @@ def columns(weight: WeightLike, sparsity: float = 0.5) -> Pattern:
         ``(scope, columns kept)``.
     """
     w = _weight(weight, "columns")
-    _, K = w.shape
-    keep = sparsity_to_keep(sparsity, K, "columns")
-    block = BlockSpec(w, (-1, 1), name="columns.block")
-    return ScopeSpec(block, (-1, -1), name="columns"), keep
+    return _one_scope(w, (-1, 1), w.shape[1], sparsity, "columns")
 
 
 def col_blocks(weight: WeightLike, width: int, sparsity: float = 0.5) -> Pattern:
@@ -310,9 +310,7 @@ def col_blocks(weight: WeightLike, width: int, sparsity: float = 0.5) -> Pattern
     _positive(pattern, width=width)
     _, K = w.shape
     _check_multiple(pattern, "K", K, width, f"blocks are {width} columns wide", f"col_blocks(..., width=b) with b dividing {K}")
-    keep = sparsity_to_keep(sparsity, K // width, pattern)
-    block = BlockSpec(w, (-1, width), name=f"col_blocks{width}.block")
-    return ScopeSpec(block, (-1, -1), name=f"col_blocks{width}"), keep
+    return _one_scope(w, (-1, width), K // width, sparsity, pattern)
 
 
 # ------------------------------------------------------------------ registry

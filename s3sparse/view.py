@@ -334,7 +334,7 @@ class View:
         strides = torch.tensor(self.stride, dtype=torch.long, device=idx.device)
         return (idx * strides).sum(-1) + self.offset
 
-    def _offsets_to_param_index(self, offsets: Tensor) -> Tensor:
+    def offsets_to_param_index(self, offsets: Tensor) -> Tensor:
         """Parameter indices ``(..., param.ndim)`` of relative storage offsets.
 
         Peels dims off in decreasing stride order, which inverts every layout that
@@ -351,7 +351,7 @@ class View:
 
     def to_param_index(self, idx: Tensor) -> Tensor:
         """Parameter indices ``(..., param.ndim)`` of view indices ``(..., ndim)``."""
-        return self._offsets_to_param_index(self.linear_offset(idx))
+        return self.offsets_to_param_index(self.linear_offset(idx))
 
     def to_param_rc(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """``(row, col)`` in a 2-D parameter of view indices ``(..., ndim)``."""
@@ -387,7 +387,7 @@ class View:
             return
         # A parameter with gaps (e.g. a strided slice): every element must be one of the parameter's.
         offsets = self.all_offsets()
-        index = self._offsets_to_param_index(offsets)
+        index = self.offsets_to_param_index(offsets)
         recomposed = (index * torch.tensor(pstride, dtype=torch.long)).sum(-1)
         inside = (index < torch.tensor(pshape, dtype=torch.long)).all(-1) & (recomposed == offsets)
         if not bool(inside.all()):

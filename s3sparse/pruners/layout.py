@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..block import BlockCoupling
 from ..scope import ScopeCoupling
+from ..view import View
 
 __all__ = ["ScopeLayout", "RowGroups", "scope_layout", "row_groups"]
 
@@ -97,35 +98,10 @@ def _block_members(block) -> tuple[list, list[tuple[int, ...]]]:
     return [block], [tuple(range(len(block.grid_shape)))]
 
 
-def _spec_offsets(spec, device: torch.device) -> Tensor:
+def _spec_offsets(spec) -> Tensor:
     """Storage offsets of the view elements of ``spec``, shaped ``(*grid_shape, *block_shape)``."""
     view = spec.view
-    grid = tuple(int(g) for g in spec.grid_shape)
-    block = tuple(int(b) for b in spec.shape)
-    stride = tuple(int(s) for s in view.stride)
-    n = len(grid)
-    off = torch.full((1,) * (2 * n), int(getattr(view, "offset", 0)), dtype=torch.long, device=device)
-    for d in range(n):
-        shape = [1] * (2 * n)
-        shape[d] = grid[d]
-        off = off + (torch.arange(grid[d], device=device) * (block[d] * stride[d])).view(shape)
-        shape = [1] * (2 * n)
-        shape[n + d] = block[d]
-        off = off + (torch.arange(block[d], device=device) * stride[d]).view(shape)
-    return off
-
-
-def _logical_index(param: Tensor, offsets: Tensor) -> Tensor:
-    """Row-major logical index of each storage offset of ``param``."""
-    if param.is_contiguous():
-        return offsets
-    numel = param.numel()
-    logical = torch.arange(numel, device=offsets.device).view(param.shape)
-    store = torch.empty_strided(param.shape, param.stride(), dtype=torch.long, device=offsets.device)
-    store.copy_(logical)
-    span = int(offsets.max()) + 1 if offsets.numel() else 1
-    flat = torch.as_strided(store, (span,), (1,))
-    return flat[offsets]
+    return View.block_view_of(view.all_offsets().view(view.shape), spec.shape, reorder=True)
 
 
 def scope_layout(scope) -> ScopeLayout:
@@ -156,7 +132,7 @@ def scope_layout(scope) -> ScopeLayout:
     grid = tuple(int(g) for g in scope.block.grid_shape)
     parts = []
     for spec, order in zip(specs, orders):
-        off = _spec_offsets(spec, device)
+        off = _spec_offsets(spec)
         n = len(spec.grid_shape)
         off = off.permute(*order, *range(n, 2 * n)).reshape(*grid, -1)
         parts.append(off)
@@ -171,12 +147,12 @@ def scope_layout(scope) -> ScopeLayout:
     m = len(grid)
     bk = offsets.shape[-1]
     offsets = offsets.reshape(*tiled, bk).permute(*range(0, 2 * m, 2), *range(1, 2 * m, 2), 2 * m)
-    offsets = offsets.reshape(-1, math.prod(scope_shape), bk)
-    index = _logical_index(param, offsets)
-    if len(specs) > 1 and torch.unique(index).numel() != index.numel():
+    offsets = offsets.reshape(-1, math.prod(scope_shape), bk).to(device)
+    rc = specs[0].view.offsets_to_param_index(offsets)  # (..., 2): row, column
+    rows, cols = rc[..., 0], rc[..., 1]
+    if len(specs) > 1 and torch.unique(rows * param.shape[1] + cols).numel() != rows.numel():
         raise ValueError("the coupled blocks of this scope overlap: an element belongs to two blocks")
-    K = param.shape[1]
-    return ScopeLayout(param=param, rows=torch.div(index, K, rounding_mode="floor"), cols=index % K)
+    return ScopeLayout(param=param, rows=rows, cols=cols)
 
 
 def _connected_row_labels(rows: Tensor, num_rows: int) -> Tensor:
