@@ -15,8 +15,8 @@ Two families:
   ``C(g, g−nnz)`` subsets. Phase 2 compensates: ``local`` (inside the scope),
   ``full`` (every still-active column, scopes in sequence, C frozen), ``split``
   (C recomputed from H on the unvisited columns between ``n_splits`` column
-  chunks, visited columns frozen), ``interleaved`` (as ``full``, with each chunk's
-  masks re-selected from the compensated weights under the recomputed C).
+  chunks, visited columns frozen), ``interleaved`` (as ``split``, with each chunk's
+  masks selected from the compensated weights under the recomputed C).
 * :meth:`StructuredOBS.prune_true_obs` — every row keeps its own C, updated by the
   Schur complement after each batch of ``ng`` scopes (op ``schur_update_``); a
   batch's blocks are chosen by ``independent`` (Σ w²/diag C per block) or
@@ -296,11 +296,14 @@ class StructuredOBS:
         * ``'split'``: like ``'full'``, but C is recomputed from H on the columns not
           yet visited between ``n_splits`` column chunks, and compensation goes to
           those columns only (visited ones are frozen);
-        * ``'interleaved'``: like ``'full'``, but the masks of each of the ``n_splits``
-          chunks are re-selected, just before the chunk is pruned, from the
-          compensated weights with C recomputed from H on the unvisited columns.
-          Compensation still reaches every active column, so it never does worse
-          than ``'full'`` on average (``n_splits=1`` is ``'full'``).
+        * ``'interleaved'``: like ``'split'``, but the masks of each of the
+          ``n_splits`` chunks are chosen just before the chunk is pruned, from the
+          weights compensated so far, with the same recomputed C that then
+          compensates the chunk (``n_splits=1`` is ``'full'``).
+
+        In ``'split'`` and ``'interleaved'`` a visited chunk is frozen, its kept
+        and pruned columns alike: ``C = (H_AA + λI)⁻¹`` on the unvisited columns
+        A, and compensation flows only into A (the reference's semantics).
 
         Args:
             nnz: blocks kept per scope.
@@ -354,14 +357,11 @@ class StructuredOBS:
                 )
                 map_k = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
                 map_k[cols_k] = torch.arange(cols_k.numel(), device=device)
-            if reselect:
-                best = self._select_shared(W, C_k, positions, subsets, map_k)[0]
-                # Compensate like 'full': every still-active column, frozen C. Freezing
-                # visited columns (as 'split' does) loses more than the fresh C gains.
-                self._compensate_sequential(W, self.inv_hessian, best, positions, subsets, active, all_cols, identity_map)
-            else:
-                best = best_all[:, positions]
-                self._compensate_sequential(W, C_k, best, positions, subsets, active, cols_k, map_k)
+            # The chunk's masks: chosen up front ('split') or now, from the weights
+            # compensated so far under C_k ('interleaved'). Either way the chunk is
+            # pruned with C_k frozen and compensates the unvisited columns only.
+            best = self._select_shared(W, C_k, positions, subsets, map_k)[0] if reselect else best_all[:, positions]
+            self._compensate_sequential(W, C_k, best, positions, subsets, active, cols_k, map_k)
             unvisited[self.groups.cols[positions].reshape(-1)] = False
         self._write_back(W)
 
