@@ -27,4 +27,10 @@ TORCH_LIBRARY(s3sparse, m) {
   // in place, C of row b being c[b] (fp16/bf16/fp32/fp64 storage, fp32+ math).
   // status[b] = 1 when C_SS is not positive definite: that row is left untouched.
   m.def("schur_update_(Tensor(a!) w, Tensor(b!) c, Tensor pruned) -> Tensor status");
+
+  // Batched low-rank correction of a panel: out[n] = base[n] - a[n] @ b[n]^T with
+  // fp32 (fp64 for fp64 inputs) accumulation, a and b possibly fp16/bf16 storage.
+  // The hot loop of left-looking True OBS: C[S, R] = C0[S, R] - U[S, :] U[R, :]^T.
+  // b may be a strided view (last dim contiguous): it is read in place.
+  m.def("lowrank_sub(Tensor base, Tensor a, Tensor b) -> Tensor");
 }

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers the operators)
 
-__all__ = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_"]
+__all__ = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_", "lowrank_sub"]
 
 _ops = torch.ops.s3sparse
 
@@ -139,6 +139,23 @@ def schur_update_(w: Tensor, c: Tensor, pruned: Tensor) -> Tensor:
     return _ops.schur_update_.default(w, c, pruned)
 
 
+def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``base - a @ b.mT``, batched, accumulated in the precision of ``base``.
+
+    The panel product of left-looking True OBS, ``C[S, R] = C0[S, R] - U[S] U[R]ᵀ``,
+    with the factors ``U`` stored in fp16/bf16 and read by tensor cores on CUDA.
+
+    Args:
+        base: (N, P, R) float32 (float64 when ``a`` is float64).
+        a: (N, P, O) float16/bfloat16/float32/float64.
+        b: (N, R, O), ``a``'s dtype; may be a strided view (last dim contiguous).
+
+    Returns:
+        (N, P, R) tensor of ``base``'s dtype.
+    """
+    return _ops.lowrank_sub.default(base, a, b)
+
+
 # ---------------------------------------------------------------- fakes
 def _fake_grid(op: str, size, stride, block) -> list[int]:
     if not (len(size) == len(stride) == len(block)):
@@ -177,3 +194,11 @@ def _score_subsets_fake(w, c, c_index, subsets):
 @torch.library.register_fake("s3sparse::schur_update_")
 def _schur_update_fake(w, c, pruned):
     return w.new_empty((w.shape[0],), dtype=torch.int32)
+
+
+@torch.library.register_fake("s3sparse::lowrank_sub")
+def _lowrank_sub_fake(base, a, b):
+    torch._check(base.dim() == 3 and a.dim() == 3 and b.dim() == 3, lambda: "s3sparse.lowrank_sub: 3-D inputs")
+    torch._check(a.shape[0] == base.shape[0] and b.shape[0] == base.shape[0])
+    torch._check(a.shape[1] == base.shape[1] and b.shape[1] == base.shape[2] and a.shape[2] == b.shape[2])
+    return torch.empty_like(base, memory_format=torch.contiguous_format)

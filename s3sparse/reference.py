@@ -20,6 +20,7 @@ __all__ = [
     "kth_largest",
     "score_subsets",
     "schur_update_",
+    "lowrank_sub",
     "interleaved_block_view",
 ]
 
@@ -163,3 +164,9 @@ def schur_update_(w: Tensor, c: Tensor, pruned: Tensor) -> Tensor:
         w[b].copy_(wb.to(w.dtype))
         c[b].copy_(C.to(c.dtype))
     return status.to(w.device)
+
+
+def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``base - a @ b.mT`` in float64: base (N, P, R), a (N, P, O), b (N, R, O)."""
+    out = base.double() - a.double() @ b.double().transpose(1, 2)  # (N, P, R)
+    return out.to(base.dtype)

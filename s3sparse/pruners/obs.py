@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -379,15 +380,34 @@ class StructuredOBS:
             cost = block_cost.sort(dim=-1).values[..., :num_prune].sum(-1)
         return torch.argsort(cost.sum(dim=0), descending=True, stable=True)
 
-    def _auto_chunk_rows(self, c_dtype: torch.dtype, p_max: int) -> int:
+    def _auto_chunk_rows(self, c_dtype: torch.dtype, plan: "_LazyPlan") -> int:
         """Rows per chunk: within half the free memory, and no more than ~8 GiB of
-        per-row C (or 64 rows) — past that, bigger batches no longer run faster."""
-        K = self.num_cols
-        elem = torch.empty((), dtype=c_dtype).element_size()
-        per_row = K * K * elem + 4 * K * (p_max + 8)
+        per-row factors (or 64 rows) — past that, bigger batches no longer run faster."""
+        per_row = plan.bytes_per_row(c_dtype)
         fits = _free_memory_bytes(self.W.device) // 2 // per_row
         useful = max(64, _CHUNK_TARGET_BYTES // per_row)
         return int(max(1, min(fits, useful, self.M)))
+
+    def _lazy_plan(self, batches: list[Tensor], p_max: int) -> "_LazyPlan":
+        """Column order and panel bounds of left-looking True OBS for these batches.
+
+        Columns are ordered by the last batch that visits them: the rows of the
+        factors that batch b and every later batch read are then one suffix
+        ``[start[b], Kc)`` of that order. Columns no scope visits are left out.
+        """
+        g = self.groups
+        K = self.num_cols
+        device = self.W.device
+        last = torch.full((K,), -1, dtype=torch.long, device=device)
+        for b, positions in enumerate(batches):
+            last[g.cols[positions].reshape(-1)] = b
+        visited = torch.nonzero(last >= 0).squeeze(1)
+        order = visited[torch.sort(last[visited], stable=True).indices]
+        pos = torch.full((K + 1,), -1, dtype=torch.long, device=device)  # pos[K] = -1 for padding
+        pos[order] = torch.arange(order.numel(), device=device)
+        counts = torch.bincount(last[visited], minlength=len(batches))
+        start = (torch.cumsum(counts, 0) - counts).tolist()
+        return _LazyPlan(order=order, pos=pos, start=start, p=p_max)
 
     def _true_obs_chunk(
         self,
@@ -399,58 +419,125 @@ class StructuredOBS:
         subsets: Optional[Tensor],
         C0: Tensor,
         c_dtype: torch.dtype,
-        p_max: int,
+        plan: "_LazyPlan",
     ) -> tuple[Tensor, Tensor]:
-        """True OBS for the rows of some groups; returns their new rows and a failed-group mask."""
+        """True OBS for the rows of some groups; returns their new rows and a failed-group mask.
+
+        Left-looking form. Row b's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ``
+        with ``U_j = C_{j-1}[:, S_j] L_j⁻ᵀ`` (``L_j`` the Cholesky factor of
+        ``C_{j-1}[S_j, S_j]``), so only the factors U are stored (c_dtype) and each
+        batch forms just what it reads: the diagonal (or scope blocks) of its
+        columns for scoring, and the panel ``C[S_b, R]`` over the columns R that
+        later batches still visit. Sequential OBS steps equal one joint step on
+        the union S of pruned columns, so the final weights are
+        ``w0 - C0[:, S] C0[S, S]⁻¹ w0[S]``, with ``C0[S, S]⁻¹ w0[S]`` solved through
+        the block-triangular factor the U's form (forward during the sweep,
+        backward at the end) and the product by the shared C0 one GEMM.
+        """
         g = self.groups
         rpc, E, bk = g.rows_per_group, self.layout.elems_per_scope, self.bk
         Rc = group_index.numel()
         device = W.device
         rows = g.rows[group_index].reshape(-1)
         B = rows.numel()
-        # Work in Jacobi-scaled coordinates: C~ = D^-1/2 C D^-1/2 (unit diagonal, entries
-        # in [-1, 1]) and w~ = D^-1/2 w, D = diag(C). Costs, compensations and Schur
-        # updates are the same in these coordinates, and fp16 storage of C~ keeps
-        # every column's relative precision.
+        math_dtype = _math_dtype(c_dtype)
+        P, Kc, nb = plan.p, plan.order.numel(), len(batches)
+        # Jacobi-scaled coordinates: C~ = D^-1/2 C D^-1/2 (unit diagonal) and
+        # w~ = D^-1/2 w, D = diag(C0). Costs and compensations are the same in
+        # them, and every column keeps its relative precision in fp16 factors.
         col_scale = torch.diagonal(C0).clamp(min=torch.finfo(C0.dtype).tiny).sqrt()
-        Wc = (W[rows].to(C0.dtype) / col_scale).to(_math_dtype(c_dtype))
-        Cc = (C0 / col_scale.unsqueeze(1) / col_scale.unsqueeze(0)).to(c_dtype).unsqueeze(0).expand(B, -1, -1).contiguous()
+        C0s = (C0 / col_scale.unsqueeze(1) / col_scale.unsqueeze(0)).to(math_dtype)
+        C0p = C0s[plan.order][:, plan.order]  # (Kc, Kc) in plan order
+        w0 = (W[rows].to(C0.dtype) / col_scale).to(math_dtype)  # (B, K)
+        w_cur = w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
+        diag = torch.diagonal(C0p).to(math_dtype).expand(B, Kc).contiguous()  # current diag C
+        U = torch.zeros(B, Kc, nb * P, dtype=c_dtype, device=device)  # factors, P columns a batch
+        z = torch.zeros(B, nb * P, dtype=math_dtype, device=device)
+        L_all = torch.empty(nb, B, P, P, dtype=math_dtype, device=device)
+        S_all = torch.empty(nb, B, P, dtype=torch.long, device=device)  # plan positions, -1 pad
         health_tol = _HEALTH_TOL[c_dtype]
-        # Columns each row still holds; one spare column absorbs the -1 padding.
-        alive = torch.ones(B, self.num_cols + 1, dtype=torch.bool, device=device)
         failed = torch.zeros(B, dtype=torch.bool, device=device)
+        alive = torch.ones(B, Kc + 1, dtype=torch.bool, device=device)  # spare column for padding
+        b_idx = torch.arange(B, device=device).unsqueeze(1)
         local_base = (torch.arange(Rc, device=device) * rpc).view(Rc, 1, 1)
-        for positions in batches:
+        eye = torch.eye(P, dtype=math_dtype, device=device)
+        for bi, positions in enumerate(batches):
+            s0, o = plan.start[bi], bi * P
             cols = g.cols[positions]  # (n, E)
+            pcols = plan.pos[cols]  # (n, E) plan positions
             row_local = local_base + g.local_rows[positions]  # (Rc, n, E)
-            w = Wc[row_local, cols]
+            w = w_cur[row_local, pcols]
             n = positions.numel()
             if scoring == "independent":
-                d = Cc[row_local, cols, cols].to(Wc.dtype)
+                d = diag[row_local, pcols]
                 cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
                 block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
                 _, keep = ops.kth_largest(block_cost, nnz)
                 pruned = (~keep).repeat_interleave(bk, dim=-1)
             else:
+                # Scope blocks of the current C: C0 - U Uᵀ on the scope's columns.
                 lr = g.local_rows[positions]
                 same_row = lr.unsqueeze(-1) == lr.unsqueeze(-2)
-                blocks = Cc[row_local.unsqueeze(-1), cols.unsqueeze(-1), cols.unsqueeze(-2)] * same_row
-                _, best = ops.score_subsets(w.reshape(-1, E), blocks.reshape(-1, E, E), subsets)
+                Ug = U[row_local, pcols, :o].reshape(Rc * n, E, o)
+                base = C0p[pcols.unsqueeze(-1), pcols.unsqueeze(-2)].to(math_dtype).expand(Rc, n, E, E)
+                blocks = ops.lowrank_sub(base.reshape(Rc * n, E, E).contiguous(), Ug, Ug) * same_row.repeat(Rc, 1, 1)
+                _, best = ops.score_subsets(w.reshape(-1, E), blocks, subsets)
                 pruned = torch.zeros(Rc * n, E, dtype=torch.bool, device=device)
                 pruned.scatter_(1, subsets[best], True)
                 pruned = pruned.view(Rc, n, E)
-            per_row = self._row_lists(positions, pruned, p_max)
+            per_row = self._row_lists(positions, pruned, P)  # (B, <= P) columns, -1 padded
+            per_row = torch.nn.functional.pad(per_row, (0, P - per_row.shape[1]), value=-1)
             per_row = torch.where(failed.unsqueeze(1), -1, per_row)
-            status = ops.schur_update_(Wc, Cc, per_row)
-            failed |= status != 0
-            alive.scatter_(1, torch.where(per_row < 0, self.num_cols, per_row), False)
-            # A remaining coordinate's conditional variance (diag of C~, 1 at the start)
-            # at or below the storage's noise level means the row's C is no longer
-            # trustworthy: redo the row in higher precision.
-            diag = torch.diagonal(Cc, dim1=1, dim2=2)
-            failed |= ((diag <= health_tol) | ~torch.isfinite(diag)).logical_and(alive[:, :-1]).any(dim=1)
-        failed |= ~torch.isfinite(Wc).all(dim=1)
-        Wc = (Wc.to(C0.dtype) * col_scale).to(torch.float32)
+            S = plan.pos[torch.where(per_row < 0, self.num_cols, per_row)]  # plan positions, -1 pad
+            valid = S >= 0
+            Sc = S.clamp(min=s0)  # padding reads a harmless valid position
+            # Panel C[S_b, R] = C0[S_b, R] - U[S_b, :o] U[R, :o]ᵀ over R = [s0, Kc).
+            panel = ops.lowrank_sub(C0p[:, s0:][Sc], U[b_idx, Sc, :o], U[:, s0:, :o])
+            panel = panel * valid.unsqueeze(-1)
+            C_SS = torch.gather(panel, 2, (Sc - s0).unsqueeze(1).expand(B, P, P))
+            C_SS = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), 0.5 * (C_SS + C_SS.mT), eye)
+            # A pivot at or below the storage's noise level means the row's factors no
+            # longer describe its C: the row is redone in higher precision.
+            piv = torch.diagonal(C_SS, dim1=1, dim2=2)
+            bad = ((piv <= health_tol) | ~torch.isfinite(piv)).logical_and(valid).any(dim=1)
+            L, info = torch.linalg.cholesky_ex(C_SS)
+            bad |= info != 0
+            failed |= bad
+            L = torch.where(bad.view(B, 1, 1), eye, L)
+            ok = valid & ~bad.unsqueeze(1)
+            # U_bᵀ = L⁻¹ C[S_b, R];  z_b = L⁻¹ w[S_b].
+            Ut = torch.linalg.solve_triangular(L, panel * ok.unsqueeze(-1), upper=False)  # (B, P, |R|)
+            w_S = torch.gather(w_cur, 1, Sc) * ok
+            zb = torch.linalg.solve_triangular(L, w_S.unsqueeze(-1), upper=False).squeeze(-1)
+            w_cur[:, s0:] -= torch.einsum("bpr,bp->br", Ut, zb)
+            diag[:, s0:] -= (Ut * Ut).sum(dim=1)
+            U[:, s0:, o : o + P] = Ut.mT.to(c_dtype)
+            z[:, o : o + P] = zb
+            L_all[bi] = L
+            S_all[bi] = torch.where(ok, S, -1)
+            alive.scatter_(1, torch.where(ok, S, Kc), False)
+            w_cur.masked_fill_(~alive[:, :Kc], 0.0)
+            # A remaining coordinate's conditional variance (diag of C~, 1 at the
+            # start) at or below the noise level: likewise redo the row.
+            live = alive[:, s0:Kc]
+            failed |= ((diag[:, s0:] <= health_tol) | ~torch.isfinite(diag[:, s0:])).logical_and(live).any(dim=1)
+        # Backward solve: y = Lfull⁻ᵀ z, batch by batch from the last, v holding y
+        # at the plan positions solved so far.
+        v = torch.zeros(B, Kc + 1, dtype=math_dtype, device=device)
+        for bi in range(nb - 1, -1, -1):
+            s0, o = plan.start[bi], bi * P
+            rhs = z[:, o : o + P] - torch.einsum("brp,br->bp", U[:, s0:, o : o + P].to(math_dtype), v[:, s0:Kc])
+            y = torch.linalg.solve_triangular(L_all[bi].mT, rhs.unsqueeze(-1), upper=True).squeeze(-1)
+            S = S_all[bi]
+            v.scatter_(1, torch.where(S >= 0, S, Kc), torch.where(S >= 0, y, 0.0))
+        Y = torch.zeros(B, self.num_cols, dtype=math_dtype, device=device)
+        Y[:, plan.order] = v[:, :Kc]
+        w_new = w0 - Y @ C0s  # C0s symmetric: row b is w0 - C0[:, S] y
+        pruned_cols = torch.zeros(B, self.num_cols, dtype=torch.bool, device=device)
+        pruned_cols[:, plan.order] = ~alive[:, :Kc]
+        w_new.masked_fill_(pruned_cols, 0.0)
+        failed |= ~torch.isfinite(w_new).all(dim=1)
+        Wc = (w_new.to(C0.dtype) * col_scale).to(torch.float32)
         return Wc, failed.view(Rc, rpc).any(dim=1)
 
     @torch.no_grad()
@@ -516,9 +603,10 @@ class StructuredOBS:
         ng_eff = max(1, min(int(ng), MAX_PRUNED_PER_STEP // max(1, per_scope_row)))
         batches = list(positions.split(ng_eff))
         p_max = self._max_pruned_per_row(ng_eff, pruned_per_scope)
+        plan = self._lazy_plan(batches, p_max)
 
         rpc = g.rows_per_group
-        rows_per_chunk = int(chunk_size) if chunk_size is not None else self._auto_chunk_rows(c_dtype, p_max)
+        rows_per_chunk = int(chunk_size) if chunk_size is not None else self._auto_chunk_rows(c_dtype, plan)
         groups_per_chunk = max(1, rows_per_chunk // rpc)
 
         levels = [(c_dtype, self.damp)]
@@ -545,7 +633,7 @@ class StructuredOBS:
                         f"true OBS: rows chunk {ci + 1}/{n_chunks} ({group_index.numel() * rpc} rows"
                         + (f", retry level {level}" if level else "") + ")"
                     )
-                Wc, failed = self._true_obs_chunk(W, group_index, batches, nnz, scoring, subsets, C0, dtype, p_max)
+                Wc, failed = self._true_obs_chunk(W, group_index, batches, nnz, scoring, subsets, C0, dtype, plan)
                 ok_rows = g.rows[group_index[~failed]].reshape(-1)
                 W[ok_rows] = Wc.view(group_index.numel(), rpc, -1)[~failed].reshape(-1, self.num_cols).to(W.dtype)
                 failed_all.append(group_index[failed])
@@ -565,3 +653,25 @@ class StructuredOBS:
         if progress_fn is not None:
             progress_fn("")
         self._write_back(W)
+
+
+@dataclass(frozen=True)
+class _LazyPlan:
+    """Column order of left-looking True OBS (see ``StructuredOBS._lazy_plan``).
+
+    ``order``: the visited columns, by the last batch visiting them; ``pos``: each
+    column's place in ``order`` (-1: never visited; ``pos[K] = -1`` for padding);
+    ``start[b]``: first place batch b and later batches read; ``p``: columns a row
+    prunes per batch at most.
+    """
+
+    order: Tensor
+    pos: Tensor
+    start: list
+    p: int
+
+    def bytes_per_row(self, c_dtype: torch.dtype) -> int:
+        """Memory one row takes: its factors U (Kc × batches·p) and the per-batch workspaces."""
+        Kc, nb = self.order.numel(), len(self.start)
+        elem = torch.empty((), dtype=c_dtype).element_size()
+        return Kc * nb * self.p * elem + nb * self.p * (self.p + 2) * 8 + 4 * Kc * (3 * self.p + 8)

@@ -1,0 +1,23 @@
+// CPU kernel of lowrank_sub: out = base - a b^T by one batched BLAS GEMM in the
+// precision of base (fp16/bf16 operands are widened first: CPU BLAS has no
+// mixed-precision GEMM).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "lowrank.h"
+
+namespace s3sparse {
+namespace {
+
+at::Tensor lowrank_sub_cpu(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b) {
+  check_lowrank_sub(base, a, b, "s3sparse.lowrank_sub");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto acc = base.scalar_type();
+  return at::baddbmm(base, a.to(acc), b.to(acc).transpose(1, 2), 1, -1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s3sparse, CPU, m) { m.impl("lowrank_sub", &lowrank_sub_cpu); }
+
+}  // namespace s3sparse
