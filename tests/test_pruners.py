@@ -170,7 +170,8 @@ def test_sparsegpt_reproduces_published_algorithm(device, n, m, samples):
 # ---------------------------------------------------------------- True OBS = brute-force float64 OBS
 def true_obs_brute_force(W0, H, name, damp=1e-4):
     """Exact per-row OBS, one Schur step per pruned block, float64, written from SPEC §3 and
-    the pattern's definition by plain indexing (independent scoring, left to right)."""
+    the pattern's definition by plain indexing (independent scoring, left to right: Σ w²/C_cc
+    per block, or the block's exact cost where rows compete for a scope)."""
     M, K = W0.shape
     W = W0.double().clone()
     Hd = H.double()
@@ -200,8 +201,17 @@ def true_obs_brute_force(W0, H, name, damp=1e-4):
                             [(16 * a + 8 * h + p, 16 * t + j) for j in range(16)] for h in range(2)
                         ], 1
 
+    def block_cost(blk):
+        rows = {r for r, _ in blk}
+        if name != "block16":  # scopes in one row: the sum of w^2 / C_cc
+            return sum(float(W[r, c] ** 2 / C[r][c, c]) for r, c in blk)
+        # rows compete: each block's exact OBS cost w_b^T (C_bb)^-1 w_b under its row's C
+        (r,) = rows
+        S = torch.tensor([c for _, c in blk], device=H.device)
+        return float(W[r, S] @ torch.linalg.solve(C[r][S][:, S], W[r, S]))
+
     for blocks, nnz in scopes():
-        cost = [sum(float(W[r, c] ** 2 / C[r][c, c]) for r, c in blk) for blk in blocks]
+        cost = [block_cost(blk) for blk in blocks]
         ranked = sorted(range(len(blocks)), key=lambda b: (-cost[b], b))
         for b in sorted(ranked[nnz:]):
             rows = sorted({r for r, _ in blocks[b]})
