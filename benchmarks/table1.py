@@ -533,6 +533,28 @@ def skip_matcher(spec: str) -> Callable[[str, str], bool]:
     return match
 
 
+def combine(files: List[str], out: Optional[str], markdown: bool) -> None:
+    """Merge several table1 JSON files (e.g. one per GPU invocation) into one table."""
+    cells: List[dict] = []
+    invocations: List[dict] = []
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        offset = len(invocations)
+        invocations += res.get("invocations") or [res["meta"]]
+        for c in res.get("cells", []):
+            c = dict(c, invocation=offset + int(c.get("invocation", 0)), source=str(f))
+            cells = [x for x in cells if cell_key(x) != cell_key(c)] + [c]
+    devices = sorted({m.get("device", "?") for m in invocations})
+    commits = sorted({m.get("commit", "?") for m in invocations})
+    print(f"{len(files)} files, {len(cells)} cells; devices {devices}; commits {commits}")
+    print_table(cells, any(c["impl"] == "sparsekit" for c in cells), markdown)
+    if out:
+        meta = dict(invocations[-1], combined_from=[str(f) for f in files]) if invocations else {}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(dict(meta=meta, invocations=invocations, cells=cells), indent=1, default=str))
+        print(f"\nwrote {out}")
+
+
 def split_list(values: List[str]) -> List[str]:
     return [v for item in values for v in item.replace(",", " ").split()]
 
@@ -564,7 +586,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", action="store_true", help="keep the cells already in --out, replace those re-run")
     ap.add_argument("--markdown", action="store_true", help="print the final table as Markdown")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: merge these result files (later ones win per cell), print the table, "
+                    "write --out if given")
     args = ap.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.out, args.markdown)
+        return
 
     args.patterns = split_list(args.patterns)
     args.methods = split_list(args.methods)

@@ -101,6 +101,11 @@ def test_table1_end_to_end(tmp_path):
                  "--methods", "magnitude", "--merge", "--out", str(out)])
     res2 = json.loads(out.read_text())
     assert len(res2["cells"]) == len(res["cells"]) and len(res2["invocations"]) == 2
+    # --combine merges result files without running anything.
+    both = tmp_path / "both.json"
+    table1.main(["--combine", str(out), str(out), "--out", str(both)])
+    res3 = json.loads(both.read_text())
+    assert len(res3["cells"]) == len(res["cells"]) and len(res3["invocations"]) == 4
 
 
 def test_table1_peer_missing_is_a_clear_error(tmp_path, monkeypatch):
