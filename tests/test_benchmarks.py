@@ -1,0 +1,127 @@
+"""The benchmark scripts keep working: data generator, loader, pattern check, table1 and ops end to end (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import data  # noqa: E402
+import table1  # noqa: E402
+
+
+def test_synthetic_layer_is_deterministic_and_as_described():
+    a = data.synthetic_layer(32, 256, N=300, seed=3)
+    b = data.synthetic_layer(32, 256, N=300, seed=3)
+    c = data.synthetic_layer(32, 256, N=300, seed=4)
+    assert torch.equal(a.W, b.W) and torch.equal(a.H, b.H)
+    assert not torch.equal(a.H, c.H)
+    assert a.W.dtype == a.H.dtype == torch.float32
+    assert torch.equal(a.H, a.H.T)
+    # H = XᵀX/N from the same generator, recomputed in fp64.
+    X = torch.cat(list(data.calibration_inputs(256, 300, seed=3))).double()
+    assert X.shape == (300, 256)
+    torch.testing.assert_close(a.H.double(), X.T @ X / 300, rtol=1e-4, atol=1e-4)
+    # N < K: rank-deficient; the outlier channels are ×10 in scale (×100 in H's diagonal).
+    assert torch.linalg.matrix_rank(a.H.double()) <= 300
+    scales, outliers = data.channel_scales(256, seed=3)
+    assert outliers.numel() == 1  # round(0.5% of 256) = 1
+    assert 0.01 < float(a.W.std()) / 0.02 < 1.2
+
+
+def test_load_layers_file_list_and_directory(tmp_path):
+    L = data.synthetic_layer(16, 32, N=64)
+    torch.save({"W": L.W, "H": L.H.double(), "name": "one", "N": 64}, tmp_path / "a.pt")
+    torch.save([{"W": L.W.half(), "H": L.H}, {"W": L.W, "H": L.H, "name": "three"}], tmp_path / "b.pt")
+    layers = data.load_layers(tmp_path)
+    assert [x.name for x in layers] == ["one", "b[0]", "three"]
+    assert all(x.W.dtype == torch.float32 and x.H.dtype == torch.float32 for x in layers)
+    assert layers[0].meta["N"] == 64
+    assert [x.name for x in data.load_layers(tmp_path / "a.pt")] == ["one"]
+    torch.save({"W": L.W, "H": L.H[:8, :8]}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="need W"):
+        data.load_layers(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError):
+        data.load_layers(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("pattern", list(table1.PATTERNS))
+def test_check_pattern_accepts_only_its_own_pattern(pattern):
+    W0 = torch.randn(32, 64)
+    pruned = {}
+    for p in table1.PATTERNS:
+        W = nn.Parameter(W0.clone())
+        scope, nnz = table1.ours_scope(p, W)
+        scope.hard_threshold(nnz=nnz)
+        pruned[p] = W.detach()
+    nnz = table1.NNZ[pattern]
+    assert table1.check_pattern(pattern, pruned[pattern], nnz)["pattern_ok"]
+    assert not table1.check_pattern(pattern, W0, nnz)["pattern_ok"]
+    # Coupled 2:4 is a special case of 2:4; no other pattern satisfies another.
+    for p, Wp in pruned.items():
+        if p != pattern and not (pattern == "24" and p == "coupled24"):
+            assert not table1.check_pattern(pattern, Wp, nnz)["pattern_ok"], p
+    broken = pruned[pattern].clone()
+    broken[broken == 0] = 1.0  # every pruned block comes back
+    res = table1.check_pattern(pattern, broken, nnz)
+    assert not res["pattern_ok"] and res["scopes_over"] == res["scopes"]
+
+
+def test_rows_redone_parses_the_true_obs_warning():
+    msg = "prune_true_obs: 12 of 2560 rows hit a non-positive-definite sub-problem and were redone with fp32 C"
+    assert table1.rows_redone([msg]) == 12
+    assert table1.rows_redone(["something else"]) is None
+
+
+def test_table1_end_to_end(tmp_path):
+    out = tmp_path / "t.json"
+    table1.main(["--device", "cpu", "-M", "32", "-K", "64", "-N", "128", "--repeat", "2",
+                 "--methods", "magnitude", "sparsegpt", "true_obs_l2r", "--c-dtype", "default", "float32",
+                 "--skip-cells", "block16:sparsegpt", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["meta"]["commit"] and res["meta"]["torch"] == torch.__version__
+    cells = {(c["pattern"], c["method"], c["c_dtype"]): c for c in res["cells"]}
+    assert len(cells) == 4 * 4
+    assert cells[("block16", "sparsegpt", "default")]["status"] == "skipped"
+    for key, c in cells.items():
+        if c["status"] == "skipped":
+            continue
+        assert c["status"] == "ok", (key, c.get("exception"))
+        assert c["pattern_ok"] and c["n_runs"] == 2 and 0 < c["error"] < 1
+        assert (c["rows_fp32"] is not None) == (key[1] == "true_obs_l2r")
+    # --merge keeps the earlier cells and replaces the re-run one.
+    table1.main(["--device", "cpu", "-M", "32", "-K", "64", "-N", "128", "--repeat", "1", "--patterns", "24",
+                 "--methods", "magnitude", "--merge", "--out", str(out)])
+    res2 = json.loads(out.read_text())
+    assert len(res2["cells"]) == len(res["cells"]) and len(res2["invocations"]) == 2
+    # --combine merges result files without running anything.
+    both = tmp_path / "both.json"
+    table1.main(["--combine", str(out), str(out), "--out", str(both)])
+    res3 = json.loads(both.read_text())
+    assert len(res3["cells"]) == len(res["cells"]) and len(res3["invocations"]) == 4
+
+
+def test_table1_peer_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sparsekit", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match="--peer sparsekit: cannot import sparsekit"):
+        table1.main(["--device", "cpu", "-M", "32", "-K", "64", "--peer", "sparsekit", "--out", str(tmp_path / "x.json")])
+
+
+def test_ops_benchmark_runs(tmp_path, monkeypatch):
+    import ops as ops_bench
+
+    out = tmp_path / "ops.json"
+    ops_bench.main(["--quick", "--repeat", "1", "--ops", "kth_largest",
+                    "block_reduce", "no_such_op", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {"copy_GB/s", "gemm_fp16_TFLOP/s", "gemm_fp32_TFLOP/s"} <= set(res["meta"]["ceilings"])
+    rows = res["results"]
+    assert any(r["op"] == "kth_largest" and r["GB/s"] > 0 for r in rows)
+    assert any(r["op"] == "no_such_op" and r["status"] == "skipped" for r in rows)
