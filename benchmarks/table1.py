@@ -12,7 +12,7 @@ Patterns (SPEC §2): ``24`` = ``patterns.nm`` (2:4), ``48`` = ``patterns.nm_bloc
 
 Methods: ``magnitude``, ``obd``, ``sparsegpt``, ``obs_local``, ``obs_full``,
 ``obs_interleaved`` (``StructuredOBS(scope, H).prune(nnz, compensate=..., n_splits=16)``,
-``--n-splits``), ``true_obs_l2r`` / ``true_obs_lf`` (``prune_true_obs(nnz, ng=64,
+``--n-splits``), ``true_obs_l2r`` / ``true_obs_lf`` (``prune_true_obs(nnz, ng=None (library default),
 order='left_to_right' | 'largest_first')``, ``--ng``; ``--c-dtype float32`` — or
 ``--c-dtype default float32`` for both — sets the per-row C storage).
 
@@ -314,8 +314,8 @@ class Peer:
 
             def call(W, H):
                 scope, nnz = self.scope(pattern, W)
-                sk.StructuredOBS(scope, H).prune_true_obs(nnz, ng=ng, order=order, c_dtype=c_dtype)
-            text = f"{spec}; StructuredOBS(scope, H).prune_true_obs(nnz, ng={ng}, order={order!r}, c_dtype={c_dtype})"
+                sk.StructuredOBS(scope, H).prune_true_obs(nnz, ng=64 if ng is None else ng, order=order, c_dtype=c_dtype)
+            text = f"{spec}; StructuredOBS(scope, H).prune_true_obs(nnz, ng={64 if ng is None else ng}, order={order!r}, c_dtype={c_dtype})"
             if pattern == "block16" and c_dtype not in (None, torch.float16):
                 text += "  [sparsekit's row-coupled path ignores c_dtype: fp16 C]"
             return call, text
@@ -571,7 +571,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {METHODS}")
     ap.add_argument("--c-dtype", nargs="+", default=["default"], choices=list(C_DTYPES),
                     help="per-row C storage of the true_obs methods; several run each (default: the pruner's)")
-    ap.add_argument("--ng", type=int, default=64)
+    ap.add_argument("--ng", type=int, default=None, help="scopes per True OBS batch (default: the library's: 64, 1 for row-coupled patterns; the reference: 64)")
     ap.add_argument("--n-splits", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per cell, median reported (default 3; 1 with --quick)")
     ap.add_argument("--warmup", choices=["small", "full", "none"], default="small")
