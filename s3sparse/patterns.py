@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Tuple, Union
 from torch import Tensor, nn
 
 from .block import BlockSpec
-from .errors import SpecError
+from .errors import ArgumentTypeError, SpecError, UnknownNameError
 from .scope import ScopeSpec
 from .view import View
 
@@ -63,10 +63,10 @@ def _weight(weight: WeightLike, pattern: str) -> Tensor:
     """The 2-D weight tensor of ``weight`` (a tensor or a module with ``.weight``)."""
     if isinstance(weight, nn.Module):
         if not isinstance(getattr(weight, "weight", None), Tensor):
-            raise TypeError(f"{pattern}: module {type(weight).__name__} has no `.weight` tensor")
+            raise ArgumentTypeError(f"{pattern}: module {type(weight).__name__} has no `.weight` tensor")
         weight = weight.weight
     if not isinstance(weight, Tensor):
-        raise TypeError(f"{pattern}: `weight` must be a tensor (M, K) or a module with `.weight`, got {type(weight).__name__}")
+        raise ArgumentTypeError(f"{pattern}: `weight` must be a tensor (M, K) or a module with `.weight`, got {type(weight).__name__}")
     if weight.ndim != 2:
         raise SpecError(
             f"{pattern}: `weight` must be 2-D (M output rows × K input columns, an nn.Linear.weight), "
@@ -372,5 +372,5 @@ def by_name(name: str, weight: WeightLike, **overrides: Any) -> Pattern:
     key = _ALIASES.get(name, name)
     if key not in PATTERNS:
         known = ", ".join(repr(k) for k in [*PATTERNS, *_ALIASES])
-        raise KeyError(f"unknown pattern {name!r}; known patterns: {known}")
+        raise UnknownNameError(f"unknown pattern {name!r}; known patterns: {known}")
     return PATTERNS[key](weight, **overrides)
