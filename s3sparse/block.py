@@ -189,6 +189,8 @@ class SparseBlock(ABC):
         may be a copy.
         """
         out = fn(self._merged(values, "values"))
+        if not isinstance(out, Tensor):
+            raise ArgumentTypeError(f"the result of `fn` must be a tensor (one value per block), got {type(out).__name__}")
         if out.numel() != self.numblk():
             raise ShapeMismatchError(self.grid_shape, tuple(out.shape), "the result of `fn`")
         return out.reshape(self.grid_shape)

@@ -19,6 +19,7 @@ differentiable.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional, Sequence, Union
 
@@ -76,6 +77,8 @@ def reduce_blocks(t: Tensor, block_shape: Sequence[int], reduce: str = "norm", p
     """
     if reduce not in _REDUCTIONS:
         raise SpecError(f"`reduce` must be one of {_REDUCTIONS}, got {reduce!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise ArgumentTypeError(f"`p` must be a real number > 0 (or inf), got {type(p).__name__} {p!r}")
     if reduce == "norm" and not p > 0:
         raise SpecError(f"`p` must be > 0 (or inf), got {p}")
     if not (t.is_floating_point() or t.is_complex()):
@@ -276,6 +279,8 @@ class View:
             return self.data
         if not isinstance(values, Tensor):
             raise ArgumentTypeError(f"`{name}` must be a tensor or None, got {type(values).__name__}")
+        if values.device.type == "meta" and self.param.device.type != "meta":
+            raise SpecError(f"`{name}` is on the meta device (a shape without data); pass a tensor with values")
         if tuple(values.shape) == self.shape:
             return values
         param_shape = tuple(self.param.shape)

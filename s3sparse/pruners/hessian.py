@@ -190,6 +190,8 @@ def output_error(W_pruned: Tensor, W_orig: Tensor, H: Tensor, N: Optional[int] =
             f"`W_pruned` {tuple(W_pruned.shape)} and `W_orig` {tuple(W_orig.shape)} must have the same shape"
         )
     check_hessian(H, W_orig.shape[-1], name="H", allow_zero=True)
+    if N is not None:
+        N = check_int(N, "N", minimum=1, what="calibration samples behind H")
     Hd = H.double().to(W_orig.device)
     W = W_orig.double()
     dW = W_pruned.double().to(W.device) - W
