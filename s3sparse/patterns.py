@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Tuple, Union
 from torch import Tensor, nn
 
 from .block import BlockSpec
+from .checks import check_int
 from .errors import ArgumentTypeError, SpecError, UnknownNameError
 from .scope import ScopeSpec
 from .view import View
@@ -77,7 +78,11 @@ def _weight(weight: WeightLike, pattern: str) -> Tensor:
 
 def _positive(pattern: str, **kwargs: int) -> None:
     for name, value in kwargs.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        try:
+            number = check_int(value, name)  # the one int check: 2.0 and True are refused everywhere
+        except ArgumentTypeError as err:
+            raise ArgumentTypeError(f"{pattern}: {err}") from None
+        if number < 1:
             raise SpecError(f"{pattern}: `{name}` must be a positive int, got {value!r}")
 
 

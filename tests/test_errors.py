@@ -388,6 +388,8 @@ def test_spec_layer_errors_are_s3_errors():
         (lambda: ScopeSpec(BlockSpec(W, (1, 1)), (1, 4)).sparsity_to_nnz(1.5), SpecError, "`sparsity`"),
         (lambda: patterns.by_name("3:7", W), UnknownNameError, "known patterns"),
         (lambda: patterns.nm(W, 2, 3), SpecError, "multiple of 3"),
+        (lambda: patterns.nm(W, 2.0, 4), ArgumentTypeError, "`n`"),
+        (lambda: patterns.col_blocks(W, width=True), ArgumentTypeError, "`width`"),
         (lambda: patterns.nm("W"), ArgumentTypeError, "`weight`"),
         (lambda: s3sparse.SparsityBuilder().get_block("nope"), UnknownNameError, "nope"),
         (lambda: s3sparse.SparsityBuilder().add_block(W, (1, 1), ""), ArgumentTypeError, "`name`"),
