@@ -30,7 +30,18 @@ __all__ = ["build_info", "ops", "reference", "__version__"]
 from . import tensor_ops  # noqa: E402
 from .block import BlockCoupling, BlockSpec, SparseBlock  # noqa: E402
 from .builder import SparsityBuilder  # noqa: E402
-from .errors import CouplingError, S3Error, ShapeMismatchError, SparseKitError, SpecError  # noqa: E402
+from . import checks  # noqa: E402
+from .errors import (  # noqa: E402
+    ArgumentError,
+    ArgumentIndexError,
+    ArgumentTypeError,
+    CouplingError,
+    S3Error,
+    ShapeMismatchError,
+    SparseKitError,
+    SpecError,
+    UnknownNameError,
+)
 from .scope import ScopeCoupling, ScopeSpec  # noqa: E402
 from .view import View  # noqa: E402
 
@@ -44,9 +55,14 @@ __all__ += [
     "SparsityBuilder",
     "S3Error",
     "SparseKitError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ArgumentIndexError",
     "SpecError",
     "ShapeMismatchError",
     "CouplingError",
+    "UnknownNameError",
+    "checks",
     "tensor_ops",
 ]
 

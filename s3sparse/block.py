@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .errors import CouplingError, ShapeMismatchError, SpecError
+from .errors import ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError
 from .tensor_ops import (
     broadcast_numbers,
     get_dtype_epsilon,
@@ -154,11 +154,11 @@ class SparseBlock(ABC):
     def _grid_mask(self, mask: Tensor, name: str) -> Tensor:
         """``mask`` checked to be a bool tensor of exactly the grid shape."""
         if not isinstance(mask, Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"`{name}` must be a bool tensor of the block grid shape {self.grid_shape}, got {type(mask).__name__}"
             )
         if mask.dtype != torch.bool:
-            raise TypeError(f"`{name}` must be a bool tensor (True = pruned), got dtype {mask.dtype}")
+            raise ArgumentTypeError(f"`{name}` must be a bool tensor (True = pruned), got dtype {mask.dtype}")
         if tuple(mask.shape) != self.grid_shape:
             raise ShapeMismatchError(self.grid_shape, tuple(mask.shape), name)
         return mask.to(self.device)
@@ -189,6 +189,8 @@ class SparseBlock(ABC):
         may be a copy.
         """
         out = fn(self._merged(values, "values"))
+        if not isinstance(out, Tensor):
+            raise ArgumentTypeError(f"the result of `fn` must be a tensor (one value per block), got {type(out).__name__}")
         if out.numel() != self.numblk():
             raise ShapeMismatchError(self.grid_shape, tuple(out.shape), "the result of `fn`")
         return out.reshape(self.grid_shape)
@@ -463,7 +465,7 @@ class BlockCoupling(SparseBlock):
             raise SpecError("`specs` must hold at least one BlockSpec")
         for i, s in enumerate(specs):
             if not isinstance(s, BlockSpec):
-                raise TypeError(f"`specs`[{i}] must be a BlockSpec, got {type(s).__name__}")
+                raise ArgumentTypeError(f"`specs`[{i}] must be a BlockSpec, got {type(s).__name__}")
         if len(set(specs)) != len(specs):
             raise CouplingError(f"`specs` repeats a BlockSpec: {specs}")
         if not orders:
@@ -536,7 +538,7 @@ class BlockCoupling(SparseBlock):
         if values is None:
             return [None] * len(self.specs)
         if not isinstance(values, Mapping):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"`{name}` of a BlockCoupling must be None or a mapping {{BlockSpec: tensor}} with one entry "
                 f"per member, got {type(values).__name__}"
             )

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 from torch import Tensor
 
 from .block import BlockCoupling, BlockSpec, SparseBlock
-from .errors import CouplingError, SpecError, UnknownNameError
+from .errors import ArgumentTypeError, CouplingError, SpecError, UnknownNameError
 from .scope import ScopeCoupling, ScopeSpec
 from .view import View
 
@@ -53,7 +53,7 @@ class SparsityBuilder:
     @staticmethod
     def _check_new_name(name: object, taken: dict, kind: str) -> str:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"`name` of a {kind} must be a non-empty str, got {name!r}")
+            raise ArgumentTypeError(f"`name` of a {kind} must be a non-empty str, got {name!r}")
         if name in taken:
             raise SpecError(f"a {kind} named {name!r} already exists")
         return name
@@ -75,7 +75,7 @@ class SparsityBuilder:
         """Couple the blocks ``names`` into a :class:`BlockCoupling` named ``name`` (``orders`` as there)."""
         self._check_new_name(name, self._blocks, "block")
         if isinstance(names, str) or not names:
-            raise TypeError(f"`names` must be a non-empty sequence of block names, got {names!r}")
+            raise ArgumentTypeError(f"`names` must be a non-empty sequence of block names, got {names!r}")
         if len(set(names)) != len(names):
             raise CouplingError(f"`names` repeats a block: {list(names)}")
         specs = []
@@ -126,7 +126,7 @@ class SparsityBuilder:
         """Couple the scopes ``names`` into a :class:`ScopeCoupling` named ``name`` (``orders`` as there)."""
         self._check_new_name(name, self._scopes, "scope")
         if isinstance(names, str) or not names:
-            raise TypeError(f"`names` must be a non-empty sequence of scope names, got {names!r}")
+            raise ArgumentTypeError(f"`names` must be a non-empty sequence of scope names, got {names!r}")
         if len(set(names)) != len(names):
             raise CouplingError(f"`names` repeats a scope: {list(names)}")
         members = []

@@ -1,10 +1,21 @@
 """The exceptions of s3sparse.
 
 Every error s3sparse raises about a bad argument is an :class:`S3Error`, so a
-caller can catch them all at once; the ones about values are also
-:class:`ValueError` (and :class:`UnknownNameError` a :class:`KeyError`), so code
-that catches the built-in kinds keeps working. Messages name the argument, what
-was expected and what was got.
+caller can catch them all at once, and also the built-in kind it would be
+without s3sparse, so code that catches those keeps working:
+
+* :class:`ArgumentError` (a :class:`ValueError`): a bad value — a count out of
+  range, a Hessian that is not symmetric, an empty weight. Its subclasses
+  :class:`SpecError`, :class:`ShapeMismatchError` and :class:`CouplingError`
+  are about specifications.
+* :class:`ArgumentTypeError` (a :class:`TypeError`): an argument of the wrong
+  type or dtype — ``nnz=2.5``, an integer weight, a Hessian that is a list.
+* :class:`ArgumentIndexError` (an :class:`IndexError`): an index outside a view.
+* :class:`UnknownNameError` (a :class:`KeyError`): a name nobody registered.
+
+Messages name the argument, what was expected, what was got, and what to do.
+The checks themselves live in :mod:`s3sparse.checks`, shared by every entry
+point, so an argument is accepted or refused alike everywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +25,9 @@ from typing import Any
 __all__ = [
     "S3Error",
     "SparseKitError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ArgumentIndexError",
     "SpecError",
     "ShapeMismatchError",
     "CouplingError",
@@ -29,7 +43,19 @@ class S3Error(Exception):
 SparseKitError = S3Error
 
 
-class SpecError(S3Error, ValueError):
+class ArgumentError(S3Error, ValueError):
+    """An argument with a bad value (out of range, wrong shape, not symmetric, empty...)."""
+
+
+class ArgumentTypeError(S3Error, TypeError):
+    """An argument of the wrong type or dtype (a float count, an integer weight...)."""
+
+
+class ArgumentIndexError(S3Error, IndexError):
+    """An index argument outside the range it indexes."""
+
+
+class SpecError(ArgumentError):
     """An invalid specification argument (a view, a block or scope shape, a count...)."""
 
 
@@ -43,7 +69,7 @@ def _format_shape(shape: Any) -> str:
     return str(shape)
 
 
-class ShapeMismatchError(S3Error, ValueError):
+class ShapeMismatchError(ArgumentError):
     """A tensor argument does not have the shape it must have.
 
     Args:
@@ -61,7 +87,7 @@ class ShapeMismatchError(S3Error, ValueError):
         super().__init__(f"`{context}`: {message}" if context else f"shape mismatch: {message}")
 
 
-class CouplingError(S3Error, ValueError):
+class CouplingError(ArgumentError):
     """Blocks or scopes that cannot be coupled (their grids disagree, or they repeat)."""
 
 

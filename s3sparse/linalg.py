@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError, ArgumentTypeError
+
 __all__ = [
     "LSQRResult",
     "LSQR_STOP_REASONS",
@@ -90,7 +92,7 @@ def _operators(A: Operator) -> Tuple[MatVec, MatVec]:
     """``(matvec, rmatvec)`` acting on the last dim of batched vectors."""
     if isinstance(A, Tensor):
         if A.ndim < 2:
-            raise ValueError(f"lsqr_gkl: `A` must be a matrix (…, m, n), got shape {tuple(A.shape)}")
+            raise ArgumentError(f"lsqr_gkl: `A` must be a matrix (…, m, n), got shape {tuple(A.shape)}")
 
         def matvec(x: Tensor) -> Tensor:
             return (A @ x.unsqueeze(-1)).squeeze(-1)
@@ -101,7 +103,7 @@ def _operators(A: Operator) -> Tuple[MatVec, MatVec]:
         return matvec, rmatvec
     if isinstance(A, (tuple, list)) and len(A) == 2 and all(callable(f) for f in A):
         return A[0], A[1]
-    raise TypeError(
+    raise ArgumentTypeError(
         "lsqr_gkl: `A` must be a dense tensor (…, m, n) or a pair (matvec, rmatvec) of callables, "
         f"got {type(A).__name__}"
     )
@@ -167,9 +169,9 @@ def lsqr_gkl(
     """
     matvec, rmatvec = _operators(A)
     if not isinstance(b, Tensor) or b.ndim < 1:
-        raise ValueError(f"lsqr_gkl: `b` must be a tensor (…, m), got {b!r}")
+        raise ArgumentError(f"lsqr_gkl: `b` must be a tensor (…, m), got {b!r}")
     if isinstance(A, Tensor) and A.shape[-2] != b.shape[-1]:
-        raise ValueError(f"lsqr_gkl: `A` has {A.shape[-2]} rows but `b` has length {b.shape[-1]}")
+        raise ArgumentError(f"lsqr_gkl: `A` has {A.shape[-2]} rows but `b` has length {b.shape[-1]}")
     dtype = b.dtype if b.dtype in (torch.float32, torch.float64) else torch.float32
     if isinstance(A, Tensor):
         dtype = torch.promote_types(dtype, A.dtype) if A.dtype in (torch.float32, torch.float64) else dtype
@@ -183,7 +185,7 @@ def lsqr_gkl(
 
     damp_t = torch.as_tensor(damp, dtype=dtype, device=b.device)
     if (damp_t < 0).any():
-        raise ValueError(f"lsqr_gkl: `damp` must be >= 0, got {damp}")
+        raise ArgumentError(f"lsqr_gkl: `damp` must be >= 0, got {damp}")
     if damp_t.ndim > 0:
         damp_t = damp_t.unsqueeze(-1)
     dampsq = damp_t * damp_t
@@ -337,7 +339,7 @@ def _dims(x: Tensor, dim: Dims) -> Tuple[int, ...]:
         return (dim,)
     dims = tuple(int(d) for d in dim)
     if not dims:
-        raise ValueError("group dims must name at least one dimension")
+        raise ArgumentError("group dims must name at least one dimension")
     return dims
 
 
@@ -403,7 +405,7 @@ def soft_threshold(
     """
     t = torch.as_tensor(threshold, dtype=x.dtype, device=x.device)
     if (t < 0).any():
-        raise ValueError(f"soft_threshold: `threshold` must be >= 0, got {threshold}")
+        raise ArgumentError(f"soft_threshold: `threshold` must be >= 0, got {threshold}")
     if dim is None:
         return torch.sign(x) * torch.clamp(x.abs() - t, min=0)
     nrm = group_norms(x, dim)
@@ -464,13 +466,13 @@ def solve_proximal_adam(
     vv = v.to(dtype)
     hh = torch.as_tensor(h, dtype=dtype, device=v.device).expand_as(vv)
     if (hh <= 0).any():
-        raise ValueError("solve_proximal_adam: the conditioner `h` must be > 0 everywhere")
+        raise ArgumentError("solve_proximal_adam: the conditioner `h` must be > 0 everywhere")
     dims = _dims(vv, dim)
     hv = hh * vv
     hv_norm = torch.linalg.vector_norm(hv, dim=dims, keepdim=True)
     tt = torch.as_tensor(t, dtype=dtype, device=v.device)
     if (tt < 0).any():
-        raise ValueError(f"solve_proximal_adam: `t` must be >= 0, got {t}")
+        raise ArgumentError(f"solve_proximal_adam: `t` must be >= 0, got {t}")
     tt = tt.expand_as(hv_norm)
     survive = hv_norm > tt
     gap = torch.where(survive, hv_norm - tt, torch.ones_like(hv_norm))

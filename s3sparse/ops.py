@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers the operators)
+from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_", "lowrank_sub"]
 
@@ -26,8 +27,8 @@ _ops = torch.ops.s3sparse
 def _ints(name: str, values: Sequence[int]) -> list[int]:
     try:
         return [int(v) for v in values]
-    except TypeError as exc:
-        raise TypeError(f"`{name}` must be a sequence of ints, got {values!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ArgumentTypeError(f"`{name}` must be a sequence of ints, got {values!r}") from exc
 
 
 # ---------------------------------------------------------------- block ops
@@ -159,11 +160,11 @@ def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
 # ---------------------------------------------------------------- fakes
 def _fake_grid(op: str, size, stride, block) -> list[int]:
     if not (len(size) == len(stride) == len(block)):
-        raise ValueError(f"{op}: size, stride and block must have one entry per dim, got {size}, {stride}, {block}")
+        raise ArgumentError(f"{op}: size, stride and block must have one entry per dim, got {size}, {stride}, {block}")
     grid = []
     for d, (s, b) in enumerate(zip(size, block)):
         if b < 1 or s % b != 0:
-            raise ValueError(f"{op}: block {tuple(block)} does not tile view {tuple(size)} at dim {d}")
+            raise ArgumentError(f"{op}: block {tuple(block)} does not tile view {tuple(size)} at dim {d}")
         grid.append(s // b)
     return grid
 
@@ -177,7 +178,7 @@ def _block_reduce_fake(x, size, stride, offset, block, reduce, p=2.0):
 def _block_scale_fake(x, size, stride, offset, block, scale):
     grid = _fake_grid("s3sparse.block_scale_", size, stride, block)
     if list(scale.shape) != grid:
-        raise ValueError(f"s3sparse.block_scale_: `scale` must have the block-grid shape {tuple(grid)}, got {tuple(scale.shape)}")
+        raise ArgumentError(f"s3sparse.block_scale_: `scale` must have the block-grid shape {tuple(grid)}, got {tuple(scale.shape)}")
 
 
 @torch.library.register_fake("s3sparse::kth_largest")

@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, Tuple, Union
 from torch import Tensor, nn
 
 from .block import BlockSpec
-from .errors import SpecError
+from .checks import check_int
+from .errors import ArgumentTypeError, SpecError, UnknownNameError
 from .scope import ScopeSpec
 from .view import View
 
@@ -63,10 +64,10 @@ def _weight(weight: WeightLike, pattern: str) -> Tensor:
     """The 2-D weight tensor of ``weight`` (a tensor or a module with ``.weight``)."""
     if isinstance(weight, nn.Module):
         if not isinstance(getattr(weight, "weight", None), Tensor):
-            raise TypeError(f"{pattern}: module {type(weight).__name__} has no `.weight` tensor")
+            raise ArgumentTypeError(f"{pattern}: module {type(weight).__name__} has no `.weight` tensor")
         weight = weight.weight
     if not isinstance(weight, Tensor):
-        raise TypeError(f"{pattern}: `weight` must be a tensor (M, K) or a module with `.weight`, got {type(weight).__name__}")
+        raise ArgumentTypeError(f"{pattern}: `weight` must be a tensor (M, K) or a module with `.weight`, got {type(weight).__name__}")
     if weight.ndim != 2:
         raise SpecError(
             f"{pattern}: `weight` must be 2-D (M output rows × K input columns, an nn.Linear.weight), "
@@ -77,7 +78,11 @@ def _weight(weight: WeightLike, pattern: str) -> Tensor:
 
 def _positive(pattern: str, **kwargs: int) -> None:
     for name, value in kwargs.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        try:
+            number = check_int(value, name)  # the one int check: 2.0 and True are refused everywhere
+        except ArgumentTypeError as err:
+            raise ArgumentTypeError(f"{pattern}: {err}") from None
+        if number < 1:
             raise SpecError(f"{pattern}: `{name}` must be a positive int, got {value!r}")
 
 
@@ -372,5 +377,5 @@ def by_name(name: str, weight: WeightLike, **overrides: Any) -> Pattern:
     key = _ALIASES.get(name, name)
     if key not in PATTERNS:
         known = ", ".join(repr(k) for k in [*PATTERNS, *_ALIASES])
-        raise KeyError(f"unknown pattern {name!r}; known patterns: {known}")
+        raise UnknownNameError(f"unknown pattern {name!r}; known patterns: {known}")
     return PATTERNS[key](weight, **overrides)

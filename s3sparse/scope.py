@@ -15,7 +15,6 @@ concatenation of the members' (in member order). Masks are True where pruned.
 from __future__ import annotations
 
 import math
-import operator
 from abc import ABC, abstractmethod
 from numbers import Number
 from typing import Mapping, Optional, Sequence, Union
@@ -25,7 +24,8 @@ from torch import Tensor
 
 from . import tensor_ops
 from .block import BlockSpec, SparseBlock, Values
-from .errors import CouplingError, ShapeMismatchError, SpecError
+from .checks import check_nnz
+from .errors import ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError
 from .tensor_ops import (
     interleaved_shape,
     inverse_permutation,
@@ -98,16 +98,7 @@ class _Scopes(ABC):
 
     # ------------------------------------------------------------ argument checks
     def _check_nnz(self, nnz: object) -> int:
-        n = self.numblk_per_scope()
-        try:
-            if isinstance(nnz, bool):
-                raise TypeError
-            nnz = operator.index(nnz)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"`nnz` must be an int (blocks kept per scope), got {nnz!r}") from None
-        if not 0 <= nnz <= n:
-            raise SpecError(f"`nnz` must be in [0, {n}] (the blocks per scope), got {nnz}")
-        return nnz
+        return check_nnz(nnz, self.numblk_per_scope())
 
     def _scope_numbers(self, x: Union[Tensor, Number], name: str) -> Tensor:
         """A number, or a tensor broadcasting to the scope grid, as a scope-grid tensor."""
@@ -258,7 +249,7 @@ class ScopeSpec(_Scopes):
 
     def __init__(self, block: SparseBlock, shape: Sequence[int] = (), name: Optional[str] = None) -> None:
         if not isinstance(block, SparseBlock):
-            raise TypeError(f"`block` must be a BlockSpec or BlockCoupling, got {type(block).__name__}")
+            raise ArgumentTypeError(f"`block` must be a BlockSpec or BlockCoupling, got {type(block).__name__}")
         self.block: SparseBlock = block
         self.shape: tuple[int, ...] = normalize_tile_shape(
             block.grid_shape, shape, arg="shape", of="the block grid", missing="whole"
@@ -326,9 +317,9 @@ class ScopeSpec(_Scopes):
                 raise SpecError(f"`{name}` has no entry for {self!r}")
             x = x[key]
         if not isinstance(x, Tensor):
-            raise TypeError(f"`{name}` must be a tensor, got {type(x).__name__}")
+            raise ArgumentTypeError(f"`{name}` must be a tensor, got {type(x).__name__}")
         if dtype is not None and x.dtype != dtype:
-            raise TypeError(f"`{name}` must have dtype {dtype}, got {x.dtype}")
+            raise ArgumentTypeError(f"`{name}` must have dtype {dtype}, got {x.dtype}")
         x = x.to(self.device)
         if tuple(x.shape) == self.block.grid_shape:
             return self.block_to_scope(x)
@@ -427,7 +418,7 @@ class ScopeCoupling(_Scopes):
             raise SpecError("`scopes` must hold at least one ScopeSpec")
         for i, s in enumerate(scopes):
             if not isinstance(s, ScopeSpec):
-                raise TypeError(f"`scopes`[{i}] must be a ScopeSpec, got {type(s).__name__}")
+                raise ArgumentTypeError(f"`scopes`[{i}] must be a ScopeSpec, got {type(s).__name__}")
         seen: dict[BlockSpec, ScopeSpec] = {}
         for s in scopes:
             for spec in s.block.block_specs():
@@ -488,7 +479,7 @@ class ScopeCoupling(_Scopes):
     def block_to_scope(self, b: Mapping[object, Tensor]) -> Tensor:
         """Per-block data ``{member ScopeSpec (or its block): block-grid tensor}`` in the joint scope layout."""
         if not isinstance(b, Mapping):
-            raise TypeError(f"`b` must be a mapping {{member ScopeSpec: block-grid tensor}}, got {type(b).__name__}")
+            raise ArgumentTypeError(f"`b` must be a mapping {{member ScopeSpec: block-grid tensor}}, got {type(b).__name__}")
         return self._to_scope_layout(b, "b", None)
 
     def scope_to_block(self, v: Tensor) -> dict[ScopeSpec, Tensor]:
@@ -506,12 +497,12 @@ class ScopeCoupling(_Scopes):
         if isinstance(x, Mapping):
             return self._join([s._to_scope_layout(x, name, dtype) for s in self.scopes])
         if not isinstance(x, Tensor):
-            raise TypeError(f"`{name}` must be a tensor or a mapping, got {type(x).__name__}")
+            raise ArgumentTypeError(f"`{name}` must be a tensor or a mapping, got {type(x).__name__}")
         joint = (*self.grid_shape, self.numblk_per_scope())
         if tuple(x.shape) != joint:
             raise ShapeMismatchError(f"{joint} (the joint scope layout)", tuple(x.shape), name)
         if dtype is not None and x.dtype != dtype:
-            raise TypeError(f"`{name}` must have dtype {dtype}, got {x.dtype}")
+            raise ArgumentTypeError(f"`{name}` must have dtype {dtype}, got {x.dtype}")
         return x.to(self.device)
 
     def _split(self, joint: Tensor) -> list[Tensor]:

@@ -10,7 +10,6 @@ runs on the compiled ``s3sparse.kth_largest`` op. The layout helpers describe th
 from __future__ import annotations
 
 import math
-import operator
 from numbers import Number
 from typing import Literal, Optional, Sequence, Union
 
@@ -18,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .errors import ShapeMismatchError, SpecError
+from .checks import check_int
+from .errors import ArgumentTypeError, ShapeMismatchError, SpecError
 
 __all__ = [
     "kth_largest",
@@ -57,12 +57,7 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _as_index(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got the bool {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}") from None
+    return check_int(value, name)
 
 
 # ---------------------------------------------------------------- selection
@@ -141,7 +136,7 @@ def normalize_order(order: Optional[Sequence[int]], ndim: int, name: str = "orde
     try:
         axes = [_as_index(a, name) for a in order]
     except TypeError:
-        raise TypeError(f"`{name}` must be a sequence of ints, got {order!r}") from None
+        raise ArgumentTypeError(f"`{name}` must be a sequence of ints, got {order!r}") from None
     normalized = tuple(a + ndim if a < 0 else a for a in axes)
     if sorted(normalized) != list(range(ndim)):
         raise SpecError(f"`{name}` must be a permutation of the {ndim} axes {tuple(range(ndim))}, got {tuple(order)}")
@@ -219,7 +214,7 @@ def normalize_tile_shape(
     try:
         tile = [_as_index(b, arg) for b in tile_shape]
     except TypeError:
-        raise TypeError(f"`{arg}` must be a sequence of ints, got {tile_shape!r}") from None
+        raise ArgumentTypeError(f"`{arg}` must be a sequence of ints, got {tile_shape!r}") from None
     ndim = len(full_shape)
     if len(tile) > ndim:
         raise SpecError(f"`{arg}` {tuple(tile)} has {len(tile)} dims but {of} {full_shape} has {ndim}")
@@ -265,7 +260,7 @@ def broadcast_numbers(
     grid_shape = tuple(grid_shape)
     if isinstance(x, Tensor):
         if x.dtype == torch.bool or x.is_complex():
-            raise TypeError(f"`{arg}` must be a real number or tensor, got dtype {x.dtype}")
+            raise ArgumentTypeError(f"`{arg}` must be a real number or tensor, got dtype {x.dtype}")
         try:
             shape = torch.broadcast_shapes(tuple(x.shape), grid_shape)
         except RuntimeError:
@@ -274,5 +269,5 @@ def broadcast_numbers(
             raise ShapeMismatchError(f"{grid_shape} ({what}) or a shape broadcasting to it", tuple(x.shape), arg)
         return x.to(device).expand(grid_shape)
     if isinstance(x, bool) or not isinstance(x, Number):
-        raise TypeError(f"`{arg}` must be a number or a tensor, got {type(x).__name__}")
+        raise ArgumentTypeError(f"`{arg}` must be a number or a tensor, got {type(x).__name__}")
     return torch.full(grid_shape, float(x), device=device)

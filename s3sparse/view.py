@@ -19,6 +19,7 @@ differentiable.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional, Sequence, Union
 
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .errors import ShapeMismatchError, SpecError
+from .checks import check_int
+from .errors import ArgumentIndexError, ArgumentTypeError, ShapeMismatchError, SpecError
 from .tensor_ops import (
     block_dims,
     interleave_unsqueeze,
@@ -75,6 +77,8 @@ def reduce_blocks(t: Tensor, block_shape: Sequence[int], reduce: str = "norm", p
     """
     if reduce not in _REDUCTIONS:
         raise SpecError(f"`reduce` must be one of {_REDUCTIONS}, got {reduce!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise ArgumentTypeError(f"`p` must be a real number > 0 (or inf), got {type(p).__name__} {p!r}")
     if reduce == "norm" and not p > 0:
         raise SpecError(f"`p` must be > 0 (or inf), got {p}")
     if not (t.is_floating_point() or t.is_complex()):
@@ -132,12 +136,13 @@ def scale_blocks_(t: Tensor, block_shape: Sequence[int], factors: Tensor) -> Non
 # ---------------------------------------------------------------- View
 def _as_int_tuple(values: Sequence[int], name: str) -> tuple[int, ...]:
     try:
-        out = tuple(int(v) for v in values)
+        items = tuple(values)
     except TypeError:
-        raise TypeError(f"`{name}` must be a sequence of ints, got {values!r}") from None
-    if any(isinstance(v, bool) for v in values):
-        raise TypeError(f"`{name}` must be a sequence of ints, got {values!r}")
-    return out
+        raise ArgumentTypeError(f"`{name}` must be a sequence of ints, got {values!r}") from None
+    try:
+        return tuple(check_int(v, name) for v in items)
+    except ArgumentTypeError:
+        raise ArgumentTypeError(f"`{name}` must be a sequence of ints, got {values!r}") from None
 
 
 def _same_layout(shape: Sequence[int], stride_a: Sequence[int], stride_b: Sequence[int]) -> bool:
@@ -178,7 +183,7 @@ class View:
 
     def __init__(self, param: Tensor, shape: Sequence[int], stride: Sequence[int], offset: int = 0) -> None:
         if not isinstance(param, Tensor):
-            raise TypeError(f"`param` must be a torch.Tensor or Parameter, got {type(param).__name__}")
+            raise ArgumentTypeError(f"`param` must be a torch.Tensor or Parameter, got {type(param).__name__}")
         shape = _as_int_tuple(shape, "shape")
         stride = _as_int_tuple(stride, "stride")
         try:
@@ -186,7 +191,7 @@ class View:
                 raise TypeError
             offset = operator.index(offset)
         except TypeError:
-            raise TypeError(f"`offset` must be an int, got {offset!r}") from None
+            raise ArgumentTypeError(f"`offset` must be an int, got {offset!r}") from None
         if len(shape) != len(stride):
             raise SpecError(
                 f"`stride` must have one entry per dim of `shape` {shape}, got {len(stride)} entries {stride}"
@@ -212,7 +217,7 @@ class View:
             return t
         if isinstance(t, Tensor):
             return View(t, tuple(t.shape), tuple(t.stride()), 0)
-        raise TypeError(f"expected a View, Tensor or Parameter, got {type(t).__name__}")
+        raise ArgumentTypeError(f"expected a View, Tensor or Parameter, got {type(t).__name__}")
 
     # ------------------------------------------------------------ geometry
     @property
@@ -273,7 +278,9 @@ class View:
         if values is None:
             return self.data
         if not isinstance(values, Tensor):
-            raise TypeError(f"`{name}` must be a tensor or None, got {type(values).__name__}")
+            raise ArgumentTypeError(f"`{name}` must be a tensor or None, got {type(values).__name__}")
+        if values.device.type == "meta" and self.param.device.type != "meta":
+            raise SpecError(f"`{name}` is on the meta device (a shape without data); pass a tensor with values")
         if tuple(values.shape) == self.shape:
             return values
         param_shape = tuple(self.param.shape)
@@ -312,13 +319,13 @@ class View:
     # ------------------------------------------------------------ indices
     def _check_view_index(self, idx: Tensor, name: str) -> Tensor:
         if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise TypeError(f"`{name}` must be an integer tensor of view indices, got {idx!r}")
+            raise ArgumentTypeError(f"`{name}` must be an integer tensor of view indices, got {idx!r}")
         if idx.dim() == 0 or idx.shape[-1] != self.ndim:
             raise ShapeMismatchError(f"(..., {self.ndim})", tuple(idx.shape), name)
         idx = idx.long()
         limits = torch.tensor(self.shape, dtype=torch.long, device=idx.device)
         if bool(((idx < 0) | (idx >= limits)).any()):
-            raise IndexError(f"`{name}` holds an index outside the view's shape {self.shape}")
+            raise ArgumentIndexError(f"`{name}` holds an index outside the view's shape {self.shape}")
         return idx
 
     def linear_offset(self, idx: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError, ArgumentTypeError
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -79,13 +81,13 @@ def _scope_parts(scope: Any) -> Tuple[Any, Any]:
         if block is not None:
             break
     if block is None:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"draw_layout: expected a ScopeSpec over one BlockSpec, got {type(scope).__name__} "
             "(a ScopeCoupling spans several tensors: draw each member scope)"
         )
     view = getattr(block, "view", None)
     if view is None:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"draw_layout: expected a ScopeSpec over one BlockSpec, got one over {type(block).__name__} "
             "(a coupling spans several tensors: draw a scope over each member BlockSpec)"
         )
@@ -113,7 +115,7 @@ def element_layout(scope: Any) -> ElementLayout:
     block, view = _scope_parts(scope)
     param = view.param
     if param.ndim != 2:
-        raise ValueError(f"draw_layout: draws 2-D parameters only, got shape {tuple(param.shape)}")
+        raise ArgumentError(f"draw_layout: draws 2-D parameters only, got shape {tuple(param.shape)}")
     M, K = param.shape
     rs, cs = param.stride()
     vshape = [int(s) for s in view.shape]
@@ -165,7 +167,7 @@ def _pruned_mask(scope: Any, nnz: int, values: Optional[Tensor], layout: Element
         elif tuple(mask.shape) == tuple(param.shape):
             pruned |= mask
         else:
-            raise ValueError(
+            raise ArgumentError(
                 f"draw_layout: get_masks returned a mask of shape {tuple(mask.shape)}, neither the parameter's "
                 f"{tuple(param.shape)} nor the view's {tuple(view.shape)}"
             )
@@ -497,7 +499,7 @@ def draw_layout(
     layout = element_layout(scope)
     M, K = layout.block.shape
     if M * K > MAX_CELLS:
-        raise ValueError(
+        raise ArgumentError(
             f"draw_layout: {M}×{K} = {M * K} weights is too many to draw (at most {MAX_CELLS}); draw a smaller tensor"
         )
     blk = layout.block.tolist()

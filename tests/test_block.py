@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from s3sparse import ops
 from s3sparse.block import BlockCoupling, BlockSpec, SparseBlock
-from s3sparse.errors import CouplingError, ShapeMismatchError, SpecError
+from s3sparse.errors import ArgumentError, ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError
 from s3sparse.view import View
 
 from spec_utils import DEVICES, blocked, plain_block_stat, spread, strided_cases
@@ -59,7 +59,7 @@ def test_block_shape_normalization():
     ],
 )
 def test_bad_block_shapes(shape, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ArgumentError, match=match):
         BlockSpec(torch.randn(8, 12), shape)
 
 
@@ -253,16 +253,16 @@ def test_zero_threshold_changes_nothing():
     "call, error, match",
     [
         (lambda b: b.apply_mask(torch.zeros(4, 2, dtype=torch.bool)), ShapeMismatchError, r"`mask`: expected shape \(4, 4\)"),
-        (lambda b: b.apply_mask(torch.zeros(4, 4)), TypeError, "`mask` must be a bool tensor"),
+        (lambda b: b.apply_mask(torch.zeros(4, 4)), ArgumentTypeError, "`mask` must be a bool tensor"),
         (lambda b: b.apply_multiplier(torch.ones(3, 4)), ShapeMismatchError, "`multiplier`"),
-        (lambda b: b.apply_multiplier("2"), TypeError, "`multiplier`"),
+        (lambda b: b.apply_multiplier("2"), ArgumentTypeError, "`multiplier`"),
         (lambda b: b.hard_threshold(torch.ones(2, 2)), ShapeMismatchError, "`thresholds`"),
         (lambda b: b.hard_threshold(1.0, values=torch.ones(5, 5)), ShapeMismatchError, "`values`"),
         (lambda b: b.soft_threshold(-1.0), SpecError, "`thresholds` must be >= 0"),
         (lambda b: b.soft_threshold(1.0, conditioners=-torch.ones(4, 8)), SpecError, "`conditioners` must be >= 0"),
         (lambda b: b.soft_threshold(1.0, conditioners=torch.ones(2, 2)), ShapeMismatchError, "`conditioners`"),
         (lambda b: b.soft_threshold(1.0, max_iter=-1), SpecError, "`max_iter`"),
-        (lambda b: b.get_masks(torch.ones(4, 4)), TypeError, "`block_mask`"),
+        (lambda b: b.get_masks(torch.ones(4, 4)), ArgumentTypeError, "`block_mask`"),
         (lambda b: b.norms({}), SpecError, "`values` has no entry"),
     ],
 )
@@ -301,7 +301,7 @@ def test_coupling_errors_name_the_specs_and_grids():
         BlockCoupling([rows, cols], [(0, 1), (1, 1)])
     with pytest.raises(SpecError, match="one entry per spec"):
         BlockCoupling([rows, cols], [(0, 1)])
-    with pytest.raises(TypeError, match=r"`specs`\[0\]"):
+    with pytest.raises(ArgumentTypeError, match=r"`specs`\[0\]"):
         BlockCoupling([up])
     with pytest.raises(SpecError, match="at least one"):
         BlockCoupling([])
@@ -372,7 +372,7 @@ def test_coupled_conditioned_soft_threshold():
 def test_coupling_values_and_errors_leave_parameters_unchanged():
     up, down, rows, cols, c = up_down()
     before = (up.detach().clone(), down.detach().clone())
-    with pytest.raises(TypeError, match="mapping"):
+    with pytest.raises(ArgumentTypeError, match="mapping"):
         c.norms(torch.ones(6, 4))
     with pytest.raises(SpecError, match="no entry for the member"):
         c.norms({rows: torch.ones(6, 4)})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from s3sparse import BlockCoupling, BlockSpec, ScopeCoupling, ScopeSpec, SparsityBuilder, View
-from s3sparse.errors import CouplingError, S3Error, SpecError, UnknownNameError
+from s3sparse.errors import ArgumentError, ArgumentTypeError, CouplingError, S3Error, SpecError, UnknownNameError
 
 
 def mlp(F=8, D=4, seed=0):
@@ -84,7 +84,7 @@ def test_builder_errors():
         b.get_scope("nope")
     with pytest.raises(SpecError, match="a block named 'up' already exists"):
         b.add_block(up, (1, 1), "up")
-    with pytest.raises(TypeError, match="non-empty str"):
+    with pytest.raises(ArgumentTypeError, match="non-empty str"):
         b.add_block(up, (1, 1), "")
     with pytest.raises(UnknownNameError, match="`names`: no block named 'x'"):
         b.couple_blocks(["up", "x"], None, "c")
@@ -92,7 +92,7 @@ def test_builder_errors():
         b.couple_blocks(["up", "down"], None, "c")
     with pytest.raises(CouplingError, match="repeats"):
         b.couple_blocks(["up", "up"], None, "c")
-    with pytest.raises(TypeError, match="`names`"):
+    with pytest.raises(ArgumentTypeError, match="`names`"):
         b.couple_blocks("up", None, "c")
     b.couple_blocks(["up", "down"], [(0, 1), (1, 0)], "neurons")
     with pytest.raises(CouplingError, match="already coupled in 'neurons'"):
@@ -108,7 +108,7 @@ def test_builder_errors():
         b.add_scope("neurons", (2,), "s2")
     with pytest.raises(SpecError, match="a scope named 's' already exists"):
         b.add_scope("neurons", (2,), "s")
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ArgumentError, match="does not divide"):
         b.add_block(torch.randn(3, 3), (2, 2), "bad")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from s3sparse.errors import ArgumentError, ArgumentTypeError
 from s3sparse.linalg import (
     LSQRResult,
     group_norms,
@@ -153,11 +154,11 @@ def test_lsqr_float32_and_default_tolerances() -> None:
 
 def test_lsqr_rejects_bad_arguments() -> None:
     A = torch.randn(5, 3)
-    with pytest.raises(TypeError, match="matvec"):
+    with pytest.raises(ArgumentTypeError, match="matvec"):
         lsqr_gkl("A", torch.randn(5))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ArgumentError, match="rows"):
         lsqr_gkl(A, torch.randn(4))
-    with pytest.raises(ValueError, match="damp"):
+    with pytest.raises(ArgumentError, match="damp"):
         lsqr_gkl(A, torch.randn(5), damp=-1.0)
 
 
@@ -181,7 +182,7 @@ def test_hard_threshold_elementwise_and_group() -> None:
 def test_soft_threshold_elementwise_closed_form() -> None:
     x = torch.tensor([-2.0, -0.3, 0.0, 0.5, 4.0])
     torch.testing.assert_close(soft_threshold(x, 0.5), torch.tensor([-1.5, 0.0, 0.0, 0.0, 3.5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ArgumentError):
         soft_threshold(x, -1.0)
 
 
@@ -271,7 +272,7 @@ def test_proximal_adam_multi_dim_groups_and_float32() -> None:
 
 def test_proximal_adam_rejects_bad_inputs() -> None:
     v = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="h"):
+    with pytest.raises(ArgumentError, match="h"):
         solve_proximal_adam(v, torch.zeros(3, 4), 1.0)
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ArgumentError, match="t"):
         solve_proximal_adam(v, torch.ones(3, 4), -1.0)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from s3sparse import patterns
-from s3sparse.errors import S3Error
+from s3sparse.errors import ArgumentError, S3Error, UnknownNameError
 from s3sparse.patterns import (
     PATTERNS,
     by_name,
@@ -222,7 +222,7 @@ def test_sparsity_to_keep_rounding() -> None:
     assert sparsity_to_keep(0.9, 10) == 1  # no float truncation to 0
     assert sparsity_to_keep(0.7, 10) == 3
     assert sparsity_to_keep(0.0, 7) == 7 and sparsity_to_keep(1.0, 7) == 0
-    with pytest.raises(ValueError, match="sparsity"):
+    with pytest.raises(ArgumentError, match="sparsity"):
         sparsity_to_keep(1.5, 4)
 
 
@@ -237,7 +237,7 @@ def test_registry_and_module_input() -> None:
     assert nnz == 2 and scope.numblk_per_scope() == 4
     scope, nnz = by_name("coupled24", layer.weight, stride=4)
     assert tuple(scope.block.view.shape) == (16, 4, 4, 2)
-    with pytest.raises(KeyError, match="known patterns"):
+    with pytest.raises(UnknownNameError, match="known patterns"):
         by_name("3:7", layer.weight)
 
 
@@ -268,13 +268,37 @@ def test_view_is_live_on_the_parameter() -> None:
     ],
 )
 def test_bad_shapes_are_refused_with_a_helpful_message(build, match: str) -> None:
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(ArgumentError, match=match) as info:
         build()
     assert isinstance(info.value, S3Error)
 
 
-def test_module_docs_list_every_public_name() -> None:
-    for name in patterns.__all__:
-        obj = getattr(patterns, name)
-        if callable(obj) and not isinstance(obj, dict):
-            assert obj.__doc__, name
+CONSTRUCTOR_CALLS = {
+    "nm": lambda w: nm(w, 2, 4),
+    "nm_blocks": lambda w: nm_blocks(w),
+    "coupled_nm": lambda w: coupled_nm(w),
+    "row_coupled_blocks": lambda w: row_coupled_blocks(w),
+    "channels": lambda w: channels(w, sparsity=0.25),
+    "columns": lambda w: columns(w, sparsity=0.5),
+    "col_blocks": lambda w: col_blocks(w, width=8, sparsity=0.75),
+}
+
+
+def test_every_public_constructor_prunes_its_weight_to_its_budget() -> None:
+    """Each constructor in ``patterns.__all__`` returns ``(scope, nnz)`` on the weight it was
+    given, and pruning keeps exactly the fraction ``nnz / blocks per scope`` of the weights
+    (a Gaussian weight has no zeros of its own)."""
+    from s3sparse import ScopeSpec
+
+    constructors = {n for n in patterns.__all__ if callable(getattr(patterns, n)) and n[0].islower()}
+    constructors -= {"by_name", "sparsity_to_keep"}
+    assert constructors == set(CONSTRUCTOR_CALLS), "a public constructor is missing from this test"
+    for name, build in CONSTRUCTOR_CALLS.items():
+        w = _weight(32, 64, 5)
+        scope, nnz = build(w)
+        assert isinstance(scope, ScopeSpec) and isinstance(nnz, int), name
+        assert scope.block.view.param is w, name
+        per_scope = scope.numblk_per_scope()
+        assert 0 < nnz < per_scope, (name, nnz, per_scope)
+        kept = _prune((scope, nnz), w)
+        assert kept.sum().item() * per_scope == w.numel() * nnz, (name, kept.sum().item(), nnz, per_scope)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s3sparse import BlockCoupling, BlockSpec, ScopeCoupling, ScopeSpec, View
-from s3sparse.errors import CouplingError, ShapeMismatchError, SpecError
+from s3sparse.errors import ArgumentError, ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError
 
 from spec_utils import DEVICES, blocked, divisors, spread, strided_cases
 
@@ -53,12 +53,12 @@ def test_scope_shape_normalization_and_structure():
     ],
 )
 def test_bad_scope_shapes(shape, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ArgumentError, match=match):
         ScopeSpec(BlockSpec(torch.randn(8, 12), (1, 2)), shape)
 
 
 def test_scope_needs_a_block():
-    with pytest.raises(TypeError, match="`block`"):
+    with pytest.raises(ArgumentTypeError, match="`block`"):
         ScopeSpec(torch.randn(4, 4), (1, 4))
 
 
@@ -189,7 +189,7 @@ def test_get_masks_sources():
         s.get_masks(2, values=W, block_scores=scores)
     with pytest.raises(SpecError, match="not both"):
         s.get_masks(2, values=W, block_mask=by_norm)
-    with pytest.raises(TypeError, match="`block_mask` must have dtype torch.bool"):
+    with pytest.raises(ArgumentTypeError, match="`block_mask` must have dtype torch.bool"):
         s.get_masks(block_mask=by_norm.float())
     with pytest.raises(ShapeMismatchError, match="`block_scores`"):
         s.get_masks(2, block_scores=torch.zeros(3, 3))
@@ -216,8 +216,8 @@ def test_soft_threshold_with_per_scope_thresholds_and_scale():
     [
         (lambda s: s.hard_threshold(nnz=5), SpecError, r"`nnz` must be in \[0, 4\] \(the blocks per scope\), got 5"),
         (lambda s: s.hard_threshold(nnz=-1), SpecError, r"`nnz` must be in \[0, 4\]"),
-        (lambda s: s.hard_threshold(nnz=1.5), TypeError, "`nnz` must be an int"),
-        (lambda s: s.hard_threshold(nnz=True), TypeError, "`nnz` must be an int"),
+        (lambda s: s.hard_threshold(nnz=1.5), ArgumentTypeError, "`nnz` must be an int"),
+        (lambda s: s.hard_threshold(nnz=True), ArgumentTypeError, "`nnz` must be an int"),
         (lambda s: s.hard_threshold(), SpecError, "exactly one of `thresholds` and `nnz`"),
         (lambda s: s.hard_threshold(thresholds=1.0, nnz=2), SpecError, "exactly one"),
         (lambda s: s.hard_threshold(thresholds=torch.ones(3)), ShapeMismatchError, "`thresholds`"),
@@ -419,7 +419,7 @@ def test_scope_coupling_errors():
         ScopeCoupling([sa, sb])
     with pytest.raises(CouplingError, match="decided by two members"):
         ScopeCoupling([sa, ScopeSpec(sa.block, (1, 4))])
-    with pytest.raises(TypeError, match=r"`scopes`\[1\]"):
+    with pytest.raises(ArgumentTypeError, match=r"`scopes`\[1\]"):
         ScopeCoupling([sa, sb.block])
     with pytest.raises(SpecError, match="one entry per scope"):
         ScopeCoupling([sa, sb], [(0, 1)])
@@ -436,7 +436,7 @@ def test_scope_coupling_errors():
     bad_h = {sa.block: torch.ones(4, 8), sb.block: -torch.ones(2, 16)}
     with pytest.raises(SpecError, match="`conditioners` must be >= 0"):
         c.soft_threshold(0.1, conditioners=bad_h)
-    with pytest.raises(TypeError, match="mapping"):
+    with pytest.raises(ArgumentTypeError, match="mapping"):
         c.block_to_scope(torch.zeros(4, 2, 6))
     assert torch.equal(A.detach(), before[0]) and torch.equal(B.detach(), before[1])
 

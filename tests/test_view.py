@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s3sparse import ops
-from s3sparse.errors import S3Error, ShapeMismatchError, SpecError
+from s3sparse.errors import ArgumentIndexError, ArgumentTypeError, S3Error, ShapeMismatchError, SpecError
 from s3sparse.view import View, reduce_blocks, scale_blocks_
 
 from spec_utils import DEVICES, plain_block_stat, spread, strided_cases
@@ -54,7 +54,7 @@ def test_from_existing():
     Wt = torch.randn(5, 3).t()  # non-contiguous
     vt = View.from_existing(Wt)
     assert vt.stride == (1, 3) and torch.equal(vt.data, Wt)
-    with pytest.raises(TypeError, match="View, Tensor or Parameter"):
+    with pytest.raises(ArgumentTypeError, match="View, Tensor or Parameter"):
         View.from_existing([1, 2])
 
 
@@ -92,11 +92,11 @@ def test_bad_views_are_refused_with_the_argument_named(shape, stride, offset, ma
 
 def test_bad_argument_types():
     W = torch.randn(4, 8)
-    with pytest.raises(TypeError, match="`param`"):
+    with pytest.raises(ArgumentTypeError, match="`param`"):
         View(W.tolist(), (4, 8), (8, 1))
-    with pytest.raises(TypeError, match="`offset`"):
+    with pytest.raises(ArgumentTypeError, match="`offset`"):
         View(W, (4, 8), (8, 1), offset=1.5)
-    with pytest.raises(TypeError, match="`shape`"):
+    with pytest.raises(ArgumentTypeError, match="`shape`"):
         View(W, 4, (8, 1))
 
 
@@ -174,9 +174,9 @@ def test_index_errors():
     v = View(torch.randn(4, 8), (4, 8), (8, 1))
     with pytest.raises(ShapeMismatchError, match=r"`idx`: expected shape \(\.\.\., 2\)"):
         v.linear_offset(torch.zeros(3, 3, dtype=torch.long))
-    with pytest.raises(IndexError, match="`idx`"):
+    with pytest.raises(ArgumentIndexError, match="`idx`"):
         v.linear_offset(torch.tensor([[4, 0]]))
-    with pytest.raises(TypeError, match="integer tensor"):
+    with pytest.raises(ArgumentTypeError, match="integer tensor"):
         v.linear_offset(torch.zeros(1, 2))
     with pytest.raises(SpecError, match="2-D parameter"):
         View(torch.randn(8), (8,), (1,)).to_param_rc(torch.tensor([[1]]))
@@ -352,7 +352,7 @@ def test_kth_largest_helpers():
         tensor_ops.kth_largest(x, 5)
     with pytest.raises(SpecError, match="`k_weight`"):
         tensor_ops.mid_kth_largest(x, 1, k_weight=-0.1)
-    with pytest.raises(TypeError, match="`k` must be an int"):
+    with pytest.raises(ArgumentTypeError, match="`k` must be an int"):
         tensor_ops.kth_largest(x, 1.0)
 
 

@@ -13,6 +13,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..checks import check_damp, check_dtype, check_hessian, check_int
+from ..errors import ArgumentError, ArgumentTypeError
+
 __all__ = [
     "compute_hessian",
     "HessianAccumulator",
@@ -23,26 +26,6 @@ __all__ = [
 ]
 
 DeviceLike = Union[str, torch.device, None]
-
-
-def check_hessian(hessian: Tensor, num_cols: int, like: Optional[Tensor] = None, name: str = "hessian") -> None:
-    """Raise a clear error unless ``hessian`` is a finite float (K, K) matrix matching ``like``."""
-    if not isinstance(hessian, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(hessian).__name__}")
-    if not hessian.is_floating_point():
-        raise TypeError(f"`{name}` must be a float tensor, got {hessian.dtype}")
-    if hessian.shape != (num_cols, num_cols):
-        raise ValueError(
-            f"`{name}` must be (K, K) = ({num_cols}, {num_cols}) for a weight with K={num_cols} "
-            f"input columns, got {tuple(hessian.shape)}"
-        )
-    if like is not None and hessian.device != like.device:
-        raise ValueError(
-            f"`{name}` is on {hessian.device} but the weight is on {like.device}; "
-            f"move one of them, e.g. `{name}.to({str(like.device)!r})`"
-        )
-    if not torch.isfinite(hessian).all():
-        raise ValueError(f"`{name}` holds NaN or Inf entries")
 
 
 def compute_hessian(
@@ -59,8 +42,10 @@ def compute_hessian(
     Returns:
         (K, K) symmetric positive semi-definite matrix.
     """
+    if not isinstance(X, Tensor):
+        raise ArgumentTypeError(f"`X` must be a tensor of calibration inputs (N, K), got {type(X).__name__}")
     if X.dim() < 2:
-        raise ValueError(f"`X` must be (N, K) or (..., K) calibration inputs, got shape {tuple(X.shape)}")
+        raise ArgumentError(f"`X` must be (N, K) or (..., K) calibration inputs, got shape {tuple(X.shape)}")
     acc = HessianAccumulator(X.shape[-1], device=device if device is not None else X.device, dtype=dtype)
     acc.add(X, batch_size=batch_size)
     return acc.hessian
@@ -85,11 +70,8 @@ class HessianAccumulator:
     """
 
     def __init__(self, num_cols: int, device: DeviceLike = None, dtype: torch.dtype = torch.float32):
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
-        if num_cols < 1:
-            raise ValueError(f"`num_cols` must be >= 1, got {num_cols}")
-        self.num_cols = int(num_cols)
+        check_dtype(dtype, "dtype", (torch.float32, torch.float64))
+        self.num_cols = check_int(num_cols, "num_cols", minimum=1, what="the layer's input features K")
         self.dtype = dtype
         self._sum = torch.zeros(num_cols, num_cols, dtype=dtype, device=device)
         self.num_samples = 0
@@ -97,8 +79,10 @@ class HessianAccumulator:
     @torch.no_grad()
     def add(self, x: Tensor, batch_size: Optional[int] = None) -> None:
         """Add inputs ``x`` of shape (..., K) (leading dims are samples)."""
-        if x.shape[-1] != self.num_cols:
-            raise ValueError(
+        if not isinstance(x, Tensor):
+            raise ArgumentTypeError(f"`x` must be a tensor of inputs (..., K), got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.num_cols:
+            raise ArgumentError(
                 f"`x` must have K={self.num_cols} features in its last dim, got shape {tuple(x.shape)}"
             )
         rows = x.reshape(-1, self.num_cols)
@@ -126,8 +110,7 @@ class HessianAccumulator:
 
 def damping_value(hessian: Tensor, damp: float) -> float:
     """Absolute damping: ``damp · mean(diag H)`` when ``damp < 1``, else ``damp`` itself."""
-    if damp < 0:
-        raise ValueError(f"`damp` must be >= 0, got {damp}")
+    damp = check_damp(damp)
     if damp >= 1.0:
         return float(damp)
     # In H's own dtype, over a contiguous copy of the diagonal: the value SparseGPT's
@@ -186,7 +169,7 @@ def damped_inverse(
                     )
                 return result.to(dtype), lam
         lam = max(lam * 10.0, damping_value(H0, 1e-6))
-    raise ValueError(
+    raise ArgumentError(
         f"{what} is not positive definite even with damping {lam:.3g}; "
         "check the Hessian for NaN/Inf or an all-zero calibration set"
     )
@@ -199,11 +182,16 @@ def output_error(W_pruned: Tensor, W_orig: Tensor, H: Tensor, N: Optional[int] =
     of calibration samples behind ``H = XᵀX/N``): the absolute ``‖X ΔWᵀ‖_F =
     sqrt(N · tr(ΔW H ΔWᵀ))``.
     """
+    for arg, t in (("W_pruned", W_pruned), ("W_orig", W_orig)):
+        if not isinstance(t, Tensor):
+            raise ArgumentTypeError(f"`{arg}` must be a tensor, got {type(t).__name__}")
     if W_pruned.shape != W_orig.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"`W_pruned` {tuple(W_pruned.shape)} and `W_orig` {tuple(W_orig.shape)} must have the same shape"
         )
-    check_hessian(H, W_orig.shape[-1], name="H")
+    check_hessian(H, W_orig.shape[-1], name="H", allow_zero=True)
+    if N is not None:
+        N = check_int(N, "N", minimum=1, what="calibration samples behind H")
     Hd = H.double().to(W_orig.device)
     W = W_orig.double()
     dW = W_pruned.double().to(W.device) - W
@@ -212,5 +200,5 @@ def output_error(W_pruned: Tensor, W_orig: Tensor, H: Tensor, N: Optional[int] =
         return math.sqrt(max(num, 0.0) * N)
     den = float(((W @ Hd) * W).sum())
     if den <= 0:
-        raise ValueError("tr(W H Wᵀ) is zero: the relative error is undefined; pass N for the absolute error")
+        raise ArgumentError("tr(W H Wᵀ) is zero: the relative error is undefined; pass N for the absolute error")
     return math.sqrt(max(num, 0.0) / den)

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from ..block import BlockCoupling
+from ..checks import check_nnz, check_scope
+from ..errors import ArgumentError
 from ..scope import ScopeCoupling
 from ..view import View
 
@@ -107,26 +109,30 @@ def _spec_offsets(spec) -> Tensor:
 def scope_layout(scope) -> ScopeLayout:
     """Index tensors of a ScopeSpec whose blocks all lie on one 2-D weight.
 
-    Raises ``ValueError`` for a ScopeCoupling or blocks on several parameters
-    (second-order pruners use one layer's Hessian), or a parameter that is not 2-D.
+    Raises an :class:`~s3sparse.errors.ArgumentError` (a ``ValueError``) for a
+    ScopeCoupling or blocks on several parameters (second-order pruners use one
+    layer's Hessian), and the errors of :func:`~s3sparse.checks.check_scope`
+    for anything that is not a scope over a 2-D floating-point weight with data.
     """
+    check_scope(scope)
     if isinstance(scope, ScopeCoupling):
-        raise ValueError(
-            "second-order pruners (SparseGPT, Structured OBS) prune one weight with its own Hessian; "
-            "a ScopeCoupling spans several parameters — prune it with magnitude() or obd(), "
+        raise ArgumentError(
+            "`scope` is a ScopeCoupling: second-order pruners (SparseGPT, Structured OBS) prune one weight "
+            "with its own Hessian, and a ScopeCoupling spans several parameters — prune it with magnitude() or obd(), "
             "or prune each member scope separately"
         )
     specs, orders = _block_members(scope.block)
     param = specs[0].view.param
     for spec in specs[1:]:
         if spec.view.param is not param:
-            raise ValueError(
-                "this scope couples blocks of different parameters; second-order pruners need all "
+            raise ArgumentError(
+                "`scope` couples blocks of different parameters; second-order pruners need all "
                 "blocks on one weight matrix — use magnitude() or obd() for cross-parameter couplings"
             )
     if param.dim() != 2:
-        raise ValueError(
-            f"second-order pruners need a 2-D weight (out_features, in_features), got shape {tuple(param.shape)}"
+        raise ArgumentError(
+            "second-order pruners need a 2-D weight (out_features, in_features) behind `scope`, "
+            f"got shape {tuple(param.shape)}"
         )
     device = param.device
     grid = tuple(int(g) for g in scope.block.grid_shape)
@@ -140,7 +146,7 @@ def scope_layout(scope) -> ScopeLayout:
     # Tile the block grid by scopes: (S0, s0, S1, s1, ..., bk) -> (S0, S1, ..., s0, s1, ..., bk).
     scope_shape = tuple(int(s) for s in scope.shape)
     if len(scope_shape) != len(grid):
-        raise ValueError(f"scope shape {scope_shape} must have one entry per block-grid dim {grid}")
+        raise ArgumentError(f"scope shape {scope_shape} must have one entry per block-grid dim {grid}")
     tiled = []
     for g, s in zip(grid, scope_shape):
         tiled += [g // s, s]
@@ -151,7 +157,7 @@ def scope_layout(scope) -> ScopeLayout:
     rc = specs[0].view.offsets_to_param_index(offsets)  # (..., 2): row, column
     rows, cols = rc[..., 0], rc[..., 1]
     if len(specs) > 1 and torch.unique(rows * param.shape[1] + cols).numel() != rows.numel():
-        raise ValueError("the coupled blocks of this scope overlap: an element belongs to two blocks")
+        raise ArgumentError("the coupled blocks of this scope overlap: an element belongs to two blocks")
     return ScopeLayout(param=param, rows=rows, cols=cols)
 
 
@@ -183,24 +189,24 @@ def row_groups(layout: ScopeLayout) -> RowGroups:
     used_rows = torch.unique(rows)
     row_order = torch.sort(label[used_rows], stable=True).indices
     if used_rows.numel() % max(R, 1) != 0:
-        raise ValueError("this pattern's row groups have different sizes; it cannot be pruned row-group-wise")
+        raise ArgumentError("this pattern's row groups have different sizes; it cannot be pruned row-group-wise")
     group_rows = used_rows[row_order].reshape(R, -1)
     if not torch.equal(label[group_rows], groups.unsqueeze(1).expand_as(group_rows)):
-        raise ValueError("this pattern's row groups have different sizes; it cannot be pruned row-group-wise")
+        raise ArgumentError("this pattern's row groups have different sizes; it cannot be pruned row-group-wise")
     if NS % max(R, 1) != 0:
-        raise ValueError("this pattern's row groups hold different numbers of scopes")
+        raise ArgumentError("this pattern's row groups hold different numbers of scopes")
     first_col = cols.amin(dim=1)
     key = group_of_scope * (layout.num_cols + 1) + first_col
     scope_ids = torch.sort(key, stable=True).indices.reshape(R, -1)
     if not torch.equal(group_of_scope[scope_ids], torch.arange(R, device=device).unsqueeze(1).expand_as(scope_ids)):
-        raise ValueError("this pattern's row groups hold different numbers of scopes")
+        raise ArgumentError("this pattern's row groups hold different numbers of scopes")
     rpc = group_rows.shape[1]
     row_to_local = torch.full((layout.num_rows,), -1, dtype=torch.long, device=device)
     row_to_local[group_rows.reshape(-1)] = torch.arange(rpc, device=device).repeat(R)
     g_cols = cols[scope_ids]
     g_local = row_to_local[rows[scope_ids]]
     if not (torch.equal(g_cols, g_cols[:1].expand_as(g_cols)) and torch.equal(g_local, g_local[:1].expand_as(g_local))):
-        raise ValueError(
+        raise ArgumentError(
             "this pattern is not regular across row groups (the g-th scope of each group does not use "
             "the same columns); Structured OBS needs a regular pattern — use SparseGPT for this one"
         )
@@ -226,10 +232,5 @@ def count_subsets(blocks_per_scope: int, num_prune: int) -> int:
 
 
 def normalize_nnz(nnz: int, blocks_per_scope: int) -> int:
-    """Validate ``nnz`` against the scope size and return it as an int."""
-    if isinstance(nnz, bool) or int(nnz) != nnz:
-        raise TypeError(f"`nnz` must be an integer number of blocks to keep per scope, got {nnz!r}")
-    nnz = int(nnz)
-    if not 0 <= nnz <= blocks_per_scope:
-        raise ValueError(f"`nnz` must be in [0, {blocks_per_scope}] (blocks per scope), got {nnz}")
-    return nnz
+    """Validate ``nnz`` against the scope size and return it as an int (:func:`s3sparse.checks.check_nnz`)."""
+    return check_nnz(nnz, blocks_per_scope)

@@ -17,6 +17,8 @@ from typing import Mapping, Union
 import torch
 from torch import Tensor
 
+from ..checks import check_scope
+from ..errors import ArgumentError, ArgumentTypeError, UnknownNameError
 from .hessian import check_hessian
 
 __all__ = ["prune_magnitude", "prune_obd"]
@@ -27,6 +29,11 @@ HessianArg = Union[Tensor, Mapping[object, Tensor]]
 def _hessian_for(spec, hessian: HessianArg) -> Tensor:
     if isinstance(hessian, Tensor):
         return hessian
+    if not isinstance(hessian, Mapping):
+        raise ArgumentTypeError(
+            f"`hessian` must be a (K, K) tensor or a mapping {{parameter: (K, K) tensor}}, got {type(hessian).__name__}; "
+            "compute it with s3sparse.compute_hessian(X)"
+        )
     param = spec.view.param
     for key in (spec, spec.view, param, getattr(spec, "name", None)):
         if key is None:
@@ -39,15 +46,16 @@ def _hessian_for(spec, hessian: HessianArg) -> Tensor:
     for key, value in hessian.items():
         if key is param or getattr(key, "param", None) is param:
             return value
-    raise KeyError(
-        f"no Hessian given for block {spec!r}; map each parameter (or its BlockSpec, View or name) to its (K, K) Hessian"
+    raise UnknownNameError(
+        f"`hessian` has no entry for block {spec!r}; map each parameter (or its BlockSpec, View or name) to its (K, K) Hessian"
     )
 
 
 @torch.no_grad()
 def prune_magnitude(scope, nnz: int) -> None:
     """Keep the ``nnz`` blocks of largest L2 norm in every scope; zero the others (in place)."""
-    scope.hard_threshold(nnz=nnz)
+    check_scope(scope)
+    scope.hard_threshold(nnz=scope._check_nnz(nnz))
 
 
 @torch.no_grad()
@@ -61,11 +69,15 @@ def prune_obd(scope, hessian: HessianArg, nnz: int) -> None:
             name) to its Hessian.
         nnz: blocks kept per scope.
     """
+    check_scope(scope)
+    nnz = scope._check_nnz(nnz)
     values = {}
     for spec in scope.block_specs():
         param = spec.view.param
         if param.dim() != 2:
-            raise ValueError(f"OBD needs 2-D weights (out, in); block {spec!r} is on a {param.dim()}-D parameter")
+            raise ArgumentError(
+                f"OBD needs 2-D weights (out, in) behind `scope`; block {spec!r} is on a {param.dim()}-D parameter"
+            )
         H = _hessian_for(spec, hessian)
         check_hessian(H, param.shape[1], like=param)
         diag = torch.diagonal(H).to(torch.float32).clamp(min=0)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
 from .hessian import check_hessian, damped_inverse
 from .layout import RowGroups, block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 
@@ -103,10 +104,8 @@ class StructuredOBS:
         self.W = self.layout.param
         self.M, self.num_cols = self.W.shape
         check_hessian(hessian, self.num_cols, like=self.W)
-        if damp < 0:
-            raise ValueError(f"`damp` must be >= 0, got {damp}")
         self.hessian = hessian
-        self.damp = float(damp)
+        self.damp = check_damp(damp)
         self.groups: RowGroups = row_groups(self.layout)
         self.blocks_per_scope = self.layout.blocks_per_scope
         self.bk = self.layout.block_numel
@@ -312,10 +311,9 @@ class StructuredOBS:
             compensate: ``'local'``, ``'full'``, ``'split'`` or ``'interleaved'``.
             n_splits: column chunks for ``'split'`` / ``'interleaved'``.
         """
-        if compensate not in _COMPENSATE:
-            raise ValueError(f"`compensate` must be one of {_COMPENSATE}, got {compensate!r}")
-        if int(n_splits) < 1:
-            raise ValueError(f"`n_splits` must be >= 1, got {n_splits}")
+        check_choice(compensate, "compensate", _COMPENSATE)
+        n_splits = check_int(n_splits, "n_splits", minimum=1, what="column chunks")
+        block_size = check_int(block_size, "block_size", minimum=1, what="columns per selection chunk")
         num_prune = self._num_prune(nnz)
         if num_prune == 0:
             return
@@ -620,19 +618,16 @@ class StructuredOBS:
         rank-deficient H) are redone in fp32, then with more damping, then in
         fp64; a warning says how many. The weight is written once, at the end.
         """
-        if order not in _ORDERS:
-            raise ValueError(f"`order` must be one of {_ORDERS}, got {order!r}")
-        if scoring not in _SCORINGS:
-            raise ValueError(f"`scoring` must be one of {_SCORINGS}, got {scoring!r}")
+        check_choice(order, "order", _ORDERS)
+        check_choice(scoring, "scoring", _SCORINGS)
         if ng is None:
             ng = 1 if self.groups.rows_per_group > 1 else 64
-        if int(ng) < 1:
-            raise ValueError(f"`ng` must be >= 1, got {ng}")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"`chunk_size` must be >= 1 rows or None, got {chunk_size}")
+        ng = check_int(ng, "ng", minimum=1, what="scopes per batch")
+        if chunk_size is not None:
+            chunk_size = check_int(chunk_size, "chunk_size", minimum=1, what="rows held at once, or None")
         c_dtype = torch.float16 if c_dtype is None else c_dtype
-        if c_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise ValueError(f"`c_dtype` must be float16, bfloat16, float32 or float64, got {c_dtype}")
+        check_dtype(c_dtype, "c_dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        check_callable(progress_fn, "progress_fn")
         num_prune = self._num_prune(nnz)
         if num_prune == 0:
             return

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..checks import check_callable, check_damp, check_int
 from .hessian import check_hessian, damped_inverse
 from .layout import normalize_nnz, scope_layout
 
@@ -55,8 +56,9 @@ def prune_sparsegpt(
     M, K = param.shape
     check_hessian(hessian, K, like=param)
     nnz = normalize_nnz(nnz, layout.blocks_per_scope)
-    if blocksize < 1:
-        raise ValueError(f"`blocksize` must be >= 1, got {blocksize}")
+    blocksize = check_int(blocksize, "blocksize", minimum=1, what="columns per lazy block")
+    damp = check_damp(damp)
+    check_callable(progress_fn, "progress_fn")
     device = param.device
 
     W = param.detach().to(torch.float32, copy=True)
