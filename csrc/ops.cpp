@@ -33,4 +33,20 @@ TORCH_LIBRARY(s3sparse, m) {
   // The hot loop of left-looking True OBS: C[S, R] = C0[S, R] - U[S, :] U[R, :]^T.
   // b may be a strided view (last dim contiguous): it is read in place.
   m.def("lowrank_sub(Tensor base, Tensor a, Tensor b) -> Tensor");
+
+  // One lazy block of SparseGPT's column sweep, every row group at once (see
+  // csrc/sparsegpt.h). w (M, b) fp32: the block's weights (any strides), left
+  // as the pruned values; pruned (M, b) bool: the mask, read and completed; u
+  // (b, b) fp32: the block of the upper Cholesky factor of (H + lambda I)^-1.
+  // Row group g is the rows group_rows[g] (R, G); scopes scope_ptr[i] ..
+  // scope_ptr[i+1]-1 (scope_ptr (b+1,)) are decided when the sweep reaches column
+  // i, in every group: element e of scope s at column scope_cols[s, e] and group
+  // row scope_rows[s, e] (both (S, E)); blocks of block_numel elements; the nnz
+  // of largest sum w^2 / u_cc^2 kept (ties to the lower block, NaN as -inf).
+  // Then per row: q = pruned ? 0 : w_i, err_i = (w_i - q) / u_ii,
+  // w_j -= err_i u_ij for j > i, w_i = q. Returns err (M, b) (zero on rows in no
+  // group) and status () int32: bits of invalid table entries (then nothing is
+  // written and err is zero), checked on the device without a host sync.
+  m.def("sparsegpt_block_(Tensor(a!) w, Tensor(b!) pruned, Tensor u, Tensor scope_ptr, Tensor scope_cols, "
+        "Tensor scope_rows, Tensor group_rows, int nnz, int block_numel) -> (Tensor err, Tensor status)");
 }

@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loading the library registers the operators)
 from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_", "lowrank_sub"]
+__all__ = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_", "lowrank_sub", "sparsegpt_block_"]
 
 _ops = torch.ops.s3sparse
 
@@ -157,6 +157,84 @@ def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return _ops.lowrank_sub.default(base, a, b)
 
 
+# ---------------------------------------------------------------- SparseGPT
+# Status bits of sparsegpt_block_ (csrc/sparsegpt.h) and what they mean.
+SPARSEGPT_STATUS = {
+    1: "a `group_rows` entry is not a row of `w` (outside [0, M))",
+    2: "`scope_ptr` is not an offset table 0 = scope_ptr[0] <= ... <= scope_ptr[b] = S (the rows of `scope_cols`)",
+    4: "a `scope_cols` entry is not a column of the block (outside [0, b))",
+    8: "a scope listed at column i (scope_ptr[i] <= s < scope_ptr[i+1]) has an element in a column < i",
+    16: "a `scope_rows` entry is not a row of its group (outside [0, group_rows.shape[1]))",
+}
+
+
+def sparsegpt_status_message(status: int) -> str:
+    """The problems named by a nonzero ``status`` of :func:`sparsegpt_block_`."""
+    parts = [text for bit, text in SPARSEGPT_STATUS.items() if status & bit]
+    return "s3sparse.sparsegpt_block_: invalid index tables (status " + str(status) + "): " + "; ".join(parts)
+
+
+def sparsegpt_block_(
+    w: Tensor,
+    pruned: Tensor,
+    u: Tensor,
+    scope_ptr: Tensor,
+    scope_cols: Tensor,
+    scope_rows: Tensor,
+    group_rows: Tensor,
+    nnz: int,
+    block_numel: int = 1,
+    check: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One lazy block of SparseGPT's column sweep, every row group at once, in place.
+
+    The rows of ``w`` are partitioned into row groups ``group_rows`` (R, G) (a
+    group is one row for row-local patterns, rows {p, p+8} for the row-coupled
+    16-column pattern) that are swept independently over the b columns of the
+    block, left to right. At column ``i`` every scope ``s`` with
+    ``scope_ptr[i] <= s < scope_ptr[i+1]`` is decided, in every group: its element
+    ``e`` is at column ``scope_cols[s, e]`` (relative to the block, ``>= i``) and
+    group row ``scope_rows[s, e]``; its blocks are runs of ``block_numel``
+    elements; the ``nnz`` blocks of largest ``Σ w² / u_cc²`` (current ``w``,
+    summed in element order) are kept — ties to the lower block, NaN ranking as
+    -inf, as :func:`kth_largest` — and the others marked in ``pruned``. Then, for
+    every row: ``q = 0 if pruned[:, i] else w[:, i]``, ``err[:, i] = (w[:, i] - q) /
+    u[i, i]``, ``w[:, j] -= err[:, i] * u[i, j]`` for ``j > i``, ``w[:, i] = q``.
+    Each product and difference is rounded on its own (no FMA): the result is bit
+    for bit that of :func:`s3sparse.reference.sparsegpt_block_` and of the Python
+    loop in :func:`s3sparse.pruners.prune_sparsegpt`.
+
+    Args:
+        w: (M, b) float32, any non-overlapping strides (e.g. ``W[:, i1:i2]``);
+            left holding the pruned block.
+        pruned: (M, b) bool mask, read (masks decided earlier) and completed.
+        u: (b, b) float32 block ``U[i1:i2, i1:i2]`` of the upper Cholesky factor
+            of ``(H + λI)⁻¹``, any strides.
+        scope_ptr: (b + 1,) int64 offsets into the scope tables by start column.
+        scope_cols, scope_rows: (S, E) int64, the same for every group.
+        group_rows: (R, G) int64, distinct rows of ``w`` (rows in no group are
+            left alone, with zero error).
+        nnz: blocks kept per scope, in ``[0, E // block_numel]``.
+        block_numel: elements per block (divides E).
+        check: raise ``ValueError`` when the tables are invalid (one host sync).
+            With ``check=False`` nothing is synchronised: look at ``status``.
+
+    Returns:
+        ``(err, status)``: ``err`` (M, b) float32, the errors for the update of the
+        later columns ``W[:, i2:] -= err @ U[i1:i2, i2:]``; ``status`` () int32, 0
+        or the bits of :data:`SPARSEGPT_STATUS` (then nothing was written and
+        ``err`` is zero). On CUDA the tables are validated on the device.
+    """
+    err, status = _ops.sparsegpt_block_.default(
+        w, pruned, u, scope_ptr, scope_cols, scope_rows, group_rows, int(nnz), int(block_numel)
+    )
+    if check:
+        code = int(status)
+        if code:
+            raise ValueError(sparsegpt_status_message(code))
+    return err, status
+
+
 # ---------------------------------------------------------------- fakes
 def _fake_grid(op: str, size, stride, block) -> list[int]:
     if not (len(size) == len(stride) == len(block)):
@@ -203,3 +281,26 @@ def _lowrank_sub_fake(base, a, b):
     torch._check(a.shape[0] == base.shape[0] and b.shape[0] == base.shape[0])
     torch._check(a.shape[1] == base.shape[1] and b.shape[1] == base.shape[2] and a.shape[2] == b.shape[2])
     return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("s3sparse::sparsegpt_block_")
+def _sparsegpt_block_fake(w, pruned, u, scope_ptr, scope_cols, scope_rows, group_rows, nnz, block_numel):
+    op = "s3sparse.sparsegpt_block_"
+    torch._check(w.dtype == torch.float32, lambda: f"{op}: `w` must be float32, got {w.dtype}")
+    torch._check(pruned.dtype == torch.bool, lambda: f"{op}: `pruned` must be bool, got {pruned.dtype}")
+    torch._check(u.dtype == torch.float32, lambda: f"{op}: `u` must be float32, got {u.dtype}")
+    for name, t in (("scope_ptr", scope_ptr), ("scope_cols", scope_cols), ("scope_rows", scope_rows), ("group_rows", group_rows)):
+        torch._check(t.dtype == torch.int64, lambda: f"{op}: `{name}` must be int64, got {t.dtype}")
+    torch._check(w.dim() == 2, lambda: f"{op}: `w` must be 2-D (M, b), got shape {tuple(w.shape)}")
+    M, b = w.shape
+    torch._check(pruned.shape == w.shape, lambda: f"{op}: `pruned` must have the shape of `w` {tuple(w.shape)}")
+    torch._check(u.dim() == 2 and u.shape[0] == b and u.shape[1] == b, lambda: f"{op}: `u` must be (b, b) = ({b}, {b})")
+    torch._check(scope_ptr.dim() == 1 and scope_ptr.shape[0] == b + 1, lambda: f"{op}: `scope_ptr` must be (b + 1,)")
+    torch._check(scope_cols.dim() == 2, lambda: f"{op}: `scope_cols` must be 2-D (S, E)")
+    torch._check(scope_rows.shape == scope_cols.shape, lambda: f"{op}: `scope_rows` must have the shape of `scope_cols`")
+    torch._check(group_rows.dim() == 2, lambda: f"{op}: `group_rows` must be 2-D (R, G)")
+    torch._check(block_numel >= 1, lambda: f"{op}: `block_numel` must be >= 1, got {block_numel}")
+    E = scope_cols.shape[1]
+    torch._check(E % block_numel == 0, lambda: f"{op}: E={E} elements do not split into blocks of {block_numel}")
+    torch._check(0 <= nnz <= E // block_numel, lambda: f"{op}: `nnz` must be in [0, {E // block_numel}], got {nnz}")
+    return w.new_empty((M, b)), w.new_empty((), dtype=torch.int32)

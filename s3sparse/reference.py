@@ -21,6 +21,10 @@ __all__ = [
     "score_subsets",
     "schur_update_",
     "lowrank_sub",
+
+
+    "sparsegpt_block_",
+    "sparsegpt_block_status",
     "interleaved_block_view",
 ]
 
@@ -170,3 +174,86 @@ def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``base - a @ b.mT`` in float64: base (N, P, R), a (N, P, O), b (N, R, O)."""
     out = base.double() - a.double() @ b.double().transpose(1, 2)  # (N, P, R)
     return out.to(base.dtype)
+
+
+def sparsegpt_block_status(M: int, b: int, scope_ptr: Tensor, scope_cols: Tensor, scope_rows: Tensor, group_rows: Tensor) -> int:
+    """The status bits of :func:`sparsegpt_block_` for these tables (0: valid)."""
+    ptr = scope_ptr.cpu().tolist()
+    cols, lrows, grows = scope_cols.cpu(), scope_rows.cpu(), group_rows.cpu()
+    S, rpg = cols.shape[0], grows.shape[1]
+    bad = 0
+    if grows.numel() and bool(((grows < 0) | (grows >= M)).any()):
+        bad |= 1
+    if ptr[0] != 0 or ptr[b] != S:
+        bad |= 2
+    for i in range(b):
+        p0, p1 = ptr[i], ptr[i + 1]
+        if not 0 <= p0 <= p1 <= S:
+            bad |= 2
+            continue
+        c, r = cols[p0:p1], lrows[p0:p1]
+        if bool(((c < 0) | (c >= b)).any()):
+            bad |= 4
+        if bool(((c >= 0) & (c < i)).any()):
+            bad |= 8
+        if bool(((r < 0) | (r >= rpg)).any()):
+            bad |= 16
+    return bad
+
+
+def sparsegpt_block_(
+    w: Tensor,
+    pruned: Tensor,
+    u: Tensor,
+    scope_ptr: Tensor,
+    scope_cols: Tensor,
+    scope_rows: Tensor,
+    group_rows: Tensor,
+    nnz: int,
+    block_numel: int,
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT over one lazy block, every row group at once (float32, the kernels' operation order)."""
+    M, b = w.shape
+    err = torch.zeros(M, b, dtype=torch.float32, device=w.device)
+    status = sparsegpt_block_status(M, b, scope_ptr, scope_cols, scope_rows, group_rows)
+    if status:
+        return err, torch.tensor(status, dtype=torch.int32, device=w.device)
+    ok = torch.zeros((), dtype=torch.int32, device=w.device)
+    R, rpg = group_rows.shape
+    if R == 0 or rpg == 0 or b == 0:
+        return err, ok
+    ptr = scope_ptr.cpu().tolist()
+    cols, lrows = scope_cols.cpu().tolist(), scope_rows.cpu().tolist()
+    E = scope_cols.shape[1]
+    nb = E // block_numel
+    grows = group_rows.to(w.device)
+    W = w[grows].to(torch.float32)  # (R, rpg, b) copies
+    P = pruned[grows].clone()
+    Er = torch.zeros_like(W)
+    d = torch.diagonal(u).to(torch.float32)
+    d2 = d * d
+    for i in range(b):
+        for s in range(ptr[i], ptr[i + 1]):
+            c, lr = cols[s], lrows[s]
+            keys = []
+            for k in range(nb):
+                acc = torch.zeros(R, dtype=torch.float32, device=w.device)
+                for e in range(k * block_numel, (k + 1) * block_numel):
+                    v = W[:, lr[e], c[e]]
+                    acc = acc + v * v / d2[c[e]]
+                keys.append(acc)
+            if nb:
+                _, keep = kth_largest(torch.stack(keys, dim=-1), nnz)
+                for k in range(nb):
+                    for e in range(k * block_numel, (k + 1) * block_numel):
+                        P[:, lr[e], c[e]] = ~keep[:, k]
+        wi = W[:, :, i].clone()
+        q = wi.masked_fill(P[:, :, i], 0.0)
+        e = (wi - q) / u[i, i]
+        Er[:, :, i] = e
+        W[:, :, i + 1 :] -= e.unsqueeze(-1) * u[i, i + 1 :]
+        W[:, :, i] = q
+    w[grows] = W.to(w.dtype)
+    pruned[grows] = P
+    err[grows] = Er
+    return err, ok

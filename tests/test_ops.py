@@ -498,6 +498,266 @@ def test_schur_update_row_chunks(device, seed, monkeypatch):
     assert_bitwise(cb[3], c[3].to(device), f"seed={seed} failed row c")
 
 
+# ---------------------------------------------------------------- sparsegpt_block_
+def _upper_factor(b, dtype=torch.float32):
+    """The upper Cholesky factor of (H + 0.1 I)^-1 for a random correlated H: SparseGPT's U."""
+    X = torch.randn(3 * b + 8, b, dtype=torch.float64) @ (torch.eye(b, dtype=torch.float64) + 0.3 * torch.randn(b, b, dtype=torch.float64) / b**0.5)
+    H = X.T @ X / X.shape[0] + 0.1 * torch.eye(b, dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(dtype)
+
+
+def _csr(starts, b):
+    ptr = torch.zeros(b + 1, dtype=torch.long)
+    if len(starts):
+        ptr[1:] = torch.cumsum(torch.bincount(torch.as_tensor(starts, dtype=torch.long), minlength=b), 0)
+    return ptr
+
+
+def _regular_scopes(kind, b):
+    """(starts, cols, local rows, rows per group, block_numel, nnz) of a reference pattern over b columns."""
+    if kind == "24":
+        cols = [[4 * t + j for j in range(4)] for t in range(b // 4)]
+        return [c[0] for c in cols], cols, [[0] * 4 for _ in cols], 1, 1, 2
+    if kind == "48":
+        cols = [[8 * t + j for j in range(8)] for t in range(b // 8)]
+        return [c[0] for c in cols], cols, [[0] * 8 for _ in cols], 1, 2, 2
+    if kind == "coupled24":  # blocks {16t + i, 16t + 8 + i}, i in 0..3 and 4..7
+        cols = [[16 * t + x for i in range(4 * h, 4 * h + 4) for x in (i, i + 8)] for t in range(b // 16) for h in range(2)]
+        return [min(c) for c in cols], cols, [[0] * 8 for _ in cols], 1, 2, 2
+    if kind == "block16":  # rows p and p + 8 (group rows 0, 1) compete for each 16-column block
+        cols = [[16 * t + j for _ in range(2) for j in range(16)] for t in range(b // 16)]
+        rows = [[h for h in range(2) for _ in range(16)] for _ in cols]
+        return [c[0] for c in cols], cols, rows, 2, 16, 1
+    raise KeyError(kind)
+
+
+def _random_scopes(b, rpg, bn, nb):
+    """Scopes of nb blocks of bn elements on a group of rpg rows, disjoint, each starting at
+    its listed column and spread over up to 12 columns from there (any order in the table)."""
+    free = {(r, c) for r in range(rpg) for c in range(b)}
+    starts, cols, rows = [], [], []
+    for i in range(b):
+        if random.random() < 0.35:
+            cand = sorted(x for x in free if i <= x[1] < i + 12)
+            if len(cand) >= nb * bn:
+                pick = random.sample(cand, nb * bn)
+                free -= set(pick)
+                starts.append(i)
+                rows.append([r for r, _ in pick])
+                cols.append([c for _, c in pick])
+    return starts, cols, rows, free
+
+
+# (id, M, b, pattern or (rows per group, block_numel, blocks per scope, nnz), row groups):
+# 'all' = every row in a group, 'some' = a random subset of the rows in random groups.
+SGPT_CASES = [
+    ("24", 9, 32, "24", "all"),
+    ("48", 7, 40, "48", "all"),
+    ("coupled24", 5, 48, "coupled24", "all"),
+    ("block16", 32, 32, "block16", "all"),
+    ("random", 13, 29, (3, 2, 3, 1), "some"),
+    ("random_bn1", 11, 37, (1, 1, 5, 3), "some"),
+    ("random_keep0", 8, 20, (2, 3, 2, 0), "some"),
+    ("random_keepall", 8, 20, (2, 1, 4, 4), "some"),
+    ("single_column", 6, 1, (1, 1, 1, 0), "all"),
+    ("wide", 5, 240, "24", "all"),  # CUDA: u (225 KiB) too large for shared memory next to the rows
+    ("many_groups", 70, 16, "24", "all"),  # CUDA: more than one thread block
+]
+
+
+def _sgpt_case(case):
+    name, M, b, spec, cover = case
+    if isinstance(spec, str):
+        starts, cols, lrows, rpg, bn, nnz = _regular_scopes(spec, b)
+        free = set()
+    else:
+        rpg, bn, nb, nnz = spec
+        starts, cols, lrows, free = _random_scopes(b, rpg, bn, nb)
+    E = len(cols[0]) if cols else (spec[1] * spec[2] if not isinstance(spec, str) else 4)
+    order = sorted(range(len(starts)), key=lambda s: starts[s])
+    starts = [starts[s] for s in order]
+    scope_cols = torch.tensor([cols[s] for s in order], dtype=torch.long).reshape(len(starts), E)
+    scope_rows = torch.tensor([lrows[s] for s in order], dtype=torch.long).reshape(len(starts), E)
+    perm = torch.randperm(M) if cover == "some" else torch.arange(M)
+    R = (M - (2 if cover == "some" else 0)) // rpg
+    group_rows = perm[: R * rpg].reshape(R, rpg)
+    if cover == "all" and rpg == 2:  # the row-coupled pattern's groups {16a + p, 16a + 8 + p}
+        group_rows = torch.tensor([[16 * a + p, 16 * a + 8 + p] for a in range(M // 16) for p in range(8)])
+    # w and pruned as strided windows of larger tensors, u too.
+    w_full = torch.randn(M, b + 7)
+    w = w_full[:, 3 : 3 + b]
+    p_full = torch.zeros(M, b + 5, dtype=torch.bool)
+    pruned = p_full[:, 2 : 2 + b]
+    # Masks decided before this block (by scopes that began earlier) on elements no scope here covers.
+    for r, c in free:
+        if random.random() < 0.2:
+            pruned[group_rows[:, r], c] = True
+    u_full = torch.zeros(b + 3, b + 4)
+    u_full[1 : 1 + b, 2 : 2 + b] = _upper_factor(b)
+    u = u_full[1 : 1 + b, 2 : 2 + b]
+    return dict(w=w, pruned=pruned, u=u, scope_ptr=_csr(starts, b), scope_cols=scope_cols, scope_rows=scope_rows,
+                group_rows=group_rows, nnz=nnz, block_numel=bn)
+
+
+_SGPT_ARGS = ("w", "pruned", "u", "scope_ptr", "scope_cols", "scope_rows", "group_rows", "nnz", "block_numel")
+
+
+def _sgpt_call(fn, args, device, **kw):
+    """Run fn (the op wrapper or the oracle) on copies of the inputs on `device`;
+    returns (w, pruned, err, status) on the CPU."""
+    a = {k: (v.clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    err, status = fn(*(a[k] for k in _SGPT_ARGS), **kw)
+    return a["w"].cpu(), a["pruned"].cpu(), err.cpu(), status.cpu()
+
+
+def _check_sgpt(args, device, msg):
+    got = _sgpt_call(ops.sparsegpt_block_, args, device, check=False)
+    exp = _sgpt_call(ref.sparsegpt_block_, args, "cpu")
+    for g, e, what in zip(got, exp, ("w", "pruned", "err", "status")):
+        assert_bitwise(g, e, f"{msg} {what}")
+    return got
+
+
+@pytest.mark.parametrize("case", SGPT_CASES, ids=[c[0] for c in SGPT_CASES])
+def test_sparsegpt_block(device, seed, case):
+    args = _sgpt_case(case)
+    w, pruned, err, status = _check_sgpt(args, device, f"seed={seed} case={case[0]}")
+    assert int(status) == 0
+    # Every scope keeps exactly nnz blocks in every group; pruned weights are exactly zero.
+    cols, lrows, gr = args["scope_cols"], args["scope_rows"], args["group_rows"]
+    bn = args["block_numel"]
+    if cols.numel():
+        elems = pruned[gr[:, lrows], cols]  # (R, S, E)
+        blocks = elems.reshape(*elems.shape[:2], -1, bn)
+        assert bool((blocks.all(-1) | ~blocks.any(-1)).all()), "a block is partly pruned"
+        assert bool(((~blocks.all(-1)).sum(-1) == args["nnz"]).all()), "wrong number of kept blocks"
+    assert bool((w[pruned] == 0).all())
+    # Rows in no group are untouched, with zero error.
+    rest = torch.ones(w.shape[0], dtype=torch.bool)
+    rest[gr.reshape(-1)] = False
+    assert_bitwise(w[rest], args["w"][rest], "rows in no group")
+    assert bool((err[rest] == 0).all())
+
+
+def test_sparsegpt_block_ties_and_nan(device, seed):
+    # u = I: no propagation, integer scores, many ties (lower block index wins); a NaN
+    # ranks as -inf (pruned first) and poisons its row's error.
+    args = _sgpt_case(("24", 6, 16, "24", "all"))
+    args["u"] = torch.eye(16)
+    args["w"] = torch.randint(-2, 3, (6, 16)).float()
+    args["w"][1, 5] = math.nan
+    args["w"][2, 0:4] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # four-way tie: keep blocks 0 and 1
+    w, pruned, err, _ = _check_sgpt(args, device, f"seed={seed}")
+    assert pruned[2, 0:4].tolist() == [False, False, True, True]
+    assert bool(pruned[1, 5])
+
+
+def test_sparsegpt_block_equals_python_loop(device, seed):
+    # One lazy block of the pruner's Python loop (s3sparse/pruners/sparsegpt.py), 2:4 on
+    # all rows, through the op: bit for bit.
+    from s3sparse.pruners.sparsegpt import _PythonSweep
+    from s3sparse.pruners.layout import scope_layout
+
+    M, K = 8, 48
+    W = torch.randn(M, K)
+    scope, nnz = s3sparse.patterns.nm(W, 2, 4)
+    U = _upper_factor(K)
+    d2 = torch.diagonal(U) ** 2
+    i1, i2 = 16, 48
+    Wp, Pp = W.clone(), torch.zeros(M, K, dtype=torch.bool)
+    err_p = _PythonSweep(scope_layout(scope), K).block(Wp, U, d2, Pp, i1, i2, nnz)
+    starts, cols, lrows, _, bn, _ = _regular_scopes("24", i2 - i1)
+    Wk, Pk = W.clone().to(device), torch.zeros(M, K, dtype=torch.bool, device=device)
+    err_k, status = ops.sparsegpt_block_(
+        Wk[:, i1:i2], Pk[:, i1:i2], U.to(device)[i1:i2, i1:i2], _csr(starts, i2 - i1).to(device),
+        torch.tensor(cols).to(device), torch.tensor(lrows).to(device), torch.arange(M).view(M, 1).to(device), nnz, bn,
+    )
+    assert int(status) == 0
+    assert_bitwise(Wk, Wp, f"seed={seed} w")
+    assert_bitwise(Pk, Pp, f"seed={seed} pruned")
+    assert_bitwise(err_k, err_p, f"seed={seed} err")
+
+
+def _sgpt_invalid(args, what):
+    a = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    b = a["w"].shape[1]
+    if what == "group row too large":
+        a["group_rows"][0, 0] = a["w"].shape[0]
+    elif what == "group row negative":
+        a["group_rows"][-1, 0] = -1
+    elif what == "ptr end":
+        a["scope_ptr"][-1] -= 1
+    elif what == "ptr decreasing":
+        a["scope_ptr"][3] = a["scope_ptr"][4] + 1
+    elif what == "col too large":
+        a["scope_cols"][1, 2] = b
+    elif what == "col before start":
+        a["scope_cols"][2, 0] = a["scope_cols"][1, 0]
+    elif what == "local row":
+        a["scope_rows"][0, 1] = 1
+    return a
+
+
+SGPT_INVALID = {
+    "group row too large": 1,
+    "group row negative": 1,
+    "ptr end": 2,
+    "ptr decreasing": 2,
+    "col too large": 4,
+    "col before start": 8,
+    "local row": 16,
+}
+
+
+@pytest.mark.parametrize("what", list(SGPT_INVALID), ids=list(SGPT_INVALID))
+def test_sparsegpt_block_invalid_tables(device, what):
+    # Invalid table entries: status bits, nothing written (checked on the device, no sync);
+    # check=True (the default) raises with the meaning of the bits.
+    args = _sgpt_invalid(_sgpt_case(("24", 6, 32, "24", "all")), what)
+    exp = _sgpt_call(ref.sparsegpt_block_, args, "cpu")
+    assert int(exp[3]) == SGPT_INVALID[what]
+    w, pruned, err, status = _check_sgpt(args, device, what)
+    assert_bitwise(w, args["w"], f"{what}: w untouched")
+    assert_bitwise(pruned, args["pruned"], f"{what}: pruned untouched")
+    assert not bool(err.any())
+    a = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(ValueError, match="invalid index tables"):
+        ops.sparsegpt_block_(*(a[k] for k in _SGPT_ARGS))
+
+
+def test_sparsegpt_block_edge_sizes(device, seed):
+    # No scopes at all (masks decided earlier are applied), no groups, no columns.
+    args = _sgpt_case(("24", 6, 12, "24", "all"))
+    args["scope_cols"] = args["scope_rows"] = torch.zeros(0, 4, dtype=torch.long)
+    args["scope_ptr"] = torch.zeros(13, dtype=torch.long)
+    args["pruned"][torch.rand(6, 12) < 0.5] = True
+    _check_sgpt(args, device, f"seed={seed} no scopes")
+    args["group_rows"] = torch.zeros(0, 1, dtype=torch.long)
+    w, _, err, _ = _check_sgpt(args, device, f"seed={seed} no groups")
+    assert_bitwise(w, args["w"], "no groups: w untouched")
+    empty = dict(w=torch.zeros(3, 0), pruned=torch.zeros(3, 0, dtype=torch.bool), u=torch.zeros(0, 0),
+                 scope_ptr=torch.zeros(1, dtype=torch.long), scope_cols=torch.zeros(0, 2, dtype=torch.long),
+                 scope_rows=torch.zeros(0, 2, dtype=torch.long), group_rows=torch.arange(3).view(3, 1), nnz=1, block_numel=1)
+    w, _, err, status = _check_sgpt(empty, device, "b = 0")
+    assert err.shape == (3, 0) and int(status) == 0
+
+
+def test_sparsegpt_block_group_too_large_for_cuda(device, seed):
+    # The CPU kernel takes any row group; the CUDA one keeps a group's rows of the block
+    # in shared memory and says so when they do not fit (220 rows x 128 columns).
+    M, b = 220, 128
+    args = dict(w=torch.randn(M, b), pruned=torch.zeros(M, b, dtype=torch.bool), u=_upper_factor(b),
+                scope_ptr=_csr([0], b), scope_cols=torch.arange(b).repeat(2).view(1, 2 * b),
+                scope_rows=torch.tensor([0] * b + [1] * b).view(1, 2 * b), group_rows=torch.arange(M).view(1, M),
+                nnz=1, block_numel=b)
+    if device == "cpu" and not _is_emu():
+        _check_sgpt(args, device, f"seed={seed}")
+    else:
+        a = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        with pytest.raises(ValueError, match="shared memory"):
+            ops.sparsegpt_block_(*(a[k] for k in _SGPT_ARGS))
+
+
 # ---------------------------------------------------------------- bad inputs
 def _bad_calls(dev):
     x = torch.randn(4, 8, device=dev)
@@ -554,7 +814,37 @@ def _bad_calls(dev):
         ("pruned range", lambda: ops.schur_update_(w.clone(), c.clone(), pr + 3), ValueError, "`pruned` entries"),
         ("pruned below -1", lambda: ops.schur_update_(w.clone(), c.clone(), pr - 1), ValueError, "`pruned` entries"),
         ("pruned duplicate", lambda: ops.schur_update_(w.clone(), c.clone(), torch.tensor([[1, 1], [0, -1], [-1, -1]], device=dev)), ValueError, "`pruned` row 0 names a column twice"),
+        # sparsegpt_block_
+        ("sgpt w double", lambda: _sgpt_bad(dev, w=lambda a: a.double()), TypeError, "`w` must be Float"),
+        ("sgpt w 1-D", lambda: _sgpt_bad(dev, w=lambda a: a[0]), ValueError, "`w` must be 2-D"),
+        ("sgpt w overlapping", lambda: _sgpt_bad(dev, w=lambda a: a[:1].expand(6, 8)), ValueError, "`w` must not have overlapping"),
+        ("sgpt pruned dtype", lambda: _sgpt_bad(dev, pruned=lambda a: a.to(torch.uint8)), TypeError, "`pruned` must be Bool"),
+        ("sgpt pruned shape", lambda: _sgpt_bad(dev, pruned=lambda a: a[:, :7]), ValueError, "`pruned` must have the shape"),
+        ("sgpt pruned overlapping", lambda: _sgpt_bad(dev, pruned=lambda a: a[:, :1].expand(6, 8)), ValueError, "`pruned` must not have overlapping"),
+        ("sgpt u half", lambda: _sgpt_bad(dev, u=lambda a: a.half()), TypeError, "`u` must be Float"),
+        ("sgpt u shape", lambda: _sgpt_bad(dev, u=lambda a: a[:7]), ValueError, "`u` must be \\(b, b\\)"),
+        ("sgpt ptr length", lambda: _sgpt_bad(dev, scope_ptr=lambda a: a[:-1]), ValueError, "`scope_ptr` must be \\(b \\+ 1,\\)"),
+        ("sgpt ptr dtype", lambda: _sgpt_bad(dev, scope_ptr=lambda a: a.int()), TypeError, "`scope_ptr` must be Long"),
+        ("sgpt cols 1-D", lambda: _sgpt_bad(dev, scope_cols=lambda a: a.reshape(-1)), ValueError, "`scope_cols` must be 2-D"),
+        ("sgpt rows shape", lambda: _sgpt_bad(dev, scope_rows=lambda a: a[:, :2]), ValueError, "`scope_rows` must have the shape"),
+        ("sgpt group rows dtype", lambda: _sgpt_bad(dev, group_rows=lambda a: a.int()), TypeError, "`group_rows` must be Long"),
+        ("sgpt block_numel zero", lambda: _sgpt_bad(dev, block_numel=0), ValueError, "`block_numel` must be >= 1"),
+        ("sgpt block_numel indivisible", lambda: _sgpt_bad(dev, block_numel=3), ValueError, "do not split into blocks"),
+        ("sgpt nnz too large", lambda: _sgpt_bad(dev, nnz=5), ValueError, "`nnz` must be in \\[0, 4\\]"),
+        ("sgpt nnz negative", lambda: _sgpt_bad(dev, nnz=-1), ValueError, "`nnz`"),
     ]
+
+
+def _sgpt_bad(dev, **change):
+    """sparsegpt_block_ on a valid 2:4 block (6 x 8) with one argument changed."""
+    starts, cols, lrows, _, bn, nnz = _regular_scopes("24", 8)
+    args = dict(w=torch.randn(6, 8, device=dev), pruned=torch.zeros(6, 8, dtype=torch.bool, device=dev),
+                u=torch.eye(8, device=dev), scope_ptr=_csr(starts, 8).to(dev), scope_cols=torch.tensor(cols, device=dev),
+                scope_rows=torch.tensor(lrows, device=dev), group_rows=torch.arange(6, device=dev).view(6, 1),
+                nnz=nnz, block_numel=bn)
+    for k, v in change.items():
+        args[k] = v(args[k]) if callable(v) else v
+    return ops.sparsegpt_block_(*(args[k] for k in _SGPT_ARGS))
 
 
 _BAD_IDS = [case[0] for case in _bad_calls("cpu")]
@@ -597,6 +887,9 @@ def test_mismatched_devices():
         ops.schur_update_(w, c.to(cpu), pr)
     with pytest.raises(ValueError, match="`pruned`"):
         ops.schur_update_(w, c, pr.to(cpu))
+    for name in ("pruned", "u", "scope_ptr", "scope_cols", "scope_rows", "group_rows"):
+        with pytest.raises(ValueError, match=f"`{name}` must be on the device of `w`"):
+            _sgpt_bad(cu, **{name: lambda a: a.to(cpu)})
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile
@@ -633,6 +926,12 @@ def test_opcheck(device):
         (o.schur_update_.default, (s["ws"].clone(), s["cw"].clone(), s["pruned"])),
         (o.schur_update_.default, (s["ws"].double(), s["cw"].half(), s["pruned"])),
     ]
+    for kind, M, b in (("24", 5, 16), ("block16", 16, 32)):
+        a = _sgpt_case((kind, M, b, kind, "all"))
+        a = {k: (v.clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+        cases.append((o.sparsegpt_block_.default, tuple(a[k] for k in _SGPT_ARGS)))
+        a["w"] = a["w"].contiguous()
+        cases.append((o.sparsegpt_block_.default, tuple(a[k] for k in _SGPT_ARGS)))
     for op, args in cases:
         torch.library.opcheck(op, args)
 
@@ -688,6 +987,37 @@ def test_compile_inductor(device):
 
 def test_build_info_describes_the_torch_we_run():
     """The extension was built against the torch it runs with, and its CUDA fields agree."""
+
+
+def _sgpt_step(W, P, U, ptr, cols, rows, group_rows, i1: int, i2: int, nnz: int, bn: int):
+    # One lazy block of the pruner: the op on views of the working weight and mask, then the trailing GEMM.
+    err, status = ops.sparsegpt_block_(W[:, i1:i2], P[:, i1:i2], U[i1:i2, i1:i2], ptr, cols, rows, group_rows, nnz, bn, check=False)
+    W[:, i2:] -= err @ U[i1:i2, i2:]
+    return err * 1, status
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_compile_sparsegpt_block(device, backend):
+    torch.manual_seed(0)
+    M, K, i1, i2 = 6, 48, 16, 32
+    starts, cols, lrows, _, bn, nnz = _regular_scopes("24", i2 - i1)
+    W = torch.randn(M, K, device=device)
+    P = torch.zeros(M, K, dtype=torch.bool, device=device)
+    U = _upper_factor(K).to(device)
+    tables = (_csr(starts, i2 - i1).to(device), torch.tensor(cols, device=device), torch.tensor(lrows, device=device),
+              torch.arange(M, device=device).view(M, 1))
+    torch._dynamo.reset()
+    We, Pe = W.clone(), P.clone()
+    eager = _sgpt_step(We, Pe, U, *tables, i1, i2, nnz, bn)
+    Wc, Pc = W.clone(), P.clone()
+    comp = torch.compile(_sgpt_step, backend=backend, fullgraph=True)(Wc, Pc, U, *tables, i1, i2, nnz, bn)
+    for e, g in zip(eager + (We, Pe), comp + (Wc, Pc)):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    assert int(comp[1]) == 0 and bool(Pc[:, i1:i2].any()) and not bool(Pc[:, :i1].any())
+
+
+def test_build_info():
     info = s3sparse.build_info()
     assert info["torch_version"] == torch.__version__, (
         f"built against torch {info['torch_version']} but running {torch.__version__}: rebuild s3sparse"

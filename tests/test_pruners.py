@@ -159,9 +159,89 @@ def test_sparsegpt_reproduces_published_algorithm(device, n, m, samples, seed):
     assert torch.equal(W == 0, ref_mask), f"seed {seed}"
     rel = float((W - ref).norm() / ref.norm())
     assert rel < 1e-5, f"seed {seed}: relative difference {rel}"
+    if device == "cpu":  # the same operations in the same order: the same bits
+        assert torch.equal(W, ref), f"seed {seed}: max difference {float((W - ref).abs().max())}"
     # The functional entry point is the same computation.
     if n * 2 == m:
         assert torch.equal(sparsegpt_prune(W0, H, scope_size=m), W)
+
+
+def _sparsegpt_paths(monkeypatch, scope_fn, W0, H, blocksize, **patch):
+    """prune_sparsegpt with the block kernel where it applies, and with the Python loop only."""
+    from s3sparse.pruners import sparsegpt as sgpt_module
+
+    out = []
+    for use_kernel in (True, False):
+        monkeypatch.setattr(sgpt_module, "_USE_BLOCK_KERNEL", use_kernel)
+        for k, v in patch.items():
+            monkeypatch.setattr(sgpt_module, k, v)
+        W = W0.clone()
+        scope, nnz = scope_fn(W)
+        prune_sparsegpt(scope, H, nnz, blocksize=blocksize)
+        out.append(W)
+    monkeypatch.setattr(sgpt_module, "_USE_BLOCK_KERNEL", True)
+    return out
+
+
+def _block_paths(scope_fn, W0, blocksize):
+    """Per lazy block: 'K' (kernel) or 'P' (Python loop)."""
+    from s3sparse.pruners.layout import scope_layout
+    from s3sparse.pruners.sparsegpt import _kernel_plan
+
+    scope, _ = scope_fn(W0.clone())
+    _, tables = _kernel_plan(scope_layout(scope), W0.shape[1], blocksize, W0.device)
+    return "".join("P" if t is None else "K" for t in tables)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+@pytest.mark.parametrize("blocksize", [128, 100, 40])
+def test_sparsegpt_kernel_equals_python_loop(device, name, blocksize, monkeypatch):
+    """Lazy blocks through sparsegpt_block_ (scopes inside the block) and through the Python
+    loop (scopes reaching past it, which need the owed updates) give the same bits."""
+    _skip_without(device)
+    seed = random.randrange(1 << 30)
+    W0, _, H = make_layer(32, 320, 200, seed, device)
+    fn = lambda W: pattern(name, W)  # noqa: E731
+    paths = _block_paths(fn, W0, blocksize)
+    if blocksize == 128:
+        assert paths == "KKK"  # 320 = 128 + 128 + a ragged 64: every reference pattern fits
+    Wk, Wp = _sparsegpt_paths(monkeypatch, fn, W0, H, blocksize)
+    assert_pattern_holds(name, Wk, pattern(name, Wk)[1])
+    assert torch.equal(Wk == 0, Wp == 0), f"seed {seed} paths {paths}: masks differ"
+    assert torch.equal(Wk, Wp), f"seed {seed} paths {paths}: max difference {float((Wk - Wp).abs().max())}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparsegpt_mixed_paths_and_fallbacks(device, monkeypatch):
+    """Blocks of one prune on both paths (masks decided by the Python loop in one block applied
+    by the kernel in the next), a whole-row scope (the Python loop, then kernel blocks with no
+    scopes), and the fallbacks: irregular row groups, row groups too large for the kernel."""
+    _skip_without(device)
+    seed = random.randrange(1 << 30)
+    W0, _, H = make_layer(32, 320, 200, seed, device)
+    nm24 = lambda W: s3sparse.patterns.nm(W, 2, 4)  # noqa: E731
+    paths = _block_paths(nm24, W0, 102)  # scopes 100..103, 204..207 cross block ends
+    assert paths == "PKPK", paths
+    Wk, Wp = _sparsegpt_paths(monkeypatch, nm24, W0, H, 102)
+    assert_pattern_holds("24", Wk, 2)
+    assert torch.equal(Wk, Wp), f"seed {seed}"
+
+    cols = lambda W: s3sparse.patterns.columns(W, 0.5)  # noqa: E731  (one scope: every column)
+    assert _block_paths(cols, W0, 128) == "PKK"
+    Wk, Wp = _sparsegpt_paths(monkeypatch, cols, W0, H, 128)
+    assert int((Wk != 0).any(0).sum()) == 160
+    assert torch.equal(Wk, Wp), f"seed {seed}"
+
+    def irregular(layout):
+        raise ValueError("irregular")
+
+    for patch in ({"row_groups": irregular}, {"_MAX_GROUP_ELEMS": 8}):
+        Wk2, Wp2 = _sparsegpt_paths(monkeypatch, s3sparse.patterns.row_coupled_blocks, W0, H, 128, **patch)
+        assert torch.equal(Wk2, Wp2), f"seed {seed} {patch}"
+        monkeypatch.undo()
+    Wk3, _ = _sparsegpt_paths(monkeypatch, s3sparse.patterns.row_coupled_blocks, W0, H, 128)
+    assert torch.equal(Wk3, Wk2), f"seed {seed}: fallback differs from the kernel"
 
 
 # ---------------------------------------------------------------- True OBS = brute-force float64 OBS

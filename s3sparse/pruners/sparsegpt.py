@@ -13,6 +13,14 @@ the first column of the scope, keeping the ``nnz`` blocks of largest
 block the pending update is applied to the values being scored, so lazy and eager
 sweeps choose the same masks). Row-coupled scopes compare the rows' block scores.
 For N:M patterns this is exactly the original algorithm.
+
+Each lazy block runs in one call of the ``sparsegpt_block_`` kernel (every row
+group swept in parallel, the block's factor on-chip) when the pattern is
+regular across row groups and every scope starting in the block ends inside it
+— all four reference patterns at the default block of 128. Other blocks (scopes
+reaching past the block, irregular patterns) run the per-column Python loop,
+which scores a scope's later columns with the updates they are still owed. Both
+round every operation alike: the result does not depend on which path ran.
 """
 
 from __future__ import annotations
@@ -25,9 +33,109 @@ from torch import Tensor
 from .. import ops
 from ..checks import check_callable, check_damp, check_int
 from .hessian import check_hessian, damped_inverse
-from .layout import normalize_nnz, scope_layout
+from .layout import ScopeLayout, normalize_nnz, row_groups, scope_layout
 
 __all__ = ["prune_sparsegpt"]
+
+# Tests and benchmarks set this False to run every lazy block through the Python loop.
+_USE_BLOCK_KERNEL = True
+# Largest (rows per group) x (lazy-block width) handed to the kernel: its CUDA
+# version keeps a group's rows of the block in shared memory.
+_MAX_GROUP_ELEMS = 8192
+
+
+def _kernel_plan(layout: ScopeLayout, K: int, blocksize: int, device) -> tuple[Optional[Tensor], list]:
+    """``(group_rows, tables)``: per lazy block the ``sparsegpt_block_`` tables
+    ``(scope_ptr, scope_cols, scope_rows)`` on ``device``, or None where the block
+    needs the Python loop. Built once on the host; blocks of a periodic pattern
+    share one set of device tensors."""
+    num_blocks = (K + blocksize - 1) // blocksize
+    python_only = (None, [None] * num_blocks)
+    if not _USE_BLOCK_KERNEL or layout.num_scopes == 0:
+        return python_only
+    try:
+        groups = row_groups(layout)
+    except ValueError:  # not regular across row groups: the Python loop handles any pattern
+        return python_only
+    if groups.rows_per_group * min(blocksize, K) > _MAX_GROUP_ELEMS:
+        return python_only
+    cols = groups.cols.cpu()  # (G, E): the g-th scope of every group
+    local = groups.local_rows.cpu()
+    first, last = cols.amin(dim=1), cols.amax(dim=1)
+    order = torch.argsort(first, stable=True)
+    cols, local, first, last = cols[order], local[order], first[order], last[order]
+    shared: dict = {}
+    tables: list = []
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        s0 = int(torch.searchsorted(first, i1))
+        s1 = int(torch.searchsorted(first, i2))
+        if s1 > s0 and int(last[s0:s1].max()) >= i2:
+            tables.append(None)  # a scope reaches past the block
+            continue
+        c = cols[s0:s1] - i1
+        r = local[s0:s1]
+        ptr = torch.zeros(i2 - i1 + 1, dtype=torch.long)
+        ptr[1:] = torch.cumsum(torch.bincount(first[s0:s1] - i1, minlength=i2 - i1), 0)
+        key = (i2 - i1, c.numpy().tobytes(), r.numpy().tobytes())
+        if key not in shared:
+            shared[key] = (ptr.to(device), c.contiguous().to(device), r.contiguous().to(device))
+        tables.append(shared[key])
+    return groups.rows.contiguous(), tables
+
+
+class _PythonSweep:
+    """The per-column loop over one lazy block, for any pattern (host-side schedule built once)."""
+
+    def __init__(self, layout: ScopeLayout, K: int):
+        rows, cols = layout.rows, layout.cols  # (S, blocks, elems)
+        first_col = cols.reshape(cols.shape[0], -1).amin(dim=1)
+        last_col = cols.reshape(cols.shape[0], -1).amax(dim=1)
+        order = torch.argsort(first_col, stable=True)
+        self.rows, self.cols = rows[order], cols[order]
+        first_col, last_col = first_col[order], last_col[order]
+        # Which scopes start at each column, and how far right the farthest of them reaches.
+        starts = torch.zeros(K + 1, dtype=torch.long)
+        starts[1:] = torch.cumsum(torch.bincount(first_col.cpu(), minlength=K), 0)
+        self.starts = starts.tolist()
+        self.reach = torch.full((K,), -1, dtype=torch.long).scatter_reduce(
+            0, first_col.cpu(), last_col.cpu(), reduce="amax"
+        ).tolist()
+
+    def block(self, W: Tensor, U: Tensor, d2: Tensor, pruned: Tensor, i1: int, i2: int, nnz: int) -> Tensor:
+        """Sweep columns [i1, i2): W[:, i1:i2] becomes the pruned block; returns its errors."""
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            s0, s1 = self.starts[col], self.starts[col + 1]
+            if s1 > s0:
+                r, c = self.rows[s0:s1], self.cols[s0:s1]
+                vals = W1[r, (c - i1).clamp(max=i2 - i1 - 1)]
+                if self.reach[col] >= i2:
+                    # Scope reaches past this lazy block: score its later columns
+                    # with the updates they are still owed from this block.
+                    outside = c >= i2
+                    ro, co = r[outside], c[outside]
+                    owed = (Err1[ro, :i] * U[i1:col, co].T).sum(dim=1) if i else 0.0
+                    vals[outside] = W[ro, co] - owed
+                terms = vals * vals / d2[c]
+                scores = terms[..., 0]  # summed in element order, as the kernel does
+                for e in range(1, terms.shape[-1]):
+                    scores = scores + terms[..., e]
+                _, keep = ops.kth_largest(scores, nnz)
+                prune_elems = (~keep).unsqueeze(-1).expand_as(c)
+                pruned.index_put_((r.reshape(-1), c.reshape(-1)), prune_elems.reshape(-1))
+            w = W1[:, i]
+            q = w.masked_fill(pruned[:, col], 0.0)
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Q1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        return Err1
 
 
 @torch.no_grad()
@@ -65,57 +173,35 @@ def prune_sparsegpt(
     U, _ = damped_inverse(hessian, damp, upper_factor=True, what="SparseGPT's H + damp*I")
     d2 = torch.diagonal(U) ** 2
 
-    rows, cols = layout.rows, layout.cols  # (S, blocks, elems)
-    first_col = cols.reshape(cols.shape[0], -1).amin(dim=1)
-    last_col = cols.reshape(cols.shape[0], -1).amax(dim=1)
-    order = torch.argsort(first_col, stable=True)
-    rows, cols = rows[order], cols[order]
-    first_col, last_col = first_col[order], last_col[order]
-    # Host-side schedule: which scopes start at each column, and whether any of
-    # them reaches past the lazy block of that column.
-    starts = torch.zeros(K + 1, dtype=torch.long)
-    starts[1:] = torch.cumsum(torch.bincount(first_col.cpu(), minlength=K), 0)
-    starts = starts.tolist()
-    reach = torch.full((K,), -1, dtype=torch.long).scatter_reduce(
-        0, first_col.cpu(), last_col.cpu(), reduce="amax"
-    ).tolist()
-
+    group_rows, tables = _kernel_plan(layout, K, blocksize, device)
+    python_sweep = None  # built on first use
+    statuses = []
     pruned = torch.zeros(M, K, dtype=torch.bool, device=device)
-    num_blocks = (K + blocksize - 1) // blocksize
+    num_blocks = len(tables)
     for bi, i1 in enumerate(range(0, K, blocksize)):
         i2 = min(i1 + blocksize, K)
         if progress_fn is not None:
             progress_fn(f"SparseGPT: columns {i1}-{i2 - 1} of {K} (block {bi + 1}/{num_blocks})")
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            s0, s1 = starts[col], starts[col + 1]
-            if s1 > s0:
-                r, c = rows[s0:s1], cols[s0:s1]
-                vals = W1[r, (c - i1).clamp(max=i2 - i1 - 1)]
-                if reach[col] >= i2:
-                    # Scope reaches past this lazy block: score its later columns
-                    # with the updates they are still owed from this block.
-                    outside = c >= i2
-                    ro, co = r[outside], c[outside]
-                    owed = (Err1[ro, :i] * U[i1:col, co].T).sum(dim=1) if i else 0.0
-                    vals[outside] = W[ro, co] - owed
-                scores = (vals * vals / d2[c]).sum(dim=-1)
-                _, keep = ops.kth_largest(scores, nnz)
-                prune_elems = (~keep).unsqueeze(-1).expand_as(c)
-                pruned.index_put_((r.reshape(-1), c.reshape(-1)), prune_elems.reshape(-1))
-            w = W1[:, i]
-            q = w.masked_fill(pruned[:, col], 0.0)
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Q1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+        if tables[bi] is not None:
+            scope_ptr, scope_cols, scope_rows = tables[bi]
+            Err1, status = ops.sparsegpt_block_(
+                W[:, i1:i2], pruned[:, i1:i2], U[i1:i2, i1:i2], scope_ptr, scope_cols, scope_rows,
+                group_rows, nnz, layout.block_numel, check=False,
+            )
+            statuses.append(status)
+        else:
+            if python_sweep is None:
+                python_sweep = _PythonSweep(layout, K)
+            Err1 = python_sweep.block(W, U, d2, pruned, i1, i2, nnz)
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
+    if statuses:
+        codes = torch.stack(statuses).cpu()
+        if bool(codes.any()):  # the tables are built above: a bug, not a user error
+            bad = 0
+            for code in codes.tolist():
+                bad |= code
+            raise RuntimeError("prune_sparsegpt: internal error, " + ops.sparsegpt_status_message(bad))
     if not torch.isfinite(W).all():
         raise FloatingPointError(
             "SparseGPT produced non-finite weights; the weight was left unchanged "

@@ -10,7 +10,7 @@ shift
 tinc=$(python -c "import torch.utils.cpp_extension as e; print(' '.join('-I' + p for p in e.include_paths()))")
 tlib=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 tmp=$(mktemp -d)
-flags="-std=c++20 -O1 -g -fPIC -pthread -DS3SPARSE_EMULATE_CUDA -Ds3sparse=s3emu -I$root/tools/cuda_emu -I$root/csrc $tinc $*"
+flags="-std=c++20 -O1 -g -fPIC -pthread -ffp-contract=off -DS3SPARSE_EMULATE_CUDA -Ds3sparse=s3emu -I$root/tools/cuda_emu -I$root/csrc $tinc $*"
 for src in "$root/csrc/ops.cpp" "$root"/csrc/cuda/*.cu; do
   echo "g++ $flags -x c++ -c $src -o $tmp/$(basename "$src").o"
 done | xargs -P "$(nproc)" -I{} sh -c {}
