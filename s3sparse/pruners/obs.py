@@ -38,6 +38,7 @@ from torch import Tensor
 from .. import ops
 from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
 from .hessian import check_hessian, damped_inverse
+from .replay import GraphReplay
 from .layout import RowGroups, block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 
 __all__ = ["StructuredOBS"]
@@ -424,8 +425,7 @@ class StructuredOBS:
 
     def _true_obs_chunk(
         self,
-        W: Tensor,
-        group_index: Tensor,
+        w_rows: Tensor,
         batches: list[Tensor],
         nnz: int,
         scoring: str,
@@ -434,7 +434,8 @@ class StructuredOBS:
         c_dtype: torch.dtype,
         plan: "_LazyPlan",
     ) -> tuple[Tensor, Tensor]:
-        """True OBS for the rows of some groups; returns their new rows and a failed-group mask.
+        """True OBS for the rows ``w_rows`` (B, K) of Rc whole row groups (group-major);
+        returns their new rows (B, K) fp32 and a failed-group mask (Rc,).
 
         Left-looking form. Row r's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ``
         with ``U_j = C_{j-1}[:, S_j] L_j⁻ᵀ`` (``L_j`` the Cholesky factor of
@@ -449,37 +450,40 @@ class StructuredOBS:
         weights are ``w0 - C0[:, S] C0[S, S]⁻¹ w0[S]``, ``C0[S, S]⁻¹ w0[S]`` being
         solved through the block-triangular factor the U's form (forward during
         the sweep, backward at the end) and the product by the shared C0 one GEMM.
+
+        Every shape here depends on the batch index only, and nothing waits for
+        the device: the whole sweep can be recorded once and replayed per chunk.
         """
         g = self.groups
         rpc, E, bk = g.rows_per_group, self.layout.elems_per_scope, self.bk
-        Rc = group_index.numel()
-        device = W.device
-        rows = g.rows[group_index].reshape(-1)  # group-major: row g*rpc + slot
-        B = rows.numel()
+        B = w_rows.shape[0]
+        Rc = B // rpc
+        device = w_rows.device
         math_dtype = _math_dtype(c_dtype)
+        split = c_dtype in (torch.float16, torch.bfloat16)
         P, Kc, nb = plan.p, plan.order.numel(), len(batches)
+        pruned_per_scope = (self.blocks_per_scope - nnz) * bk  # per group, exactly
         # Jacobi-scaled coordinates: C~ = D^-1/2 C D^-1/2 (unit diagonal) and
         # w~ = D^-1/2 w, D = diag(C0). Costs and compensations are the same in
         # them, and every column keeps its relative precision in fp16 factors.
         col_scale = torch.diagonal(C0).clamp(min=torch.finfo(C0.dtype).tiny).sqrt()
         C0s = (C0 / col_scale.unsqueeze(1) / col_scale.unsqueeze(0)).to(math_dtype)
         C0p = C0s[plan.order][:, plan.order]  # (Kc, Kc) in plan order
-        w0 = (W[rows].to(C0.dtype) / col_scale).to(math_dtype)  # (B, K)
+        C0p_diag = torch.diagonal(C0p)
+        w0 = (w_rows.to(C0.dtype) / col_scale).to(math_dtype)  # (B, K)
         w_cur = w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
-        diag = torch.diagonal(C0p).expand(B, Kc).contiguous()  # current diag of each row's C
         U = torch.zeros(Rc, Kc, nb * P, dtype=c_dtype, device=device)  # group factors, P columns a batch
         owner = torch.full((Rc, nb * P), -1, dtype=torch.long, device=device)  # row slot of each factor column
         z = torch.zeros(Rc, nb * P, dtype=math_dtype, device=device)
-        L_all = torch.empty(nb, Rc, P, P, dtype=math_dtype, device=device)
+        Linv_all = torch.empty(nb, Rc, P, P, dtype=math_dtype, device=device)
         S_all = torch.empty(nb, Rc, P, dtype=torch.long, device=device)  # plan positions, -1 pad
         health_tol = _HEALTH_TOL[c_dtype]
-        failed = torch.zeros(B, dtype=torch.bool, device=device)
+        failed = torch.zeros(Rc, dtype=torch.bool, device=device)
         alive = torch.ones(B, Kc + 1, dtype=torch.bool, device=device)  # spare column for padding
         g_idx = torch.arange(Rc, device=device).unsqueeze(1)
         slots = torch.arange(rpc, device=device)
         local_base = (torch.arange(Rc, device=device) * rpc).view(Rc, 1, 1)
         eye = torch.eye(P, dtype=math_dtype, device=device)
-        single_blocks = (torch.arange(self.blocks_per_scope, device=device).unsqueeze(1) * bk + torch.arange(bk, device=device))
         for bi, positions in enumerate(batches):
             s0, o = plan.start[bi], bi * P
             cols = g.cols[positions]  # (n, E)
@@ -494,66 +498,83 @@ class StructuredOBS:
             # worse for row-local blocks of 2 under batches of 64 scopes).
             # 'joint' scores whole subsets of a scope exactly.
             if scoring == "independent" and rpc == 1:
-                d = diag[row_local, pcols]
+                Ug = U[g_idx.unsqueeze(-1), pcols, :o]  # (Rc, n, E, o)
+                d = C0p_diag[pcols] - torch.linalg.vector_norm(Ug, dim=-1, dtype=math_dtype).square()
                 cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
                 block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
             else:
-                blocks = self._scope_blocks(U, owner, C0p, pcols, lr, o)
-                cand = single_blocks if scoring == "independent" else subsets
-                costs, best = ops.score_subsets(w.reshape(-1, E).to(math_dtype), blocks, cand)
+                blocks = self._scope_blocks(U, owner, C0p, pcols, lr, o)  # (Rc·n, E, E)
+                d = torch.diagonal(blocks, dim1=1, dim2=2).reshape(Rc, n, E)
+                if scoring == "independent":
+                    block_cost = _block_costs(w.reshape(-1, E), blocks, self.blocks_per_scope).view(Rc, n, -1)
+                else:
+                    _, best = ops.score_subsets(w.reshape(-1, E).to(math_dtype), blocks, subsets)
+            # A visited coordinate's conditional variance (diag of C~, 1 at the start)
+            # at or below the storage's noise level means the group's factors no longer
+            # describe its C: the group is redone in higher precision.
+            failed |= ((d <= health_tol) | ~torch.isfinite(d)).reshape(Rc, -1).any(dim=1)
             if scoring == "independent":
-                if rpc > 1:
-                    block_cost = costs.view(Rc, n, self.blocks_per_scope)
                 _, keep = ops.kth_largest(block_cost, nnz)
                 pruned = (~keep).repeat_interleave(bk, dim=-1)
             else:
                 pruned = torch.zeros(Rc * n, E, dtype=torch.bool, device=device)
                 pruned.scatter_(1, subsets[best], True)
                 pruned = pruned.view(Rc, n, E)
-            # The group's pruned elements: the same count in every group (each scope
-            # prunes exactly its budget), padded to P.
-            Pb = int(pruned[0].sum()) if Rc else 0
-            sel = torch.nonzero(pruned.reshape(Rc, n * E))[:, 1].view(Rc, Pb)
+            # The group's pruned elements, in element order: every group prunes exactly
+            # pruned_per_scope elements of each scope.
+            Pb = n * pruned_per_scope
+            sel = torch.sort(pruned.reshape(Rc, n * E).to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :Pb]
             S = torch.nn.functional.pad(pcols.reshape(-1)[sel], (0, P - Pb), value=-1)  # (Rc, P) positions
             slot = torch.nn.functional.pad(lr.reshape(-1)[sel], (0, P - Pb), value=0)  # (Rc, P)
             row_of = g_idx * rpc + slot  # (Rc, P) row within the chunk
-            group_failed = failed.view(Rc, rpc).any(dim=1, keepdim=True)
-            valid = (S >= 0) & ~group_failed
+            valid = (S >= 0) & ~failed.unsqueeze(1)
             Sc = torch.where(valid, S, s0)  # padding reads a harmless position
             # Panel C_row[S_b, R] = C0[S_b, R] - Σ_{own factor cols} U[S_b] U[R]ᵀ, R = [s0, Kc).
-            a = U[g_idx, Sc, :o] * (owner[:, None, :o] == slot.unsqueeze(-1))
-            panel = ops.lowrank_sub(C0p[:, s0:][Sc], a, U[:, s0:, :o]) * valid.unsqueeze(-1)
+            a = U[g_idx, Sc, :o]
+            if rpc > 1:
+                a = a * (owner[:, None, :o] == slot.unsqueeze(-1))
+            panel = ops.lowrank_sub(C0p[:, s0:][Sc], a, U[:, s0:, :o])  # (Rc, P, |R|)
             C_SS = torch.gather(panel, 2, (Sc - s0).unsqueeze(1).expand(Rc, P, P))
-            same = valid.unsqueeze(-1) & valid.unsqueeze(-2) & (slot.unsqueeze(-1) == slot.unsqueeze(-2))
+            same = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+            if rpc > 1:
+                same = same & (slot.unsqueeze(-1) == slot.unsqueeze(-2))
             C_SS = torch.where(same, 0.5 * (C_SS + C_SS.mT), eye)
-            # A pivot at or below the storage's noise level means the row's factors no
-            # longer describe its C: the group is redone in higher precision.
             piv = torch.diagonal(C_SS, dim1=1, dim2=2)
             bad = ((piv <= health_tol) | ~torch.isfinite(piv)).logical_and(valid).any(dim=1)
             L, info = torch.linalg.cholesky_ex(C_SS)
             bad |= info != 0
-            L = torch.where(bad.view(Rc, 1, 1), eye, L)
+            failed |= bad
             ok = valid & ~bad.unsqueeze(1)
-            failed |= bad.repeat_interleave(rpc)
-            # U_bᵀ = L⁻¹ C[S_b, R];  z_b = L⁻¹ w[S_b] (L is block-diagonal by row).
-            Ut = torch.linalg.solve_triangular(L, panel * ok.unsqueeze(-1), upper=False)  # (Rc, P, |R|)
-            w_S = w_cur[row_of, Sc] * ok
-            zb = torch.linalg.solve_triangular(L, w_S.unsqueeze(-1), upper=False).squeeze(-1)
-            mine = ((slot.unsqueeze(-1) == slots) & ok.unsqueeze(-1)).to(math_dtype)  # (Rc, P, rpc)
-            w_cur.view(Rc, rpc, Kc)[:, :, s0:] -= torch.einsum("gpr,gp,gps->gsr", Ut, zb, mine)
-            diag.view(Rc, rpc, Kc)[:, :, s0:] -= torch.einsum("gpr,gps->gsr", Ut * Ut, mine)
-            U[:, s0:, o : o + P] = Ut.mT.to(c_dtype)
+            L = torch.where(bad.view(Rc, 1, 1), eye, L)
+            # L⁻¹ (block-diagonal by row); rows of padding zeroed, so U_b's padding
+            # columns are zero whatever the panel holds there.
+            Linv = torch.linalg.solve_triangular(L, eye.expand(Rc, P, P), upper=False) * ok.unsqueeze(-1)
+            # U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ, one GEMM; for fp16/bf16 factors in
+            # hi + lo parts (3 products), which keeps it at fp32 accuracy on tensor cores.
+            if split:
+                ph = panel.to(c_dtype)
+                pl = (panel - ph.to(math_dtype)).to(c_dtype)
+                Lh = Linv.to(c_dtype)
+                Ll = (Linv - Lh.to(math_dtype)).to(c_dtype)
+                lhs, rhs = torch.cat([ph, ph, pl], dim=1).mT, torch.cat([-Lh, -Ll, -Lh], dim=2)
+            else:
+                lhs, rhs = panel.mT, -Linv
+            Ub = ops.lowrank_sub(torch.zeros(Rc, Kc - s0, P, dtype=math_dtype, device=device), lhs, rhs)
+            U[:, s0:, o : o + P] = Ub.to(c_dtype)
+            # z_b = L⁻¹ w[S_b];  w[R] -= U_b z_b (into each pruned column's own row).
+            zb = torch.bmm(Linv, (w_cur[row_of, Sc] * ok).unsqueeze(-1)).squeeze(-1)
+            if rpc == 1:
+                w_cur[:, s0:] -= torch.bmm(Ub, zb.unsqueeze(-1)).squeeze(-1)
+            else:
+                mine = (slot.unsqueeze(-1) == slots).to(math_dtype)  # (Rc, P, rpc)
+                w_cur.view(Rc, rpc, Kc)[:, :, s0:] -= torch.bmm(Ub, zb.unsqueeze(-1) * mine).mT
             owner[:, o : o + P] = torch.where(ok, slot, -1)
             z[:, o : o + P] = zb
-            L_all[bi] = L
+            Linv_all[bi] = Linv
             S_all[bi] = torch.where(ok, S, -1)
             alive.view(-1)[(row_of * (Kc + 1) + torch.where(ok, S, Kc)).view(-1)] = False
             alive[:, Kc] = True
             w_cur.masked_fill_(~alive[:, :Kc], 0.0)
-            # A remaining coordinate's conditional variance (diag of C~, 1 at the
-            # start) at or below the noise level: likewise redo the group.
-            live = alive[:, s0:Kc]
-            failed |= ((diag[:, s0:] <= health_tol) | ~torch.isfinite(diag[:, s0:])).logical_and(live).any(dim=1)
         # Backward solve: y = Lfull⁻ᵀ z, batch by batch from the last; v holds y at
         # the plan positions solved so far, one row of v per weight row.
         v = torch.zeros(B, Kc + 1, dtype=math_dtype, device=device)
@@ -561,10 +582,10 @@ class StructuredOBS:
             s0, o = plan.start[bi], bi * P
             S = S_all[bi]
             slot = owner[:, o : o + P].clamp(min=0)
-            Ub = U[:, s0:, o : o + P].to(math_dtype)  # (Rc, |R|, P)
-            t = torch.einsum("grp,gsr->gps", Ub, v.view(Rc, rpc, Kc + 1)[:, :, s0:Kc])  # (Rc, P, rpc)
+            v_rows = v.view(Rc, rpc, Kc + 1)[:, :, s0:Kc]
+            t = torch.bmm(U[:, s0:, o : o + P].mT.to(math_dtype), v_rows.mT)  # (Rc, P, rpc): U_bᵀ v
             rhs = z[:, o : o + P] - t.gather(2, slot.unsqueeze(-1)).squeeze(-1)
-            y = torch.linalg.solve_triangular(L_all[bi].mT, rhs.unsqueeze(-1), upper=True).squeeze(-1)
+            y = torch.bmm(Linv_all[bi].mT, rhs.unsqueeze(-1)).squeeze(-1)
             flat = (g_idx * rpc + slot) * (Kc + 1) + torch.where(S >= 0, S, Kc)
             v.view(-1)[flat.view(-1)] = torch.where(S >= 0, y, 0.0).view(-1)
             v[:, Kc] = 0.0
@@ -574,9 +595,9 @@ class StructuredOBS:
         pruned_cols = torch.zeros(B, self.num_cols, dtype=torch.bool, device=device)
         pruned_cols[:, plan.order] = ~alive[:, :Kc]
         w_new.masked_fill_(pruned_cols, 0.0)
-        failed |= ~torch.isfinite(w_new).all(dim=1)
+        failed |= ~torch.isfinite(w_new).view(Rc, -1).all(dim=1)
         Wc = (w_new.to(C0.dtype) * col_scale).to(torch.float32)
-        return Wc, failed.view(Rc, rpc).any(dim=1)
+        return Wc, failed
 
     @torch.no_grad()
     def prune_true_obs(
@@ -670,16 +691,29 @@ class StructuredOBS:
                 redone += todo.numel() * rpc
             failed_all = []
             n_chunks = math.ceil(todo.numel() / groups_per_chunk)
+            # Every full chunk runs the same kernels: record them once (CUDA), replay per
+            # chunk. score_subsets checks its subsets on the host, so 'joint' runs eagerly.
+            def sweep(w_rows, dtype=dtype, C0=C0):
+                return self._true_obs_chunk(w_rows, batches, nnz, scoring, subsets, C0, dtype, plan)
+
+            def warmup(dtype=dtype, C0=C0):
+                mini = batches[:2]
+                self._true_obs_chunk(W[g.rows[todo[:1]].reshape(-1)], mini, nnz, scoring, subsets, C0, dtype,
+                                     self._lazy_plan(mini, plan.p))
+
+            replay = GraphReplay(sweep, warmup=warmup, enabled=scoring != "joint" and len(batches) > 1)
             for ci, group_index in enumerate(todo.split(groups_per_chunk)):
                 if progress_fn is not None:
                     progress_fn(
                         f"true OBS: rows chunk {ci + 1}/{n_chunks} ({group_index.numel() * rpc} rows"
                         + (f", retry level {level}" if level else "") + ")"
                     )
-                Wc, failed = self._true_obs_chunk(W, group_index, batches, nnz, scoring, subsets, C0, dtype, plan)
+                rows = g.rows[group_index].reshape(-1)
+                Wc, failed = replay(W[rows])
                 ok_rows = g.rows[group_index[~failed]].reshape(-1)
                 W[ok_rows] = Wc.view(group_index.numel(), rpc, -1)[~failed].reshape(-1, self.num_cols).to(W.dtype)
                 failed_all.append(group_index[failed])
+            replay.release()
             todo = torch.cat(failed_all) if failed_all else todo[:0]
         if todo.numel():
             raise FloatingPointError(
@@ -696,6 +730,18 @@ class StructuredOBS:
         if progress_fn is not None:
             progress_fn("")
         self._write_back(W)
+
+
+def _block_costs(w: Tensor, blocks: Tensor, blocks_per_scope: int) -> Tensor:
+    """Exact OBS cost ``w_bᵀ (C_bb)⁻¹ w_b`` of every block of every scope on its own:
+    w (N, E), blocks (N, E, E) → (N, blocks_per_scope); +inf where C_bb is not PD."""
+    N, E = w.shape
+    bk = E // blocks_per_scope
+    idx = torch.arange(blocks_per_scope, device=w.device)
+    C_bb = blocks.view(N, blocks_per_scope, bk, blocks_per_scope, bk)[:, idx, :, idx].transpose(0, 1)  # (N, g, bk, bk)
+    L, info = torch.linalg.cholesky_ex(C_bb.to(w.dtype))
+    y = torch.linalg.solve_triangular(L, w.view(N, blocks_per_scope, bk, 1), upper=False)
+    return torch.where(info == 0, y.square().sum(dim=(-1, -2)), torch.inf)
 
 
 @dataclass(frozen=True)
