@@ -246,3 +246,12 @@ def test_python_dash_m_exit_code_and_one_line(model_dir, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown pattern '3:9:x'" in proc.stderr
+
+
+def test_console_script(model_dir, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "s3sparse")
+    if not os.path.isfile(script):
+        pytest.skip("the s3sparse console script is not installed (pip install -e . installs it)")
+    proc = subprocess.run([script, "prune", model_dir, "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "none.txt")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "calibration file" in proc.stderr and "does not exist" in proc.stderr

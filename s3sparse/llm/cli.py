@@ -184,7 +184,7 @@ def _versions() -> Dict[str, str]:
 def _prune(args, argv: Sequence[str]) -> int:
     from .calibration import load_calibration
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .pipeline import prune_model
+    from .pipeline import check_model_fits, prune_model
     from .save import check_output_dir, save_pruned_model
 
     started = time.perf_counter()
@@ -203,6 +203,7 @@ def _prune(args, argv: Sequence[str]) -> int:
 
     model, kind = load_model(args.model_dir, args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
+    check_model_fits(model, recipe)  # shape errors before the calibration text is read
     limit = _max_positions(model)
     seq_len = calib["seq_len"] or min(_PRUNE_DEFAULTS["seq_len"], limit or _PRUNE_DEFAULTS["seq_len"])
     if limit is not None and seq_len > limit:

@@ -42,7 +42,7 @@ from .pattern_registry import PatternChoice
 from .recipe import LayerPlan, Recipe
 from .report import BlockReport, LayerReport, PruneReport, count_redone_rows
 
-__all__ = ["prune_model", "check_recipe_fits"]
+__all__ = ["prune_model", "check_recipe_fits", "check_model_fits"]
 
 try:  # every s3sparse argument error; SpecError is also a ValueError
     from ..errors import S3Error as _S3Error
@@ -165,6 +165,13 @@ def check_recipe_fits(layers: Sequence[LinearLayer], recipe: Recipe) -> Dict[str
             raise UsageError(f"layer {layer.name} (weight {M}x{K}): pattern {plan.pattern} cannot be applied: {exc}")
         plan.method.check_subset_count(scope.numblk_per_scope(), nnz, f"layer {layer.name} (weight {M}x{K}), pattern {plan.pattern}")
     return plans
+
+
+def check_model_fits(model: nn.Module, recipe: Recipe) -> Dict[str, LayerPlan]:
+    """:func:`check_recipe_fits` on every linear layer of the model's blocks (cheap: no data, no copies)."""
+    blocks_name, blocks = find_blocks(model)
+    layers = [layer for i, block in enumerate(blocks) for layer in linear_layers(block, f"{blocks_name}.{i}")]
+    return check_recipe_fits(layers, recipe)
 
 
 # ------------------------------------------------------------------ one layer
@@ -341,8 +348,8 @@ def prune_model(
             for index, block in enumerate(blocks):
                 block_start = time.perf_counter()
                 block_calls = [
-                    BlockCall(h, c.args, c.kwargs, c.hidden_key)
-                    for h, c in zip(hidden, own_arguments[index] if own_arguments else calls)
+                    BlockCall(states, arguments.args, arguments.kwargs, arguments.hidden_key)
+                    for states, arguments in zip(hidden, own_arguments[index] if own_arguments else calls)
                 ]
                 if offload:
                     block.to(device)
