@@ -1,0 +1,394 @@
+"""Sequential, block-by-block pruning of a whole model.
+
+:func:`prune_model` finds the transformer blocks, captures the first block's
+inputs once, and then for every block in turn:
+
+1. runs the dense block on the current inputs with forward pre-hooks feeding
+   each linear layer's inputs into a :class:`~s3sparse.HessianAccumulator`
+   (layers reading the same input tensor, like q/k/v, share one);
+2. prunes every linear layer with its recipe's method and pattern, recording
+   the relative output error, the time, the pruners' warnings (rows redone in
+   fp32, damping raised) and checking the pattern holds;
+3. re-runs the block with the pruned weights; its outputs are the next block's
+   inputs (and, against the dense outputs, the block's output error).
+
+A layer whose Hessian is rank-deficient or has dead inputs is handled as the
+pruners handle it (unit curvature for dead inputs, more damping) and reported;
+if its method still fails numerically, the layer is pruned by magnitude to the
+same pattern and the fallback is reported — the run never stops for it.
+Arguments are checked before any work: a pattern that cannot divide a layer's
+shape, or an unknown name, raises :class:`~s3sparse.llm.errors.UsageError`
+naming the layer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..pruners import HessianAccumulator, output_error, prune_magnitude
+from .blocks import BlockCall, LinearLayer, capture_block_inputs, find_blocks, linear_layers, move_outside_blocks
+from .blocks import per_block_arguments, run_block
+from .calibration import CalibrationSet
+from .errors import UsageError
+from .method_registry import MethodChoice
+from .pattern_registry import PatternChoice
+from .recipe import LayerPlan, Recipe
+from .report import BlockReport, LayerReport, PruneReport, count_redone_rows
+
+__all__ = ["prune_model", "check_recipe_fits", "check_model_fits"]
+
+try:  # every s3sparse argument error; SpecError is also a ValueError
+    from ..errors import S3Error as _S3Error
+except ImportError:  # pragma: no cover
+    _S3Error = ValueError
+
+# Errors of a method on a layer that mean "numerically stuck", not "wrong arguments":
+# the layer falls back to magnitude pruning and the run goes on.
+_NUMERIC_FAILURES = (FloatingPointError, ValueError, torch.linalg.LinAlgError)
+
+
+# ------------------------------------------------------------------ progress bars
+class _Progress:
+    """tqdm bars (blocks, then layers of the current block), or nothing."""
+
+    def __init__(self, enabled: bool, total_blocks: int):
+        self._tqdm = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self._tqdm = tqdm
+            except ImportError:
+                self._tqdm = None
+        self.blocks = self._tqdm(total=total_blocks, desc="blocks", unit="block", position=0) if self._tqdm else None
+        self.layers = None
+        self._layer = ""
+
+    def start_layers(self, total: int, name: str) -> None:
+        if self._tqdm:
+            self.layers = self._tqdm(total=total, desc=name, unit="layer", position=1, leave=False)
+
+    def layer_started(self, name: str) -> None:
+        self._layer = name
+        if self.layers is not None:
+            self.layers.set_postfix_str(name)
+
+    def message(self, text: str) -> None:
+        if self.layers is not None and text:
+            self.layers.set_postfix_str(f"{self._layer}: {text[:60]}")
+
+    def layer_done(self) -> None:
+        if self.layers is not None:
+            self.layers.update(1)
+
+    def block_done(self) -> None:
+        if self.layers is not None:
+            self.layers.close()
+            self.layers = None
+        if self.blocks is not None:
+            self.blocks.update(1)
+
+    def close(self) -> None:
+        if self.layers is not None:
+            self.layers.close()
+        if self.blocks is not None:
+            self.blocks.close()
+
+
+# ------------------------------------------------------------------ Hessians
+class _HessianHooks:
+    """Forward pre-hooks that accumulate each layer's input Hessian; layers reading one tensor share it."""
+
+    def __init__(self, layers: Sequence[LinearLayer], device: torch.device):
+        self.device = device
+        self.accumulators: Dict[str, HessianAccumulator] = {}
+        self._leader: Dict[str, str] = {}
+        self._inputs_this_call: Dict[int, tuple] = {}
+        self._handles = [layer.module.register_forward_pre_hook(self._hook_for(layer)) for layer in layers]
+
+    def _hook_for(self, layer: LinearLayer) -> Callable:
+        def hook(_module, args):
+            x = args[0]
+            seen = self._inputs_this_call.get(id(x))
+            if seen is not None:
+                leader = seen[1]
+                if self._leader.setdefault(layer.name, leader) != leader:
+                    raise RuntimeError(f"{layer.name}: its input changed which layer it shares between batches")
+                self.accumulators.setdefault(layer.name, self.accumulators[leader])
+                return
+            if self._leader.get(layer.name, layer.name) != layer.name:
+                raise RuntimeError(f"{layer.name}: its input changed which layer it shares between batches")
+            self._leader[layer.name] = layer.name
+            acc = self.accumulators.get(layer.name)
+            if acc is None:
+                acc = self.accumulators[layer.name] = HessianAccumulator(layer.in_features, device=self.device)
+            acc.add(x)
+            # Hold x until the block call ends, so its id cannot be reused by another tensor.
+            self._inputs_this_call[id(x)] = (x, layer.name)
+
+        return hook
+
+    def end_call(self) -> None:
+        self._inputs_this_call.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._inputs_this_call.clear()
+
+
+# ------------------------------------------------------------------ checks before work
+def check_recipe_fits(layers: Sequence[LinearLayer], recipe: Recipe) -> Dict[str, LayerPlan]:
+    """Every layer's plan, after checking that its pattern divides its shape (on a meta tensor).
+
+    Raises:
+        UsageError: naming the first layer whose shape the pattern cannot divide,
+            or whose scopes have too many subsets for its method.
+    """
+    plans = {}
+    for layer in layers:
+        plan = recipe.plan_for(layer.name)
+        plans[layer.name] = plan
+        if plan.skipped or plan.pattern.is_dense:
+            continue
+        M, K = layer.shape
+        try:
+            scope, nnz = plan.pattern.build(torch.empty(M, K, device="meta"))
+        except (_S3Error, ValueError, TypeError) as exc:
+            raise UsageError(f"layer {layer.name} (weight {M}x{K}): pattern {plan.pattern} cannot be applied: {exc}")
+        plan.method.check_subset_count(scope.numblk_per_scope(), nnz, f"layer {layer.name} (weight {M}x{K}), pattern {plan.pattern}")
+    return plans
+
+
+def check_model_fits(model: nn.Module, recipe: Recipe) -> Dict[str, LayerPlan]:
+    """:func:`check_recipe_fits` on every linear layer of the model's blocks (cheap: no data, no copies)."""
+    blocks_name, blocks = find_blocks(model)
+    layers = [layer for i, block in enumerate(blocks) for layer in linear_layers(block, f"{blocks_name}.{i}")]
+    return check_recipe_fits(layers, recipe)
+
+
+# ------------------------------------------------------------------ one layer
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _prune_layer(
+    layer: LinearLayer,
+    plan: LayerPlan,
+    accumulator: Optional[HessianAccumulator],
+    progress_fn: Optional[Callable[[str], None]],
+) -> LayerReport:
+    M, K = layer.shape
+    record = LayerReport(layer.name, (M, K), plan.pattern.name, plan.method.name)
+    if plan.skipped or plan.pattern.is_dense:
+        record.status = "skipped" if plan.skipped else "dense"
+    elif accumulator is None or accumulator.num_samples == 0:
+        record.status = "not-called"
+    if record.status != "pruned":
+        weight = layer.module.weight
+        record.sparsity = float((weight == 0).sum()) / weight.numel()
+        return record
+
+    hessian = accumulator.hessian
+    record.tokens = accumulator.num_samples
+    record.dead_inputs = int((torch.diagonal(hessian) == 0).sum())
+    record.rank_deficient = record.dead_inputs > 0 or record.tokens < K
+    weight = layer.matrix()
+    original = weight.detach().clone()
+    _synchronize(weight.device)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scope, nnz = plan.pattern.build(weight)
+        try:
+            plan.method.run(scope, nnz, hessian, progress_fn)
+        except _NUMERIC_FAILURES as exc:
+            # The pruners write the weight only on success; restore anyway, then keep the pattern by magnitude.
+            weight.data.copy_(original)
+            record.fallback = f"{type(exc).__name__}: {exc}"
+            scope, nnz = plan.pattern.build(weight)
+            prune_magnitude(scope, nnz)
+    _synchronize(weight.device)
+    record.seconds = time.perf_counter() - start
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    record.warnings = messages
+    record.fp32_redos = count_redone_rows(messages)
+    record.damping_raised = any("damping" in m.lower() for m in messages)
+    try:
+        record.error = output_error(weight.detach(), original, hessian)
+    except ValueError:  # tr(W H Wᵀ) = 0: a layer whose inputs or weights are all zero
+        record.error = None
+    record.sparsity = float((weight == 0).sum()) / weight.numel()
+    record.pattern_holds = plan.pattern.holds(weight)
+    layer.commit()
+    return record
+
+
+# ------------------------------------------------------------------ the model
+def _relative_error(pruned: Sequence[Tensor], dense: Sequence[Tensor]) -> Optional[float]:
+    num = sum(float((p.float() - d.float()).pow(2).sum()) for p, d in zip(pruned, dense))
+    den = sum(float(d.float().pow(2).sum()) for d in dense)
+    return math.sqrt(num / den) if den > 0 else None
+
+
+def _as_calibration(calibration: Union[CalibrationSet, Tensor]) -> CalibrationSet:
+    if isinstance(calibration, CalibrationSet):
+        return calibration
+    if isinstance(calibration, Tensor) and calibration.dim() == 2 and not calibration.is_floating_point():
+        return CalibrationSet(calibration.long())
+    raise UsageError(
+        "calibration must be a CalibrationSet (s3sparse.llm.load_calibration) or an (n_samples, seq_len) tensor of token ids"
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calibration: Union[CalibrationSet, Tensor],
+    pattern: Union[str, PatternChoice] = "2:4",
+    method: Union[str, MethodChoice] = "sparsegpt",
+    *,
+    method_options: Optional[Mapping[str, Any]] = None,
+    overrides: Union[None, Sequence[Any], Mapping[str, Any]] = None,
+    skip: Sequence[str] = ("lm_head",),
+    recipe: Optional[Recipe] = None,
+    device: Union[str, torch.device, None] = None,
+    offload: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+    block_error: bool = True,
+) -> PruneReport:
+    """Prune every linear layer of the model's transformer blocks, block by block, in place.
+
+    Args:
+        model: a Hugging Face model (``AutoModelForCausalLM``, ``AutoModel``, …)
+            or any module holding its blocks in an ``nn.ModuleList`` and taking
+            ``input_ids`` / ``attention_mask``.
+        calibration: a :class:`~s3sparse.llm.CalibrationSet` or an
+            ``(n_samples, seq_len)`` tensor of token ids.
+        pattern: default pattern name (see :mod:`s3sparse.llm.pattern_registry`).
+        method: default method name (see :mod:`s3sparse.llm.method_registry`).
+        method_options: options of the default method (e.g. ``{"ng": 32}``).
+        overrides: per-layer settings by module-name glob (see :mod:`s3sparse.llm.recipe`).
+        skip: module-name globs left dense.
+        recipe: a ready :class:`~s3sparse.llm.Recipe` (replaces the five arguments above).
+        device: where blocks run and are pruned (default: where the model is).
+        offload: keep the model on the CPU and move only the block being pruned
+            (and, while the inputs are captured, the embeddings) to ``device``.
+        batch_size: calibration windows per forward pass.
+        progress: tqdm progress bars on stderr.
+        block_error: also measure each block's output error against the dense block
+            (keeps the dense outputs of one block: one more copy of the activations).
+
+    Returns:
+        a :class:`~s3sparse.llm.PruneReport`. The model is left on ``device``
+        (on the CPU with ``offload``), in the train/eval mode it had.
+
+    Raises:
+        UsageError: unknown names, a pattern that cannot divide a layer, bad calibration.
+    """
+    started = time.perf_counter()
+    if recipe is None:
+        recipe = Recipe.create(pattern, method, method_options, overrides, skip)
+    calibration = _as_calibration(calibration)
+    if int(batch_size) < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    home = torch.device("cpu") if offload else device
+
+    blocks_name, blocks = find_blocks(model)
+    block_layers = [linear_layers(block, f"{blocks_name}.{i}") for i, block in enumerate(blocks)]
+    plans = check_recipe_fits([layer for layers in block_layers for layer in layers], recipe)
+
+    report = PruneReport(recipe=recipe.to_dict(), calibration=calibration.describe(), device=str(device), offload=bool(offload))
+    bar = _Progress(progress, len(blocks))
+    try:
+        with _eval_mode(model):
+            if offload:
+                blocks.to("cpu")
+                move_outside_blocks(model, blocks, device)
+            else:
+                model.to(device)
+            batches = calibration.batches(batch_size)
+            calls = capture_block_inputs(model, blocks, batches, device)
+            own_arguments = per_block_arguments(model, blocks, batches, device)
+            if offload:
+                move_outside_blocks(model, blocks, home)
+            hidden = [call.hidden for call in calls]
+            for call in calls:
+                call.hidden = None  # `hidden` holds the only reference: freed as blocks advance
+
+            for index, block in enumerate(blocks):
+                block_start = time.perf_counter()
+                block_calls = [
+                    BlockCall(states, arguments.args, arguments.kwargs, arguments.hidden_key)
+                    for states, arguments in zip(hidden, own_arguments[index] if own_arguments else calls)
+                ]
+                if offload:
+                    block.to(device)
+                layers = block_layers[index]
+                bar.start_layers(len(layers), f"{blocks_name}.{index}")
+
+                to_prune = [layer for layer in layers if not (plans[layer.name].skipped or plans[layer.name].pattern.is_dense)]
+                hooks = _HessianHooks(to_prune, device)
+                dense_out: List[Tensor] = []
+                try:
+                    for call in block_calls:
+                        out = run_block(block, call, call.hidden)
+                        hooks.end_call()
+                        if block_error:
+                            dense_out.append(out)
+                finally:
+                    hooks.remove()
+
+                for layer in layers:
+                    bar.layer_started(layer.name[len(blocks_name) + len(str(index)) + 2 :])
+                    record = _prune_layer(layer, plans[layer.name], hooks.accumulators.get(layer.name), bar.message)
+                    report.layers.append(record)
+                    bar.layer_done()
+                del hooks
+
+                hidden = [run_block(block, call, call.hidden) for call in block_calls]
+                error = _relative_error(hidden, dense_out) if block_error else None
+                del dense_out
+                if offload:
+                    block.to(home)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                _synchronize(device)
+                report.blocks.append(BlockReport(index, f"{blocks_name}.{index}", time.perf_counter() - block_start, error))
+                bar.block_done()
+    finally:
+        bar.close()
+
+    report.model_parameters = sum(p.numel() for p in model.parameters())
+    report.model_zeros = int(sum(int((p == 0).sum()) for p in model.parameters()))
+    report.seconds = time.perf_counter() - started
+    return report
