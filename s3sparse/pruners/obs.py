@@ -632,8 +632,10 @@ class StructuredOBS:
             z[:, o : o + P] = zb
             Linv_all[bi] = Linv
             S_all[bi] = torch.where(ok, S, -1)
-            alive.view(-1)[(row_of * (Kc + 1) + torch.where(ok, S, Kc)).view(-1)] = False
-            alive[:, Kc] = True
+            # (fills and copies only from device tensors: nothing crosses from the host,
+            # so the sweep can be recorded as a CUDA graph)
+            alive.view(-1).index_fill_(0, (row_of * (Kc + 1) + torch.where(ok, S, Kc)).view(-1), False)
+            alive[:, Kc].fill_(True)
             w_cur.masked_fill_(~alive[:, :Kc], 0.0)
         # Backward solve: y = Lfull⁻ᵀ z, batch by batch from the last; v holds y at
         # the plan positions solved so far, one row of v per weight row.
@@ -647,8 +649,8 @@ class StructuredOBS:
             rhs = z[:, o : o + P] - t.gather(2, slot.unsqueeze(-1)).squeeze(-1)
             y = torch.bmm(Linv_all[bi].mT, rhs.unsqueeze(-1)).squeeze(-1)
             flat = (g_idx * rpc + slot) * (Kc + 1) + torch.where(S >= 0, S, Kc)
-            v.view(-1)[flat.view(-1)] = torch.where(S >= 0, y, 0.0).view(-1)
-            v[:, Kc] = 0.0
+            v.view(-1).index_copy_(0, flat.view(-1), torch.where(S >= 0, y, 0.0).view(-1))
+            v[:, Kc].fill_(0.0)
         Y = torch.zeros(B, self.num_cols, dtype=math_dtype, device=device)
         Y[:, plan.order] = v[:, :Kc]
         w_new = w0 - Y @ C0s  # C0s symmetric: row r is w0 - C0[:, S] y
