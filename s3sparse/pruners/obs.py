@@ -17,11 +17,13 @@ Two families:
   (C recomputed from H on the unvisited columns between ``n_splits`` column
   chunks, visited columns frozen), ``interleaved`` (as ``split``, with each chunk's
   masks selected from the compensated weights under the recomputed C).
-* :meth:`StructuredOBS.prune_true_obs` — every row keeps its own C, updated by the
-  Schur complement after each batch of ``ng`` scopes (op ``schur_update_``); a
-  batch's blocks are chosen by ``independent`` (Σ w²/diag C per block) or
-  ``joint`` (exact subset cost, op ``score_subsets``) scoring and compensated
-  jointly on all remaining weights of the row.
+* :meth:`StructuredOBS.prune_true_obs` — every row has its own C, Schur-updated
+  after each batch of ``ng`` scopes; a batch's blocks are chosen by
+  ``independent`` (Σ w²/diag C per block, exact block costs where rows compete)
+  or ``joint`` (exact subset cost, op ``score_subsets``) scoring and compensated
+  jointly on all remaining weights of the row. C is never stored: each row group
+  keeps the factors of its updates (left-looking, op ``lowrank_sub`` forms the
+  panels it reads), and the sweep is replayed per row chunk as a CUDA graph.
 """
 
 from __future__ import annotations
