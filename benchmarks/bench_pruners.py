@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 import s3sparse
+from common import device_name, git_commit
 from s3sparse import patterns
 from s3sparse.pruners import (
     HessianAccumulator,
@@ -40,26 +39,6 @@ METHODS = {
     "obs_interleaved": lambda scope, H, nnz: StructuredOBS(scope, H).prune(nnz, compensate="interleaved", n_splits=4),
     "true_obs": lambda scope, H, nnz: StructuredOBS(scope, H).prune_true_obs(nnz, ng=64),
 }
-
-
-def git_commit() -> str:
-    """HEAD (+dirty), or $S3SPARSE_COMMIT where the tree has no .git (e.g. a copy sent to a GPU box)."""
-    import os
-
-    if os.environ.get("S3SPARSE_COMMIT"):
-        return os.environ["S3SPARSE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def synthetic_hessian(K: int, N: int, device: torch.device, seed: int) -> torch.Tensor:

@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 import s3sparse
+from common import device_name, git_commit
 from s3sparse import patterns
 from s3sparse.pruners import HessianAccumulator, output_error, prune_sparsegpt
 from s3sparse.pruners import sparsegpt as sparsegpt_module
@@ -46,24 +45,6 @@ PATTERNS = {
     "coupled_nm": (lambda W: patterns.coupled_nm(W), "coupled 2:4"),
     "row_coupled_blocks": (lambda W: patterns.row_coupled_blocks(W), "16-col row-coupled"),
 }
-
-
-def git_commit() -> str:
-    """HEAD (+dirty), or $S3SPARSE_COMMIT where the tree has no .git (e.g. a copy sent to a GPU box)."""
-    if os.environ.get("S3SPARSE_COMMIT"):
-        return os.environ["S3SPARSE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def synthetic_layer(M: int, K: int, N: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ __all__ = ["StructuredOBS"]
 
 # Largest number of candidate subsets per scope that exhaustive selection enumerates.
 MAX_SUBSETS = 20_000
-# Most columns one row prunes in one Schur step of prune_true_obs (bounds C_SS).
+# Most columns one row group prunes in one batch of prune_true_obs (bounds C_SS and the panel).
 MAX_PRUNED_PER_STEP = 256
 # Conditional variance (diagonal of the Jacobi-scaled per-row C, 1 at the start)
 # below which a stored C is treated as round-off: its row is redone in higher precision.
@@ -492,12 +492,13 @@ class StructuredOBS:
         nnz: int,
         scoring: str,
         subsets: Optional[Tensor],
-        C0: Tensor,
+        inv: "_ScaledInverse",
         c_dtype: torch.dtype,
         plan: "_LazyPlan",
     ) -> tuple[Tensor, Tensor]:
         """True OBS for the rows ``w_rows`` (B, K) of Rc whole row groups (group-major);
-        returns their new rows (B, K) fp32 and a failed-group mask (Rc,).
+        returns their new rows (B, K) fp32 and a failed-group mask (Rc,). ``inv`` is
+        C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, for ``plan``.
 
         Left-looking form. Row r's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ``
         with ``U_j = C_{j-1}[:, S_j] L_j⁻ᵀ`` (``L_j`` the Cholesky factor of
@@ -525,14 +526,9 @@ class StructuredOBS:
         split = c_dtype in (torch.float16, torch.bfloat16)
         P, Kc, nb = plan.p, plan.order.numel(), len(batches)
         pruned_per_scope = (self.blocks_per_scope - nnz) * bk  # per group, exactly
-        # Jacobi-scaled coordinates: C~ = D^-1/2 C D^-1/2 (unit diagonal) and
-        # w~ = D^-1/2 w, D = diag(C0). Costs and compensations are the same in
-        # them, and every column keeps its relative precision in fp16 factors.
-        col_scale = torch.diagonal(C0).clamp(min=torch.finfo(C0.dtype).tiny).sqrt()
-        C0s = (C0 / col_scale.unsqueeze(1) / col_scale.unsqueeze(0)).to(math_dtype)
-        C0p = C0s[plan.order][:, plan.order]  # (Kc, Kc) in plan order
+        col_scale, C0s, C0p = inv.scale, inv.C, inv.C_plan
         C0p_diag = torch.diagonal(C0p)
-        w0 = (w_rows.to(C0.dtype) / col_scale).to(math_dtype)  # (B, K)
+        w0 = (w_rows.to(col_scale.dtype) / col_scale).to(math_dtype)  # (B, K), scaled
         w_cur = w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
         U = torch.zeros(Rc, Kc, nb * P, dtype=c_dtype, device=device)  # group factors, P columns a batch
         owner = torch.full((Rc, nb * P), -1, dtype=torch.long, device=device)  # row slot of each factor column
@@ -660,7 +656,7 @@ class StructuredOBS:
         pruned_cols[:, plan.order] = ~alive[:, :Kc]
         w_new.masked_fill_(pruned_cols, 0.0)
         failed |= ~torch.isfinite(w_new).view(Rc, -1).all(dim=1)
-        Wc = (w_new.to(C0.dtype) * col_scale).to(torch.float32)
+        Wc = (w_new.to(col_scale.dtype) * col_scale).to(torch.float32)
         return Wc, failed
 
     @torch.no_grad()
@@ -758,13 +754,16 @@ class StructuredOBS:
             n_chunks = math.ceil(todo.numel() / groups_per_chunk)
             # Every full chunk runs the same kernels: record them once (CUDA), replay per
             # chunk. score_subsets checks its subsets on the host, so 'joint' runs eagerly.
-            def sweep(w_rows, dtype=dtype, C0=C0):
-                return self._true_obs_chunk(w_rows, batches, nnz, scoring, subsets, C0, dtype, plan)
+            inv = _ScaledInverse.of(C0, _math_dtype(dtype), plan.order)
+
+            def sweep(w_rows, dtype=dtype, inv=inv):
+                return self._true_obs_chunk(w_rows, batches, nnz, scoring, subsets, inv, dtype, plan)
 
             def warmup(dtype=dtype, C0=C0):
                 mini = batches[:2]
-                self._true_obs_chunk(W[g.rows[todo[:1]].reshape(-1)], mini, nnz, scoring, subsets, C0, dtype,
-                                     self._lazy_plan(mini, plan.p))
+                mini_plan = self._lazy_plan(mini, plan.p)
+                self._true_obs_chunk(W[g.rows[todo[:1]].reshape(-1)], mini, nnz, scoring, subsets,
+                                     _ScaledInverse.of(C0, _math_dtype(dtype), mini_plan.order), dtype, mini_plan)
 
             replay = GraphReplay(sweep, warmup=warmup, enabled=scoring != "joint" and len(batches) > 1)
             for ci, group_index in enumerate(todo.split(groups_per_chunk)):
@@ -807,6 +806,24 @@ def _block_costs(w: Tensor, blocks: Tensor, blocks_per_scope: int) -> Tensor:
     L, info = torch.linalg.cholesky_ex(C_bb.to(w.dtype))
     y = torch.linalg.solve_triangular(L, w.view(N, blocks_per_scope, bk, 1), upper=False)
     return torch.where(info == 0, y.square().sum(dim=(-1, -2)), torch.inf)
+
+
+@dataclass(frozen=True)
+class _ScaledInverse:
+    """C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, C~ = D^-1/2 C0 D^-1/2 with D = diag(C0)
+    (unit diagonal; w~ = D^-1/2 w). OBS costs and compensations are the same in them,
+    and every column keeps its relative precision in fp16 factors. Built once per
+    prune_true_obs level and shared by every row chunk."""
+
+    scale: Tensor  # (K,) sqrt(diag C0), in C0's dtype
+    C: Tensor  # (K, K) C~, math dtype
+    C_plan: Tensor  # (Kc, Kc) C~ on the plan's columns, in plan order
+
+    @staticmethod
+    def of(C0: Tensor, math_dtype: torch.dtype, order: Tensor) -> "_ScaledInverse":
+        scale = torch.diagonal(C0).clamp(min=torch.finfo(C0.dtype).tiny).sqrt()
+        C = (C0 / scale.unsqueeze(1) / scale.unsqueeze(0)).to(math_dtype)
+        return _ScaledInverse(scale=scale, C=C, C_plan=C[order][:, order])
 
 
 @dataclass(frozen=True)
