@@ -49,4 +49,26 @@ TORCH_LIBRARY(s3sparse, m) {
   // written and err is zero), checked on the device without a host sync.
   m.def("sparsegpt_block_(Tensor(a!) w, Tensor(b!) pruned, Tensor u, Tensor scope_ptr, Tensor scope_cols, "
         "Tensor scope_rows, Tensor group_rows, int nnz, int block_numel) -> (Tensor err, Tensor status)");
+
+  // Packed structured-sparse weights (s3sparse.sparse.PackedWeight): W (M, K)
+  // row-major is covered exactly once by S scopes that each keep nnz blocks of B
+  // elements. values (S, nnz, B): kept blocks (scope grid row-major; kept blocks
+  // by increasing in-scope index; block elements row-major). meta (W,) int32:
+  // unsigned fields of meta_bits bits, 32 / meta_bits per word, field i in word
+  // i / per_word at bit (i % per_word) * meta_bits; with subsets (n_codes, nnz)
+  // int32 one field per scope, the code of its kept set (kept blocks
+  // subsets[code]); without, nnz fields per scope (field s*nnz+j = in-scope index
+  // of kept block j). Element e of in-scope block g of scope s is W's flat
+  // element f = sum_d idx_d(s) * scope_stride[d] + block_off[g] + elem_off[e]
+  // (row f / K, col f % K), idx(s) = s unravelled row-major over scope_shape.
+  m.def("packed_to_dense(Tensor values, Tensor meta, Tensor? subsets, Tensor block_off, Tensor elem_off, "
+        "int[] scope_shape, int[] scope_stride, int meta_bits, int out_features, int in_features) -> Tensor");
+
+  // y = x @ W^T + bias for the packed W above; x (..., K) of the dtype of values,
+  // fp32 accumulation (fp64 for fp64), y (..., M). row_group R > 0 promises that
+  // the scopes come in M / R groups of S R / M consecutive scopes, group q
+  // touching only rows [q R, (q + 1) R) of W (kernels may then accumulate a
+  // group's rows on chip); R = 0 promises nothing.
+  m.def("packed_linear(Tensor x, Tensor values, Tensor meta, Tensor? subsets, Tensor block_off, Tensor elem_off, "
+        "int[] scope_shape, int[] scope_stride, int meta_bits, int out_features, int row_group, Tensor? bias) -> Tensor");
 }

@@ -24,6 +24,9 @@ __all__ = [
     "sparsegpt_block_",
     "sparsegpt_block_status",
     "interleaved_block_view",
+    "packed_fields",
+    "packed_to_dense",
+    "packed_linear",
 ]
 
 
@@ -255,3 +258,71 @@ def sparsegpt_block_(
     pruned[grows] = P
     err[grows] = Er
     return err, ok
+
+
+# ---------------------------------------------------------------- packed weights
+# The packed format (s3sparse.sparse.PackedWeight; csrc/ops.cpp documents it too).
+# A 2-D weight W (out_features M x in_features K, row-major) is covered exactly
+# once by the elements of S scopes; scope s keeps nnz blocks of B elements.
+#   values (S, nnz, B): the kept blocks, scopes in row-major order of the scope
+#       grid, a scope's kept blocks by increasing in-scope index, a block's
+#       elements in row-major order of the block shape.
+#   meta (W,) int32: unsigned fields of meta_bits bits, 32 // meta_bits per word,
+#       field i in word i // per_word at bit (i % per_word) * meta_bits.
+#       With subsets (n_codes, nnz) int32: one field per scope, the code c of
+#       its kept set: kept blocks subsets[c] (increasing). Without: nnz fields
+#       per scope, field s*nnz + j = the in-scope index of kept block j.
+#   Flat offset of element e of in-scope block g of scope s (row f // K, col f % K):
+#       f = sum_d idx_d(s) * scope_stride[d] + block_off[g] + elem_off[e]
+#       idx(s) = s unravelled (row-major) over scope_shape (the scope grid).
+def packed_fields(meta: Tensor, meta_bits: int, count: int) -> Tensor:
+    """The first ``count`` ``meta_bits``-bit fields of ``meta`` as int64 (count,)."""
+    per_word = 32 // meta_bits
+    i = torch.arange(count, device=meta.device)
+    words = meta.to(torch.int64)[i // per_word] & 0xFFFFFFFF
+    return (words >> ((i % per_word) * meta_bits)) & ((1 << meta_bits) - 1)
+
+
+def _packed_flat_offsets(
+    S: int, nnz: int, meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor,
+    scope_shape: Sequence[int], scope_stride: Sequence[int], meta_bits: int,
+) -> Tensor:
+    """(S, nnz, B) int64 flat offsets into W of every packed value."""
+    if subsets is not None:
+        kept = subsets.to(torch.int64)[packed_fields(meta, meta_bits, S)]  # (S, nnz)
+    else:
+        kept = packed_fields(meta, meta_bits, S * nnz).view(S, nnz)
+    base = torch.zeros(S, dtype=torch.int64, device=meta.device)
+    rest = torch.arange(S, dtype=torch.int64, device=meta.device)
+    for size, stride in zip(reversed(list(scope_shape)), reversed(list(scope_stride))):
+        base += (rest % size) * stride
+        rest = rest // size
+    return base[:, None, None] + block_off.to(torch.int64)[kept][:, :, None] + elem_off.to(torch.int64)[None, None, :]
+
+
+def packed_to_dense(
+    values: Tensor, meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor,
+    scope_shape: Sequence[int], scope_stride: Sequence[int], meta_bits: int, out_features: int, in_features: int,
+) -> Tensor:
+    """The dense ``(out_features, in_features)`` weight of a packed one (dtype of ``values``)."""
+    S, nnz, _ = values.shape
+    flat = _packed_flat_offsets(S, nnz, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits)
+    dense = torch.zeros(out_features * in_features, dtype=values.dtype, device=values.device)
+    dense[flat.reshape(-1)] = values.reshape(-1)
+    return dense.view(out_features, in_features)
+
+
+def packed_linear(
+    x: Tensor, values: Tensor, meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor,
+    scope_shape: Sequence[int], scope_stride: Sequence[int], meta_bits: int, out_features: int,
+    row_group: int, bias: Optional[Tensor],
+) -> Tensor:
+    """``F.linear(x, W, bias)`` for the packed ``W`` (fp32 math, fp64 for fp64), dtype of ``x``.
+
+    ``row_group`` is a routing promise for the kernels (ignored here): see csrc/ops.cpp.
+    """
+    W = packed_to_dense(values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits,
+                        out_features, x.shape[-1])
+    acc = _opmath(x.dtype)
+    b = None if bias is None else bias.to(acc)
+    return torch.nn.functional.linear(x.to(acc), W.to(acc), b).to(x.dtype)
