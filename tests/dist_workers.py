@@ -57,10 +57,13 @@ def _caught(fn) -> dict:
 
 
 # ------------------------------------------------------------------ one layer
-LAYER_CASES = [  # (pattern, M, K): 37 row groups split 19 / 18; block16-rows couples rows p and p+8
+# (pattern, M, K): 37 row groups split 18 / 19; block16-rows couples rows p and p+8;
+# one row: rank 0 has nothing to prune.
+LAYER_CASES = [
     ("2:4", 37, 64),
     ("block16-rows", 48, 64),
     ("coupled-2:4", 32, 64),
+    ("4:8", 1, 64),
 ]
 
 
@@ -145,6 +148,27 @@ def layer_worker(rank: int) -> dict:
     sparsegpt_mod._sweep = real_sweep
     # And a clean call afterwards still works: nobody is left out of step.
     out["after_failures"] = _prune_layer("2:4", W0, H, "sparsegpt", group)
+
+    # Rows redone in fp32 on rank 1 only: the warning counts them on every rank.
+    import warnings
+
+    from s3sparse import ops
+
+    real_sub = ops.lowrank_sub
+
+    def flaky(base, a, b):
+        result = real_sub(base, a, b)
+        if a.dtype == torch.float16 and result.shape[1] > 4:  # the panels C[S, R], as in test_pruners
+            result[::3] = float("nan")
+        return result
+
+    if rank == 1:
+        ops.lowrank_sub = flaky
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["redone_weight"] = _prune_layer("2:4", W0, H, "true-obs", group, chunk_size=16)
+    ops.lowrank_sub = real_sub
+    out["redone_warnings"] = [str(w.message) for w in caught if "redone" in str(w.message)]
     return out
 
 

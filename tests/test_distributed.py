@@ -123,6 +123,15 @@ def test_a_rank_that_raises_in_a_pruner_makes_every_rank_raise(layer_runs):
     assert torch.equal(layer_runs[0]["after_failures"], layer_runs[1]["after_failures"])
 
 
+def test_rows_redone_on_one_rank_are_counted_in_every_rank_s_warning(layer_runs):
+    messages = [run["redone_warnings"] for run in layer_runs]
+    assert len(messages[0]) == 1 and messages[0] == messages[1], messages
+    redone = int(messages[0][0].split("prune_true_obs: ")[1].split(" of ")[0])
+    assert 0 < redone <= 19 and " of 37 rows" in messages[0][0]  # rank 1 prunes 19 of the 37 rows
+    assert torch.equal(layer_runs[0]["redone_weight"], layer_runs[1]["redone_weight"])
+    assert torch.isfinite(layer_runs[0]["redone_weight"]).all()
+
+
 # ------------------------------------------------------------------ a whole model, 2 ranks
 @pytest.fixture(scope="module")
 def model_runs(tmp_path_factory):

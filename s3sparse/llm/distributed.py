@@ -232,7 +232,13 @@ def launch(device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTE
             raise UsageError(f"--dist-timeout must be > 0 minutes, got {timeout_minutes}")
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: Dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=float(timeout_minutes)), **kwargs)
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=float(timeout_minutes)), **kwargs)
+        except (ValueError, RuntimeError) as exc:  # e.g. MASTER_ADDR unset: not launched by torchrun
+            raise UsageError(
+                f"WORLD_SIZE={env.world_size} is set but torch.distributed could not start ({type(exc).__name__}: {exc}); "
+                "launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or unset WORLD_SIZE"
+            ) from exc
         created = True
     try:
         yield Ranks.resolve(dist.group.WORLD), device
