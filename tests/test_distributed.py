@@ -257,3 +257,21 @@ def test_torchrun_a_failing_rank_stops_every_rank_and_leaves_no_out_dir(model_di
     assert f"rank {other} stops with it" in proc.stderr, proc.stderr[-4000:]
     assert proc.stderr.count(message) >= 2
     assert not out.exists() and [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_a_torchrun_environment_without_a_rendezvous_is_a_one_line_usage_error(model_dir, tmp_path, monkeypatch, capsys):
+    from s3sparse.llm.cli import main
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["prune", model_dir, "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("s3sparse (rank 0 of 2): error: WORLD_SIZE=2 is set but torch.distributed could not start")
+    assert "launch with torchrun" in err and len(err.splitlines()) == 1
+    assert not torch.distributed.is_initialized() and not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "two")
+    assert main(["prune", model_dir, "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert "RANK='two' is not an integer" in capsys.readouterr().err
