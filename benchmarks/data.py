@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -87,8 +87,13 @@ def calibration_inputs(
     outlier_scale: float = 10.0,
     rank: int = 64,
     shared: float = 0.5,
+    blocks: Optional[Sequence[int]] = None,
 ) -> Iterator[Tensor]:
-    """The synthetic inputs X (N × K, fp32), as blocks of :data:`ROWS_PER_DRAW` rows on ``device``."""
+    """The synthetic inputs X (N × K, fp32), as blocks of :data:`ROWS_PER_DRAW` rows on ``device``.
+
+    ``blocks``: only these row blocks (block b is rows ``[1024·b, 1024·(b+1))``), e.g. one
+    rank's share of the calibration set; the others are never drawn. All of them when None.
+    """
     device = torch.device(device)
     scales, _ = channel_scales(K, seed, sigma, outlier_frac, outlier_scale)
     scales = scales.to(device)
@@ -96,7 +101,10 @@ def calibration_inputs(
     if rank > 0 and shared != 0:
         gb = torch.Generator(device="cpu").manual_seed(_sub_seed(seed, 2))
         basis = (torch.randn(rank, K, generator=gb) / math.sqrt(rank)).to(device)  # Bᵀ
+    wanted = None if blocks is None else {int(b) for b in blocks}
     for b, start in enumerate(range(0, N, ROWS_PER_DRAW)):
+        if wanted is not None and b not in wanted:
+            continue
         n = min(ROWS_PER_DRAW, N - start)
         gx = torch.Generator(device="cpu").manual_seed(_sub_seed(seed, 3, b))
         z = torch.randn(n, K, generator=gx).to(device)

@@ -125,3 +125,28 @@ def test_ops_benchmark_runs(tmp_path, monkeypatch):
     rows = res["results"]
     assert any(r["op"] == "kth_largest" and r["GB/s"] > 0 for r in rows)
     assert any(r["op"] == "no_such_op" and r["status"] == "skipped" for r in rows)
+
+
+def test_multi_gpu_benchmark_quick_on_two_cpu_ranks(tmp_path):
+    """benchmarks/multi_gpu.py under torchrun, 2 gloo ranks on the CPU, tiny sizes."""
+    import os
+    import subprocess
+
+    out = tmp_path / "mg.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(BENCH / "multi_gpu.py"), "--quick", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    meta, layer, model = res["meta"], res["results"]["layer"], res["results"]["model"]
+    assert meta["world_size"] == 2 and meta["backend"] == "gloo" and meta["commit"] and meta["torch"] == torch.__version__
+    assert meta["env"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert layer["seconds_1_rank"] > 0 and len(layer["seconds_n_ranks_per_rank"]) == 2 and layer["speedup"] > 0
+    # The all-reduced H is the single-rank H up to fp32 round-off, and so are the results.
+    assert layer["hessian_max_relative_difference"] < 1e-5
+    assert layer["masks_differing"] == 0 and layer["error_relative_difference"] < 1e-5
+    assert 0 < layer["error_n_ranks"] < 1
+    assert model["layers"] == 7 and model["seconds_1_rank"] > 0 and model["layer_error_max_relative_difference"] < 1e-3

@@ -6,7 +6,8 @@
         [--config recipe.yaml] [--opt KEY=VALUE]... [--override GLOB=SPEC]... [--skip GLOB]...
         [--n-samples 128] [--seq-len 2048] [--seed 0] [--batch-size 8]
         [--device auto|cpu|cuda|cuda:N] [--offload] [--dtype auto|float32|bfloat16|float16]
-        [--overwrite] [--no-progress]
+        [--overwrite] [--no-progress] [--hessian-dtype float32|float64] [--dist-timeout MINUTES]
+    torchrun --nproc-per-node N -m s3sparse prune ...   (every rank prunes a share; rank 0 writes OUT_DIR)
     s3sparse eval MODEL_DIR [--dense DENSE_DIR] --text FILE [--seq-len] [--n-samples] [--json FILE]
 
 Exit status: 0 done, 2 bad arguments (one line on stderr saying what), 130
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .distributed import rank_prefix
 from .errors import UsageError
 
 __all__ = ["main", "build_parser"]
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="load dtype (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype the layer Hessians are accumulated and summed over ranks in (float32)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
+                   help="under torchrun: how long a rank waits for the others in one collective "
+                        "(60; rank 0 writing OUT_DIR and the slowest rank's share of a layer count)")
 
     e = sub.add_parser("eval", help="perplexity (causal LM) or embedding similarity to the dense model (encoder)")
     e.add_argument("model_dir", metavar="MODEL_DIR")
@@ -182,14 +189,15 @@ def _versions() -> Dict[str, str]:
 
 
 def _prune(args, argv: Sequence[str]) -> int:
-    from .calibration import load_calibration
-    from .loading import check_model_dir, load_model, load_tokenizer
-    from .pipeline import check_model_fits, prune_model
-    from .save import check_output_dir, save_pruned_model
+    from .distributed import DEFAULT_TIMEOUT_MINUTES, launch, torchrun_env
+    from .loading import check_model_dir
+    from .save import check_output_dir
 
     started = time.perf_counter()
     check_model_dir(args.model_dir)
-    check_output_dir(args.out, args.model_dir, args.overwrite)
+    env = torchrun_env()
+    if env is None or env.world_size == 1:  # several ranks: rank 0 checks it, on its own file system
+        check_output_dir(args.out, args.model_dir, args.overwrite)
     recipe, calib = _recipe_from(args)
     if calib["source"] is None:
         raise UsageError("no calibration text: pass --calib FILE (or calibration.source in the recipe)")
@@ -197,28 +205,56 @@ def _prune(args, argv: Sequence[str]) -> int:
     for name in ("n_samples", "seq_len"):
         _positive(f"--{name.replace('_', '-')}", calib[name])
     _positive("--batch-size", args.batch_size)
+    timeout = DEFAULT_TIMEOUT_MINUTES if args.dist_timeout is None else args.dist_timeout
+    if not timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     device = _device(args.device)
     if args.no_progress:
         _quiet_transformers()
+    # Under torchrun (WORLD_SIZE > 1) every rank runs this with its own device; alone, as before.
+    with launch(device, timeout) as (ranks, device):
+        return _prune_on_ranks(args, argv, recipe, calib, device, ranks, started)
 
-    model, kind = load_model(args.model_dir, args.dtype)
-    tokenizer = load_tokenizer(args.model_dir)
-    check_model_fits(model, recipe)  # shape errors before the calibration text is read
-    limit = _max_positions(model)
-    seq_len = calib["seq_len"] or min(_PRUNE_DEFAULTS["seq_len"], limit or _PRUNE_DEFAULTS["seq_len"])
-    if limit is not None and seq_len > limit:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's maximum of {limit} positions")
-    calibration = load_calibration(calib["source"], tokenizer, calib["n_samples"], seq_len, calib["seed"], calib["text_field"])
-    print(
-        f"s3sparse prune: {type(model).__name__} from {args.model_dir}; pattern {recipe.pattern}, method {recipe.method} "
-        f"{recipe.method.options or ''}; calibration {calibration.n_samples} x {calibration.seq_len} tokens from "
-        f"{calibration.source} (seed {calibration.seed}); device {device}{' with offload' if args.offload else ''}",
-        flush=True,
-    )
+
+def _prune_on_ranks(args, argv: Sequence[str], recipe, calib: Dict[str, Any], device: torch.device, ranks, started: float) -> int:
+    """Load, prune (on every rank of ``ranks``), and on rank 0 print and save."""
+    from .calibration import load_calibration
+    from .loading import load_model, load_tokenizer
+    from .pipeline import check_model_fits, prune_model
+    from .save import check_output_dir
+
+    with ranks.sync("loading the model and the calibration text"):
+        if ranks.is_main and ranks.distributed:  # OUT_DIR is rank 0's to write, on rank 0's file system
+            check_output_dir(args.out, args.model_dir, args.overwrite)
+        model, kind = load_model(args.model_dir, args.dtype)
+        tokenizer = load_tokenizer(args.model_dir)
+        check_model_fits(model, recipe)  # shape errors before the calibration text is read
+        limit = _max_positions(model)
+        seq_len = calib["seq_len"] or min(_PRUNE_DEFAULTS["seq_len"], limit or _PRUNE_DEFAULTS["seq_len"])
+        if limit is not None and seq_len > limit:
+            raise UsageError(f"--seq-len {seq_len} is longer than the model's maximum of {limit} positions")
+        calibration = load_calibration(calib["source"], tokenizer, calib["n_samples"], seq_len, calib["seed"], calib["text_field"])
+    if ranks.is_main:
+        on = f"{ranks.world_size} processes (torchrun), rank 0 on {device}" if ranks.distributed else f"device {device}"
+        print(
+            f"s3sparse prune: {type(model).__name__} from {args.model_dir}; pattern {recipe.pattern}, method {recipe.method} "
+            f"{recipe.method.options or ''}; calibration {calibration.n_samples} x {calibration.seq_len} tokens from "
+            f"{calibration.source} (seed {calibration.seed}); {on}{' with offload' if args.offload else ''}",
+            flush=True,
+        )
     report = prune_model(
         model, calibration, recipe=recipe, device=device, offload=args.offload, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, hessian_dtype=getattr(torch, args.hessian_dtype), process_group=ranks.group,
     )
+    with ranks.sync("writing OUT_DIR on rank 0"):  # the other ranks wait here for rank 0's save
+        if ranks.is_main:
+            _print_and_save(args, argv, model, kind, tokenizer, calib, report, started)
+    return EXIT_OK
+
+
+def _print_and_save(args, argv: Sequence[str], model, kind: str, tokenizer, calib: Dict[str, Any], report, started: float) -> None:
+    from .save import save_pruned_model
+
     print()
     print(report.layer_table())
     print()
@@ -238,7 +274,6 @@ def _prune(args, argv: Sequence[str]) -> int:
     data["calibration"]["text_field"] = calib["text_field"]
     out = save_pruned_model(model.to("cpu"), tokenizer, args.out, data, model_dir=args.model_dir, overwrite=args.overwrite)
     print(f"saved the pruned model to {out} ({time.perf_counter() - started:.1f} s in all)")
-    return EXIT_OK
 
 
 def _quiet_transformers() -> None:
@@ -334,11 +369,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _prune(args, argv)
         return _eval(args)
     except UsageError as exc:
-        print(f"s3sparse: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "_s3sparse_printed", False):  # under torchrun, launch() printed it already
+            print(f"s3sparse{rank_prefix()}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("s3sparse: interrupted; nothing was written", file=sys.stderr)
+        print(f"s3sparse{rank_prefix()}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if getattr(exc, "_s3sparse_printed", False):  # printed with its traceback on every rank (torchrun)
+            return EXIT_FAILED
+        raise
 
 
 def console_main() -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..pruners import StructuredOBS, prune_magnitude, prune_obd, prune_sparsegpt
+from ..pruners.sharding import AllRanks
 from .errors import UsageError
 
 __all__ = ["MethodChoice", "parse_method", "METHOD_NAMES"]
@@ -90,15 +91,28 @@ class MethodChoice:
         """Whether the method scores every candidate subset of a scope (shared-C OBS, joint True OBS)."""
         return self.name.startswith("obs-") or (self.name == "true-obs" and self.options["scoring"] == "joint")
 
-    def run(self, scope, nnz: int, hessian: Optional[Tensor], progress_fn: ProgressFn = None) -> None:
-        """Prune the weight behind ``scope`` to ``nnz`` blocks per scope, in place."""
+    @property
+    def shards_rows(self) -> bool:
+        """Whether ``run`` can split the layer's rows over a process group (SparseGPT, True OBS)."""
+        return self.name in ("sparsegpt", "true-obs")
+
+    def run(self, scope, nnz: int, hessian: Optional[Tensor], progress_fn: ProgressFn = None, process_group=None) -> None:
+        """Prune the weight behind ``scope`` to ``nnz`` blocks per scope, in place.
+
+        ``process_group`` (methods with :attr:`shards_rows` only): split the rows
+        over its ranks, every rank calling this with the same arguments and H; an
+        error on one rank is raised on all of them.
+        """
+        if process_group is not None and not self.shards_rows:
+            raise UsageError(f"method {self.name} does not split rows over ranks; run it with process_group=None")
         o = self.options
         if self.name == "magnitude":
             prune_magnitude(scope, nnz)
         elif self.name == "obd":
             prune_obd(scope, hessian, nnz)
         elif self.name == "sparsegpt":
-            prune_sparsegpt(scope, hessian, nnz, blocksize=o["blocksize"], damp=o["damp"], progress_fn=progress_fn)
+            prune_sparsegpt(scope, hessian, nnz, blocksize=o["blocksize"], damp=o["damp"], progress_fn=progress_fn,
+                            process_group=process_group)
         elif self.name.startswith("obs-"):
             compensate = self.name[len("obs-"):]
             kwargs = {"n_splits": o["n_splits"]} if "n_splits" in o else {}
@@ -106,7 +120,11 @@ class MethodChoice:
                 nnz, block_size=o["block_size"], compensate=compensate, **kwargs
             )
         elif self.name == "true-obs":
-            StructuredOBS(scope, hessian, damp=o["damp"]).prune_true_obs(
+            # Built on every rank before prune_true_obs's own sync point: a sync here too,
+            # so a rank failing to build it cannot leave the others waiting.
+            with AllRanks(process_group, "setting up True OBS"):
+                pruner = StructuredOBS(scope, hessian, damp=o["damp"])
+            pruner.prune_true_obs(
                 nnz,
                 ng=o["ng"],
                 chunk_size=o["chunk_size"],
@@ -114,6 +132,7 @@ class MethodChoice:
                 scoring=o["scoring"],
                 c_dtype=_C_DTYPES[o["c_dtype"]],
                 progress_fn=progress_fn,
+                process_group=process_group,
             )
         else:  # pragma: no cover - parse_method only builds known names
             raise AssertionError(self.name)

@@ -36,6 +36,7 @@ from ..pruners import HessianAccumulator, output_error, prune_magnitude
 from .blocks import BlockCall, LinearLayer, capture_block_inputs, find_blocks, linear_layers, move_outside_blocks
 from .blocks import per_block_arguments, run_block
 from .calibration import CalibrationSet
+from .distributed import Ranks, sum_over_ranks
 from .errors import UsageError
 from .method_registry import MethodChoice
 from .pattern_registry import PatternChoice
@@ -106,8 +107,9 @@ class _Progress:
 class _HessianHooks:
     """Forward pre-hooks that accumulate each layer's input Hessian; layers reading one tensor share it."""
 
-    def __init__(self, layers: Sequence[LinearLayer], device: torch.device):
+    def __init__(self, layers: Sequence[LinearLayer], device: torch.device, dtype: torch.dtype = torch.float32):
         self.device = device
+        self.dtype = dtype
         self.accumulators: Dict[str, HessianAccumulator] = {}
         self._leader: Dict[str, str] = {}
         self._inputs_this_call: Dict[int, tuple] = {}
@@ -128,7 +130,7 @@ class _HessianHooks:
             self._leader[layer.name] = layer.name
             acc = self.accumulators.get(layer.name)
             if acc is None:
-                acc = self.accumulators[layer.name] = HessianAccumulator(layer.in_features, device=self.device)
+                acc = self.accumulators[layer.name] = HessianAccumulator(layer.in_features, device=self.device, dtype=self.dtype)
             acc.add(x)
             # Hold x until the block call ends, so its id cannot be reused by another tensor.
             self._inputs_this_call[id(x)] = (x, layer.name)
@@ -137,6 +139,10 @@ class _HessianHooks:
 
     def end_call(self) -> None:
         self._inputs_this_call.clear()
+
+    def shared_with(self) -> Dict[str, str]:
+        """Each layer seen called → the layer whose accumulator it uses (itself, or e.g. q_proj for k_proj)."""
+        return dict(self._leader)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -186,6 +192,7 @@ def _prune_layer(
     plan: LayerPlan,
     accumulator: Optional[HessianAccumulator],
     progress_fn: Optional[Callable[[str], None]],
+    ranks: Ranks = Ranks(),
 ) -> LayerReport:
     M, K = layer.shape
     record = LayerReport(layer.name, (M, K), plan.pattern.name, plan.method.name)
@@ -198,46 +205,61 @@ def _prune_layer(
         record.sparsity = float((weight == 0).sum()) / weight.numel()
         return record
 
-    hessian = accumulator.hessian
-    record.tokens = accumulator.num_samples
-    record.dead_inputs = int((torch.diagonal(hessian) == 0).sum())
-    record.rank_deficient = record.dead_inputs > 0 or record.tokens < K
-    weight = layer.matrix()
-    original = weight.detach().clone()
+    # Three stretches, each ending in a sync point when several ranks prune together
+    # (the pruning itself syncs inside the pruner when it splits rows), so that an
+    # error on one rank -- running out of memory, say -- is raised on all of them.
+    with ranks.sync(f"preparing {layer.name}"):
+        # fp32 for the pruners, whichever dtype it was accumulated (and summed over ranks) in.
+        hessian = accumulator.hessian.to(torch.float32)
+        record.tokens = accumulator.num_samples
+        record.dead_inputs = int((torch.diagonal(hessian) == 0).sum())
+        record.rank_deficient = record.dead_inputs > 0 or record.tokens < K
+        weight = layer.matrix()
+        original = weight.detach().clone()
+        scope, nnz = plan.pattern.build(weight)
     _synchronize(weight.device)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scope, nnz = plan.pattern.build(weight)
         try:
-            plan.method.run(scope, nnz, hessian, progress_fn)
+            if ranks.distributed and plan.method.shards_rows:
+                # Each rank prunes its rows; every rank gets them all (and any rank's error).
+                plan.method.run(scope, nnz, hessian, progress_fn, process_group=ranks.group)
+            else:
+                with ranks.sync(f"pruning {layer.name}"):
+                    plan.method.run(scope, nnz, hessian, progress_fn)
+                ranks.broadcast_(weight.data)  # every rank computed it: keep rank 0's, so no rank drifts
         except _NUMERIC_FAILURES as exc:
-            # The pruners write the weight only on success; restore anyway, then keep the pattern by magnitude.
-            weight.data.copy_(original)
+            # Raised on every rank alike. The pruners write the weight only on success;
+            # restore anyway, then keep the pattern by magnitude (the same on every rank).
             record.fallback = f"{type(exc).__name__}: {exc}"
-            scope, nnz = plan.pattern.build(weight)
-            prune_magnitude(scope, nnz)
-    _synchronize(weight.device)
-    record.seconds = time.perf_counter() - start
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    record.warnings = messages
-    record.fp32_redos = count_redone_rows(messages)
-    record.damping_raised = any("damping" in m.lower() for m in messages)
-    try:
-        record.error = output_error(weight.detach(), original, hessian)
-    except ValueError:  # tr(W H Wᵀ) = 0: a layer whose inputs or weights are all zero
-        record.error = None
-    record.sparsity = float((weight == 0).sum()) / weight.numel()
-    record.pattern_holds = plan.pattern.holds(weight)
-    layer.commit()
+        with ranks.sync(f"checking {layer.name}"):
+            if record.fallback is not None:
+                weight.data.copy_(original)
+                scope, nnz = plan.pattern.build(weight)
+                prune_magnitude(scope, nnz)
+            _synchronize(weight.device)
+            record.seconds = time.perf_counter() - start
+            messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+            record.warnings = messages
+            record.fp32_redos = count_redone_rows(messages)
+            record.damping_raised = any("damping" in m.lower() for m in messages)
+            try:
+                record.error = output_error(weight.detach(), original, hessian)
+            except ValueError:  # tr(W H Wᵀ) = 0: a layer whose inputs or weights are all zero
+                record.error = None
+            record.sparsity = float((weight == 0).sum()) / weight.numel()
+            record.pattern_holds = plan.pattern.holds(weight)
+            layer.commit()
     return record
 
 
 # ------------------------------------------------------------------ the model
-def _relative_error(pruned: Sequence[Tensor], dense: Sequence[Tensor]) -> Optional[float]:
+def _error_sums(pruned: Sequence[Tensor], dense: Sequence[Tensor]) -> tuple:
+    """``(Σ‖pruned − dense‖², Σ‖dense‖²)``: the block's relative output error is sqrt of their ratio."""
     num = sum(float((p.float() - d.float()).pow(2).sum()) for p, d in zip(pruned, dense))
     den = sum(float(d.float().pow(2).sum()) for d in dense)
-    return math.sqrt(num / den) if den > 0 else None
+    return num, den
 
 
 def _as_calibration(calibration: Union[CalibrationSet, Tensor]) -> CalibrationSet:
@@ -282,6 +304,8 @@ def prune_model(
     batch_size: int = 8,
     progress: bool = True,
     block_error: bool = True,
+    hessian_dtype: torch.dtype = torch.float32,
+    process_group: Any = "auto",
 ) -> PruneReport:
     """Prune every linear layer of the model's transformer blocks, block by block, in place.
 
@@ -304,18 +328,37 @@ def prune_model(
         progress: tqdm progress bars on stderr.
         block_error: also measure each block's output error against the dense block
             (keeps the dense outputs of one block: one more copy of the activations).
+        hessian_dtype: ``torch.float32`` (default) or ``torch.float64``: the dtype
+            the Hessians ``Σ xᵀx`` are accumulated (and summed over ranks) in; the
+            pruners get H in fp32 either way. fp64 costs twice the memory per H and
+            makes H, once rounded to fp32, practically independent of the order of
+            the sums (how the windows were batched or split over ranks).
+        process_group: prune on several processes (see :mod:`s3sparse.llm.distributed`):
+            ``'auto'`` (default) uses the default torch.distributed group when it is
+            initialised with more than one rank, ``None`` prunes in this process
+            alone, a ProcessGroup uses that group. Every rank of the group calls
+            ``prune_model`` with the same model and arguments; each runs its share
+            of the calibration windows, the Hessians are all-reduced, each layer's
+            rows are split over the ranks (SparseGPT, True OBS), and every rank
+            ends with the whole pruned model. Progress bars on rank 0 only. With
+            CUDA, set each rank's device first (``torch.cuda.set_device``).
 
     Returns:
-        a :class:`~s3sparse.llm.PruneReport`. The model is left on ``device``
-        (on the CPU with ``offload``), in the train/eval mode it had.
+        a :class:`~s3sparse.llm.PruneReport` (the same on every rank, but for
+        timings). The model is left on ``device`` (on the CPU with ``offload``),
+        in the train/eval mode it had.
 
     Raises:
         UsageError: unknown names, a pattern that cannot divide a layer, bad calibration.
+        With a process group, an error on any rank is raised on every rank.
     """
     started = time.perf_counter()
+    ranks = Ranks.resolve(process_group)
     if recipe is None:
         recipe = Recipe.create(pattern, method, method_options, overrides, skip)
     calibration = _as_calibration(calibration)
+    if hessian_dtype not in (torch.float32, torch.float64):
+        raise UsageError(f"hessian_dtype must be torch.float32 or torch.float64, got {hessian_dtype!r}")
     if int(batch_size) < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else _model_device(model)
@@ -327,20 +370,24 @@ def prune_model(
     block_layers = [linear_layers(block, f"{blocks_name}.{i}") for i, block in enumerate(blocks)]
     plans = check_recipe_fits([layer for layers in block_layers for layer in layers], recipe)
 
-    report = PruneReport(recipe=recipe.to_dict(), calibration=calibration.describe(), device=str(device), offload=bool(offload))
-    bar = _Progress(progress, len(blocks))
+    report = PruneReport(recipe=recipe.to_dict(), calibration=calibration.describe(), device=str(device),
+                         offload=bool(offload), world_size=ranks.world_size)
+    bar = _Progress(progress and ranks.is_main, len(blocks))
     try:
         with _eval_mode(model):
-            if offload:
-                blocks.to("cpu")
-                move_outside_blocks(model, blocks, device)
-            else:
-                model.to(device)
-            batches = calibration.batches(batch_size)
-            calls = capture_block_inputs(model, blocks, batches, device)
-            own_arguments = per_block_arguments(model, blocks, batches, device)
-            if offload:
-                move_outside_blocks(model, blocks, home)
+            with ranks.sync("capturing the first block's inputs"):
+                if offload:
+                    blocks.to("cpu")
+                    move_outside_blocks(model, blocks, device)
+                else:
+                    model.to(device)
+                # This rank's share of the windows (all of them alone).
+                windows = calibration.input_ids[ranks.share(calibration.n_samples)]
+                batches = list(windows.split(int(batch_size))) if windows.shape[0] else []
+                calls = capture_block_inputs(model, blocks, batches, device)
+                own_arguments = per_block_arguments(model, blocks, batches, device)
+                if offload:
+                    move_outside_blocks(model, blocks, home)
             hidden = [call.hidden for call in calls]
             for call in calls:
                 call.hidden = None  # `hidden` holds the only reference: freed as blocks advance
@@ -351,32 +398,39 @@ def prune_model(
                     BlockCall(states, arguments.args, arguments.kwargs, arguments.hidden_key)
                     for states, arguments in zip(hidden, own_arguments[index] if own_arguments else calls)
                 ]
-                if offload:
-                    block.to(device)
                 layers = block_layers[index]
                 bar.start_layers(len(layers), f"{blocks_name}.{index}")
 
                 to_prune = [layer for layer in layers if not (plans[layer.name].skipped or plans[layer.name].pattern.is_dense)]
-                hooks = _HessianHooks(to_prune, device)
                 dense_out: List[Tensor] = []
-                try:
-                    for call in block_calls:
-                        out = run_block(block, call, call.hidden)
-                        hooks.end_call()
-                        if block_error:
-                            dense_out.append(out)
-                finally:
-                    hooks.remove()
+                with ranks.sync(f"running {blocks_name}.{index} on its calibration windows") as sync:
+                    if offload:
+                        block.to(device)
+                    hooks = _HessianHooks(to_prune, device, hessian_dtype)
+                    try:
+                        for call in block_calls:
+                            out = run_block(block, call, call.hidden)
+                            hooks.end_call()
+                            if block_error:
+                                dense_out.append(out)
+                    finally:
+                        hooks.remove()
+                    sync.payload = hooks.shared_with()
+                ranks.sum_hessians(hooks.accumulators, sync.results, {layer.name: layer.in_features for layer in to_prune},
+                                   device, hessian_dtype)
 
                 for layer in layers:
                     bar.layer_started(layer.name[len(blocks_name) + len(str(index)) + 2 :])
-                    record = _prune_layer(layer, plans[layer.name], hooks.accumulators.get(layer.name), bar.message)
+                    record = _prune_layer(layer, plans[layer.name], hooks.accumulators.get(layer.name), bar.message, ranks)
                     report.layers.append(record)
                     bar.layer_done()
                 del hooks
 
-                hidden = [run_block(block, call, call.hidden) for call in block_calls]
-                error = _relative_error(hidden, dense_out) if block_error else None
+                with ranks.sync(f"running the pruned {blocks_name}.{index}") as sync:
+                    hidden = [run_block(block, call, call.hidden) for call in block_calls]
+                    sync.payload = _error_sums(hidden, dense_out) if block_error else (0.0, 0.0)
+                num, den = sum_over_ranks(sync.results)
+                error = math.sqrt(num / den) if block_error and den > 0 else None
                 del dense_out
                 if offload:
                     block.to(home)

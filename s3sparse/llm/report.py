@@ -95,7 +95,8 @@ class BlockReport:
 
 @dataclass
 class PruneReport:
-    """The whole run."""
+    """The whole run. ``world_size``: the processes that pruned the model together
+    (1 alone; ``device`` is then rank 0's, and the timings are rank 0's)."""
 
     layers: List[LayerReport] = field(default_factory=list)
     blocks: List[BlockReport] = field(default_factory=list)
@@ -106,6 +107,7 @@ class PruneReport:
     offload: bool = False
     model_parameters: int = 0
     model_zeros: int = 0
+    world_size: int = 1
 
     # ------------------------------------------------------------ summaries
     def pruned_layers(self) -> List[LayerReport]:
@@ -200,6 +202,7 @@ class PruneReport:
             "calibration": self.calibration,
             "device": self.device,
             "offload": self.offload,
+            "world_size": self.world_size,
             "seconds": round(self.seconds, 3),
             "sparsity": self.sparsity_summary(),
             "layers": [{**asdict(layer), "shape": list(layer.shape)} for layer in self.layers],

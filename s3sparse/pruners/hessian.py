@@ -92,6 +92,27 @@ class HessianAccumulator:
             self._sum.addmm_(chunk.T, chunk)
         self.num_samples += rows.shape[0]
 
+    @torch.no_grad()
+    def all_reduce(self, process_group) -> None:
+        """Sum the accumulator over the ranks of ``process_group``, in place (a collective: every rank calls it).
+
+        Each rank adds its own share of the calibration inputs; afterwards every
+        rank holds the sum of all shares (``Σ xᵀx`` in this accumulator's dtype,
+        fp32 or fp64, and the total sample count), so ``hessian`` is the H of
+        all the inputs, up to the round-off of summing the shares in another order.
+        """
+        from .sharding import check_process_group
+
+        group = check_process_group(process_group)
+        if group is None:
+            raise ArgumentError("`process_group` must be a ProcessGroup to sum over, e.g. torch.distributed.group.WORLD")
+        import torch.distributed as dist
+
+        dist.all_reduce(self._sum, group=group)
+        count = torch.tensor([self.num_samples], dtype=torch.int64, device=self._sum.device)
+        dist.all_reduce(count, group=group)
+        self.num_samples = int(count.item())
+
     def attach(self, module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Accumulate the inputs of ``module`` on every forward; returns the hook handle."""
 

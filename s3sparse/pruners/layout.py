@@ -20,7 +20,7 @@ from ..errors import ArgumentError
 from ..scope import ScopeCoupling
 from ..view import View
 
-__all__ = ["ScopeLayout", "RowGroups", "scope_layout", "row_groups"]
+__all__ = ["ScopeLayout", "RowGroups", "scope_layout", "row_groups", "row_components", "restrict_rows"]
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,35 @@ def row_groups(layout: ScopeLayout) -> RowGroups:
             "the same columns); Structured OBS needs a regular pattern — use SparseGPT for this one"
         )
     return RowGroups(rows=group_rows, scope_ids=scope_ids, cols=g_cols[0], local_rows=g_local[0])
+
+
+def row_components(layout: ScopeLayout) -> list[Tensor]:
+    """Every row of the weight in its connected set of rows that share a scope, for any pattern.
+
+    Unlike :func:`row_groups` this needs no regularity: the sets may differ in
+    size, and a row no scope touches is a set of its own. Sets are ordered by
+    their smallest row, each ascending. Pruning one set never reads another
+    (second-order pruners are row-independent given H), so sets can be pruned
+    apart, e.g. on different ranks.
+    """
+    M = layout.num_rows
+    label = _connected_row_labels(layout.rows.reshape(layout.num_scopes, -1), M).cpu()
+    order = torch.sort(label, stable=True).indices  # rows by set, ascending within a set
+    sizes = torch.unique_consecutive(label[order], return_counts=True)[1].tolist()
+    return [part.to(layout.rows.device) for part in order.split(sizes)]
+
+
+def restrict_rows(layout: ScopeLayout, rows: Tensor, param: Tensor) -> ScopeLayout:
+    """The layout of the scopes lying on ``rows`` (whole row sets, see :func:`row_components`),
+    renumbered onto ``param``, the (len(rows), K) tensor of those rows in the order of ``rows``."""
+    local = torch.full((layout.num_rows,), -1, dtype=torch.long, device=layout.rows.device)
+    local[rows] = torch.arange(rows.numel(), device=layout.rows.device)
+    scope_local = local[layout.rows]  # (S, blocks, elems)
+    mine = (scope_local >= 0).reshape(layout.num_scopes, -1)
+    keep = mine.all(dim=1)
+    if not torch.equal(keep, mine.any(dim=1)):
+        raise ArgumentError("`rows` splits a scope between two row sets; give whole sets of row_components()")
+    return ScopeLayout(param=param, rows=scope_local[keep], cols=layout.cols[keep])
 
 
 def block_subsets(blocks_per_scope: int, num_prune: int, block_numel: int, device) -> tuple[Tensor, Tensor]:

@@ -41,6 +41,7 @@ from .. import ops
 from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
 from .hessian import check_hessian, damped_inverse, damping_value
 from .replay import GraphReplay
+from .sharding import AllRanks, RowShard, check_process_group
 from .layout import RowGroups, block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 
 __all__ = ["StructuredOBS"]
@@ -669,6 +670,7 @@ class StructuredOBS:
         scoring: str = "independent",
         c_dtype: Optional[torch.dtype] = None,
         progress_fn: Optional[Callable[[str], None]] = None,
+        process_group=None,
     ) -> None:
         """Per-row True OBS with Schur-complement updates, in place.
 
@@ -694,30 +696,80 @@ class StructuredOBS:
             scoring: ``'independent'`` or ``'joint'``.
             c_dtype: storage of the per-row C; default fp16 (math is fp32).
             progress_fn: optional ``callable(str)`` for progress messages.
+            process_group: a torch.distributed ProcessGroup to split the rows over
+                (every rank of it calls this with the same arguments on a pruner
+                built from the same weight and H, e.g. all-reduced): each rank
+                prunes a contiguous run of whole row groups (rows sharing a scope
+                stay together), the rows are gathered, and every rank ends with
+                the whole pruned weight — the one a single process computes, up
+                to round-off. ``None``: this process prunes every row.
 
         Rows whose sub-problem turns out not positive definite (fp16 round-off,
         rank-deficient H) are redone in fp32, then with more damping, then in
-        fp64; a warning says how many. The weight is written once, at the end.
+        fp64; a warning says how many (over all ranks). The weight is written
+        once, at the end; on any error it is left unchanged (on every rank: with
+        a process group, an error on one rank is raised on all).
         """
-        check_choice(order, "order", _ORDERS)
-        check_choice(scoring, "scoring", _SCORINGS)
-        if ng is None:
-            ng = 1 if self.groups.rows_per_group > 1 else 64
-        ng = check_int(ng, "ng", minimum=1, what="scopes per batch")
-        if chunk_size is not None:
-            chunk_size = check_int(chunk_size, "chunk_size", minimum=1, what="rows held at once, or None")
-        c_dtype = torch.float16 if c_dtype is None else c_dtype
-        check_dtype(c_dtype, "c_dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-        check_callable(progress_fn, "progress_fn")
-        num_prune = self._num_prune(nnz)
-        if num_prune == 0:
+        group = check_process_group(process_group)
+        with AllRanks(group, "pruning its rows with True OBS") as sync:
+            shard = W = None
+            sync.payload = 0
+            check_choice(order, "order", _ORDERS)
+            check_choice(scoring, "scoring", _SCORINGS)
+            if ng is None:
+                ng = 1 if self.groups.rows_per_group > 1 else 64
+            ng = check_int(ng, "ng", minimum=1, what="scopes per batch")
+            if chunk_size is not None:
+                chunk_size = check_int(chunk_size, "chunk_size", minimum=1, what="rows held at once, or None")
+            c_dtype = torch.float16 if c_dtype is None else c_dtype
+            check_dtype(c_dtype, "c_dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+            check_callable(progress_fn, "progress_fn")
+            num_prune = self._num_prune(nnz)
+            if num_prune:
+                g = self.groups
+                todo = torch.arange(g.num_groups, device=self.W.device)
+                if group is not None:
+                    shard = RowShard.of_groups(g.rows, group)
+                    todo = todo[shard.group_bounds[shard.rank] : shard.group_bounds[shard.rank + 1]]
+                W = self._working_copy()
+                sync.payload = self._true_obs_groups(W, todo, num_prune, ng, chunk_size, order, scoring, c_dtype,
+                                                     progress_fn)
+        if W is None:  # nothing to prune
             return
+        if shard is not None:
+            shard.gather(W, W[shard.rows])
+        redone = sum(sync.results)
+        if redone:
+            warnings.warn(
+                f"prune_true_obs: {redone} of {self.M} rows hit a non-positive-definite sub-problem and were redone "
+                "with fp32 C / more damping",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if progress_fn is not None:
+            progress_fn("")
+        self._write_back(W)
+
+    def _true_obs_groups(
+        self,
+        W: Tensor,
+        todo: Tensor,
+        num_prune: int,
+        ng: int,
+        chunk_size: Optional[int],
+        order: str,
+        scoring: str,
+        c_dtype: torch.dtype,
+        progress_fn: Optional[Callable[[str], None]],
+    ) -> int:
+        """True OBS on the row groups ``todo``, in place on their rows of ``W`` (the
+        working copy: other rows are read only by ``largest_first``'s pre-scoring).
+        Returns the number of rows redone at a higher retry level."""
         nnz = self.blocks_per_scope - num_prune
         pruned_per_scope = num_prune * self.bk
         subsets = self._subsets(num_prune) if scoring == "joint" else None
         g = self.groups
         device = self.W.device
-        W = self._working_copy()
 
         positions = (
             self._prescore_order(W, num_prune, scoring)
@@ -739,7 +791,6 @@ class StructuredOBS:
             levels.append((torch.float32, damp))
         levels += [(torch.float32, _more_damping(damp, 100.0, 0.1)), (torch.float64, _more_damping(damp, 1e4, 0.5))]
 
-        todo = torch.arange(g.num_groups, device=device)
         redone = 0
         for level, (dtype, damp) in enumerate(levels):
             if todo.numel() == 0:
@@ -784,16 +835,7 @@ class StructuredOBS:
                 f"{todo.numel() * rpc} rows stayed numerically unstable even in fp64 with heavy damping; "
                 "the weight was left unchanged (check the Hessian for NaN/Inf)"
             )
-        if redone:
-            warnings.warn(
-                f"prune_true_obs: {redone} of {self.M} rows hit a non-positive-definite sub-problem and were redone "
-                "with fp32 C / more damping",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if progress_fn is not None:
-            progress_fn("")
-        self._write_back(W)
+        return redone
 
 
 def _block_costs(w: Tensor, blocks: Tensor, blocks_per_scope: int) -> Tensor:

@@ -33,7 +33,8 @@ from torch import Tensor
 from .. import ops
 from ..checks import check_callable, check_damp, check_int
 from .hessian import check_hessian, damped_inverse
-from .layout import ScopeLayout, normalize_nnz, row_groups, scope_layout
+from .layout import ScopeLayout, normalize_nnz, restrict_rows, row_components, row_groups, scope_layout
+from .sharding import AllRanks, RowShard, check_process_group
 
 __all__ = ["prune_sparsegpt"]
 
@@ -139,40 +140,14 @@ class _PythonSweep:
 
 
 @torch.no_grad()
-def prune_sparsegpt(
-    scope,
-    hessian: Tensor,
-    nnz: int,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    progress_fn: Optional[Callable[[str], None]] = None,
-) -> None:
-    """Prune the weight behind ``scope`` to ``nnz`` blocks per scope with SparseGPT, in place.
-
-    Args:
-        scope: a ScopeSpec whose blocks lie on one 2-D weight (M, K).
-        hessian: (K, K) layer Hessian ``XᵀX/N``, on the weight's device.
-        nnz: blocks kept per scope.
-        blocksize: lazy-batch width in columns (128 in the paper).
-        damp: damping, relative to mean(diag H) when < 1 (0.01 in the paper).
-        progress_fn: optional ``callable(str)`` told about each lazy block.
-
-    The weight is written once, at the end; on any error it is left unchanged.
-    """
-    layout = scope_layout(scope)
-    param = layout.param
-    M, K = param.shape
-    check_hessian(hessian, K, like=param)
-    nnz = normalize_nnz(nnz, layout.blocks_per_scope)
-    blocksize = check_int(blocksize, "blocksize", minimum=1, what="columns per lazy block")
-    damp = check_damp(damp)
-    check_callable(progress_fn, "progress_fn")
-    device = param.device
-
-    W = param.detach().to(torch.float32, copy=True)
-    U, _ = damped_inverse(hessian, damp, upper_factor=True, what="SparseGPT's H + damp*I")
+def _sweep(layout: ScopeLayout, W: Tensor, U: Tensor, nnz: int, blocksize: int,
+           progress_fn: Optional[Callable[[str], None]]) -> None:
+    """SparseGPT over the rows of ``layout`` (its param's shape), in place on ``W`` (fp32, M × K)."""
+    M, K = W.shape
+    if M == 0:  # a rank with no rows to prune (more ranks than row sets)
+        return
+    device = W.device
     d2 = torch.diagonal(U) ** 2
-
     group_rows, tables = _kernel_plan(layout, K, blocksize, device)
     python_sweep = None  # built on first use
     statuses = []
@@ -207,4 +182,58 @@ def prune_sparsegpt(
             "SparseGPT produced non-finite weights; the weight was left unchanged "
             "(check the Hessian and the weight for NaN/Inf, or raise `damp`)"
         )
+
+
+@torch.no_grad()
+def prune_sparsegpt(
+    scope,
+    hessian: Tensor,
+    nnz: int,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    progress_fn: Optional[Callable[[str], None]] = None,
+    process_group=None,
+) -> None:
+    """Prune the weight behind ``scope`` to ``nnz`` blocks per scope with SparseGPT, in place.
+
+    Args:
+        scope: a ScopeSpec whose blocks lie on one 2-D weight (M, K).
+        hessian: (K, K) layer Hessian ``XᵀX/N``, on the weight's device.
+        nnz: blocks kept per scope.
+        blocksize: lazy-batch width in columns (128 in the paper).
+        damp: damping, relative to mean(diag H) when < 1 (0.01 in the paper).
+        progress_fn: optional ``callable(str)`` told about each lazy block.
+        process_group: a torch.distributed ProcessGroup to split the rows over
+            (every rank of it calls this with the same arguments and the same H,
+            e.g. all-reduced); each rank sweeps a contiguous run of whole row
+            sets (rows sharing a scope stay together) and the pruned rows are
+            gathered, so every rank ends with the whole pruned weight — the one
+            a single process computes, up to round-off. ``None``: this process
+            prunes every row.
+
+    The weight is written once, at the end; on any error it is left unchanged
+    (on every rank: with a process group, an error on one rank is raised on all).
+    """
+    group = check_process_group(process_group)
+    with AllRanks(group, "pruning its rows with SparseGPT"):
+        layout = scope_layout(scope)
+        param = layout.param
+        M, K = param.shape
+        check_hessian(hessian, K, like=param)
+        nnz = normalize_nnz(nnz, layout.blocks_per_scope)
+        blocksize = check_int(blocksize, "blocksize", minimum=1, what="columns per lazy block")
+        damp = check_damp(damp)
+        check_callable(progress_fn, "progress_fn")
+
+        W = param.detach().to(torch.float32, copy=True)
+        U, _ = damped_inverse(hessian, damp, upper_factor=True, what="SparseGPT's H + damp*I")
+        if group is None:
+            shard = None
+            _sweep(layout, W, U, nnz, blocksize, progress_fn)
+        else:
+            shard = RowShard.of_groups(row_components(layout), group)
+            mine = W[shard.rows]
+            _sweep(restrict_rows(layout, shard.rows, mine), mine, U, nnz, blocksize, progress_fn)
+    if shard is not None:
+        shard.gather(W, mine)
     param.data.copy_(W.to(param.dtype))
