@@ -47,41 +47,90 @@ PackedTables host_tables(const PackedGeometry& g, const at::Tensor& meta, const 
   return t;
 }
 
+// Reads consecutive meta fields from field `i` on, without a division per field.
+struct FieldCursor {
+  const int32_t* meta;
+  int bits, per_word, slot;
+  int64_t word;
+  uint32_t mask;
+
+  FieldCursor(const int32_t* m, int64_t i, int b, int pw)
+      : meta(m), bits(b), per_word(pw), slot(static_cast<int>(i % pw)), word(i / pw),
+        mask(b >= 32 ? 0xFFFFFFFFu : ((1u << b) - 1u)) {}
+  inline uint32_t take() {
+    const uint32_t v = (static_cast<uint32_t>(meta[word]) >> (slot * bits)) & mask;
+    if (++slot == per_word) {
+      slot = 0;
+      ++word;
+    }
+    return v;
+  }
+};
+
+// Walks the scope grid row-major from scope s, keeping the flat base of the
+// current scope (an odometer: no division per scope).
+struct ScopeCursor {
+  const PackedGeometry& g;
+  int64_t idx[kMaxPackedScopeDims] = {};
+  int64_t base = 0;
+
+  ScopeCursor(const PackedGeometry& geo, int64_t s) : g(geo) {
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      idx[d] = s % g.scope_shape[d];
+      s /= g.scope_shape[d];
+      base += idx[d] * g.scope_stride[d];
+    }
+  }
+  inline void next() {
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      base += g.scope_stride[d];
+      if (++idx[d] < g.scope_shape[d]) return;
+      base -= g.scope_shape[d] * g.scope_stride[d];
+      idx[d] = 0;
+    }
+  }
+};
+
 // Scatter scopes [s0, s1) into `dst`, which holds W's flat elements [lo, hi)
 // (dst[f - lo]). Returns the PackedDataError bits of what was skipped.
 template <typename src_t, typename dst_t>
 int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const src_t* values, dst_t* dst, int64_t lo,
                    int64_t hi, int64_t s0, int64_t s1, int out_of_range_error) {
   int status = 0;
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t base = g.scope_base(s);
+  const bool codes = t.subsets != nullptr;
+  FieldCursor field(t.meta, codes ? s0 : s0 * g.nnz, g.meta_bits, g.per_word);
+  ScopeCursor scope(g, s0);
+  const int64_t w_end = g.M * g.K;
+  for (int64_t s = s0; s < s1; ++s, scope.next()) {
     const int32_t* kept_row = nullptr;
-    if (t.subsets != nullptr) {
-      const uint32_t code = packed_field(t.meta, s, g.meta_bits, g.per_word);
+    if (codes) {
+      const uint32_t code = field.take();
       if (code >= static_cast<uint64_t>(g.n_codes)) {
         status |= kPackedBadCode;
         continue;
       }
       kept_row = t.subsets + static_cast<int64_t>(code) * g.nnz;
     }
-    for (int64_t j = 0; j < g.nnz; ++j) {
-      const int64_t k = kept_row != nullptr
-                            ? kept_row[j]
-                            : static_cast<int64_t>(packed_field(t.meta, s * g.nnz + j, g.meta_bits, g.per_word));
+    const src_t* src = values + s * g.nnz * g.B;
+    for (int64_t j = 0; j < g.nnz; ++j, src += g.B) {
+      const int64_t k = codes ? static_cast<int64_t>(kept_row[j]) : static_cast<int64_t>(field.take());
       if (k >= g.G) {
         status |= kPackedBadIndex;
         continue;
       }
-      const int64_t origin = base + t.block_off[k];
+      const int64_t origin = scope.base + t.block_off[k];
       if (g.B > 0 && (origin + t.elem_lo < lo || origin + t.elem_hi >= hi)) {
         // Outside W, or (for a tile) outside the rows this scope's group owns.
-        const bool in_w = origin + t.elem_lo >= 0 && origin + t.elem_hi < g.M * g.K;
+        const bool in_w = origin + t.elem_lo >= 0 && origin + t.elem_hi < w_end;
         status |= in_w ? out_of_range_error : kPackedBadOffset;
         continue;
       }
-      const src_t* src = values + (s * g.nnz + j) * g.B;
       dst_t* out = dst + (origin - lo);
-      for (int64_t e = 0; e < g.B; ++e) out[t.elem_off[e]] = static_cast<dst_t>(src[e]);
+      if (g.B == 1) {
+        out[t.elem_off[0]] = static_cast<dst_t>(src[0]);
+      } else {
+        for (int64_t e = 0; e < g.B; ++e) out[t.elem_off[e]] = static_cast<dst_t>(src[e]);
+      }
     }
   }
   return status;
