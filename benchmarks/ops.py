@@ -44,6 +44,11 @@ from s3sparse import ops  # noqa: E402
 from common import GIB, environment, exact_fp32, sync, timeit  # noqa: E402
 
 KNOWN = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_"]
+# Ops with a benchmark script of their own.
+ELSEWHERE = {
+    "packed_to_dense": "see benchmarks/packed.py",
+    "packed_linear": "benchmarks/packed.py (against dense F.linear and 2:4 semi-structured)",
+}
 
 
 def spd_inverse(K: int, device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -287,6 +292,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in wanted:
         if not callable(getattr(ops, name, None)):
             b.note(name, "-", "skipped", "not in s3sparse.ops at run time")
+            continue
+        if name in ELSEWHERE:
+            b.note(name, "-", "elsewhere", ELSEWHERE[name])
             continue
         if name not in cases:
             b.note(name, "-", "no case", "present in s3sparse.ops but this script has no benchmark for it yet")

@@ -11,6 +11,7 @@ The rest of s3sparse calls these wrappers, never ``torch.ops`` directly.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +20,17 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loading the library registers the operators)
 from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_", "lowrank_sub", "sparsegpt_block_"]
+__all__ = [
+    "block_reduce",
+    "block_scale_",
+    "kth_largest",
+    "score_subsets",
+    "schur_update_",
+    "lowrank_sub",
+    "sparsegpt_block_",
+    "packed_to_dense",
+    "packed_linear",
+]
 
 _ops = torch.ops.s3sparse
 
@@ -304,3 +315,139 @@ def _sparsegpt_block_fake(w, pruned, u, scope_ptr, scope_cols, scope_rows, group
     torch._check(E % block_numel == 0, lambda: f"{op}: E={E} elements do not split into blocks of {block_numel}")
     torch._check(0 <= nnz <= E // block_numel, lambda: f"{op}: `nnz` must be in [0, {E // block_numel}], got {nnz}")
     return w.new_empty((M, b)), w.new_empty((), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- packed weights
+# The format (csrc/ops.cpp, csrc/packed.h, s3sparse.reference.packed_*): W (M, K)
+# row-major covered exactly once by S scopes that each keep nnz blocks of B
+# elements out of G. s3sparse.sparse.PackedWeight builds these arguments.
+_PACKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def packed_to_dense(
+    values: Tensor,
+    meta: Tensor,
+    subsets: Optional[Tensor],
+    block_off: Tensor,
+    elem_off: Tensor,
+    scope_shape: Sequence[int],
+    scope_stride: Sequence[int],
+    meta_bits: int,
+    out_features: int,
+    in_features: int,
+) -> Tensor:
+    """The dense ``(out_features, in_features)`` weight of a packed one.
+
+    Element ``e`` of in-scope block ``g`` of scope ``s`` is W's flat element
+    ``sum_d idx_d(s) * scope_stride[d] + block_off[g] + elem_off[e]`` (row
+    ``f // K``, column ``f % K``), ``idx(s)`` being ``s`` unravelled row-major over
+    ``scope_shape``; every element no kept block reaches is zero.
+
+    Args:
+        values: (S, nnz, B) fp16/bf16/fp32/fp64, contiguous: the kept blocks,
+            scopes in row-major order, a scope's blocks by increasing in-scope
+            index, a block's elements row-major.
+        meta: (W,) int32 words of unsigned ``meta_bits``-bit fields, ``32 //
+            meta_bits`` per word, field ``i`` in word ``i // per_word`` at bit
+            ``(i % per_word) * meta_bits``.
+        subsets: optional (n_codes, nnz) int32: with it, one field per scope,
+            the code of its kept set ``subsets[code]``; without, ``nnz`` fields
+            per scope, the in-scope indices of its kept blocks.
+        block_off: (G,) int64 flat offset of every in-scope block of scope 0.
+        elem_off: (B,) int64 flat offset of every element within a block.
+        scope_shape, scope_stride: the scope grid and its flat strides.
+        meta_bits: bits per field, in [1, 32].
+        out_features, in_features: M and K.
+
+    Returns:
+        (M, K) tensor of the dtype of ``values``. Invalid data (an index, code
+        or offset out of range) raises ``ValueError``.
+    """
+    return _ops.packed_to_dense.default(
+        values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),
+        _ints("scope_stride", scope_stride), int(meta_bits), int(out_features), int(in_features),
+    )
+
+
+def packed_linear(
+    x: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    subsets: Optional[Tensor],
+    block_off: Tensor,
+    elem_off: Tensor,
+    scope_shape: Sequence[int],
+    scope_stride: Sequence[int],
+    meta_bits: int,
+    out_features: int,
+    row_group: int = 0,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``F.linear(x, W, bias)`` for the packed ``W`` of :func:`packed_to_dense`, W never materialised on the GPU.
+
+    Args:
+        x: (..., K) of the dtype of ``values`` (any leading shape, possibly empty).
+        values, meta, subsets, block_off, elem_off, scope_shape, scope_stride,
+            meta_bits, out_features: the packed weight (see :func:`packed_to_dense`;
+            ``in_features`` is ``x.shape[-1]``).
+        row_group: ``R > 0`` promises that the scopes come in ``M / R`` groups of
+            ``S R / M`` consecutive scopes, group ``q`` touching only rows
+            ``[q R, (q + 1) R)`` (kernels then work a group's rows at a time; the
+            CPU kernel checks the promise while decoding); 0 promises nothing.
+        bias: optional (M,) of the dtype of ``x``.
+
+    Returns:
+        (..., M) of the dtype of ``x``, accumulated in fp32 (fp64 for fp64).
+    """
+    return _ops.packed_linear.default(
+        x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),
+        _ints("scope_stride", scope_stride), int(meta_bits), int(out_features), int(row_group), bias,
+    )
+
+
+def _check_packed_fake(op, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features):
+    torch._check(values.dtype in _PACKED_FLOATS, lambda: f"{op}: `values` must be float16, bfloat16, float32 or float64, got {values.dtype}")
+    torch._check(values.dim() == 3, lambda: f"{op}: `values` must be 3-D (S, nnz, B), got shape {tuple(values.shape)}")
+    for name, t, dtype in (("meta", meta, torch.int32), ("block_off", block_off, torch.int64), ("elem_off", elem_off, torch.int64)):
+        torch._check(t.dtype == dtype, lambda: f"{op}: `{name}` must be {dtype}, got {t.dtype}")
+        torch._check(t.dim() == 1, lambda: f"{op}: `{name}` must be 1-D, got shape {tuple(t.shape)}")
+    S, nnz, B = values.shape
+    torch._check(elem_off.shape[0] == B, lambda: f"{op}: `elem_off` must have B={B} entries, got {elem_off.shape[0]}")
+    torch._check(nnz <= block_off.shape[0], lambda: f"{op}: nnz={nnz} exceeds G={block_off.shape[0]} in-scope blocks")
+    torch._check(len(scope_shape) == len(scope_stride), lambda: f"{op}: `scope_stride` must have one entry per dim of `scope_shape`")
+    torch._check(len(scope_shape) <= 8, lambda: f"{op}: `scope_shape` may have at most 8 dims")
+    torch._check(math.prod(scope_shape) == S, lambda: f"{op}: `values` holds S={S} scopes but `scope_shape` {list(scope_shape)} has {math.prod(scope_shape)}")
+    torch._check(1 <= meta_bits <= 32, lambda: f"{op}: `meta_bits` must be in [1, 32], got {meta_bits}")
+    torch._check(out_features >= 0, lambda: f"{op}: `out_features` must be >= 0, got {out_features}")
+    per_word = 32 // meta_bits
+    if subsets is not None:
+        torch._check(subsets.dtype == torch.int32, lambda: f"{op}: `subsets` must be int32, got {subsets.dtype}")
+        torch._check(subsets.dim() == 2 and subsets.shape[1] == nnz and subsets.shape[0] >= 1,
+                     lambda: f"{op}: `subsets` must be (n_codes >= 1, nnz={nnz}), got shape {tuple(subsets.shape)}")
+        fields = S
+    else:
+        fields = S * nnz
+    words = (fields + per_word - 1) // per_word
+    torch._check(meta.shape[0] >= words, lambda: f"{op}: `meta` must hold at least {words} words, got {meta.shape[0]}")
+
+
+@torch.library.register_fake("s3sparse::packed_to_dense")
+def _packed_to_dense_fake(values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features, in_features):
+    op = "s3sparse.packed_to_dense"
+    _check_packed_fake(op, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features)
+    torch._check(in_features >= 0, lambda: f"{op}: `in_features` must be >= 0, got {in_features}")
+    return values.new_empty((out_features, in_features))
+
+
+@torch.library.register_fake("s3sparse::packed_linear")
+def _packed_linear_fake(x, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features, row_group, bias):
+    op = "s3sparse.packed_linear"
+    _check_packed_fake(op, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features)
+    torch._check(x.dtype == values.dtype, lambda: f"{op}: `x` must have the dtype of `values` ({values.dtype}), got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: `x` must be (..., in_features), got a scalar")
+    torch._check(row_group >= 0, lambda: f"{op}: `row_group` must be >= 0, got {row_group}")
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: `bias` must have the dtype of `x` ({x.dtype}), got {bias.dtype}")
+        torch._check(bias.dim() == 1 and bias.shape[0] == out_features,
+                     lambda: f"{op}: `bias` must be (out_features,) = ({out_features},), got shape {tuple(bias.shape)}")
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -94,3 +94,46 @@ def spread(block_values: Tensor, block: tuple[int, ...]) -> Tensor:
     for d, b in enumerate(block):
         out = out.repeat_interleave(b, dim=d)
     return out
+
+
+# ---------------------------------------------------------------- covering specs (packed weights)
+def random_covering_scope(rng, dtype: torch.dtype = torch.float32, device: str = "cpu", transposed: bool = False):
+    """A random ScopeSpec whose view covers a whole 2-D parameter exactly once, and a budget.
+
+    The parameter (M × K) is viewed as its factored dims ``(m1, .., k1, ..)``
+    permuted at random (a strided view reaching every element once), cut into
+    random blocks and scopes (divisors). ``transposed`` makes the parameter a
+    transposed (column-major) tensor, whose storage order is not its row-major
+    order. Returns ``(param, scope, nnz)`` with ``nnz`` in ``[0, blocks per scope]``.
+    ``rng`` is a ``random.Random``; the values come from torch's seeded generator.
+    """
+    from s3sparse import BlockSpec, ScopeSpec, View
+
+    fm = [rng.choice([1, 2, 3, 4]) for _ in range(rng.randint(1, 2))]
+    fk = [rng.choice([1, 2, 4, 5]) for _ in range(rng.randint(1, 3))]
+    M, K = math.prod(fm), math.prod(fk)
+    data = torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device)
+    if transposed:
+        data = data.t().contiguous().t()
+    param = torch.nn.Parameter(data)
+    # Factored view of the parameter's own layout: the dims of (M, K) split, then permuted.
+    t = param.detach().unflatten(0, fm).unflatten(len(fm), fk)
+    perm = list(range(t.dim()))
+    rng.shuffle(perm)
+    t = t.permute(perm)
+    view = View(param, tuple(t.shape), tuple(t.stride()), t.storage_offset() - param.storage_offset())
+    block = tuple(rng.choice(divisors(s)) for s in t.shape)
+    grid = [s // b for s, b in zip(t.shape, block)]
+    scope_shape = tuple(rng.choice(divisors(g)) for g in grid)
+    scope = ScopeSpec(BlockSpec(view, block), scope_shape, name="random")
+    nnz = rng.randint(0, scope.numblk_per_scope())
+    return param, scope, nnz
+
+
+def prune_randomly(scope, nnz: int, extra_zero: float = 0.0) -> None:
+    """Keep ``nnz`` random blocks of every scope (in place); then zero a fraction ``extra_zero`` of all blocks."""
+    grid = scope.block.grid_shape
+    pruned = scope.pruned_block_mask(nnz, block_scores=torch.rand(grid, dtype=torch.float64))
+    if extra_zero:
+        pruned = pruned | (torch.rand(grid) < extra_zero).to(pruned.device)
+    scope.block.apply_mask(pruned)

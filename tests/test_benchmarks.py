@@ -150,3 +150,26 @@ def test_multi_gpu_benchmark_quick_on_two_cpu_ranks(tmp_path):
     assert layer["masks_differing"] == 0 and layer["error_relative_difference"] < 1e-5
     assert 0 < layer["error_n_ranks"] < 1
     assert model["layers"] == 7 and model["seconds_1_rank"] > 0 and model["layer_error_max_relative_difference"] < 1e-3
+
+
+def test_packed_benchmark_runs(tmp_path):
+    import packed as packed_bench
+
+    out = tmp_path / "packed.json"
+    res = packed_bench.main(["--quick", "--tokens", "1", "5", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=str))
+    meta = res["meta"]
+    assert meta["device"] and meta["torch"] == torch.__version__ and meta["commit"] and meta["copy_GB/s"] > 0
+    assert not res["failures"]
+    rows = res["results"]
+    assert {r["pattern"] for r in rows} == set(packed_bench.PATTERNS)
+    assert len(rows) == len(packed_bench.QUICK_SHAPES) * len(packed_bench.PATTERNS) * 2
+    for r in rows:
+        assert r["dense_s"] > 0 and r["ours_s"] > 0 and r["ours_GB/s"] > 0 and 0 < r["ours_of_copy"]
+        assert r["ours_max_rel_err"] < 1e-2, r  # fp16 output rounding
+        # Semi-structured runs only on a GPU, and only for 2:4 weights; otherwise the row says why.
+        assert ("semi_s" in r) != bool(r.get("semi_status")), r
+        if r["pattern"] in ("4:8", "block16-rows"):
+            assert "not 2:4" in r["semi_status"]
+    ratio = {r["pattern"]: r["ratio"] for r in rows if (r["M"], r["K"]) == (64, 256)}
+    assert ratio["2:4"] <= 0.56 and ratio["block16-rows"] < ratio["4:8"] < ratio["2:4"]

@@ -1,0 +1,230 @@
+// CPU kernels of packed_to_dense and packed_linear (format: csrc/packed.h).
+//
+// packed_to_dense scatters every kept block into a zero W, scopes in parallel.
+// packed_linear decodes W tile by tile into the accumulation precision (fp32,
+// fp64 for fp64) and multiplies each tile by BLAS: with a row_group promise a
+// tile is a few whole row groups (about 2 MiB, so it stays in cache and W is
+// never materialised), without one the tile is all of W. Both validate the data
+// while decoding (block indices, codes, offsets, the row-group promise) and
+// raise before returning anything.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "packed.h"
+
+namespace s3sparse {
+namespace {
+
+// The data pointers of the tables, and the extent of a block's elements.
+struct PackedTables {
+  const int32_t* meta = nullptr;
+  const int32_t* subsets = nullptr;  // null: per-block indices
+  const int64_t* block_off = nullptr;
+  const int64_t* elem_off = nullptr;
+  int64_t elem_lo = 0, elem_hi = 0;  // min / max of elem_off (0 when B == 0)
+};
+
+PackedTables host_tables(const PackedGeometry& g, const at::Tensor& meta, const std::optional<at::Tensor>& subsets,
+                         const at::Tensor& block_off, const at::Tensor& elem_off, const char* op) {
+  PackedTables t;
+  t.meta = meta.const_data_ptr<int32_t>();
+  if (subsets.has_value()) {
+    check_packed_subsets_host(g, *subsets, op);
+    t.subsets = subsets->const_data_ptr<int32_t>();
+  }
+  t.block_off = block_off.const_data_ptr<int64_t>();
+  t.elem_off = elem_off.const_data_ptr<int64_t>();
+  if (g.B > 0) {
+    t.elem_lo = *std::min_element(t.elem_off, t.elem_off + g.B);
+    t.elem_hi = *std::max_element(t.elem_off, t.elem_off + g.B);
+  }
+  return t;
+}
+
+// Reads consecutive meta fields from field `i` on, without a division per field.
+struct FieldCursor {
+  const int32_t* meta;
+  int bits, per_word, slot;
+  int64_t word;
+  uint32_t mask;
+
+  FieldCursor(const int32_t* m, int64_t i, int b, int pw)
+      : meta(m), bits(b), per_word(pw), slot(static_cast<int>(i % pw)), word(i / pw),
+        mask(b >= 32 ? 0xFFFFFFFFu : ((1u << b) - 1u)) {}
+  inline uint32_t take() {
+    const uint32_t v = (static_cast<uint32_t>(meta[word]) >> (slot * bits)) & mask;
+    if (++slot == per_word) {
+      slot = 0;
+      ++word;
+    }
+    return v;
+  }
+};
+
+// Walks the scope grid row-major from scope s, keeping the flat base of the
+// current scope (an odometer: no division per scope).
+struct ScopeCursor {
+  const PackedGeometry& g;
+  int64_t idx[kMaxPackedScopeDims] = {};
+  int64_t base = 0;
+
+  ScopeCursor(const PackedGeometry& geo, int64_t s) : g(geo) {
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      idx[d] = s % g.scope_shape[d];
+      s /= g.scope_shape[d];
+      base += idx[d] * g.scope_stride[d];
+    }
+  }
+  inline void next() {
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      base += g.scope_stride[d];
+      if (++idx[d] < g.scope_shape[d]) return;
+      base -= g.scope_shape[d] * g.scope_stride[d];
+      idx[d] = 0;
+    }
+  }
+};
+
+// Scatter scopes [s0, s1) into `dst`, which holds W's flat elements [lo, hi)
+// (dst[f - lo]). Returns the PackedDataError bits of what was skipped.
+template <typename src_t, typename dst_t>
+int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const src_t* values, dst_t* dst, int64_t lo,
+                   int64_t hi, int64_t s0, int64_t s1, int out_of_range_error) {
+  int status = 0;
+  const bool codes = t.subsets != nullptr;
+  FieldCursor field(t.meta, codes ? s0 : s0 * g.nnz, g.meta_bits, g.per_word);
+  ScopeCursor scope(g, s0);
+  const int64_t w_end = g.M * g.K;
+  for (int64_t s = s0; s < s1; ++s, scope.next()) {
+    const int32_t* kept_row = nullptr;
+    if (codes) {
+      const uint32_t code = field.take();
+      if (code >= static_cast<uint64_t>(g.n_codes)) {
+        status |= kPackedBadCode;
+        continue;
+      }
+      kept_row = t.subsets + static_cast<int64_t>(code) * g.nnz;
+    }
+    const src_t* src = values + s * g.nnz * g.B;
+    for (int64_t j = 0; j < g.nnz; ++j, src += g.B) {
+      const int64_t k = codes ? static_cast<int64_t>(kept_row[j]) : static_cast<int64_t>(field.take());
+      if (k >= g.G) {
+        status |= kPackedBadIndex;
+        continue;
+      }
+      const int64_t origin = scope.base + t.block_off[k];
+      if (g.B > 0 && (origin + t.elem_lo < lo || origin + t.elem_hi >= hi)) {
+        // Outside W, or (for a tile) outside the rows this scope's group owns.
+        const bool in_w = origin + t.elem_lo >= 0 && origin + t.elem_hi < w_end;
+        status |= in_w ? out_of_range_error : kPackedBadOffset;
+        continue;
+      }
+      dst_t* out = dst + (origin - lo);
+      if (g.B == 1) {
+        out[t.elem_off[0]] = static_cast<dst_t>(src[0]);
+      } else {
+        for (int64_t e = 0; e < g.B; ++e) out[t.elem_off[e]] = static_cast<dst_t>(src[e]);
+      }
+    }
+  }
+  return status;
+}
+
+// Scatter scopes [s0, s1) in parallel; raise on bad data.
+template <typename src_t, typename dst_t>
+void scatter_scopes_parallel(const PackedGeometry& g, const PackedTables& t, const src_t* values, dst_t* dst,
+                             int64_t lo, int64_t hi, int64_t s0, int64_t s1, int out_of_range_error,
+                             const char* op) {
+  std::atomic<int> status{0};
+  const int64_t per_scope = std::max<int64_t>(1, g.nnz * g.B);
+  const int64_t grain = std::max<int64_t>(1, 16384 / per_scope);
+  at::parallel_for(s0, s1, grain, [&](int64_t a, int64_t b) {
+    const int bad = scatter_scopes(g, t, values, dst, lo, hi, a, b, out_of_range_error);
+    if (bad) status.fetch_or(bad);
+  });
+  const int bad = status.load();
+  S3_CHECK_VALUE(bad == 0, packed_data_error_message(bad, g, op));
+}
+
+at::Tensor packed_to_dense_cpu(const at::Tensor& values, const at::Tensor& meta, const std::optional<at::Tensor>& subsets,
+                               const at::Tensor& block_off, const at::Tensor& elem_off, at::IntArrayRef scope_shape,
+                               at::IntArrayRef scope_stride, int64_t meta_bits, int64_t out_features,
+                               int64_t in_features) {
+  constexpr const char* op = "s3sparse.packed_to_dense";
+  const PackedGeometry g = check_packed_to_dense(values, meta, subsets, block_off, elem_off, scope_shape, scope_stride,
+                                                 meta_bits, out_features, in_features, op);
+  at::Tensor out = at::zeros({g.M, g.K}, values.options());
+  const PackedTables t = host_tables(g, meta, subsets, block_off, elem_off, op);
+  if (g.S == 0 || g.nnz == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_to_dense_cpu", [&] {
+    scatter_scopes_parallel(g, t, values.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), 0, g.M * g.K,
+                            0, g.S, kPackedBadOffset, op);
+  });
+  return out;
+}
+
+// Rows per tile: whole row groups, about 2 MiB of fp32 (at least one group).
+int64_t tile_rows(const PackedGeometry& g) {
+  if (g.row_group == 0) return g.M;
+  const int64_t target = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, g.K));
+  return std::min(g.M, g.row_group * std::max<int64_t>(1, target / g.row_group));
+}
+
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                             const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                             const at::Tensor& elem_off, at::IntArrayRef scope_shape, at::IntArrayRef scope_stride,
+                             int64_t meta_bits, int64_t out_features, int64_t row_group,
+                             const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "s3sparse.packed_linear";
+  const PackedGeometry g = check_packed_linear(x, values, meta, subsets, block_off, elem_off, scope_shape,
+                                               scope_stride, meta_bits, out_features, row_group, bias, op);
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
+  out_sizes.push_back(g.M);
+  const int64_t N = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const PackedTables t = host_tables(g, meta, subsets, block_off, elem_off, op);
+  if (N == 0 || g.M == 0) return at::zeros(out_sizes, x.options());
+
+  const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x2 = x.reshape({N, g.K}).to(acc).contiguous();
+  const at::Tensor xt = x2.t();
+  at::Tensor yt = at::empty({g.M, N}, x2.options());  // y transposed: a tile's rows are a contiguous slice
+  const int64_t rows = tile_rows(g);
+  at::Tensor tile = at::empty({rows, g.K}, x2.options());
+  // Scopes per row group: exact (checked with row_group); a tile is whole groups.
+  const int64_t scopes_per_group = g.row_group > 0 ? g.S * g.row_group / g.M : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_linear_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    for (int64_t r0 = 0; r0 < g.M; r0 += rows) {
+      const int64_t r1 = std::min(g.M, r0 + rows);
+      at::Tensor part = tile.narrow(0, 0, r1 - r0);
+      part.zero_();
+      const int64_t s0 = g.row_group > 0 ? r0 / g.row_group * scopes_per_group : 0;
+      const int64_t s1 = g.row_group > 0 ? r1 / g.row_group * scopes_per_group : g.S;
+      if (g.nnz > 0 && s1 > s0) {
+        scatter_scopes_parallel(g, t, v, part.mutable_data_ptr<acc_t>(), r0 * g.K, r1 * g.K, s0, s1,
+                                kPackedBadGroup, op);
+      }
+      at::Tensor out_rows = yt.narrow(0, r0, r1 - r0);
+      at::mm_out(out_rows, part, xt);
+    }
+  });
+  at::Tensor y = yt.t();
+  if (bias.has_value()) y = y + bias->to(acc);
+  return y.to(x.scalar_type()).contiguous().view(out_sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s3sparse, CPU, m) {
+  m.impl("packed_to_dense", &packed_to_dense_cpu);
+  m.impl("packed_linear", &packed_linear_cpu);
+}
+
+}  // namespace s3sparse

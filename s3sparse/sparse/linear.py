@@ -1,0 +1,182 @@
+"""PackedLinear: an ``nn.Linear`` whose pruned weight is stored packed and multiplied by a custom op."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..errors import ArgumentError, ArgumentTypeError
+from ..scope import ScopeSpec
+from .packed import PackedWeight
+
+__all__ = ["PackedLinear"]
+
+_BUFFERS = ("values", "meta", "subsets", "block_off", "elem_off", "geometry")
+
+
+class PackedLinear(nn.Module):
+    """``y = x Wᵀ + b`` with a packed structured-sparse ``W`` (:class:`PackedWeight`).
+
+    ``forward`` is one call of the custom op ``s3sparse::packed_linear`` (CPU and
+    CUDA kernels, a fake for ``torch.compile(fullgraph=True)``), accumulating in
+    fp32 (fp64 for fp64) for any leading batch shape of ``x``.
+
+    The packed tensors are buffers (``values``, ``meta``, ``subsets`` when the
+    format uses codes, ``block_off``, ``elem_off``, and ``geometry``, the
+    format's integers), ``bias`` a parameter, so ``module.to(...)``,
+    ``module.half()``, ``state_dict()`` and ``load_state_dict()`` behave as for
+    any module; the state dict describes itself (:meth:`from_state_dict`).
+
+    Build one with :meth:`from_linear` (a pruned ``nn.Linear``), from a
+    :class:`PackedWeight` (``PackedLinear(packed, bias)``), or, to load a saved
+    state into a model, :meth:`from_config` / :meth:`from_state_dict`.
+
+    Args:
+        packed: the packed weight.
+        bias: optional (out_features,) bias (kept as a parameter, in the dtype
+            of the values).
+    """
+
+    def __init__(self, packed: PackedWeight, bias: Optional[Tensor] = None) -> None:
+        super().__init__()
+        if not isinstance(packed, PackedWeight):
+            raise ArgumentTypeError(f"`packed` must be a PackedWeight, got {type(packed).__name__}")
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.scope_shape = packed.scope_shape
+        self.scope_stride = packed.scope_stride
+        self.meta_bits = packed.meta_bits
+        self.row_group = packed.row_group
+        self.pattern = packed.pattern
+        for name, tensor in packed.state_dict().items():
+            self.register_buffer(name, tensor)
+        if packed.subsets is None:
+            self.register_buffer("subsets", None)
+        if bias is not None:
+            if not isinstance(bias, Tensor) or tuple(bias.shape) != (packed.out_features,):
+                got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+                raise ArgumentError(f"`bias` must be a tensor of shape ({packed.out_features},), got {got}")
+            bias = nn.Parameter(bias.detach().to(device=packed.device, dtype=packed.dtype).clone(), requires_grad=False)
+        self.bias = bias
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        scope: Optional[ScopeSpec] = None,
+        nnz: Optional[int] = None,
+        *,
+        pattern: Optional[str] = None,
+        index_format: str = "auto",
+    ) -> "PackedLinear":
+        """Pack a pruned ``nn.Linear``: by ``(scope, nnz)`` over its weight, or by a ``pattern`` name.
+
+        ``pattern`` is a name of the model pipeline (``"2:4"``, ``"4:8"``,
+        ``"coupled-2:4"``, ``"block16-rows"``, …: :func:`s3sparse.llm.parse_pattern`).
+        The weight must already obey the pattern (at most ``nnz`` non-zero blocks
+        per scope); the bias is copied. The Linear itself is not changed.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ArgumentTypeError(f"`linear` must be an nn.Linear, got {type(linear).__name__}")
+        if (pattern is None) == (scope is None):
+            raise ArgumentError("give either `scope` and `nnz`, or `pattern` (a name such as '2:4'), not both / neither")
+        if pattern is not None:
+            if nnz is not None:
+                raise ArgumentError("`nnz` comes with `scope`; a `pattern` name sets its own")
+            packed = PackedWeight.from_pattern(linear.weight, pattern, index_format=index_format)
+        else:
+            if nnz is None:
+                raise ArgumentError("`nnz` (blocks kept per scope) is required with `scope`")
+            param = getattr(getattr(scope, "block", None), "view", None)
+            param = getattr(param, "param", None)
+            if param is not None and param is not linear.weight and not (
+                isinstance(param, Tensor) and param.data_ptr() == linear.weight.data_ptr()
+                and tuple(param.shape) == tuple(linear.weight.shape)
+            ):
+                raise ArgumentError(
+                    "`scope` describes another tensor than `linear.weight`; build it on the Linear's weight, "
+                    "e.g. `scope, nnz = s3sparse.patterns.nm(linear.weight)`"
+                )
+            packed = PackedWeight.from_scope(scope, nnz, index_format=index_format)
+        return cls(packed, linear.bias)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        bias: Optional[bool] = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "PackedLinear":
+        """An empty (zero) module with the buffer shapes ``config`` describes (:meth:`config`), to load a state into.
+
+        Swap it in for an ``nn.Linear`` of a model, then ``model.load_state_dict(...)``.
+        ``bias`` defaults to ``config["bias"]``.
+        """
+        packed = PackedWeight.empty(config, device=device, dtype=dtype)
+        has_bias = bool(config.get("bias", False)) if bias is None else bool(bias)
+        b = torch.zeros(packed.out_features, dtype=packed.dtype, device=packed.device) if has_bias else None
+        return cls(packed, b)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor], prefix: str = "") -> "PackedLinear":
+        """Rebuild from a state dict (e.g. read from safetensors), keys under ``prefix``; no spec objects needed."""
+        packed = PackedWeight.from_state_dict(state, prefix)
+        return cls(packed, state.get(prefix + "bias"))
+
+    # ------------------------------------------------------------ the packed weight
+    @property
+    def packed(self) -> PackedWeight:
+        """The current buffers as a :class:`PackedWeight` (shares their storage)."""
+        return PackedWeight(
+            self.values, self.meta, self.subsets, self.block_off, self.elem_off, self.scope_shape,
+            self.scope_stride, self.meta_bits, self.out_features, self.in_features, self.row_group, self.pattern,
+        )
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, decoded (a new tensor each time; for checks, not for speed)."""
+        return self.packed.to_dense()
+
+    def config(self) -> dict:
+        """:meth:`PackedWeight.config` plus ``bias``: what :meth:`from_config` needs."""
+        return dict(self.packed.config(), bias=self.bias is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight (without the bias)."""
+        return self.packed.nbytes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.packed_linear(
+            x, self.values, self.meta, self.subsets, self.block_off, self.elem_off, self.scope_shape,
+            self.scope_stride, self.meta_bits, self.out_features, self.row_group, self.bias,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The buffers' shapes and the op's integer arguments follow from `geometry`:
+        # a state of another geometry cannot be loaded into this module.
+        key = prefix + "geometry"
+        if key in state_dict:
+            theirs = state_dict[key]
+            if not (isinstance(theirs, Tensor) and theirs.shape == self.geometry.shape
+                    and torch.equal(theirs.cpu(), self.geometry.cpu())):
+                error_msgs.append(
+                    f"{key}: the packed geometry {theirs.tolist() if isinstance(theirs, Tensor) else theirs} differs "
+                    f"from this module's {self.geometry.tolist()}; build the module from that state with "
+                    "PackedLinear.from_state_dict(state, prefix) or PackedLinear.from_config(config)"
+                )
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        name = (self.pattern or {}).get("registry_name") or (self.pattern or {}).get("name")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={name!r}, nnz={self.values.shape[1]}, row_group={self.row_group}, dtype={self.values.dtype}"
+        )

@@ -1,0 +1,344 @@
+"""The packed-weight ops (packed_to_dense, packed_linear) against their oracles in s3sparse.reference.
+
+Inputs come from :func:`packed_case`: a random S3 pattern whose view covers a
+whole weight (random factored and permuted views, blocks and scopes), pruned
+at random, packed by ``PackedWeight.from_scope`` in both index formats
+(subset codes and per-block indices). Tests run on the CPU kernels, on CUDA
+where a GPU is present (the `cuda` marker) and, with
+S3SPARSE_CUDA_EMU=<library> (tools/cuda_emu/build.sh), on the host emulation
+of the CUDA kernels (`-k cuda_emu`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from s3sparse import ops, patterns
+from s3sparse import reference as ref
+from s3sparse.sparse import PackedWeight
+from s3sparse.sparse.format import MAX_SUBSET_TABLE
+from spec_utils import prune_randomly, random_covering_scope
+
+EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+if EMU_LIB:
+    DEVICES.append(pytest.param("emu", id="cuda_emu"))
+REAL_DEVICES = DEVICES[:2]
+# Relative accumulation error (of sum |x||w|) and output rounding, per dtype.
+ACC_RTOL = {torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float32: 2e-5, torch.float64: 1e-12}
+OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-14}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """The torch device of the inputs ("cpu" for the emulator, whose kernels run on CPU tensors)."""
+    if request.param == "emu":
+        torch.ops.load_library(EMU_LIB)
+        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        return "cpu"
+    return request.param
+
+
+def _id(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- sample inputs
+def packed_case(rng: random.Random, dtype=torch.float32, device="cpu", index_format="auto", extra_zero=0.3):
+    """(W, PackedWeight) of a random covering pattern pruned at random (some scopes below budget)."""
+    param, scope, nnz = random_covering_scope(rng, dtype, device, transposed=rng.random() < 0.2)
+    if index_format == "subsets":  # forced codes need a table of C(G, nnz) rows that stays small
+        G = scope.numblk_per_scope()
+        nnz = max(nnz, 1)
+        while nnz > 1 and math.comb(G, nnz) * nnz > 4 * MAX_SUBSET_TABLE:
+            nnz -= 1
+    prune_randomly(scope, nnz, extra_zero)
+    packed = PackedWeight.from_scope(scope, nnz, index_format=index_format)
+    return param.detach(), packed
+
+
+def reference_patterns(dtype=torch.float32, device="cpu", M=32, K=64):
+    """(name, W, PackedWeight) of the four reference patterns, pruned by magnitude."""
+    out = []
+    for name in ("24", "48", "coupled24", "block16"):
+        W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+        scope, nnz = patterns.by_name(name, W)
+        scope.hard_threshold(nnz=nnz)
+        out.append((name, W.detach(), PackedWeight.from_scope(scope, nnz)))
+    return out
+
+
+def _args(p: PackedWeight):
+    return (p.values, p.meta, p.subsets, p.block_off, p.elem_off, list(p.scope_shape), list(p.scope_stride), p.meta_bits)
+
+
+def _linear_bound(x, W, expected, dtype):
+    scale = x.double().abs().cpu() @ W.double().abs().cpu().T
+    return ACC_RTOL[dtype] * scale + OUT_RTOL[dtype] * expected.double().abs().cpu() + 1e-30
+
+
+def _assert_linear_close(got, expected, x, W, dtype, msg):
+    assert got.dtype == expected.dtype and got.shape == expected.shape, f"{msg}: {got.dtype}{tuple(got.shape)}"
+    err = (got.double().cpu() - expected.double().cpu()).abs()
+    bound = _linear_bound(x.reshape(-1, x.shape[-1]), W, expected.reshape(-1, expected.shape[-1]), dtype)
+    bad = err.reshape(bound.shape) > bound
+    assert not bool(bad.any()), f"{msg}: {int(bad.sum())} outputs off, max error {float(err.max())}"
+
+
+# ---------------------------------------------------------------- against the oracle
+@pytest.mark.parametrize("index_format", ["subsets", "indices"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_packed_to_dense_matches_oracle(device, seed, dtype, index_format):
+    rng = random.Random(seed)
+    for trial in range(12):
+        W, p = packed_case(rng, dtype, device, index_format)
+        M, K = p.shape
+        msg = f"seed={seed} trial={trial} {p}"
+        got = ops.packed_to_dense(*_args(p), M, K)
+        want = ref.packed_to_dense(*_args(p), M, K)
+        assert got.dtype == dtype and got.shape == (M, K), msg
+        assert torch.equal(got.cpu(), want.cpu()), msg
+        assert torch.equal(got.cpu(), W.cpu()), msg  # and it is the weight that was packed
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_packed_to_dense_reference_patterns(device, dtype):
+    for name, W, p in reference_patterns(dtype, device):
+        got = ops.packed_to_dense(*_args(p), *p.shape)
+        assert torch.equal(got.cpu(), ref.packed_to_dense(*_args(p), *p.shape).cpu()), name
+        assert torch.equal(got.cpu(), W.cpu()), name
+
+
+LEADING = [(), (1,), (5,), (2, 3), (0,), (2, 0, 3)]
+
+
+@pytest.mark.parametrize("index_format", ["subsets", "indices"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_packed_linear_matches_oracle(device, seed, dtype, index_format):
+    rng = random.Random(seed)
+    for trial in range(10):
+        W, p = packed_case(rng, dtype, device, index_format)
+        M, K = p.shape
+        lead = rng.choice(LEADING)
+        x = torch.randn(*lead, K, dtype=torch.float64).to(dtype=dtype, device=device)
+        bias = torch.randn(M, dtype=torch.float64).to(dtype=dtype, device=device) if rng.random() < 0.5 else None
+        msg = f"seed={seed} trial={trial} lead={lead} bias={bias is not None} {p}"
+        got = ops.packed_linear(x, *_args(p), M, p.row_group, bias)
+        want = ref.packed_linear(x.cpu(), *(a.cpu() if isinstance(a, torch.Tensor) else a for a in _args(p)), M,
+                                 p.row_group, None if bias is None else bias.cpu())
+        assert got.shape == (*lead, M), msg
+        _assert_linear_close(got, want, x, W, dtype, msg)
+        # row_group 0 (no promise) computes the same
+        got0 = ops.packed_linear(x, *_args(p), M, 0, bias)
+        _assert_linear_close(got0, want, x, W, dtype, msg + " row_group=0")
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_packed_linear_reference_patterns(device, seed, dtype):
+    # Long enough rows for several tiles of the CPU kernel (K * rows > 2**19 elements).
+    for name, W, p in reference_patterns(dtype, device, M=64, K=9216):
+        for lead in [(1,), (3, 4)]:
+            x = torch.randn(*lead, p.in_features, dtype=torch.float64).to(dtype=dtype, device=device)
+            bias = torch.randn(p.out_features, dtype=torch.float64).to(dtype=dtype, device=device)
+            got = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, bias)
+            want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double(), bias.cpu().double()).to(dtype)
+            _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} lead={lead}")
+
+
+def test_packed_linear_empty_and_degenerate(device):
+    dtype = torch.float32
+    _, W, p = reference_patterns(dtype, device)[0]
+    M, K = p.shape
+    for lead in [(0,), (3, 0), (0, 5)]:
+        x = torch.randn(*lead, K, device=device)
+        y = ops.packed_linear(x, *_args(p), M, p.row_group, None)
+        assert y.shape == (*lead, M) and y.dtype == dtype
+    # No scopes at all: W is zero; the product is the bias.
+    values = torch.zeros(0, 2, 1, device=device)
+    empty = (values, torch.zeros(0, dtype=torch.int32, device=device), None,
+             torch.zeros(4, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device),
+             [0], [4], 2)
+    assert torch.equal(ops.packed_to_dense(*empty, 3, 5).cpu(), torch.zeros(3, 5))
+    bias = torch.randn(3, device=device)
+    x = torch.randn(2, 5, device=device)
+    torch.testing.assert_close(ops.packed_linear(x, *empty, 3, 0, bias), bias.expand(2, 3))
+    # nnz = 0: every scope keeps nothing.
+    Wp = torch.nn.Parameter(torch.zeros(4, 8, device=device))
+    scope, _ = patterns.nm(Wp)
+    p0 = PackedWeight.from_scope(scope, 0)
+    assert p0.values.shape == (8, 0, 1)
+    assert torch.equal(p0.to_dense().cpu(), torch.zeros(4, 8))
+    assert torch.equal(ops.packed_linear(torch.ones(3, 8, device=device), *_args(p0), 4, p0.row_group, None).cpu(),
+                       torch.zeros(3, 4))
+
+
+def test_packed_linear_noncontiguous_x(device):
+    _, W, p = reference_patterns(torch.float32, device)[1]
+    x = torch.randn(p.in_features, 6, device=device).t()  # (6, K), strided
+    got = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, None)
+    want = torch.nn.functional.linear(x.double(), W.double()).float()
+    _assert_linear_close(got, want, x, W, torch.float32, "strided x")
+
+
+def test_packed_fields_layout_is_the_oracles():
+    # The bit layout the kernels read is exactly what the packer writes (every meta_bits).
+    g = torch.Generator().manual_seed(0)
+    from s3sparse.sparse.format import pack_fields
+
+    for bits in range(1, 33):
+        fields = torch.randint(0, 2**bits, (97,), generator=g, dtype=torch.int64)
+        meta = pack_fields(fields, bits)
+        assert meta.dtype == torch.int32 and meta.numel() == -(-97 // (32 // bits))
+        assert torch.equal(ref.packed_fields(meta, bits, 97), fields), bits
+
+
+# ---------------------------------------------------------------- bad inputs
+def _good(device):
+    W = torch.nn.Parameter(torch.randn(8, 16, device=device))
+    scope, nnz = patterns.nm(W)
+    scope.hard_threshold(nnz=nnz)
+    return PackedWeight.from_scope(scope, nnz, index_format="subsets")
+
+
+def _call_dense(p, **over):
+    a = dict(values=p.values, meta=p.meta, subsets=p.subsets, block_off=p.block_off, elem_off=p.elem_off,
+             scope_shape=list(p.scope_shape), scope_stride=list(p.scope_stride), meta_bits=p.meta_bits,
+             out_features=p.out_features, in_features=p.in_features)
+    a.update(over)
+    return ops.packed_to_dense(**a)
+
+
+def _call_linear(p, x, **over):
+    a = dict(values=p.values, meta=p.meta, subsets=p.subsets, block_off=p.block_off, elem_off=p.elem_off,
+             scope_shape=list(p.scope_shape), scope_stride=list(p.scope_stride), meta_bits=p.meta_bits,
+             out_features=p.out_features, row_group=p.row_group, bias=None)
+    a.update(over)
+    return ops.packed_linear(x, **a)
+
+
+def test_bad_arguments_raise_clear_errors(device):
+    p = _good(device)
+    x = torch.randn(3, 16, device=device)
+    cases = [
+        (dict(values=p.values.int()), TypeError, "`values` must be float16"),
+        (dict(values=p.values[0]), ValueError, "`values` must be 3-D"),
+        (dict(values=p.values.transpose(0, 1).contiguous().transpose(0, 1)), ValueError, "`values` must be contiguous"),
+        (dict(meta=p.meta.long()), TypeError, "`meta` must be Int"),
+        (dict(meta=p.meta[:-1]), ValueError, "`meta` must hold"),
+        (dict(subsets=p.subsets.long()), TypeError, "`subsets` must be Int"),
+        (dict(subsets=p.subsets[:, :1].contiguous()), ValueError, "`subsets` rows must list nnz=2"),
+        (dict(subsets=None), ValueError, "`meta` must hold"),  # nnz fields per scope need more words
+        (dict(block_off=p.block_off.int()), TypeError, "`block_off` must be Long"),
+        (dict(block_off=p.block_off[:1]), ValueError, "G=1"),
+        (dict(elem_off=torch.zeros(2, dtype=torch.int64, device=device)), ValueError, "`elem_off` must have one entry"),
+        (dict(scope_shape=[3]), ValueError, "`scope_shape`"),
+        (dict(scope_stride=[4, 1]), ValueError, "`scope_stride` must have one entry"),
+        (dict(meta_bits=0), ValueError, r"`meta_bits` must be in \[1, 32\]"),
+        (dict(meta_bits=33), ValueError, r"`meta_bits` must be in \[1, 32\]"),
+        (dict(out_features=-1), ValueError, "`out_features` must be >= 0"),
+    ]
+    for over, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _call_dense(p, **over)
+        with pytest.raises(exc, match=match):
+            _call_linear(p, x, **over)
+    with pytest.raises(ValueError, match="`in_features` must be >= 0"):
+        _call_dense(p, in_features=-2)
+    linear_cases = [
+        (dict(), x.double(), TypeError, "`x` must have the dtype of `values`"),
+        (dict(), torch.tensor(1.0, device=device), ValueError, "`x` must be"),
+        (dict(bias=torch.zeros(7, device=device)), x, ValueError, r"`bias` must be \(out_features,\) = \(8,\)"),
+        (dict(bias=torch.zeros(8, device=device).half()), x, TypeError, "`bias` must have the dtype of `x`"),
+        (dict(row_group=-1), x, ValueError, "`row_group` must be >= 0"),
+        (dict(row_group=3), x, ValueError, "`row_group`=3 must divide out_features=8"),
+    ]
+    for over, xx, exc, match in linear_cases:
+        with pytest.raises(exc, match=match):
+            _call_linear(p, xx, **over)
+
+
+def test_bad_data_raise_clear_errors(device):
+    p = _good(device)
+    x = torch.randn(3, 16, device=device)
+    # A subset code past the table (3-bit fields, 6 codes): field 0 = 7.
+    meta = p.meta.clone()
+    meta[0] = meta[0] | 7
+    for call in (lambda: _call_dense(p, meta=meta), lambda: _call_linear(p, x, meta=meta)):
+        with pytest.raises(ValueError, match="subset code >= n_codes=6"):
+            call()
+    bad_sub = p.subsets.clone()
+    bad_sub[2, 1] = 4
+    with pytest.raises(ValueError, match=r"`subsets`\[2, 1\] = 4 is not an in-scope block index"):
+        _call_dense(p, subsets=bad_sub)
+    # Per-block indices of 2 bits, G = 3: index 3 is out of range.
+    q = PackedWeight.from_scope(patterns.nm(torch.nn.Parameter(torch.zeros(8, 16, device=device)))[0], 2,
+                                index_format="indices")
+    meta = q.meta.clone()
+    meta[0] = meta[0] | 3
+    with pytest.raises(ValueError, match="in-scope block index >= G=3"):
+        _call_dense(q, meta=meta, block_off=q.block_off[:3].contiguous())
+    # Offsets outside W.
+    with pytest.raises(ValueError, match="outside W"):
+        _call_dense(p, block_off=p.block_off + 128)
+    with pytest.raises(ValueError, match="outside W"):
+        _call_dense(p, in_features=15)
+    # A row_group promise that does not hold: 2:4 scopes taken column-major over the scope grid
+    # (scope_shape (K/4, M), strides (4, K)) with row_group=1 claims a row per K/4 consecutive
+    # scopes. With W larger than one CPU tile (2**19 elements), a tile's scopes reach other rows.
+    Wl = torch.nn.Parameter(torch.randn(64, 16384, device=device))
+    scope, nnz = patterns.nm(Wl)
+    scope.hard_threshold(nnz=nnz)
+    pl = PackedWeight.from_scope(scope, nnz)
+    xl = torch.randn(2, 16384, device=device)
+    with pytest.raises(ValueError, match="touches rows outside its group of row_group=1"):
+        _call_linear(pl, xl, scope_shape=[4096, 64], scope_stride=[4, 16384], row_group=1)
+    # The same column-major order without the promise is a valid (if slow) layout.
+    _call_linear(pl, xl, scope_shape=[4096, 64], scope_stride=[4, 16384], row_group=0)
+
+
+# ---------------------------------------------------------------- opcheck and torch.compile
+def _opcheck_cases(device):
+    cases = []
+    for _, W, p in reference_patterns(torch.float32, device, M=16, K=32):
+        M, K = p.shape
+        x = torch.randn(2, 3, K, device=device)
+        bias = torch.randn(M, device=device)
+        cases.append((torch.ops.s3sparse.packed_to_dense.default, (*_args(p), M, K)))
+        cases.append((torch.ops.s3sparse.packed_linear.default, (x, *_args(p), M, p.row_group, bias)))
+        cases.append((torch.ops.s3sparse.packed_linear.default, (x[0].half(), *_args(p.to(torch.float16)), M, 0, None)))
+    return cases
+
+
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def _dense_then_linear(x, values, meta, subsets, block_off, elem_off, bias, geo: tuple):
+    shape, stride, bits, M, K, R = geo
+    W = ops.packed_to_dense(values, meta, subsets, block_off, elem_off, shape, stride, bits, M, K)
+    y = ops.packed_linear(x, values, meta, subsets, block_off, elem_off, shape, stride, bits, M, R, bias)
+    return torch.relu(y) + x.sum(-1, keepdim=True), W * 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    for _, W, p in reference_patterns(torch.float32, device, M=16, K=32):
+        geo = (list(p.scope_shape), list(p.scope_stride), p.meta_bits, p.out_features, p.in_features, p.row_group)
+        args = (p.values, p.meta, p.subsets, p.block_off, p.elem_off, torch.randn(16, device=device))
+        fn = torch.compile(lambda x, *a: _dense_then_linear(x, *a, geo), backend=backend, fullgraph=True)
+        for lead in [(4,), (2, 5)]:  # a second shape: recompiles (or goes dynamic) without breaking the graph
+            x = torch.randn(*lead, p.in_features, device=device)
+            got = fn(x, *args)
+            want = _dense_then_linear(x, *args, geo)
+            for g, e in zip(got, want):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
