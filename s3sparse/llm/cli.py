@@ -9,6 +9,8 @@
         [--overwrite] [--no-progress] [--hessian-dtype float32|float64] [--dist-timeout MINUTES]
     torchrun --nproc-per-node N -m s3sparse prune ...   (every rank prunes a share; rank 0 writes OUT_DIR)
     s3sparse eval MODEL_DIR [--dense DENSE_DIR] --text FILE [--seq-len] [--n-samples] [--json FILE]
+    s3sparse pack PRUNED_DIR --out PACKED_DIR [--no-compact] [--dtype ...] [--overwrite]
+        (load it back with s3sparse.llm.load_packed(PACKED_DIR))
 
 Exit status: 0 done, 2 bad arguments (one line on stderr saying what), 130
 interrupted (nothing written), 1 anything else (with its traceback).
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pattern_registry import pattern_names_help
 
     parser = _Parser(prog="s3sparse", description="Prune Hugging Face models to S3 structured sparsity patterns.")
-    sub = parser.add_subparsers(dest="command", metavar="{prune,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{prune,eval,pack}")
     sub.required = True
 
     p = sub.add_parser("prune", help="prune a model directory block by block and save it")
@@ -102,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    k = sub.add_parser("pack", help="swap every pruned Linear of a pruned model for a packed (or compacted) one and save it")
+    k.add_argument("model_dir", metavar="PRUNED_DIR", help="the OUT_DIR of `s3sparse prune` (only read)")
+    k.add_argument("--out", required=True, metavar="PACKED_DIR", help="where to write the packed model (must not exist)")
+    k.add_argument("--no-compact", action="store_true",
+                   help="pack whole-channel patterns too instead of compacting the MLPs to smaller dense layers")
+    k.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="load dtype (auto)")
+    k.add_argument("--overwrite", action="store_true", help="replace PACKED_DIR if it exists")
     return parser
 
 
@@ -359,6 +368,45 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ pack
+def _pack(args, argv: Sequence[str]) -> int:
+    from .loading import check_model_dir, load_model, load_tokenizer
+    from .pack import pack_model, save_packed_model
+    from .save import REPORT_NAME, check_output_dir
+
+    started = time.perf_counter()
+    check_model_dir(args.model_dir)
+    check_output_dir(args.out, args.model_dir, args.overwrite)
+    report_path = os.path.join(args.model_dir, REPORT_NAME)
+    if not os.path.isfile(report_path):
+        raise UsageError(f"{args.model_dir!r} has no {REPORT_NAME}: pack the OUT_DIR of `s3sparse prune`, which records "
+                         "every layer's pattern")
+    with open(report_path, encoding="utf-8") as f:
+        pruned = json.load(f)
+    layer_patterns = {
+        layer["name"]: layer["pattern"] for layer in pruned.get("layers", []) if layer.get("status") == "pruned"
+    }
+    if not layer_patterns:
+        raise UsageError(f"{report_path} lists no pruned layer: nothing to pack")
+    model, kind = load_model(args.model_dir, args.dtype)
+    tokenizer = load_tokenizer(args.model_dir)
+    print(f"s3sparse pack: {type(model).__name__} from {args.model_dir}; {len(layer_patterns)} pruned layers", flush=True)
+    report = pack_model(model, layer_patterns, compact_channels=not args.no_compact)
+    print()
+    print(report.table(), flush=True)
+    info = {
+        **_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": os.path.abspath(args.model_dir),
+        "command": ["s3sparse", *argv],
+        "pack": report.to_dict(),
+    }
+    out = save_packed_model(model, tokenizer, args.out, info, kind=kind, model_dir=args.model_dir, overwrite=args.overwrite)
+    print(f"saved the packed model to {out} ({time.perf_counter() - started:.1f} s in all); "
+          "load it with s3sparse.llm.load_packed(PACKED_DIR)")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------ entry point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``s3sparse``; returns the exit status (see the module docstring)."""
@@ -367,6 +415,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "prune":
             return _prune(args, argv)
+        if args.command == "pack":
+            return _pack(args, argv)
         return _eval(args)
     except UsageError as exc:
         if not getattr(exc, "_s3sparse_printed", False):  # under torchrun, launch() printed it already

@@ -1,0 +1,403 @@
+"""Packing a pruned model for execution, saving it, and loading it back.
+
+:func:`pack_model` swaps every pruned linear layer of a model for a
+:class:`~s3sparse.sparse.PackedLinear` (the kept blocks and their in-scope
+indices, multiplied by the ``s3sparse::packed_linear`` op) or, for whole-channel
+patterns, first compacts the MLPs so that those layers become smaller dense
+Linears (:func:`s3sparse.sparse.compact_model`). Every swapped layer is checked
+on a few random inputs against the layer it replaces before the swap.
+
+A packed directory (``s3sparse pack PRUNED_DIR --out PACKED_DIR``) holds the
+model's ``config.json``, the tokenizer and the source's small extra files, the
+whole state dict in ``model.safetensors`` (packed buffers included; tied weights
+stored once), and ``s3sparse-packed.json``: for every module that is not what the
+config builds (a PackedLinear, a compacted Linear, a GatherLinear), what to build
+in its place. :func:`load_packed` builds the model from the config, swaps those
+modules in, and loads the state dict strictly; no spec objects are needed.
+Writing is atomic, as for ``s3sparse prune``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UsageError
+from .pattern_registry import parse_pattern
+
+__all__ = ["PackedLayer", "PackReport", "pack_model", "save_packed_model", "load_packed", "MANIFEST_NAME", "WEIGHTS_NAME"]
+
+MANIFEST_NAME = "s3sparse-packed.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "s3sparse-packed"
+FORMAT_VERSION = 1
+
+# Pattern constructors whose blocks are whole rows or columns: compacted, not packed.
+_CHANNEL_PREFIXES = ("channels:", "columns:", "col-blocks:")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear`` (GPT-2's ``Conv1D`` stores its weight transposed: a transposed copy)."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = module.weight.detach()
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return linear
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _layer_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+@dataclass
+class PackedLayer:
+    """One layer: what it became (``packed``, ``compacted``, ``dense``) and its bytes before / after."""
+
+    name: str
+    pattern: str
+    kind: str
+    shape: Tuple[int, int]
+    bytes_before: int
+    bytes_after: int
+    max_abs_diff: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class PackReport:
+    """What :func:`pack_model` did."""
+
+    layers: List[PackedLayer] = field(default_factory=list)
+    compaction: Optional[Dict[str, Any]] = None
+    seconds: float = 0.0
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    def table(self) -> str:
+        """Per layer: pattern, what it became, MB before → after, the check's largest difference."""
+        from .report import format_table
+
+        rows = [
+            (layer.name, layer.pattern, layer.kind, f"{layer.bytes_before / 1e6:.3f}", f"{layer.bytes_after / 1e6:.3f}",
+             f"{layer.bytes_after / max(layer.bytes_before, 1):.3f}",
+             "" if layer.max_abs_diff is None else f"{layer.max_abs_diff:.2e}", layer.note)
+            for layer in self.layers
+        ]
+        rows.append(("total", "", "", f"{self.bytes_before / 1e6:.3f}", f"{self.bytes_after / 1e6:.3f}",
+                     f"{self.bytes_after / max(self.bytes_before, 1):.3f}", "", ""))
+        return format_table(("layer", "pattern", "became", "MB before", "MB after", "ratio", "check |Δy|", "note"),
+                            rows, right={3, 4, 5, 6})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"layers": [asdict(layer) for layer in self.layers], "compaction": self.compaction, "seconds": self.seconds,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+
+@torch.no_grad()
+def _check_same(old: nn.Module, new: nn.Module, in_features: int, name: str) -> float:
+    """Largest |new(x) - old(x)| on 4 random rows; raises when it is beyond the dtype's round-off."""
+    weight = old.weight
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(4, in_features, generator=generator).to(device=weight.device, dtype=weight.dtype)
+    want = old(x).float()
+    got = new(x).float()
+    diff = float((got - want).abs().max()) if want.numel() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    tol = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float64: 1e-10}.get(weight.dtype, 1e-5) * max(scale, 1.0)
+    if not diff <= tol:
+        raise RuntimeError(f"packing {name}: the packed layer's outputs differ from the dense layer's by {diff:.3g} "
+                           f"(tolerance {tol:.3g}); nothing was swapped for this layer")
+    return diff
+
+
+def pack_model(
+    model: nn.Module,
+    layer_patterns: Mapping[str, str],
+    *,
+    compact_channels: bool = True,
+    check: bool = True,
+    progress_fn: Optional[Callable[[str], None]] = None,
+) -> PackReport:
+    """Swap the pruned linear layers of ``model`` for packed (or compacted) ones, in place.
+
+    Args:
+        model: a pruned model (e.g. loaded from ``s3sparse prune``'s OUT_DIR).
+        layer_patterns: module name → pattern name (as in ``s3sparse.json``'s
+            ``layers``: :func:`s3sparse.llm.parse_pattern` names). ``dense`` layers are left alone.
+        compact_channels: compact MLPs whose layers carry whole-channel patterns
+            (``channels:S``, ``columns:S``, ``col-blocks:W:S``) into smaller dense
+            Linears (:func:`s3sparse.sparse.compact_model`); a channel-pattern
+            layer that no MLP compaction covers is packed like the others.
+        check: compare each new layer with the one it replaces on random inputs.
+        progress_fn: called with one line per layer.
+
+    Returns:
+        a :class:`PackReport`.
+
+    Raises:
+        UsageError: a name that is not a linear layer of ``model``, an unknown
+            pattern, or a weight that does not obey its pattern (nothing is swapped then).
+    """
+    from ..sparse import PackedLinear, compact_model
+
+    started = time.perf_counter()
+    say = progress_fn or (lambda _text: None)
+    plans: List[Tuple[str, Any, nn.Module]] = []
+    for name, pattern_name in layer_patterns.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"layer {name!r} (from the pattern list) is not a module of {type(model).__name__}")
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            raise UsageError(f"layer {name!r} is a {type(module).__name__}, not an nn.Linear / Conv1D; it cannot be packed")
+        pattern = parse_pattern(pattern_name)
+        if not pattern.is_dense and not pattern.holds(_as_linear(module).weight):
+            raise UsageError(f"layer {name!r} does not obey its pattern {pattern.name!r}: was it pruned to it? "
+                             "(pack the OUT_DIR of `s3sparse prune`, or give the pattern it was pruned to)")
+        plans.append((name, pattern, module))
+
+    report = PackReport()
+    channel_layers = {name for name, pattern, _ in plans if str(pattern).startswith(_CHANNEL_PREFIXES)}
+    before_bytes = {name: _layer_bytes(module) for name, _, module in plans}
+    compacted: set = set()
+    if compact_channels and channel_layers:
+        shapes = {name: tuple(module.weight.shape) for name, _, module in plans}
+        result = compact_model(model)
+        report.compaction = result.to_dict()
+        for name, _, _ in plans:
+            module = model.get_submodule(name)
+            if tuple(module.weight.shape) != shapes[name]:
+                compacted.add(name)
+        say(f"compacted {len(result.layers)} MLPs: {result.params_saved:,} parameters removed")
+
+    for name, pattern, _ in plans:
+        module = model.get_submodule(name)
+        shape = (int(_as_linear(module).weight.shape[0]), int(_as_linear(module).weight.shape[1]))
+        if pattern.is_dense:
+            report.layers.append(PackedLayer(name, pattern.name, "dense", shape, before_bytes[name], _layer_bytes(module)))
+            continue
+        if name in compacted:
+            report.layers.append(PackedLayer(name, pattern.name, "compacted", shape, before_bytes[name], _layer_bytes(module)))
+            say(f"{name}: compacted to {shape[0]}x{shape[1]}")
+            continue
+        linear = _as_linear(module)
+        packed = PackedLinear.from_linear(linear, pattern=pattern.name)
+        diff = _check_same(linear, packed, shape[1], name) if check else None
+        _set_module(model, name, packed)
+        report.layers.append(PackedLayer(name, pattern.name, "packed", shape, before_bytes[name], _layer_bytes(packed), diff,
+                                         "" if name not in channel_layers else "channel pattern outside a compacted MLP"))
+        say(f"{name}: packed {pattern.name}, {before_bytes[name] / 1e6:.2f} MB -> {_layer_bytes(packed) / 1e6:.2f} MB")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# ------------------------------------------------------------------ manifest: what to build where
+def _module_entry(module: nn.Module) -> Optional[Dict[str, Any]]:
+    """How to rebuild ``module`` empty, or ``None`` for a module the config builds as it is."""
+    from ..sparse import GatherLinear, PackedLinear
+
+    if isinstance(module, PackedLinear):
+        return {"kind": "packed", "config": module.config()}
+    if isinstance(module, GatherLinear):
+        return {"kind": "gather", "in_features": module.in_features, "kept": int(module.index.numel()),
+                "out_features": module.out_features, "bias": module.linear.bias is not None}
+    if isinstance(module, nn.Linear):
+        return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    if _is_conv1d(module):
+        return {"kind": "conv1d", "nx": int(module.weight.shape[0]), "nf": int(module.weight.shape[1])}
+    return None
+
+
+def _manifest_modules(model: nn.Module, fresh_shapes: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> Dict[str, Dict[str, Any]]:
+    """Entries for the modules whose type or weight shape differs from what the config builds."""
+    out = {}
+    for name, module in model.named_modules():
+        entry = _module_entry(module)
+        if entry is None:
+            continue
+        weight = getattr(module, "weight", None)
+        mine = (type(module).__name__, tuple(weight.shape) if isinstance(weight, Tensor) else ())
+        if entry["kind"] in ("packed", "gather") or fresh_shapes.get(name) != mine:
+            out[name] = entry
+    return out
+
+
+def _build(entry: Mapping[str, Any], dtype: torch.dtype, where: str) -> nn.Module:
+    from ..sparse import GatherLinear, PackedLinear
+
+    kind = entry.get("kind")
+    if kind == "packed":
+        return PackedLinear.from_config(entry["config"])
+    if kind == "gather":
+        inner = nn.Linear(int(entry["kept"]), int(entry["out_features"]), bias=bool(entry["bias"]), dtype=dtype)
+        return GatherLinear(torch.arange(int(entry["kept"])), inner, int(entry["in_features"]))
+    if kind == "linear":
+        return nn.Linear(int(entry["in_features"]), int(entry["out_features"]), bias=bool(entry["bias"]), dtype=dtype)
+    if kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D(int(entry["nf"]), int(entry["nx"])).to(dtype)
+    raise UsageError(f"{where}: unknown module kind {kind!r} in {MANIFEST_NAME} (written by a newer s3sparse?)")
+
+
+def _model_class(config: Any, kind: str):
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
+    return cls
+
+
+def _fresh_model(config: Any, kind: str, dtype: torch.dtype) -> nn.Module:
+    cls = _model_class(config, kind)
+    if hasattr(cls, "_from_config"):
+        return cls._from_config(config, dtype=dtype)
+    return cls.from_config(config, dtype=dtype)
+
+
+def _shapes(model: nn.Module) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or _is_conv1d(module):
+            out[name] = (type(module).__name__, tuple(module.weight.shape))
+    return out
+
+
+def save_packed_model(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str,
+    info: Mapping[str, Any],
+    *,
+    kind: str,
+    model_dir: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a packed ``model`` to ``out_dir`` atomically (see the module docstring); returns its absolute path.
+
+    ``info`` goes into the manifest (e.g. the :class:`PackReport` and versions);
+    ``kind`` is ``"causal-lm"`` or ``"encoder"``; ``model_dir``, the pruned source,
+    gives the extra files to copy and is checked not to overlap ``out_dir``.
+    """
+    from safetensors.torch import save_model
+
+    from .save import _copy_extra_files, check_output_dir
+
+    out_dir = os.path.abspath(out_dir)
+    check_output_dir(out_dir, model_dir, overwrite)
+    model = model.to("cpu")
+    dtype = next(iter(model.parameters())).dtype
+    fresh = _fresh_model(model.config, kind, dtype)
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "model_class": type(model).__name__, "model_kind": kind,
+        "dtype": str(dtype).replace("torch.", ""), "modules": _manifest_modules(model, _shapes(fresh)), **info,
+    }
+    del fresh
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    backup = None
+    try:
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None and kind == "causal-lm":
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if model_dir is not None:
+            _copy_extra_files(model_dir, staging)
+        save_model(model, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt", "s3sparse": FORMAT})
+        with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, default=str)
+            f.write("\n")
+        os.chmod(staging, 0o755)
+        check_output_dir(out_dir, model_dir, overwrite)
+        if os.path.lexists(out_dir):
+            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(backup)
+            os.rename(out_dir, backup)
+        try:
+            os.rename(staging, out_dir)
+            staging = None
+        except BaseException:
+            if backup is not None and not os.path.lexists(out_dir):
+                os.rename(backup, out_dir)
+                backup = None
+            raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if backup is not None and staging is None:
+            shutil.rmtree(backup, ignore_errors=True)
+    return out_dir
+
+
+def read_manifest(packed_dir: str) -> Dict[str, Any]:
+    """The ``s3sparse-packed.json`` of ``packed_dir`` (a :class:`UsageError` when it is not a packed directory)."""
+    path = os.path.join(packed_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise UsageError(f"{packed_dir!r} is not a packed model directory (no {MANIFEST_NAME}); make one with "
+                         "`s3sparse pack PRUNED_DIR --out PACKED_DIR`")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise UsageError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r} is not one this "
+                         f"s3sparse reads ({FORMAT} <= {FORMAT_VERSION})")
+    return manifest
+
+
+def load_packed(packed_dir: str, device: Optional[str] = None) -> nn.Module:
+    """The model saved by ``s3sparse pack`` in ``packed_dir``, with its packed / compacted layers, in eval mode.
+
+    Builds the model class of the checkpoint from its ``config.json``, swaps in
+    the modules the manifest lists (empty), and loads ``model.safetensors``
+    strictly (every key present, no key left over). ``device`` moves it there.
+    """
+    import transformers
+    from safetensors.torch import load_model
+
+    manifest = read_manifest(packed_dir)
+    config = transformers.AutoConfig.from_pretrained(packed_dir, local_files_only=True)
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    model = _fresh_model(config, manifest.get("model_kind", "encoder"), dtype)
+    for name, entry in manifest.get("modules", {}).items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"{packed_dir}: {MANIFEST_NAME} names {name!r}, which the config's model does not have")
+        _set_module(model, name, _build(entry, dtype, f"{packed_dir}: {name}"))
+    missing, unexpected = load_model(model, os.path.join(packed_dir, WEIGHTS_NAME), strict=False)
+    if missing or unexpected:
+        raise UsageError(f"{packed_dir}: the saved state does not fit the rebuilt model (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    model.eval()
+    return model.to(device) if device is not None else model

@@ -1,0 +1,146 @@
+"""Model level packing: `s3sparse pack PRUNED_DIR --out PACKED_DIR`, `pack_model`, `load_packed`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from test_llm_support import save_tiny_model, tiny_calibration, tiny_model, transformers
+
+from s3sparse.llm import load_packed, pack_model, prune_model
+from s3sparse.llm.cli import main
+from s3sparse.llm.pack import MANIFEST_NAME
+from s3sparse.sparse import PackedLinear
+
+FAST = ["--calib", "pydoc:calib", "--n-samples", "4", "--seq-len", "32", "--no-progress"]
+# One pattern of each kind on the tiny Qwen3 (hidden 64, MLP 128): row-local, blocks, coupled, row-coupled.
+OVERRIDES = ["--override", "*.down_proj=4:8", "--override", "*.q_proj=coupled-2:4", "--override", "*.o_proj=block16-rows"]
+
+
+def _run(argv):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = main(argv)
+    return rc, buffer.getvalue()
+
+
+def _ids(n=2, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (n, length), generator=g)
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    model_dir = save_tiny_model(str(tmp_path_factory.mktemp("tiny") / "qwen3"))
+    out = str(tmp_path_factory.mktemp("pruned") / "out")
+    rc, _ = _run(["prune", model_dir, "--out", out, "--pattern", "2:4", "--method", "sparsegpt", *OVERRIDES, *FAST])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def packed_dir(pruned_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("packed") / "out")
+    rc, text = _run(["pack", pruned_dir, "--out", out])
+    assert rc == 0, text
+    return out, text
+
+
+def test_pack_swaps_every_pruned_linear_and_reproduces_the_pruned_model(pruned_dir, packed_dir):
+    out, text = packed_dir
+    dense = transformers.AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    packed = load_packed(out)
+    with open(os.path.join(pruned_dir, "s3sparse.json")) as f:
+        pruned_layers = [layer for layer in json.load(f)["layers"] if layer["status"] == "pruned"]
+    assert pruned_layers
+    for layer in pruned_layers:
+        module = packed.get_submodule(layer["name"])
+        assert isinstance(module, PackedLinear), layer["name"]
+        assert torch.equal(module.weight, dense.get_submodule(layer["name"]).weight), layer["name"]
+    assert isinstance(packed.lm_head, torch.nn.Linear)  # skipped by the pruner: left alone
+    ids = _ids()
+    with torch.no_grad():
+        want, got = dense(ids).logits, packed(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name in ("2:4", "4:8", "coupled-2:4", "block16-rows"):
+        assert name in text  # the per-layer table names every pattern
+
+
+def test_packed_layers_are_smaller(packed_dir):
+    out, _ = packed_dir
+    with open(os.path.join(out, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    layers = manifest["pack"]["layers"]
+    assert {layer["kind"] for layer in layers} == {"packed"}
+    for layer in layers:
+        limit = 0.58 if layer["pattern"] == "2:4" else 0.56  # fp32 values, + the small index tables
+        assert layer["bytes_after"] < limit * layer["bytes_before"], layer
+        assert layer["max_abs_diff"] is not None and layer["max_abs_diff"] < 1e-4
+    assert all(entry["kind"] == "packed" for entry in manifest["modules"].values())
+
+
+def test_load_packed_with_torch_compile(packed_dir):
+    out, _ = packed_dir
+    model = load_packed(out)
+    layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
+    x = torch.randn(3, layer.in_features)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_channel_patterns_are_compacted_into_smaller_dense_layers(tmp_path):
+    model = tiny_model("llama")
+    calib = tiny_calibration(n_samples=4, seq_len=32)
+    report = prune_model(model, calib, pattern="dense", method="magnitude", progress=False,
+                         overrides={"*.mlp.gate_proj": "channels:0.5", "*.mlp.up_proj": "channels:0.5"})
+    layer_patterns = {r.name: r.pattern for r in report.layers if r.status == "pruned"}
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    result = pack_model(model, layer_patterns)
+    assert {layer.kind for layer in result.layers} == {"compacted"}
+    assert model.config.intermediate_size < 128
+    for name in layer_patterns:
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_conv1d_layers_are_packed(tmp_path):
+    model = tiny_model("gpt2")
+    calib = tiny_calibration(n_samples=4, seq_len=32)
+    report = prune_model(model, calib, pattern="2:4", method="sparsegpt", progress=False)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    pack_model(model, {r.name: r.pattern for r in report.layers if r.status == "pruned"})
+    assert isinstance(model.transformer.h[0].mlp.c_fc, PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_that_does_not_obey_its_pattern_is_refused_and_nothing_is_swapped():
+    from s3sparse.llm import UsageError
+
+    model = tiny_model("qwen3")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with pytest.raises(UsageError, match="does not obey its pattern"):
+        pack_model(model, {name: "2:4" for name in names})
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_bad_arguments_exit_2_with_one_line(pruned_dir, packed_dir, tmp_path, capsys):
+    out, _ = packed_dir
+    rc, _ = _run(["pack", pruned_dir, "--out", out])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    plain = save_tiny_model(str(tmp_path / "plain"))
+    rc, _ = _run(["pack", plain, "--out", str(tmp_path / "o")])
+    assert rc == 2 and "s3sparse.json" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+    with pytest.raises(Exception, match="not a packed model directory"):
+        load_packed(pruned_dir)
