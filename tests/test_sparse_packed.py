@@ -155,7 +155,8 @@ def test_over_budget_names_the_scope():
         PackedWeight.from_scope(scope, nnz)
     W2, scope2, nnz2 = pruned_weight("block16-rows")
     with torch.no_grad():
-        W2[16 + 8, 16:32] = 1.0  # rows 16 and 24 now both hold block 1 of group 1
+        W2[16, 16:32] = 1.0  # rows 16 and 24 now both hold block 1 of group 1
+        W2[16 + 8, 16:32] = 1.0
     with pytest.raises(ValueError, match=r"position \(1, 0, 1\) .* has 2 non-zero blocks, more than nnz=1"):
         PackedWeight.from_scope(scope2, nnz2)
 
