@@ -173,3 +173,18 @@ def test_packed_benchmark_runs(tmp_path):
             assert "not 2:4" in r["semi_status"]
     ratio = {r["pattern"]: r["ratio"] for r in rows if (r["M"], r["K"]) == (64, 256)}
     assert ratio["2:4"] <= 0.56 and ratio["block16-rows"] < ratio["4:8"] < ratio["2:4"]
+
+
+def test_prune_split_benchmark_runs(tmp_path):
+    import bench_prune_split
+
+    out = tmp_path / "split.json"
+    bench_prune_split.main(["--rows", "32", "--cols", "128", "--samples", "256", "--patterns", "24", "block16",
+                            "--modes", "full", "interleaved", "--n-splits", "4", "--repeats", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["meta"]["M"] == 32 and res["meta"]["K"] == 128
+    rows = res["results"]
+    assert [(r["pattern"], r["mode"], r["n_splits"]) for r in rows] == [
+        ("24", "full", 1), ("24", "interleaved", 4), ("block16", "full", 1), ("block16", "interleaved", 4)
+    ]
+    assert all(0 < r["error"] < 1 and r["seconds"] > 0 and 0 < r["working_ops"] < r["aten_ops"] for r in rows)

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .. import ops
 from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
-from .hessian import check_hessian, damped_inverse, damping_value
+from ..errors import ArgumentError
+from .hessian import _with_dead_inputs_fixed, check_hessian, damped_inverse, damping_value
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
 from .layout import RowGroups, block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
@@ -57,6 +58,9 @@ _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, to
 _CHUNK_TARGET_BYTES = 4 << 30
 # Bytes a gathered temporary (weights, C sub-blocks, C rows) may take; larger work is chunked.
 _GATHER_BUDGET = 1 << 28
+# Pruned columns per row group in one batched triangular solve of prune's phase 2: the
+# gathers cost (rows × pruned columns × this), the launches (pruned columns / this).
+_SOLVE_COLS = 128
 
 _COMPENSATE = ("local", "full", "split", "interleaved")
 _DEFAULT_DAMP = {"prune": 1e-2, "prune_true_obs": 1e-4}
@@ -196,15 +200,25 @@ class StructuredOBS:
         rows = g.rows[:, g.local_rows[positions]]
         return W[rows, g.cols[positions]]
 
-    def _shared_blocks(self, C: Tensor, positions: Tensor, col_map: Optional[Tensor] = None) -> Tensor:
-        """Block-diagonal-by-row sub-blocks of a shared C for the scopes at ``positions``: (n, E, E)."""
+    def _shared_blocks(
+        self, C: Tensor, positions: Tensor, col_map: Optional[Tensor] = None, row_map: Optional[Tensor] = None
+    ) -> Tensor:
+        """Block-diagonal-by-row sub-blocks of a shared C for the scopes at ``positions``: (n, E, E).
+
+        ``row_map`` / ``col_map`` turn a column of the weight into a row / column of
+        ``C`` (``row_map`` defaults to ``col_map``, both to the identity), so ``C`` may
+        hold only some rows of the inverse. The blocks are symmetrised (exact for a
+        symmetric C; rows computed by triangular solves differ from their transpose
+        by round-off).
+        """
         g = self.groups
         cols = g.cols[positions]
+        rows = cols if row_map is None and col_map is None else (row_map if row_map is not None else col_map)[cols]
         if col_map is not None:
             cols = col_map[cols]
         lr = g.local_rows[positions]
-        block = C[cols.unsqueeze(-1), cols.unsqueeze(-2)]
-        return block * (lr.unsqueeze(-1) == lr.unsqueeze(-2))
+        block = C[rows.unsqueeze(-1), cols.unsqueeze(-2)]
+        return 0.5 * (block + block.mT) * (lr.unsqueeze(-1) == lr.unsqueeze(-2))
 
     # ------------------------------------------------------------ prune (shared C)
     def _select_shared(
@@ -273,71 +287,124 @@ class StructuredOBS:
                 new_w[:, :, P] = new_w[:, :, P].masked_fill(keep_mask, 0.0)
             W[rows, cols] = new_w
 
-    def _max_pruned_per_row(self, num_positions: int, pruned_per_scope: int) -> int:
-        """Most columns one row can lose when ``num_positions`` scopes each prune ``pruned_per_scope`` elements."""
-        return num_positions * min(pruned_per_scope, self._row_elems_per_scope)
+    def _unvisited_inverse_rows(self, unvisited_cols: Tensor, chunk_cols: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+        """Rows at the chunk's columns V of ``C = (H_AA + λI)⁻¹``, A the unvisited columns.
 
-    def _row_lists(self, positions: Tensor, pruned: Tensor, p_max: int) -> Tensor:
-        """Pruned elements (R', n, E) of the scopes at ``positions`` in R' groups, as the
-        (R'·rpc, p_max) columns each row prunes (rows group-major, -1 padded)."""
-        g = self.groups
-        rpc = g.rows_per_group
-        cols = g.cols[positions]  # (n, E)
-        slot = torch.arange(rpc, device=cols.device).view(1, rpc, 1, 1)
-        member = (g.local_rows[positions].view(1, 1, *cols.shape) == slot) & pruned.unsqueeze(1)
-        per_row = torch.where(member, cols.view(1, 1, *cols.shape), -1).reshape(pruned.shape[0] * rpc, -1)
-        # Valid (non-negative) columns first; every row has at most p_max of them.
-        return torch.sort(per_row, dim=1, descending=True).values[:, :p_max].contiguous()
+        Returns ``(C_VA, a_order)``: C_VA is (|V|, |A|), its rows in the order of
+        ``chunk_cols`` (V ⊂ A, ascending) and its columns in ``a_order`` = [A∖V, V].
+        λ and the dead-input fix are those of ``damped_inverse`` on H_AA (damping
+        relative to mean(diag H_AA), raised tenfold until H_AA + λI is positive
+        definite). With V ordered last, ``L⁻¹`` (L the Cholesky factor) restricted to
+        V's columns is ``[0; L_VV⁻¹]``, so the rows cost one triangular solve with |V|
+        right-hand sides instead of a whole inverse.
+        """
+        in_chunk = torch.zeros(self.num_cols, dtype=torch.bool, device=unvisited_cols.device)
+        in_chunk[chunk_cols] = True
+        a_order = torch.cat([unvisited_cols[~in_chunk[unvisited_cols]], chunk_cols])
+        H_AA = _with_dead_inputs_fixed(self.hessian.index_select(0, a_order).index_select(1, a_order), torch.float32)
+        nv, na = chunk_cols.numel(), a_order.numel()
+        eye = torch.eye(na, dtype=H_AA.dtype, device=H_AA.device)
+        lam = damping_value(H_AA, damp)
+        for attempt in range(6):
+            L, info = torch.linalg.cholesky_ex(H_AA + lam * eye)
+            if int(info) == 0:
+                L_inv_V = torch.zeros(na, nv, dtype=L.dtype, device=L.device)
+                L_inv_V[na - nv :] = torch.linalg.solve_triangular(L[na - nv :, na - nv :], eye[:nv, :nv], upper=False)
+                C_AV = torch.linalg.solve_triangular(L.mT, L_inv_V, upper=True)
+                if bool(torch.isfinite(C_AV).all()):
+                    if attempt:
+                        warnings.warn(
+                            f"H + damp*I on the unvisited columns was not positive definite; damping raised to "
+                            f"{lam:.3g} ({attempt} retries)",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+                    return C_AV.mT.contiguous(), a_order
+            lam = max(lam * 10.0, damping_value(H_AA, 1e-6))
+        raise ArgumentError(
+            f"H + damp*I on the unvisited columns is not positive definite even with damping {lam:.3g}; "
+            "check the Hessian for NaN/Inf or an all-zero calibration set"
+        )
 
-    def _compensate_rows(
-        self, W: Tensor, C: Tensor, row_index: Tensor, pruned_cols: Tensor, active: Tensor, active_cols: Tensor
-    ) -> None:
-        """Frozen-C OBS step for many rows: prune ``pruned_cols`` (-1 padded) of each row
-        and compensate its still-active columns among ``active_cols`` (C is over those).
-        ``pruned_cols`` are indices into ``active_cols``."""
-        valid = pruned_cols >= 0
-        pc = pruned_cols.clamp(min=0)
-        n, P = pc.shape
-        eye = torch.eye(P, dtype=C.dtype, device=C.device)
-        both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
-        C_PP = torch.where(both, C[pc.unsqueeze(-1), pc.unsqueeze(-2)], eye)
-        abs_cols = active_cols[pc]
-        w_P = W[row_index.unsqueeze(1), abs_cols] * valid
-        L, info = torch.linalg.cholesky_ex(C_PP)
-        z = torch.cholesky_solve(w_P.unsqueeze(-1), L).squeeze(-1)  # (n, P)
-        z = torch.where(info.view(-1, 1) == 0, z, torch.zeros_like(z))
-        step = max(1, _GATHER_BUDGET // (4 * max(1, P * C.shape[1])))
-        for i0 in range(0, n, step):
-            sl = slice(i0, i0 + step)
-            delta = torch.einsum("np,npk->nk", z[sl], C[pc[sl]])
-            rows = row_index[sl]
-            delta = delta * active[rows][:, active_cols]
-            W[rows.unsqueeze(1), active_cols] -= delta
-        W[row_index.unsqueeze(1), abs_cols] = torch.where(valid, 0.0, W[row_index.unsqueeze(1), abs_cols])
-        active[row_index.unsqueeze(1), abs_cols] = active[row_index.unsqueeze(1), abs_cols] & ~valid
+    def _scopes_per_solve(self, pruned_per_scope: int) -> int:
+        """Scopes one batched triangular solve takes: about ``_SOLVE_COLS`` pruned columns
+        per group, its (R, P, P) systems within the gather budget."""
+        per_group = 8 * max(1, self.groups.num_groups)  # the system and its scaled copy, fp32
+        cols = min(_SOLVE_COLS, math.isqrt(_GATHER_BUDGET // per_group))
+        return max(1, cols // max(1, pruned_per_scope))
 
-    def _compensate_sequential(
+    def _compensate_chunk(
         self,
         W: Tensor,
-        C: Tensor,
+        C_VA: Tensor,
+        row_of: Tensor,
+        col_of: Tensor,
+        a_cols: Tensor,
         best: Tensor,
         positions: Tensor,
         subsets: Tensor,
-        active: Tensor,
-        active_cols: Tensor,
-        col_map: Tensor,
     ) -> None:
-        """Scopes at ``positions`` in order, each pruned with frozen C and compensated on all active columns."""
-        E = self.layout.elems_per_scope
-        R = self.groups.num_groups
-        rows = self.groups.rows.reshape(-1)
-        p_max = self._max_pruned_per_row(1, subsets.shape[1])
-        for j in range(positions.numel()):
-            pruned = torch.zeros(R, 1, E, dtype=torch.bool, device=W.device)
-            pruned.scatter_(2, subsets[best[:, j]].unsqueeze(1), True)
-            cols = self._row_lists(positions[j : j + 1], pruned, p_max)
-            local = torch.where(cols >= 0, col_map[cols.clamp(min=0)], -1)
-            self._compensate_rows(W, C, rows, local, active, active_cols)
+        """Prune the scopes at ``positions`` in order with a frozen C, compensating the columns A.
+
+        The sequential rule (scope after scope, each pruned set P_j of a row removed by
+        ``z_j = C_{P_j P_j}⁻¹ w_{P_j}``, ``w_A -= z_j C_{P_j, A}``, pruned columns
+        held at zero) is linear in w: ``z_j`` solves
+        ``C_{P_j P_j} z_j + Σ_{i<j} C_{P_i P_j}ᵀ z_i = w⁰_{P_j}``, a block lower
+        triangular system in the row's pruned columns S (its diagonal blocks the
+        scopes' C_PP), and then ``w_A -= z · C_{S, A}``. Scaled by the inverse
+        diagonal blocks it is unit lower triangular, so every row group's system is
+        solved in one batched ``solve_triangular``, and the compensation is one GEMM:
+        the z's scattered into a dense (rows × V) matrix times the rows of C.
+
+        ``C_VA``: rows of C at the chunk's columns (``row_of`` maps a weight column to
+        its row, ``col_of`` to its column, ``a_cols`` lists A in C's column order).
+        Scopes go in runs of about ``_SOLVE_COLS`` pruned columns per group (the
+        (R, P, P) systems are gathered, so their cost grows with P); a run's update
+        reaches later runs through the weights, as the sequential rule does.
+        """
+        g = self.groups
+        R, rpc = g.num_groups, g.rows_per_group
+        device = W.device
+        n, p = positions.numel(), subsets.shape[1]
+        group_rows = g.rows.reshape(-1)
+        # The group rows' weights on A, (R·rpc, |A|): row r·rpc + slot, columns in C_VA's order.
+        Wa = W.index_select(0, group_rows).index_select(1, a_cols)
+        # Pruned elements of every group, scope by scope: their columns and row slots (R, n, p).
+        elems = subsets[best]
+        cols = torch.gather(g.cols[positions].expand(R, n, -1), 2, elems)
+        slots = torch.gather(g.local_rows[positions].expand(R, n, -1), 2, elems)
+        w_row = torch.arange(R, device=device).view(R, 1, 1) * rpc + slots  # row of Wa
+        a_idx = col_of[cols]
+        v_idx = row_of[cols]
+        # Each run's rows of C_VA: the span of its scopes' rows (one host sync per chunk).
+        scope_rows = row_of[g.cols[positions]]
+        first, last = scope_rows.amin(dim=1).tolist(), scope_rows.amax(dim=1).tolist()
+        per_run = self._scopes_per_solve(p)
+        for j0 in range(0, n, per_run):
+            j1 = min(n, j0 + per_run)
+            nb, P = j1 - j0, (j1 - j0) * p
+            lo, hi = min(first[j0:j1]), max(last[j0:j1]) + 1
+            rw, ca, cv = (t[:, j0:j1].reshape(R, P) for t in (w_row, a_idx, v_idx))
+            s = slots[:, j0:j1].reshape(R, P)
+            w_S = Wa[rw, ca]  # (R, P)
+            # T[a, b] = C[col_b, col_a]: what pruning b adds to w at a's column, read
+            # from b's row of C as the update GEMM reads it. Rows do not mix.
+            T = C_VA[cv.unsqueeze(-2), ca.unsqueeze(-1)] * (s.unsqueeze(-1) == s.unsqueeze(-2))
+            D = torch.diagonal(T.view(R, nb, p, nb, p), dim1=1, dim2=3).permute(0, 3, 1, 2)  # (R, nb, p, p)
+            L, info = torch.linalg.cholesky_ex(0.5 * (D + D.mT))
+            # A scope block that is not positive definite (round-off only) compensates nothing.
+            D_inv = torch.where((info == 0).view(R, nb, 1, 1), torch.cholesky_inverse(L), 0.0)
+            rhs = (D_inv @ w_S.view(R, nb, p, 1)).view(R, P, 1)
+            scaled = (D_inv @ T.view(R, nb, p, P)).view(R, P, P)
+            scope_of = torch.arange(P, device=device) // p
+            scaled = scaled * (scope_of.unsqueeze(1) > scope_of.unsqueeze(0))  # strictly earlier scopes only
+            z = torch.linalg.solve_triangular(scaled, rhs, upper=False, unitriangular=True).view(R, P)
+            Y = torch.zeros(Wa.shape[0], hi - lo, dtype=Wa.dtype, device=device)
+            Y[rw, cv - lo] = z
+            Wa.addmm_(Y, C_VA[lo:hi], alpha=-1.0)
+        # The pruned weights took later runs' updates too; nothing read them since.
+        Wa[w_row.reshape(R, -1), a_idx.reshape(R, -1)] = 0.0
+        W[group_rows.unsqueeze(1), a_cols] = Wa
 
     @torch.no_grad()
     def prune(self, nnz: int, block_size: int = 2048, compensate: str = "local", n_splits: int = 1) -> None:
@@ -364,6 +431,12 @@ class StructuredOBS:
         In ``'split'`` and ``'interleaved'`` a visited chunk is frozen, its kept
         and pruned columns alike: ``C = (H_AA + λI)⁻¹`` on the unvisited columns
         A, and compensation flows only into A (the reference's semantics).
+
+        Phase 2 of ``'full'``/``'split'``/``'interleaved'`` runs in blocked form: per
+        chunk, only the rows of C at the chunk's columns are formed (one Cholesky
+        factorisation and one triangular solve), and its scopes are compensated by
+        batched triangular solves and GEMMs in runs of about ``_SOLVE_COLS`` pruned
+        columns (see ``_compensate_chunk``), not scope by scope.
 
         Args:
             nnz: blocks kept per scope.
@@ -404,27 +477,38 @@ class StructuredOBS:
                  for pos in self._positions_by_col_chunk(block_size)],
                 dim=1,
             )
-        identity_map = all_cols
-        active = torch.ones(self.M, self.num_cols, dtype=torch.bool, device=device)
         unvisited = torch.ones(self.num_cols, dtype=torch.bool, device=device)
+        row_of = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
+        col_of = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
         for k, positions in enumerate(chunks):
-            # C on the columns no chunk has visited yet: split compensates with it,
-            # interleaved selects this chunk's masks with it.
-            if k == 0:
-                C_k, cols_k, map_k = C, all_cols, identity_map
-            else:
-                cols_k = all_cols[unvisited]
-                C_k, _ = damped_inverse(
-                    self.hessian[cols_k][:, cols_k], damp, what="H + damp*I on the unvisited columns"
+            chunk_cols = torch.unique(self.groups.cols[positions])
+            if not bool(unvisited[chunk_cols].all()):
+                raise ArgumentError(
+                    f"compensate={compensate!r}: a column belongs to scopes of two column chunks in this pattern, "
+                    "so a chunk cannot be frozen when it is done; use compensate='full' or 'local'"
                 )
-                map_k = torch.full((self.num_cols,), -1, dtype=torch.long, device=device)
-                map_k[cols_k] = torch.arange(cols_k.numel(), device=device)
+            # The rows of C on the columns no chunk has visited yet, at this chunk's
+            # columns: split compensates with them, interleaved selects this chunk's
+            # masks with them.
+            if k == 0:
+                a_cols = all_cols
+                C_VA = C if chunk_cols.numel() == self.num_cols else C.index_select(0, chunk_cols)
+            else:
+                C_VA, a_cols = self._unvisited_inverse_rows(all_cols[unvisited], chunk_cols, damp)
+            row_of.fill_(-1)
+            row_of[chunk_cols] = torch.arange(chunk_cols.numel(), device=device)
+            col_of.fill_(-1)
+            col_of[a_cols] = torch.arange(a_cols.numel(), device=device)
             # The chunk's masks: chosen up front ('split') or now, from the weights
             # compensated so far under C_k ('interleaved'). Either way the chunk is
             # pruned with C_k frozen and compensates the unvisited columns only.
-            best = self._select_shared(W, C_k, positions, subsets, map_k)[0] if reselect else best_all[:, positions]
-            self._compensate_sequential(W, C_k, best, positions, subsets, active, cols_k, map_k)
-            unvisited[self.groups.cols[positions].reshape(-1)] = False
+            if reselect:
+                blocks = lambda pos: self._shared_blocks(C_VA, pos, col_of, row_of)  # noqa: E731
+                best = self._select_shared(W, None, positions, subsets, blocks_of=blocks)[0]
+            else:
+                best = best_all[:, positions]
+            self._compensate_chunk(W, C_VA, row_of, col_of, a_cols, best, positions, subsets)
+            unvisited[chunk_cols] = False
         self._write_back(W)
 
     # ------------------------------------------------------------ prune_true_obs (per-row C)
