@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..sparse.compact import _set_module
+from .blocks import _is_conv1d
 from .errors import UsageError
 from .pattern_registry import parse_pattern
 
@@ -44,10 +46,6 @@ FORMAT_VERSION = 1
 _CHANNEL_PREFIXES = ("channels:", "columns:", "col-blocks:")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2
-
-
 def _as_linear(module: nn.Module) -> nn.Linear:
     """``module`` as an ``nn.Linear`` (GPT-2's ``Conv1D`` stores its weight transposed: a transposed copy)."""
     if isinstance(module, nn.Linear):
@@ -58,12 +56,6 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     if module.bias is not None:
         linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     return linear
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _layer_bytes(module: nn.Module) -> int:
