@@ -68,7 +68,12 @@ TORCH_LIBRARY(s3sparse, m) {
   // fp32 accumulation (fp64 for fp64), y (..., M). row_group R > 0 promises that
   // the scopes come in M / R groups of S R / M consecutive scopes, group q
   // touching only rows [q R, (q + 1) R) of W (kernels may then accumulate a
-  // group's rows on chip); R = 0 promises nothing.
+  // group's rows on chip); R = 0 promises nothing. checked = true: the caller
+  // has had these tables (meta, subsets, block_off, elem_off, geometry) accepted
+  // by an earlier call on this device, so a GPU kernel may skip the host sync
+  // that turns bad data into an error (it still never reads out of bounds, and
+  // writes NaN where the data is bad); the CPU kernel checks either way.
   m.def("packed_linear(Tensor x, Tensor values, Tensor meta, Tensor? subsets, Tensor block_off, Tensor elem_off, "
-        "int[] scope_shape, int[] scope_stride, int meta_bits, int out_features, int row_group, Tensor? bias) -> Tensor");
+        "int[] scope_shape, int[] scope_stride, int meta_bits, int out_features, int row_group, Tensor? bias, "
+        "bool checked=False) -> Tensor");
 }

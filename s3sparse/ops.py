@@ -382,6 +382,7 @@ def packed_linear(
     out_features: int,
     row_group: int = 0,
     bias: Optional[Tensor] = None,
+    checked: bool = False,
 ) -> Tensor:
     """``F.linear(x, W, bias)`` for the packed ``W`` of :func:`packed_to_dense`, W never materialised on the GPU.
 
@@ -395,13 +396,25 @@ def packed_linear(
             ``[q R, (q + 1) R)`` (kernels then work a group's rows at a time; the
             CPU kernel checks the promise while decoding); 0 promises nothing.
         bias: optional (M,) of the dtype of ``x``.
+        checked: the caller has had exactly these tables (``meta``, ``subsets``,
+            ``block_off``, ``elem_off`` and the geometry) accepted by an earlier
+            call on this device. The CUDA kernel then skips the host sync that
+            turns bad data into a ``ValueError`` (it still never reads out of
+            bounds: outputs computed from bad data come back NaN). A call inside
+            CUDA-graph capture never syncs either. The CPU kernel always checks.
 
     Returns:
         (..., M) of the dtype of ``x``, accumulated in fp32 (fp64 for fp64).
+        Invalid data raises ``ValueError`` (see ``checked``).
+
+    On CUDA, 1 to 16 tokens (``x.shape[:-1]`` holding at most 16 elements) with a
+    ``row_group`` promise run a decode kernel that streams the packed values once
+    and never builds W; more tokens, fp64, or no promise expand W into a
+    temporary workspace and call cuBLAS.
     """
     return _ops.packed_linear.default(
         x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),
-        _ints("scope_stride", scope_stride), int(meta_bits), int(out_features), int(row_group), bias,
+        _ints("scope_stride", scope_stride), int(meta_bits), int(out_features), int(row_group), bias, bool(checked),
     )
 
 
@@ -440,7 +453,7 @@ def _packed_to_dense_fake(values, meta, subsets, block_off, elem_off, scope_shap
 
 
 @torch.library.register_fake("s3sparse::packed_linear")
-def _packed_linear_fake(x, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features, row_group, bias):
+def _packed_linear_fake(x, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features, row_group, bias, checked=False):
     op = "s3sparse.packed_linear"
     _check_packed_fake(op, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits, out_features)
     torch._check(x.dtype == values.dtype, lambda: f"{op}: `x` must have the dtype of `values` ({values.dtype}), got {x.dtype}")

@@ -315,11 +315,12 @@ def packed_to_dense(
 def packed_linear(
     x: Tensor, values: Tensor, meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor,
     scope_shape: Sequence[int], scope_stride: Sequence[int], meta_bits: int, out_features: int,
-    row_group: int, bias: Optional[Tensor],
+    row_group: int, bias: Optional[Tensor], checked: bool = False,
 ) -> Tensor:
     """``F.linear(x, W, bias)`` for the packed ``W`` (fp32 math, fp64 for fp64), dtype of ``x``.
 
-    ``row_group`` is a routing promise for the kernels (ignored here): see csrc/ops.cpp.
+    ``row_group`` is a routing promise and ``checked`` a licence to skip a host
+    sync, both for the kernels (ignored here): see csrc/ops.cpp.
     """
     W = packed_to_dense(values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits,
                         out_features, x.shape[-1])

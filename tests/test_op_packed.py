@@ -45,6 +45,11 @@ def device(request, monkeypatch):
     return request.param
 
 
+def _is_emu() -> bool:
+    """The host emulator runs every CUDA thread as a host thread: keep its cases small."""
+    return ops._ops is not torch.ops.s3sparse
+
+
 def _id(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
@@ -96,7 +101,7 @@ def _assert_linear_close(got, expected, x, W, dtype, msg):
 @pytest.mark.parametrize("dtype", FLOATS, ids=_id)
 def test_packed_to_dense_matches_oracle(device, seed, dtype, index_format):
     rng = random.Random(seed)
-    for trial in range(12):
+    for trial in range(4 if _is_emu() else 12):
         W, p = packed_case(rng, dtype, device, index_format)
         M, K = p.shape
         msg = f"seed={seed} trial={trial} {p}"
@@ -115,14 +120,15 @@ def test_packed_to_dense_reference_patterns(device, dtype):
         assert torch.equal(got.cpu(), W.cpu()), name
 
 
-LEADING = [(), (1,), (5,), (2, 3), (0,), (2, 0, 3)]
+# Up to 16 tokens: the CUDA decode kernel; more: the expanded-workspace GEMM.
+LEADING = [(), (1,), (5,), (2, 3), (0,), (2, 0, 3), (16,), (17,), (3, 11)]
 
 
 @pytest.mark.parametrize("index_format", ["subsets", "indices"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=_id)
 def test_packed_linear_matches_oracle(device, seed, dtype, index_format):
     rng = random.Random(seed)
-    for trial in range(10):
+    for trial in range(4 if _is_emu() else 10):
         W, p = packed_case(rng, dtype, device, index_format)
         M, K = p.shape
         lead = rng.choice(LEADING)
@@ -141,9 +147,11 @@ def test_packed_linear_matches_oracle(device, seed, dtype, index_format):
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_id)
 def test_packed_linear_reference_patterns(device, seed, dtype):
-    # Long enough rows for several tiles of the CPU kernel (K * rows > 2**19 elements).
-    for name, W, p in reference_patterns(dtype, device, M=64, K=9216):
-        for lead in [(1,), (3, 4)]:
+    # Long enough rows for several tiles of the CPU kernel (K * rows > 2**19 elements);
+    # token counts on both sides of the CUDA kernels' switch (16).
+    M, K = (32, 1152) if _is_emu() else (64, 9216)
+    for name, W, p in reference_patterns(dtype, device, M=M, K=K):
+        for lead in [(1,), (3, 4), (2, 9)]:
             x = torch.randn(*lead, p.in_features, dtype=torch.float64).to(dtype=dtype, device=device)
             bias = torch.randn(p.out_features, dtype=torch.float64).to(dtype=dtype, device=device)
             got = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, bias)
@@ -291,15 +299,42 @@ def test_bad_data_raise_clear_errors(device):
     # A row_group promise that does not hold: 2:4 scopes taken column-major over the scope grid
     # (scope_shape (K/4, M), strides (4, K)) with row_group=1 claims a row per K/4 consecutive
     # scopes. With W larger than one CPU tile (2**19 elements), a tile's scopes reach other rows.
-    Wl = torch.nn.Parameter(torch.randn(64, 16384, device=device))
+    # (The CUDA kernels check every element, so a small W shows it there.)
+    M, K = (8, 64) if _is_emu() else (64, 16384)
+    Wl = torch.nn.Parameter(torch.randn(M, K, device=device))
     scope, nnz = patterns.nm(Wl)
     scope.hard_threshold(nnz=nnz)
     pl = PackedWeight.from_scope(scope, nnz)
-    xl = torch.randn(2, 16384, device=device)
-    with pytest.raises(ValueError, match="touches rows outside its group of row_group=1"):
-        _call_linear(pl, xl, scope_shape=[4096, 64], scope_stride=[4, 16384], row_group=1)
-    # The same column-major order without the promise is a valid (if slow) layout.
-    _call_linear(pl, xl, scope_shape=[4096, 64], scope_stride=[4, 16384], row_group=0)
+    for tokens in (2, 20):  # the CUDA decode kernel and the expanded-workspace path
+        xl = torch.randn(tokens, K, device=device)
+        with pytest.raises(ValueError, match="touches rows outside its group of row_group=1"):
+            _call_linear(pl, xl, scope_shape=[K // 4, M], scope_stride=[4, K], row_group=1)
+        # The same column-major order without the promise is a valid (if slow) layout.
+        Wc = ref.packed_to_dense(pl.values.cpu(), pl.meta.cpu(), pl.subsets.cpu(), pl.block_off.cpu(),
+                                 pl.elem_off.cpu(), [K // 4, M], [4, K], pl.meta_bits, M, K)
+        want = torch.nn.functional.linear(xl.double().cpu(), Wc.double())
+        got = _call_linear(pl, xl, scope_shape=[K // 4, M], scope_stride=[4, K], row_group=0).cpu()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_checked_bad_data_never_passes_as_numbers(device):
+    # checked=True lets the CUDA kernels skip the host check (one sync); bad data
+    # must then come back NaN, never as numbers (and never be read out of bounds).
+    # The CPU kernel checks either way.
+    p = _good(device)
+    meta = p.meta.clone()
+    meta[0] = meta[0] | 7  # scope 0: a code past the table
+    for tokens in (3, 20):
+        x = torch.randn(tokens, 16, device=device)
+        if device == "cpu" and not _is_emu():
+            with pytest.raises(ValueError, match="subset code"):
+                _call_linear(p, x, meta=meta, checked=True)
+            continue
+        y = _call_linear(p, x, meta=meta, checked=True)
+        assert bool(torch.isnan(y[:, 0]).all()), f"tokens={tokens}: row 0 (the bad scope's) must be NaN"
+        # The good tables with checked=True compute the right numbers.
+        want = torch.nn.functional.linear(x.double(), p.to_dense().double())
+        torch.testing.assert_close(_call_linear(p, x, checked=True).double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile

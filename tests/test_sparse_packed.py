@@ -357,3 +357,35 @@ def test_packed_linear_cuda_matches_cpu():
         packed = PackedLinear.from_linear(lin, pattern=name)
         x = torch.randn(9, 256, dtype=torch.float16)
         torch.testing.assert_close(packed.to("cuda")(x.cuda()).cpu(), packed(x), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [1, 16, 40])  # the decode kernel and the expanded-workspace GEMM
+def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
+    torch.manual_seed(0)
+    lin = pruned_linear("2:4", M=256, K=512, dtype=torch.float16).cuda()
+    packed = PackedLinear.from_linear(lin, pattern="2:4")
+    x = torch.randn(tokens, 512, dtype=torch.float16, device="cuda")
+
+    def want(x):
+        return torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+
+    torch.testing.assert_close(packed(x).float(), want(x), rtol=2e-3, atol=2e-3)
+    assert packed._checked_tables == packed._tables_key()  # the first call checked the tables
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        packed(x)  # warm-up outside the capture, as CUDA graphs require
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = packed(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y.float(), want(x), rtol=2e-3, atol=2e-3)
+    # Tables changed in place are checked again: a bad code raises, it is not NaN.
+    with torch.no_grad():
+        packed.meta[0] |= 7
+    with pytest.raises(ValueError, match="subset code"):
+        packed(x)

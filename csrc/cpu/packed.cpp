@@ -180,7 +180,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
                              const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
                              const at::Tensor& elem_off, at::IntArrayRef scope_shape, at::IntArrayRef scope_stride,
                              int64_t meta_bits, int64_t out_features, int64_t row_group,
-                             const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& bias, bool /*checked: the CPU kernel always checks*/) {
   constexpr const char* op = "s3sparse.packed_linear";
   const PackedGeometry g = check_packed_linear(x, values, meta, subsets, block_off, elem_off, scope_shape,
                                                scope_stride, meta_bits, out_features, row_group, bias, op);

@@ -61,6 +61,8 @@ class PackedLinear(nn.Module):
                 raise ArgumentError(f"`bias` must be a tensor of shape ({packed.out_features},), got {got}")
             bias = nn.Parameter(bias.detach().to(device=packed.device, dtype=packed.dtype).clone(), requires_grad=False)
         self.bias = bias
+        # The tables (pointer, version) the CUDA op last accepted: see forward.
+        self._checked_tables: Optional[tuple] = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -152,11 +154,33 @@ class PackedLinear(nn.Module):
         """Bytes of the packed weight (without the bias)."""
         return self.packed.nbytes
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.packed_linear(
-            x, self.values, self.meta, self.subsets, self.block_off, self.elem_off, self.scope_shape,
-            self.scope_stride, self.meta_bits, self.out_features, self.row_group, self.bias,
+    def _tables_key(self) -> tuple:
+        # Storage and version of every index table: a new tensor or an in-place
+        # change (load_state_dict, .to(), ...) makes a new key.
+        return tuple(
+            (t.data_ptr(), t._version) if t is not None else None
+            for t in (self.meta, self.subsets, self.block_off, self.elem_off)
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``F.linear(x, W, bias)`` through :func:`s3sparse.ops.packed_linear`.
+
+        On CUDA the first call checks the index tables on the host (one sync,
+        a ``ValueError`` for bad data); later calls with the same, unchanged
+        tables pass ``checked=True`` and launch without any sync, which keeps
+        them capturable in CUDA graphs and as cheap on the host as ``F.linear``.
+        """
+        checked, key = False, None
+        if x.is_cuda and not torch.compiler.is_compiling():
+            key = self._tables_key()
+            checked = key == self._checked_tables
+        y = ops.packed_linear(
+            x, self.values, self.meta, self.subsets, self.block_off, self.elem_off, self.scope_shape,
+            self.scope_stride, self.meta_bits, self.out_features, self.row_group, self.bias, checked,
+        )
+        if key is not None and not checked and not torch.cuda.is_current_stream_capturing():
+            self._checked_tables = key  # the op returned: it checked these tables
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The buffers' shapes and the op's integer arguments follow from `geometry`:

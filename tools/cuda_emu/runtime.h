@@ -66,14 +66,22 @@ struct dim3 {
 // ------------------------------------------------------------------ runtime API
 using cudaStream_t = struct s3emu_stream*;
 using cudaError_t = int;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* st) {
+  *st = cudaStreamCaptureStatusNone;  // the emulator has no graphs
+  return 0;
+}
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
   return 0;
 }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
-  *v = 227 * 1024;  // H100 / H200
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  *v = attr == cudaDevAttrMultiProcessorCount ? 2 : 227 * 1024;  // few SMs: splits get exercised
   return 0;
 }
 namespace s3emu_rt {
@@ -278,4 +286,8 @@ inline long long __double_as_longlong(double d) { return std::bit_cast<long long
 template <typename T>
 T atomicAdd(T* p, T v) {
   return std::atomic_ref<T>(*p).fetch_add(v);
+}
+template <typename T>
+T atomicOr(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_or(v);
 }
