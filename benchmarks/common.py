@@ -120,3 +120,100 @@ def timeit(
                 fn()
             samples.append((time.perf_counter() - t0) / inner)
     return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=len(samples), inner=inner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing one call two ways: by CUDA-graph replay (GPU time) and eagerly (what a PyTorch user sees)
+# ---------------------------------------------------------------------------------------------
+# Both take a list of equivalent callables and call them in turn (call i runs ``fns[i % len(fns)]``):
+# with one copy of the weight per callable and enough copies, every call reads its weight from
+# device memory rather than from the L2 cache of the call before.
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache size in bytes (0 on the CPU; 50 MiB where torch does not report it)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+
+
+def warm_up(fns, device: torch.device, rounds: int = 2) -> None:
+    """Call every ``fn`` ``rounds`` times (kernel loading, library handles, one-time host checks), then sync.
+
+    On CUDA this runs on a side stream, as ``torch.cuda.graphs`` recommends before a capture.
+    """
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(rounds):
+                for fn in fns:
+                    fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+    else:
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+    sync(device)
+
+
+def pick_calls(fns, device: torch.device, target_s: float, max_calls: int) -> int:
+    """How many calls make a sample of about ``target_s`` seconds: a multiple of ``len(fns)``, at
+    least ``len(fns)``, at most ``max(max_calls, len(fns))`` (the callables must be warm)."""
+    passes = []
+    for _ in range(3):  # the fastest of 3 passes: one preempted pass must not make the samples tiny
+        sync(device)
+        t0 = time.perf_counter()
+        for fn in fns:
+            fn()
+        sync(device)
+        passes.append(time.perf_counter() - t0)
+    per_call = max(min(passes) / len(fns), 1e-7)
+    calls = min(max(max_calls, len(fns)), max(len(fns), math.ceil(target_s / per_call)))
+    return -(-calls // len(fns)) * len(fns)
+
+
+def time_eager(fns, device: torch.device, calls: int, repeat: int) -> dict:
+    """Eager wall time of one call: ``calls`` plain calls in a loop, synchronised before and after.
+
+    Per call: (end − start) / calls, the median of ``repeat`` samples. This is host launch cost and
+    GPU time together, whichever is larger, as a plain PyTorch loop sees it. Warm the callables first.
+    """
+    samples = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        sync(device)
+        samples.append((time.perf_counter() - t0) / calls)
+    return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=repeat, calls=calls,
+                timing="eager: wall clock of a loop of calls, synchronised at the end")
+
+
+def time_graph(fns, device: torch.device, calls: int, repeat: int) -> dict:
+    """GPU time of one call: ``calls`` calls captured in one CUDA graph, replayed ``repeat`` times.
+
+    Per call: the CUDA-event time of one replay / calls, the median over the replays (one untimed
+    replay first). Host launch overhead is gone: this is what the kernels take. Warm the callables
+    first (:func:`warm_up`): nothing may allocate a new library handle or synchronise during capture.
+    """
+    if device.type != "cuda":
+        raise ValueError("CUDA-graph timing needs a CUDA device")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=repeat, calls=calls,
+                timing="graph: CUDA events around one replay of a graph of `calls` calls")
