@@ -122,6 +122,14 @@ def timeit(
     return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=len(samples), inner=inner)
 
 
+def copy_bandwidth(device: torch.device, nbytes: int, repeat: int, min_sample_s: float = 0.02) -> float:
+    """Device-to-device ``dst.copy_(src)`` bandwidth of ``nbytes``, bytes read + written per second."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, repeat, min_sample_s=min_sample_s)
+    return 2.0 * nbytes / t["seconds"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing one call two ways: by CUDA-graph replay (GPU time) and eagerly (what a PyTorch user sees)
 # ---------------------------------------------------------------------------------------------

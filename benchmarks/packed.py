@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
-    environment, exact_fp32, l2_cache_bytes, pick_calls, sync, time_eager, time_graph, timeit, warm_up,
+    copy_bandwidth, environment, exact_fp32, l2_cache_bytes, pick_calls, sync, time_eager, time_graph, timeit, warm_up,
 )
 
 from s3sparse.llm import parse_pattern  # noqa: E402
@@ -93,14 +93,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"a shape is MxK, e.g. 2560x9728, got {text!r}") from None
     return m, k
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, repeat: int, min_sample_s: float) -> float:
-    """Device-to-device ``dst.copy_(src)`` bandwidth, bytes read + written per second."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), device, repeat, min_sample_s=min_sample_s)
-    return 2.0 * nbytes / t["seconds"]
 
 
 def is_two_four(W: torch.Tensor) -> bool:
