@@ -145,40 +145,42 @@ def l2_cache_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
 
 
-def warm_up(fns, device: torch.device, rounds: int = 2) -> None:
-    """Call every ``fn`` ``rounds`` times (kernel loading, library handles, one-time host checks), then sync.
+def warm_up(fns, device: torch.device) -> None:
+    """Call every ``fn`` once and the first once more (kernel loading, library handles and plans,
+    one-time host checks of each weight copy), then sync.
 
     On CUDA this runs on a side stream, as ``torch.cuda.graphs`` recommends before a capture.
     """
+    def run() -> None:
+        for fn in [*fns, fns[0]]:
+            fn()
+
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(rounds):
-                for fn in fns:
-                    fn()
+            run()
         torch.cuda.current_stream(device).wait_stream(stream)
     else:
-        for _ in range(rounds):
-            for fn in fns:
-                fn()
+        run()
     sync(device)
 
 
 def pick_calls(fns, device: torch.device, target_s: float, max_calls: int) -> int:
-    """How many calls make a sample of about ``target_s`` seconds: a multiple of ``len(fns)``, at
-    least ``len(fns)``, at most ``max(max_calls, len(fns))`` (the callables must be warm)."""
-    passes = []
-    for _ in range(3):  # the fastest of 3 passes: one preempted pass must not make the samples tiny
+    """How many calls make a timed sample of about ``target_s`` seconds, between 1 and ``max_calls``.
+
+    From the fastest of 3 synchronised calls of ``fns[0]`` (warm it first). When there are at least
+    as many calls as ``fns``, a multiple of ``len(fns)``, so that every copy is called equally often.
+    """
+    once = []
+    for _ in range(3):  # the fastest of 3: one preempted call must not make the samples tiny
         sync(device)
         t0 = time.perf_counter()
-        for fn in fns:
-            fn()
+        fns[0]()
         sync(device)
-        passes.append(time.perf_counter() - t0)
-    per_call = max(min(passes) / len(fns), 1e-7)
-    calls = min(max(max_calls, len(fns)), max(len(fns), math.ceil(target_s / per_call)))
-    return -(-calls // len(fns)) * len(fns)
+        once.append(time.perf_counter() - t0)
+    calls = int(min(max_calls, max(1, math.ceil(target_s / max(min(once), 1e-7)))))
+    return calls - calls % len(fns) if calls >= len(fns) else calls
 
 
 def time_eager(fns, device: torch.device, calls: int, repeat: int) -> dict:
