@@ -68,7 +68,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
-    copy_bandwidth, environment, exact_fp32, l2_cache_bytes, pick_calls, sync, time_eager, time_graph, timeit, warm_up,
+    copy_bandwidth, environment, exact_fp32, l2_cache_bytes, pick_calls, sync, time_eager, time_graph, warm_up,
 )
 
 from s3sparse.llm import parse_pattern  # noqa: E402
