@@ -120,3 +120,110 @@ def timeit(
                 fn()
             samples.append((time.perf_counter() - t0) / inner)
     return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=len(samples), inner=inner)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeat: int, min_sample_s: float = 0.02) -> float:
+    """Device-to-device ``dst.copy_(src)`` bandwidth of ``nbytes``, bytes read + written per second."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, repeat, min_sample_s=min_sample_s)
+    return 2.0 * nbytes / t["seconds"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing one call two ways: by CUDA-graph replay (GPU time) and eagerly (what a PyTorch user sees)
+# ---------------------------------------------------------------------------------------------
+# Both take a list of equivalent callables and call them in turn (call i runs ``fns[i % len(fns)]``):
+# with one copy of the weight per callable and enough copies, every call reads its weight from
+# device memory rather than from the L2 cache of the call before.
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache size in bytes (0 on the CPU; 50 MiB where torch does not report it)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+
+
+def warm_up(fns, device: torch.device) -> None:
+    """Call every ``fn`` once and the first once more (kernel loading, library handles and plans,
+    one-time host checks of each weight copy), then sync.
+
+    On CUDA this runs on a side stream, as ``torch.cuda.graphs`` recommends before a capture.
+    """
+    def run() -> None:
+        for fn in [*fns, fns[0]]:
+            fn()
+
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+    else:
+        run()
+    sync(device)
+
+
+def pick_calls(fns, device: torch.device, target_s: float, max_calls: int) -> int:
+    """How many calls make a timed sample of about ``target_s`` seconds, between 1 and ``max_calls``.
+
+    From the fastest of 3 synchronised calls of ``fns[0]`` (warm it first). When there are at least
+    as many calls as ``fns``, a multiple of ``len(fns)``, so that every copy is called equally often.
+    """
+    once = []
+    for _ in range(3):  # the fastest of 3: one preempted call must not make the samples tiny
+        sync(device)
+        t0 = time.perf_counter()
+        fns[0]()
+        sync(device)
+        once.append(time.perf_counter() - t0)
+    calls = int(min(max_calls, max(1, math.ceil(target_s / max(min(once), 1e-7)))))
+    return calls - calls % len(fns) if calls >= len(fns) else calls
+
+
+def time_eager(fns, device: torch.device, calls: int, repeat: int) -> dict:
+    """Eager wall time of one call: ``calls`` plain calls in a loop, synchronised before and after.
+
+    Per call: (end − start) / calls, the median of ``repeat`` samples. This is host launch cost and
+    GPU time together, whichever is larger, as a plain PyTorch loop sees it. Warm the callables first.
+    """
+    samples = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        sync(device)
+        samples.append((time.perf_counter() - t0) / calls)
+    return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=repeat, calls=calls,
+                timing="eager: wall clock of a loop of calls, synchronised at the end")
+
+
+def time_graph(fns, device: torch.device, calls: int, repeat: int) -> dict:
+    """GPU time of one call: ``calls`` calls captured in one CUDA graph, replayed ``repeat`` times.
+
+    Per call: the CUDA-event time of one replay / calls, the median over the replays (one untimed
+    replay first). Host launch overhead is gone: this is what the kernels take. Warm the callables
+    first (:func:`warm_up`): nothing may allocate a new library handle or synchronise during capture.
+    """
+    if device.type != "cuda":
+        raise ValueError("CUDA-graph timing needs a CUDA device")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return dict(seconds=statistics.median(samples), seconds_min=min(samples), samples=repeat, calls=calls,
+                timing="graph: CUDA events around one replay of a graph of `calls` calls")

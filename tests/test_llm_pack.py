@@ -93,6 +93,50 @@ def test_load_packed_with_torch_compile(packed_dir):
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def _check_on(model, device, dtype):
+    """Every PackedLinear of ``model`` sits on ``device`` with ``dtype`` values; its index tensors stay integers."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert layers
+    for layer in layers:
+        assert layer.values.device.type == torch.device(device).type and layer.values.dtype == dtype
+        assert layer.meta.dtype == torch.int32 and layer.meta.device == layer.values.device
+        assert layer.block_off.dtype == layer.elem_off.dtype == layer.geometry.dtype == torch.int64
+
+
+def test_load_packed_device_and_dtype(pruned_dir, packed_dir):
+    out, _ = packed_dir
+    dense = transformers.AutoModelForCausalLM.from_pretrained(pruned_dir).eval().double()
+    packed = load_packed(out, device="cpu", dtype=torch.float64)
+    _check_on(packed, "cpu", torch.float64)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-10, atol=1e-10)
+    with pytest.raises(Exception, match="floating torch.dtype"):
+        load_packed(out, dtype=torch.int32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_load_packed_on_cuda_matches_the_pruned_dense_model(pruned_dir, packed_dir, dtype):
+    out, _ = packed_dir
+    dense = transformers.AutoModelForCausalLM.from_pretrained(pruned_dir).eval().to(device="cuda", dtype=dtype)
+    packed = load_packed(out, device="cuda", dtype=dtype)
+    _check_on(packed, "cuda", dtype)
+    for layer in (m for m in packed.modules() if isinstance(m, PackedLinear)):
+        assert layer.weight.device.type == "cuda"  # packed_to_dense on the GPU
+    name = next(n for n, m in packed.named_modules() if isinstance(m, PackedLinear))
+    assert torch.equal(packed.get_submodule(name).weight, dense.get_submodule(name).weight)
+    ids = _ids().cuda()
+    with torch.no_grad():
+        want, got = dense(ids).logits.float(), packed(ids).logits.float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp16: another accumulation order than cuBLAS, output rounding
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # The packed model on the GPU computes what it computes on the CPU (in the fp32 it was packed in).
+    with torch.no_grad():
+        on_cpu = load_packed(out)(ids.cpu()).logits
+    torch.testing.assert_close(got.cpu(), on_cpu, rtol=tol, atol=tol)
+
+
 def test_channel_patterns_are_compacted_into_smaller_dense_layers(tmp_path):
     model = tiny_model("llama")
     calib = tiny_calibration(n_samples=4, seq_len=32)

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -367,29 +367,52 @@ def read_manifest(packed_dir: str) -> Dict[str, Any]:
     return manifest
 
 
-def load_packed(packed_dir: str, device: Optional[str] = None) -> nn.Module:
+def load_packed(
+    packed_dir: str,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
     """The model saved by ``s3sparse pack`` in ``packed_dir``, with its packed / compacted layers, in eval mode.
 
     Builds the model class of the checkpoint from its ``config.json``, swaps in
     the modules the manifest lists (empty), and loads ``model.safetensors``
-    strictly (every key present, no key left over). ``device`` moves it there.
+    strictly (every key present, no key left over).
+
+    Args:
+        packed_dir: the directory ``s3sparse pack`` wrote.
+        device: where the model runs, e.g. ``"cuda"`` (default: the CPU, where it is read).
+            The packed layers run there through the ``s3sparse::packed_linear`` kernel
+            of that device.
+        dtype: a floating dtype for the parameters, the packed values and the other
+            floating buffers (e.g. ``torch.float16`` on a GPU); default: the dtype it was
+            packed in. The packed index tensors keep their integer dtypes. Casting
+            packed values is exact where the dense model's cast is: the packed model
+            equals the pruned dense model cast the same way.
+
+    Example::
+
+        model = s3sparse.llm.load_packed("out-packed", device="cuda", dtype=torch.float16)
     """
     import transformers
     from safetensors.torch import load_model
 
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UsageError(f"`dtype` must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
     manifest = read_manifest(packed_dir)
     config = transformers.AutoConfig.from_pretrained(packed_dir, local_files_only=True)
-    dtype = getattr(torch, manifest.get("dtype", "float32"))
-    model = _fresh_model(config, manifest.get("model_kind", "encoder"), dtype)
+    saved_dtype = getattr(torch, manifest.get("dtype", "float32"))
+    model = _fresh_model(config, manifest.get("model_kind", "encoder"), saved_dtype)
     for name, entry in manifest.get("modules", {}).items():
         try:
             model.get_submodule(name)
         except AttributeError:
             raise UsageError(f"{packed_dir}: {MANIFEST_NAME} names {name!r}, which the config's model does not have")
-        _set_module(model, name, _build(entry, dtype, f"{packed_dir}: {name}"))
+        _set_module(model, name, _build(entry, saved_dtype, f"{packed_dir}: {name}"))
     missing, unexpected = load_model(model, os.path.join(packed_dir, WEIGHTS_NAME), strict=False)
     if missing or unexpected:
         raise UsageError(f"{packed_dir}: the saved state does not fit the rebuilt model (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
     model.eval()
-    return model.to(device) if device is not None else model
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model
