@@ -36,6 +36,8 @@ from .errors import (  # noqa: E402
     ArgumentIndexError,
     ArgumentTypeError,
     CouplingError,
+    NonFiniteError,
+    NumericalError,
     S3Error,
     ShapeMismatchError,
     SparseKitError,
@@ -62,6 +64,8 @@ __all__ += [
     "ShapeMismatchError",
     "CouplingError",
     "UnknownNameError",
+    "NonFiniteError",
+    "NumericalError",
     "checks",
     "tensor_ops",
 ]
