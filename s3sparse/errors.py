@@ -14,7 +14,10 @@ without s3sparse, so code that catches those keeps working:
 * :class:`ArgumentIndexError` (an :class:`IndexError`): an index outside a view.
 * :class:`UnknownNameError` (a :class:`KeyError`): a name nobody registered.
 
-One error is not about an argument: :class:`NumericalError` (a
+Two errors are not about an argument. :class:`ExtensionBuildError` (an
+:class:`ImportError`) is raised by ``import s3sparse`` when the compiled
+extension was built against another torch than the one imported (or is
+missing); its one-line message says how to rebuild. :class:`NumericalError` (a
 :class:`FloatingPointError`) says a pruner could not finish on arguments it
 accepted — a damped Hessian still not positive definite, non-finite results.
 The weight is left unchanged; the model pipeline prunes such a layer by
@@ -41,6 +44,7 @@ __all__ = [
     "UnknownNameError",
     "NonFiniteError",
     "NumericalError",
+    "ExtensionBuildError",
 ]
 
 
@@ -134,4 +138,13 @@ class NumericalError(S3Error, FloatingPointError):
     argument: the weight is left unchanged, and the model pipeline falls back
     to magnitude pruning for that layer (and reports it). Also a
     :class:`FloatingPointError`, what these failures raised before.
+    """
+
+
+class ExtensionBuildError(S3Error, ImportError):
+    """The compiled extension ``s3sparse._C`` does not fit the imported torch, or is missing.
+
+    Raised by ``import s3sparse``; the message is one line naming the torch the
+    extension was built for, the torch imported, and the rebuild command
+    (``pip install --no-build-isolation --force-reinstall .``).
     """
