@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (torch's libraries must be loaded before ours)
 
-from . import _C, ops, reference
+from ._extension import load_extension as _load_extension
+
+# The compiled extension, checked against the imported torch: built against another
+# one, this raises one ExtensionBuildError line with the rebuild command (instead of
+# an undefined symbol now or later).
+_C = _load_extension()
+
+from . import ops, reference  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,6 +43,9 @@ from .errors import (  # noqa: E402
     ArgumentIndexError,
     ArgumentTypeError,
     CouplingError,
+    ExtensionBuildError,
+    NonFiniteError,
+    NumericalError,
     S3Error,
     ShapeMismatchError,
     SparseKitError,
@@ -62,6 +72,9 @@ __all__ += [
     "ShapeMismatchError",
     "CouplingError",
     "UnknownNameError",
+    "NonFiniteError",
+    "NumericalError",
+    "ExtensionBuildError",
     "checks",
     "tensor_ops",
 ]

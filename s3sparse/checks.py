@@ -7,13 +7,14 @@ and so on. Every check raises an :class:`~s3sparse.errors.S3Error` that is also
 the built-in kind (``ValueError`` / ``TypeError``), naming the argument, what
 was expected, what was got and what to do.
 
-The checks only read their arguments (a few small reductions over a Hessian)
-and run before any pruner writes anything, so a refused call leaves the weight
-exactly as it was.
+The checks only read their arguments (a few small reductions over a Hessian,
+one ``isfinite`` reduction over a weight) and run before any pruner writes
+anything, so a refused call leaves the weight exactly as it was.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import Any, Optional, Sequence
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import ArgumentError, ArgumentTypeError, ShapeMismatchError, SpecError
+from .errors import ArgumentError, ArgumentTypeError, NonFiniteError, ShapeMismatchError, SpecError
 
 __all__ = [
     "check_int",
@@ -31,6 +32,7 @@ __all__ = [
     "check_callable",
     "check_dtype",
     "check_weight",
+    "check_finite",
     "check_hessian",
     "check_scope",
     "SYMMETRY_RTOL",
@@ -168,6 +170,73 @@ def check_weight(weight: Any, name: str = "weight", *, ndim: Optional[int] = Non
         )
 
 
+#: What to do about a weight holding NaN/Inf (the end of :func:`check_finite`'s message).
+WEIGHT_FIX = (
+    "pruning would zero or spread them, so it was refused and the weight left as it was. Find where they came "
+    "from (a diverged training run, a float16 overflow, a damaged checkpoint) and load finite weights, or "
+    "replace the bad entries yourself if you know what they should be (e.g. `W.nan_to_num_(0.0)`)"
+)
+
+#: What to do about calibration inputs holding NaN/Inf.
+INPUT_FIX = (
+    "a Hessian XᵀX/N of them would be NaN/Inf, so they were refused (nothing was accumulated). Calibration "
+    "inputs must be finite: if a float16 forward pass overflowed, run the model in float32 or bfloat16; "
+    "otherwise drop the bad samples"
+)
+
+
+def _first_non_finite(tensor: Tensor) -> tuple[tuple[int, ...], float, int]:
+    """``(index, value, count)`` of the first non-finite entry (row-major) and how many there are."""
+    bad = ~torch.isfinite(tensor.detach())
+    flat = bad.reshape(-1)
+    count = int(flat.sum())
+    position = int(flat.to(torch.uint8).argmax())  # the first True (argmax returns the first maximum)
+    index = []
+    for size in reversed(tuple(tensor.shape)):
+        position, i = divmod(position, int(size))
+        index.append(i)
+    index_t = tuple(reversed(index))
+    return index_t, float(tensor.detach()[index_t]), count
+
+
+def check_finite(tensor: Tensor, name: str, *, fix: str = WEIGHT_FIX, detail: str = "") -> None:
+    """``tensor`` holds no NaN or Inf.
+
+    One ``torch.isfinite(tensor).all()`` reduction; only when it fails is the
+    first bad entry located, for the message.
+
+    Args:
+        tensor: a floating-point tensor with data (check it with
+            :func:`check_weight` first).
+        name: how to call it: an argument name (``"W0"``) or a phrase
+            (``"the weight behind `scope`"``, ``"the weight of layer model.layers.0.q_proj"``).
+        fix: what the user should do, appended to the message (default: about a weight;
+            :data:`INPUT_FIX` for calibration inputs).
+        detail: more about the tensor, shown after its shape and dtype (e.g. its
+            block's name).
+
+    Raises:
+        NonFiniteError: an :class:`~s3sparse.errors.ArgumentError` (a ``ValueError``)
+            naming the tensor (with its shape and dtype), the first bad index as a
+            tuple and its value, and how many entries are bad.
+    """
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return  # integer and bool tensors cannot hold NaN or Inf
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor).all()):
+        return
+    index, value, count = _first_non_finite(tensor)
+    label = _arg(name)
+    kind = "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
+    about = f"shape {tuple(tensor.shape)}, {str(tensor.dtype).replace('torch.', '')}" + (f", {detail}" if detail else "")
+    raise NonFiniteError(
+        f"non-finite values in {label} ({about}): {kind} at index {index} ({count} of {tensor.numel()} "
+        f"entries are NaN or Inf); {fix}",
+        name=name,
+        index=index,
+        value=value,
+    )
+
+
 def _max_asymmetry(H: Tensor, rows_per_step: int = 1024) -> float:
     """``max |H − Hᵀ|`` without forming ``Hᵀ`` whole (bounded temporary memory)."""
     worst = torch.zeros((), dtype=H.dtype, device=H.device)
@@ -241,8 +310,16 @@ def check_hessian(
         )
 
 
+def _first_spec_of(scope: Any, params: Sequence[Tensor]) -> list:
+    """For each of ``params``, the first block spec of ``scope`` lying on it."""
+    specs = scope.block_specs()
+    return [next(spec for spec in specs if spec.view.param is param) for param in params]
+
+
 def check_scope(scope: Any, name: str = "scope", *, ndim: Optional[int] = None) -> list[Tensor]:
-    """A pattern a pruner may prune: a ScopeSpec or ScopeCoupling over weights :func:`check_weight` accepts.
+    """A pattern a pruner may prune: a ScopeSpec or ScopeCoupling over weights
+    :func:`check_weight` and :func:`check_finite` accept (data, floating point,
+    not empty, no NaN/Inf).
 
     Returns the distinct parameters behind the scope, in member order.
     """
@@ -269,4 +346,8 @@ def check_scope(scope: Any, name: str = "scope", *, ndim: Optional[int] = None) 
         which = f"the weight behind {label}" if len(scope.block_specs()) == 1 else f"a weight behind {label} ({spec!r})"
         check_weight(param, which, ndim=ndim)
         params.append(param)
+    for spec, param in zip(_first_spec_of(scope, params), params):
+        which = f"the weight behind {label}" if len(params) == 1 else f"a weight behind {label}"
+        name = getattr(spec, "name", None)
+        check_finite(param, which, detail=f"under block {name!r}" if name else "")
     return params

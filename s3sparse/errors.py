@@ -7,11 +7,21 @@ without s3sparse, so code that catches those keeps working:
 * :class:`ArgumentError` (a :class:`ValueError`): a bad value — a count out of
   range, a Hessian that is not symmetric, an empty weight. Its subclasses
   :class:`SpecError`, :class:`ShapeMismatchError` and :class:`CouplingError`
-  are about specifications.
+  are about specifications, :class:`NonFiniteError` about a weight or inputs
+  holding NaN or Inf.
 * :class:`ArgumentTypeError` (a :class:`TypeError`): an argument of the wrong
   type or dtype — ``nnz=2.5``, an integer weight, a Hessian that is a list.
 * :class:`ArgumentIndexError` (an :class:`IndexError`): an index outside a view.
 * :class:`UnknownNameError` (a :class:`KeyError`): a name nobody registered.
+
+Two errors are not about an argument. :class:`ExtensionBuildError` (an
+:class:`ImportError`) is raised by ``import s3sparse`` when the compiled
+extension was built against another torch than the one imported (or is
+missing); its one-line message says how to rebuild. :class:`NumericalError` (a
+:class:`FloatingPointError`) says a pruner could not finish on arguments it
+accepted — a damped Hessian still not positive definite, non-finite results.
+The weight is left unchanged; the model pipeline prunes such a layer by
+magnitude instead (and reports it), while it stops on every other error.
 
 Messages name the argument, what was expected, what was got, and what to do.
 The checks themselves live in :mod:`s3sparse.checks`, shared by every entry
@@ -32,6 +42,9 @@ __all__ = [
     "ShapeMismatchError",
     "CouplingError",
     "UnknownNameError",
+    "NonFiniteError",
+    "NumericalError",
+    "ExtensionBuildError",
 ]
 
 
@@ -96,3 +109,42 @@ class UnknownNameError(S3Error, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(ArgumentError):
+    """A tensor argument (a weight, calibration inputs) holds NaN or Inf.
+
+    Attributes:
+        name: how the message calls the tensor (e.g. ``"the weight behind `scope`"``).
+        index: the first non-finite element's index, a tuple (row-major order).
+        value: that element (``nan``, ``inf`` or ``-inf``).
+    """
+
+    def __init__(self, message: str, name: str = "", index: tuple = (), value: float = float("nan")) -> None:
+        super().__init__(message)
+        self.name = name
+        self.index = tuple(index)
+        self.value = value
+
+    def __reduce__(self):  # picklable (sent between ranks), with its attributes
+        return (type(self), (self.args[0] if self.args else "", self.name, self.index, self.value))
+
+
+class NumericalError(S3Error, FloatingPointError):
+    """A pruner could not finish numerically on arguments it accepted.
+
+    Raised when a damped Hessian stays not positive definite even with heavy
+    damping, or when the pruned weights come out non-finite. Not a bad
+    argument: the weight is left unchanged, and the model pipeline falls back
+    to magnitude pruning for that layer (and reports it). Also a
+    :class:`FloatingPointError`, what these failures raised before.
+    """
+
+
+class ExtensionBuildError(S3Error, ImportError):
+    """The compiled extension ``s3sparse._C`` does not fit the imported torch, or is missing.
+
+    Raised by ``import s3sparse``; the message is one line naming the torch the
+    extension was built for, the torch imported, and the rebuild command
+    (``pip install --no-build-isolation --force-reinstall .``).
+    """

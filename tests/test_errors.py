@@ -11,6 +11,7 @@ each argument, so the same value is accepted or refused by every pruner alike.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -202,6 +203,143 @@ def test_second_order_pruners_refuse_non_2d_weights(pruner):
     else:
         fn = lambda: StructuredOBS(scope, torch.eye(8))  # noqa: E731
     expect_error(fn, ArgumentError, "2-D", "`scope`")
+
+
+# ---------------------------------------------------------------- NaN / Inf: one check up front
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+BAD_AT = (3, 5)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits, so NaN compares equal to itself (``torch.equal`` says NaN != NaN)."""
+    return t.detach().clone().view(torch.int32)
+
+
+def _poisoned(W0: torch.Tensor, value: float) -> torch.Tensor:
+    W = W0.clone()
+    W[BAD_AT] = value
+    W[BAD_AT[0] + 2, 0] = value  # a second bad entry, after the first in row-major order
+    return W
+
+
+def _expect_non_finite(fn, *needles: str) -> s3sparse.NonFiniteError:
+    err = expect_error(fn, s3sparse.NonFiniteError, *needles)
+    assert isinstance(err, ArgumentError) and isinstance(err, ValueError)
+    assert err.index == BAD_AT, err.index
+    assert str(BAD_AT) in str(err), "the message gives the first bad index"
+    assert "2 of" in str(err), "the message counts the bad entries"
+    return err
+
+
+@pytest.mark.parametrize("pruner", list(SCOPE_PRUNERS))
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+def test_non_finite_weights_are_refused_by_every_pruner(layer, pruner, value):
+    """Today magnitude and OBD zero the NaN silently, SparseGPT and OBS raise a bare
+    FloatingPointError after the work: now one NonFiniteError, up front, weight untouched."""
+    W0, H = layer
+    W = _poisoned(W0, value)
+    before = _bits(W)
+    err = _expect_non_finite(
+        lambda: SCOPE_PRUNERS[pruner](W, H, 2), "the weight behind `scope`", f"shape {(M, K)}", "float32", "nan_to_num"
+    )
+    assert err.name == "the weight behind `scope`"
+    assert torch.equal(_bits(W), before)
+
+
+@pytest.mark.parametrize("pruner", list(FUNCTIONAL))
+def test_non_finite_weights_are_refused_by_the_functional_wrappers(layer, pruner):
+    W0, H = layer
+    W = _poisoned(W0, float("nan"))
+    before = _bits(W)
+    _expect_non_finite(lambda: FUNCTIONAL[pruner](W, H), "`W0`", "NaN at index (3, 5)")
+    assert torch.equal(_bits(W), before)
+
+
+@pytest.mark.parametrize("method", ["prune", "prune_true_obs"])
+def test_structured_obs_checks_the_weight_again_when_it_prunes(layer, method):
+    """The weight may have changed since the pruner was built."""
+    W0, H = layer
+    W = W0.clone()
+    pruner = StructuredOBS(patterns.nm(W, 2, 4)[0], H)
+    W.copy_(_poisoned(W0, float("inf")))
+    before = _bits(W)
+    _expect_non_finite(lambda: getattr(pruner, method)(2), "the weight behind `scope`", "Inf at index (3, 5)")
+    assert torch.equal(_bits(W), before)
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "obd"])
+def test_non_finite_weights_are_refused_in_a_coupling(pruner):
+    """A ScopeCoupling over two weights: the message names the bad one's block."""
+    A = torch.randn(M, K)
+    B = _poisoned(torch.randn(M, K), float("nan"))
+    before_a, before_b = _bits(A), _bits(B)
+    sa = ScopeSpec(BlockSpec(A, (1, 1), name="A"), (1, 4))
+    sb = ScopeSpec(BlockSpec(B, (1, 1), name="B"), (1, 4))
+    coupling = s3sparse.ScopeCoupling([sa, sb])
+    H = torch.eye(K)
+    call = {
+        "magnitude": lambda: prune_magnitude(coupling, 4),
+        "obd": lambda: prune_obd(coupling, {A: H, B: H}, 4),
+    }[pruner]
+    _expect_non_finite(call, "a weight behind `scope`", "block 'B'")
+    assert torch.equal(_bits(A), before_a) and torch.equal(_bits(B), before_b)
+
+
+def test_non_finite_calibration_inputs_are_refused():
+    """compute_hessian and the accumulators refuse NaN/Inf inputs up front, naming the first
+    bad index; the accumulator keeps what it had (today they give a NaN Hessian)."""
+    X = torch.randn(4, 8, K)
+    X[1, 2, 3] = float("inf")
+    X[2, 0, 0] = float("nan")
+
+    err = expect_error(lambda: s3sparse.compute_hessian(X), s3sparse.NonFiniteError, "`X`", "(1, 2, 3)", "float32")
+    assert err.index == (1, 2, 3)
+
+    acc = s3sparse.HessianAccumulator(K)
+    good = torch.randn(5, K)
+    acc.add(good)
+    expected = acc.hessian
+    err = expect_error(lambda: acc.add(X), s3sparse.NonFiniteError, "`x`", "Inf at index (1, 2, 3)", "2 of")
+    assert acc.num_samples == 5 and torch.equal(acc.hessian, expected)
+
+    layer = torch.nn.Linear(K, 4)
+    handle = acc.attach(layer)
+    expect_error(lambda: layer(X), s3sparse.NonFiniteError, "the inputs of the attached `Linear`", "(1, 2, 3)")
+    handle.remove()
+    assert acc.num_samples == 5 and torch.equal(acc.hessian, expected)
+
+
+def test_non_finite_error_survives_pickling():
+    """Ranks exchange errors by pickling them: the attributes must survive."""
+    import pickle
+
+    W = _poisoned(torch.randn(M, K), float("-inf"))
+    err = _expect_non_finite(lambda: prune_magnitude(patterns.nm(W, 2, 4)[0], 2), "-Inf at index (3, 5)")
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is type(err) and str(copy) == str(err)
+    assert (copy.index, copy.name, copy.value) == (err.index, err.name, err.value)
+
+
+@pytest.mark.parametrize("pruner", ["sparsegpt", "obs_full", "true_obs"])
+def test_a_genuine_numerical_failure_is_a_numerical_error(layer, pruner):
+    """Finite weights so large that the compensation overflows float32: a NumericalError
+    (an S3Error and a FloatingPointError, not a ValueError), weight untouched."""
+    W0, H = layer
+    W = W0.sign() * 3e38
+    before = W.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # true OBS warns about the rows it redid first
+        err = expect_error(lambda: SCOPE_PRUNERS[pruner](W, H, 2), s3sparse.NumericalError, "left unchanged")
+    assert isinstance(err, FloatingPointError) and not isinstance(err, ValueError)
+    assert torch.equal(W, before)
+
+
+def test_a_hessian_that_stays_indefinite_is_a_numerical_error():
+    from s3sparse.pruners.hessian import damped_inverse
+
+    H = -torch.eye(4)  # accepted by the checks (symmetric, finite) but no damping makes it PD
+    err = expect_error(lambda: damped_inverse(H, 0.01, max_tries=2), s3sparse.NumericalError, "not positive definite")
+    assert not isinstance(err, ValueError)
 
 
 # ---------------------------------------------------------------- the scope argument

@@ -195,6 +195,134 @@ def test_a_method_that_fails_numerically_falls_back_to_magnitude(monkeypatch):
     assert all(r.pattern_holds for r in report.layers)
     assert "magnitude fallback" in report.layer_table()
     assert report.sparsity_summary()["fallbacks"]
+    _assert_fallbacks_counted(report, 14)
+
+
+def _assert_fallbacks_counted(report, count: int) -> None:
+    """The summary line and the JSON report count the fallbacks, and the JSON gives each reason."""
+    import json
+
+    assert report.fallback_count == count
+    first_line = report.sparsity_report().splitlines()[0]
+    assert f"{count} by magnitude after their method failed" in first_line, first_line
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["fallbacks"]["count"] == count
+    assert data["sparsity"]["fallback_count"] == count
+    assert sorted(data["fallbacks"]["layers"]) == sorted(r.name for r in report.layers if r.fallback)
+    assert all(data["fallbacks"]["layers"][r.name] == r.fallback for r in report.layers if r.fallback)
+
+
+def _state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _same_state(model, state) -> bool:
+    return all(torch.equal(p, state[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("failure", ["numerical_error", "linalg_error"])
+def test_genuine_numerical_failures_fall_back_and_are_counted(monkeypatch, failure):
+    """NumericalError (what the pruners raise) and LinAlgError fall back, on the failing layers only."""
+    from s3sparse import NumericalError
+    from s3sparse.llm import method_registry
+
+    real = method_registry.prune_sparsegpt
+    exc = {
+        "numerical_error": NumericalError("SparseGPT produced non-finite weights"),
+        "linalg_error": torch.linalg.LinAlgError("cholesky: the factorization could not be completed"),
+    }[failure]
+    calls = []
+
+    def fails_on_two_layers(scope, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (2, 9):
+            raise exc
+        real(scope, *args, **kwargs)
+
+    monkeypatch.setattr(method_registry, "prune_sparsegpt", fails_on_two_layers)
+    report = prune_model(tiny_model("qwen3"), tiny_calibration(), "2:4", "sparsegpt", progress=False)
+    fell_back = [r for r in report.layers if r.fallback]
+    assert [report.layers.index(r) for r in fell_back] == [1, 8]
+    assert all(type(exc).__name__ in r.fallback and r.pattern_holds for r in fell_back)
+    _assert_fallbacks_counted(report, 2)
+
+
+def test_no_fallback_is_counted_as_zero():
+    report = prune_model(tiny_model("qwen3"), tiny_calibration(), "2:4", "obd", progress=False)
+    _assert_fallbacks_counted(report, 0)
+
+
+@pytest.mark.parametrize("error", ["argument_error", "type_error", "value_error"])
+def test_argument_errors_inside_the_run_stop_it(monkeypatch, error):
+    """An S3Error about an argument (or any ValueError / TypeError that is not numerical) raised by
+    a method stops the run naming the layer; it used to be taken for a numerical failure and the
+    layer silently pruned by magnitude. The failing layer's weight is left as it was."""
+    from s3sparse import ArgumentError, S3Error
+    from s3sparse.llm import method_registry
+
+    exc = {
+        "argument_error": ArgumentError("`damp` must be a finite number >= 0, got -1"),
+        "type_error": TypeError("unsupported operand"),
+        "value_error": ValueError("a bug, not a numerical failure"),
+    }[error]
+
+    def refuses(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(method_registry, "prune_sparsegpt", refuses)
+    model = tiny_model("qwen3")
+    before = _state(model)
+    with pytest.raises(UsageError if error == "argument_error" else type(exc)) as info:
+        prune_model(model, tiny_calibration(), "2:4", "sparsegpt", progress=False)
+    if error == "argument_error":
+        assert info.value.__cause__ is exc and isinstance(exc, S3Error)
+        assert "model.layers.0.self_attn.q_proj" in str(info.value) and "`damp`" in str(info.value)
+    else:
+        assert info.value is exc
+    assert _same_state(model, before)
+
+
+def test_a_non_finite_weight_stops_the_run_before_any_work():
+    """A NaN weight used to be zeroed by magnitude/OBD, or make SparseGPT fail and fall back."""
+    model = tiny_model("qwen3")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[7, 3] = float("nan")
+    before = _state(model)
+    with pytest.raises(UsageError) as info:
+        prune_model(model, tiny_calibration(), "2:4", "sparsegpt", progress=False)
+    message = str(info.value)
+    assert "`model.layers.1.mlp.up_proj`" in message and "NaN at index (7, 3)" in message
+    assert isinstance(info.value.__cause__, __import__("s3sparse").NonFiniteError)
+    assert all(torch.equal(p, before[name]) or torch.isnan(before[name]).any() for name, p in model.named_parameters())
+
+
+def test_non_finite_calibration_inputs_stop_the_run():
+    """An Inf in a norm (not a pruned layer) makes q/k/v's inputs non-finite: the run stops naming
+    the layer (a NaN Hessian used to make the layer fall back to magnitude)."""
+    model = tiny_model("qwen3")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = float("inf")
+    before = _state(model)
+    with pytest.raises(UsageError) as info:
+        prune_model(model, tiny_calibration(), "2:4", "sparsegpt", progress=False)
+    message = str(info.value)
+    assert "the calibration inputs of `model.layers.0.self_attn.q_proj`" in message and "index (" in message
+    assert isinstance(info.value.__cause__, __import__("s3sparse").NonFiniteError)
+    assert _same_state(model, before)
+
+
+def test_a_layer_whose_inputs_are_all_zero_falls_back_and_is_counted():
+    """H = 0 (every input of q/k/v zero, so of o_proj too): no method can use it; those layers are
+    pruned by magnitude and counted, the others by their method."""
+    model = tiny_model("qwen3")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.zero_()
+    report = prune_model(model, tiny_calibration(), "2:4", "sparsegpt", progress=False)
+    fell_back = [r.name for r in report.layers if r.fallback]
+    assert fell_back == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    assert all("every calibration input of this layer was zero" in r.fallback for r in report.layers if r.fallback)
+    assert all(r.pattern_holds for r in report.layers)
+    _assert_fallbacks_counted(report, 4)
 
 
 def test_fp32_redo_warnings_are_counted(monkeypatch):

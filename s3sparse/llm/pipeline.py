@@ -13,12 +13,20 @@ inputs once, and then for every block in turn:
    inputs (and, against the dense outputs, the block's output error).
 
 A layer whose Hessian is rank-deficient or has dead inputs is handled as the
-pruners handle it (unit curvature for dead inputs, more damping) and reported;
-if its method still fails numerically, the layer is pruned by magnitude to the
-same pattern and the fallback is reported — the run never stops for it.
-Arguments are checked before any work: a pattern that cannot divide a layer's
-shape, or an unknown name, raises :class:`~s3sparse.llm.errors.UsageError`
-naming the layer.
+pruners handle it (unit curvature for dead inputs, more damping) and reported.
+Only a genuine numerical failure makes a layer fall back to magnitude pruning
+to the same pattern: its method raising :class:`~s3sparse.errors.NumericalError`
+(any ``FloatingPointError``) or ``torch.linalg.LinAlgError``, or a Hessian the
+method cannot use at all (every calibration input of the layer zero, or a sum
+that overflowed). Every fallback is recorded with its reason and counted in the
+summary line and the JSON report; the run goes on.
+
+Every other error stops the run. Arguments are checked before any work: a
+pattern that cannot divide a layer's shape, an unknown name, a weight holding
+NaN/Inf raise :class:`~s3sparse.llm.errors.UsageError` naming the layer; so do
+calibration inputs of a layer turning NaN/Inf during the run, and any other
+:class:`~s3sparse.errors.S3Error` a pruner raises about its arguments (the
+layer's weight is left as it was).
 """
 
 from __future__ import annotations
@@ -45,14 +53,16 @@ from .report import BlockReport, LayerReport, PruneReport, count_redone_rows
 
 __all__ = ["prune_model", "check_recipe_fits", "check_model_fits"]
 
-try:  # every s3sparse argument error; SpecError is also a ValueError
-    from ..errors import S3Error as _S3Error
-except ImportError:  # pragma: no cover
-    _S3Error = ValueError
+from ..checks import check_finite
+from ..errors import NonFiniteError, NumericalError
+from ..errors import S3Error as _S3Error
 
-# Errors of a method on a layer that mean "numerically stuck", not "wrong arguments":
-# the layer falls back to magnitude pruning and the run goes on.
-_NUMERIC_FAILURES = (FloatingPointError, ValueError, torch.linalg.LinAlgError)
+# The errors of a method on a layer that mean "numerically stuck", not "wrong arguments":
+# the layer falls back to magnitude pruning, the fallback is reported, and the run goes on.
+# NumericalError (what the pruners raise for a damped H that stays indefinite, or
+# non-finite results) is a FloatingPointError. Everything else -- an S3Error about an
+# argument above all, a plain ValueError or TypeError too -- stops the run.
+_NUMERIC_FAILURES = (NumericalError, FloatingPointError, torch.linalg.LinAlgError)
 
 
 # ------------------------------------------------------------------ progress bars
@@ -131,7 +141,13 @@ class _HessianHooks:
             acc = self.accumulators.get(layer.name)
             if acc is None:
                 acc = self.accumulators[layer.name] = HessianAccumulator(layer.in_features, device=self.device, dtype=self.dtype)
-            acc.add(x)
+            try:
+                acc.add(x, name=f"the calibration inputs of `{layer.name}`")
+            except NonFiniteError as exc:
+                raise UsageError(
+                    f"{exc} (a weight of an earlier module that is not a pruned linear layer, e.g. a norm or an "
+                    "embedding, may hold NaN/Inf too)"
+                ) from exc
             # Hold x until the block call ends, so its id cannot be reused by another tensor.
             self._inputs_this_call[id(x)] = (x, layer.name)
 
@@ -173,6 +189,23 @@ def check_recipe_fits(layers: Sequence[LinearLayer], recipe: Recipe) -> Dict[str
     return plans
 
 
+def check_weights_finite(layers: Sequence[LinearLayer], plans: Mapping[str, LayerPlan]) -> None:
+    """Every layer to be pruned has a finite weight (one ``isfinite`` reduction each).
+
+    Raises:
+        UsageError: naming the first layer whose weight holds NaN/Inf, the first
+            bad index and what to do; nothing has been touched.
+    """
+    for layer in layers:
+        plan = plans[layer.name]
+        if plan.skipped or plan.pattern.is_dense:
+            continue
+        try:
+            check_finite(layer.module.weight, f"the weight of `{layer.name}`")
+        except NonFiniteError as exc:
+            raise UsageError(str(exc)) from exc
+
+
 def check_model_fits(model: nn.Module, recipe: Recipe) -> Dict[str, LayerPlan]:
     """:func:`check_recipe_fits` on every linear layer of the model's blocks (cheap: no data, no copies)."""
     blocks_name, blocks = find_blocks(model)
@@ -184,6 +217,21 @@ def check_model_fits(model: nn.Module, recipe: Recipe) -> Dict[str, LayerPlan]:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _unusable_hessian(hessian: Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Why no method can use the layer's Hessian ``H`` (the fallback's reason), or None.
+
+    The inputs were checked finite as they were added, so a non-finite H is a sum
+    that overflowed (``dtype``: the one it was accumulated in); an all-zero H means every calibration input of the
+    layer was zero. Neither is the user's argument: the layer falls back to magnitude.
+    """
+    if not bool(torch.isfinite(hessian).all()):
+        hint = "; accumulate it in float64 (hessian_dtype=torch.float64, --hessian-dtype float64)" if dtype != torch.float64 else ""
+        return f"the layer's Hessian overflowed float32 (its inputs were finite, but their squares summed too large){hint}"
+    if float(hessian.abs().amax()) == 0.0:
+        return "every calibration input of this layer was zero (H = 0): nothing to weigh its weights by"
+    return None
 
 
 @torch.no_grad()
@@ -219,10 +267,14 @@ def _prune_layer(
         scope, nnz = plan.pattern.build(weight)
     _synchronize(weight.device)
     start = time.perf_counter()
+    # H is the same on every rank (summed over them), so is this verdict.
+    record.fallback = _unusable_hessian(hessian, accumulator.dtype) if plan.method.uses_hessian else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if ranks.distributed and plan.method.shards_rows:
+            if record.fallback is not None:
+                pass  # the method cannot use this H: straight to magnitude, below
+            elif ranks.distributed and plan.method.shards_rows:
                 # Each rank prunes its rows; every rank gets them all (and any rank's error).
                 plan.method.run(scope, nnz, hessian, progress_fn, process_group=ranks.group)
             else:
@@ -233,6 +285,12 @@ def _prune_layer(
             # Raised on every rank alike. The pruners write the weight only on success;
             # restore anyway, then keep the pattern by magnitude (the same on every rank).
             record.fallback = f"{type(exc).__name__}: {exc}"
+        except _S3Error as exc:
+            # An argument the pruner refused (raised on every rank alike): stop the run, naming
+            # the layer. The pruners write the weight only on success, so it is as it was.
+            raise UsageError(
+                f"layer {layer.name} (weight {M}x{K}, method {plan.method.name}, pattern {plan.pattern}): {exc}"
+            ) from exc
         with ranks.sync(f"checking {layer.name}"):
             if record.fallback is not None:
                 weight.data.copy_(original)
@@ -349,7 +407,13 @@ def prune_model(
         in the train/eval mode it had.
 
     Raises:
-        UsageError: unknown names, a pattern that cannot divide a layer, bad calibration.
+        UsageError: unknown names, a pattern that cannot divide a layer, bad
+            calibration, a weight or a layer's calibration inputs holding NaN/Inf,
+            or any other S3Error a pruner raises about a layer's arguments (the
+            message names the layer). A method failing numerically on a layer
+            does not raise: the layer falls back to magnitude pruning, and the
+            report records and counts it (``LayerReport.fallback``,
+            ``PruneReport.fallback_count``).
         With a process group, an error on any rank is raised on every rank.
     """
     started = time.perf_counter()
@@ -369,6 +433,7 @@ def prune_model(
     blocks_name, blocks = find_blocks(model)
     block_layers = [linear_layers(block, f"{blocks_name}.{i}") for i, block in enumerate(blocks)]
     plans = check_recipe_fits([layer for layers in block_layers for layer in layers], recipe)
+    check_weights_finite([layer for layers in block_layers for layer in layers], plans)
 
     report = PruneReport(recipe=recipe.to_dict(), calibration=calibration.describe(), device=str(device),
                          offload=bool(offload), world_size=ranks.world_size)

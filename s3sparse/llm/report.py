@@ -45,7 +45,7 @@ class LayerReport:
     features that were always zero; ``rank_deficient`` that H could not have
     full rank (fewer calibration tokens than inputs, or dead inputs);
     ``fallback`` why the layer was pruned by magnitude instead (the method failed
-    numerically), ``None`` normally.
+    numerically, or its Hessian was all zeros or overflowed), ``None`` normally.
     """
 
     name: str
@@ -111,7 +111,17 @@ class PruneReport:
 
     # ------------------------------------------------------------ summaries
     def pruned_layers(self) -> List[LayerReport]:
+        """The layers with status ``pruned`` (by their method or by the magnitude fallback)."""
         return [layer for layer in self.layers if layer.status == "pruned"]
+
+    def fallback_layers(self) -> List[LayerReport]:
+        """The layers pruned by magnitude because their method failed numerically."""
+        return [layer for layer in self.layers if layer.fallback]
+
+    @property
+    def fallback_count(self) -> int:
+        """How many layers fell back to magnitude pruning."""
+        return len(self.fallback_layers())
 
     def sparsity_summary(self) -> Dict[str, Any]:
         """Zeros among the pruned layers' weights and among all model parameters."""
@@ -136,7 +146,8 @@ class PruneReport:
                 for name, e in by_pattern.items()
             },
             "fp32_redos": sum(layer.fp32_redos for layer in self.layers),
-            "fallbacks": [layer.name for layer in self.layers if layer.fallback],
+            "fallbacks": [layer.name for layer in self.fallback_layers()],
+            "fallback_count": self.fallback_count,
             "pattern_violations": [layer.name for layer in self.layers if layer.pattern_holds is False],
         }
 
@@ -175,8 +186,10 @@ class PruneReport:
     def sparsity_report(self) -> str:
         """A few lines: sparsity of the pruned layers (per pattern) and of the whole model, fallbacks, redos."""
         s = self.sparsity_summary()
+        fell_back = s["fallback_count"]
         lines = [
-            f"pruned {s['pruned_layers']} linear layers ({s['untouched_layers']} left dense): "
+            f"pruned {s['pruned_layers']} linear layers ({s['untouched_layers']} left dense, "
+            f"{fell_back} by magnitude after their method failed): "
             f"{s['pruned_layer_sparsity']:.2%} of their {s['pruned_layer_weights']:,} weights are zero",
         ]
         for name, e in s["by_pattern"].items():
@@ -188,7 +201,7 @@ class PruneReport:
         if s["fp32_redos"]:
             lines.append(f"rows redone in fp32: {s['fp32_redos']}")
         if s["fallbacks"]:
-            lines.append(f"layers pruned by magnitude after the method failed: {', '.join(s['fallbacks'])}")
+            lines.append(f"{fell_back} layers pruned by magnitude after the method failed: {', '.join(s['fallbacks'])}")
         if s["pattern_violations"]:
             lines.append(f"PATTERN VIOLATED in: {', '.join(s['pattern_violations'])}")
         lines.append(f"total time: {self.seconds:.1f} s")
@@ -196,7 +209,11 @@ class PruneReport:
 
     # ------------------------------------------------------------ data
     def to_dict(self) -> Dict[str, Any]:
-        """Plain data (JSON-serialisable)."""
+        """Plain data (JSON-serialisable).
+
+        ``fallbacks`` counts the layers pruned by magnitude after their method
+        failed and gives each one's reason (also in its ``layers`` entry).
+        """
         return {
             "recipe": self.recipe,
             "calibration": self.calibration,
@@ -205,6 +222,10 @@ class PruneReport:
             "world_size": self.world_size,
             "seconds": round(self.seconds, 3),
             "sparsity": self.sparsity_summary(),
+            "fallbacks": {
+                "count": self.fallback_count,
+                "layers": {layer.name: layer.fallback for layer in self.fallback_layers()},
+            },
             "layers": [{**asdict(layer), "shape": list(layer.shape)} for layer in self.layers],
             "blocks": [asdict(block) for block in self.blocks],
         }

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_hessian, check_int, check_nnz, check_weight
+from ..checks import check_finite, check_hessian, check_int, check_nnz, check_weight
 from ..errors import ArgumentError
 from .obd import prune_magnitude, prune_obd
 from .sparsegpt import prune_sparsegpt
@@ -21,6 +21,7 @@ __all__ = ["magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", 
 
 def _copy(W0: Tensor, H: Optional[Tensor] = None) -> Tensor:
     check_weight(W0, "W0", ndim=2)
+    check_finite(W0, "W0")
     if H is not None:
         check_hessian(H, W0.shape[1], like=W0, name="H")
     return W0.detach().clone()

@@ -13,8 +13,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..checks import check_damp, check_dtype, check_hessian, check_int
-from ..errors import ArgumentError, ArgumentTypeError
+from ..checks import INPUT_FIX, _arg, check_damp, check_dtype, check_finite, check_hessian, check_int
+from ..errors import ArgumentError, ArgumentTypeError, NumericalError
 
 __all__ = [
     "compute_hessian",
@@ -41,13 +41,16 @@ def compute_hessian(
 
     Returns:
         (K, K) symmetric positive semi-definite matrix.
+
+    Raises:
+        NonFiniteError: ``X`` holds NaN or Inf (the message gives the first bad index).
     """
     if not isinstance(X, Tensor):
         raise ArgumentTypeError(f"`X` must be a tensor of calibration inputs (N, K), got {type(X).__name__}")
     if X.dim() < 2:
         raise ArgumentError(f"`X` must be (N, K) or (..., K) calibration inputs, got shape {tuple(X.shape)}")
     acc = HessianAccumulator(X.shape[-1], device=device if device is not None else X.device, dtype=dtype)
-    acc.add(X, batch_size=batch_size)
+    acc.add(X, batch_size=batch_size, name="X")
     return acc.hessian
 
 
@@ -77,14 +80,20 @@ class HessianAccumulator:
         self.num_samples = 0
 
     @torch.no_grad()
-    def add(self, x: Tensor, batch_size: Optional[int] = None) -> None:
-        """Add inputs ``x`` of shape (..., K) (leading dims are samples)."""
+    def add(self, x: Tensor, batch_size: Optional[int] = None, name: str = "x") -> None:
+        """Add inputs ``x`` of shape (..., K) (leading dims are samples).
+
+        ``name`` is how messages call ``x``. Inputs holding NaN or Inf are refused
+        whole, with a :class:`~s3sparse.errors.NonFiniteError` naming the first bad
+        index, before anything is accumulated (the accumulator stays as it was).
+        """
         if not isinstance(x, Tensor):
-            raise ArgumentTypeError(f"`x` must be a tensor of inputs (..., K), got {type(x).__name__}")
+            raise ArgumentTypeError(f"{_arg(name)} must be a tensor of inputs (..., K), got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.num_cols:
             raise ArgumentError(
-                f"`x` must have K={self.num_cols} features in its last dim, got shape {tuple(x.shape)}"
+                f"{_arg(name)} must have K={self.num_cols} features in its last dim, got shape {tuple(x.shape)}"
             )
+        check_finite(x, name, fix=INPUT_FIX)
         rows = x.reshape(-1, self.num_cols)
         step = rows.shape[0] if not batch_size else int(batch_size)
         for start in range(0, rows.shape[0], max(step, 1)):
@@ -116,8 +125,10 @@ class HessianAccumulator:
     def attach(self, module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Accumulate the inputs of ``module`` on every forward; returns the hook handle."""
 
+        where = f"the inputs of the attached `{type(module).__name__}`"
+
         def hook(_module, args):
-            self.add(args[0])
+            self.add(args[0], name=where)
 
         return module.register_forward_pre_hook(hook)
 
@@ -168,7 +179,7 @@ def damped_inverse(
     diagonal) get unit curvature first. With ``upper_factor`` the result is the
     upper Cholesky factor ``U`` of the inverse (``UᵀU = (H + λI)⁻¹``), SparseGPT's
     form. Returns the matrix (``dtype``) and the λ actually used; warns when λ had
-    to grow, raises ``ValueError`` when even the largest λ fails.
+    to grow, raises :class:`~s3sparse.errors.NumericalError` when even the largest λ fails.
     """
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     H0 = _with_dead_inputs_fixed(hessian, work_dtype)
@@ -190,9 +201,10 @@ def damped_inverse(
                     )
                 return result.to(dtype), lam
         lam = max(lam * 10.0, damping_value(H0, 1e-6))
-    raise ArgumentError(
-        f"{what} is not positive definite even with damping {lam:.3g}; "
-        "check the Hessian for NaN/Inf or an all-zero calibration set"
+    raise NumericalError(
+        f"{what} is not positive definite even with damping {lam:.3g}; the weight was left unchanged. "
+        "Compute H in float64 (e.g. compute_hessian(X, dtype=torch.float64)), raise `damp`, or prune this "
+        "layer with prune_obd / prune_magnitude"
     )
 
 

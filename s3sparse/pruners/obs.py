@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
-from ..errors import ArgumentError
+from ..checks import check_callable, check_choice, check_damp, check_dtype, check_finite, check_int
+from ..errors import ArgumentError, NumericalError
 from .hessian import _with_dead_inputs_fixed, check_hessian, damped_inverse, damping_value
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
@@ -173,18 +173,25 @@ class StructuredOBS:
     def _subsets(self, num_prune: int) -> Tensor:
         n = count_subsets(self.blocks_per_scope, num_prune)
         if n > MAX_SUBSETS:
-            raise ValueError(
+            raise ArgumentError(
                 f"choosing {num_prune} of {self.blocks_per_scope} blocks per scope has {n} candidate subsets "
                 f"(more than {MAX_SUBSETS}); use prune_true_obs(scoring='independent') or SparseGPT for this pattern"
             )
         return block_subsets(self.blocks_per_scope, num_prune, self.bk, self.W.device)[1]
+
+    def _check_weight_finite(self) -> None:
+        """The weight holds no NaN/Inf now (it may have changed since the pruner was built)."""
+        check_finite(self.W, "the weight behind `scope`")
 
     def _working_copy(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.W.detach().to(dtype, copy=True)
 
     def _write_back(self, W: Tensor) -> None:
         if not torch.isfinite(W).all():
-            raise FloatingPointError("pruning produced non-finite weights; the weight was left unchanged")
+            raise NumericalError(
+                "Structured OBS produced non-finite weights (an overflow: weights or H too large for float32, or H "
+                "too ill-conditioned); the weight was left unchanged. Raise `damp`, or prune this layer with prune_obd"
+            )
         self.W.data.copy_(W.to(self.W.dtype))
 
     def _positions_by_col_chunk(self, block_size: int) -> list[Tensor]:
@@ -256,8 +263,8 @@ class StructuredOBS:
             if not bool((info != 0).any()):
                 return torch.cholesky_inverse(L)
             lam = max(lam * 10.0, damping_value(self.hessian, 1e-6))
-        raise FloatingPointError("a scope's H_SS + damp*I is not positive definite even with heavy damping; "
-                              "check the Hessian for NaN/Inf")
+        raise NumericalError("a scope's H_SS + damp*I is not positive definite even with heavy damping; the weight "
+                             "was left unchanged. Raise `damp` or compute H in float64")
 
     def _compensate_local(self, W: Tensor, best: Tensor, subsets: Tensor, blocks_of: Callable[[Tensor], Tensor]) -> None:
         """Prune each scope's chosen subset and compensate inside the scope only."""
@@ -321,9 +328,9 @@ class StructuredOBS:
                         )
                     return C_AV.mT.contiguous(), a_order
             lam = max(lam * 10.0, damping_value(H_AA, 1e-6))
-        raise ArgumentError(
-            f"H + damp*I on the unvisited columns is not positive definite even with damping {lam:.3g}; "
-            "check the Hessian for NaN/Inf or an all-zero calibration set"
+        raise NumericalError(
+            f"H + damp*I on the unvisited columns is not positive definite even with damping {lam:.3g}; the weight "
+            "was left unchanged. Raise `damp`, compute H in float64, or use compensate='full' or 'local'"
         )
 
     def _scopes_per_solve(self, pruned_per_scope: int) -> int:
@@ -444,6 +451,7 @@ class StructuredOBS:
             compensate: ``'local'``, ``'full'``, ``'split'`` or ``'interleaved'``.
             n_splits: column chunks for ``'split'`` / ``'interleaved'``.
         """
+        self._check_weight_finite()
         check_choice(compensate, "compensate", _COMPENSATE)
         n_splits = check_int(n_splits, "n_splits", minimum=1, what="column chunks")
         block_size = check_int(block_size, "block_size", minimum=1, what="columns per selection chunk")
@@ -798,6 +806,7 @@ class StructuredOBS:
         with AllRanks(group, "pruning its rows with True OBS") as sync:
             shard = W = None
             sync.payload = 0
+            self._check_weight_finite()
             check_choice(order, "order", _ORDERS)
             check_choice(scoring, "scoring", _SCORINGS)
             if ng is None:
@@ -915,9 +924,9 @@ class StructuredOBS:
             replay.release()
             todo = torch.cat(failed_all) if failed_all else todo[:0]
         if todo.numel():
-            raise FloatingPointError(
+            raise NumericalError(
                 f"{todo.numel() * rpc} rows stayed numerically unstable even in fp64 with heavy damping; "
-                "the weight was left unchanged (check the Hessian for NaN/Inf)"
+                "the weight was left unchanged. Raise `damp`, compute H in float64, or use prune() or SparseGPT"
             )
         return redone
 

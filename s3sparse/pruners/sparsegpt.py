@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import ops
 from ..checks import check_callable, check_damp, check_int
+from ..errors import NumericalError
 from .hessian import check_hessian, damped_inverse
 from .layout import ScopeLayout, normalize_nnz, restrict_rows, row_components, row_groups, scope_layout
 from .sharding import AllRanks, RowShard, check_process_group
@@ -178,9 +179,9 @@ def _sweep(layout: ScopeLayout, W: Tensor, U: Tensor, nnz: int, blocksize: int,
                 bad |= code
             raise RuntimeError("prune_sparsegpt: internal error, " + ops.sparsegpt_status_message(bad))
     if not torch.isfinite(W).all():
-        raise FloatingPointError(
-            "SparseGPT produced non-finite weights; the weight was left unchanged "
-            "(check the Hessian and the weight for NaN/Inf, or raise `damp`)"
+        raise NumericalError(
+            "SparseGPT produced non-finite weights (an overflow: weights or H too large for float32, or H too "
+            "ill-conditioned); the weight was left unchanged. Raise `damp`, or prune this layer with prune_obd"
         )
 
 
