@@ -13,7 +13,8 @@
         (load it back with s3sparse.llm.load_packed(PACKED_DIR))
 
 Exit status: 0 done, 2 bad arguments (one line on stderr saying what), 130
-interrupted (nothing written), 1 anything else (with its traceback).
+interrupted (Ctrl-C at any moment: the output directory is as it was, or completely
+written, and the line on stderr says which), 1 anything else (with its traceback).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -204,9 +207,6 @@ def _prune(args, argv: Sequence[str]) -> int:
 
     started = time.perf_counter()
     check_model_dir(args.model_dir)
-    env = torchrun_env()
-    if env is None or env.world_size == 1:  # several ranks: rank 0 checks it, on its own file system
-        check_output_dir(args.out, args.model_dir, args.overwrite)
     recipe, calib = _recipe_from(args)
     if calib["source"] is None:
         raise UsageError("no calibration text: pass --calib FILE (or calibration.source in the recipe)")
@@ -218,6 +218,9 @@ def _prune(args, argv: Sequence[str]) -> int:
     if not timeout > 0:
         raise UsageError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     device = _device(args.device)
+    env = torchrun_env()
+    if env is None or env.world_size == 1:  # several ranks: rank 0 checks it, on its own file system
+        check_output_dir(args.out, args.model_dir, args.overwrite)  # after the argument checks: it must not hide them
     if args.no_progress:
         _quiet_transformers()
     # Under torchrun (WORLD_SIZE > 1) every rank runs this with its own device; alone, as before.
@@ -376,7 +379,6 @@ def _pack(args, argv: Sequence[str]) -> int:
 
     started = time.perf_counter()
     check_model_dir(args.model_dir)
-    check_output_dir(args.out, args.model_dir, args.overwrite)
     report_path = os.path.join(args.model_dir, REPORT_NAME)
     if not os.path.isfile(report_path):
         raise UsageError(f"{args.model_dir!r} has no {REPORT_NAME}: pack the OUT_DIR of `s3sparse prune`, which records "
@@ -388,6 +390,7 @@ def _pack(args, argv: Sequence[str]) -> int:
     }
     if not layer_patterns:
         raise UsageError(f"{report_path} lists no pruned layer: nothing to pack")
+    check_output_dir(args.out, args.model_dir, args.overwrite)  # after the argument checks: it must not hide them
     model, kind = load_model(args.model_dir, args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     print(f"s3sparse pack: {type(model).__name__} from {args.model_dir}; {len(layer_patterns)} pruned layers", flush=True)
@@ -410,7 +413,10 @@ def _pack(args, argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------ entry point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``s3sparse``; returns the exit status (see the module docstring)."""
+    from .save import take_written
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    take_written()  # forget directories an earlier main() in this process wrote
     try:
         args = build_parser().parse_args(argv)
         if args.command == "prune":
@@ -423,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"s3sparse{rank_prefix()}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"s3sparse{rank_prefix()}: interrupted; nothing was written", file=sys.stderr)
+        _say_interrupted()
         return EXIT_INTERRUPTED
     except Exception as exc:
         if getattr(exc, "_s3sparse_printed", False):  # printed with its traceback on every rank (torchrun)
@@ -431,6 +437,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
 
 
+def _say_interrupted() -> None:
+    """One line on stderr: interrupted, and whether an output directory had been completed (by the save's
+    record, :func:`s3sparse.llm.save.take_written`; a save is never left half done)."""
+    from .save import take_written
+
+    written = take_written()
+    if written:
+        what = f"{', '.join(written)} had been written completely before the interrupt"
+    else:
+        what = "nothing was written (an existing output directory is as it was)"
+    print(f"s3sparse{rank_prefix()}: interrupted; {what}", file=sys.stderr, flush=True)
+
+
+def _interrupted_at_exit(signum, frame) -> None:
+    """SIGINT handler once the run is over: end the process now with status 130 (its work is complete)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream: nothing more to say on it
+            pass
+    try:
+        os.write(2, f"s3sparse{rank_prefix()}: interrupted while exiting; the run had finished\n".encode())
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
 def console_main() -> None:
-    """Console-script entry point: ``sys.exit(main())``."""
-    sys.exit(main())
+    """Console-script (and ``python -m s3sparse``) entry point: ``sys.exit(main())``.
+
+    A Ctrl-C after :func:`main` returned — while the interpreter shuts down,
+    where Python would only print "Exception ignored" and exit 0 — ends the
+    process at once with status 130 as well.
+    """
+    code = EXIT_INTERRUPTED
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main()'s own handler and here
+        _say_interrupted()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _interrupted_at_exit)
+    sys.exit(code)
