@@ -303,16 +303,16 @@ def _eval(args) -> int:
     from .calibration import read_texts
     from .eval import embedding_similarity, heldout_paragraphs, mean_pooled_embeddings, perplexity, perplexity_windows
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .save import REPORT_NAME
+    from .pack import is_packed_dir, read_manifest
 
-    check_model_dir(args.model_dir)
+    check_model_dir(args.model_dir, packed=True)
     _check_source(args.text, "evaluation text")
     _positive("--seq-len", args.seq_len)
     _positive("--n-samples", args.n_samples)
     _positive("--batch-size", args.batch_size)
     dense_dir = args.dense
     if dense_dir is not None:
-        check_model_dir(dense_dir)
+        check_model_dir(dense_dir, packed=True)
     device = _device(args.device)
     texts = read_texts(args.text, args.text_field)
     tokenizer = load_tokenizer(args.model_dir)
@@ -320,18 +320,18 @@ def _eval(args) -> int:
 
     from .loading import model_kind
 
-    kind = model_kind(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
+    if is_packed_dir(args.model_dir):  # transformers cannot read its config.json: the manifest says
+        kind = read_manifest(args.model_dir).get("model_kind", "encoder")
+    else:
+        kind = model_kind(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
     if kind == "encoder" and dense_dir is None:
-        report_path = os.path.join(args.model_dir, REPORT_NAME)
-        if os.path.isfile(report_path):
-            with open(report_path, encoding="utf-8") as f:
-                dense_dir = json.load(f).get("source_model")
+        dense_dir = _dense_source(args.model_dir)
         if not dense_dir or not os.path.isdir(dense_dir):
             raise UsageError("an encoder is evaluated against its dense model: pass --dense DENSE_DIR")
     results: Dict[str, Any] = {"model": os.path.abspath(args.model_dir), "kind": kind, "text": args.text}
 
     def load(path):
-        model, _ = load_model(path, args.dtype, kind)
+        model, _ = load_model(path, args.dtype, kind, packed=True)
         return model.to(device)
 
     model = load(args.model_dir)
@@ -371,6 +371,26 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
+def _dense_source(model_dir: str) -> Optional[str]:
+    """The dense model an s3sparse directory comes from: the ``source_model`` of its ``s3sparse.json``;
+    for a packed directory, the dense model of the pruned directory it was packed from."""
+    from .pack import is_packed_dir, read_manifest
+    from .save import REPORT_NAME
+
+    if is_packed_dir(model_dir):
+        manifest = read_manifest(model_dir)
+        if manifest.get("dense_model"):
+            return manifest["dense_model"]
+        model_dir = manifest.get("source_model")  # packed by an s3sparse that did not record it: the pruned dir
+        if not model_dir:
+            return None
+    report_path = os.path.join(model_dir, REPORT_NAME)
+    if not os.path.isfile(report_path):
+        return None
+    with open(report_path, encoding="utf-8") as f:
+        return json.load(f).get("source_model")
+
+
 # ------------------------------------------------------------------ pack
 def _pack(args, argv: Sequence[str]) -> int:
     from .loading import check_model_dir, load_model, load_tokenizer
@@ -401,6 +421,7 @@ def _pack(args, argv: Sequence[str]) -> int:
         **_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_model": os.path.abspath(args.model_dir),
+        "dense_model": pruned.get("source_model"),
         "command": ["s3sparse", *argv],
         "pack": report.to_dict(),
     }
