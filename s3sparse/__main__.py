@@ -1,10 +1,8 @@
-"""``python -m s3sparse prune|eval ...``: the s3sparse command line (see :mod:`s3sparse.llm.cli`)."""
+"""``python -m s3sparse prune|eval|pack ...``: the s3sparse command line (see :mod:`s3sparse.llm.cli`)."""
 
 from __future__ import annotations
 
-import sys
-
-from .llm.cli import main
+from .llm.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -14,6 +14,7 @@ import torch
 from test_llm_support import save_tiny_model, transformers
 
 from s3sparse.llm import find_blocks, linear_layers, parse_pattern
+from s3sparse.llm import cli as cli_module
 from s3sparse.llm.cli import main
 
 FAST = ["--calib", "pydoc:calib", "--n-samples", "4", "--seq-len", "32", "--no-progress"]
@@ -184,12 +185,91 @@ def test_keyboard_interrupt_while_saving_leaves_no_out_dir(model_dir, tmp_path, 
     assert not out.exists() and _leftovers(tmp_path, "out") == []
 
 
+# A real Ctrl-C (SIGINT to the process) at one moment of `s3sparse prune --overwrite`, in a child process
+# whose save is instrumented: the hook sends SIGINT to the process itself, then gives it time to land.
+_INTERRUPTING_RUN = r"""
+import atexit, os, shutil, signal, sys, time
+from s3sparse.llm import cli, save
+
+moment = sys.argv[1]
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+
+if moment in ("writing", "cleaning up"):  # while the new files are written (into the temporary directory)
+    copy = save._copy_extra_files
+    def copy_then_interrupted(*args):
+        copy(*args)
+        ctrl_c()
+    save._copy_extra_files = copy_then_interrupted
+if moment == "cleaning up":  # and again while the temporary directory is removed
+    rmtree = shutil.rmtree
+    def interrupted_rmtree(*args, **kwargs):
+        ctrl_c()
+        rmtree(*args, **kwargs)
+    shutil.rmtree = interrupted_rmtree
+if moment == "swapping":  # after the old OUT_DIR was moved aside, before the new one is moved in
+    rename = os.rename
+    def interrupted_rename(src, dst):
+        rename(src, dst)
+        if ".old-" in os.path.basename(dst):
+            ctrl_c()
+    os.rename = interrupted_rename
+if moment == "saved":  # right after the save returned
+    save_pruned_model = save.save_pruned_model
+    def saved_then_interrupted(*args, **kwargs):
+        out = save_pruned_model(*args, **kwargs)
+        ctrl_c()
+        return out
+    save.save_pruned_model = saved_then_interrupted
+if moment == "exiting":  # while the interpreter shuts down, after main() returned 0
+    atexit.register(ctrl_c)
+
+sys.argv = ["s3sparse", *sys.argv[2:]]
+cli.console_main()
+"""
+
+
+@pytest.mark.parametrize("moment", ["writing", "cleaning up", "swapping", "saved", "exiting"])
+def test_ctrl_c_at_any_moment_exits_130_and_leaves_the_old_or_the_new_out_dir(model_dir, tmp_path, moment):
+    out = tmp_path / "out"
+    _old_s3sparse_dir(out)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli_module.__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTING_RUN, moment, "prune", model_dir, "--out", str(out), "--overwrite", *FAST],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+    assert proc.returncode == 130, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    old = (out / "old.txt").exists()
+    if old:  # the complete old directory, untouched
+        assert sorted(os.listdir(out)) == ["old.txt", "s3sparse.json"] and (out / "s3sparse.json").read_text() == '{"s3sparse": "old"}'
+        assert "nothing was written" in lines[0]
+    else:  # the complete new one
+        data = json.loads((out / "s3sparse.json").read_text())
+        assert len(data["layers"]) == 14
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+        assert parse_pattern("2:4").holds(model.model.layers[1].mlp.down_proj.weight)
+        assert str(out) in lines[0] or moment == "exiting", lines[0]
+    assert old == (moment in ("writing", "cleaning up")), (moment, proc.stderr)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def _old_s3sparse_dir(out):
+    """A directory as an earlier s3sparse run left it (its manifest, and one more file)."""
+    out.mkdir()
+    (out / "s3sparse.json").write_text('{"s3sparse": "old"}')
+    (out / "old.txt").write_text("old")
+
+
 def test_overwrite_replaces_and_a_failed_overwrite_keeps_the_old_dir(model_dir, tmp_path, monkeypatch):
     from s3sparse.llm import save
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    _old_s3sparse_dir(out)
 
     def failing(*args, **kwargs):
         raise OSError("disk full")
@@ -202,6 +282,29 @@ def test_overwrite_replaces_and_a_failed_overwrite_keeps_the_old_dir(model_dir, 
     assert main(["prune", model_dir, "--out", str(out), "--overwrite", *FAST]) == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
     assert _leftovers(tmp_path, "out") == []
+
+
+def test_overwrite_replaces_only_a_directory_that_s3sparse_wrote(model_dir, tmp_path, capsys):
+    from s3sparse import S3Error
+    from s3sparse.llm.save import check_output_dir
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "data").mkdir()
+    before = _digest(str(out))
+    line = _usage_error(["prune", model_dir, "--out", str(out), "--overwrite", *FAST], capsys)
+    assert "not written by s3sparse" in line and "--overwrite" in line and str(out) in line and "s3sparse.json" in line
+    assert _digest(str(out)) == before and _leftovers(tmp_path, "mine") == []
+    with pytest.raises(S3Error, match="not written by s3sparse"):  # the library check: an S3Error too
+        check_output_dir(str(out), None, overwrite=True)
+    (out / "s3sparse.json").write_text("not json")  # a file of that name is not enough: it must be ours
+    assert "not written by s3sparse" in _usage_error(["prune", model_dir, "--out", str(out), "--overwrite", *FAST], capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # nothing in it to lose: replaced
+    assert main(["prune", model_dir, "--out", str(empty), "--overwrite", *FAST]) == 0
+    assert (empty / "s3sparse.json").exists()
+    capsys.readouterr()
 
 
 def _usage_error(argv, capsys):
@@ -225,6 +328,11 @@ def test_bad_arguments_exit_2_with_one_line(model_dir, tmp_path, capsys):
     assert "does not exist" in _usage_error(["prune", model_dir, "--out", out, "--calib", str(tmp_path / "nope.txt")], capsys)
     os.mkdir(out)
     assert "already exists; pass --overwrite" in _usage_error(base, capsys)
+    # The existence check comes after the argument checks: it does not hide them.
+    assert "unknown method 'bogus'" in _usage_error([*base, "--method", "bogus"], capsys)
+    assert "unknown pattern 'bogus'" in _usage_error([*base, "--pattern", "bogus"], capsys)
+    assert "does not exist" in _usage_error([*base, "--calib", str(tmp_path / "nope.txt")], capsys)
+    assert "--n-samples must be >= 1" in _usage_error([*base, "--n-samples", "0"], capsys)
     os.rmdir(out)
     assert "has no option bogus" in _usage_error([*base, "--method", "sparsegpt", "--opt", "bogus=1"], capsys)
     assert "--override" in _usage_error([*base, "--override", "nonsense"], capsys)

@@ -84,6 +84,88 @@ def test_packed_layers_are_smaller(packed_dir):
     assert all(entry["kind"] == "packed" for entry in manifest["modules"].values())
 
 
+def test_transformers_refuses_a_packed_dir_and_names_load_packed(pruned_dir, packed_dir):
+    out, _ = packed_dir
+    for loader in (transformers.AutoConfig, transformers.AutoModel, transformers.AutoModelForCausalLM,
+                   transformers.Qwen3ForCausalLM, transformers.Qwen3Config):
+        with pytest.raises(Exception, match=r"load_packed") as info:
+            loader.from_pretrained(out)
+        assert not isinstance(info.value, AttributeError), loader
+    with pytest.raises(Exception, match="load_packed"):
+        transformers.pipeline("text-generation", model=out)
+    dense_config = transformers.AutoConfig.from_pretrained(pruned_dir)
+    for loader in (transformers.AutoModelForCausalLM, transformers.Qwen3ForCausalLM):  # a config given by hand
+        with pytest.raises(OSError, match="model.safetensors"):
+            loader.from_pretrained(out, config=dense_config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # the tokenizer still loads
+    assert tokenizer("the object")["input_ids"] == transformers.AutoTokenizer.from_pretrained(pruned_dir)("the object")["input_ids"]
+
+
+def test_load_packed_moves_to_a_device_and_reads_the_first_format(packed_dir, tmp_path):
+    import shutil
+
+    from s3sparse.llm.pack import WEIGHTS_NAME
+
+    out, _ = packed_dir
+    ids = _ids()
+    with torch.no_grad():
+        want = load_packed(out, device="cpu")(ids).logits
+    # A directory written before the guard (format 1): the model's config.json and model.safetensors.
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    (old / "config.json").write_text(json.dumps(manifest.pop("config")))
+    os.rename(old / WEIGHTS_NAME, old / "model.safetensors")
+    manifest["version"] = 1
+    del manifest["weights"]
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(str(old))(ids).logits, want, rtol=0, atol=0)
+
+
+def test_eval_loads_a_packed_dir_with_load_packed(pruned_dir, packed_dir, tmp_path, capsys):
+    out, _ = packed_dir
+    results = {}
+    for name, path in (("pruned", pruned_dir), ("packed", out)):
+        report = tmp_path / f"{name}.json"
+        rc, _ = _run(["eval", path, "--dense", pruned_dir, "--text", "pydoc:heldout", "--seq-len", "32",
+                      "--n-samples", "4", "--json", str(report)])
+        assert rc == 0, capsys.readouterr().err
+        results[name] = json.loads(report.read_text())
+    # the packed model computes what the pruned one does (random layers would be far off)
+    assert results["packed"]["perplexity"] == pytest.approx(results["pruned"]["perplexity"], rel=1e-5)
+    assert results["packed"]["kind"] == "causal-lm"
+    rc, _ = _run(["eval", pruned_dir, "--dense", out, "--text", "pydoc:heldout", "--seq-len", "32", "--n-samples", "4"])
+    assert rc == 0  # as the reference too
+    rc, _ = _run(["eval", out, "--text", "pydoc:heldout", "--seq-len", "32", "--n-samples", "4", "--dtype", "bfloat16"])
+    assert rc == 2 and "--dtype auto" in capsys.readouterr().err
+
+
+def test_an_encoder_packed_dir_is_evaluated_against_its_dense_model(tmp_path, capsys):
+    dense = save_tiny_model(str(tmp_path / "bert"), "bert")
+    pruned, packed = str(tmp_path / "pruned"), str(tmp_path / "packed")
+    assert _run(["prune", dense, "--out", pruned, "--pattern", "2:4", "--method", "sparsegpt", *FAST])[0] == 0
+    assert _run(["pack", pruned, "--out", packed])[0] == 0
+    results = {}
+    for path in (pruned, packed):  # no --dense: found through s3sparse.json / s3sparse-packed.json
+        report = tmp_path / "eval.json"
+        rc, _ = _run(["eval", path, "--text", "pydoc:heldout", "--seq-len", "32", "--n-samples", "16", "--json", str(report)])
+        assert rc == 0, capsys.readouterr().err
+        results[path] = json.loads(report.read_text())
+        assert results[path]["dense"] == os.path.abspath(dense)
+    assert results[packed]["mean_cosine"] == pytest.approx(results[pruned]["mean_cosine"], abs=1e-6)
+    assert results[packed]["mean_cosine"] > 0.5
+
+
+def test_prune_and_pack_refuse_a_packed_dir(packed_dir, tmp_path, capsys):
+    out, _ = packed_dir
+    for argv in (["prune", out, "--out", str(tmp_path / "o"), *FAST], ["pack", out, "--out", str(tmp_path / "o")]):
+        rc, _ = _run(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "is a packed model" in err and "load_packed" in err, err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_load_packed_with_torch_compile(packed_dir):
     out, _ = packed_dir
     model = load_packed(out)
@@ -186,5 +268,15 @@ def test_bad_arguments_exit_2_with_one_line(pruned_dir, packed_dir, tmp_path, ca
     rc, _ = _run(["pack", plain, "--out", str(tmp_path / "o")])
     assert rc == 2 and "s3sparse.json" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+    rc, _ = _run(["pack", plain, "--out", out])  # OUT exists, but the bad argument is what is reported
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no s3sparse.json" in err and "already exists" not in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    rc, _ = _run(["pack", pruned_dir, "--out", str(mine), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not written by s3sparse" in err and "--overwrite" in err and str(mine) in err
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
     with pytest.raises(Exception, match="not a packed model directory"):
         load_packed(pruned_dir)

@@ -13,7 +13,8 @@
         (load it back with s3sparse.llm.load_packed(PACKED_DIR))
 
 Exit status: 0 done, 2 bad arguments (one line on stderr saying what), 130
-interrupted (nothing written), 1 anything else (with its traceback).
+interrupted (Ctrl-C at any moment: the output directory is as it was, or completely
+written, and the line on stderr says which), 1 anything else (with its traceback).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -204,9 +207,6 @@ def _prune(args, argv: Sequence[str]) -> int:
 
     started = time.perf_counter()
     check_model_dir(args.model_dir)
-    env = torchrun_env()
-    if env is None or env.world_size == 1:  # several ranks: rank 0 checks it, on its own file system
-        check_output_dir(args.out, args.model_dir, args.overwrite)
     recipe, calib = _recipe_from(args)
     if calib["source"] is None:
         raise UsageError("no calibration text: pass --calib FILE (or calibration.source in the recipe)")
@@ -218,6 +218,9 @@ def _prune(args, argv: Sequence[str]) -> int:
     if not timeout > 0:
         raise UsageError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     device = _device(args.device)
+    env = torchrun_env()
+    if env is None or env.world_size == 1:  # several ranks: rank 0 checks it, on its own file system
+        check_output_dir(args.out, args.model_dir, args.overwrite)  # after the argument checks: it must not hide them
     if args.no_progress:
         _quiet_transformers()
     # Under torchrun (WORLD_SIZE > 1) every rank runs this with its own device; alone, as before.
@@ -300,16 +303,16 @@ def _eval(args) -> int:
     from .calibration import read_texts
     from .eval import embedding_similarity, heldout_paragraphs, mean_pooled_embeddings, perplexity, perplexity_windows
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .save import REPORT_NAME
+    from .pack import is_packed_dir, read_manifest
 
-    check_model_dir(args.model_dir)
+    check_model_dir(args.model_dir, packed=True)
     _check_source(args.text, "evaluation text")
     _positive("--seq-len", args.seq_len)
     _positive("--n-samples", args.n_samples)
     _positive("--batch-size", args.batch_size)
     dense_dir = args.dense
     if dense_dir is not None:
-        check_model_dir(dense_dir)
+        check_model_dir(dense_dir, packed=True)
     device = _device(args.device)
     texts = read_texts(args.text, args.text_field)
     tokenizer = load_tokenizer(args.model_dir)
@@ -317,18 +320,18 @@ def _eval(args) -> int:
 
     from .loading import model_kind
 
-    kind = model_kind(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
+    if is_packed_dir(args.model_dir):  # transformers cannot read its config.json: the manifest says
+        kind = read_manifest(args.model_dir).get("model_kind", "encoder")
+    else:
+        kind = model_kind(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
     if kind == "encoder" and dense_dir is None:
-        report_path = os.path.join(args.model_dir, REPORT_NAME)
-        if os.path.isfile(report_path):
-            with open(report_path, encoding="utf-8") as f:
-                dense_dir = json.load(f).get("source_model")
+        dense_dir = _dense_source(args.model_dir)
         if not dense_dir or not os.path.isdir(dense_dir):
             raise UsageError("an encoder is evaluated against its dense model: pass --dense DENSE_DIR")
     results: Dict[str, Any] = {"model": os.path.abspath(args.model_dir), "kind": kind, "text": args.text}
 
     def load(path):
-        model, _ = load_model(path, args.dtype, kind)
+        model, _ = load_model(path, args.dtype, kind, packed=True)
         return model.to(device)
 
     model = load(args.model_dir)
@@ -368,6 +371,26 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
+def _dense_source(model_dir: str) -> Optional[str]:
+    """The dense model an s3sparse directory comes from: the ``source_model`` of its ``s3sparse.json``;
+    for a packed directory, the dense model of the pruned directory it was packed from."""
+    from .pack import is_packed_dir, read_manifest
+    from .save import REPORT_NAME
+
+    if is_packed_dir(model_dir):
+        manifest = read_manifest(model_dir)
+        if manifest.get("dense_model"):
+            return manifest["dense_model"]
+        model_dir = manifest.get("source_model")  # packed by an s3sparse that did not record it: the pruned dir
+        if not model_dir:
+            return None
+    report_path = os.path.join(model_dir, REPORT_NAME)
+    if not os.path.isfile(report_path):
+        return None
+    with open(report_path, encoding="utf-8") as f:
+        return json.load(f).get("source_model")
+
+
 # ------------------------------------------------------------------ pack
 def _pack(args, argv: Sequence[str]) -> int:
     from .loading import check_model_dir, load_model, load_tokenizer
@@ -376,7 +399,6 @@ def _pack(args, argv: Sequence[str]) -> int:
 
     started = time.perf_counter()
     check_model_dir(args.model_dir)
-    check_output_dir(args.out, args.model_dir, args.overwrite)
     report_path = os.path.join(args.model_dir, REPORT_NAME)
     if not os.path.isfile(report_path):
         raise UsageError(f"{args.model_dir!r} has no {REPORT_NAME}: pack the OUT_DIR of `s3sparse prune`, which records "
@@ -388,6 +410,7 @@ def _pack(args, argv: Sequence[str]) -> int:
     }
     if not layer_patterns:
         raise UsageError(f"{report_path} lists no pruned layer: nothing to pack")
+    check_output_dir(args.out, args.model_dir, args.overwrite)  # after the argument checks: it must not hide them
     model, kind = load_model(args.model_dir, args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     print(f"s3sparse pack: {type(model).__name__} from {args.model_dir}; {len(layer_patterns)} pruned layers", flush=True)
@@ -398,6 +421,7 @@ def _pack(args, argv: Sequence[str]) -> int:
         **_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_model": os.path.abspath(args.model_dir),
+        "dense_model": pruned.get("source_model"),
         "command": ["s3sparse", *argv],
         "pack": report.to_dict(),
     }
@@ -410,7 +434,10 @@ def _pack(args, argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------ entry point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``s3sparse``; returns the exit status (see the module docstring)."""
+    from .save import take_written
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    take_written()  # forget directories an earlier main() in this process wrote
     try:
         args = build_parser().parse_args(argv)
         if args.command == "prune":
@@ -423,7 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"s3sparse{rank_prefix()}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"s3sparse{rank_prefix()}: interrupted; nothing was written", file=sys.stderr)
+        _say_interrupted()
         return EXIT_INTERRUPTED
     except Exception as exc:
         if getattr(exc, "_s3sparse_printed", False):  # printed with its traceback on every rank (torchrun)
@@ -431,6 +458,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
 
 
+def _say_interrupted() -> None:
+    """One line on stderr: interrupted, and whether an output directory had been completed (by the save's
+    record, :func:`s3sparse.llm.save.take_written`; a save is never left half done)."""
+    from .save import take_written
+
+    written = take_written()
+    if written:
+        what = f"{', '.join(written)} had been written completely before the interrupt"
+    else:
+        what = "nothing was written (an existing output directory is as it was)"
+    print(f"s3sparse{rank_prefix()}: interrupted; {what}", file=sys.stderr, flush=True)
+
+
+def _interrupted_at_exit(signum, frame) -> None:
+    """SIGINT handler once the run is over: end the process now with status 130 (its work is complete)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream: nothing more to say on it
+            pass
+    try:
+        os.write(2, f"s3sparse{rank_prefix()}: interrupted while exiting; the run had finished\n".encode())
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
 def console_main() -> None:
-    """Console-script entry point: ``sys.exit(main())``."""
-    sys.exit(main())
+    """Console-script (and ``python -m s3sparse``) entry point: ``sys.exit(main())``.
+
+    A Ctrl-C after :func:`main` returned — while the interpreter shuts down,
+    where Python would only print "Exception ignored" and exit 0 — ends the
+    process at once with status 130 as well.
+    """
+    code = EXIT_INTERRUPTED
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main()'s own handler and here
+        _say_interrupted()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _interrupted_at_exit)
+    sys.exit(code)

@@ -4,11 +4,15 @@
 method, a layer shape the pattern cannot divide, a missing calibration file, an
 existing output directory...). The CLI prints its message on one line and exits
 with status 2; library callers can catch it as a ``ValueError``.
+:class:`DirectoryError`, a directory that cannot be used as asked, is one, and
+also an :class:`s3sparse.S3Error`.
 """
 
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+from ..errors import ArgumentError
+
+__all__ = ["UsageError", "DirectoryError"]
 
 
 class UsageError(ValueError):
@@ -17,3 +21,12 @@ class UsageError(ValueError):
     def __init__(self, message: str) -> None:
         # One line, always: the CLI prints it as is.
         super().__init__(" ".join(str(message).split()))
+
+
+class DirectoryError(UsageError, ArgumentError):
+    """A directory argument that cannot be used as asked: an ``OUT_DIR`` that exists and that
+    s3sparse did not write, a packed model directory given where a Hugging Face one is needed...
+
+    A :class:`UsageError` (the CLI prints it on one line, exit status 2) and an
+    :class:`s3sparse.S3Error`; the message names the argument and what to do.
+    """

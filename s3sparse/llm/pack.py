@@ -8,21 +8,31 @@ Linears (:func:`s3sparse.sparse.compact_model`). Every swapped layer is checked
 on a few random inputs against the layer it replaces before the swap.
 
 A packed directory (``s3sparse pack PRUNED_DIR --out PACKED_DIR``) holds the
-model's ``config.json``, the tokenizer and the source's small extra files, the
-whole state dict in ``model.safetensors`` (packed buffers included; tied weights
-stored once), and ``s3sparse-packed.json``: for every module that is not what the
-config builds (a PackedLinear, a compacted Linear, a GatherLinear), what to build
-in its place. :func:`load_packed` builds the model from the config, swaps those
-modules in, and loads the state dict strictly; no spec objects are needed.
-Writing is atomic, as for ``s3sparse prune``.
+tokenizer and the source's small extra files, the whole state dict in
+``s3sparse-packed.safetensors`` (packed buffers included; tied weights stored
+once), and ``s3sparse-packed.json``: the model's own config, and for every module
+that is not what the config builds (a PackedLinear, a compacted Linear, a
+GatherLinear), what to build in its place. :func:`load_packed` builds the model
+from that config, swaps those modules in, and loads the state dict strictly; no
+spec objects are needed. Writing is atomic, as for ``s3sparse prune``.
+
+Transformers cannot load a packed directory, and must not seem to: with the
+model's config it would build dense Linears, find most keys missing or
+unexpected, and return random layers. So its ``config.json`` is a guard
+(:data:`GUARD_CONFIG`) whose ``model_type`` transformers does not know
+(``AutoConfig`` / ``AutoModel*`` / ``pipeline`` refuse it with a message naming
+:func:`load_packed`), whose ``tie_word_embeddings`` is text that the models'
+configs refuse as a bool (``Qwen3ForCausalLM.from_pretrained`` & co., same
+message), and there is no ``model.safetensors`` (a ``config=`` passed by hand
+does not help). ``AutoTokenizer`` still loads the tokenizer. A directory written
+by an earlier s3sparse (format version 1: the model's ``config.json`` and
+``model.safetensors``) still loads with :func:`load_packed`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -32,15 +42,28 @@ from torch import Tensor, nn
 
 from ..sparse.compact import _set_module
 from .blocks import _is_conv1d
-from .errors import UsageError
+from .errors import DirectoryError, UsageError
 from .pattern_registry import parse_pattern
 
-__all__ = ["PackedLayer", "PackReport", "pack_model", "save_packed_model", "load_packed", "MANIFEST_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "PackedLayer", "PackReport", "pack_model", "save_packed_model", "load_packed", "is_packed_dir", "read_manifest",
+    "MANIFEST_NAME", "WEIGHTS_NAME", "GUARD_CONFIG",
+]
 
 MANIFEST_NAME = "s3sparse-packed.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "s3sparse-packed.safetensors"
 FORMAT = "s3sparse-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_V1_WEIGHTS_NAME = "model.safetensors"  # format version 1 kept the model's config.json and this name
+
+_LOAD_HINT = "s3sparse packed model: transformers cannot load it; load it with s3sparse.llm.load_packed(PACKED_DIR)"
+#: The ``config.json`` of a packed directory: every transformers loader refuses it, naming load_packed.
+GUARD_CONFIG: Dict[str, Any] = {
+    "model_type": "s3sparse-packed (load it with s3sparse.llm.load_packed)",
+    "architectures": ["S3SparsePackedModel"],
+    "tie_word_embeddings": _LOAD_HINT,
+    "s3sparse": _LOAD_HINT,
+}
 
 # Pattern constructors whose blocks are whole rows or columns: compacted, not packed.
 _CHANNEL_PREFIXES = ("channels:", "columns:", "col-blocks:")
@@ -303,24 +326,24 @@ def save_packed_model(
     """
     from safetensors.torch import save_model
 
-    from .save import _copy_extra_files, check_output_dir
+    from .save import _copy_extra_files, check_output_dir, write_atomically
 
-    out_dir = os.path.abspath(out_dir)
-    check_output_dir(out_dir, model_dir, overwrite)
+    check_output_dir(os.path.abspath(out_dir), model_dir, overwrite)
     model = model.to("cpu")
     dtype = next(iter(model.parameters())).dtype
     fresh = _fresh_model(model.config, kind, dtype)
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "model_class": type(model).__name__, "model_kind": kind,
-        "dtype": str(dtype).replace("torch.", ""), "modules": _manifest_modules(model, _shapes(fresh)), **info,
+        "dtype": str(dtype).replace("torch.", ""), "weights": WEIGHTS_NAME,
+        "config": json.loads(model.config.to_json_string(use_diff=True)),
+        "modules": _manifest_modules(model, _shapes(fresh)), **info,
     }
     del fresh
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    backup = None
-    try:
-        model.config.save_pretrained(staging)
+
+    def write(staging: str) -> None:
+        with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(GUARD_CONFIG, f, indent=1)  # written first: the source's config.json is not copied over it
+            f.write("\n")
         if getattr(model, "generation_config", None) is not None and kind == "causal-lm":
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
@@ -331,33 +354,20 @@ def save_packed_model(
         with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, default=str)
             f.write("\n")
-        os.chmod(staging, 0o755)
-        check_output_dir(out_dir, model_dir, overwrite)
-        if os.path.lexists(out_dir):
-            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rmdir(backup)
-            os.rename(out_dir, backup)
-        try:
-            os.rename(staging, out_dir)
-            staging = None
-        except BaseException:
-            if backup is not None and not os.path.lexists(out_dir):
-                os.rename(backup, out_dir)
-                backup = None
-            raise
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if backup is not None and staging is None:
-            shutil.rmtree(backup, ignore_errors=True)
-    return out_dir
+
+    return write_atomically(out_dir, write, model_dir=model_dir, overwrite=overwrite)
+
+
+def is_packed_dir(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``s3sparse pack`` (it holds ``s3sparse-packed.json``)."""
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
 
 
 def read_manifest(packed_dir: str) -> Dict[str, Any]:
-    """The ``s3sparse-packed.json`` of ``packed_dir`` (a :class:`UsageError` when it is not a packed directory)."""
+    """The ``s3sparse-packed.json`` of ``packed_dir`` (a :class:`DirectoryError` when it is not a packed directory)."""
     path = os.path.join(packed_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
-        raise UsageError(f"{packed_dir!r} is not a packed model directory (no {MANIFEST_NAME}); make one with "
+        raise DirectoryError(f"{packed_dir!r} is not a packed model directory (no {MANIFEST_NAME}); make one with "
                          "`s3sparse pack PRUNED_DIR --out PACKED_DIR`")
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
@@ -367,6 +377,25 @@ def read_manifest(packed_dir: str) -> Dict[str, Any]:
     return manifest
 
 
+def _manifest_config(packed_dir: str, manifest: Mapping[str, Any]):
+    """The model's transformers config: kept in the manifest (format 2), or the directory's config.json (format 1)."""
+    import transformers
+
+    if "config" not in manifest:  # format version 1
+        return transformers.AutoConfig.from_pretrained(packed_dir, local_files_only=True)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = dict(manifest["config"])
+    model_type = values.get("model_type")
+    try:
+        config_class = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise UsageError(f"{packed_dir}: the packed model's type {model_type!r} is not one this transformers "
+                         f"({transformers.__version__}) knows; install the transformers version that packed it "
+                         f"({manifest.get('transformers', 'unknown')})")
+    return config_class.from_dict(values)
+
+
 def load_packed(
     packed_dir: str,
     device: Union[str, torch.device, None] = None,
@@ -374,9 +403,11 @@ def load_packed(
 ) -> nn.Module:
     """The model saved by ``s3sparse pack`` in ``packed_dir``, with its packed / compacted layers, in eval mode.
 
-    Builds the model class of the checkpoint from its ``config.json``, swaps in
-    the modules the manifest lists (empty), and loads ``model.safetensors``
-    strictly (every key present, no key left over).
+    Builds the model class of the checkpoint from the config kept in the
+    manifest, swaps in the modules the manifest lists (empty), and loads the
+    weights strictly (every key present, no key left over). This is the only
+    way to load a packed directory: transformers' loaders refuse it (see the
+    module docstring).
 
     Args:
         packed_dir: the directory ``s3sparse pack`` wrote.
@@ -393,13 +424,12 @@ def load_packed(
 
         model = s3sparse.llm.load_packed("out-packed", device="cuda", dtype=torch.float16)
     """
-    import transformers
     from safetensors.torch import load_model
 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise UsageError(f"`dtype` must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
     manifest = read_manifest(packed_dir)
-    config = transformers.AutoConfig.from_pretrained(packed_dir, local_files_only=True)
+    config = _manifest_config(packed_dir, manifest)
     saved_dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = _fresh_model(config, manifest.get("model_kind", "encoder"), saved_dtype)
     for name, entry in manifest.get("modules", {}).items():
@@ -408,7 +438,10 @@ def load_packed(
         except AttributeError:
             raise UsageError(f"{packed_dir}: {MANIFEST_NAME} names {name!r}, which the config's model does not have")
         _set_module(model, name, _build(entry, saved_dtype, f"{packed_dir}: {name}"))
-    missing, unexpected = load_model(model, os.path.join(packed_dir, WEIGHTS_NAME), strict=False)
+    weights = os.path.join(packed_dir, manifest.get("weights", _V1_WEIGHTS_NAME))
+    if not os.path.isfile(weights):
+        raise UsageError(f"{packed_dir}: the weights file {os.path.basename(weights)} is missing; pack the model again")
+    missing, unexpected = load_model(model, weights, strict=False)
     if missing or unexpected:
         raise UsageError(f"{packed_dir}: the saved state does not fit the rebuilt model (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
