@@ -73,20 +73,26 @@ struct FastDivmod {
   }
 };
 
-// Everything the gemv kernel needs besides pointers (passed by value).
+// Everything the decode kernels need besides pointers (passed by value).
 struct GemvPlan {
   PackedGeometry g;
   FastDivmod div_scope_shape[kMaxPackedScopeDims];
-  FastDivmod div_P, div_B, div_K, div_per_word;
+  FastDivmod div_P, div_B, div_K, div_per_word, div_spg;
   int32_t P = 0;                 // values per scope: nnz * B
   int32_t N = 0;                 // tokens
   int32_t R = 0;                 // rows per group
   int64_t scopes_per_group = 0;
-  int64_t chunks_per_group = 0;  // VEC-value chunks of one group's values
+  int64_t groups = 0;            // M / R
+  // gemv kernel: a group's VEC-value chunks, split over gridDim.y blocks.
+  int64_t chunks_per_group = 0;
   int64_t chunks_per_split = 0;
-  bool base_fast = false;        // every scope base in [0, 2^30): 32-bit divmod by K
   bool split = false;            // groups split over several blocks (fp32 workspace)
-  // Shared-memory layout (bytes): ys (R * kMaxTokens floats), then int32 tables.
+  // rowtile kernel: groups per block (their rows decoded into shared memory).
+  int32_t groups_per_block = 0;
+  bool base_fast = false;        // every scope base in [0, 2^30): 32-bit divmod by K
+  bool x_aligned = false;        // x's rows can be read as 16-byte vectors (with K % (16 / sizeof(T)) == 0)
+  // Shared-memory layout (bytes): the gemv sums (R * kMaxTokens floats) or the
+  // rowtile tile, then the int32 tables.
   int32_t smem_boff = 0, smem_eoff = 0, smem_sub = 0, smem_total = 0;
 };
 
@@ -95,25 +101,18 @@ C10_HOST_DEVICE inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
-__device__ __forceinline__ int32_t load_meta(const int32_t* meta, uint32_t word) {
+template <typename T>
+__device__ __forceinline__ T ldg(const T* p) {
 #if defined(__CUDA_ARCH__)
-  return __ldg(meta + word);
+  return __ldg(p);
 #else
-  return meta[word];
+  return *p;
 #endif
 }
 
 template <typename T>
-__device__ __forceinline__ T load_x(const T* p) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<T, float>) {
-    return __ldg(p);
-  } else {
-    return *p;  // 2-byte types: through L1 as well (read-only, restrict)
-  }
-#else
-  return *p;
-#endif
+__device__ __forceinline__ float load_x(const T* p) {
+  return to_float(*p);  // read-only and __restrict__: cached in L1
 }
 
 // (row, col) of a flat offset, col in [0, K), row clamped to +-kRowClamp.
@@ -123,85 +122,68 @@ __device__ __forceinline__ void split_offset(int64_t off, int64_t K, int32_t* ro
   *row = static_cast<int32_t>(std::max<int64_t>(-kRowClamp, std::min<int64_t>(kRowClamp, r)));
 }
 
-// ------------------------------------------------------------------ gemv (decode)
-template <typename T, int VEC, int NT>
-__global__ void __launch_bounds__(kThreads)
-packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
-                   const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
-                   const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
-                   T* __restrict__ y, float* __restrict__ y32, int* __restrict__ status) {
-  S3_DYNAMIC_SHARED(unsigned char, smem);
-  __shared__ int block_bad;
+// Fill the shared tables (block_off and elem_off as (row, col) pairs, subsets
+// with bad entries as -1); returns the status bits of subsets. Ends with a barrier.
+__device__ inline int load_tables(const GemvPlan& p, const int32_t* __restrict__ subsets,
+                                  const int64_t* __restrict__ block_off, const int64_t* __restrict__ elem_off,
+                                  int32_t* boff, int32_t* eoff, int32_t* sub) {
   const PackedGeometry& g = p.g;
-  float* ys = reinterpret_cast<float*>(smem);
-  int32_t* boff = reinterpret_cast<int32_t*>(smem + p.smem_boff);  // (G, 2): row, col
-  int32_t* eoff = reinterpret_cast<int32_t*>(smem + p.smem_eoff);  // (B, 2): row, col
-  int32_t* sub = reinterpret_cast<int32_t*>(smem + p.smem_sub);    // (n_codes, nnz)
-  const int tid = static_cast<int>(threadIdx.x);
-  const int T_ = static_cast<int>(blockDim.x);
-  const int32_t K = static_cast<int32_t>(g.K);
-  const int32_t M = static_cast<int32_t>(g.M);
-  const int32_t R = p.R;
-  const int32_t N = p.N;
-  const int32_t B = static_cast<int32_t>(g.B);
-  const int32_t nnz = static_cast<int32_t>(g.nnz);
-  const int32_t G = static_cast<int32_t>(g.G);
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   int bad = 0;
-
-  if (tid == 0) block_bad = 0;
-  for (int i = tid; i < R * NT; i += T_) ys[i] = 0.f;
-  for (int i = tid; i < G; i += T_) split_offset(block_off[i], g.K, &boff[2 * i], &boff[2 * i + 1]);
-  for (int i = tid; i < B; i += T_) split_offset(elem_off[i], g.K, &eoff[2 * i], &eoff[2 * i + 1]);
+  for (int i = tid; i < g.G; i += nt) split_offset(block_off[i], g.K, &boff[2 * i], &boff[2 * i + 1]);
+  for (int i = tid; i < g.B; i += nt) split_offset(elem_off[i], g.K, &eoff[2 * i], &eoff[2 * i + 1]);
   if (subsets != nullptr) {
-    for (int64_t i = tid; i < g.n_codes * nnz; i += T_) {
+    for (int64_t i = tid; i < g.n_codes * g.nnz; i += nt) {
       const int32_t k = subsets[i];
-      const bool ok = k >= 0 && k < G;
+      const bool ok = k >= 0 && k < g.G;
       if (!ok) bad |= kPackedBadIndex;
       sub[i] = ok ? k : -1;
     }
   }
   __syncthreads();
+  return bad;
+}
 
-  const int64_t q = blockIdx.x;
-  const int32_t row0 = static_cast<int32_t>(q * R);
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunks_per_split;
-  const int64_t c1 = std::min(p.chunks_per_group, c0 + p.chunks_per_split);
-  const uint32_t vbase = static_cast<uint32_t>(q * p.scopes_per_group * p.P);
-
-  float acc[NT];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) acc[n] = 0.f;
-  int32_t cur = -1;  // the group-local row acc belongs to
-
-  auto flush = [&]() {
-    if (cur >= 0) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        if (NT == 1 || n < N) atomicAdd(&ys[cur * NT + n], acc[n]);
-        acc[n] = 0.f;
-      }
-    }
-  };
-
-  // Decoding state of the current scope and block.
-  const int32_t* kept = nullptr;  // the kept set (codes), else null
-  bool scope_ok = false, block_ok = false;
-  int32_t base_r = 0, base_c = 0, org_r = 0, org_c = 0;
+// Decodes runs of consecutive values (value index i: scope i / P, kept block
+// (i % P) / B, element i % B) into W's (row, col), checking every index, code,
+// offset and the row-group promise. Bad elements are skipped and counted in `bad`.
+struct Decoder {
+  const GemvPlan& p;
+  const int32_t* __restrict__ meta;
+  const int32_t* sub;   // shared copy of subsets, or null
+  const int32_t* boff;  // shared (G, 2)
+  const int32_t* eoff;  // shared (B, 2)
+  int bad = 0;
+  // Current scope / block.
   uint32_t s = 0;
+  int32_t j = 0, e = 0;
+  const int32_t* kept = nullptr;
+  bool scope_ok = false, block_ok = false;
+  int32_t base_r = 0, base_c = 0, org_r = 0, org_c = 0, group_r0 = 0;
 
-  auto enter_scope = [&]() {
+  __device__ Decoder(const GemvPlan& plan, const int32_t* m, const int32_t* su, const int32_t* bo, const int32_t* eo)
+      : p(plan), meta(m), sub(su), boff(bo), eoff(eo) {}
+
+  __device__ __forceinline__ uint32_t field(uint32_t i) const {
+    const PackedGeometry& g = p.g;
+    const uint32_t word = p.div_per_word.div(i);
+    const uint32_t slot = i - word * static_cast<uint32_t>(g.per_word);
+    const uint32_t mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
+    return (static_cast<uint32_t>(ldg(meta + word)) >> (slot * g.meta_bits)) & mask;
+  }
+
+  __device__ __forceinline__ void enter_scope() {
+    const PackedGeometry& g = p.g;
     scope_ok = true;
-    if (subsets != nullptr) {
-      const uint32_t word = p.div_per_word.div(s);
-      const uint32_t slot = s - word * static_cast<uint32_t>(g.per_word);
-      const uint32_t mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
-      const uint32_t code = (static_cast<uint32_t>(load_meta(meta, word)) >> (slot * g.meta_bits)) & mask;
+    group_r0 = static_cast<int32_t>(p.div_spg.div(s)) * p.R;
+    if (sub != nullptr) {
+      const uint32_t code = field(s);
       if (code >= static_cast<uint64_t>(g.n_codes)) {
         bad |= kPackedBadCode;
         scope_ok = false;
         return;
       }
-      kept = sub + static_cast<int64_t>(code) * nnz;
+      kept = sub + static_cast<int64_t>(code) * g.nnz;
     }
     if (p.base_fast) {
       uint32_t t = s, base = 0;
@@ -212,25 +194,23 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
       }
       const uint32_t r = p.div_K.div(base);
       base_r = static_cast<int32_t>(r);
-      base_c = static_cast<int32_t>(base - r * static_cast<uint32_t>(K));
+      base_c = static_cast<int32_t>(base - r * static_cast<uint32_t>(g.K));
     } else {
       split_offset(g.scope_base(s), g.K, &base_r, &base_c);
     }
-  };
-  auto enter_block = [&](int32_t j) {
+  }
+
+  __device__ __forceinline__ void enter_block() {
+    const PackedGeometry& g = p.g;
     block_ok = false;
     if (!scope_ok) return;
     int32_t k;
-    if (subsets != nullptr) {
+    if (sub != nullptr) {
       k = kept[j];
-      if (k < 0) return;  // a bad subsets entry (counted above)
+      if (k < 0) return;  // a bad subsets entry (counted by load_tables)
     } else {
-      const uint32_t field = s * static_cast<uint32_t>(nnz) + static_cast<uint32_t>(j);
-      const uint32_t word = p.div_per_word.div(field);
-      const uint32_t slot = field - word * static_cast<uint32_t>(g.per_word);
-      const uint32_t mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
-      const uint32_t idx = (static_cast<uint32_t>(load_meta(meta, word)) >> (slot * g.meta_bits)) & mask;
-      if (idx >= static_cast<uint32_t>(G)) {
+      const uint32_t idx = field(s * static_cast<uint32_t>(g.nnz) + static_cast<uint32_t>(j));
+      if (idx >= static_cast<uint32_t>(g.G)) {
         bad |= kPackedBadIndex;
         return;
       }
@@ -238,95 +218,304 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
     }
     org_r = base_r + boff[2 * k];
     org_c = base_c + boff[2 * k + 1];
-    if (org_c >= K) {
-      org_c -= K;
+    if (org_c >= g.K) {
+      org_c -= static_cast<int32_t>(g.K);
       ++org_r;
     }
     block_ok = true;
-  };
+  }
 
-  // One chunk of VEC consecutive values, starting at value index i0.
-  auto process = [&](const T* vals, uint32_t i0) {
-    s = p.div_P.div(i0);
-    const uint32_t r = i0 - s * static_cast<uint32_t>(p.P);
-    int32_t j = static_cast<int32_t>(p.div_B.div(r));
-    int32_t e = static_cast<int32_t>(r) - j * B;
+  // Position at value index i.
+  __device__ __forceinline__ void seek(uint32_t i) {
+    s = p.div_P.div(i);
+    const uint32_t r = i - s * static_cast<uint32_t>(p.P);
+    j = static_cast<int32_t>(p.div_B.div(r));
+    e = static_cast<int32_t>(r) - j * static_cast<int32_t>(p.g.B);
     enter_scope();
-    enter_block(j);
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      if (v > 0 && e == 0) {
-        if (j == 0) enter_scope();
-        enter_block(j);
+    enter_block();
+  }
+
+  // (row, col) of the current element, or false (counted) when it is bad.
+  __device__ __forceinline__ bool locate(int32_t* row, int32_t* col) {
+    if (!block_ok) return false;
+    int32_t r = org_r + eoff[2 * e];
+    int32_t c = org_c + eoff[2 * e + 1];
+    if (c >= p.g.K) {
+      c -= static_cast<int32_t>(p.g.K);
+      ++r;
+    }
+    if (static_cast<uint32_t>(r - group_r0) >= static_cast<uint32_t>(p.R)) {
+      bad |= (r < 0 || r >= p.g.M) ? kPackedBadOffset : kPackedBadGroup;
+      return false;
+    }
+    *row = r;
+    *col = c;
+    return true;
+  }
+
+  // Step to the next value.
+  __device__ __forceinline__ void next() {
+    if (++e == p.g.B) {
+      e = 0;
+      if (++j == p.g.nnz) {
+        j = 0;
+        ++s;
+        enter_scope();
       }
-      if (block_ok) {
-        int32_t row = org_r + eoff[2 * e];
-        int32_t col = org_c + eoff[2 * e + 1];
-        if (col >= K) {
-          col -= K;
-          ++row;
-        }
-        const int32_t lr = row - row0;
-        if (static_cast<uint32_t>(lr) >= static_cast<uint32_t>(R)) {
-          bad |= (row < 0 || row >= M) ? kPackedBadOffset : kPackedBadGroup;
-        } else {
-          if (lr != cur) {
-            flush();
-            cur = lr;
-          }
-          const float w = to_float(vals[v]);
+      enter_block();
+    }
+  }
+};
+
+// Load VEC consecutive values (16 bytes when VEC * sizeof(T) == 16).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_values(const T* __restrict__ src, T (&out)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    const uint4 raw = ldg(reinterpret_cast<const uint4*>(src));
+    std::memcpy(out, &raw, 16);
+  } else {
 #pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            if (NT == 1 || n < N) acc[n] += w * to_float(load_x(x + static_cast<int64_t>(n) * K + col));
-          }
-        }
-      }
-      if (++e == B) {
-        e = 0;
-        if (++j == nnz) {
-          j = 0;
-          ++s;
-        }
+    for (int v = 0; v < VEC; ++v) out[v] = src[v];
+  }
+}
+
+// ------------------------------------------------------------------ gemv (decode, large groups)
+// One block per row group (gridDim.y blocks per group when groups are few):
+// every kept value read once, its dot products with the tokens accumulated in
+// registers while consecutive elements stay in one row, flushed into the
+// group's sums in shared memory. A chunk that is one run of columns (x_runs)
+// reads x with 16-byte loads.
+template <typename T, int VEC, int NT>
+__global__ void __launch_bounds__(kThreads)
+packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                   const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
+                   const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
+                   T* __restrict__ y, float* __restrict__ y32, int* __restrict__ status) {
+  S3_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int block_bad;
+  __shared__ int not_runs;  // elem_off is not 0, 1, ..., B-1 (plus a constant)
+  const PackedGeometry& g = p.g;
+  float* ys = reinterpret_cast<float*>(smem);
+  int32_t* boff = reinterpret_cast<int32_t*>(smem + p.smem_boff);
+  int32_t* eoff = reinterpret_cast<int32_t*>(smem + p.smem_eoff);
+  int32_t* sub = reinterpret_cast<int32_t*>(smem + p.smem_sub);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nt = static_cast<int>(blockDim.x);
+  const int32_t K = static_cast<int32_t>(g.K);
+  const int32_t N = p.N;
+  if (tid == 0) {
+    block_bad = 0;
+    not_runs = 0;
+  }
+  for (int i = tid; i < p.R * NT; i += nt) ys[i] = 0.f;
+  __syncthreads();
+  for (int i = tid; i < g.B; i += nt) {
+    if (elem_off[i] != elem_off[0] + i) atomicOr(&not_runs, 1);
+  }
+  int bad = load_tables(p, subsets, block_off, elem_off, boff, eoff, sub);
+  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff);
+
+  const int64_t q = blockIdx.x;
+  const int32_t row0 = static_cast<int32_t>(q * p.R);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunks_per_split;
+  const int64_t c1 = std::min(p.chunks_per_group, c0 + p.chunks_per_split);
+  const uint32_t vbase = static_cast<uint32_t>(q * p.scopes_per_group * p.P);
+  // A chunk lies in one block and its elements are consecutive columns.
+  const bool runs = VEC > 1 && !not_runs && p.x_aligned && K % VEC == 0 && g.B % VEC == 0 && p.P % VEC == 0;
+
+  float acc[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+  int32_t cur = -1;  // the group-local row acc belongs to
+  auto flush = [&]() {
+    if (cur >= 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (NT == 1 || n < N) atomicAdd(&ys[cur * NT + n], acc[n]);
+        acc[n] = 0.f;
       }
     }
   };
+  auto use_row = [&](int32_t lr) {
+    if (lr != cur) {
+      flush();
+      cur = lr;
+    }
+  };
 
-  for (int64_t c = c0 + tid; c < c1; c += static_cast<int64_t>(T_) * kUnroll) {
+  for (int64_t c = c0 + tid; c < c1; c += static_cast<int64_t>(nt) * kUnroll) {
     T vals[kUnroll][VEC];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * T_;
-      if (cu < c1) {
-        const T* src = values + vbase + static_cast<uint32_t>(cu) * VEC;
-        if constexpr (VEC * sizeof(T) == 16) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(src);
-          std::memcpy(vals[u], &raw, 16);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) vals[u][v] = src[v];
-        }
-      }
+      const int64_t cu = c + static_cast<int64_t>(u) * nt;
+      if (cu < c1) load_values<T, VEC>(values + vbase + static_cast<uint32_t>(cu) * VEC, vals[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * T_;
-      if (cu < c1) process(vals[u], vbase + static_cast<uint32_t>(cu) * VEC);
+      const int64_t cu = c + static_cast<int64_t>(u) * nt;
+      if (cu >= c1) continue;
+      dec.seek(vbase + static_cast<uint32_t>(cu) * VEC);
+      int32_t row = 0, col = 0;
+      if (runs) {
+        // The whole chunk: one block, columns col .. col + VEC - 1 of one row
+        // (its last element checked too), x read as 16-byte vectors when aligned.
+        if (!dec.locate(&row, &col)) continue;
+        const int32_t e0 = dec.e;
+        dec.e = e0 + VEC - 1;
+        int32_t row_last = 0, col_last = 0;
+        const bool last_ok = dec.locate(&row_last, &col_last);
+        dec.e = e0;
+        if (!last_ok) continue;
+        use_row(row - row0);
+        if (row_last == row && col % VEC == 0) {
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            if (NT == 1 || n < N) {
+              T xv[VEC];
+              load_values<T, VEC>(x + static_cast<int64_t>(n) * K + col, xv);
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) acc[n] += to_float(vals[u][v]) * to_float(xv[v]);
+            }
+          }
+          continue;
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        if (v > 0) dec.next();
+        if (!dec.locate(&row, &col)) continue;
+        use_row(row - row0);
+        const float w = to_float(vals[u][v]);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (NT == 1 || n < N) acc[n] += w * load_x(x + static_cast<int64_t>(n) * K + col);
+        }
+      }
     }
   }
   flush();
+  bad |= dec.bad;
   if (bad) atomicOr(&block_bad, bad);
   __syncthreads();
 
   const int any_bad = block_bad;
   if (any_bad && tid == 0 && status != nullptr) atomicOr(status, any_bad);
-  for (int i = tid; i < R * N; i += T_) {
+  for (int i = tid; i < p.R * N; i += nt) {
     const int32_t lr = i / N, n = i - lr * N;
-    const int64_t out = static_cast<int64_t>(n) * M + row0 + lr;
+    const int64_t out = static_cast<int64_t>(n) * g.M + row0 + lr;
     const float v = any_bad ? NAN : ys[lr * NT + n];
     if (p.split) {
       atomicAdd(&y32[out], v);
     } else {
       y[out] = static_cast<T>(bias != nullptr ? v + to_float(bias[row0 + lr]) : v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ rowtile (decode, small groups)
+// groups_per_block row groups per block whose rows fit in shared memory: the
+// kept values are read once and scattered into a zeroed tile of those rows,
+// then every warp takes whole rows and multiplies them with the tokens, tile
+// and x both read as consecutive 16-byte vectors (coalesced, no gathers).
+template <typename T, int VEC, int NT>
+__global__ void __launch_bounds__(kThreads)
+packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                      const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
+                      const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
+                      T* __restrict__ y, int* __restrict__ status) {
+  S3_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int block_bad;
+  const PackedGeometry& g = p.g;
+  constexpr int kXVec = 16 / sizeof(T);
+  T* tile = reinterpret_cast<T*>(smem);
+  int32_t* boff = reinterpret_cast<int32_t*>(smem + p.smem_boff);
+  int32_t* eoff = reinterpret_cast<int32_t*>(smem + p.smem_eoff);
+  int32_t* sub = reinterpret_cast<int32_t*>(smem + p.smem_sub);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nt = static_cast<int>(blockDim.x);
+  const int32_t K = static_cast<int32_t>(g.K);
+  const int32_t N = p.N;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * p.groups_per_block;
+  const int64_t q1 = std::min<int64_t>(p.groups, q0 + p.groups_per_block);
+  const int32_t row0 = static_cast<int32_t>(q0 * p.R);
+  const int32_t rows = static_cast<int32_t>((q1 - q0) * p.R);
+  if (tid == 0) block_bad = 0;
+  {
+    uint4* t4 = reinterpret_cast<uint4*>(smem);
+    const int32_t n16 = p.smem_boff / 16;
+    for (int32_t i = tid; i < n16; i += nt) t4[i] = uint4{0u, 0u, 0u, 0u};
+  }
+  int bad = load_tables(p, subsets, block_off, elem_off, boff, eoff, sub);
+  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff);
+
+  const uint32_t v0 = static_cast<uint32_t>(q0 * p.scopes_per_group * p.P);
+  const int64_t chunks = (q1 - q0) * p.scopes_per_group * p.P / VEC;
+  for (int64_t c = tid; c < chunks; c += static_cast<int64_t>(nt) * kUnroll) {
+    T vals[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t cu = c + static_cast<int64_t>(u) * nt;
+      if (cu < chunks) load_values<T, VEC>(values + v0 + static_cast<uint32_t>(cu) * VEC, vals[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t cu = c + static_cast<int64_t>(u) * nt;
+      if (cu >= chunks) continue;
+      dec.seek(v0 + static_cast<uint32_t>(cu) * VEC);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        if (v > 0) dec.next();
+        int32_t row, col;
+        if (dec.locate(&row, &col)) tile[static_cast<int64_t>(row - row0) * K + col] = vals[u][v];
+      }
+    }
+  }
+  bad |= dec.bad;
+  if (bad) atomicOr(&block_bad, bad);
+  __syncthreads();
+  const int any_bad = block_bad;
+  if (any_bad && tid == 0 && status != nullptr) atomicOr(status, any_bad);
+
+  // Every warp: whole rows of the tile times the tokens.
+  const int lane = tid % 32, warp = tid / 32, warps = nt / 32;
+  const bool vec = p.x_aligned && K % kXVec == 0;  // x rows and tile rows 16-byte aligned
+  for (int32_t r = warp; r < rows; r += warps) {
+    const T* trow = tile + static_cast<int64_t>(r) * K;
+    float acc[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    if (vec) {
+      for (int32_t col = lane * kXVec; col < K; col += 32 * kXVec) {
+        T wv[kXVec];
+        std::memcpy(wv, trow + col, 16);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (NT == 1 || n < N) {
+            T xv[kXVec];
+            load_values<T, kXVec>(x + static_cast<int64_t>(n) * K + col, xv);
+#pragma unroll
+            for (int v = 0; v < kXVec; ++v) acc[n] += to_float(wv[v]) * to_float(xv[v]);
+          }
+        }
+      }
+    } else {
+      for (int32_t col = lane; col < K; col += 32) {
+        const float w = to_float(trow[col]);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (NT == 1 || n < N) acc[n] += w * load_x(x + static_cast<int64_t>(n) * K + col);
+        }
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      float v = acc[n];
+      for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0 && (NT == 1 || n < N)) {
+        const int32_t row = row0 + r;
+        const float out = any_bad ? NAN : (bias != nullptr ? v + to_float(bias[row]) : v);
+        y[static_cast<int64_t>(n) * g.M + row] = static_cast<T>(out);
+      }
     }
   }
 }
@@ -343,20 +532,21 @@ packed_finalize_kernel(const float* __restrict__ y32, const T* __restrict__ bias
 }
 
 // ------------------------------------------------------------------ scatter
-// One thread per (scope, kept block j), grid-stride. `row_group` > 0 also checks
-// that every element lies in its scope's row group (packed_linear's promise).
+// One thread per kept value, grid-stride. `row_group` > 0 also checks that
+// every element lies in its scope's row group (packed_linear's promise).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 packed_scatter_kernel(const PackedGeometry g, const T* __restrict__ values, const int32_t* __restrict__ meta,
                       const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
                       const int64_t* __restrict__ elem_off, T* __restrict__ w, int* __restrict__ status) {
-  const int64_t total = g.S * g.nnz;
+  const int64_t total = g.S * g.nnz * g.B;
   const int64_t w_end = g.M * g.K;
   const int64_t spg = g.row_group > 0 ? g.S * g.row_group / g.M : 0;
   int bad = 0;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t s = t / g.nnz, j = t - s * g.nnz;
+    const int64_t sj = t / g.B, e = t - sj * g.B;
+    const int64_t s = sj / g.nnz, j = sj - s * g.nnz;
     int64_t k;
     if (subsets != nullptr) {
       const uint32_t code = packed_field(meta, s, g.meta_bits, g.per_word);
@@ -370,31 +560,25 @@ packed_scatter_kernel(const PackedGeometry g, const T* __restrict__ values, cons
         continue;
       }
     } else {
-      k = packed_field(meta, t, g.meta_bits, g.per_word);
+      k = packed_field(meta, sj, g.meta_bits, g.per_word);
     }
     if (k >= g.G) {
       bad |= kPackedBadIndex;
       continue;
     }
-    const int64_t origin = g.scope_base(s) + block_off[k];
-    const int64_t row_lo = spg > 0 ? s / spg * g.row_group : 0;
-    const int64_t row_hi = spg > 0 ? row_lo + g.row_group : g.M;
-    const T* src = values + t * g.B;
-    for (int64_t e = 0; e < g.B; ++e) {
-      const int64_t f = origin + elem_off[e];
-      if (f < 0 || f >= w_end) {
-        bad |= kPackedBadOffset;
+    const int64_t f = g.scope_base(s) + block_off[k] + elem_off[e];
+    if (f < 0 || f >= w_end) {
+      bad |= kPackedBadOffset;
+      continue;
+    }
+    if (spg > 0) {
+      const int64_t row = f / g.K, row_lo = s / spg * g.row_group;
+      if (row < row_lo || row >= row_lo + g.row_group) {
+        bad |= kPackedBadGroup;
         continue;
       }
-      if (spg > 0) {
-        const int64_t row = f / g.K;
-        if (row < row_lo || row >= row_hi) {
-          bad |= kPackedBadGroup;
-          continue;
-        }
-      }
-      w[f] = src[e];
     }
+    w[f] = values[t];
   }
   if (bad) atomicOr(status, bad);
 }
@@ -428,7 +612,7 @@ int* status_ptr(const at::Tensor& status) { return status.mutable_data_ptr<int>(
 void launch_scatter(const PackedGeometry& g, const at::Tensor& values, const at::Tensor& meta,
                     const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
                     at::Tensor& w, const at::Tensor& status, cudaStream_t stream) {
-  const int64_t total = g.S * g.nnz;
+  const int64_t total = g.S * g.nnz * g.B;
   if (total == 0) return;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kThreads), int64_t(1) << 16));
   const int32_t* sub = subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr;
@@ -463,8 +647,18 @@ at::Tensor packed_to_dense_cuda(const at::Tensor& values, const at::Tensor& meta
   return out;
 }
 
-// The gemv plan, or false when the decode path does not apply.
-bool plan_gemv(const PackedGeometry& g, int64_t N, const at::Tensor& values, GemvPlan* out) {
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max(sms, 1);
+}
+
+constexpr int64_t kTileBytes = 64 * 1024;  // rowtile: shared memory for the decoded rows
+
+// The decode plan, or false when the decode kernels do not apply (then W is
+// expanded and multiplied by cuBLAS).
+bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, GemvPlan* out) {
   if (g.row_group <= 0 || N < 1 || N > kMaxTokens || g.M == 0 || g.K == 0) return false;
   if (values.scalar_type() == at::kDouble) return false;
   if (g.M * g.K >= kInt32Safe || g.S * g.nnz * g.B >= kInt32Safe || g.S >= kInt32Safe) return false;
@@ -475,50 +669,73 @@ bool plan_gemv(const PackedGeometry& g, int64_t N, const at::Tensor& values, Gem
   p.R = static_cast<int32_t>(g.row_group);
   p.P = static_cast<int32_t>(g.nnz * g.B);
   if (p.P == 0) return false;
+  p.groups = g.M / g.row_group;
+  p.scopes_per_group = g.S / p.groups;
   p.div_P = FastDivmod(static_cast<uint32_t>(p.P));
   p.div_B = FastDivmod(static_cast<uint32_t>(g.B));
   p.div_K = FastDivmod(static_cast<uint32_t>(g.K));
   p.div_per_word = FastDivmod(static_cast<uint32_t>(g.per_word));
+  p.div_spg = FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, p.scopes_per_group)));
   int64_t lo = 0, hi = 0;
   g.scope_base_range(&lo, &hi);
   p.base_fast = lo >= 0 && hi < kInt32Safe;
   for (int d = 0; d < g.ndim; ++d) {
     if (g.scope_shape[d] <= 0) return false;
     p.div_scope_shape[d] = FastDivmod(static_cast<uint32_t>(g.scope_shape[d]));
-    if (g.scope_stride[d] < 0) p.base_fast = false;
   }
-  const int64_t groups = g.M / g.row_group;
-  p.scopes_per_group = g.S / groups;
-  // Shared memory: ys, then the (row, col) tables of block_off and elem_off, then subsets.
-  const int64_t ys_bytes = int64_t(g.row_group) * kMaxTokens * 4;
-  const int64_t boff = ys_bytes, eoff = boff + 8 * g.G, sub = eoff + 8 * g.B;
-  const int64_t total = sub + 4 * g.n_codes * g.nnz;
-  if (total > 48 * 1024) return false;
-  p.smem_boff = static_cast<int32_t>(boff);
-  p.smem_eoff = static_cast<int32_t>(eoff);
-  p.smem_sub = static_cast<int32_t>(sub);
-  p.smem_total = static_cast<int32_t>(total);
+  const int64_t tables = 8 * g.G + 8 * g.B + 4 * g.n_codes * g.nnz;
+  if (tables > 32 * 1024) return false;
+  // rowtile when a group's rows fit the tile: as many groups a block as fit,
+  // keeping at least two blocks per SM.
+  const int64_t group_bytes = int64_t(g.row_group) * g.K * values.element_size();
+  if (group_bytes <= kTileBytes) {
+    const int64_t fit = kTileBytes / group_bytes;
+    const int64_t spread = std::max<int64_t>(1, p.groups / (2 * multiprocessors()));
+    p.groups_per_block = static_cast<int32_t>(std::max<int64_t>(1, std::min(fit, spread)));
+    const int64_t tile = ceil_div(p.groups_per_block * group_bytes, 16) * 16;
+    p.smem_boff = static_cast<int32_t>(tile);
+  } else {
+    p.smem_boff = static_cast<int32_t>(int64_t(g.row_group) * kMaxTokens * 4);
+  }
+  p.smem_eoff = p.smem_boff + static_cast<int32_t>(8 * g.G);
+  p.smem_sub = p.smem_eoff + static_cast<int32_t>(8 * g.B);
+  p.smem_total = p.smem_sub + static_cast<int32_t>(4 * g.n_codes * g.nnz);
   *out = p;
   return true;
 }
 
+template <typename Kernel>
+void allow_shared(Kernel* kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
 template <typename T, int VEC, int NT>
-void launch_gemv_nt(GemvPlan p, const at::Tensor& values, const at::Tensor& meta,
-                    const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
-                    const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
-                    at::Tensor& y, int* status, cudaStream_t stream) {
-  const int64_t groups = p.g.M / p.g.row_group;
+void launch_decode_nt(GemvPlan p, const at::Tensor& values, const at::Tensor& meta,
+                      const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                      const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                      at::Tensor& y, int* status, cudaStream_t stream) {
+  const int32_t* sub = subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr;
+  const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
+  if (p.groups_per_block > 0) {
+    auto kernel = packed_rowtile_kernel<T, VEC, NT>;
+    allow_shared(kernel, p.smem_total);
+    const int64_t blocks = ceil_div(p.groups, p.groups_per_block);
+    S3_LAUNCH(static_cast<unsigned>(blocks), kThreads, p.smem_total, stream, kernel)(
+        p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(), sub, block_off.const_data_ptr<int64_t>(),
+        elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), status);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const int64_t values_per_group = p.scopes_per_group * p.P;
   p.chunks_per_group = values_per_group / VEC;
   // Split groups over blocks when there are too few to fill the GPU (about 4
   // blocks per SM), never below 2048 values a block.
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t want_blocks = 4 * std::max(sms, 1);
+  const int64_t want_blocks = 4 * multiprocessors();
   int64_t splits = 1;
-  if (groups < want_blocks) {
-    splits = std::min(ceil_div(want_blocks, groups), std::max<int64_t>(1, values_per_group / 2048));
+  if (p.groups < want_blocks) {
+    splits = std::min(ceil_div(want_blocks, p.groups), std::max<int64_t>(1, values_per_group / 2048));
   }
   splits = std::min<int64_t>(splits, 65535);
   p.chunks_per_split = std::max<int64_t>(1, ceil_div(p.chunks_per_group, splits));
@@ -526,55 +743,56 @@ void launch_gemv_nt(GemvPlan p, const at::Tensor& values, const at::Tensor& meta
   p.split = splits > 1;
   at::Tensor y32;
   if (p.split) y32 = at::zeros({p.N, p.g.M}, x2.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
-  S3_LAUNCH(grid, kThreads, p.smem_total, stream, packed_gemv_kernel<T, VEC, NT>)(
-      p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
-      subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr, block_off.const_data_ptr<int64_t>(),
-      elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(),
-      bias.has_value() ? bias->const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(),
+  const dim3 grid(static_cast<unsigned>(p.groups), static_cast<unsigned>(splits));
+  auto kernel = packed_gemv_kernel<T, VEC, NT>;
+  allow_shared(kernel, p.smem_total);
+  S3_LAUNCH(grid, kThreads, p.smem_total, stream, kernel)(
+      p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(), sub, block_off.const_data_ptr<int64_t>(),
+      elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(),
       p.split ? y32.mutable_data_ptr<float>() : nullptr, status);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.split) {
     const int64_t total = p.N * p.g.M;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kThreads), 4096));
-    S3_LAUNCH(blocks, kThreads, 0, stream, packed_finalize_kernel<T>)(
-        y32.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-        y.mutable_data_ptr<T>(), p.g.M, total);
+    S3_LAUNCH(blocks, kThreads, 0, stream, packed_finalize_kernel<T>)(y32.const_data_ptr<float>(), b,
+                                                                      y.mutable_data_ptr<T>(), p.g.M, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int VEC>
-void launch_gemv_vec(const GemvPlan& p, const at::Tensor& values, const at::Tensor& meta,
-                     const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
-                     const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
-                     cudaStream_t stream) {
+void launch_decode_vec(const GemvPlan& p, const at::Tensor& values, const at::Tensor& meta,
+                       const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                       const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                       at::Tensor& y, int* status, cudaStream_t stream) {
   if (p.N == 1) {
-    launch_gemv_nt<T, VEC, 1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-  } else if (p.N == 2) {
-    launch_gemv_nt<T, VEC, 2>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+    launch_decode_nt<T, VEC, 1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   } else if (p.N <= 4) {
-    launch_gemv_nt<T, VEC, 4>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+    launch_decode_nt<T, VEC, 4>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   } else if (p.N <= 8) {
-    launch_gemv_nt<T, VEC, 8>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+    launch_decode_nt<T, VEC, 8>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   } else {
-    launch_gemv_nt<T, VEC, 16>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+    launch_decode_nt<T, VEC, 16>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   }
 }
 
 template <typename T>
-void launch_gemv(const GemvPlan& p, const at::Tensor& values, const at::Tensor& meta,
-                 const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
-                 const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
-                 cudaStream_t stream) {
+void launch_decode(const GemvPlan& p, const at::Tensor& values, const at::Tensor& meta,
+                   const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
+                   const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
+                   cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  // 16-byte loads when every group's values start 16-byte aligned and are whole chunks.
+  // 16-byte loads when the values start 16-byte aligned and every group (or
+  // every block's groups) is whole chunks; x rows 16-byte aligned for its
+  // vector loads (K a multiple of kVec, checked in the kernels).
+  GemvPlan plan = p;
+  plan.x_aligned = reinterpret_cast<uintptr_t>(x2.const_data_ptr<T>()) % 16 == 0;
   const bool vec = reinterpret_cast<uintptr_t>(values.const_data_ptr<T>()) % 16 == 0 &&
                    (p.scopes_per_group * p.P) % kVec == 0;
   if (vec) {
-    launch_gemv_vec<T, kVec>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+    launch_decode_vec<T, kVec>(plan, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   } else {
-    launch_gemv_vec<T, 1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+    launch_decode_vec<T, 1>(plan, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   }
 }
 
@@ -606,11 +824,11 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   const at::Tensor x2 = x.reshape({N, g.K}).contiguous();
 
   GemvPlan plan;
-  if (plan_gemv(g, N, values, &plan)) {
+  if (plan_decode(g, N, values, &plan)) {
     at::Tensor y = at::empty({N, g.M}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_gemv_cuda", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        launch_gemv<scalar_t>(plan, values, meta, subsets, block_off, elem_off, x2, bias, y, st, stream);
+        launch_decode<scalar_t>(plan, values, meta, subsets, block_off, elem_off, x2, bias, y, st, stream);
       }
     });
     if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
