@@ -6,7 +6,7 @@
         [--config recipe.yaml] [--opt KEY=VALUE]... [--override GLOB=SPEC]... [--skip GLOB]...
         [--n-samples 128] [--seq-len 2048] [--seed 0] [--batch-size 8]
         [--device auto|cpu|cuda|cuda:N] [--offload] [--dtype auto|float32|bfloat16|float16]
-        [--overwrite] [--no-progress] [--hessian-dtype float32|float64] [--dist-timeout MINUTES]
+        [--overwrite] [--no-progress] [--hessian-dtype float64|float32] [--dist-timeout MINUTES]
     torchrun --nproc-per-node N -m s3sparse prune ...   (every rank prunes a share; rank 0 writes OUT_DIR)
     s3sparse eval MODEL_DIR [--dense DENSE_DIR] --text FILE [--seq-len] [--n-samples] [--json FILE]
     s3sparse pack PRUNED_DIR --out PACKED_DIR [--no-compact] [--dtype ...] [--overwrite]
@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="load dtype (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
-                   help="dtype the layer Hessians are accumulated and summed over ranks in (float32)")
+    p.add_argument("--hessian-dtype", default="float64", choices=["float64", "float32"],
+                   help="dtype the layer Hessians are accumulated and summed over ranks in (float64: the result "
+                        "does not depend on the number of ranks or --batch-size; float32: half the memory, "
+                        "faster on GPUs with slow fp64, but the fp32 round-off of the sums can flip near-tied mask entries)")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
                    help="under torchrun: how long a rank waits for the others in one collective "
                         "(60; rank 0 writing OUT_DIR and the slowest rank's share of a layer count)")
