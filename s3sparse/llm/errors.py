@@ -2,16 +2,20 @@
 
 :class:`UsageError` is a bad argument the user can fix (an unknown pattern or
 method, a layer shape the pattern cannot divide, a missing calibration file, an
-existing output directory...). The CLI prints its message on one line and exits
-with status 2; library callers can catch it as a ``ValueError``.
+existing output directory...). It is an :class:`s3sparse.S3Error` (an
+:class:`~s3sparse.errors.ArgumentError`, so also a ``ValueError``): one
+``except s3sparse.S3Error`` catches the pipeline's argument errors and the
+pruners' alike. The CLI prints its message on one line and exits with status 2.
 """
 
 from __future__ import annotations
 
+from ..errors import ArgumentError
+
 __all__ = ["UsageError"]
 
 
-class UsageError(ValueError):
+class UsageError(ArgumentError):
     """A bad argument; the message is one line saying what was wrong and what would work."""
 
     def __init__(self, message: str) -> None:
