@@ -32,7 +32,9 @@ for m, r in rows.items():
     info = json.load(open(f"{work}/minilm-{m}/s3sparse.json"))
     errors = [layer["error"] for layer in info["layers"]]
     print(f"{m:10s} mean layer output error {sum(errors) / len(errors):.4f}  "
-          f"embedding cosine to dense: mean {r['mean_cosine']:.4f} min {r['min_cosine']:.4f}  ({info['seconds']:.0f} s pruning)")
+          f"embedding cosine to dense: mean {r['mean_cosine']:.4f} min {r['min_cosine']:.4f}  "
+          f"({sum(layer['seconds'] for layer in info['layers']):.0f} s summed over the layers' pruner calls, "
+          f"{info['seconds']:.0f} s in prune_model with the forward passes)")
 better = rows["true-obs"]["mean_cosine"] > rows["sparsegpt"]["mean_cosine"]
 print("True OBS keeps the embeddings closer to the dense model than SparseGPT:", better)
 EOF

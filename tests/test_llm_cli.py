@@ -363,3 +363,81 @@ def test_console_script(model_dir, tmp_path):
     proc = subprocess.run([script, "prune", model_dir, "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "none.txt")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "calibration file" in proc.stderr and "does not exist" in proc.stderr
+
+
+# ------------------------------------------------------------------ errors and help (issue 18, item 7)
+def _subcommands():
+    import argparse
+
+    from s3sparse.llm.cli import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_usage_errors_are_s3_errors():
+    from s3sparse import S3Error
+    from s3sparse.llm import UsageError
+
+    assert issubclass(UsageError, S3Error) and issubclass(UsageError, ValueError)
+    with pytest.raises(S3Error, match="unknown pattern 'bogus'"):
+        parse_pattern("bogus")
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "pack"])
+def test_every_option_of_every_command_has_a_help_text(command, capsys):
+    import argparse
+
+    sub = _subcommands()[command]
+    undocumented = [a.option_strings or a.dest for a in sub._actions if not a.help or a.help == argparse.SUPPRESS]
+    assert undocumented == [], (command, undocumented)
+    text = _help(command, capsys)
+    for action in sub._actions:
+        for option in action.option_strings:
+            assert option in text, (command, option)
+
+
+@pytest.mark.parametrize("command, required", [("prune", ["--out OUT_DIR", "--calib SOURCE"]),
+                                               ("eval", ["--text SOURCE"]), ("pack", ["--out PACKED_DIR"])])
+def test_required_options_show_as_required(command, required, capsys):
+    text = _help(command, capsys)
+    usage = " ".join(text.split("\n\n")[0].split())
+    section = text.split("\nrequired:\n")[1].split("\n\n")[0]
+    for option in required:
+        flag = option.split()[0]
+        assert option in usage and f"[{option}" not in usage, (command, usage)
+        assert flag in section, (command, section)
+
+
+def test_prune_help_lists_every_pattern_name_with_its_meaning_and_every_alias(capsys):
+    from s3sparse.llm.pattern_registry import _FIXED, PATTERN_ALIASES, PATTERN_NAMES
+
+    text = " ".join(_help("prune", capsys).split())
+    for name, meaning in PATTERN_NAMES:
+        assert f"{name} {meaning}" in text, name
+    assert "2 of their 4 column PAIRS" in text  # 4:8 is the paper's, not 4 of 8 weights
+    for alias, name in PATTERN_ALIASES.items():
+        assert f"{alias} = {name}" in text and parse_pattern(alias).name == name, alias
+    assert set(_FIXED) <= {name for name, _ in PATTERN_NAMES}
+
+
+def test_eval_and_pack_show_progress_like_prune(pruned, model_dir, tmp_path, capsys):
+    out, _, _ = pruned
+    eval_args = ["eval", out, "--dense", model_dir, "--text", "pydoc:heldout", "--seq-len", "32", "--n-samples", "4"]
+    assert main(eval_args) == 0
+    err = capsys.readouterr().err
+    assert "perplexity:" in err and "perplexity (dense):" in err and "4/4" in err, err
+    assert main([*eval_args, "--no-progress"]) == 0
+    assert "4/4" not in capsys.readouterr().err
+    assert main(["pack", out, "--out", str(tmp_path / "packed")]) == 0
+    err = capsys.readouterr().err
+    assert "layers:" in err and "14/14" in err, err
+    assert main(["pack", out, "--out", str(tmp_path / "packed2"), "--no-progress"]) == 0
+    assert "14/14" not in capsys.readouterr().err

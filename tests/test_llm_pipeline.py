@@ -169,6 +169,22 @@ def test_same_seed_gives_identical_weights():
     assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, results[0]["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_the_weights_do_not_depend_on_how_the_windows_are_split():
+    """Batching the windows is what splitting them over ranks does to the Hessian sums (each batch,
+    like each rank's share, is summed on its own, then added): with the default fp64 sums, H rounded
+    to fp32 -- and so every mask and weight -- is the same for one batch of 8 windows, 3+3+2 and 8x1."""
+    results = []
+    for batch_size in (8, 3, 1):
+        model = tiny_model("qwen3")
+        prune_model(model, tiny_calibration(seed=5), "2:4", "true-obs", method_options={"ng": 8},
+                    overrides={"*.down_proj": {"pattern": "4:8", "method": "sparsegpt"}}, batch_size=batch_size,
+                    progress=False)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for batch_size, weights in zip((3, 1), results[1:]):
+        differing = [n for n in results[0] if not torch.equal(results[0][n], weights[n])]
+        assert differing == [], (batch_size, differing)
+
+
 def test_dead_inputs_and_rank_deficiency_are_reported_not_fatal():
     """Zeroed embedding columns give dead inputs to q/k/v; 4 tokens for 64 inputs make every H rank-deficient."""
     model = tiny_model("qwen3")

@@ -2,7 +2,8 @@
 
 Each block is executed in a fresh namespace (nothing carried over from the blocks
 before it), on one thread (conftest.py), from a scratch directory, so a block that
-relies on a name defined in another block, or on a file of the source tree, fails.
+relies on a name defined in another block, or on a file of the source tree, fails;
+and a block that writes into the current directory (not a temporary one) fails.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def test_readme_block_runs_on_its_own(line, code, tmp_path, monkeypatch, capsys)
     namespace = {"__name__": "__readme__"}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
     out = capsys.readouterr().out
+    # A reader runs the blocks from wherever they are: nothing may land in the current directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], \
+        f"README.md:{line} wrote into the current directory; write into tempfile.mkdtemp()"
     if "progress_fn=" in code:
         assert out.strip(), f"README.md:{line} passes a progress_fn but printed nothing"
     if "print(" in code:

@@ -6,10 +6,10 @@
         [--config recipe.yaml] [--opt KEY=VALUE]... [--override GLOB=SPEC]... [--skip GLOB]...
         [--n-samples 128] [--seq-len 2048] [--seed 0] [--batch-size 8]
         [--device auto|cpu|cuda|cuda:N] [--offload] [--dtype auto|float32|bfloat16|float16]
-        [--overwrite] [--no-progress] [--hessian-dtype float32|float64] [--dist-timeout MINUTES]
+        [--overwrite] [--no-progress] [--hessian-dtype float64|float32] [--dist-timeout MINUTES]
     torchrun --nproc-per-node N -m s3sparse prune ...   (every rank prunes a share; rank 0 writes OUT_DIR)
-    s3sparse eval MODEL_DIR [--dense DENSE_DIR] --text FILE [--seq-len] [--n-samples] [--json FILE]
-    s3sparse pack PRUNED_DIR --out PACKED_DIR [--no-compact] [--dtype ...] [--overwrite]
+    s3sparse eval MODEL_DIR --text FILE [--dense DENSE_DIR] [--seq-len] [--n-samples] [--json FILE] [--no-progress]
+    s3sparse pack PRUNED_DIR --out PACKED_DIR [--no-compact] [--dtype ...] [--overwrite] [--no-progress]
         (load it back with s3sparse.llm.load_packed(PACKED_DIR))
 
 Exit status: 0 done, 2 bad arguments (one line on stderr saying what), 130
@@ -58,18 +58,30 @@ def _key_value(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``s3sparse``."""
+    """The argument parser of ``s3sparse``: every option of ``prune``, ``eval`` and ``pack`` has a help text,
+    the options a command cannot run without are listed under "required", and ``prune --help`` ends with
+    every pattern name and its meaning."""
     from .method_registry import METHOD_NAMES
-    from .pattern_registry import pattern_names_help
+    from .pattern_registry import pattern_names_table
 
     parser = _Parser(prog="s3sparse", description="Prune Hugging Face models to S3 structured sparsity patterns.")
     sub = parser.add_subparsers(dest="command", metavar="{prune,eval,pack}")
     sub.required = True
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
 
-    p = sub.add_parser("prune", help="prune a model directory block by block and save it")
+    p = sub.add_parser(
+        "prune", help="prune a model directory block by block and save it",
+        usage="%(prog)s MODEL_DIR --out OUT_DIR --calib SOURCE [--pattern PATTERN] [--method METHOD] [options]",
+        description="Prune every Linear of a Hugging Face model's transformer blocks, block by block, and save it.",
+        epilog=pattern_names_table(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (only read)")
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the pruned model (must not exist)")
-    p.add_argument("--pattern", help=f"default pattern (2:4); {pattern_names_help()}")
+    required = p.add_argument_group("required")
+    required.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the pruned model (must not exist)")
+    required.add_argument("--calib", metavar="SOURCE",
+                          help="calibration text: .txt, .jsonl (text field), a saved datasets directory, or pydoc / pydoc:calib "
+                               "(required unless the --config recipe gives calibration.source)")
+    p.add_argument("--pattern", help="default pattern (2:4); every name and its meaning is listed below")
     p.add_argument("--method", help=f"default method (sparsegpt): {', '.join(METHOD_NAMES)}")
     p.add_argument("--opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="an option of the default method, e.g. --opt ng=32 --opt damp=0.01")
@@ -77,8 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer settings: '*.down_proj=4:8', '*.mlp.*=2:4,method=true-obs,ng=32', 'model.layers.0.*=dense'")
     p.add_argument("--skip", action="append", default=None, metavar="GLOB", help="layers left dense (default: lm_head)")
     p.add_argument("--config", metavar="RECIPE", help="recipe file (YAML or JSON); flags override it")
-    p.add_argument("--calib", metavar="SOURCE",
-                   help="calibration text: .txt, .jsonl (text field), a saved datasets directory, or pydoc / pydoc:calib")
     p.add_argument("--text-field", help="jsonl/dataset field holding the text (text)")
     p.add_argument("--n-samples", type=int, help="calibration windows (128)")
     p.add_argument("--seq-len", type=int, help="tokens per window (2048, at most the model's maximum)")
@@ -86,34 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (8)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU; only the current block on --device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="load dtype (auto)")
+    p.add_argument("--dtype", default="auto", choices=dtypes, help="load dtype (auto: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
-                   help="dtype the layer Hessians are accumulated and summed over ranks in (float32)")
+    p.add_argument("--hessian-dtype", default="float64", choices=["float64", "float32"],
+                   help="dtype the layer Hessians are accumulated and summed over ranks in (float64: the result "
+                        "does not depend on the number of ranks or --batch-size; float32: half the memory, "
+                        "faster on GPUs with slow fp64, but the fp32 round-off of the sums can flip near-tied mask entries)")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
                    help="under torchrun: how long a rank waits for the others in one collective "
                         "(60; rank 0 writing OUT_DIR and the slowest rank's share of a layer count)")
 
-    e = sub.add_parser("eval", help="perplexity (causal LM) or embedding similarity to the dense model (encoder)")
-    e.add_argument("model_dir", metavar="MODEL_DIR")
+    e = sub.add_parser("eval", help="perplexity (causal LM) or embedding similarity to the dense model (encoder)",
+                       description="Causal LM: perplexity on non-overlapping windows of held-out text (and the dense "
+                                   "model's, with --dense). Encoder: mean cosine similarity of mean-pooled embeddings "
+                                   "to the dense model's over held-out paragraphs.")
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="the model to evaluate (e.g. the OUT_DIR of `s3sparse prune`; only read)")
+    required = e.add_argument_group("required")
+    required.add_argument("--text", required=True, metavar="SOURCE",
+                          help="held-out text: .txt, .jsonl, a saved datasets directory, or pydoc:heldout")
     e.add_argument("--dense", metavar="DENSE_DIR", help="the dense model (default for encoders: the source in s3sparse.json)")
-    e.add_argument("--text", required=True, metavar="SOURCE", help="held-out text: .txt, .jsonl, dataset dir, or pydoc:heldout")
-    e.add_argument("--text-field", default="text")
+    e.add_argument("--text-field", default="text", help="jsonl/dataset field holding the text (text)")
     e.add_argument("--seq-len", type=int, default=None, help="tokens per window / text (512, at most the model's maximum)")
     e.add_argument("--n-samples", type=int, default=None, help="windows (causal: 64) or paragraphs (encoder: 256)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--seed", type=int, default=0, help="seed of the paragraph sample (encoders; 0)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows or paragraphs per forward pass (8)")
+    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    e.add_argument("--dtype", default="auto", choices=dtypes, help="load dtype (auto: the checkpoint's)")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    k = sub.add_parser("pack", help="swap every pruned Linear of a pruned model for a packed (or compacted) one and save it")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    k = sub.add_parser("pack", help="swap every pruned Linear of a pruned model for a packed (or compacted) one and save it",
+                       description="Swap every pruned Linear of the OUT_DIR of `s3sparse prune` for a PackedLinear (or "
+                                   "compact whole-channel MLPs) and save it; load it with s3sparse.llm.load_packed.")
     k.add_argument("model_dir", metavar="PRUNED_DIR", help="the OUT_DIR of `s3sparse prune` (only read)")
-    k.add_argument("--out", required=True, metavar="PACKED_DIR", help="where to write the packed model (must not exist)")
+    required = k.add_argument_group("required")
+    required.add_argument("--out", required=True, metavar="PACKED_DIR", help="where to write the packed model (must not exist)")
     k.add_argument("--no-compact", action="store_true",
                    help="pack whole-channel patterns too instead of compacting the MLPs to smaller dense layers")
-    k.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="load dtype (auto)")
+    k.add_argument("--dtype", default="auto", choices=dtypes, help="load dtype (auto: the checkpoint's)")
     k.add_argument("--overwrite", action="store_true", help="replace PACKED_DIR if it exists")
+    k.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -314,6 +337,9 @@ def _eval(args) -> int:
     if dense_dir is not None:
         check_model_dir(dense_dir, packed=True)
     device = _device(args.device)
+    show = not args.no_progress
+    if not show:
+        _quiet_transformers()
     texts = read_texts(args.text, args.text_field)
     tokenizer = load_tokenizer(args.model_dir)
     from transformers import AutoConfig
@@ -343,20 +369,23 @@ def _eval(args) -> int:
     if kind == "causal-lm":
         windows = perplexity_windows(tokenizer, texts, seq_len, args.n_samples or 64)
         results["windows"] = int(windows.shape[0])
-        results["perplexity"] = perplexity(model, windows, args.batch_size, device)
+        results["perplexity"] = perplexity(model, windows, args.batch_size, device, progress=show, desc="perplexity")
         line = f"perplexity: {results['perplexity']:.3f} on {results['windows']} windows of {seq_len} tokens"
         if dense_dir is not None:
             del model
             dense = load(dense_dir)
             results["dense"] = os.path.abspath(dense_dir)
-            results["dense_perplexity"] = perplexity(dense, windows, args.batch_size, device)
+            results["dense_perplexity"] = perplexity(dense, windows, args.batch_size, device, progress=show,
+                                                     desc="perplexity (dense)")
             line += f" (dense: {results['dense_perplexity']:.3f})"
     else:
         paragraphs = heldout_paragraphs(texts, args.n_samples or 256, args.seed)
-        pruned_emb = mean_pooled_embeddings(model, tokenizer, paragraphs, seq_len, args.batch_size, device)
+        pruned_emb = mean_pooled_embeddings(model, tokenizer, paragraphs, seq_len, args.batch_size, device,
+                                            progress=show, desc="embeddings")
         del model
         dense = load(dense_dir)
-        dense_emb = mean_pooled_embeddings(dense, tokenizer, paragraphs, seq_len, args.batch_size, device)
+        dense_emb = mean_pooled_embeddings(dense, tokenizer, paragraphs, seq_len, args.batch_size, device,
+                                           progress=show, desc="embeddings (dense)")
         results["dense"] = os.path.abspath(dense_dir)
         results.update(embedding_similarity(pruned_emb, dense_emb))
         line = (
@@ -411,10 +440,12 @@ def _pack(args, argv: Sequence[str]) -> int:
     if not layer_patterns:
         raise UsageError(f"{report_path} lists no pruned layer: nothing to pack")
     check_output_dir(args.out, args.model_dir, args.overwrite)  # after the argument checks: it must not hide them
+    if args.no_progress:
+        _quiet_transformers()
     model, kind = load_model(args.model_dir, args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     print(f"s3sparse pack: {type(model).__name__} from {args.model_dir}; {len(layer_patterns)} pruned layers", flush=True)
-    report = pack_model(model, layer_patterns, compact_channels=not args.no_compact)
+    report = pack_model(model, layer_patterns, compact_channels=not args.no_compact, progress=not args.no_progress)
     print()
     print(report.table(), flush=True)
     info = {

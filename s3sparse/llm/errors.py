@@ -2,10 +2,11 @@
 
 :class:`UsageError` is a bad argument the user can fix (an unknown pattern or
 method, a layer shape the pattern cannot divide, a missing calibration file, an
-existing output directory...). The CLI prints its message on one line and exits
-with status 2; library callers can catch it as a ``ValueError``.
-:class:`DirectoryError`, a directory that cannot be used as asked, is one, and
-also an :class:`s3sparse.S3Error`.
+existing output directory...). It is an :class:`s3sparse.S3Error` (an
+:class:`~s3sparse.errors.ArgumentError`, so also a ``ValueError``): one
+``except s3sparse.S3Error`` catches the pipeline's argument errors and the
+pruners' alike. The CLI prints its message on one line and exits with status 2.
+:class:`DirectoryError`, a directory that cannot be used as asked, is one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..errors import ArgumentError
 __all__ = ["UsageError", "DirectoryError"]
 
 
-class UsageError(ValueError):
+class UsageError(ArgumentError):
     """A bad argument; the message is one line saying what was wrong and what would work."""
 
     def __init__(self, message: str) -> None:
@@ -23,7 +24,7 @@ class UsageError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
-class DirectoryError(UsageError, ArgumentError):
+class DirectoryError(UsageError):
     """A directory argument that cannot be used as asked: an ``OUT_DIR`` that exists and that
     s3sparse did not write, a packed model directory given where a Hugging Face one is needed...
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibration import _paragraphs, special_token_frame, tokenize_texts
+from .progress import progress_bar
 
 __all__ = ["perplexity", "perplexity_windows", "mean_pooled_embeddings", "embedding_similarity", "heldout_paragraphs"]
 
@@ -40,10 +41,17 @@ def perplexity_windows(tokenizer, texts: Sequence[str], seq_len: int, n_samples:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: Optional[torch.device] = None) -> float:
-    """Perplexity of a causal LM on ``windows`` (``(n, seq_len)`` token ids), every next token counted once."""
+def perplexity(
+    model: nn.Module, windows: Tensor, batch_size: int = 4, device: Optional[torch.device] = None,
+    progress: bool = False, desc: str = "perplexity",
+) -> float:
+    """Perplexity of a causal LM on ``windows`` (``(n, seq_len)`` token ids), every next token counted once.
+
+    ``progress``: a bar labelled ``desc`` on stderr, one step per window.
+    """
     device = device or next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
+    bar = progress_bar(progress, int(windows.shape[0]), desc, "window")
     for batch in windows.split(max(1, int(batch_size))):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
@@ -52,6 +60,8 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: O
         )
         total_loss += float(loss)
         total_tokens += batch[:, 1:].numel()
+        bar.update(int(batch.shape[0]))
+    bar.close()
     return math.exp(total_loss / total_tokens)
 
 
@@ -68,11 +78,16 @@ def heldout_paragraphs(texts: Sequence[str], n_samples: int, seed: int = 0, min_
 
 @torch.no_grad()
 def mean_pooled_embeddings(
-    model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 16, device=None
+    model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 16, device=None,
+    progress: bool = False, desc: str = "embeddings",
 ) -> Tensor:
-    """Mean-pooled last hidden states of ``texts`` (truncated to ``seq_len`` tokens): ``(len(texts), hidden)``, fp32."""
+    """Mean-pooled last hidden states of ``texts`` (truncated to ``seq_len`` tokens): ``(len(texts), hidden)``, fp32.
+
+    ``progress``: a bar labelled ``desc`` on stderr, one step per text.
+    """
     device = device or next(model.parameters()).device
     out = []
+    bar = progress_bar(progress, len(texts), desc, "text")
     for start in range(0, len(texts), max(1, int(batch_size))):
         enc = tokenizer(
             list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=seq_len, return_tensors="pt"
@@ -81,6 +96,8 @@ def mean_pooled_embeddings(
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu())
+        bar.update(len(texts[start : start + batch_size]))
+    bar.close()
     return torch.cat(out)
 
 

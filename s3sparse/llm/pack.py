@@ -44,6 +44,7 @@ from ..sparse.compact import _set_module
 from .blocks import _is_conv1d
 from .errors import DirectoryError, UsageError
 from .pattern_registry import parse_pattern
+from .progress import progress_bar
 
 __all__ = [
     "PackedLayer", "PackReport", "pack_model", "save_packed_model", "load_packed", "is_packed_dir", "read_manifest",
@@ -159,6 +160,7 @@ def pack_model(
     compact_channels: bool = True,
     check: bool = True,
     progress_fn: Optional[Callable[[str], None]] = None,
+    progress: bool = False,
 ) -> PackReport:
     """Swap the pruned linear layers of ``model`` for packed (or compacted) ones, in place.
 
@@ -172,6 +174,7 @@ def pack_model(
             layer that no MLP compaction covers is packed like the others.
         check: compare each new layer with the one it replaces on random inputs.
         progress_fn: called with one line per layer.
+        progress: a bar on stderr, one step per layer (as ``s3sparse prune`` shows).
 
     Returns:
         a :class:`PackReport`.
@@ -212,7 +215,10 @@ def pack_model(
                 compacted.add(name)
         say(f"compacted {len(result.layers)} MLPs: {result.params_saved:,} parameters removed")
 
+    bar = progress_bar(progress, len(plans), "layers", "layer")
     for name, pattern, _ in plans:
+        bar.set_postfix_str(name)
+        bar.update(1)
         module = model.get_submodule(name)
         shape = (int(_as_linear(module).weight.shape[0]), int(_as_linear(module).weight.shape[1]))
         if pattern.is_dense:
@@ -229,6 +235,7 @@ def pack_model(
         report.layers.append(PackedLayer(name, pattern.name, "packed", shape, before_bytes[name], _layer_bytes(packed), diff,
                                          "" if name not in channel_layers else "channel pattern outside a compacted MLP"))
         say(f"{name}: packed {pattern.name}, {before_bytes[name] / 1e6:.2f} MB -> {_layer_bytes(packed) / 1e6:.2f} MB")
+    bar.close()
     report.seconds = time.perf_counter() - started
     return report
 

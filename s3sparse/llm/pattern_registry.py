@@ -22,8 +22,11 @@ name                    pattern
 ``dense``               leave the layer as it is (also ``none``)
 ======================  =====================================================================
 
-The registry names of :data:`s3sparse.patterns.PATTERNS` (``24``, ``48``,
-``coupled24``, ``block16``) and their aliases are accepted too.
+Other spellings of the fixed names (:data:`PATTERN_ALIASES`) are accepted too,
+among them the registry names of :data:`s3sparse.patterns.PATTERNS` (``24``,
+``48``, ``coupled24``, ``block16``); a pruned model's report records the
+canonical name. :func:`pattern_names_table` is the table ``s3sparse prune
+--help`` shows: every name with its meaning, and every alias.
 """
 
 from __future__ import annotations
@@ -38,7 +41,36 @@ from torch import Tensor
 from .. import patterns
 from .errors import UsageError
 
-__all__ = ["PatternChoice", "parse_pattern", "pattern_names_help"]
+__all__ = ["PatternChoice", "parse_pattern", "pattern_names_help", "pattern_names_table", "PATTERN_NAMES", "PATTERN_ALIASES"]
+
+#: Every pattern name (or form of names) with its meaning, in the order the help lists them.
+PATTERN_NAMES: Tuple[Tuple[str, str], ...] = (
+    ("2:4", "keep 2 of every 4 adjacent weights of a row"),
+    ("4:8", "the paper's 4:8: every 8 columns of a row keep 2 of their 4 column PAIRS (4 of 8 single weights: nm:4:8)"),
+    ("N:M", "keep N of every M adjacent weights of a row, e.g. 1:4, 2:8 (4:8 excepted: see above)"),
+    ("nm:N:M", "N of M adjacent single weights, always (nm:4:8 keeps 4 of every 8 weights)"),
+    ("nm-blocks:N:M:B", "keep N of every M adjacent blocks of B columns (4:8 is nm-blocks:2:4:2)"),
+    ("coupled-2:4", "columns j and j+8 of each 16-column tile pruned together, 2 of every 4 such pairs kept"),
+    ("coupled-N:M", "the same with N of every M pairs"),
+    ("block16-rows", "16-column blocks; rows p and p+8 of every 16 rows compete for each block, 1 of the 2 kept"),
+    ("blockB-rowsR", "B-column blocks; rows p and p+R compete, 1 of the 2 kept (block16-rows is block16-rows8)"),
+    ("channels:S", "whole output channels (rows): fraction S of them pruned per layer, e.g. channels:0.25"),
+    ("columns:S", "whole input columns: fraction S of them pruned per layer"),
+    ("col-blocks:W:S", "full-height blocks of W columns: fraction S of them pruned per layer"),
+    ("dense", "leave the layer as it is"),
+)
+
+#: Other spellings of the fixed names -> the name they stand for (``_`` is read as ``-``, case is ignored).
+PATTERN_ALIASES: Dict[str, str] = {
+    "24": "2:4",
+    "48": "4:8",
+    "coupled24": "coupled-2:4",
+    "coupled-24": "coupled-2:4",
+    "coupled2:4": "coupled-2:4",
+    "block16": "block16-rows",
+    "block16-row-coupled": "block16-rows",
+    "none": "dense",
+}
 
 _INT = r"(\d+)"
 _NUM = r"([0-9]*\.?[0-9]+)"
@@ -81,6 +113,16 @@ class PatternChoice:
         return self.name
 
 
+#: The names with fixed arguments: name -> (name, constructor, kwargs).
+_FIXED: Dict[str, Tuple[str, Any, Dict[str, Any]]] = {
+    "dense": ("dense", None, {}),
+    "2:4": ("2:4", patterns.nm, {"n": 2, "m": 4}),
+    "4:8": ("4:8", patterns.nm_blocks, {"n": 2, "m": 4, "block_cols": 2}),
+    "coupled-2:4": ("coupled-2:4", patterns.coupled_nm, {"n": 2, "m": 4, "stride": 8}),
+    "block16-rows": ("block16-rows", patterns.row_coupled_blocks, {"block_cols": 16, "rows_apart": 8, "keep": 1}),
+}
+
+
 def _fraction(text: str, name: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -100,16 +142,10 @@ def parse_pattern(name: str) -> PatternChoice:
         raise UsageError(f"a pattern must be a name such as '2:4', got {name!r}")
     text = name.strip()
     key = text.lower().replace("_", "-")
-    if key in ("dense", "none"):
-        return PatternChoice("dense", None)
-    if key in ("2:4", "24"):
-        return PatternChoice("2:4", patterns.nm, {"n": 2, "m": 4})
-    if key in ("4:8", "48"):
-        return PatternChoice("4:8", patterns.nm_blocks, {"n": 2, "m": 4, "block_cols": 2})
-    if key in ("coupled-2:4", "coupled2:4", "coupled24", "coupled-24"):
-        return PatternChoice("coupled-2:4", patterns.coupled_nm, {"n": 2, "m": 4, "stride": 8})
-    if key in ("block16-rows", "block16", "block16-row-coupled"):
-        return PatternChoice("block16-rows", patterns.row_coupled_blocks, {"block_cols": 16, "rows_apart": 8, "keep": 1})
+    key = PATTERN_ALIASES.get(key, key)
+    fixed = _FIXED.get(key)
+    if fixed is not None:
+        return PatternChoice(*fixed)
     match = re.fullmatch(rf"(?:nm:)?{_INT}:{_INT}", key)
     if match:
         n, m = int(match[1]), int(match[2])
@@ -155,8 +191,15 @@ def _check_n_of_m(name: str, n: int, m: int) -> None:
 
 
 def pattern_names_help() -> str:
-    """One line listing the pattern names."""
-    return (
-        "known patterns: 2:4, 4:8, N:M, nm:N:M, nm-blocks:N:M:B, coupled-2:4, coupled-N:M, block16-rows, "
-        "blockB-rowsR, channels:S, columns:S, col-blocks:W:S, dense"
-    )
+    """One line listing the pattern names (for error messages; the meanings are in :func:`pattern_names_table`)."""
+    return "known patterns: " + ", ".join(name for name, _ in PATTERN_NAMES) + " (see `s3sparse prune --help`)"
+
+
+def pattern_names_table() -> str:
+    """Every pattern name with its meaning, one per line, then the aliases (the ``s3sparse prune --help`` epilog)."""
+    width = max(len(name) for name, _ in PATTERN_NAMES)
+    lines = ["patterns (--pattern, and SPEC in --override):"]
+    lines += [f"  {name:<{width}}  {meaning}" for name, meaning in PATTERN_NAMES]
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in PATTERN_ALIASES.items())
+    lines.append(f"  aliases (reported under the name they stand for): {aliases}")
+    return "\n".join(lines)

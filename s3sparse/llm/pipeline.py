@@ -362,7 +362,7 @@ def prune_model(
     batch_size: int = 8,
     progress: bool = True,
     block_error: bool = True,
-    hessian_dtype: torch.dtype = torch.float32,
+    hessian_dtype: torch.dtype = torch.float64,
     process_group: Any = "auto",
 ) -> PruneReport:
     """Prune every linear layer of the model's transformer blocks, block by block, in place.
@@ -386,11 +386,15 @@ def prune_model(
         progress: tqdm progress bars on stderr.
         block_error: also measure each block's output error against the dense block
             (keeps the dense outputs of one block: one more copy of the activations).
-        hessian_dtype: ``torch.float32`` (default) or ``torch.float64``: the dtype
+        hessian_dtype: ``torch.float64`` (default) or ``torch.float32``: the dtype
             the Hessians ``Σ xᵀx`` are accumulated (and summed over ranks) in; the
-            pruners get H in fp32 either way. fp64 costs twice the memory per H and
-            makes H, once rounded to fp32, practically independent of the order of
-            the sums (how the windows were batched or split over ranks).
+            pruners get H rounded to fp32 either way. fp64 makes that fp32 H
+            independent of the order of the sums -- how the windows were batched or
+            split over ranks -- so 1 and N ranks (and any ``batch_size``) give the
+            same masks and weights; fp32 halves the memory of the accumulators and is
+            faster on GPUs with slow fp64 arithmetic, but then the result depends on
+            the number of ranks through the fp32 round-off of the sums (a few mask
+            entries of near-tied weights may flip).
         process_group: prune on several processes (see :mod:`s3sparse.llm.distributed`):
             ``'auto'`` (default) uses the default torch.distributed group when it is
             initialised with more than one rank, ``None`` prunes in this process
