@@ -93,7 +93,7 @@ struct GemvPlan {
   bool x_aligned = false;        // x's rows can be read as 16-byte vectors (with K % (16 / sizeof(T)) == 0)
   // Shared-memory layout (bytes): the gemv sums (R * kMaxTokens floats) or the
   // rowtile tile, then the int32 tables.
-  int32_t smem_boff = 0, smem_eoff = 0, smem_sub = 0, smem_total = 0;
+  int32_t smem_ysum = 0, smem_boff = 0, smem_eoff = 0, smem_sub = 0, smem_total = 0;
 };
 
 template <typename T>
@@ -145,51 +145,70 @@ __device__ inline int load_tables(const GemvPlan& p, const int32_t* __restrict__
 }
 
 // Decodes runs of consecutive values (value index i: scope i / P, kept block
-// (i % P) / B, element i % B) into W's (row, col), checking every index, code,
-// offset and the row-group promise. Bad elements are skipped and counted in `bad`.
+// (i % P) / B, element i % B) into W's (row, col), checking every index, code
+// and offset, and that the row lies in [row_lo, row_lo + n_rows) (the rows the
+// calling block owns: its row group, or its tile). Bad elements are skipped and
+// counted in `bad`. Consecutive scopes along the last scope-grid dim and
+// consecutive meta fields are stepped incrementally (no division per value).
 struct Decoder {
   const GemvPlan& p;
   const int32_t* __restrict__ meta;
   const int32_t* sub;   // shared copy of subsets, or null
   const int32_t* boff;  // shared (G, 2)
   const int32_t* eoff;  // shared (B, 2)
+  int32_t row_lo = 0, n_rows = 0;
   int bad = 0;
-  // Current scope / block.
+  // Current scope / block / element.
   uint32_t s = 0;
   int32_t j = 0, e = 0;
+  int64_t last_idx = 0;  // the scope's index along the last scope-grid dim
   const int32_t* kept = nullptr;
   bool scope_ok = false, block_ok = false;
-  int32_t base_r = 0, base_c = 0, org_r = 0, org_c = 0, group_r0 = 0;
+  int32_t base_r = 0, base_c = 0, org_r = 0, org_c = 0;
+  int32_t step_r = 0, step_c = 0;  // the last dim's stride as (rows, cols)
+  // Meta field cursor.
+  uint32_t f_word = 0, f_slot = 0, f_loaded = 0xFFFFFFFFu, f_val = 0;
 
-  __device__ Decoder(const GemvPlan& plan, const int32_t* m, const int32_t* su, const int32_t* bo, const int32_t* eo)
-      : p(plan), meta(m), sub(su), boff(bo), eoff(eo) {}
-
-  __device__ __forceinline__ uint32_t field(uint32_t i) const {
-    const PackedGeometry& g = p.g;
-    const uint32_t word = p.div_per_word.div(i);
-    const uint32_t slot = i - word * static_cast<uint32_t>(g.per_word);
-    const uint32_t mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
-    return (static_cast<uint32_t>(ldg(meta + word)) >> (slot * g.meta_bits)) & mask;
+  __device__ Decoder(const GemvPlan& plan, const int32_t* m, const int32_t* su, const int32_t* bo, const int32_t* eo,
+                     int32_t lo, int32_t rows)
+      : p(plan), meta(m), sub(su), boff(bo), eoff(eo), row_lo(lo), n_rows(rows) {
+    if (p.g.ndim > 0 && p.base_fast) {
+      const uint32_t st = static_cast<uint32_t>(p.g.scope_stride[p.g.ndim - 1]);
+      const uint32_t r = p.div_K.div(st);
+      step_r = static_cast<int32_t>(r);
+      step_c = static_cast<int32_t>(st - r * static_cast<uint32_t>(p.g.K));
+    }
   }
 
-  __device__ __forceinline__ void enter_scope() {
-    const PackedGeometry& g = p.g;
-    scope_ok = true;
-    group_r0 = static_cast<int32_t>(p.div_spg.div(s)) * p.R;
-    if (sub != nullptr) {
-      const uint32_t code = field(s);
-      if (code >= static_cast<uint64_t>(g.n_codes)) {
-        bad |= kPackedBadCode;
-        scope_ok = false;
-        return;
-      }
-      kept = sub + static_cast<int64_t>(code) * g.nnz;
+  __device__ __forceinline__ void field_seek(uint32_t i) {
+    f_word = p.div_per_word.div(i);
+    f_slot = i - f_word * static_cast<uint32_t>(p.g.per_word);
+  }
+  __device__ __forceinline__ uint32_t field_take() {
+    if (f_word != f_loaded) {
+      f_val = static_cast<uint32_t>(ldg(meta + f_word));
+      f_loaded = f_word;
     }
+    const int bits = p.g.meta_bits;
+    const uint32_t mask = bits >= 32 ? 0xFFFFFFFFu : ((1u << bits) - 1u);
+    const uint32_t v = (f_val >> (f_slot * bits)) & mask;
+    if (++f_slot == static_cast<uint32_t>(p.g.per_word)) {
+      f_slot = 0;
+      ++f_word;
+    }
+    return v;
+  }
+
+  // The scope's base from scratch.
+  __device__ __forceinline__ void scope_base() {
+    const PackedGeometry& g = p.g;
     if (p.base_fast) {
       uint32_t t = s, base = 0;
       for (int d = g.ndim - 1; d >= 0; --d) {
         const uint32_t t2 = p.div_scope_shape[d].div(t);
-        base += (t - t2 * static_cast<uint32_t>(g.scope_shape[d])) * static_cast<uint32_t>(g.scope_stride[d]);
+        const uint32_t idx = t - t2 * static_cast<uint32_t>(g.scope_shape[d]);
+        if (d == g.ndim - 1) last_idx = idx;
+        base += idx * static_cast<uint32_t>(g.scope_stride[d]);
         t = t2;
       }
       const uint32_t r = p.div_K.div(base);
@@ -200,16 +219,41 @@ struct Decoder {
     }
   }
 
+  // Enter scope s: its kept set (codes) and base. `stepped`: s is the previous scope + 1.
+  __device__ __forceinline__ void enter_scope(bool stepped) {
+    const PackedGeometry& g = p.g;
+    if (stepped && p.base_fast && g.ndim > 0 && ++last_idx < g.scope_shape[g.ndim - 1]) {
+      base_r += step_r;
+      base_c += step_c;
+      if (base_c >= g.K) {
+        base_c -= static_cast<int32_t>(g.K);
+        ++base_r;
+      }
+    } else {
+      scope_base();
+    }
+    scope_ok = true;
+    if (sub != nullptr) {
+      const uint32_t code = field_take();
+      if (code >= static_cast<uint64_t>(g.n_codes)) {
+        bad |= kPackedBadCode;
+        scope_ok = false;
+        return;
+      }
+      kept = sub + static_cast<int64_t>(code) * g.nnz;
+    }
+  }
+
   __device__ __forceinline__ void enter_block() {
     const PackedGeometry& g = p.g;
     block_ok = false;
-    if (!scope_ok) return;
     int32_t k;
     if (sub != nullptr) {
+      if (!scope_ok) return;
       k = kept[j];
       if (k < 0) return;  // a bad subsets entry (counted by load_tables)
     } else {
-      const uint32_t idx = field(s * static_cast<uint32_t>(g.nnz) + static_cast<uint32_t>(j));
+      const uint32_t idx = field_take();  // read even when skipped: the cursor stays in step
       if (idx >= static_cast<uint32_t>(g.G)) {
         bad |= kPackedBadIndex;
         return;
@@ -231,20 +275,21 @@ struct Decoder {
     const uint32_t r = i - s * static_cast<uint32_t>(p.P);
     j = static_cast<int32_t>(p.div_B.div(r));
     e = static_cast<int32_t>(r) - j * static_cast<int32_t>(p.g.B);
-    enter_scope();
+    field_seek(sub != nullptr ? s : s * static_cast<uint32_t>(p.g.nnz) + static_cast<uint32_t>(j));
+    enter_scope(false);
     enter_block();
   }
 
-  // (row, col) of the current element, or false (counted) when it is bad.
-  __device__ __forceinline__ bool locate(int32_t* row, int32_t* col) {
+  // (row, col) of element e of the current block (false, counted, when bad).
+  __device__ __forceinline__ bool locate_at(int32_t el, int32_t* row, int32_t* col) {
     if (!block_ok) return false;
-    int32_t r = org_r + eoff[2 * e];
-    int32_t c = org_c + eoff[2 * e + 1];
+    int32_t r = org_r + eoff[2 * el];
+    int32_t c = org_c + eoff[2 * el + 1];
     if (c >= p.g.K) {
       c -= static_cast<int32_t>(p.g.K);
       ++r;
     }
-    if (static_cast<uint32_t>(r - group_r0) >= static_cast<uint32_t>(p.R)) {
+    if (static_cast<uint32_t>(r - row_lo) >= static_cast<uint32_t>(n_rows)) {
       bad |= (r < 0 || r >= p.g.M) ? kPackedBadOffset : kPackedBadGroup;
       return false;
     }
@@ -252,6 +297,7 @@ struct Decoder {
     *col = c;
     return true;
   }
+  __device__ __forceinline__ bool locate(int32_t* row, int32_t* col) { return locate_at(e, row, col); }
 
   // Step to the next value.
   __device__ __forceinline__ void next() {
@@ -260,7 +306,7 @@ struct Decoder {
       if (++j == p.g.nnz) {
         j = 0;
         ++s;
-        enter_scope();
+        enter_scope(true);
       }
       enter_block();
     }
@@ -313,10 +359,9 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
     if (elem_off[i] != elem_off[0] + i) atomicOr(&not_runs, 1);
   }
   int bad = load_tables(p, subsets, block_off, elem_off, boff, eoff, sub);
-  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff);
-
   const int64_t q = blockIdx.x;
   const int32_t row0 = static_cast<int32_t>(q * p.R);
+  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff, row0, p.R);
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunks_per_split;
   const int64_t c1 = std::min(p.chunks_per_group, c0 + p.chunks_per_split);
   const uint32_t vbase = static_cast<uint32_t>(q * p.scopes_per_group * p.P);
@@ -360,12 +405,8 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
         // The whole chunk: one block, columns col .. col + VEC - 1 of one row
         // (its last element checked too), x read as 16-byte vectors when aligned.
         if (!dec.locate(&row, &col)) continue;
-        const int32_t e0 = dec.e;
-        dec.e = e0 + VEC - 1;
         int32_t row_last = 0, col_last = 0;
-        const bool last_ok = dec.locate(&row_last, &col_last);
-        dec.e = e0;
-        if (!last_ok) continue;
+        if (!dec.locate_at(dec.e + VEC - 1, &row_last, &col_last)) continue;
         use_row(row - row0);
         if (row_last == row && col % VEC == 0) {
 #pragma unroll
@@ -428,6 +469,7 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
   const PackedGeometry& g = p.g;
   constexpr int kXVec = 16 / sizeof(T);
   T* tile = reinterpret_cast<T*>(smem);
+  float* ysum = reinterpret_cast<float*>(smem + p.smem_ysum);  // (rows, NT)
   int32_t* boff = reinterpret_cast<int32_t*>(smem + p.smem_boff);
   int32_t* eoff = reinterpret_cast<int32_t*>(smem + p.smem_eoff);
   int32_t* sub = reinterpret_cast<int32_t*>(smem + p.smem_sub);
@@ -442,11 +484,14 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
   if (tid == 0) block_bad = 0;
   {
     uint4* t4 = reinterpret_cast<uint4*>(smem);
-    const int32_t n16 = p.smem_boff / 16;
+    const int32_t n16 = p.smem_ysum / 16;
     for (int32_t i = tid; i < n16; i += nt) t4[i] = uint4{0u, 0u, 0u, 0u};
   }
+  for (int i = tid; i < rows * NT; i += nt) ysum[i] = 0.f;
   int bad = load_tables(p, subsets, block_off, elem_off, boff, eoff, sub);
-  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff);
+  // Any row of the tile will do (a scope outside its own group but inside the
+  // tile still lands on the right element of W); rows outside it are bad data.
+  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff, row0, rows);
 
   const uint32_t v0 = static_cast<uint32_t>(q0 * p.scopes_per_group * p.P);
   const int64_t chunks = (q1 - q0) * p.scopes_per_group * p.P / VEC;
@@ -476,16 +521,19 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
   const int any_bad = block_bad;
   if (any_bad && tid == 0 && status != nullptr) atomicOr(status, any_bad);
 
-  // Every warp: whole rows of the tile times the tokens.
-  const int lane = tid % 32, warp = tid / 32, warps = nt / 32;
+  // Row by row, every thread takes column chunks of the row and multiplies
+  // them with the tokens (tile and x read as consecutive 16-byte vectors);
+  // warps reduce, then add into the row's sums.
+  const int lane = tid % 32;
   const bool vec = p.x_aligned && K % kXVec == 0;  // x rows and tile rows 16-byte aligned
-  for (int32_t r = warp; r < rows; r += warps) {
+  for (int32_t r = 0; r < rows; ++r) {
     const T* trow = tile + static_cast<int64_t>(r) * K;
     float acc[NT];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n] = 0.f;
     if (vec) {
-      for (int32_t col = lane * kXVec; col < K; col += 32 * kXVec) {
+#pragma unroll 2
+      for (int32_t col = tid * kXVec; col < K; col += nt * kXVec) {
         T wv[kXVec];
         std::memcpy(wv, trow + col, 16);
 #pragma unroll
@@ -499,7 +547,7 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
         }
       }
     } else {
-      for (int32_t col = lane; col < K; col += 32) {
+      for (int32_t col = tid; col < K; col += nt) {
         const float w = to_float(trow[col]);
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
@@ -511,12 +559,16 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
     for (int n = 0; n < NT; ++n) {
       float v = acc[n];
       for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-      if (lane == 0 && (NT == 1 || n < N)) {
-        const int32_t row = row0 + r;
-        const float out = any_bad ? NAN : (bias != nullptr ? v + to_float(bias[row]) : v);
-        y[static_cast<int64_t>(n) * g.M + row] = static_cast<T>(out);
-      }
+      if (lane == 0 && (NT == 1 || n < N)) atomicAdd(&ysum[r * NT + n], v);
     }
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * N; i += nt) {
+    const int32_t r = i / N, n = i - r * N;
+    const int32_t row = row0 + r;
+    const float v = ysum[r * NT + n];
+    const float out = any_bad ? NAN : (bias != nullptr ? v + to_float(bias[row]) : v);
+    y[static_cast<int64_t>(n) * g.M + row] = static_cast<T>(out);
   }
 }
 
@@ -689,11 +741,12 @@ bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, G
   // keeping at least two blocks per SM.
   const int64_t group_bytes = int64_t(g.row_group) * g.K * values.element_size();
   if (group_bytes <= kTileBytes) {
-    const int64_t fit = kTileBytes / group_bytes;
+    const int64_t fit = std::min<int64_t>(kTileBytes / group_bytes, std::max<int64_t>(1, 64 / g.row_group));
     const int64_t spread = std::max<int64_t>(1, p.groups / (2 * multiprocessors()));
     p.groups_per_block = static_cast<int32_t>(std::max<int64_t>(1, std::min(fit, spread)));
     const int64_t tile = ceil_div(p.groups_per_block * group_bytes, 16) * 16;
-    p.smem_boff = static_cast<int32_t>(tile);
+    p.smem_ysum = static_cast<int32_t>(tile);
+    p.smem_boff = static_cast<int32_t>(tile + ceil_div(p.groups_per_block * g.row_group * kMaxTokens * 4, 16) * 16);
   } else {
     p.smem_boff = static_cast<int32_t>(int64_t(g.row_group) * kMaxTokens * 4);
   }

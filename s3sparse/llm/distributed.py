@@ -246,6 +246,12 @@ def launch(device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTE
         if created:
             _report_then_wait(exc, env)
         raise
+    else:
+        if created:
+            # Every rank done before any tears its group down: a gloo rank
+            # destroyed while a peer's last collective is still in flight can
+            # abort the peer ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
