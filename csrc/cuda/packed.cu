@@ -91,6 +91,8 @@ struct GemvPlan {
   int32_t groups_per_block = 0;
   bool base_fast = false;        // every scope base in [0, 2^30): 32-bit divmod by K
   bool x_aligned = false;        // x's rows can be read as 16-byte vectors (with K % (16 / sizeof(T)) == 0)
+  int64_t last_shape = 0;        // scope_shape[ndim - 1] (0 when ndim == 0)
+  int32_t step_r = 0, step_c = 0;  // scope_stride[ndim - 1] as (rows, cols), cols in [0, K) (base_fast)
   // Shared-memory layout (bytes): the gemv sums (R * kMaxTokens floats) or the
   // rowtile tile, then the int32 tables.
   int32_t smem_ysum = 0, smem_boff = 0, smem_eoff = 0, smem_sub = 0, smem_total = 0;
@@ -165,20 +167,12 @@ struct Decoder {
   const int32_t* kept = nullptr;
   bool scope_ok = false, block_ok = false;
   int32_t base_r = 0, base_c = 0, org_r = 0, org_c = 0;
-  int32_t step_r = 0, step_c = 0;  // the last dim's stride as (rows, cols)
   // Meta field cursor.
   uint32_t f_word = 0, f_slot = 0, f_loaded = 0xFFFFFFFFu, f_val = 0;
 
   __device__ Decoder(const GemvPlan& plan, const int32_t* m, const int32_t* su, const int32_t* bo, const int32_t* eo,
                      int32_t lo, int32_t rows)
-      : p(plan), meta(m), sub(su), boff(bo), eoff(eo), row_lo(lo), n_rows(rows) {
-    if (p.g.ndim > 0 && p.base_fast) {
-      const uint32_t st = static_cast<uint32_t>(p.g.scope_stride[p.g.ndim - 1]);
-      const uint32_t r = p.div_K.div(st);
-      step_r = static_cast<int32_t>(r);
-      step_c = static_cast<int32_t>(st - r * static_cast<uint32_t>(p.g.K));
-    }
-  }
+      : p(plan), meta(m), sub(su), boff(bo), eoff(eo), row_lo(lo), n_rows(rows) {}
 
   __device__ __forceinline__ void field_seek(uint32_t i) {
     f_word = p.div_per_word.div(i);
@@ -204,7 +198,11 @@ struct Decoder {
     const PackedGeometry& g = p.g;
     if (p.base_fast) {
       uint32_t t = s, base = 0;
-      for (int d = g.ndim - 1; d >= 0; --d) {
+      // Constant indices only (a dynamic index into the kernel's parameters
+      // would copy them to local memory).
+#pragma unroll
+      for (int d = kMaxPackedScopeDims - 1; d >= 0; --d) {
+        if (d >= g.ndim) continue;
         const uint32_t t2 = p.div_scope_shape[d].div(t);
         const uint32_t idx = t - t2 * static_cast<uint32_t>(g.scope_shape[d]);
         if (d == g.ndim - 1) last_idx = idx;
@@ -222,9 +220,9 @@ struct Decoder {
   // Enter scope s: its kept set (codes) and base. `stepped`: s is the previous scope + 1.
   __device__ __forceinline__ void enter_scope(bool stepped) {
     const PackedGeometry& g = p.g;
-    if (stepped && p.base_fast && g.ndim > 0 && ++last_idx < g.scope_shape[g.ndim - 1]) {
-      base_r += step_r;
-      base_c += step_c;
+    if (stepped && p.base_fast && ++last_idx < p.last_shape) {
+      base_r += p.step_r;
+      base_c += p.step_c;
       if (base_c >= g.K) {
         base_c -= static_cast<int32_t>(g.K);
         ++base_r;
@@ -734,6 +732,12 @@ bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, G
   for (int d = 0; d < g.ndim; ++d) {
     if (g.scope_shape[d] <= 0) return false;
     p.div_scope_shape[d] = FastDivmod(static_cast<uint32_t>(g.scope_shape[d]));
+  }
+  if (g.ndim > 0 && p.base_fast) {
+    const int64_t st = g.scope_stride[g.ndim - 1];  // >= 0 here (base_fast)
+    p.last_shape = g.scope_shape[g.ndim - 1];
+    p.step_r = static_cast<int32_t>(st / g.K);
+    p.step_c = static_cast<int32_t>(st % g.K);
   }
   const int64_t tables = 8 * g.G + 8 * g.B + 4 * g.n_codes * g.nnz;
   if (tables > 32 * 1024) return false;
