@@ -95,7 +95,10 @@ struct GemvPlan {
   int32_t step_r = 0, step_c = 0;  // scope_stride[ndim - 1] as (rows, cols), cols in [0, K) (base_fast)
   // Shared-memory layout (bytes): the gemv sums (R * kMaxTokens floats) or the
   // rowtile tile, then the int32 tables.
-  int32_t smem_ysum = 0, smem_boff = 0, smem_eoff = 0, smem_sub = 0, smem_total = 0;
+  int32_t smem_ysum = 0, smem_boff = 0, smem_eoff = 0, smem_sub = 0, smem_ctab = 0, smem_total = 0;
+  // rowtile with subset codes: a table of every code's P element offsets from
+  // its scope's base, as (rows, cols) (one shared load a value).
+  bool code_table = false;
 };
 
 template <typename T>
@@ -128,7 +131,7 @@ __device__ __forceinline__ void split_offset(int64_t off, int64_t K, int32_t* ro
 // with bad entries as -1); returns the status bits of subsets. Ends with a barrier.
 __device__ inline int load_tables(const GemvPlan& p, const int32_t* __restrict__ subsets,
                                   const int64_t* __restrict__ block_off, const int64_t* __restrict__ elem_off,
-                                  int32_t* boff, int32_t* eoff, int32_t* sub) {
+                                  int32_t* boff, int32_t* eoff, int32_t* sub, int32_t* ctab = nullptr) {
   const PackedGeometry& g = p.g;
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   int bad = 0;
@@ -140,6 +143,20 @@ __device__ inline int load_tables(const GemvPlan& p, const int32_t* __restrict__
       const bool ok = k >= 0 && k < g.G;
       if (!ok) bad |= kPackedBadIndex;
       sub[i] = ok ? k : -1;
+    }
+    if (ctab != nullptr) {
+      const int32_t P = p.P, B = static_cast<int32_t>(g.B);
+      for (int64_t i = tid; i < g.n_codes * P; i += nt) {
+        const int64_t code = i / P;
+        const int32_t r = static_cast<int32_t>(i - code * P), j = r / B, e = r - j * B;
+        const int32_t k = subsets[code * g.nnz + j];
+        if (k >= 0 && k < g.G) {
+          split_offset(block_off[k] + elem_off[e], g.K, &ctab[2 * i], &ctab[2 * i + 1]);
+        } else {
+          ctab[2 * i] = kRowClamp;  // never in range: the element is skipped (counted above)
+          ctab[2 * i + 1] = 0;
+        }
+      }
     }
   }
   __syncthreads();
@@ -311,6 +328,67 @@ struct Decoder {
   }
 };
 
+// The Decoder of subset codes with a code table (rowtile): a value's offset
+// from its scope's base is one shared load, ctab[code][i % P].
+struct CodeDecoder : Decoder {
+  const int32_t* ctab;       // shared (n_codes, P, 2)
+  const int32_t* entry = nullptr;  // the current scope's row of ctab, null for a bad code
+  int32_t r = 0;             // value index within the scope
+
+  __device__ CodeDecoder(const GemvPlan& plan, const int32_t* m, const int32_t* ct, int32_t lo, int32_t rows)
+      : Decoder(plan, m, nullptr, nullptr, nullptr, lo, rows), ctab(ct) {}
+
+  __device__ __forceinline__ void take_code() {
+    const uint32_t code = field_take();
+    if (code >= static_cast<uint64_t>(p.g.n_codes)) {
+      bad |= kPackedBadCode;
+      entry = nullptr;
+    } else {
+      entry = ctab + 2 * static_cast<int64_t>(code) * p.P;
+    }
+  }
+  __device__ __forceinline__ void seek(uint32_t i) {
+    s = p.div_P.div(i);
+    r = static_cast<int32_t>(i - s * static_cast<uint32_t>(p.P));
+    field_seek(s);
+    scope_base();
+    take_code();
+  }
+  __device__ __forceinline__ void next() {
+    if (++r == p.P) {
+      r = 0;
+      ++s;
+      if (p.base_fast && ++last_idx < p.last_shape) {
+        base_r += p.step_r;
+        base_c += p.step_c;
+        if (base_c >= p.g.K) {
+          base_c -= static_cast<int32_t>(p.g.K);
+          ++base_r;
+        }
+      } else {
+        scope_base();
+      }
+      take_code();
+    }
+  }
+  __device__ __forceinline__ bool locate(int32_t* row, int32_t* col) {
+    if (entry == nullptr) return false;
+    int32_t rr = base_r + entry[2 * r];
+    int32_t c = base_c + entry[2 * r + 1];
+    if (c >= p.g.K) {
+      c -= static_cast<int32_t>(p.g.K);
+      ++rr;
+    }
+    if (static_cast<uint32_t>(rr - row_lo) >= static_cast<uint32_t>(n_rows)) {
+      bad |= (rr < 0 || rr >= p.g.M) ? kPackedBadOffset : kPackedBadGroup;
+      return false;
+    }
+    *row = rr;
+    *col = c;
+    return true;
+  }
+};
+
 // Load VEC consecutive values (16 bytes when VEC * sizeof(T) == 16).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_values(const T* __restrict__ src, T (&out)[VEC]) {
@@ -321,6 +399,34 @@ __device__ __forceinline__ void load_values(const T* __restrict__ src, T (&out)[
 #pragma unroll
     for (int v = 0; v < VEC; ++v) out[v] = src[v];
   }
+}
+
+// Scatter the block's kept values into the tile of rows [row0, row0 + rows).
+template <typename T, int VEC, typename Dec>
+__device__ __forceinline__ int scatter_into_tile(Dec& dec, const T* __restrict__ values, uint32_t v0, int64_t chunks,
+                                                 T* tile, int32_t row0, int32_t K) {
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  for (int64_t c = tid; c < chunks; c += static_cast<int64_t>(nt) * kUnroll) {
+    T vals[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t cu = c + static_cast<int64_t>(u) * nt;
+      if (cu < chunks) load_values<T, VEC>(values + v0 + static_cast<uint32_t>(cu) * VEC, vals[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t cu = c + static_cast<int64_t>(u) * nt;
+      if (cu >= chunks) continue;
+      dec.seek(v0 + static_cast<uint32_t>(cu) * VEC);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        if (v > 0) dec.next();
+        int32_t row, col;
+        if (dec.locate(&row, &col)) tile[static_cast<int64_t>(row - row0) * K + col] = vals[u][v];
+      }
+    }
+  }
+  return dec.bad;
 }
 
 // ------------------------------------------------------------------ gemv (decode, large groups)
@@ -486,34 +592,19 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
     for (int32_t i = tid; i < n16; i += nt) t4[i] = uint4{0u, 0u, 0u, 0u};
   }
   for (int i = tid; i < rows * NT; i += nt) ysum[i] = 0.f;
-  int bad = load_tables(p, subsets, block_off, elem_off, boff, eoff, sub);
+  int32_t* ctab = p.code_table ? reinterpret_cast<int32_t*>(smem + p.smem_ctab) : nullptr;
+  int bad = load_tables(p, subsets, block_off, elem_off, boff, eoff, sub, ctab);
   // Any row of the tile will do (a scope outside its own group but inside the
   // tile still lands on the right element of W); rows outside it are bad data.
-  Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff, row0, rows);
-
   const uint32_t v0 = static_cast<uint32_t>(q0 * p.scopes_per_group * p.P);
   const int64_t chunks = (q1 - q0) * p.scopes_per_group * p.P / VEC;
-  for (int64_t c = tid; c < chunks; c += static_cast<int64_t>(nt) * kUnroll) {
-    T vals[kUnroll][VEC];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * nt;
-      if (cu < chunks) load_values<T, VEC>(values + v0 + static_cast<uint32_t>(cu) * VEC, vals[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * nt;
-      if (cu >= chunks) continue;
-      dec.seek(v0 + static_cast<uint32_t>(cu) * VEC);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if (v > 0) dec.next();
-        int32_t row, col;
-        if (dec.locate(&row, &col)) tile[static_cast<int64_t>(row - row0) * K + col] = vals[u][v];
-      }
-    }
+  if (p.code_table) {
+    CodeDecoder dec(p, meta, ctab, row0, rows);
+    bad |= scatter_into_tile<T, VEC>(dec, values, v0, chunks, tile, row0, K);
+  } else {
+    Decoder dec(p, meta, subsets != nullptr ? sub : nullptr, boff, eoff, row0, rows);
+    bad |= scatter_into_tile<T, VEC>(dec, values, v0, chunks, tile, row0, K);
   }
-  bad |= dec.bad;
   if (bad) atomicOr(&block_bad, bad);
   __syncthreads();
   const int any_bad = block_bad;
@@ -756,7 +847,9 @@ bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, G
   }
   p.smem_eoff = p.smem_boff + static_cast<int32_t>(8 * g.G);
   p.smem_sub = p.smem_eoff + static_cast<int32_t>(8 * g.B);
-  p.smem_total = p.smem_sub + static_cast<int32_t>(4 * g.n_codes * g.nnz);
+  p.smem_ctab = p.smem_sub + static_cast<int32_t>(ceil_div(4 * g.n_codes * g.nnz, 16) * 16);
+  p.code_table = p.groups_per_block > 0 && g.n_codes > 0 && g.n_codes * p.P <= 2048;
+  p.smem_total = p.smem_ctab + (p.code_table ? static_cast<int32_t>(8 * g.n_codes * p.P) : 0);
   *out = p;
   return true;
 }
