@@ -298,8 +298,12 @@ struct Decoder {
   // (row, col) of element e of the current block (false, counted, when bad).
   __device__ __forceinline__ bool locate_at(int32_t el, int32_t* row, int32_t* col) {
     if (!block_ok) return false;
-    int32_t r = org_r + eoff[2 * el];
-    int32_t c = org_c + eoff[2 * el + 1];
+    return place(org_r + eoff[2 * el], org_c + eoff[2 * el + 1], row, col);
+  }
+
+  // (r, c) with c in [0, 2K): wrap c into [0, K); true when the row is one the
+  // caller owns, else the bad bit (outside W, or outside the caller's rows).
+  __device__ __forceinline__ bool place(int32_t r, int32_t c, int32_t* row, int32_t* col) {
     if (c >= p.g.K) {
       c -= static_cast<int32_t>(p.g.K);
       ++r;
@@ -373,19 +377,7 @@ struct CodeDecoder : Decoder {
   }
   __device__ __forceinline__ bool locate(int32_t* row, int32_t* col) {
     if (entry == nullptr) return false;
-    int32_t rr = base_r + entry[2 * r];
-    int32_t c = base_c + entry[2 * r + 1];
-    if (c >= p.g.K) {
-      c -= static_cast<int32_t>(p.g.K);
-      ++rr;
-    }
-    if (static_cast<uint32_t>(rr - row_lo) >= static_cast<uint32_t>(n_rows)) {
-      bad |= (rr < 0 || rr >= p.g.M) ? kPackedBadOffset : kPackedBadGroup;
-      return false;
-    }
-    *row = rr;
-    *col = c;
-    return true;
+    return place(base_r + entry[2 * r], base_c + entry[2 * r + 1], row, col);
   }
 };
 
@@ -401,31 +393,41 @@ __device__ __forceinline__ void load_values(const T* __restrict__ src, T (&out)[
   }
 }
 
+// Every thread: chunks c_begin + threadIdx.x, + blockDim.x, ... below c_end
+// (VEC consecutive values from value index base + c * VEC), kUnroll loads in
+// flight, then fn(vals, value index of vals[0]) for each.
+template <typename T, int VEC, typename Fn>
+__device__ __forceinline__ void for_each_chunk(const T* __restrict__ values, uint32_t base, int64_t c_begin,
+                                               int64_t c_end, Fn&& fn) {
+  const int64_t nt = blockDim.x;
+  for (int64_t c = c_begin + threadIdx.x; c < c_end; c += nt * kUnroll) {
+    T vals[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t cu = c + u * nt;
+      if (cu < c_end) load_values<T, VEC>(values + base + static_cast<uint32_t>(cu) * VEC, vals[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t cu = c + u * nt;
+      if (cu < c_end) fn(vals[u], base + static_cast<uint32_t>(cu) * VEC);
+    }
+  }
+}
+
 // Scatter the block's kept values into the tile of rows [row0, row0 + rows).
 template <typename T, int VEC, typename Dec>
 __device__ __forceinline__ int scatter_into_tile(Dec& dec, const T* __restrict__ values, uint32_t v0, int64_t chunks,
                                                  T* tile, int32_t row0, int32_t K) {
-  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
-  for (int64_t c = tid; c < chunks; c += static_cast<int64_t>(nt) * kUnroll) {
-    T vals[kUnroll][VEC];
+  for_each_chunk<T, VEC>(values, v0, 0, chunks, [&](const T* vals, uint32_t i0) {
+    dec.seek(i0);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * nt;
-      if (cu < chunks) load_values<T, VEC>(values + v0 + static_cast<uint32_t>(cu) * VEC, vals[u]);
+    for (int v = 0; v < VEC; ++v) {
+      if (v > 0) dec.next();
+      int32_t row, col;
+      if (dec.locate(&row, &col)) tile[static_cast<int64_t>(row - row0) * K + col] = vals[v];
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * nt;
-      if (cu >= chunks) continue;
-      dec.seek(v0 + static_cast<uint32_t>(cu) * VEC);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if (v > 0) dec.next();
-        int32_t row, col;
-        if (dec.locate(&row, &col)) tile[static_cast<int64_t>(row - row0) * K + col] = vals[u][v];
-      }
-    }
-  }
+  });
   return dec.bad;
 }
 
@@ -492,52 +494,41 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
     }
   };
 
-  for (int64_t c = c0 + tid; c < c1; c += static_cast<int64_t>(nt) * kUnroll) {
-    T vals[kUnroll][VEC];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * nt;
-      if (cu < c1) load_values<T, VEC>(values + vbase + static_cast<uint32_t>(cu) * VEC, vals[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t cu = c + static_cast<int64_t>(u) * nt;
-      if (cu >= c1) continue;
-      dec.seek(vbase + static_cast<uint32_t>(cu) * VEC);
-      int32_t row = 0, col = 0;
-      if (runs) {
-        // The whole chunk: one block, columns col .. col + VEC - 1 of one row
-        // (its last element checked too), x read as 16-byte vectors when aligned.
-        if (!dec.locate(&row, &col)) continue;
-        int32_t row_last = 0, col_last = 0;
-        if (!dec.locate_at(dec.e + VEC - 1, &row_last, &col_last)) continue;
-        use_row(row - row0);
-        if (row_last == row && col % VEC == 0) {
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            if (NT == 1 || n < N) {
-              T xv[VEC];
-              load_values<T, VEC>(x + static_cast<int64_t>(n) * K + col, xv);
-#pragma unroll
-              for (int v = 0; v < VEC; ++v) acc[n] += to_float(vals[u][v]) * to_float(xv[v]);
-            }
-          }
-          continue;
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if (v > 0) dec.next();
-        if (!dec.locate(&row, &col)) continue;
-        use_row(row - row0);
-        const float w = to_float(vals[u][v]);
+  for_each_chunk<T, VEC>(values, vbase, c0, c1, [&](const T* vals, uint32_t i0) {
+    dec.seek(i0);
+    int32_t row = 0, col = 0;
+    if (runs) {
+      // The whole chunk: one block, columns col .. col + VEC - 1 of one row
+      // (its last element checked too), x read as 16-byte vectors when aligned.
+      if (!dec.locate(&row, &col)) return;
+      int32_t row_last = 0, col_last = 0;
+      if (!dec.locate_at(dec.e + VEC - 1, &row_last, &col_last)) return;
+      use_row(row - row0);
+      if (row_last == row && col % VEC == 0) {
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          if (NT == 1 || n < N) acc[n] += w * load_x(x + static_cast<int64_t>(n) * K + col);
+          if (NT == 1 || n < N) {
+            T xv[VEC];
+            load_values<T, VEC>(x + static_cast<int64_t>(n) * K + col, xv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[n] += to_float(vals[v]) * to_float(xv[v]);
+          }
         }
+        return;
       }
     }
-  }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if (v > 0) dec.next();
+      if (!dec.locate(&row, &col)) continue;
+      use_row(row - row0);
+      const float w = to_float(vals[v]);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (NT == 1 || n < N) acc[n] += w * load_x(x + static_cast<int64_t>(n) * K + col);
+      }
+    }
+  });
   flush();
   bad |= dec.bad;
   if (bad) atomicOr(&block_bad, bad);
