@@ -19,7 +19,7 @@ for, which one is imported, and the command that rebuilds it.
 from __future__ import annotations
 
 import glob
-import importlib
+import importlib.util
 import os
 import re
 from typing import Optional
@@ -51,7 +51,17 @@ def _imported_torch() -> str:
 
 
 def _library_files() -> list[str]:
-    return sorted(glob.glob(os.path.join(_HERE, "_C.*.so")) + glob.glob(os.path.join(_HERE, "_C.*.pyd")))
+    # Where the import system finds s3sparse._C (an editable install keeps it
+    # outside the source tree), then any library beside this file.
+    found = []
+    try:
+        spec = importlib.util.find_spec("s3sparse._C")
+        if spec is not None and spec.origin and os.path.isfile(spec.origin):
+            found.append(spec.origin)
+    except (ImportError, ValueError):  # a broken install: fall back to the directory
+        pass
+    here = sorted(glob.glob(os.path.join(_HERE, "_C.*.so")) + glob.glob(os.path.join(_HERE, "_C.*.pyd")))
+    return found + [f for f in here if f not in found]
 
 
 def built_torch_version_from_file(path: str) -> Optional[str]:

@@ -45,15 +45,28 @@ def _import_after(setup: str) -> str:
 
 
 def _fail_loading(exc: str) -> str:
-    """Setup code: importing s3sparse._C raises ``exc`` (as the dynamic loader would)."""
+    """Setup code: loading s3sparse._C raises ``exc`` (as the dynamic loader would): the module
+    is found where it is (its file stays readable), its loader fails."""
     return f"""
     import importlib.abc, sys
 
+    class _FailingLoader(importlib.abc.Loader):
+        def create_module(self, spec):
+            raise {exc}
+
+        def exec_module(self, module):
+            pass
+
     class _Refuse(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "s3sparse._C":
-                raise {exc}
-            return None
+            if name != "s3sparse._C":
+                return None
+            for finder in sys.meta_path:
+                spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(name, path, target)
+                if spec is not None:
+                    spec.loader = _FailingLoader()
+                    return spec
+            raise {exc}
 
     sys.meta_path.insert(0, _Refuse())
     """
@@ -104,8 +117,8 @@ def test_the_built_version_is_read_from_the_library_file(tmp_path):
     from s3sparse._extension import REBUILD_COMMAND as command, built_torch_version_from_file, mismatch_message
 
     assert command == REBUILD_COMMAND
-    library = [f for f in os.listdir(os.path.dirname(s3sparse.__file__)) if f.startswith("_C.")][0]
-    assert built_torch_version_from_file(os.path.join(os.path.dirname(s3sparse.__file__), library)) == BUILT
+    library = s3sparse._C.__file__  # beside the package, or elsewhere for an editable install
+    assert built_torch_version_from_file(library) == BUILT
     ambiguous = tmp_path / "two.so"
     ambiguous.write_bytes(b"\x002.8.0+cpu\x00torch_version\x002.9.1\x00")
     assert built_torch_version_from_file(str(ambiguous)) is None
