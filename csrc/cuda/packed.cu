@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -125,6 +126,17 @@ __device__ __forceinline__ void split_offset(int64_t off, int64_t K, int32_t* ro
   const int64_t r = floor_div(off, K);
   *col = static_cast<int32_t>(off - r * K);
   *row = static_cast<int32_t>(std::max<int64_t>(-kRowClamp, std::min<int64_t>(kRowClamp, r)));
+}
+
+// Where the decode kernels keep their int32 tables in shared memory.
+struct SharedTables {
+  int32_t* boff;  // (G, 2): block_off as (row, col)
+  int32_t* eoff;  // (B, 2): elem_off as (row, col)
+  int32_t* sub;   // (n_codes, nnz): subsets, bad entries -1
+};
+__device__ __forceinline__ SharedTables shared_tables(unsigned char* smem, const GemvPlan& p) {
+  return {reinterpret_cast<int32_t*>(smem + p.smem_boff), reinterpret_cast<int32_t*>(smem + p.smem_eoff),
+          reinterpret_cast<int32_t*>(smem + p.smem_sub)};
 }
 
 // Fill the shared tables (block_off and elem_off as (row, col) pairs, subsets
@@ -448,9 +460,8 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
   __shared__ int not_runs;  // elem_off is not 0, 1, ..., B-1 (plus a constant)
   const PackedGeometry& g = p.g;
   float* ys = reinterpret_cast<float*>(smem);
-  int32_t* boff = reinterpret_cast<int32_t*>(smem + p.smem_boff);
-  int32_t* eoff = reinterpret_cast<int32_t*>(smem + p.smem_eoff);
-  int32_t* sub = reinterpret_cast<int32_t*>(smem + p.smem_sub);
+  const SharedTables t = shared_tables(smem, p);
+  int32_t *boff = t.boff, *eoff = t.eoff, *sub = t.sub;
   const int tid = static_cast<int>(threadIdx.x);
   const int nt = static_cast<int>(blockDim.x);
   const int32_t K = static_cast<int32_t>(g.K);
@@ -565,9 +576,8 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
   constexpr int kXVec = 16 / sizeof(T);
   T* tile = reinterpret_cast<T*>(smem);
   float* ysum = reinterpret_cast<float*>(smem + p.smem_ysum);  // (rows, NT)
-  int32_t* boff = reinterpret_cast<int32_t*>(smem + p.smem_boff);
-  int32_t* eoff = reinterpret_cast<int32_t*>(smem + p.smem_eoff);
-  int32_t* sub = reinterpret_cast<int32_t*>(smem + p.smem_sub);
+  const SharedTables t = shared_tables(smem, p);
+  int32_t *boff = t.boff, *eoff = t.eoff, *sub = t.sub;
   const int tid = static_cast<int>(threadIdx.x);
   const int nt = static_cast<int>(blockDim.x);
   const int32_t K = static_cast<int32_t>(g.K);
@@ -779,11 +789,30 @@ at::Tensor packed_to_dense_cuda(const at::Tensor& values, const at::Tensor& meta
   return out;
 }
 
-int multiprocessors() {
-  int device = 0, sms = 0;
+constexpr int kMaxDevices = 64;
+
+int current_device() {
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max(sms, 1);
+  return device;
+}
+
+// SMs of the current device, asked once per device (it is on every call's path).
+int multiprocessors() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int device = current_device();
+  if (device >= kMaxDevices) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return std::max(sms, 1);
+  }
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    sms = std::max(sms, 1);
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
 }
 
 constexpr int64_t kTileBytes = 64 * 1024;  // rowtile: shared memory for the decoded rows
@@ -845,10 +874,21 @@ bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, G
   return true;
 }
 
+// Let `kernel` take `bytes` of dynamic shared memory. The limit a kernel was
+// given is remembered per device (the call would otherwise be made on every
+// launch); it only ever grows.
 template <typename Kernel>
 void allow_shared(Kernel* kernel, int64_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes <= 48 * 1024) return;
+  static std::atomic<int> allowed[kMaxDevices] = {};  // one table per kernel instantiation
+  const int device = current_device();
+  const int want = static_cast<int>(bytes);
+  if (device < kMaxDevices && allowed[device].load(std::memory_order_relaxed) >= want) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want));
+  if (device < kMaxDevices) {
+    int seen = allowed[device].load(std::memory_order_relaxed);
+    while (seen < want && !allowed[device].compare_exchange_weak(seen, want)) {
+    }
   }
 }
 
