@@ -36,44 +36,18 @@
 #include <limits>
 
 #include "cuda/launch.cuh"
+#include "cuda/packed_common.cuh"
+#include "cuda/packed_stream.cuh"
 #include "packed.h"
 
 namespace s3sparse {
 namespace {
 
+using namespace packed_cuda;
+
 constexpr int kThreads = 256;
 constexpr int kMaxTokens = 16;  // the gemv path: up to this many tokens (rows of x)
 constexpr int kUnroll = 4;      // 16-byte loads in flight per thread
-constexpr int64_t kInt32Safe = int64_t(1) << 30;
-constexpr int kRowClamp = 1 << 29;  // decomposed row offsets are clamped to +-this (always out of range)
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
-  const int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-
-// n / d and n % d for n < 2^31 by a multiply-high and a shift (Granlund and
-// Montgomery): the decode path divides value indices and scope indices by
-// runtime constants on every element.
-struct FastDivmod {
-  uint32_t d = 1, mul = 1, shift = 0;
-  FastDivmod() = default;
-  explicit FastDivmod(uint32_t divisor) : d(divisor) {
-    while ((uint64_t(1) << shift) < d) ++shift;
-    mul = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
-  }
-  C10_HOST_DEVICE inline uint32_t div(uint32_t n) const {
-#if defined(__CUDA_ARCH__)
-    const uint32_t hi = __umulhi(n, mul);
-#else
-    const uint32_t hi = static_cast<uint32_t>((uint64_t(n) * mul) >> 32);
-#endif
-    return (hi + n) >> shift;
-  }
-};
-
 // Everything the decode kernels need besides pointers (passed by value).
 struct GemvPlan {
   PackedGeometry g;
@@ -103,29 +77,8 @@ struct GemvPlan {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline float to_float(T v) {
-  return static_cast<float>(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T ldg(const T* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
-template <typename T>
 __device__ __forceinline__ float load_x(const T* p) {
   return to_float(*p);  // read-only and __restrict__: cached in L1
-}
-
-// (row, col) of a flat offset, col in [0, K), row clamped to +-kRowClamp.
-__device__ __forceinline__ void split_offset(int64_t off, int64_t K, int32_t* row, int32_t* col) {
-  const int64_t r = floor_div(off, K);
-  *col = static_cast<int32_t>(off - r * K);
-  *row = static_cast<int32_t>(std::max<int64_t>(-kRowClamp, std::min<int64_t>(kRowClamp, r)));
 }
 
 // Where the decode kernels keep their int32 tables in shared memory.
@@ -789,32 +742,6 @@ at::Tensor packed_to_dense_cuda(const at::Tensor& values, const at::Tensor& meta
   return out;
 }
 
-constexpr int kMaxDevices = 64;
-
-int current_device() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  return device;
-}
-
-// SMs of the current device, asked once per device (it is on every call's path).
-int multiprocessors() {
-  static std::atomic<int> cached[kMaxDevices] = {};
-  const int device = current_device();
-  if (device >= kMaxDevices) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return std::max(sms, 1);
-  }
-  int sms = cached[device].load(std::memory_order_relaxed);
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    sms = std::max(sms, 1);
-    cached[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
-}
-
 constexpr int64_t kTileBytes = 64 * 1024;  // rowtile: shared memory for the decoded rows
 
 // The decode plan, or false when the decode kernels do not apply (then W is
@@ -872,24 +799,6 @@ bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, G
   p.smem_total = p.smem_ctab + (p.code_table ? static_cast<int32_t>(8 * g.n_codes * p.P) : 0);
   *out = p;
   return true;
-}
-
-// Let `kernel` take `bytes` of dynamic shared memory. The limit a kernel was
-// given is remembered per device (the call would otherwise be made on every
-// launch); it only ever grows.
-template <typename Kernel>
-void allow_shared(Kernel* kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  static std::atomic<int> allowed[kMaxDevices] = {};  // one table per kernel instantiation
-  const int device = current_device();
-  const int want = static_cast<int>(bytes);
-  if (device < kMaxDevices && allowed[device].load(std::memory_order_relaxed) >= want) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want));
-  if (device < kMaxDevices) {
-    int seen = allowed[device].load(std::memory_order_relaxed);
-    while (seen < want && !allowed[device].compare_exchange_weak(seen, want)) {
-    }
-  }
 }
 
 template <typename T, int VEC, int NT>
@@ -1003,6 +912,22 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   at::Tensor status = check ? at::zeros({}, values.options().dtype(at::kInt)) : at::Tensor();
   int* st = check ? status_ptr(status) : nullptr;
   const at::Tensor x2 = x.reshape({N, g.K}).contiguous();
+
+  // 1..8 tokens on every reference pattern: the stream kernel (packed_stream.cuh).
+  {
+    at::Tensor y = at::empty({N, g.M}, x.options());
+    bool launched = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_stream_cuda", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        launched = launch_packed_stream<scalar_t>(g, N, values, meta, subsets, block_off, elem_off, x2, bias, y, st,
+                                                  stream);
+      }
+    });
+    if (launched) {
+      if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
+      return y.view(out_sizes);
+    }
+  }
 
   GemvPlan plan;
   if (plan_decode(g, N, values, &plan)) {

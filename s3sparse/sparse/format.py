@@ -194,12 +194,18 @@ def subset_codes(kept: Tensor, G: int) -> Tensor:
     S, k = kept.shape
     if k == 0:
         return torch.zeros(S, dtype=torch.int64, device=kept.device)
-    # prefix[j, c] = Σ_{v < c} C(G-1-v, k-1-j)
-    prefix = torch.zeros(k, G + 1, dtype=torch.int64)
+    # prefix[j, c] = Σ_{j <= v < c} C(G-1-v, k-1-j). Terms with v < j never
+    # enter a rank (c_{j-1} >= j-1), and leaving them out keeps every entry
+    # at most C(G, k): with them, C(G-1-v, k-1-j) overflows int64 for large G
+    # even when C(G, k) is small (G=120, k=119).
+    table = []
     for j in range(k):
+        row, total = [0], 0
         for v in range(G):
-            prefix[j, v + 1] = prefix[j, v] + math.comb(G - 1 - v, k - 1 - j)
-    prefix = prefix.to(kept.device)
+            total += math.comb(G - 1 - v, k - 1 - j) if v >= j else 0
+            row.append(total)
+        table.append(row)
+    prefix = torch.tensor(table, dtype=torch.int64, device=kept.device)
     kept = kept.to(torch.int64)
     previous = torch.cat([torch.full((S, 1), -1, dtype=torch.int64, device=kept.device), kept[:, :-1]], dim=1)
     rows = torch.arange(k, device=kept.device).expand(S, k)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU session of the packed-execution work (see docs/performance.md):
+# build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
+# then the packed benchmarks. Results go to $OUT (default ./out).
+#   bash benchmarks/device_packed.sh [build|tests|bench|model|all]...
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+commit=${S3SPARSE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export S3SPARSE_GIT_COMMIT=$commit
+repo=$PWD
+for step in "${@:-all}"; do
+  case $step in
+    build|all)
+      if ! ls .whl/*.whl >/dev/null 2>&1; then
+        t0=$SECONDS
+        TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip wheel -q --no-build-isolation --no-deps . -w .whl/ \
+          > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+        echo "built wheel in $((SECONDS - t0)) s"
+        cp .whl/*.whl "$OUT/"
+      fi
+      python3 -m pip install -q --no-deps --force-reinstall .whl/*.whl > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+      ;;&
+    tests|all)
+      (cd /tmp && timeout 400 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests/test_op_packed.py" \
+        "$repo/tests/test_sparse_packed.py" 2>&1 | tail -15 | tee "$OUT/pytest-packed-cuda.txt")
+      ;;&
+    bench|all)
+      (cd /tmp && timeout 400 python3 "$repo/benchmarks/packed.py" --device cuda --check ${BENCH_ARGS:-} \
+        --out "$OUT/packed-cuda.json" > "$OUT/packed-cuda.txt" 2>&1; tail -5 "$OUT/packed-cuda.txt")
+      ;;&
+    model|all)
+      (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda \
+        --out "$OUT/packed-model-cuda.json" > "$OUT/packed-model-cuda.txt" 2>&1; tail -8 "$OUT/packed-model-cuda.txt")
+      ;;
+  esac
+done

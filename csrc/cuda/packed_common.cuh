@@ -1,0 +1,112 @@
+// Small device helpers shared by the packed-weight kernels (packed.cu and the
+// stream decode kernel of packed_stream.cuh).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace s3sparse {
+namespace packed_cuda {
+
+constexpr int64_t kInt32Safe = int64_t(1) << 30;
+constexpr int kRowClamp = 1 << 29;  // decomposed row offsets are clamped to +-this (always out of range)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// n / d and n % d for n < 2^31 by a multiply-high and a shift (Granlund and
+// Montgomery): the decode paths divide value and scope indices by runtime
+// constants on every element or chunk.
+struct FastDivmod {
+  uint32_t d = 1, mul = 1, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t divisor) : d(divisor) {
+    while ((uint64_t(1) << shift) < d) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+  C10_HOST_DEVICE inline uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, mul);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t(n) * mul) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+};
+
+template <typename T>
+C10_HOST_DEVICE inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T ldg(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// (row, col) of a flat offset, col in [0, K), row clamped to +-kRowClamp.
+__device__ __forceinline__ void split_offset(int64_t off, int64_t K, int32_t* row, int32_t* col) {
+  const int64_t r = floor_div(off, K);
+  *col = static_cast<int32_t>(off - r * K);
+  *row = static_cast<int32_t>(std::max<int64_t>(-kRowClamp, std::min<int64_t>(kRowClamp, r)));
+}
+
+// ------------------------------------------------------------------ host
+constexpr int kMaxDevices = 64;
+
+inline int current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// SMs of the current device, asked once per device (it is on every call's path).
+inline int multiprocessors() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int device = current_device();
+  if (device >= kMaxDevices) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return std::max(sms, 1);
+  }
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    sms = std::max(sms, 1);
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+// Let `kernel` take `bytes` of dynamic shared memory. The limit a kernel was
+// given is remembered per device (the call would otherwise be made on every
+// launch); it only ever grows.
+template <typename Kernel>
+void allow_shared(Kernel* kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::atomic<int> allowed[kMaxDevices] = {};  // one table per kernel instantiation
+  const int device = current_device();
+  const int want = static_cast<int>(bytes);
+  if (device < kMaxDevices && allowed[device].load(std::memory_order_relaxed) >= want) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want));
+  if (device < kMaxDevices) {
+    int seen = allowed[device].load(std::memory_order_relaxed);
+    while (seen < want && !allowed[device].compare_exchange_weak(seen, want)) {
+    }
+  }
+}
+
+}  // namespace packed_cuda
+}  // namespace s3sparse

@@ -1,0 +1,631 @@
+// The stream decode kernel of packed_linear: 1 to 8 tokens, a row_group
+// promise, a fixed number of values a scope and a short code table (every
+// reference pattern). Format: csrc/packed.h; semantics: s3sparse/reference.py.
+//
+// Why a second decode kernel: at a few tokens the layer is memory-bound, so a
+// kernel must stream the packed bytes at close to copy bandwidth with only a
+// few instructions per kept value. This one is specialised at compile time on
+// the values a scope (P = nnz * B) and the tokens (NT), and at plan time on the
+// scope grid inside a row group:
+//   - a chunk is C consecutive scopes of one run (C * P values, one or more
+//     16-byte loads), its C meta fields taken from one or two words;
+//   - a scope's origin is stepped from the chunk's (one divmod a chunk), and
+//     each of its values is placed by one shared-memory entry of the code
+//     table (row and column offsets of every kept element of every code);
+//   - x is staged once per thread block in shared memory as (K, NT), so one
+//     load gives a value's NT tokens;
+//   - products accumulate in fp32 registers; with one row a group (2:4, 4:8,
+//     coupled 2:4) a warp owns a row and reduces by shuffles, otherwise a block
+//     owns a group and flushes into shared row sums when the row changes.
+// Bad data is never read or written through (the element is skipped, its rows
+// become NaN and the status word gets the CPU kernel's bits).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+
+#include "cuda/launch.cuh"
+#include "cuda/packed_common.cuh"
+#include "packed.h"
+
+namespace s3sparse {
+namespace packed_cuda {
+
+// Launches the stream kernel for y (N, M) = x2 (N, K) W^T (+ bias), or returns
+// false without launching anything when it does not apply (the caller then
+// takes the general decode kernels). Instantiated for at::Half, at::BFloat16
+// and float in packed_stream_<dtype>.cu.
+template <typename T>
+bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                          at::Tensor& y, int* status, cudaStream_t stream);
+
+#ifdef S3SPARSE_PACKED_STREAM_IMPL
+namespace stream {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kLoadsInFlight = 4;  // 16-byte value loads in flight per thread
+constexpr int kMaxStreamTokens = 8;
+constexpr int64_t kMaxSmem = 200 * 1024;
+
+// Scopes a chunk: 16 bytes of values, or one scope when a scope is more.
+template <typename T, int P>
+constexpr int chunk_scopes() {
+  return P * static_cast<int>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int>(sizeof(T)));
+}
+
+struct StreamPlan {
+  PackedGeometry g;           // for the origin of a group (scope_base, once a group)
+  int32_t M = 0, K = 0, N = 0, R = 0;
+  int32_t groups = 0;         // M / R
+  int32_t Sg = 0;             // scopes a group
+  int32_t n_codes = 0;        // rows of the code table
+  int32_t bits = 0, per_word = 0;
+  uint32_t field_mask = 0;
+  int32_t bad_code = 0;       // status bit of a field >= n_codes
+  // In-group scope j -> flat offset (j / n1) * s0 + (j % n1) * s1 from the
+  // group's origin; s1 also as (rows, cols), cols in [0, K).
+  int32_t n1 = 1, s0 = 0, s1 = 0, s1_r = 0, s1_c = 0;
+  FastDivmod div_n1, div_K, div_per_word;
+  bool origin_affine = false;  // group q's origin is q * origin_step (block_off holds the view's offset)
+  int32_t origin_step = 0;
+  bool x_vec = false;         // x staged with 16-byte loads
+  int32_t smem_entry = 0, smem_col = 0, smem_row = 0, smem_sums = 0, smem_total = 0;  // byte offsets; x first
+};
+
+// x is staged in fp32 for 1 and 2 tokens (no conversion a value), in T above.
+template <typename T, int NT>
+using XType = std::conditional_t<(NT <= 2), float, T>;
+
+// x (N, K) into shared (K, NT), tokens >= N as zeros.
+template <typename T, int NT>
+__device__ __forceinline__ void stage_x(const StreamPlan& p, const T* __restrict__ x, XType<T, NT>* xs) {
+  using XT = XType<T, NT>;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const int32_t K = p.K;
+  if (p.x_vec) {
+    constexpr int V = 16 / sizeof(T);
+    const int32_t per_row = K / V;
+    const int32_t total = per_row * NT;
+    for (int32_t i0 = tid; i0 < total; i0 += nt * 4) {
+      uint4 raw[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int32_t i = i0 + u * nt;
+        const int32_t n = i / per_row;
+        if (i < total && n < p.N) {
+          raw[u] = ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n) * K) + (i - n * per_row));
+        } else {
+          raw[u] = uint4{0u, 0u, 0u, 0u};
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int32_t i = i0 + u * nt;
+        if (i < total) {
+          const int32_t n = i / per_row, k0 = (i - n * per_row) * V;
+          T v[V];
+          std::memcpy(v, &raw[u], 16);
+#pragma unroll
+          for (int e = 0; e < V; ++e) xs[(k0 + e) * NT + n] = static_cast<XT>(v[e]);
+        }
+      }
+    }
+  } else {
+    for (int32_t i = tid; i < K * NT; i += nt) {
+      const int32_t k = i / NT, n = i - k * NT;
+      xs[i] = n < p.N ? static_cast<XT>(x[static_cast<int64_t>(n) * K + k]) : XT(0.f);
+    }
+  }
+}
+
+// The code tables in shared memory.
+//   entry (n_codes, P) int2: (col, row) offset of value v of a scope with code
+//     c from the scope's origin, col in [0, K); a bad subset entry gets an
+//     out-of-range row (the element is then skipped as bad);
+//   col (n_codes, P) int32: the col offsets alone (the fast path);
+//   row (n_codes) int32: the row offset shared by all of a code's values, or
+//     kRowClamp when they differ or one is bad (then the checked path);
+//   cmax: the largest col offset of any code.
+struct CodeTables {
+  int2* entry;
+  int32_t* col;
+  int32_t* row;
+  int32_t* cmax;
+};
+
+// Fills the tables; returns the status bits of subsets.
+template <int P>
+__device__ __forceinline__ int build_code_tables(const StreamPlan& p, const int32_t* __restrict__ subsets,
+                                                 const int64_t* __restrict__ block_off,
+                                                 const int64_t* __restrict__ elem_off, const CodeTables& t) {
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const int32_t B = static_cast<int32_t>(p.g.B), nnz = static_cast<int32_t>(p.g.nnz), G = static_cast<int32_t>(p.g.G);
+  int bad = 0;
+  int32_t cmax = 0;
+  for (int32_t i = tid; i < p.n_codes * P; i += nt) {
+    const int32_t code = i / P, v = i - code * P, j = v / B, e = v - j * B;
+    const int32_t k = subsets != nullptr ? subsets[code * nnz + j] : code;
+    int32_t row = kRowClamp, col = 0;
+    if (k >= 0 && k < G) {
+      split_offset(block_off[k] + elem_off[e], p.g.K, &row, &col);
+    } else {
+      bad |= kPackedBadIndex;
+    }
+    t.entry[i] = int2{col, row};
+    t.col[i] = col;
+    cmax = std::max(cmax, col);
+  }
+  if (cmax > 0) atomicMax(t.cmax, cmax);
+  __syncthreads();
+  for (int32_t c = tid; c < p.n_codes; c += nt) {
+    const int32_t r0 = t.entry[c * P].y;
+    bool same = r0 != kRowClamp;
+    for (int v = 1; v < P; ++v) same = same && t.entry[c * P + v].y == r0;
+    t.row[c] = same ? r0 : kRowClamp;
+  }
+  return bad;
+}
+
+template <typename XT, int NT>
+__device__ __forceinline__ void load_xs(const XT* xs, int32_t col, float (&out)[NT]) {
+  XT v[NT];
+  if constexpr (NT * sizeof(XT) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(xs + col * NT);
+    std::memcpy(v, &raw, 16);
+  } else if constexpr (NT * sizeof(XT) == 8) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(xs + col * NT);
+    std::memcpy(v, &raw, 8);
+  } else if constexpr (NT * sizeof(XT) == 4) {
+    const uint32_t raw = *reinterpret_cast<const uint32_t*>(xs + col * NT);
+    std::memcpy(v, &raw, 4);
+  } else {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) v[n] = xs[col * NT + n];
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) out[n] = to_float(v[n]);
+}
+
+// The P col offsets of a code (vector shared loads where they fit).
+template <int P>
+__device__ __forceinline__ void load_cols(const int32_t* col, uint32_t code, int32_t (&out)[P]) {
+  const int32_t* src = col + code * P;
+  if constexpr (P % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < P; v += 4) {
+      const int4 c = *reinterpret_cast<const int4*>(src + v);
+      out[v] = c.x;
+      out[v + 1] = c.y;
+      out[v + 2] = c.z;
+      out[v + 3] = c.w;
+    }
+  } else if constexpr (P == 2) {
+    const int2 c = *reinterpret_cast<const int2*>(src);
+    out[0] = c.x;
+    out[1] = c.y;
+  } else {
+#pragma unroll
+    for (int v = 0; v < P; ++v) out[v] = src[v];
+  }
+}
+
+// The running dot products of one thread: acc for row `cur`, flushed into the
+// group's shared (R, NT) sums when the row changes (not with ROW1: one row).
+template <int NT, bool ROW1>
+struct RowAcc {
+  float acc[NT];
+  int32_t cur;
+  __device__ __forceinline__ void flush(float* sums, int32_t row_lo) {
+    if (!ROW1 && cur >= 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) atomicAdd(&sums[(cur - row_lo) * NT + n], acc[n]);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+  }
+};
+
+// One scope through every check: bad codes, offsets outside W or the group,
+// columns that wrap into the next row. Returns status bits.
+template <typename T, typename XT, int P, int NT, bool ROW1>
+__device__ __noinline__ int scope_checked(const StreamPlan& p, const T* vals, uint32_t code, int32_t rb, int32_t cb,
+                                          const int2* entry, const XT* xs, RowAcc<NT, ROW1>& ra, float* sums,
+                                          int32_t row_lo) {
+  if (code >= static_cast<uint32_t>(p.n_codes)) return p.bad_code;
+  int bad = 0;
+  for (int v = 0; v < P; ++v) {
+    const int2 o = entry[code * P + v];
+    int32_t col = cb + o.x;
+    int32_t row = rb + o.y;
+    if (col >= p.K) {
+      col -= p.K;
+      ++row;
+    }
+    if (row != ra.cur) {
+      if (ROW1 || static_cast<uint32_t>(row - row_lo) >= static_cast<uint32_t>(p.R)) {
+        bad |= (row < 0 || row >= p.M) ? kPackedBadOffset : kPackedBadGroup;
+        continue;
+      }
+      ra.flush(sums, row_lo);
+      ra.cur = row;
+    }
+    float xv[NT];
+    load_xs<XT, NT>(xs, col, xv);
+    const float w = to_float(vals[v]);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) ra.acc[n] += w * xv[n];
+  }
+  return bad;
+}
+
+// One thread's share of group q: chunks rank, rank + team, ... A scope takes
+// the fast path (its code's col offsets, no per-value checks) when its code
+// is valid, its values share one row inside the group (with ROW1: row q) and
+// the chunk cannot wrap past column K; otherwise scope_checked. Returns status bits.
+template <typename T, int P, int NT, bool ROW1>
+__device__ __forceinline__ int stream_group(const StreamPlan& p, const T* __restrict__ values,
+                                            const int32_t* __restrict__ meta, const CodeTables& t,
+                                            const XType<T, NT>* xs, int32_t q, int32_t rank, int32_t team,
+                                            RowAcc<NT, ROW1>& ra, float* sums) {
+  using XT = XType<T, NT>;
+  constexpr int C = chunk_scopes<T, P>();
+  constexpr int CP = C * P;
+  constexpr int NV = CP * static_cast<int>(sizeof(T)) / 16;
+  static_assert(NV >= 1 && NV * 16 == CP * static_cast<int>(sizeof(T)), "a chunk is whole 16-byte vectors");
+  constexpr int kUnroll = NV >= kLoadsInFlight ? 1 : kLoadsInFlight / NV;  // chunks in flight
+  const int32_t K = p.K;
+  const int32_t row_lo = q * p.R;
+  const uint32_t s_first = static_cast<uint32_t>(q) * static_cast<uint32_t>(p.Sg);
+  const int32_t origin = p.origin_affine ? q * p.origin_step
+                                         : static_cast<int32_t>(p.g.scope_base(static_cast<int64_t>(s_first)));
+  const int32_t chunks = p.Sg / C;
+  // A chunk whose origin column is below this cannot wrap (nor can its scopes).
+  const int32_t no_wrap_below = p.s1_r == 0 ? K - (C - 1) * p.s1_c - *t.cmax : 0;
+  const uint4* vbase = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(s_first) / C * NV;
+  int bad = 0;
+  if (ROW1) ra.cur = row_lo;
+  for (int32_t c = rank; c < chunks; c += team * kUnroll) {
+    uint4 raw[kUnroll][NV];
+    uint32_t w0[kUnroll], w1[kUnroll], slot[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int32_t cu = c + u * team;
+      if (cu < chunks) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) raw[u][v] = ldg(vbase + static_cast<int64_t>(cu) * NV + v);
+        const uint32_t f = s_first + static_cast<uint32_t>(cu) * C;  // the chunk's first meta field
+        const uint32_t word = p.div_per_word.div(f);
+        slot[u] = f - word * static_cast<uint32_t>(p.per_word);
+        w0[u] = static_cast<uint32_t>(ldg(meta + word));
+        w1[u] = (C > 1 && slot[u] + C > static_cast<uint32_t>(p.per_word)) ? static_cast<uint32_t>(ldg(meta + word + 1))
+                                                                            : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int32_t cu = c + u * team;
+      if (cu >= chunks) continue;
+      T vals[CP];
+      std::memcpy(vals, raw[u], CP * sizeof(T));
+      // The chunk's first scope origin as (rb, cb), cb in [0, K).
+      const uint32_t j0 = static_cast<uint32_t>(cu) * C;
+      const uint32_t jr = p.div_n1.div(j0);
+      const int32_t local = static_cast<int32_t>(jr) * p.s0 + static_cast<int32_t>(j0 - jr * p.n1) * p.s1;
+      const uint32_t flat = static_cast<uint32_t>(origin + local);
+      int32_t rb = static_cast<int32_t>(p.div_K.div(flat));
+      int32_t cb = static_cast<int32_t>(flat) - rb * K;
+      const bool no_wrap = cb < no_wrap_below;
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        if (k > 0) {
+          cb += p.s1_c;
+          rb += p.s1_r;
+          if (cb >= K) {
+            cb -= K;
+            ++rb;
+          }
+        }
+        const uint32_t sl = slot[u] + k;
+        const uint32_t word = sl < static_cast<uint32_t>(p.per_word) ? w0[u] : w1[u];
+        const uint32_t sh = (sl < static_cast<uint32_t>(p.per_word) ? sl : sl - p.per_word) * p.bits;
+        const uint32_t code = p.bits >= 32 ? word : (word >> sh) & p.field_mask;
+        const bool known = code < static_cast<uint32_t>(p.n_codes);
+        const int32_t row = rb + (known ? t.row[code] : kRowClamp);
+        const bool fast =
+            no_wrap && known && (ROW1 ? row == ra.cur : static_cast<uint32_t>(row - row_lo) < static_cast<uint32_t>(p.R));
+        if (fast) {
+          if (!ROW1 && row != ra.cur) {
+            ra.flush(sums, row_lo);
+            ra.cur = row;
+          }
+          int32_t cols[P];
+          load_cols<P>(t.col, code, cols);
+#pragma unroll
+          for (int v = 0; v < P; ++v) {
+            float xv[NT];
+            load_xs<XT, NT>(xs, cb + cols[v], xv);
+            const float w = to_float(vals[k * P + v]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) ra.acc[n] += w * xv[n];
+          }
+        } else {
+          bad |= scope_checked<T, XT, P, NT, ROW1>(p, vals + k * P, code, rb, cb, t.entry, xs, ra, sums, row_lo);
+        }
+      }
+    }
+  }
+  if (!ROW1) ra.flush(sums, row_lo);
+  return bad;
+}
+
+template <typename T>
+__device__ __forceinline__ T stream_out(float v, bool bad, const T* __restrict__ bias, int32_t row) {
+  return static_cast<T>(bad ? NAN : (bias != nullptr ? v + to_float(bias[row]) : v));
+}
+
+// Two blocks an SM (64 registers a thread): enough warps to cover the memory
+// latency, and rows spread evenly over the SMs.
+template <typename T, int P, int NT, bool ROW1>
+__global__ void __launch_bounds__(kThreads, 2)
+packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                     const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
+                     const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
+                     T* __restrict__ y, int* __restrict__ status) {
+  using XT = XType<T, NT>;
+  S3_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int table_bad, group_bad;
+  __shared__ int32_t cmax;
+  XT* xs = reinterpret_cast<XT*>(smem);
+  const CodeTables t{reinterpret_cast<int2*>(smem + p.smem_entry), reinterpret_cast<int32_t*>(smem + p.smem_col),
+                     reinterpret_cast<int32_t*>(smem + p.smem_row), &cmax};
+  float* sums = reinterpret_cast<float*>(smem + p.smem_sums);
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    table_bad = 0;
+    group_bad = 0;
+    cmax = 0;
+  }
+  stage_x<T, NT>(p, x, xs);
+  __syncthreads();
+  const int tb = build_code_tables<P>(p, subsets, block_off, elem_off, t);
+  if (tb) atomicOr(&table_bad, tb);
+  if (!ROW1) {
+    for (int i = tid; i < p.R * NT; i += blockDim.x) sums[i] = 0.f;
+  }
+  __syncthreads();
+  const int tbad = table_bad;
+  if (tbad && tid == 0 && status != nullptr) atomicOr(status, tbad);
+
+  if constexpr (ROW1) {
+    // A warp a row: rows warp * gridDim.x + blockIdx.x, + kWarps * gridDim.x,
+    // ... (consecutive blocks first, so rows spread evenly over the SMs).
+    const int lane = tid % 32, warp = tid / 32;
+    const int32_t step = kWarps * static_cast<int32_t>(gridDim.x);
+    for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
+         q += step) {
+      RowAcc<NT, true> ra;
+      ra.flush(nullptr, 0);
+      const int bad = stream_group<T, P, NT, true>(p, values, meta, t, xs, q, lane, 32, ra, nullptr);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        for (int off = 16; off > 0; off /= 2) ra.acc[n] += __shfl_down_sync(0xffffffffu, ra.acc[n], off);
+      }
+      const unsigned any = __ballot_sync(0xffffffffu, bad != 0);
+      if (bad && status != nullptr) atomicOr(status, bad);
+      if (lane == 0) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (n < p.N) y[static_cast<int64_t>(n) * p.M + q] = stream_out<T>(ra.acc[n], any != 0 || tbad != 0, bias, q);
+        }
+      }
+    }
+  } else {
+    // A block a group: groups blockIdx.x, + gridDim.x, ...
+    for (int32_t q = static_cast<int32_t>(blockIdx.x); q < p.groups; q += static_cast<int32_t>(gridDim.x)) {
+      RowAcc<NT, false> ra;
+      ra.cur = -1;
+      ra.flush(sums, 0);
+      const int bad = stream_group<T, P, NT, false>(p, values, meta, t, xs, q, tid, kThreads, ra, sums);
+      if (bad) atomicOr(&group_bad, bad);
+      __syncthreads();
+      const int gbad = group_bad;
+      if (gbad && tid == 0 && status != nullptr) atomicOr(status, gbad);
+      const int32_t row_lo = q * p.R;
+      for (int i = tid; i < p.R * p.N; i += kThreads) {
+        const int32_t r = i / p.N, n = i - r * p.N;
+        y[static_cast<int64_t>(n) * p.M + row_lo + r] =
+            stream_out<T>(sums[r * NT + n], gbad != 0 || tbad != 0, bias, row_lo + r);
+      }
+      __syncthreads();
+      for (int i = tid; i < p.R * NT; i += kThreads) sums[i] = 0.f;
+      if (tid == 0) group_bad = 0;
+      __syncthreads();
+    }
+  }
+}
+
+// The in-group scope grid as at most two dims (n1 scopes a run, stride s1;
+// runs at stride s0), or false. The group's Sg scopes are the trailing
+// scope-grid dims (the outermost of them possibly split).
+inline bool in_group_grid(const PackedGeometry& g, int64_t Sg, StreamPlan* p) {
+  int64_t shape[2] = {1, 1}, stride[2] = {0, 0};
+  int n = 0;
+  int64_t prod = 1;
+  int d = g.ndim - 1;
+  // What is left of the scope grid outside a group: (size, stride) of its dims.
+  int n_outer = 0;
+  int64_t outer_stride = 0;
+  for (; d >= 0 && prod < Sg; --d) {
+    const int64_t size = g.scope_shape[d];
+    if (size == 1) continue;
+    if (n == 2) return false;
+    if (prod * size <= Sg) {
+      shape[n] = size;
+      stride[n] = g.scope_stride[d];
+      prod *= size;
+    } else {
+      if (Sg % prod != 0 || size % (Sg / prod) != 0) return false;
+      const int64_t m = Sg / prod;
+      shape[n] = m;
+      stride[n] = g.scope_stride[d];
+      prod = Sg;
+      n_outer = 1;
+      outer_stride = g.scope_stride[d] * m;
+    }
+    ++n;
+  }
+  if (prod != Sg) return false;
+  for (; d >= 0; --d) {
+    if (g.scope_shape[d] == 1) continue;
+    ++n_outer;
+    outer_stride = g.scope_stride[d];
+  }
+  // Group q's origin: q * origin_step when the groups form one grid dim, else
+  // scope_base (a few divisions a group).
+  p->origin_affine = n_outer <= 1 && outer_stride > -kInt32Safe && outer_stride < kInt32Safe;
+  p->origin_step = static_cast<int32_t>(p->origin_affine ? outer_stride : 0);
+  for (int i = 0; i < 2; ++i) {
+    if (stride[i] <= -kInt32Safe || stride[i] >= kInt32Safe) return false;
+  }
+  p->n1 = static_cast<int32_t>(n == 0 ? 1 : shape[0]);
+  p->s1 = static_cast<int32_t>(stride[0]);
+  p->s0 = static_cast<int32_t>(n == 2 ? stride[1] : 0);
+  const int64_t r = floor_div(stride[0], g.K);
+  p->s1_r = static_cast<int32_t>(r);
+  p->s1_c = static_cast<int32_t>(stride[0] - r * g.K);
+  return true;
+}
+
+template <typename T, int P, int NT, bool ROW1>
+void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tensor& meta,
+                   const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
+                   const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
+                   cudaStream_t stream) {
+  auto kernel = packed_stream_kernel<T, P, NT, ROW1>;
+  allow_shared(kernel, p.smem_total);
+  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, (220 * 1024) / (p.smem_total + 1024)));
+  const int64_t slots = multiprocessors() * per_sm;
+  const int64_t want = p.groups;  // ROW1: fewer rows a block, spread evenly over the SMs
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, slots)));
+  S3_LAUNCH(blocks, kThreads, p.smem_total, stream, kernel)(
+      p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
+      subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr, block_off.const_data_ptr<int64_t>(),
+      elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+      y.mutable_data_ptr<T>(), status);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int P, bool ROW1>
+void launch_tokens(const StreamPlan& p, const at::Tensor& values, const at::Tensor& meta,
+                   const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
+                   const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
+                   cudaStream_t stream) {
+  if (p.N == 1) {
+    launch_kernel<T, P, 1, ROW1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+  } else if (p.N == 2) {
+    launch_kernel<T, P, 2, ROW1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+  } else if (p.N <= 4) {
+    launch_kernel<T, P, 4, ROW1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+  } else {
+    launch_kernel<T, P, 8, ROW1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+  }
+}
+
+// Token slots the kernel is compiled for (x is staged as (K, NT)).
+inline int token_slots(int64_t N) { return N == 1 ? 1 : N == 2 ? 2 : N <= 4 ? 4 : 8; }
+
+}  // namespace stream
+
+template <typename T>
+bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                          at::Tensor& y, int* status, cudaStream_t stream) {
+  using namespace stream;
+  if (N < 1 || N > kMaxStreamTokens || g.row_group <= 0 || g.M == 0 || g.K == 0) return false;
+  const int64_t P = g.nnz * g.B;
+  const bool row1 = g.row_group == 1;
+  const bool p_ok = row1 ? (P == 1 || P == 2 || P == 4 || P == 8) : (P == 4 || P == 8 || P == 16);
+  if (!p_ok) return false;
+  if (!subsets.has_value() && g.nnz != 1) return false;  // one block index a scope, used as its code
+  if (g.M * g.K >= kInt32Safe || g.S * P >= kInt32Safe || g.n_fields >= kInt32Safe) return false;
+  int64_t lo = 0, hi = 0;
+  g.scope_base_range(&lo, &hi);
+  if (lo < 0 || hi >= kInt32Safe) return false;
+  const int64_t groups = g.M / g.row_group;
+  if (groups == 0 || g.S % groups != 0) return false;
+  const int64_t Sg = g.S / groups;
+  StreamPlan p;
+  p.g = g;
+  if (!in_group_grid(g, Sg, &p)) return false;
+  const int64_t C = P * static_cast<int64_t>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int64_t>(sizeof(T)));
+  if (Sg % C != 0 || p.n1 % C != 0) return false;
+  if (reinterpret_cast<uintptr_t>(values.const_data_ptr<T>()) % 16 != 0) return false;
+  p.n_codes = static_cast<int32_t>(subsets.has_value() ? g.n_codes : g.G);
+  const int64_t entries = int64_t(p.n_codes) * P;
+  const int64_t tables_bytes = 8 * entries + 4 * entries + ceil_div(4 * int64_t(p.n_codes), 16) * 16;
+  if (tables_bytes > 48 * 1024) return false;
+  const int nt = token_slots(N);
+  const int64_t x_elem = nt <= 2 ? 4 : static_cast<int64_t>(sizeof(T));  // XType
+  const int64_t x_bytes = ceil_div(g.K * nt * x_elem, 16) * 16;
+  const int64_t sums_bytes = row1 ? 0 : 4 * g.row_group * nt;
+  if (x_bytes + tables_bytes + sums_bytes > kMaxSmem) return false;
+  p.M = static_cast<int32_t>(g.M);
+  p.K = static_cast<int32_t>(g.K);
+  p.N = static_cast<int32_t>(N);
+  p.R = static_cast<int32_t>(g.row_group);
+  p.groups = static_cast<int32_t>(groups);
+  p.Sg = static_cast<int32_t>(Sg);
+  p.bits = g.meta_bits;
+  p.per_word = g.per_word;
+  p.field_mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
+  p.bad_code = subsets.has_value() ? kPackedBadCode : kPackedBadIndex;
+  p.div_n1 = FastDivmod(static_cast<uint32_t>(p.n1));
+  p.div_K = FastDivmod(static_cast<uint32_t>(g.K));
+  p.div_per_word = FastDivmod(static_cast<uint32_t>(g.per_word));
+  p.x_vec = g.K % (16 / static_cast<int64_t>(sizeof(T))) == 0 &&
+            reinterpret_cast<uintptr_t>(x2.const_data_ptr<T>()) % 16 == 0;
+  p.smem_entry = static_cast<int32_t>(x_bytes);                        // int2 (n_codes, P)
+  p.smem_col = static_cast<int32_t>(x_bytes + 8 * entries);             // int32 (n_codes, P), 16-byte aligned
+  p.smem_row = static_cast<int32_t>(x_bytes + 12 * entries);            // int32 (n_codes)
+  p.smem_sums = static_cast<int32_t>(x_bytes + tables_bytes);
+  p.smem_total = static_cast<int32_t>(x_bytes + tables_bytes + sums_bytes);
+  switch (P) {
+    case 1:
+      launch_tokens<T, 1, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      break;
+    case 2:
+      launch_tokens<T, 2, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      break;
+    case 4:
+      if (row1) {
+        launch_tokens<T, 4, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      } else {
+        launch_tokens<T, 4, false>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      }
+      break;
+    case 8:
+      if (row1) {
+        launch_tokens<T, 8, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      } else {
+        launch_tokens<T, 8, false>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      }
+      break;
+    default:
+      launch_tokens<T, 16, false>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+      break;
+  }
+  return true;
+}
+#endif  // S3SPARSE_PACKED_STREAM_IMPL
+
+}  // namespace packed_cuda
+}  // namespace s3sparse

@@ -1,0 +1,13 @@
+// The stream decode kernel of packed_linear (csrc/cuda/packed_stream.cuh) for
+// at::BFloat16 values: one file a dtype, so the build compiles them in parallel.
+#define S3SPARSE_PACKED_STREAM_IMPL
+#include "cuda/packed_stream.cuh"
+
+namespace s3sparse {
+namespace packed_cuda {
+template bool launch_packed_stream<at::BFloat16>(const PackedGeometry&, int64_t, const at::Tensor&, const at::Tensor&,
+                                        const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, int*,
+                                        cudaStream_t);
+}  // namespace packed_cuda
+}  // namespace s3sparse
