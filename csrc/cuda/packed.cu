@@ -46,7 +46,8 @@ namespace {
 using namespace packed_cuda;
 
 constexpr int kThreads = 256;
-constexpr int kMaxTokens = 16;  // the gemv path: up to this many tokens (rows of x)
+constexpr int kMaxTokens = 16;     // the gemv path: up to this many tokens (rows of x)
+constexpr int kStreamTokens = 32;  // the stream kernel: up to this many tokens (8 a launch)
 constexpr int kUnroll = 4;      // 16-byte loads in flight per thread
 // Everything the decode kernels need besides pointers (passed by value).
 struct GemvPlan {
@@ -913,16 +914,24 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   int* st = check ? status_ptr(status) : nullptr;
   const at::Tensor x2 = x.reshape({N, g.K}).contiguous();
 
-  // 1..8 tokens on every reference pattern: the stream kernel (packed_stream.cuh).
-  {
+  // Up to kStreamTokens tokens on every reference pattern: the stream kernel
+  // (packed_stream.cuh), 8 tokens a launch.
+  if (N <= kStreamTokens) {
     at::Tensor y = at::empty({N, g.M}, x.options());
-    bool launched = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_stream_cuda", [&] {
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-        launched = launch_packed_stream<scalar_t>(g, N, values, meta, subsets, block_off, elem_off, x2, bias, y, st,
-                                                  stream);
-      }
-    });
+    bool launched = true;
+    for (int64_t n0 = 0; n0 < N && launched; n0 += 8) {
+      const int64_t n = std::min<int64_t>(8, N - n0);
+      const at::Tensor xs = x2.narrow(0, n0, n);
+      at::Tensor ys = y.narrow(0, n0, n);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_stream_cuda", [&] {
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          launched = false;
+        } else {
+          launched = launch_packed_stream<scalar_t>(g, n, values, meta, subsets, block_off, elem_off, xs, bias, ys,
+                                                    st, stream);
+        }
+      });
+    }
     if (launched) {
       if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
       return y.view(out_sizes);

@@ -236,7 +236,7 @@ struct RowAcc {
 // One scope through every check: bad codes, offsets outside W or the group,
 // columns that wrap into the next row. Returns status bits.
 template <typename T, typename XT, int P, int NT, bool ROW1>
-__device__ __noinline__ int scope_checked(const StreamPlan& p, const T* vals, uint32_t code, int32_t rb, int32_t cb,
+__device__ __forceinline__ int scope_checked(const StreamPlan& p, const T* vals, uint32_t code, int32_t rb, int32_t cb,
                                           const int2* entry, const XT* xs, RowAcc<NT, ROW1>& ra, float* sums,
                                           int32_t row_lo) {
   if (code >= static_cast<uint32_t>(p.n_codes)) return p.bad_code;
