@@ -159,6 +159,23 @@ def test_packed_linear_reference_patterns(device, seed, dtype):
             _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} lead={lead}")
 
 
+def test_packed_linear_wide_rows_every_kernel_gets_its_shared_memory(device, seed):
+    """Rows wide enough that x in shared memory needs more than 48 KiB at 4 and 8 tokens.
+
+    Each decode kernel must be allowed its own shared memory: kernels of one
+    signature (one per pattern and token count) once shared the record of what
+    had been allowed, and the second of them failed with "invalid argument".
+    """
+    dtype = torch.float16
+    M, K = 16, 6400
+    for name, W, p in reference_patterns(dtype, device, M=M, K=K):
+        for n in (12, 8, 4, 2, 1):
+            x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
+            got = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, None)
+            want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double()).to(dtype)
+            _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} tokens={n}")
+
+
 def test_packed_linear_empty_and_degenerate(device):
     dtype = torch.float32
     _, W, p = reference_patterns(dtype, device)[0]

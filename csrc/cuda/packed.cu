@@ -811,7 +811,7 @@ void launch_decode_nt(GemvPlan p, const at::Tensor& values, const at::Tensor& me
   const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
   if (p.groups_per_block > 0) {
     auto kernel = packed_rowtile_kernel<T, VEC, NT>;
-    allow_shared(kernel, p.smem_total);
+    allow_shared<packed_rowtile_kernel<T, VEC, NT>>(p.smem_total);
     const int64_t blocks = ceil_div(p.groups, p.groups_per_block);
     S3_LAUNCH(static_cast<unsigned>(blocks), kThreads, p.smem_total, stream, kernel)(
         p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(), sub, block_off.const_data_ptr<int64_t>(),
@@ -836,7 +836,7 @@ void launch_decode_nt(GemvPlan p, const at::Tensor& values, const at::Tensor& me
   if (p.split) y32 = at::zeros({p.N, p.g.M}, x2.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(p.groups), static_cast<unsigned>(splits));
   auto kernel = packed_gemv_kernel<T, VEC, NT>;
-  allow_shared(kernel, p.smem_total);
+  allow_shared<packed_gemv_kernel<T, VEC, NT>>(p.smem_total);
   S3_LAUNCH(grid, kThreads, p.smem_total, stream, kernel)(
       p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(), sub, block_off.const_data_ptr<int64_t>(),
       elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(),

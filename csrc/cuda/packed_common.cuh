@@ -90,17 +90,18 @@ inline int multiprocessors() {
   return sms;
 }
 
-// Let `kernel` take `bytes` of dynamic shared memory. The limit a kernel was
+// Let Kernel take `bytes` of dynamic shared memory. The limit each kernel was
 // given is remembered per device (the call would otherwise be made on every
-// launch); it only ever grows.
-template <typename Kernel>
-void allow_shared(Kernel* kernel, int64_t bytes) {
+// launch); it only ever grows. The kernel is a template argument so that every
+// kernel has its own record (kernels of one signature share a pointer type).
+template <auto Kernel>
+void allow_shared(int64_t bytes) {
   if (bytes <= 48 * 1024) return;
-  static std::atomic<int> allowed[kMaxDevices] = {};  // one table per kernel instantiation
+  static std::atomic<int> allowed[kMaxDevices] = {};
   const int device = current_device();
   const int want = static_cast<int>(bytes);
   if (device < kMaxDevices && allowed[device].load(std::memory_order_relaxed) >= want) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want));
   if (device < kMaxDevices) {
     int seen = allowed[device].load(std::memory_order_relaxed);
     while (seen < want && !allowed[device].compare_exchange_weak(seen, want)) {

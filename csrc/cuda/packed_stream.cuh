@@ -510,7 +510,7 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
                    const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
                    cudaStream_t stream) {
   auto kernel = packed_stream_kernel<T, P, NT, ROW1>;
-  allow_shared(kernel, p.smem_total);
+  allow_shared<packed_stream_kernel<T, P, NT, ROW1>>(p.smem_total);
   const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, (220 * 1024) / (p.smem_total + 1024)));
   const int64_t slots = multiprocessors() * per_sm;
   const int64_t want = p.groups;  // ROW1: fewer rows a block, spread evenly over the SMs
