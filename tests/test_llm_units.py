@@ -67,8 +67,9 @@ def test_pattern_shape_error_says_why():
 # ------------------------------------------------------------------ methods
 def test_method_names_and_options():
     m = parse_method("true-obs", {"ng": "32", "scoring": "joint"})
-    assert m.name == "true-obs" and m.options["ng"] == 32 and m.options["scoring"] == "joint" and m.options["damp"] == 1e-4
-    assert parse_method("sparsegpt").options == {"blocksize": 128, "damp": 0.01}
+    assert m.name == "true-obs" and m.options["ng"] == 32 and m.options["scoring"] == "joint"
+    assert m.options["damp"] is None  # not given: the pruner's own default
+    assert parse_method("sparsegpt", {"damp": "1e-3"}).options == {"blocksize": None, "damp": 1e-3}
     assert parse_method("true_obs").name == "true-obs"
     assert parse_method(m, {"ng": 16}).options["scoring"] == "joint"
     assert not parse_method("magnitude").uses_hessian

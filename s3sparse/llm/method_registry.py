@@ -1,20 +1,29 @@
 """Pruning methods by name, with their options.
 
+An option left out is not passed: the pruner uses its own default (the value in
+parentheses), so ``s3sparse prune --method X``, a recipe naming X and
+``prune_model(..., method=X)`` all prune exactly as the library call does.
+
 ======================  ===========================================================  ==========================================
 name                    call                                                         options (default)
 ======================  ===========================================================  ==========================================
 ``magnitude``           ``prune_magnitude(scope, nnz)``                              —
 ``obd``                 ``prune_obd(scope, H, nnz)``                                 —
 ``sparsegpt``           ``prune_sparsegpt(scope, H, nnz, blocksize, damp)``          ``blocksize`` (128), ``damp`` (0.01)
-``obs-local``           ``StructuredOBS(scope, H, damp).prune(nnz, compensate=…)``   ``damp`` (1e-4), ``block_size`` (2048)
+``obs-local``           ``StructuredOBS(scope, H, damp).prune(nnz, compensate=…)``   ``damp`` (0.01), ``block_size`` (2048)
 ``obs-full``            the same, ``compensate='full'``                              ``damp``, ``block_size``
 ``obs-split``           the same, ``compensate='split'``                             ``damp``, ``block_size``, ``n_splits`` (4)
 ``obs-interleaved``     the same, ``compensate='interleaved'``                       ``damp``, ``block_size``, ``n_splits`` (4)
-``true-obs``            ``StructuredOBS(scope, H, damp).prune_true_obs(nnz, …)``     ``damp`` (1e-4), ``ng`` (64), ``chunk_size``
+``true-obs``            ``StructuredOBS(scope, H, damp).prune_true_obs(nnz, …)``     ``damp`` (1e-4), ``ng`` (64; 1 on
+                                                                                     row-coupled patterns), ``chunk_size``
                                                                                      (auto), ``order`` (left_to_right),
                                                                                      ``scoring`` (independent), ``c_dtype``
                                                                                      (float16)
 ======================  ===========================================================  ==========================================
+
+``n_splits`` (4) is the one option the library call does not default the same way
+(``prune`` takes ``n_splits=1``, which makes ``split`` and ``interleaved`` equal to
+``full``): the names ``obs-split`` and ``obs-interleaved`` mean four column chunks.
 """
 
 from __future__ import annotations
@@ -46,22 +55,23 @@ _C_DTYPES = {
     "fp64": torch.float64,
 }
 
-#: Options of every method: name -> {option: (type, default)}.
+#: Options of every method: name -> {option: (type, default)}. A default of None is
+#: not passed: the pruner's own default applies (see the table above).
 _OPTIONS: Dict[str, Dict[str, tuple]] = {
     "magnitude": {},
     "obd": {},
-    "sparsegpt": {"blocksize": (int, 128), "damp": (float, 0.01)},
-    "obs-local": {"damp": (float, 1e-4), "block_size": (int, 2048)},
-    "obs-full": {"damp": (float, 1e-4), "block_size": (int, 2048)},
-    "obs-split": {"damp": (float, 1e-4), "block_size": (int, 2048), "n_splits": (int, 4)},
-    "obs-interleaved": {"damp": (float, 1e-4), "block_size": (int, 2048), "n_splits": (int, 4)},
+    "sparsegpt": {"blocksize": (int, None), "damp": (float, None)},
+    "obs-local": {"damp": (float, None), "block_size": (int, None)},
+    "obs-full": {"damp": (float, None), "block_size": (int, None)},
+    "obs-split": {"damp": (float, None), "block_size": (int, None), "n_splits": (int, 4)},
+    "obs-interleaved": {"damp": (float, None), "block_size": (int, None), "n_splits": (int, 4)},
     "true-obs": {
-        "damp": (float, 1e-4),
-        "ng": (int, 64),
+        "damp": (float, None),
+        "ng": (int, None),
         "chunk_size": (int, None),
-        "order": (str, "left_to_right"),
-        "scoring": (str, "independent"),
-        "c_dtype": (str, "float16"),
+        "order": (str, None),
+        "scoring": (str, None),
+        "c_dtype": (str, None),
     },
 }
 _CHOICES = {"order": ("left_to_right", "largest_first"), "scoring": ("independent", "joint"), "c_dtype": tuple(_C_DTYPES)}
@@ -105,35 +115,25 @@ class MethodChoice:
         """
         if process_group is not None and not self.shards_rows:
             raise UsageError(f"method {self.name} does not split rows over ranks; run it with process_group=None")
-        o = self.options
+        given = {k: v for k, v in self.options.items() if v is not None}
         if self.name == "magnitude":
             prune_magnitude(scope, nnz)
         elif self.name == "obd":
             prune_obd(scope, hessian, nnz)
         elif self.name == "sparsegpt":
-            prune_sparsegpt(scope, hessian, nnz, blocksize=o["blocksize"], damp=o["damp"], progress_fn=progress_fn,
-                            process_group=process_group)
+            prune_sparsegpt(scope, hessian, nnz, progress_fn=progress_fn, process_group=process_group, **given)
         elif self.name.startswith("obs-"):
-            compensate = self.name[len("obs-"):]
-            kwargs = {"n_splits": o["n_splits"]} if "n_splits" in o else {}
-            StructuredOBS(scope, hessian, damp=o["damp"]).prune(
-                nnz, block_size=o["block_size"], compensate=compensate, **kwargs
-            )
+            damp = given.pop("damp", None)
+            StructuredOBS(scope, hessian, damp=damp).prune(nnz, compensate=self.name[len("obs-"):], **given)
         elif self.name == "true-obs":
+            damp = given.pop("damp", None)
+            if "c_dtype" in given:
+                given["c_dtype"] = _C_DTYPES[given["c_dtype"]]
             # Built on every rank before prune_true_obs's own sync point: a sync here too,
             # so a rank failing to build it cannot leave the others waiting.
             with AllRanks(process_group, "setting up True OBS"):
-                pruner = StructuredOBS(scope, hessian, damp=o["damp"])
-            pruner.prune_true_obs(
-                nnz,
-                ng=o["ng"],
-                chunk_size=o["chunk_size"],
-                order=o["order"],
-                scoring=o["scoring"],
-                c_dtype=_C_DTYPES[o["c_dtype"]],
-                progress_fn=progress_fn,
-                process_group=process_group,
-            )
+                pruner = StructuredOBS(scope, hessian, damp=damp)
+            pruner.prune_true_obs(nnz, progress_fn=progress_fn, process_group=process_group, **given)
         else:  # pragma: no cover - parse_method only builds known names
             raise AssertionError(self.name)
 
