@@ -3,8 +3,9 @@
 ``s3sparse prune --method X``, a recipe naming X and ``prune_model(..., method=X)``
 all go through :func:`s3sparse.llm.parse_method`; with no options given, every
 method must give the weights of the plain library call, bit for bit, on the four
-reference patterns (the registry once passed its own ``damp`` and ``ng``, which
-made ``obs-*`` and row-coupled ``true-obs`` worse than the library).
+reference patterns — the reference API's call and the method class's default
+alike (the registry once passed its own ``damp`` and ``ng``, which made ``obs-*``
+and row-coupled ``true-obs`` worse than the library).
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ import warnings
 import pytest
 import torch
 
-from s3sparse import StructuredOBS, prune_magnitude, prune_obd, prune_sparsegpt
+from s3sparse import (
+    OBD,
+    Magnitude,
+    SharedOBS,
+    SparseGPT,
+    StructuredOBS,
+    TrueOBS,
+    prune_magnitude,
+    prune_obd,
+    prune_sparsegpt,
+)
 from s3sparse.llm import METHOD_NAMES, parse_method, parse_pattern
 
 from pruner_utils import make_layer
 
-# The library's default call of every method name. obs-split and obs-interleaved
-# name four column chunks (n_splits=1, prune's own default, would make them 'full').
+# The reference API's default call of every method name. obs-split and obs-interleaved
+# name four column chunks (StructuredOBS.prune keeps the reference's n_splits=1,
+# which makes them 'full').
 LIBRARY_CALL = {
     "magnitude": lambda scope, H, nnz: prune_magnitude(scope, nnz),
     "obd": prune_obd,
@@ -33,12 +45,23 @@ LIBRARY_CALL = {
     "obs-interleaved": lambda scope, H, nnz: StructuredOBS(scope, H).prune(nnz, compensate="interleaved", n_splits=4),
     "true-obs": lambda scope, H, nnz: StructuredOBS(scope, H).prune_true_obs(nnz),
 }
+# The method classes with their default options.
+CLASS_CALL = {
+    "magnitude": lambda scope, H, nnz: Magnitude().prune(scope, None, nnz),
+    "obd": lambda scope, H, nnz: OBD().prune(scope, H, nnz),
+    "sparsegpt": lambda scope, H, nnz: SparseGPT().prune(scope, H, nnz),
+    **{
+        f"obs-{mode}": (lambda mode: lambda scope, H, nnz: SharedOBS(compensate=mode).prune(scope, H, nnz))(mode)
+        for mode in ("local", "full", "split", "interleaved")
+    },
+    "true-obs": lambda scope, H, nnz: TrueOBS().prune(scope, H, nnz),
+}
 # The four reference patterns, by their registry names.
 PATTERNS = ("2:4", "4:8", "coupled-2:4", "block16-rows")
 
 
 def test_every_method_name_has_a_library_call():
-    assert sorted(LIBRARY_CALL) == sorted(METHOD_NAMES)
+    assert sorted(LIBRARY_CALL) == sorted(METHOD_NAMES) == sorted(CLASS_CALL)
 
 
 def _pruned(W0: torch.Tensor, pattern: str, call) -> torch.Tensor:
@@ -55,9 +78,10 @@ def _pruned(W0: torch.Tensor, pattern: str, call) -> torch.Tensor:
 def test_a_method_by_name_is_the_library_default_call(method, pattern, seed):
     W0, _, H = make_layer(32, 128, 256, seed)
     by_name = _pruned(W0, pattern, lambda scope, nnz: parse_method(method).run(scope, nnz, H))
-    direct = _pruned(W0, pattern, lambda scope, nnz: LIBRARY_CALL[method](scope, H, nnz))
     assert not torch.equal(by_name, W0)
-    assert torch.equal(by_name, direct), f"{method} on {pattern}: max diff {float((by_name - direct).abs().max())}"
+    for calls in (LIBRARY_CALL, CLASS_CALL):
+        direct = _pruned(W0, pattern, lambda scope, nnz: calls[method](scope, H, nnz))
+        assert torch.equal(by_name, direct), f"{method} on {pattern}: max diff {float((by_name - direct).abs().max())}"
 
 
 @pytest.fixture(scope="module")
