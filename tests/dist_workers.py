@@ -93,8 +93,9 @@ def layer_worker(rank: int) -> dict:
     """Sharded vs single-process pruning of one layer on the same H; row shards; failures on rank 1."""
     from s3sparse.llm import parse_pattern
     from s3sparse.pruners import layout as layout_mod
-    from s3sparse.pruners import obs as obs_mod
+    from s3sparse.pruners import StructuredOBS
     from s3sparse.pruners import sparsegpt as sparsegpt_mod
+    from s3sparse.pruners.true_obs_sweep import ChunkSweep
     from s3sparse.pruners.sharding import RowShard
 
     group = dist.group.WORLD
@@ -116,7 +117,7 @@ def layer_worker(rank: int) -> dict:
 
     # Failures on rank 1 only: every rank must raise, and no rank may write its weight.
     W0, H = _layer(37, 64)
-    real_chunk = obs_mod.StructuredOBS._true_obs_chunk
+    real_chunk = ChunkSweep.run
     real_sweep = sparsegpt_mod._sweep
 
     class LocalOnlyError(Exception):
@@ -127,7 +128,7 @@ def layer_worker(rank: int) -> dict:
         scope, nnz = parse_pattern("2:4").build(W)
         result = _caught(lambda: (
             sparsegpt_mod.prune_sparsegpt(scope, H, nnz, process_group=group) if kind.startswith("sparsegpt")
-            else obs_mod.StructuredOBS(scope, H).prune_true_obs(nnz, process_group=group)
+            else StructuredOBS(scope, H).prune_true_obs(nnz, process_group=group)
         ))
         result["unchanged"] = bool(torch.equal(W.detach(), W0))
         return result
@@ -139,9 +140,9 @@ def layer_worker(rank: int) -> dict:
         raise LocalOnlyError("injected on rank 1")
 
     if rank == 1:
-        obs_mod.StructuredOBS._true_obs_chunk = failing_chunk
+        ChunkSweep.run = failing_chunk
     out["failures"]["true-obs"] = run("true-obs")
-    obs_mod.StructuredOBS._true_obs_chunk = real_chunk
+    ChunkSweep.run = real_chunk
     if rank == 1:
         sparsegpt_mod._sweep = failing_sweep
     out["failures"]["sparsegpt-unpicklable"] = run("sparsegpt")

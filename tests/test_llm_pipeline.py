@@ -199,12 +199,12 @@ def test_dead_inputs_and_rank_deficiency_are_reported_not_fatal():
 
 
 def test_a_method_that_fails_numerically_falls_back_to_magnitude(monkeypatch):
-    from s3sparse.llm import method_registry
+    from s3sparse.pruners import SparseGPT
 
     def broken(*args, **kwargs):
         raise FloatingPointError("rows stayed numerically unstable")
 
-    monkeypatch.setattr(method_registry, "prune_sparsegpt", broken)
+    monkeypatch.setattr(SparseGPT, "prune", broken)
     model = tiny_model("qwen3")
     report = prune_model(model, tiny_calibration(), "2:4", "sparsegpt", progress=False)
     assert all(r.fallback and "unstable" in r.fallback for r in report.layers)
@@ -240,22 +240,22 @@ def _same_state(model, state) -> bool:
 def test_genuine_numerical_failures_fall_back_and_are_counted(monkeypatch, failure):
     """NumericalError (what the pruners raise) and LinAlgError fall back, on the failing layers only."""
     from s3sparse import NumericalError
-    from s3sparse.llm import method_registry
+    from s3sparse.pruners import SparseGPT
 
-    real = method_registry.prune_sparsegpt
+    real = SparseGPT.prune
     exc = {
         "numerical_error": NumericalError("SparseGPT produced non-finite weights"),
         "linalg_error": torch.linalg.LinAlgError("cholesky: the factorization could not be completed"),
     }[failure]
     calls = []
 
-    def fails_on_two_layers(scope, *args, **kwargs):
+    def fails_on_two_layers(self, scope, *args, **kwargs):
         calls.append(1)
         if len(calls) in (2, 9):
             raise exc
-        real(scope, *args, **kwargs)
+        real(self, scope, *args, **kwargs)
 
-    monkeypatch.setattr(method_registry, "prune_sparsegpt", fails_on_two_layers)
+    monkeypatch.setattr(SparseGPT, "prune", fails_on_two_layers)
     report = prune_model(tiny_model("qwen3"), tiny_calibration(), "2:4", "sparsegpt", progress=False)
     fell_back = [r for r in report.layers if r.fallback]
     assert [report.layers.index(r) for r in fell_back] == [1, 8]
@@ -274,7 +274,7 @@ def test_argument_errors_inside_the_run_stop_it(monkeypatch, error):
     a method stops the run naming the layer; it used to be taken for a numerical failure and the
     layer silently pruned by magnitude. The failing layer's weight is left as it was."""
     from s3sparse import ArgumentError, S3Error
-    from s3sparse.llm import method_registry
+    from s3sparse.pruners import SparseGPT
 
     exc = {
         "argument_error": ArgumentError("`damp` must be a finite number >= 0, got -1"),
@@ -285,7 +285,7 @@ def test_argument_errors_inside_the_run_stop_it(monkeypatch, error):
     def refuses(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(method_registry, "prune_sparsegpt", refuses)
+    monkeypatch.setattr(SparseGPT, "prune", refuses)
     model = tiny_model("qwen3")
     before = _state(model)
     with pytest.raises(UsageError if error == "argument_error" else type(exc)) as info:
@@ -344,15 +344,15 @@ def test_a_layer_whose_inputs_are_all_zero_falls_back_and_is_counted():
 def test_fp32_redo_warnings_are_counted(monkeypatch):
     import warnings
 
-    from s3sparse.llm import method_registry
+    from s3sparse.pruners import Magnitude
 
-    real = method_registry.prune_magnitude
+    real = Magnitude.prune
 
-    def noisy(scope, nnz):
+    def noisy(self, scope, hessian, nnz, *args, **kwargs):
         warnings.warn("prune_true_obs: 12 of 64 rows hit a non-positive-definite sub-problem and were redone", RuntimeWarning)
-        real(scope, nnz)
+        real(self, scope, hessian, nnz, *args, **kwargs)
 
-    monkeypatch.setattr(method_registry, "prune_magnitude", noisy)
+    monkeypatch.setattr(Magnitude, "prune", noisy)
     report = prune_model(tiny_model("qwen3"), tiny_calibration(), "2:4", "magnitude", progress=False)
     assert all(r.fp32_redos == 12 for r in report.layers)
     assert report.sparsity_summary()["fp32_redos"] == 12 * 14

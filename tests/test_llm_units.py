@@ -68,7 +68,11 @@ def test_pattern_shape_error_says_why():
 def test_method_names_and_options():
     m = parse_method("true-obs", {"ng": "32", "scoring": "joint"})
     assert m.name == "true-obs" and m.options["ng"] == 32 and m.options["scoring"] == "joint" and m.options["damp"] == 1e-4
+    assert m.method.options.ng == 32 and m.enumerates_subsets and m.shards_rows
     assert parse_method("sparsegpt").options == {"blocksize": 128, "damp": 0.01}
+    assert parse_method("true-obs", {"c_dtype": "bf16"}).method.options.c_dtype == torch.bfloat16
+    assert parse_method("true-obs").options["ng"] is None  # 64, or 1 on row-coupled patterns
+    assert "n_splits" not in parse_method("obs-full").options and parse_method("obs-split").options["n_splits"] == 4
     assert parse_method("true_obs").name == "true-obs"
     assert parse_method(m, {"ng": 16}).options["scoring"] == "joint"
     assert not parse_method("magnitude").uses_hessian
@@ -83,6 +87,7 @@ def test_method_names_and_options():
         ("true-obs", {"ng": 0}, ">= 1"),
         ("obs-full", {"damp": "x"}, "must be a number"),
         ("magnitude", {"damp": 1}, "takes no options"),
+        ("sparsegpt", {"damp": "inf"}, "finite"),
     ],
 )
 def test_bad_methods(name, options, message):

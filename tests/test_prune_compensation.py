@@ -1,4 +1,4 @@
-"""StructuredOBS.prune's blocked phase 2 (full / split / interleaved) against the per-scope
+"""Shared-C OBS's blocked phase 2 (full / split / interleaved) against the per-scope
 loop it replaced.
 
 `_reference_prune` below transcribes what `prune` computed before phase 2 was blocked
@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from s3sparse import ops
-from s3sparse.pruners import StructuredOBS
+from s3sparse.pruners import SharedOBSOptions, StructuredOBS
+from s3sparse.pruners import obs as obs_module
 from s3sparse.pruners.hessian import damped_inverse
+from s3sparse.pruners.obs_layer import OBSLayer
 
 from pruner_utils import PATTERN_NAMES, assert_pattern_holds, make_layer, pattern
 
@@ -67,12 +69,13 @@ def _reference_compensate_rows(W, C, rows, pruned_cols, active, active_cols):
 
 
 def _reference_prune(obs, nnz, compensate, n_splits):
-    """The old phase 1 + phase 2 of ``prune`` (not local): the pruned weight, and the
-    relative gap between the two best subset costs of every (group, scope) selection."""
+    """The old phase 1 + phase 2 of ``prune`` (not local) on the OBSLayer ``obs``: the pruned
+    weight, and the relative gap between the two best subset costs of every (group, scope)
+    selection."""
     g = obs.groups
     R, E, K = g.num_groups, obs.layout.elems_per_scope, obs.num_cols
-    subsets = obs._subsets(obs.blocks_per_scope - nnz)
-    damp = obs.damp_for("prune")
+    subsets = obs.subsets(obs.blocks_per_scope - nnz)
+    damp = SharedOBSOptions().damp  # prune's default damping
     C = obs.inverse(damp)
     W = obs.W.detach().to(torch.float32, copy=True)
     all_cols = torch.arange(K)
@@ -85,7 +88,7 @@ def _reference_prune(obs, nnz, compensate, n_splits):
     active = torch.ones(obs.M, K, dtype=torch.bool)
     unvisited = torch.ones(K, dtype=torch.bool)
     rows = g.rows.reshape(-1)
-    p_max = min(subsets.shape[1], obs._row_elems_per_scope)
+    p_max = min(subsets.shape[1], obs.row_elems_per_scope)
     for k, positions in enumerate(chunks):
         if k == 0:
             C_k, cols_k, map_k = C, all_cols, all_cols
@@ -133,7 +136,7 @@ def test_blocked_phase2_equals_the_per_scope_loop(mode, n_splits, name, samples)
     scope, nnz = pattern(name, W)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        obs = StructuredOBS(scope, H)
+        obs = OBSLayer(scope, H)
         want, gaps = _reference_prune(obs, nnz, mode, n_splits)
         StructuredOBS(scope, H).prune(nnz, compensate=mode, n_splits=n_splits)
     assert_pattern_holds(name, W, nnz)
@@ -161,7 +164,7 @@ def test_runs_cover_a_chunk_in_several_solves(monkeypatch):
     results = []
     for per_run in (None, 3):
         if per_run is not None:
-            monkeypatch.setattr(StructuredOBS, "_scopes_per_solve", lambda self, p: per_run)
+            monkeypatch.setattr(obs_module, "_scopes_per_solve", lambda layer, p: per_run)
         W = W0.clone()
         scope, nnz = pattern("24", W)
         StructuredOBS(scope, H).prune(nnz, compensate="interleaved", n_splits=2)
@@ -174,10 +177,10 @@ def test_runs_cover_a_chunk_in_several_solves(monkeypatch):
 def test_unvisited_inverse_rows_are_rows_of_the_damped_inverse():
     """C_VA equals rows V of damped_inverse(H_AA), columns in the returned order."""
     _, H = _layer(96, seed=5)
-    obs = StructuredOBS(pattern("24", torch.zeros(8, 256))[0], H)
+    layer = OBSLayer(pattern("24", torch.zeros(8, 256))[0], H)
     unvisited = torch.arange(40, 256)
     chunk = torch.arange(64, 104)
-    C_VA, order = obs._unvisited_inverse_rows(unvisited, chunk, 0.01)
+    C_VA, order = obs_module._unvisited_inverse_rows(layer, unvisited, chunk, 0.01)
     full = damped_inverse(H[unvisited][:, unvisited].double(), 0.01, dtype=torch.float64)[0]
     where = torch.searchsorted(unvisited, order)
     want = full[torch.searchsorted(unvisited, chunk)][:, where]

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ..checks import check_finite, check_hessian, check_int, check_nnz, check_weight
 from ..errors import ArgumentError
-from .obd import prune_magnitude, prune_obd
+from .magnitude import prune_magnitude
+from .obd import prune_obd
 from .sparsegpt import prune_sparsegpt
 
 __all__ = ["magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", "sparsegpt_block16"]

@@ -1,17 +1,15 @@
-"""Magnitude and OBD pruning over any ScopeSpec or ScopeCoupling.
+"""OBD (Optimal Brain Damage) pruning over any ScopeSpec or ScopeCoupling.
 
-Both keep, in every scope, the ``nnz`` blocks of largest saliency and zero the
-rest, through the specification's own ``hard_threshold`` (so they work on every
-pattern, coupling and parameter the specification can express):
-
-* magnitude: the block's L2 norm ``‖w_b‖``;
-* OBD (Optimal Brain Damage, diagonal Hessian): ``Σ_b w² · H_cc`` over the
-  block's elements, ``c`` the element's input column — the second-order loss of
-  removing the block when the Hessian is taken as diagonal.
+Keeps, in every scope, the ``nnz`` blocks of largest saliency ``Σ_b w² · H_cc``
+over the block's elements (``c`` the element's input column: the second-order
+loss of removing the block when the Hessian is taken as diagonal) and zeroes the
+rest, through the specification's own ``hard_threshold`` (so it works on every
+pattern, coupling and parameter the specification can express).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Union
 
 import torch
@@ -20,8 +18,9 @@ from torch import Tensor
 from ..checks import check_scope
 from ..errors import ArgumentError, ArgumentTypeError, UnknownNameError
 from .hessian import check_hessian
+from .method import MethodOptions, ProgressFn, PruningMethod
 
-__all__ = ["prune_magnitude", "prune_obd"]
+__all__ = ["OBD", "OBDOptions", "prune_obd"]
 
 HessianArg = Union[Tensor, Mapping[object, Tensor]]
 
@@ -51,14 +50,42 @@ def _hessian_for(spec, hessian: HessianArg) -> Tensor:
     )
 
 
-@torch.no_grad()
-def prune_magnitude(scope, nnz: int) -> None:
-    """Keep the ``nnz`` blocks of largest L2 norm in every scope; zero the others (in place)."""
-    check_scope(scope)
-    scope.hard_threshold(nnz=scope._check_nnz(nnz))
+@dataclasses.dataclass(frozen=True)
+class OBDOptions(MethodOptions):
+    """OBD has no options; it reads the diagonal of the Hessian."""
 
 
-@torch.no_grad()
+class OBD(PruningMethod):
+    """Keep the ``nnz`` blocks of largest OBD saliency ``Σ w²·diag(H)`` per scope.
+
+    ``hessian``: the (K, K) Hessian of the weight, or, for patterns over several
+    parameters, a mapping from each parameter (or its BlockSpec / View / name) to
+    its Hessian.
+    """
+
+    Options = OBDOptions
+
+    @torch.no_grad()
+    def prune(self, scope, hessian: HessianArg, nnz: int, progress_fn: ProgressFn = None,
+              process_group=None) -> None:
+        self._refuse_process_group(process_group)
+        check_scope(scope)
+        nnz = scope._check_nnz(nnz)
+        values = {}
+        for spec in scope.block_specs():
+            param = spec.view.param
+            if param.dim() != 2:
+                raise ArgumentError(
+                    f"OBD needs 2-D weights (out, in) behind `scope`; block {spec!r} is on a {param.dim()}-D parameter"
+                )
+            H = _hessian_for(spec, hessian)
+            check_hessian(H, param.shape[1], like=param)
+            diag = torch.diagonal(H).to(torch.float32).clamp(min=0)
+            # Block norm of w·sqrt(h) is sqrt(Σ w² h): a monotone transform of the OBD saliency.
+            values[spec] = param.detach().to(torch.float32) * diag.sqrt()
+        scope.hard_threshold(nnz=nnz, values=values)
+
+
 def prune_obd(scope, hessian: HessianArg, nnz: int) -> None:
     """Keep the ``nnz`` blocks of largest OBD saliency ``Σ w²·diag(H)`` per scope (in place).
 
@@ -69,18 +96,4 @@ def prune_obd(scope, hessian: HessianArg, nnz: int) -> None:
             name) to its Hessian.
         nnz: blocks kept per scope.
     """
-    check_scope(scope)
-    nnz = scope._check_nnz(nnz)
-    values = {}
-    for spec in scope.block_specs():
-        param = spec.view.param
-        if param.dim() != 2:
-            raise ArgumentError(
-                f"OBD needs 2-D weights (out, in) behind `scope`; block {spec!r} is on a {param.dim()}-D parameter"
-            )
-        H = _hessian_for(spec, hessian)
-        check_hessian(H, param.shape[1], like=param)
-        diag = torch.diagonal(H).to(torch.float32).clamp(min=0)
-        # Block norm of w·sqrt(h) is sqrt(Σ w² h): a monotone transform of the OBD saliency.
-        values[spec] = param.detach().to(torch.float32) * diag.sqrt()
-    scope.hard_threshold(nnz=nnz, values=values)
+    OBD().prune(scope, hessian, nnz)

@@ -25,7 +25,8 @@ round every operation alike: the result does not depend on which path ran.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -35,9 +36,10 @@ from ..checks import check_callable, check_damp, check_int
 from ..errors import NumericalError
 from .hessian import check_hessian, damped_inverse
 from .layout import ScopeLayout, normalize_nnz, restrict_rows, row_components, row_groups, scope_layout
+from .method import MethodOptions, ProgressFn, PruningMethod
 from .sharding import AllRanks, RowShard, check_process_group
 
-__all__ = ["prune_sparsegpt"]
+__all__ = ["SparseGPT", "SparseGPTOptions", "prune_sparsegpt"]
 
 # Tests and benchmarks set this False to run every lazy block through the Python loop.
 _USE_BLOCK_KERNEL = True
@@ -185,56 +187,87 @@ def _sweep(layout: ScopeLayout, W: Tensor, U: Tensor, nnz: int, blocksize: int,
         )
 
 
-@torch.no_grad()
+@dataclasses.dataclass(frozen=True)
+class SparseGPTOptions(MethodOptions):
+    """Options of SparseGPT, checked when built.
+
+    Attributes:
+        blocksize: lazy-batch width in columns (128 in the paper).
+        damp: damping, relative to mean(diag H) when < 1 (0.01 in the paper).
+    """
+
+    shards_rows: ClassVar[bool] = True
+
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self):
+        self._set("blocksize", check_int(self.blocksize, "blocksize", minimum=1, what="columns per lazy block"))
+        self._set("damp", check_damp(self.damp))
+
+
+class SparseGPT(PruningMethod):
+    """SparseGPT over any ScopeSpec (see the module docstring); rows can be split over ranks."""
+
+    Options = SparseGPTOptions
+
+    @torch.no_grad()
+    def prune(self, scope, hessian: Tensor, nnz: int, progress_fn: ProgressFn = None, process_group=None) -> None:
+        """Prune the weight behind ``scope`` to ``nnz`` blocks per scope, in place.
+
+        Args:
+            scope: a ScopeSpec whose blocks lie on one 2-D weight (M, K).
+            hessian: (K, K) layer Hessian ``XᵀX/N``, on the weight's device.
+            nnz: blocks kept per scope.
+            progress_fn: optional ``callable(str)`` told about each lazy block.
+            process_group: a torch.distributed ProcessGroup to split the rows over
+                (every rank of it calls this with the same arguments and the same H,
+                e.g. all-reduced); each rank sweeps a contiguous run of whole row
+                sets (rows sharing a scope stay together) and the pruned rows are
+                gathered, so every rank ends with the whole pruned weight — the one
+                a single process computes, up to round-off. ``None``: this process
+                prunes every row.
+
+        The weight is written once, at the end; on any error it is left unchanged
+        (on every rank: with a process group, an error on one rank is raised on all).
+        """
+        group = check_process_group(process_group)
+        blocksize, damp = self.options.blocksize, self.options.damp
+        with AllRanks(group, "pruning its rows with SparseGPT"):
+            layout = scope_layout(scope)
+            param = layout.param
+            M, K = param.shape
+            check_hessian(hessian, K, like=param)
+            nnz = normalize_nnz(nnz, layout.blocks_per_scope)
+            check_callable(progress_fn, "progress_fn")
+
+            W = param.detach().to(torch.float32, copy=True)
+            U, _ = damped_inverse(hessian, damp, upper_factor=True, what="SparseGPT's H + damp*I")
+            if group is None:
+                shard = None
+                _sweep(layout, W, U, nnz, blocksize, progress_fn)
+            else:
+                shard = RowShard.of_groups(row_components(layout), group)
+                mine = W[shard.rows]
+                _sweep(restrict_rows(layout, shard.rows, mine), mine, U, nnz, blocksize, progress_fn)
+        if shard is not None:
+            shard.gather(W, mine)
+        param.data.copy_(W.to(param.dtype))
+
+
 def prune_sparsegpt(
     scope,
     hessian: Tensor,
     nnz: int,
-    blocksize: int = 128,
-    damp: float = 0.01,
+    blocksize: int = SparseGPTOptions.blocksize,
+    damp: float = SparseGPTOptions.damp,
     progress_fn: Optional[Callable[[str], None]] = None,
     process_group=None,
 ) -> None:
     """Prune the weight behind ``scope`` to ``nnz`` blocks per scope with SparseGPT, in place.
 
-    Args:
-        scope: a ScopeSpec whose blocks lie on one 2-D weight (M, K).
-        hessian: (K, K) layer Hessian ``XᵀX/N``, on the weight's device.
-        nnz: blocks kept per scope.
-        blocksize: lazy-batch width in columns (128 in the paper).
-        damp: damping, relative to mean(diag H) when < 1 (0.01 in the paper).
-        progress_fn: optional ``callable(str)`` told about each lazy block.
-        process_group: a torch.distributed ProcessGroup to split the rows over
-            (every rank of it calls this with the same arguments and the same H,
-            e.g. all-reduced); each rank sweeps a contiguous run of whole row
-            sets (rows sharing a scope stay together) and the pruned rows are
-            gathered, so every rank ends with the whole pruned weight — the one
-            a single process computes, up to round-off. ``None``: this process
-            prunes every row.
-
-    The weight is written once, at the end; on any error it is left unchanged
-    (on every rank: with a process group, an error on one rank is raised on all).
+    ``SparseGPT(blocksize=blocksize, damp=damp).prune(scope, hessian, nnz, progress_fn,
+    process_group)``: see :class:`SparseGPTOptions` for the options and
+    :meth:`SparseGPT.prune` for the rest.
     """
-    group = check_process_group(process_group)
-    with AllRanks(group, "pruning its rows with SparseGPT"):
-        layout = scope_layout(scope)
-        param = layout.param
-        M, K = param.shape
-        check_hessian(hessian, K, like=param)
-        nnz = normalize_nnz(nnz, layout.blocks_per_scope)
-        blocksize = check_int(blocksize, "blocksize", minimum=1, what="columns per lazy block")
-        damp = check_damp(damp)
-        check_callable(progress_fn, "progress_fn")
-
-        W = param.detach().to(torch.float32, copy=True)
-        U, _ = damped_inverse(hessian, damp, upper_factor=True, what="SparseGPT's H + damp*I")
-        if group is None:
-            shard = None
-            _sweep(layout, W, U, nnz, blocksize, progress_fn)
-        else:
-            shard = RowShard.of_groups(row_components(layout), group)
-            mine = W[shard.rows]
-            _sweep(restrict_rows(layout, shard.rows, mine), mine, U, nnz, blocksize, progress_fn)
-    if shard is not None:
-        shard.gather(W, mine)
-    param.data.copy_(W.to(param.dtype))
+    SparseGPT(blocksize=blocksize, damp=damp).prune(scope, hessian, nnz, progress_fn, process_group)

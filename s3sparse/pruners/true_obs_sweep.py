@@ -1,0 +1,340 @@
+"""True OBS on one chunk of rows: the left-looking sweep over the batches of scopes.
+
+Row r's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ`` with
+``U_j = C_{j-1}[:, S_j] L_j⁻ᵀ`` (``L_j`` the Cholesky factor of
+``C_{j-1}[S_j, S_j]``), so only the factors U are stored (in ``c_dtype``) and each
+batch forms just what it reads: the diagonal (or scope blocks) of its columns for
+scoring, and the panel ``C[S_b, R]`` over the columns R that later batches still
+visit. A row group (rows whose scopes couple them) keeps one factor matrix: each
+factor column belongs to the one row that pruned that column, so a batch of a
+row-coupled pattern costs one group's pruned columns, not every row's worst case.
+Sequential OBS steps equal one joint step on the union S of a row's pruned
+columns, so its final weights are ``w0 - C0[:, S] C0[S, S]⁻¹ w0[S]``,
+``C0[S, S]⁻¹ w0[S]`` being solved through the block-triangular factor the U's
+form (forward during the sweep, backward at the end) and the product by the
+shared C0 one GEMM.
+
+Every shape here depends on the batch index only, and nothing waits for the
+device: the whole sweep of a chunk can be recorded once as a CUDA graph and
+replayed for every chunk (:mod:`.true_obs` does).
+
+* :func:`lazy_plan` / :class:`LazyPlan`: the column order that makes every
+  batch's panel one suffix of the factors' rows;
+* :class:`ScaledInverse`: C0 in Jacobi-scaled coordinates, shared by the chunks;
+* :class:`ChunkSweep`: the sweep itself, one method per step of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .obs_layer import OBSLayer
+
+__all__ = ["ChunkSweep", "LazyPlan", "ScaledInverse", "lazy_plan", "math_dtype"]
+
+# Conditional variance (diagonal of the Jacobi-scaled per-row C, 1 at the start)
+# below which a stored C is treated as round-off: its row is redone in higher precision.
+_HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
+
+
+def math_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype of the arithmetic on factors stored as ``storage``."""
+    return torch.float64 if storage == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class ScaledInverse:
+    """C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, C~ = D^-1/2 C0 D^-1/2 with D = diag(C0)
+    (unit diagonal; w~ = D^-1/2 w). OBS costs and compensations are the same in them,
+    and every column keeps its relative precision in fp16 factors. Built once per
+    retry level and shared by every row chunk."""
+
+    scale: Tensor  # (K,) sqrt(diag C0), in C0's dtype
+    C: Tensor  # (K, K) C~, math dtype
+    C_plan: Tensor  # (Kc, Kc) C~ on the plan's columns, in plan order
+
+    @staticmethod
+    def of(C0: Tensor, math_dtype: torch.dtype, order: Tensor) -> "ScaledInverse":
+        scale = torch.diagonal(C0).clamp(min=torch.finfo(C0.dtype).tiny).sqrt()
+        C = (C0 / scale.unsqueeze(1) / scale.unsqueeze(0)).to(math_dtype)
+        return ScaledInverse(scale=scale, C=C, C_plan=C[order][:, order])
+
+
+@dataclass(frozen=True)
+class LazyPlan:
+    """Column order of left-looking True OBS (see :func:`lazy_plan`).
+
+    ``order``: the visited columns, by the last batch visiting them; ``pos``: each
+    column's place in ``order`` (-1: never visited; ``pos[K] = -1`` for padding);
+    ``start[b]``: first place batch b and later batches read; ``p``: columns a row
+    group prunes per batch at most.
+    """
+
+    order: Tensor
+    pos: Tensor
+    start: list
+    p: int
+
+    def bytes_per_group(self, c_dtype: torch.dtype, rows_per_group: int) -> int:
+        """Memory one row group takes: its factors U (Kc × batches·p), the per-batch
+        factors L and workspaces, and its rows' state."""
+        Kc, nb = self.order.numel(), len(self.start)
+        elem = torch.empty((), dtype=c_dtype).element_size()
+        return Kc * nb * self.p * elem + nb * self.p * (self.p + 3) * 8 + 4 * Kc * (3 * self.p + 8 * rows_per_group)
+
+
+def lazy_plan(layer: OBSLayer, batches: list[Tensor], p_max: int) -> LazyPlan:
+    """Column order and panel bounds of left-looking True OBS for these batches.
+
+    Columns are ordered by the last batch that visits them: the rows of the
+    factors that batch b and every later batch read are then one suffix
+    ``[start[b], Kc)`` of that order. Columns no scope visits are left out.
+    """
+    g = layer.groups
+    K = layer.num_cols
+    device = layer.W.device
+    last = torch.full((K,), -1, dtype=torch.long, device=device)
+    for b, positions in enumerate(batches):
+        last[g.cols[positions].reshape(-1)] = b
+    visited = torch.nonzero(last >= 0).squeeze(1)
+    order = visited[torch.sort(last[visited], stable=True).indices]
+    pos = torch.full((K + 1,), -1, dtype=torch.long, device=device)  # pos[K] = -1 for padding
+    pos[order] = torch.arange(order.numel(), device=device)
+    counts = torch.bincount(last[visited], minlength=len(batches))
+    start = (torch.cumsum(counts, 0) - counts).tolist()
+    return LazyPlan(order=order, pos=pos, start=start, p=p_max)
+
+
+def _block_costs(w: Tensor, blocks: Tensor, blocks_per_scope: int) -> Tensor:
+    """Exact OBS cost ``w_bᵀ (C_bb)⁻¹ w_b`` of every block of every scope on its own:
+    w (N, E), blocks (N, E, E) → (N, blocks_per_scope); +inf where C_bb is not PD."""
+    N, E = w.shape
+    bk = E // blocks_per_scope
+    idx = torch.arange(blocks_per_scope, device=w.device)
+    C_bb = blocks.view(N, blocks_per_scope, bk, blocks_per_scope, bk)[:, idx, :, idx].transpose(0, 1)  # (N, g, bk, bk)
+    L, info = torch.linalg.cholesky_ex(C_bb.to(w.dtype))
+    y = torch.linalg.solve_triangular(L, w.view(N, blocks_per_scope, bk, 1), upper=False)
+    return torch.where(info == 0, y.square().sum(dim=(-1, -2)), torch.inf)
+
+
+class ChunkSweep:
+    """True OBS for the rows ``w_rows`` (B, K) of Rc whole row groups (group-major).
+
+    ``ChunkSweep(layer, w_rows, batches, nnz, scoring, subsets, inv, c_dtype, plan).run()``
+    returns their new rows (B, K) fp32 and a failed-group mask (Rc,). ``inv`` is
+    C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, for ``plan``; ``subsets`` the
+    candidate subsets of a scope (``scoring='joint'`` only). Each batch of scopes
+    is :meth:`_choose` (its blocks), :meth:`_pruned_positions` (the group's pruned
+    columns), :meth:`_pivot_inverse` (``L⁻¹`` of their C block) and :meth:`_eliminate`
+    (the factors U_b and the weights' forward update); :meth:`_finish` solves
+    backwards and forms the weights.
+    """
+
+    def __init__(self, layer: OBSLayer, w_rows: Tensor, batches: list[Tensor], nnz: int, scoring: str,
+                 subsets: Optional[Tensor], inv: ScaledInverse, c_dtype: torch.dtype, plan: LazyPlan):
+        g = layer.groups
+        self.g, self.batches, self.nnz, self.scoring, self.subsets, self.plan = g, batches, nnz, scoring, subsets, plan
+        self.blocks_per_scope, self.num_cols = layer.blocks_per_scope, layer.num_cols
+        self.rpc, self.E, self.bk = g.rows_per_group, layer.layout.elems_per_scope, layer.bk
+        self.B = w_rows.shape[0]
+        self.Rc = Rc = self.B // self.rpc
+        self.device = device = w_rows.device
+        self.c_dtype, self.math_dtype = c_dtype, math_dtype(c_dtype)
+        self.split = c_dtype in (torch.float16, torch.bfloat16)
+        self.P, self.Kc, self.nb = P, Kc, nb = plan.p, plan.order.numel(), len(batches)
+        self.pruned_per_scope = (self.blocks_per_scope - nnz) * self.bk  # per group, exactly
+        self.col_scale, self.C0s, self.C0p = inv.scale, inv.C, inv.C_plan
+        self.C0p_diag = torch.diagonal(self.C0p)
+        self.w0 = (w_rows.to(self.col_scale.dtype) / self.col_scale).to(self.math_dtype)  # (B, K), scaled
+        self.w_cur = self.w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
+        self.U = torch.zeros(Rc, Kc, nb * P, dtype=c_dtype, device=device)  # group factors, P columns a batch
+        self.owner = torch.full((Rc, nb * P), -1, dtype=torch.long, device=device)  # row slot of each factor column
+        self.z = torch.zeros(Rc, nb * P, dtype=self.math_dtype, device=device)
+        self.Linv_all = torch.empty(nb, Rc, P, P, dtype=self.math_dtype, device=device)
+        self.S_all = torch.empty(nb, Rc, P, dtype=torch.long, device=device)  # plan positions, -1 pad
+        self.health_tol = _HEALTH_TOL[c_dtype]
+        self.failed = torch.zeros(Rc, dtype=torch.bool, device=device)
+        self.alive = torch.ones(self.B, Kc + 1, dtype=torch.bool, device=device)  # spare column for padding
+        self.g_idx = torch.arange(Rc, device=device).unsqueeze(1)
+        self.slots = torch.arange(self.rpc, device=device)
+        self.local_base = (torch.arange(Rc, device=device) * self.rpc).view(Rc, 1, 1)
+        self.eye = torch.eye(P, dtype=self.math_dtype, device=device)
+
+    def run(self) -> tuple[Tensor, Tensor]:
+        """The sweep: ``(new rows (B, K) fp32, failed groups (Rc,))``."""
+        for bi, positions in enumerate(self.batches):
+            s0 = self.plan.start[bi]
+            pcols = self.plan.pos[self.g.cols[positions]]  # (n, E) plan positions
+            lr = self.g.local_rows[positions]  # (n, E) row slot of each element
+            pruned = self._choose(bi, pcols, lr)
+            S, slot, valid, Sc = self._pruned_positions(pruned, pcols, lr, s0)
+            panel = self._panel(bi, Sc, slot)
+            Linv, ok = self._pivot_inverse(panel, s0, Sc, slot, valid)
+            self._eliminate(bi, panel, Linv, ok, S, Sc, slot)
+        return self._finish()
+
+    def _choose(self, bi: int, pcols: Tensor, lr: Tensor) -> Tensor:
+        """The pruned elements of this batch's scopes in every group: (Rc, n, E) bool.
+
+        'independent' scores each block on its own: Σ w² / C_cc over its elements
+        where scopes lie in one row; its exact OBS cost w_bᵀ (C_bb)⁻¹ w_b where rows
+        compete for a scope (measured better there on real layers, and worse for
+        row-local blocks of 2 under batches of 64 scopes). 'joint' scores whole
+        subsets of a scope exactly.
+        """
+        Rc, E, bk, o = self.Rc, self.E, self.bk, bi * self.P
+        n = pcols.shape[0]
+        w = self.w_cur[self.local_base + lr, pcols]  # (Rc, n, E)
+        if self.scoring == "independent" and self.rpc == 1:
+            Ug = self.U[self.g_idx.unsqueeze(-1), pcols, :o]  # (Rc, n, E, o)
+            d = self.C0p_diag[pcols] - torch.linalg.vector_norm(Ug, dim=-1, dtype=self.math_dtype).square()
+            cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
+            block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
+        else:
+            blocks = self._scope_blocks(pcols, lr, o)  # (Rc·n, E, E)
+            d = torch.diagonal(blocks, dim1=1, dim2=2).reshape(Rc, n, E)
+            if self.scoring == "independent":
+                block_cost = _block_costs(w.reshape(-1, E), blocks, self.blocks_per_scope).view(Rc, n, -1)
+            else:
+                _, best = ops.score_subsets(w.reshape(-1, E).to(self.math_dtype), blocks, self.subsets)
+        # A visited coordinate's conditional variance (diag of C~, 1 at the start)
+        # at or below the storage's noise level means the group's factors no longer
+        # describe its C: the group is redone in higher precision.
+        self.failed |= ((d <= self.health_tol) | ~torch.isfinite(d)).reshape(Rc, -1).any(dim=1)
+        if self.scoring == "independent":
+            _, keep = ops.kth_largest(block_cost, self.nnz)
+            return (~keep).repeat_interleave(bk, dim=-1)
+        pruned = torch.zeros(Rc * n, E, dtype=torch.bool, device=self.device)
+        pruned.scatter_(1, self.subsets[best], True)
+        return pruned.view(Rc, n, E)
+
+    def _scope_blocks(self, pcols: Tensor, lr: Tensor, o: int) -> Tensor:
+        """Current C of each row on each scope's elements, block-diagonal by row: (Rc·n, E, E).
+
+        Row r's C is ``C0 - Σ_i U[:, i] U[:, i]ᵀ`` over the factor columns i it owns.
+        """
+        U, Rc = self.U, self.Rc
+        n, E = pcols.shape
+        Ug = U[torch.arange(Rc, device=U.device).view(Rc, 1, 1), pcols, :o]  # (Rc, n, E, o)
+        mine = self.owner[:, None, None, :o] == lr[None, :, :, None]
+        base = self.C0p[pcols.unsqueeze(-1), pcols.unsqueeze(-2)].expand(Rc, n, E, E).reshape(Rc * n, E, E)
+        blocks = ops.lowrank_sub(base, (Ug * mine).reshape(Rc * n, E, o), Ug.reshape(Rc * n, E, o))
+        same_row = (lr.unsqueeze(-1) == lr.unsqueeze(-2)).repeat(Rc, 1, 1)
+        return blocks * same_row
+
+    def _pruned_positions(self, pruned: Tensor, pcols: Tensor, lr: Tensor, s0: int):
+        """The group's pruned elements, in element order (every group prunes exactly
+        ``pruned_per_scope`` elements of each scope), padded to P: their plan
+        positions S (-1: padding), row slots, ``valid`` and ``Sc`` (S with padding
+        and failed groups reading the harmless position ``s0``), each (Rc, P)."""
+        Rc, P, E = self.Rc, self.P, self.E
+        n = pcols.shape[0]
+        Pb = n * self.pruned_per_scope
+        sel = torch.sort(pruned.reshape(Rc, n * E).to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :Pb]
+        S = torch.nn.functional.pad(pcols.reshape(-1)[sel], (0, P - Pb), value=-1)  # (Rc, P) positions
+        slot = torch.nn.functional.pad(lr.reshape(-1)[sel], (0, P - Pb), value=0)  # (Rc, P)
+        valid = (S >= 0) & ~self.failed.unsqueeze(1)
+        Sc = torch.where(valid, S, s0)  # padding reads a harmless position
+        return S, slot, valid, Sc
+
+    def _panel(self, bi: int, Sc: Tensor, slot: Tensor) -> Tensor:
+        """Panel C_row[S_b, R] = C0[S_b, R] - Σ_{own factor cols} U[S_b] U[R]ᵀ, R = [s0, Kc): (Rc, P, |R|)."""
+        s0, o, U = self.plan.start[bi], bi * self.P, self.U
+        a = U[self.g_idx, Sc, :o]
+        if self.rpc > 1:
+            a = a * (self.owner[:, None, :o] == slot.unsqueeze(-1))
+        return ops.lowrank_sub(self.C0p[:, s0:][Sc], a, U[:, s0:, :o])
+
+    def _pivot_inverse(self, panel: Tensor, s0: int, Sc: Tensor, slot: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """``L⁻¹`` of the pruned columns' C block (block-diagonal by row; rows of padding
+        zeroed) and ``ok``, the (Rc, P) columns actually pruned: a group whose block is
+        not positive definite (or whose pivots are round-off) is marked failed."""
+        Rc, P, eye, health_tol = self.Rc, self.P, self.eye, self.health_tol
+        C_SS = torch.gather(panel, 2, (Sc - s0).unsqueeze(1).expand(Rc, P, P))
+        same = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+        if self.rpc > 1:
+            same = same & (slot.unsqueeze(-1) == slot.unsqueeze(-2))
+        C_SS = torch.where(same, 0.5 * (C_SS + C_SS.mT), eye)
+        piv = torch.diagonal(C_SS, dim1=1, dim2=2)
+        bad = ((piv <= health_tol) | ~torch.isfinite(piv)).logical_and(valid).any(dim=1)
+        L, info = torch.linalg.cholesky_ex(C_SS)
+        bad |= info != 0
+        self.failed |= bad
+        ok = valid & ~bad.unsqueeze(1)
+        L = torch.where(bad.view(Rc, 1, 1), eye, L)
+        # L⁻¹ (block-diagonal by row); rows of padding zeroed, so U_b's padding
+        # columns are zero whatever the panel holds there.
+        Linv = torch.linalg.solve_triangular(L, eye.expand(Rc, P, P), upper=False) * ok.unsqueeze(-1)
+        return Linv, ok
+
+    def _factor(self, panel: Tensor, Linv: Tensor, s0: int) -> Tensor:
+        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ, one GEMM; for fp16/bf16 factors in
+        hi + lo parts (3 products), which keeps it at fp32 accuracy on tensor cores."""
+        c_dtype, math_dtype = self.c_dtype, self.math_dtype
+        if self.split:
+            ph = panel.to(c_dtype)
+            pl = (panel - ph.to(math_dtype)).to(c_dtype)
+            Lh = Linv.to(c_dtype)
+            Ll = (Linv - Lh.to(math_dtype)).to(c_dtype)
+            lhs, rhs = torch.cat([ph, ph, pl], dim=1).mT, torch.cat([-Lh, -Ll, -Lh], dim=2)
+        else:
+            lhs, rhs = panel.mT, -Linv
+        zeros = torch.zeros(self.Rc, self.Kc - s0, self.P, dtype=math_dtype, device=self.device)
+        return ops.lowrank_sub(zeros, lhs, rhs)
+
+    def _eliminate(self, bi: int, panel: Tensor, Linv: Tensor, ok: Tensor, S: Tensor, Sc: Tensor,
+                   slot: Tensor) -> None:
+        """Store the batch's factors U_b and its part of the forward solve; update the
+        rows' weights on the columns later batches visit; retire the pruned columns."""
+        s0, o, P, Kc, Rc, rpc = self.plan.start[bi], bi * self.P, self.P, self.Kc, self.Rc, self.rpc
+        Ub = self._factor(panel, Linv, s0)
+        self.U[:, s0:, o : o + P] = Ub.to(self.c_dtype)
+        # z_b = L⁻¹ w[S_b];  w[R] -= U_b z_b (into each pruned column's own row).
+        row_of = self.g_idx * rpc + slot  # (Rc, P) row within the chunk
+        zb = torch.bmm(Linv, (self.w_cur[row_of, Sc] * ok).unsqueeze(-1)).squeeze(-1)
+        if rpc == 1:
+            self.w_cur[:, s0:] -= torch.bmm(Ub, zb.unsqueeze(-1)).squeeze(-1)
+        else:
+            mine = (slot.unsqueeze(-1) == self.slots).to(self.math_dtype)  # (Rc, P, rpc)
+            self.w_cur.view(Rc, rpc, Kc)[:, :, s0:] -= torch.bmm(Ub, zb.unsqueeze(-1) * mine).mT
+        self.owner[:, o : o + P] = torch.where(ok, slot, -1)
+        self.z[:, o : o + P] = zb
+        self.Linv_all[bi] = Linv
+        self.S_all[bi] = torch.where(ok, S, -1)
+        # (fills and copies only from device tensors: nothing crosses from the host,
+        # so the sweep can be recorded as a CUDA graph)
+        self.alive.view(-1).index_fill_(0, (row_of * (Kc + 1) + torch.where(ok, S, Kc)).view(-1), False)
+        self.alive[:, Kc].fill_(True)
+        self.w_cur.masked_fill_(~self.alive[:, :Kc], 0.0)
+
+    def _finish(self) -> tuple[Tensor, Tensor]:
+        """Backward solve ``y = Lfull⁻ᵀ z``, batch by batch from the last (v holds y at the
+        plan positions solved so far, one row of v per weight row), then the weights
+        ``w0 - y C0`` with the pruned columns zeroed, back in unscaled coordinates."""
+        B, Kc, Rc, rpc, P, plan = self.B, self.Kc, self.Rc, self.rpc, self.P, self.plan
+        v = torch.zeros(B, Kc + 1, dtype=self.math_dtype, device=self.device)
+        for bi in range(self.nb - 1, -1, -1):
+            s0, o = plan.start[bi], bi * P
+            S = self.S_all[bi]
+            slot = self.owner[:, o : o + P].clamp(min=0)
+            v_rows = v.view(Rc, rpc, Kc + 1)[:, :, s0:Kc]
+            t = torch.bmm(self.U[:, s0:, o : o + P].mT.to(self.math_dtype), v_rows.mT)  # (Rc, P, rpc): U_bᵀ v
+            rhs = self.z[:, o : o + P] - t.gather(2, slot.unsqueeze(-1)).squeeze(-1)
+            y = torch.bmm(self.Linv_all[bi].mT, rhs.unsqueeze(-1)).squeeze(-1)
+            flat = (self.g_idx * rpc + slot) * (Kc + 1) + torch.where(S >= 0, S, Kc)
+            v.view(-1).index_copy_(0, flat.view(-1), torch.where(S >= 0, y, 0.0).view(-1))
+            v[:, Kc].fill_(0.0)
+        Y = torch.zeros(B, self.num_cols, dtype=self.math_dtype, device=self.device)
+        Y[:, plan.order] = v[:, :Kc]
+        w_new = self.w0 - Y @ self.C0s  # C0s symmetric: row r is w0 - C0[:, S] y
+        pruned_cols = torch.zeros(B, self.num_cols, dtype=torch.bool, device=self.device)
+        pruned_cols[:, plan.order] = ~self.alive[:, :Kc]
+        w_new.masked_fill_(pruned_cols, 0.0)
+        self.failed |= ~torch.isfinite(w_new).view(Rc, -1).all(dim=1)
+        Wc = (w_new.to(self.col_scale.dtype) * self.col_scale).to(torch.float32)
+        return Wc, self.failed
