@@ -22,7 +22,7 @@ from spec_utils import prune_randomly, random_covering_scope
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 REFERENCE = ["2:4", "4:8", "coupled-2:4", "block16-rows"]
-# Every form of the model pipeline's pattern names (s3sparse/llm/pattern_registry.py), on 32 x 64.
+# Every form of the pattern names (s3sparse/patterns.py: parse_pattern), on 32 x 64.
 REGISTRY_NAMES = REFERENCE + [
     "1:4", "2:8", "nm:4:8", "nm-blocks:2:4:4", "coupled-1:4", "block8-rows4", "block4-rows",
     "channels:0.5", "columns:0.25", "col-blocks:8:0.5",

@@ -40,10 +40,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..patterns import parse_pattern
 from ..sparse.compact import _set_module
 from .blocks import _is_conv1d
 from .errors import DirectoryError, UsageError
-from .pattern_registry import parse_pattern
 from .progress import progress_bar
 
 __all__ = [

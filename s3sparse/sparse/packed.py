@@ -13,6 +13,7 @@ from .. import ops
 from ..block import BlockCoupling, BlockSpec
 from ..checks import check_int, check_nnz
 from ..errors import ArgumentError, ArgumentTypeError, ShapeMismatchError, SpecError
+from ..patterns import parse_pattern
 from ..scope import ScopeCoupling, ScopeSpec
 from . import format as fmt
 
@@ -289,13 +290,11 @@ class PackedWeight:
 
     @classmethod
     def from_pattern(cls, weight: Tensor, pattern: str, **kwargs: Any) -> "PackedWeight":
-        """Pack a pruned ``weight`` (M × K) by a pattern name of the model pipeline (``"2:4"``, ``"4:8"``,
-        ``"coupled-2:4"``, ``"block16-rows"``, …; see :func:`s3sparse.llm.parse_pattern`).
+        """Pack a pruned ``weight`` (M × K) by a pattern name (``"2:4"``, ``"4:8"``,
+        ``"coupled-2:4"``, ``"block16-rows"``, …; see :func:`s3sparse.patterns.parse_pattern`).
 
         ``kwargs`` go to :meth:`from_scope` (``index_format``).
         """
-        from ..llm.pattern_registry import parse_pattern
-
         choice = parse_pattern(pattern)
         if choice.is_dense:
             raise ArgumentError(f"pattern {pattern!r} is dense: there is nothing to pack; keep the nn.Linear as it is")
