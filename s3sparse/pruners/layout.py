@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from ..block import BlockCoupling
-from ..checks import check_nnz, check_scope
+from ..checks import check_nnz
 from ..errors import ArgumentError
-from ..scope import ScopeCoupling
+from ..scope import ScopeCoupling, check_scope
 from ..view import View
 
 __all__ = ["ScopeLayout", "RowGroups", "scope_layout", "row_groups", "row_components", "restrict_rows"]
@@ -111,7 +111,7 @@ def scope_layout(scope) -> ScopeLayout:
 
     Raises an :class:`~s3sparse.errors.ArgumentError` (a ``ValueError``) for a
     ScopeCoupling or blocks on several parameters (second-order pruners use one
-    layer's Hessian), and the errors of :func:`~s3sparse.checks.check_scope`
+    layer's Hessian), and the errors of :func:`~s3sparse.scope.check_scope`
     for anything that is not a scope over a 2-D floating-point weight with data.
     """
     check_scope(scope)

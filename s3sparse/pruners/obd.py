@@ -17,7 +17,7 @@ from typing import Mapping, Union
 import torch
 from torch import Tensor
 
-from ..checks import check_scope
+from ..scope import check_scope
 from ..errors import ArgumentError, ArgumentTypeError, UnknownNameError
 from .hessian import check_hessian
 
