@@ -33,27 +33,7 @@ __all__ = [
     "reorder_permutation",
     "normalize_tile_shape",
     "broadcast_numbers",
-    "get_dtype_epsilon",
-    "opmath_dtype",
 ]
-
-
-# ---------------------------------------------------------------- numbers
-def get_dtype_epsilon(dtype: torch.dtype, eps: Optional[float] = None) -> float:
-    """``eps`` when given, else the machine epsilon of ``dtype``.
-
-    Non-floating dtypes use the epsilon of the default float dtype.
-    """
-    if eps is not None:
-        return float(eps)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
-    return float(torch.finfo(dtype).eps)
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute in for values of ``dtype``: fp64 stays fp64, every other float fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_index(value: object, name: str) -> int:

@@ -357,7 +357,7 @@ def test_kth_largest_helpers():
 
 
 def test_layout_helpers():
-    from s3sparse import tensor_ops
+    from s3sparse import dtypes, tensor_ops
 
     assert tensor_ops.normalize_order(None, 3) == (0, 1, 2)
     assert tensor_ops.normalize_order((-1, 0, 1), 3) == (2, 0, 1)
@@ -370,9 +370,12 @@ def test_layout_helpers():
     assert tensor_ops.interleave_unsqueeze(torch.zeros(2, 3)).shape == (2, 1, 3, 1)
     assert tensor_ops.interleaved_shape((2, 3), (4, 5)) == (2, 4, 3, 5)
     assert tensor_ops.reorder_permutation(3) == (0, 2, 4, 1, 3, 5)
-    assert tensor_ops.get_dtype_epsilon(torch.float32) == torch.finfo(torch.float32).eps
-    assert tensor_ops.get_dtype_epsilon(torch.float16, 1e-3) == 1e-3
-    assert tensor_ops.get_dtype_epsilon(torch.int64) == torch.finfo(torch.get_default_dtype()).eps
+    assert dtypes.get_dtype_epsilon(torch.float32) == torch.finfo(torch.float32).eps
+    assert dtypes.get_dtype_epsilon(torch.float16, 1e-3) == 1e-3
+    assert dtypes.get_dtype_epsilon(torch.int64) == torch.finfo(torch.get_default_dtype()).eps
+    compute = {d: dtypes.opmath_dtype(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    assert compute == {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                       torch.float32: torch.float32, torch.float64: torch.float64}
     assert tensor_ops.normalize_tile_shape((4, 6), (2,), arg="s", of="g", missing="whole") == (2, 6)
     with pytest.raises(SpecError, match=r"`s` \(2,\) has 1 dims but g \(4, 6\) has 2"):
         tensor_ops.normalize_tile_shape((4, 6), (2,), arg="s", of="g", missing="ones")

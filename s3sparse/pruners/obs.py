@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .. import ops
 from ..checks import check_callable, check_choice, check_damp, check_dtype, check_finite, check_int
+from ..dtypes import opmath_dtype
 from ..errors import ArgumentError, NumericalError
 from .hessian import _with_dead_inputs_fixed, check_hessian, damped_inverse, damping_value
 from .replay import GraphReplay
@@ -85,8 +86,7 @@ def _free_memory_bytes(device: torch.device) -> int:
     return 8 << 30
 
 
-def _math_dtype(storage: torch.dtype) -> torch.dtype:
-    return torch.float64 if storage == torch.float64 else torch.float32
+_math_dtype = opmath_dtype  # the dtype to compute in for C stored in a given dtype
 
 
 def _more_damping(damp: float, factor: float, relative_cap: float) -> float:
