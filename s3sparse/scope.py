@@ -127,7 +127,7 @@ class _Scopes(ABC):
     def kth_largest(self, values: Values, nnz: int, *, block_scores: Optional[MemberTensors] = None) -> Tensor:
         """The ``nnz``-th largest block norm (or score) of every scope, scope-grid-shaped (``+inf`` for 0)."""
         nnz = self._check_nnz(nnz)
-        return tensor_ops.kth_largest(self._scores(values, block_scores), nnz)
+        return tensor_ops.kth_largest_value(self._scores(values, block_scores), nnz)
 
     def kth_mid(
         self, values: Values, nnz: int, k_weight: float = 0.5, *, block_scores: Optional[MemberTensors] = None
