@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from ..patterns import PatternChoice
 from ..pruners import HessianAccumulator, output_error, prune_magnitude
-from .blocks import BlockCall, LinearLayer, capture_block_inputs, find_blocks, linear_layers, move_outside_blocks
+from ..sparse.layer import LinearLayer
+from .blocks import BlockCall, capture_block_inputs, find_blocks, linear_layers, move_outside_blocks
 from .blocks import per_block_arguments, run_block
 from .calibration import CalibrationSet
 from .distributed import Ranks, sum_over_ranks
