@@ -122,6 +122,20 @@ def test_round_trip_random_specs(rng, extra_zero, transposed, fmt):
         assert bool(((rows >= group[:, None, None] * R) & (rows < (group[:, None, None] + 1) * R)).all())
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False), transposed=st.booleans())
+def test_packed_positions_are_the_pruners_positions(rng, transposed):
+    """One scope geometry: where the packed format puts element e of block g of scope s is where the
+    second-order pruners find it (row, column), for row-major and transposed weights alike."""
+    from s3sparse.pruners.layout import scope_layout
+    from s3sparse.sparse.format import packed_geometry
+
+    param, scope, _ = random_covering_scope(rng, torch.float32, transposed=transposed)
+    layout = scope_layout(scope)
+    K = param.shape[1]
+    assert torch.equal(packed_geometry(scope).offsets(), layout.rows * K + layout.cols)
+
+
 def test_padding_scopes_with_fewer_blocks():
     W = nn.Parameter(torch.randn(4, 16))
     scope, nnz = patterns.nm(W)
