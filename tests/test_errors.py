@@ -35,7 +35,7 @@ from s3sparse import (
     prune_obd,
     prune_sparsegpt,
 )
-from s3sparse.pruners import magnitude, obd_prune, sparsegpt_block16, sparsegpt_coupled_24, sparsegpt_prune
+from s3sparse.pruners.functional import magnitude, obd_prune, sparsegpt_block16, sparsegpt_coupled_24, sparsegpt_prune
 
 from pruner_utils import assert_pattern_holds, make_layer
 

@@ -1,6 +1,14 @@
-"""Pruners: magnitude, OBD, SparseGPT and Structured OBS on any S3 pattern."""
+"""Pruners: magnitude, OBD, SparseGPT and Structured OBS on any S3 pattern.
 
-from .functional import magnitude, obd_prune, sparsegpt_block16, sparsegpt_coupled_24, sparsegpt_prune
+The reference implementation's functional entry points (``magnitude``,
+``obd_prune``, ``sparsegpt_prune``, ``sparsegpt_coupled_24``,
+``sparsegpt_block16``: a weight in, a pruned copy out) are a compatibility
+layer over these, in :mod:`s3sparse.pruners.functional`. Reaching them here or
+on the top-level package still works, with a ``DeprecationWarning``.
+"""
+
+import warnings
+
 from .hessian import HessianAccumulator, compute_hessian, output_error
 from .obd import prune_magnitude, prune_obd
 from .obs import StructuredOBS
@@ -10,13 +18,31 @@ __all__ = [
     "HessianAccumulator",
     "StructuredOBS",
     "compute_hessian",
-    "magnitude",
-    "obd_prune",
     "output_error",
     "prune_magnitude",
     "prune_obd",
     "prune_sparsegpt",
-    "sparsegpt_block16",
-    "sparsegpt_coupled_24",
-    "sparsegpt_prune",
 ]
+
+#: The compatibility layer's names, once exported here and on ``s3sparse``.
+FUNCTIONAL_NAMES = ("magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", "sparsegpt_block16")
+
+
+def deprecated_functional(name: str, where: str, stacklevel: int = 3):
+    """``s3sparse.pruners.functional.<name>``, with a DeprecationWarning for reaching it as ``<where>.<name>``."""
+    warnings.warn(
+        f"{where}.{name} is deprecated: the reference implementation's functional entry points live in "
+        f"s3sparse.pruners.functional (`from s3sparse.pruners.functional import {name}`); "
+        "or prune through a pattern with prune_magnitude / prune_obd / prune_sparsegpt",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    from . import functional
+
+    return getattr(functional, name)
+
+
+def __getattr__(name: str):
+    if name in FUNCTIONAL_NAMES:
+        return deprecated_functional(name, __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
