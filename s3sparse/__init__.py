@@ -85,6 +85,14 @@ from .pruners import *  # noqa: E402,F401,F403
 
 __all__ += pruners.__all__
 
+
+def __getattr__(name: str):
+    # The reference's functional entry points (s3sparse.pruners.functional), once exported here: deprecated.
+    if name in pruners.FUNCTIONAL_NAMES:
+        return pruners.deprecated_functional(name, __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --- helpers: solvers, named patterns, pictures --------------------------------
 # viz imports matplotlib only inside draw_layout, so importing it here is free.
 from . import linalg, patterns, viz  # noqa: E402

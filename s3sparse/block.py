@@ -28,14 +28,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .dtypes import get_dtype_epsilon, opmath_dtype
 from .errors import ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError
 from .tensor_ops import (
     broadcast_numbers,
-    get_dtype_epsilon,
     inverse_permutation,
     normalize_order,
     normalize_tile_shape,
-    opmath_dtype,
 )
 from .view import View
 

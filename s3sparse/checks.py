@@ -10,6 +10,11 @@ was expected, what was got and what to do.
 The checks only read their arguments (a few small reductions over a Hessian,
 one ``isfinite`` reduction over a weight) and run before any pruner writes
 anything, so a refused call leaves the weight exactly as it was.
+
+These are the ground-level checks of numbers, names and tensors: this module
+imports nothing of the specification (so the View, BlockSpec and ScopeSpec
+modules can use it). The check that an argument is a pattern over weights a
+pruner may prune, :func:`~s3sparse.scope.check_scope`, lives beside ScopeSpec.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ __all__ = [
     "check_weight",
     "check_finite",
     "check_hessian",
-    "check_scope",
     "SYMMETRY_RTOL",
 ]
 
@@ -308,46 +312,3 @@ def check_hessian(
             "Hessian XᵀX/N is symmetric. Compute it with compute_hessian(X) (X of shape (N, K)), or, if the "
             f"asymmetry is round-off of your own computation, symmetrise it: `{name} = ({name} + {name}.T) / 2`"
         )
-
-
-def _first_spec_of(scope: Any, params: Sequence[Tensor]) -> list:
-    """For each of ``params``, the first block spec of ``scope`` lying on it."""
-    specs = scope.block_specs()
-    return [next(spec for spec in specs if spec.view.param is param) for param in params]
-
-
-def check_scope(scope: Any, name: str = "scope", *, ndim: Optional[int] = None) -> list[Tensor]:
-    """A pattern a pruner may prune: a ScopeSpec or ScopeCoupling over weights
-    :func:`check_weight` and :func:`check_finite` accept (data, floating point,
-    not empty, no NaN/Inf).
-
-    Returns the distinct parameters behind the scope, in member order.
-    """
-    from .scope import ScopeCoupling, ScopeSpec  # the spec layer imports this module
-
-    label = _arg(name)
-    if not isinstance(scope, (ScopeSpec, ScopeCoupling)):
-        hint = ""
-        if isinstance(scope, tuple) and len(scope) == 2 and isinstance(scope[0], (ScopeSpec, ScopeCoupling)):
-            hint = "; the patterns.* constructors return `(scope, nnz)`: unpack it, `scope, nnz = patterns.nm(W)`"
-        else:
-            from .block import SparseBlock
-
-            if isinstance(scope, SparseBlock):
-                hint = "; wrap the blocks in a scope, e.g. `ScopeSpec(block, shape=(1, 4))`"
-        raise ArgumentTypeError(
-            f"{label} must be a ScopeSpec or ScopeCoupling, got {type(scope).__name__}{hint}"
-        )
-    params: list[Tensor] = []
-    for spec in scope.block_specs():
-        param = spec.view.param
-        if any(param is p for p in params):
-            continue
-        which = f"the weight behind {label}" if len(scope.block_specs()) == 1 else f"a weight behind {label} ({spec!r})"
-        check_weight(param, which, ndim=ndim)
-        params.append(param)
-    for spec, param in zip(_first_spec_of(scope, params), params):
-        which = f"the weight behind {label}" if len(params) == 1 else f"a weight behind {label}"
-        name = getattr(spec, "name", None)
-        check_finite(param, which, detail=f"under block {name!r}" if name else "")
-    return params

@@ -13,6 +13,9 @@ without s3sparse, so code that catches those keeps working:
   type or dtype — ``nnz=2.5``, an integer weight, a Hessian that is a list.
 * :class:`ArgumentIndexError` (an :class:`IndexError`): an index outside a view.
 * :class:`UnknownNameError` (a :class:`KeyError`): a name nobody registered.
+* :class:`UsageError` (an :class:`ArgumentError`): a bad argument of the
+  command line or the model pipeline (an unknown pattern name, a malformed
+  option); its message is always one line, which the CLI prints as is.
 
 Two errors are not about an argument. :class:`ExtensionBuildError` (an
 :class:`ImportError`) is raised by ``import s3sparse`` when the compiled
@@ -42,6 +45,7 @@ __all__ = [
     "ShapeMismatchError",
     "CouplingError",
     "UnknownNameError",
+    "UsageError",
     "NonFiniteError",
     "NumericalError",
     "ExtensionBuildError",
@@ -109,6 +113,19 @@ class UnknownNameError(S3Error, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class UsageError(ArgumentError):
+    """A bad argument; the message is one line saying what was wrong and what would work.
+
+    Raised by the pattern names of :mod:`s3sparse.patterns` and by the model
+    pipeline (:mod:`s3sparse.llm`), whose CLI prints it on one line and exits
+    with status 2.
+    """
+
+    def __init__(self, message: str) -> None:
+        # One line, always: the CLI prints it as is.
+        super().__init__(" ".join(str(message).split()))
 
 
 class NonFiniteError(ArgumentError):

@@ -22,22 +22,57 @@ name               View (shape : strides)                          Block        
 ``"block16"``      (M/16, 2, 8K) : (16K, 8K, 1)                    (1, 1, 16)   (1, 2, 1)  1
 =================  ==============================================  ===========  =========  ====
 
-:func:`by_name` builds them from those names (the names of the reference
-scripts' ``--pattern`` flag). Shapes that do not divide are refused with a
-:class:`~s3sparse.errors.SpecError` (a ``ValueError``) saying which sizes would work.
+Shapes that do not divide are refused with a :class:`~s3sparse.errors.SpecError`
+(a ``ValueError``) saying which sizes would work.
+
+Pattern names
+-------------
+This module is the one registry of pattern names, for recipes, the command line
+(``s3sparse prune --pattern``), packing (``PackedWeight.from_pattern``) and
+scripts. :func:`parse_pattern` turns a name into a :class:`PatternChoice`, which
+builds ``(scope, nnz)`` on any ``nn.Linear`` weight and checks that a pruned
+weight obeys it:
+
+======================  =====================================================================
+name                    pattern
+======================  =====================================================================
+``2:4``                 2:4 — keep 2 of every 4 adjacent weights of a row (:func:`nm`)
+``4:8``                 the paper's 4:8 — keep 2 of every 4 adjacent column *pairs* (:func:`nm_blocks`)
+``N:M``                 any other N:M over single weights, e.g. ``1:4``, ``2:8``
+``nm:N:M``              N:M over single weights, always (``nm:4:8`` keeps 4 of 8 weights)
+``nm-blocks:N:M:B``     keep N of M adjacent blocks of B columns
+``coupled-2:4``         columns j and j+8 of each 16-column tile pruned together, 2 of 4 pairs kept
+``coupled-N:M``         the same with N of M pairs
+``block16-rows``        16-column blocks; rows p and p+8 of every 16 rows compete, 1 of 2 kept
+``blockB-rowsR``        B-column blocks; rows p and p+R compete (:func:`row_coupled_blocks`)
+``channels:S``          output channels (whole rows), fraction S pruned per layer
+``columns:S``           input columns (whole columns), fraction S pruned per layer
+``col-blocks:W:S``      full-height blocks of W columns, fraction S pruned
+``dense``               leave the layer as it is (also ``none``)
+======================  =====================================================================
+
+Other spellings of the fixed names (:data:`PATTERN_ALIASES`) are accepted too,
+among them the reference scripts' names of the paper's four patterns (``24``,
+``48``, ``coupled24``, ``block16``); a pruned model's report records the
+canonical name. :func:`pattern_names_table` is the table ``s3sparse prune
+--help`` shows. :data:`PATTERNS` holds the paper's four under the reference
+scripts' names, and :func:`by_name` builds one of them (overriding its arguments
+if asked); unlike :func:`parse_pattern` it knows only those four.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from .block import BlockSpec
 from .checks import check_int
-from .errors import ArgumentTypeError, SpecError, UnknownNameError
+from .errors import ArgumentTypeError, SpecError, UnknownNameError, UsageError
 from .scope import ScopeSpec
 from .view import View
 
@@ -49,10 +84,16 @@ __all__ = [
     "channels",
     "columns",
     "col_blocks",
+    "sparsity_to_keep",
+    "PatternChoice",
     "NamedPattern",
+    "parse_pattern",
+    "pattern_names_help",
+    "pattern_names_table",
+    "PATTERN_NAMES",
+    "PATTERN_ALIASES",
     "PATTERNS",
     "by_name",
-    "sparsity_to_keep",
 ]
 
 WeightLike = Union[Tensor, nn.Module]
@@ -318,64 +359,237 @@ def col_blocks(weight: WeightLike, width: int, sparsity: float = 0.5) -> Pattern
     return _one_scope(w, (-1, width), K // width, sparsity, pattern)
 
 
-# ------------------------------------------------------------------ registry
+# ------------------------------------------------------------------ names
+#: Every pattern name (or form of names) with its meaning, in the order the help lists them.
+PATTERN_NAMES: Tuple[Tuple[str, str], ...] = (
+    ("2:4", "keep 2 of every 4 adjacent weights of a row"),
+    ("4:8", "the paper's 4:8: every 8 columns of a row keep 2 of their 4 column PAIRS (4 of 8 single weights: nm:4:8)"),
+    ("N:M", "keep N of every M adjacent weights of a row, e.g. 1:4, 2:8 (4:8 excepted: see above)"),
+    ("nm:N:M", "N of M adjacent single weights, always (nm:4:8 keeps 4 of every 8 weights)"),
+    ("nm-blocks:N:M:B", "keep N of every M adjacent blocks of B columns (4:8 is nm-blocks:2:4:2)"),
+    ("coupled-2:4", "columns j and j+8 of each 16-column tile pruned together, 2 of every 4 such pairs kept"),
+    ("coupled-N:M", "the same with N of every M pairs"),
+    ("block16-rows", "16-column blocks; rows p and p+8 of every 16 rows compete for each block, 1 of the 2 kept"),
+    ("blockB-rowsR", "B-column blocks; rows p and p+R compete, 1 of the 2 kept (block16-rows is block16-rows8)"),
+    ("channels:S", "whole output channels (rows): fraction S of them pruned per layer, e.g. channels:0.25"),
+    ("columns:S", "whole input columns: fraction S of them pruned per layer"),
+    ("col-blocks:W:S", "full-height blocks of W columns: fraction S of them pruned per layer"),
+    ("dense", "leave the layer as it is"),
+)
+
+#: Other spellings of the fixed names -> the name they stand for (``_`` is read as ``-``, case is ignored).
+PATTERN_ALIASES: Dict[str, str] = {
+    "24": "2:4",
+    "48": "4:8",
+    "coupled24": "coupled-2:4",
+    "coupled-24": "coupled-2:4",
+    "coupled2:4": "coupled-2:4",
+    "block16": "block16-rows",
+    "block16-row-coupled": "block16-rows",
+    "none": "dense",
+}
+
+_MEANING: Dict[str, str] = dict(PATTERN_NAMES)
+
+
 @dataclass(frozen=True)
-class NamedPattern:
-    """A registered pattern: ``constructor(weight, **kwargs)`` with a one-line description."""
+class PatternChoice:
+    """A pattern picked by name: ``build(weight) -> (scope, nnz)``.
+
+    Attributes:
+        name: the name as given (canonical spelling for the report).
+        constructor: a constructor of this module, ``None`` for ``dense``.
+        kwargs: its keyword arguments.
+        description: what the pattern is, one line.
+    """
 
     name: str
-    constructor: Callable[..., Pattern]
+    constructor: Optional[Callable[..., Pattern]]
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    description: str = ""
+    description: str = field(default="", compare=False)
 
-    def __call__(self, weight: WeightLike, **overrides: Any) -> Pattern:
-        """Build ``(scope, nnz)`` on ``weight``; ``overrides`` replace registered kwargs."""
+    @property
+    def is_dense(self) -> bool:
+        """True for ``dense``: the layer is left unpruned."""
+        return self.constructor is None
+
+    def build(self, weight: WeightLike, **overrides: Any) -> Pattern:
+        """``(scope, nnz)`` of this pattern on the ``M × K`` ``weight`` (a ``SpecError`` if it cannot divide it).
+
+        ``overrides`` replace the registered keyword arguments (e.g. ``stride=4``).
+        """
+        if self.constructor is None:
+            raise ValueError("the dense pattern has no scope")
         return self.constructor(weight, **{**self.kwargs, **overrides})
 
+    __call__ = build
 
-PATTERNS: Dict[str, NamedPattern] = {
-    "24": NamedPattern("24", nm, {"n": 2, "m": 4}, "2:4 — keep 2 of every 4 adjacent weights of a row"),
-    "48": NamedPattern(
-        "48", nm_blocks, {"n": 2, "m": 4, "block_cols": 2}, "4:8 — keep 2 of every 4 adjacent column pairs of a row"
-    ),
-    "coupled24": NamedPattern(
-        "coupled24",
-        coupled_nm,
-        {"n": 2, "m": 4, "stride": 8},
-        "coupled 2:4 — columns j and j+8 of each 16-column tile pruned together, 2 of 4 pairs kept",
-    ),
-    "block16": NamedPattern(
-        "block16",
-        row_coupled_blocks,
-        {"block_cols": 16, "rows_apart": 8, "keep": 1},
-        "16-column blocks; rows p and p+8 of each 16-row group compete, 1 of 2 kept",
-    ),
-}
-"""The four patterns of the S3 paper under the reference scripts' names."""
+    def holds(self, weight: Tensor) -> bool:
+        """Whether ``weight`` keeps at most ``nnz`` non-zero blocks in every scope of this pattern."""
+        if self.constructor is None:
+            return True
+        with torch.no_grad():
+            scope, nnz = self.build(weight.detach())
+            return bool((scope.nnz_per_scope(weight.detach()) <= nnz).all())
 
-_ALIASES: Dict[str, str] = {
-    "2:4": "24",
-    "4:8": "48",
-    "coupled2:4": "coupled24",
-    "coupled_2:4": "coupled24",
-    "coupled_24": "coupled24",
-    "block16_row_coupled": "block16",
+    def __str__(self) -> str:
+        return self.name
+
+
+#: The name :data:`PATTERNS` gave a registered pattern before; the same class.
+NamedPattern = PatternChoice
+
+
+def _fixed(name: str, constructor: Optional[Callable[..., Pattern]], **kwargs: Any) -> PatternChoice:
+    return PatternChoice(name, constructor, kwargs, _MEANING[name])
+
+
+#: The names with fixed arguments: canonical name -> its PatternChoice.
+_FIXED: Dict[str, PatternChoice] = {
+    "dense": _fixed("dense", None),
+    "2:4": _fixed("2:4", nm, n=2, m=4),
+    "4:8": _fixed("4:8", nm_blocks, n=2, m=4, block_cols=2),
+    "coupled-2:4": _fixed("coupled-2:4", coupled_nm, n=2, m=4, stride=8),
+    "block16-rows": _fixed("block16-rows", row_coupled_blocks, block_cols=16, rows_apart=8, keep=1),
 }
+
+_INT = r"(\d+)"
+_NUM = r"([0-9]*\.?[0-9]+)"
+
+
+def _canonical(name: str) -> str:
+    """``name`` in the registry's spelling: trimmed, lower case, ``_`` read as ``-``, aliases resolved."""
+    key = name.strip().lower().replace("_", "-")
+    return PATTERN_ALIASES.get(key, key)
+
+
+def _fraction(text: str, name: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"pattern {name!r}: the pruned fraction must lie in [0, 1], got {value}")
+    return value
+
+
+def _check_n_of_m(name: str, n: int, m: int) -> None:
+    if m < 1 or n < 1 or n > m:
+        raise UsageError(f"pattern {name!r}: need 1 <= N <= M in N:M, got N={n}, M={m}")
+
+
+def _parse_n_of_m(key: str, name: str) -> Optional[PatternChoice]:
+    """The N:M forms: ``N:M``, ``nm:N:M``, ``nm-blocks:N:M:B``, ``coupled-N:M``; None for other names."""
+    match = re.fullmatch(rf"(?:nm:)?{_INT}:{_INT}", key)
+    if match:
+        n, m = int(match[1]), int(match[2])
+        _check_n_of_m(name, n, m)
+        form = "nm:N:M" if key.startswith("nm:") else "N:M"
+        label = f"nm:{n}:{m}" if key.startswith("nm:") else f"{n}:{m}"
+        return PatternChoice(label, nm, {"n": n, "m": m}, _MEANING[form])
+    match = re.fullmatch(rf"nm-blocks:{_INT}:{_INT}:{_INT}", key)
+    if match:
+        n, m, b = (int(g) for g in match.groups())
+        _check_n_of_m(name, n, m)
+        if b < 1:
+            raise UsageError(f"pattern {name!r}: the block width must be >= 1")
+        kwargs = {"n": n, "m": m, "block_cols": b}
+        return PatternChoice(f"nm-blocks:{n}:{m}:{b}", nm_blocks, kwargs, _MEANING["nm-blocks:N:M:B"])
+    match = re.fullmatch(rf"coupled-?{_INT}:{_INT}", key)
+    if match:
+        n, m = int(match[1]), int(match[2])
+        _check_n_of_m(name, n, m)
+        return PatternChoice(f"coupled-{n}:{m}", coupled_nm, {"n": n, "m": m, "stride": 8}, _MEANING["coupled-N:M"])
+    return None
+
+
+def _parse_whole(key: str, name: str) -> Optional[PatternChoice]:
+    """The forms with a width or fraction: ``blockB-rowsR``, ``channels:S``, ``columns:S``, ``col-blocks:W:S``."""
+    match = re.fullmatch(rf"block{_INT}-rows{_INT}?", key)
+    if match:
+        b, r = int(match[1]), int(match[2] or 8)
+        if b < 1 or r < 1:
+            raise UsageError(f"pattern {name!r}: block width and row distance must be >= 1")
+        label = f"block{b}-rows" if r == 8 else f"block{b}-rows{r}"
+        kwargs = {"block_cols": b, "rows_apart": r, "keep": 1}
+        return PatternChoice(label, row_coupled_blocks, kwargs, _MEANING["blockB-rowsR"])
+    match = re.fullmatch(rf"(channels|columns):{_NUM}", key)
+    if match:
+        constructor = channels if match[1] == "channels" else columns
+        kwargs = {"sparsity": _fraction(match[2], name)}
+        return PatternChoice(f"{match[1]}:{match[2]}", constructor, kwargs, _MEANING[f"{match[1]}:S"])
+    match = re.fullmatch(rf"col-?blocks:{_INT}:{_NUM}", key)
+    if match:
+        width = int(match[1])
+        if width < 1:
+            raise UsageError(f"pattern {name!r}: the block width must be >= 1")
+        kwargs = {"width": width, "sparsity": _fraction(match[2], name)}
+        return PatternChoice(f"col-blocks:{width}:{match[2]}", col_blocks, kwargs, _MEANING["col-blocks:W:S"])
+    return None
+
+
+def parse_pattern(name: Union[str, PatternChoice]) -> PatternChoice:
+    """The :class:`PatternChoice` called ``name``: any name of :data:`PATTERN_NAMES` or :data:`PATTERN_ALIASES`.
+
+    Raises:
+        UsageError: an unknown or malformed name (the message lists the known forms).
+    """
+    if isinstance(name, PatternChoice):
+        return name
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"a pattern must be a name such as '2:4', got {name!r}")
+    key = _canonical(name)
+    fixed = _FIXED.get(key)
+    if fixed is not None:
+        return fixed
+    choice = _parse_n_of_m(key, name) or _parse_whole(key, name)
+    if choice is None:
+        raise UsageError(f"unknown pattern {name!r}; {pattern_names_help()}")
+    return choice
+
+
+def pattern_names_help() -> str:
+    """One line listing the pattern names (for error messages; the meanings are in :func:`pattern_names_table`)."""
+    return "known patterns: " + ", ".join(name for name, _ in PATTERN_NAMES) + " (see `s3sparse prune --help`)"
+
+
+def pattern_names_table() -> str:
+    """Every pattern name with its meaning, one per line, then the aliases (the ``s3sparse prune --help`` epilog)."""
+    width = max(len(name) for name, _ in PATTERN_NAMES)
+    lines = ["patterns (--pattern, and SPEC in --override):"]
+    lines += [f"  {name:<{width}}  {meaning}" for name, meaning in PATTERN_NAMES]
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in PATTERN_ALIASES.items())
+    lines.append(f"  aliases (reported under the name they stand for): {aliases}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the paper's four, by the reference scripts' names
+_PAPER_NAMES: Dict[str, str] = {"24": "2:4", "48": "4:8", "coupled24": "coupled-2:4", "block16": "block16-rows"}
+
+PATTERNS: Dict[str, PatternChoice] = {
+    short: PatternChoice(short, _FIXED[name].constructor, _FIXED[name].kwargs, f"{name} — {_MEANING[name]}")
+    for short, name in _PAPER_NAMES.items()
+}
+"""The four patterns of the S3 paper under the reference scripts' names (the same as :func:`parse_pattern`'s
+``2:4``, ``4:8``, ``coupled-2:4`` and ``block16-rows``)."""
 
 
 def by_name(name: str, weight: WeightLike, **overrides: Any) -> Pattern:
     """``(scope, nnz)`` of the registered pattern ``name`` on ``weight``.
 
     ``name`` is one of ``PATTERNS`` (``"24"``, ``"48"``, ``"coupled24"``,
-    ``"block16"``) or an alias (``"2:4"``, ``"4:8"``, ``"coupled2:4"``, …);
-    ``overrides`` replace the registered keyword arguments (e.g.
-    ``by_name("coupled24", w, stride=4)``).
+    ``"block16"``) or another spelling of one of them (``"2:4"``, ``"4:8"``,
+    ``"coupled2:4"``, ``"block16-rows"``, … : any name :func:`parse_pattern`
+    reads as one of the four); ``overrides`` replace the registered keyword
+    arguments (e.g. ``by_name("coupled24", w, stride=4)``).
 
     Raises:
         KeyError: unknown name (the message lists the known ones).
     """
-    key = _ALIASES.get(name, name)
-    if key not in PATTERNS:
-        known = ", ".join(repr(k) for k in [*PATTERNS, *_ALIASES])
+    key = name if name in PATTERNS else None
+    if key is None and isinstance(name, str):
+        canonical = _canonical(name)
+        key = next((short for short, full in _PAPER_NAMES.items() if full == canonical), None)
+    if key is None:
+        spellings = [*PATTERNS, *_PAPER_NAMES.values()]
+        spellings += [alias for alias, full in PATTERN_ALIASES.items() if full in _PAPER_NAMES.values()]
+        known = ", ".join(dict.fromkeys(repr(k) for k in spellings))
         raise UnknownNameError(f"unknown pattern {name!r}; known patterns: {known}")
     return PATTERNS[key](weight, **overrides)

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .dtypes import opmath_dtype
+
 __all__ = [
     "block_reduce",
     "block_scale_",
@@ -28,10 +30,6 @@ __all__ = [
     "packed_to_dense",
     "packed_linear",
 ]
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _strided(x: Tensor, size: Sequence[int], stride: Sequence[int], offset: int) -> Tensor:
@@ -86,7 +84,7 @@ def block_scale_(
     scale: Tensor,
 ) -> None:
     v = _strided(x, size, stride, offset)
-    s = scale.to(_opmath(x.dtype))
+    s = scale.to(opmath_dtype(x.dtype))
     for d, b in enumerate(block):
         s = s.repeat_interleave(b, dim=d)
     out = torch.where(s == 0, torch.zeros((), dtype=s.dtype, device=s.device), v.to(s.dtype) * s)
@@ -324,6 +322,6 @@ def packed_linear(
     """
     W = packed_to_dense(values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, meta_bits,
                         out_features, x.shape[-1])
-    acc = _opmath(x.dtype)
+    acc = opmath_dtype(x.dtype)
     b = None if bias is None else bias.to(acc)
     return torch.nn.functional.linear(x.to(acc), W.to(acc), b).to(x.dtype)

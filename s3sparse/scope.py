@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from numbers import Number
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import tensor_ops
 from .block import BlockSpec, SparseBlock, Values
-from .checks import check_nnz
+from .checks import _arg, check_finite, check_nnz, check_weight
 from .errors import ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError
 from .tensor_ops import (
     interleaved_shape,
@@ -35,7 +35,7 @@ from .tensor_ops import (
 )
 from .view import View
 
-__all__ = ["ScopeSpec", "ScopeCoupling"]
+__all__ = ["ScopeSpec", "ScopeCoupling", "check_scope"]
 
 #: Per-block data of a ScopeCoupling: a tensor in the joint scope layout, or
 #: ``{member ScopeSpec (or its block): tensor}``.
@@ -127,7 +127,7 @@ class _Scopes(ABC):
     def kth_largest(self, values: Values, nnz: int, *, block_scores: Optional[MemberTensors] = None) -> Tensor:
         """The ``nnz``-th largest block norm (or score) of every scope, scope-grid-shaped (``+inf`` for 0)."""
         nnz = self._check_nnz(nnz)
-        return tensor_ops.kth_largest(self._scores(values, block_scores), nnz)
+        return tensor_ops.kth_largest_value(self._scores(values, block_scores), nnz)
 
     def kth_mid(
         self, values: Values, nnz: int, k_weight: float = 0.5, *, block_scores: Optional[MemberTensors] = None
@@ -553,3 +553,42 @@ class ScopeCoupling(_Scopes):
             f"ScopeCoupling(name={self.name!r}, grid_shape={self.grid_shape}, orders={self.orders}, "
             f"scopes=[{members}])"
         )
+
+
+# ---------------------------------------------------------------- the argument check
+def _first_spec_of(scope: Any, params: Sequence[Tensor]) -> list:
+    """For each of ``params``, the first block spec of ``scope`` lying on it."""
+    specs = scope.block_specs()
+    return [next(spec for spec in specs if spec.view.param is param) for param in params]
+
+
+def check_scope(scope: Any, name: str = "scope", *, ndim: Optional[int] = None) -> list[Tensor]:
+    """A pattern a pruner may prune: a ScopeSpec or ScopeCoupling over weights
+    :func:`~s3sparse.checks.check_weight` and :func:`~s3sparse.checks.check_finite`
+    accept (data, floating point, not empty, no NaN/Inf).
+
+    Returns the distinct parameters behind the scope, in member order.
+    """
+    label = _arg(name)
+    if not isinstance(scope, (ScopeSpec, ScopeCoupling)):
+        hint = ""
+        if isinstance(scope, tuple) and len(scope) == 2 and isinstance(scope[0], (ScopeSpec, ScopeCoupling)):
+            hint = "; the patterns.* constructors return `(scope, nnz)`: unpack it, `scope, nnz = patterns.nm(W)`"
+        elif isinstance(scope, SparseBlock):
+            hint = "; wrap the blocks in a scope, e.g. `ScopeSpec(block, shape=(1, 4))`"
+        raise ArgumentTypeError(
+            f"{label} must be a ScopeSpec or ScopeCoupling, got {type(scope).__name__}{hint}"
+        )
+    params: list[Tensor] = []
+    for spec in scope.block_specs():
+        param = spec.view.param
+        if any(param is p for p in params):
+            continue
+        which = f"the weight behind {label}" if len(scope.block_specs()) == 1 else f"a weight behind {label} ({spec!r})"
+        check_weight(param, which, ndim=ndim)
+        params.append(param)
+    for spec, param in zip(_first_spec_of(scope, params), params):
+        which = f"the weight behind {label}" if len(params) == 1 else f"a weight behind {label}"
+        name = getattr(spec, "name", None)
+        check_finite(param, which, detail=f"under block {name!r}" if name else "")
+    return params

@@ -1,7 +1,8 @@
 """Tensor helpers shared by the specification classes.
 
-Selection (:func:`kth_largest`, :func:`kth_largest_mask`, :func:`mid_kth_largest`)
-runs on the compiled ``s3sparse.kth_largest`` op. The layout helpers describe the
+Selection (:func:`kth_largest_value`, :func:`kth_largest_mask`, :func:`mid_kth_largest`)
+runs on the compiled ``s3sparse.kth_largest`` op (:func:`s3sparse.ops.kth_largest`,
+which returns the values and the mask along the last dim; these take any dim). The layout helpers describe the
 *interleaved block layout* used throughout s3sparse: a tensor of shape
 ``(B0*b0, B1*b1, ...)`` cut into blocks of ``(b0, b1, ...)`` is seen as
 ``(B0, b0, B1, b1, ...)``; grid axes are the even dims, in-block axes the odd dims.
@@ -21,7 +22,7 @@ from .checks import check_int
 from .errors import ArgumentTypeError, ShapeMismatchError, SpecError
 
 __all__ = [
-    "kth_largest",
+    "kth_largest_value",
     "kth_largest_mask",
     "mid_kth_largest",
     "inverse_permutation",
@@ -33,27 +34,7 @@ __all__ = [
     "reorder_permutation",
     "normalize_tile_shape",
     "broadcast_numbers",
-    "get_dtype_epsilon",
-    "opmath_dtype",
 ]
-
-
-# ---------------------------------------------------------------- numbers
-def get_dtype_epsilon(dtype: torch.dtype, eps: Optional[float] = None) -> float:
-    """``eps`` when given, else the machine epsilon of ``dtype``.
-
-    Non-floating dtypes use the epsilon of the default float dtype.
-    """
-    if eps is not None:
-        return float(eps)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
-    return float(torch.finfo(dtype).eps)
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute in for values of ``dtype``: fp64 stays fp64, every other float fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_index(value: object, name: str) -> int:
@@ -88,7 +69,7 @@ def kth_largest_mask(x: Tensor, k: int, dim: int = -1) -> tuple[Tensor, Tensor]:
     return values.to(x.dtype), keep.movedim(-1, dim)
 
 
-def kth_largest(x: Tensor, k: int, dim: int = -1) -> Tensor:
+def kth_largest_value(x: Tensor, k: int, dim: int = -1) -> Tensor:
     """The ``k``-th largest value of ``x`` along ``dim`` (``+inf`` for ``k = 0``).
 
     Shape: ``x``'s shape without ``dim``. See :func:`kth_largest_mask`.
@@ -118,10 +99,10 @@ def mid_kth_largest(x: Tensor, k: int, dim: int = -1, k_weight: float = 0.5) -> 
     n = x.shape[dim]
     if not 0 <= k <= n:
         raise SpecError(f"`k` must be in [0, {n}] (the size of dim {dim} of `x`), got {k}")
-    kth = kth_largest(x, k, dim)
+    kth = kth_largest_value(x, k, dim)
     if k == 0 or k == n:
         return kth
-    next_kth = kth_largest(x, k + 1, dim)
+    next_kth = kth_largest_value(x, k + 1, dim)
     return kth * k_weight + next_kth * (1.0 - k_weight)
 
 

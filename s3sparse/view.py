@@ -28,13 +28,13 @@ from torch import Tensor
 
 from . import ops
 from .checks import check_int
+from .dtypes import opmath_dtype
 from .errors import ArgumentIndexError, ArgumentTypeError, ShapeMismatchError, SpecError
 from .tensor_ops import (
     block_dims,
     interleave_unsqueeze,
     interleaved_shape,
     normalize_tile_shape,
-    opmath_dtype,
     reorder_permutation,
 )
 

@@ -35,7 +35,7 @@ from s3sparse import (
     prune_obd,
     prune_sparsegpt,
 )
-from s3sparse.pruners import magnitude, obd_prune, sparsegpt_block16, sparsegpt_coupled_24, sparsegpt_prune
+from s3sparse.pruners.functional import magnitude, obd_prune, sparsegpt_block16, sparsegpt_coupled_24, sparsegpt_prune
 
 from pruner_utils import assert_pattern_holds, make_layer
 
@@ -531,7 +531,7 @@ def test_spec_layer_errors_are_s3_errors():
         (lambda: patterns.nm("W"), ArgumentTypeError, "`weight`"),
         (lambda: s3sparse.SparsityBuilder().get_block("nope"), UnknownNameError, "nope"),
         (lambda: s3sparse.SparsityBuilder().add_block(W, (1, 1), ""), ArgumentTypeError, "`name`"),
-        (lambda: s3sparse.tensor_ops.kth_largest(torch.randn(3, 4), 2.0), ArgumentTypeError, "`k`"),
+        (lambda: s3sparse.tensor_ops.kth_largest_value(torch.randn(3, 4), 2.0), ArgumentTypeError, "`k`"),
         (lambda: BlockSpec(W, (1, 4)).norms(p="2"), ArgumentTypeError, "`p`"),
         (lambda: BlockSpec(W, (1, 4)).reduce(W, lambda t: 1), ArgumentTypeError, "`fn`"),
         (lambda: BlockSpec(W, (1, 4)).norms(torch.ones(8, 16, device="meta")), SpecError, "`values`"),

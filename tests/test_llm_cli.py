@@ -417,7 +417,7 @@ def test_required_options_show_as_required(command, required, capsys):
 
 
 def test_prune_help_lists_every_pattern_name_with_its_meaning_and_every_alias(capsys):
-    from s3sparse.llm.pattern_registry import _FIXED, PATTERN_ALIASES, PATTERN_NAMES
+    from s3sparse.patterns import _FIXED, PATTERN_ALIASES, PATTERN_NAMES
 
     text = " ".join(_help("prune", capsys).split())
     for name, meaning in PATTERN_NAMES:

@@ -985,10 +985,6 @@ def test_compile_inductor(device):
     _compile_check(device, "inductor")
 
 
-def test_build_info_describes_the_torch_we_run():
-    """The extension was built against the torch it runs with, and its CUDA fields agree."""
-
-
 def _sgpt_step(W, P, U, ptr, cols, rows, group_rows, i1: int, i2: int, nnz: int, bn: int):
     # One lazy block of the pruner: the op on views of the working weight and mask, then the trailing GEMM.
     err, status = ops.sparsegpt_block_(W[:, i1:i2], P[:, i1:i2], U[i1:i2, i1:i2], ptr, cols, rows, group_rows, nnz, bn, check=False)
@@ -1017,14 +1013,25 @@ def test_compile_sparsegpt_block(device, backend):
     assert int(comp[1]) == 0 and bool(Pc[:, i1:i2].any()) and not bool(Pc[:, :i1].any())
 
 
-def test_build_info():
+def test_build_info_describes_the_torch_we_run():
+    """The extension was built against the torch it runs with, and its CUDA fields agree."""
+    from s3sparse._extension import built_torch_version_from_file
+
     info = s3sparse.build_info()
+    assert set(info) == {"cpu", "cuda", "cuda_arch_list", "cuda_version", "torch_version", "cxx_standard"}, info
+    assert info["cpu"] is True and str(info["cxx_standard"]).startswith("c++"), info
     assert info["torch_version"] == torch.__version__, (
         f"built against torch {info['torch_version']} but running {torch.__version__}: rebuild s3sparse"
     )
+    # The same version is in the library's bytes, where the import guard reads it when the library cannot load.
+    assert built_torch_version_from_file(s3sparse._C.__file__) == torch.__version__
+    info["torch_version"] = "changed"
+    assert s3sparse.build_info()["torch_version"] == torch.__version__  # a fresh dict every call
     if info["cuda"]:
         assert torch.version.cuda, "CUDA kernels compiled against a CPU-only torch"
         assert info["cuda_version"] and info["cuda_arch_list"], info
+        # Compiled by an nvcc of the CUDA major version torch was built with (minor versions may differ).
+        assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0], (info, torch.version.cuda)
     else:
         assert info["cuda_version"] == "" and info["cuda_arch_list"] == "", info
     if HAS_CUDA:

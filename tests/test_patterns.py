@@ -241,6 +241,30 @@ def test_registry_and_module_input() -> None:
         by_name("3:7", layer.weight)
 
 
+@pytest.mark.parametrize(
+    "short,canonical,spellings",
+    [
+        ("24", "2:4", ["2:4", "24"]),
+        ("48", "4:8", ["4:8", "48"]),
+        ("coupled24", "coupled-2:4", ["coupled-2:4", "coupled2:4", "coupled_2:4", "coupled_24", "COUPLED-24"]),
+        ("block16", "block16-rows", ["block16-rows", "block16_row_coupled", "block16"]),
+    ],
+)
+def test_by_name_and_parse_pattern_build_the_same_pattern(short: str, canonical: str, spellings: list) -> None:
+    """The paper's four by their reference names and by every spelling of the pattern names agree:
+    the same view, block, scope and budget, so pruning by either leaves the same weights."""
+    w1, w2 = _weight(32, 64, 3), _weight(32, 64, 3)
+    mask = _prune(by_name(short, w1), w1)
+    for name in spellings:
+        scope, nnz = by_name(name, w2)
+        choice = patterns.parse_pattern(name)
+        other, other_nnz = choice.build(w2)
+        assert nnz == other_nnz and tuple(scope.shape) == tuple(other.shape), name
+        assert scope.block.view == other.block.view and tuple(scope.block.shape) == tuple(other.block.shape), name
+        assert choice.name == canonical and choice.description, name
+    assert torch.equal(_prune(patterns.parse_pattern(canonical).build(w2), w2), mask)
+
+
 def test_view_is_live_on_the_parameter() -> None:
     w = _weight(16, 32)
     scope, nnz = coupled_nm(w)
@@ -291,7 +315,7 @@ def test_every_public_constructor_prunes_its_weight_to_its_budget() -> None:
     from s3sparse import ScopeSpec
 
     constructors = {n for n in patterns.__all__ if callable(getattr(patterns, n)) and n[0].islower()}
-    constructors -= {"by_name", "sparsity_to_keep"}
+    constructors -= {"by_name", "sparsity_to_keep", "parse_pattern", "pattern_names_help", "pattern_names_table"}
     assert constructors == set(CONSTRUCTOR_CALLS), "a public constructor is missing from this test"
     for name, build in CONSTRUCTOR_CALLS.items():
         w = _weight(32, 64, 5)

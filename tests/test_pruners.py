@@ -14,16 +14,12 @@ from s3sparse import ops
 from s3sparse.pruners import (
     StructuredOBS,
     compute_hessian,
-    magnitude,
-    obd_prune,
     output_error,
     prune_magnitude,
     prune_obd,
     prune_sparsegpt,
-    sparsegpt_block16,
-    sparsegpt_coupled_24,
-    sparsegpt_prune,
 )
+from s3sparse.pruners.functional import magnitude, obd_prune, sparsegpt_block16, sparsegpt_coupled_24, sparsegpt_prune
 
 from pruner_utils import PATTERN_NAMES, assert_pattern_holds, make_ill_conditioned_layer, make_layer, pattern
 
@@ -501,20 +497,30 @@ def test_functional_entry_points_return_pruned_copies(seed):
 
 
 def test_reference_names_from_the_package_are_the_pruners(seed):
-    """The reference's names, imported from the top-level package, are the pruners themselves
-    and compute what they promise (not merely exist)."""
+    """The pruners, imported from the top-level package, are the pruners themselves and compute
+    what they promise (not merely exist); the reference's functional names are still reached
+    there, with a DeprecationWarning pointing to s3sparse.pruners.functional."""
     from s3sparse import (
         HessianAccumulator as Acc,
         StructuredOBS as OBS,
         compute_hessian as hessian_of,
-        magnitude as magnitude_top,
         output_error as error_of,
     )
+    from s3sparse.pruners import functional
 
-    for name in ("magnitude", "obd_prune", "sparsegpt_prune", "sparsegpt_coupled_24", "sparsegpt_block16",
-                 "StructuredOBS", "compute_hessian", "output_error", "HessianAccumulator"):
+    for name in ("StructuredOBS", "compute_hessian", "output_error", "HessianAccumulator",
+                 "prune_magnitude", "prune_obd", "prune_sparsegpt"):
         assert name in s3sparse.__all__, name
         assert getattr(s3sparse, name) is getattr(s3sparse.pruners, name), name
+    for name in functional.__all__:
+        assert name not in s3sparse.__all__ and name not in s3sparse.pruners.__all__, name
+        for where in (s3sparse, s3sparse.pruners):
+            with pytest.warns(DeprecationWarning, match=f"s3sparse.pruners.functional import {name}"):
+                assert getattr(where, name) is getattr(functional, name), (where, name)
+    with pytest.warns(DeprecationWarning):
+        from s3sparse import magnitude as magnitude_top
+    with pytest.raises(AttributeError):
+        s3sparse.no_such_pruner
     W0, X, _ = make_layer(16, 32, 64, seed)
     H = hessian_of(X)
     torch.testing.assert_close(H, X.T @ X / 64, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ from spec_utils import prune_randomly, random_covering_scope
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 REFERENCE = ["2:4", "4:8", "coupled-2:4", "block16-rows"]
-# Every form of the model pipeline's pattern names (s3sparse/llm/pattern_registry.py), on 32 x 64.
+# Every form of the pattern names (s3sparse/patterns.py: parse_pattern), on 32 x 64.
 REGISTRY_NAMES = REFERENCE + [
     "1:4", "2:8", "nm:4:8", "nm-blocks:2:4:4", "coupled-1:4", "block8-rows4", "block4-rows",
     "channels:0.5", "columns:0.25", "col-blocks:8:0.5",
@@ -120,6 +120,20 @@ def test_round_trip_random_specs(rng, extra_zero, transposed, fmt):
         rows = flat // K
         group = torch.arange(p.num_scopes) // (p.num_scopes * R // M)
         assert bool(((rows >= group[:, None, None] * R) & (rows < (group[:, None, None] + 1) * R)).all())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False), transposed=st.booleans())
+def test_packed_positions_are_the_pruners_positions(rng, transposed):
+    """One scope geometry: where the packed format puts element e of block g of scope s is where the
+    second-order pruners find it (row, column), for row-major and transposed weights alike."""
+    from s3sparse.pruners.layout import scope_layout
+    from s3sparse.sparse.format import packed_geometry
+
+    param, scope, _ = random_covering_scope(rng, torch.float32, transposed=transposed)
+    layout = scope_layout(scope)
+    K = param.shape[1]
+    assert torch.equal(packed_geometry(scope).offsets(), layout.rows * K + layout.cols)
 
 
 def test_padding_scopes_with_fewer_blocks():

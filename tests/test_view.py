@@ -338,26 +338,29 @@ def test_kth_largest_helpers():
     from s3sparse import tensor_ops
 
     x = torch.tensor([[3.0, 1.0, 2.0, 5.0], [0.0, 0.0, 4.0, 0.0]])
-    assert torch.equal(tensor_ops.kth_largest(x, 2), torch.tensor([3.0, 0.0]))
-    assert torch.equal(tensor_ops.kth_largest(x.t(), 1, dim=0), torch.tensor([5.0, 4.0]))
+    assert torch.equal(tensor_ops.kth_largest_value(x, 2), torch.tensor([3.0, 0.0]))
+    assert torch.equal(tensor_ops.kth_largest_value(x.t(), 1, dim=0), torch.tensor([5.0, 4.0]))
     values, keep = tensor_ops.kth_largest_mask(x, 2)
     assert keep.tolist() == [[True, False, False, True], [True, False, True, False]]  # ties: lower index
     assert torch.equal(tensor_ops.kth_largest_mask(x.t(), 2, dim=0)[1], keep.t())
-    assert torch.equal(tensor_ops.kth_largest(torch.tensor([[3, 1, 2]]), 1), torch.tensor([3]))
+    op_values, op_keep = ops.kth_largest(x, 2)  # the op: values and mask along the last dim
+    assert torch.equal(values, op_values) and torch.equal(keep, op_keep)
+    assert torch.equal(tensor_ops.kth_largest_value(x, 2), op_values)
+    assert torch.equal(tensor_ops.kth_largest_value(torch.tensor([[3, 1, 2]]), 1), torch.tensor([3]))
     assert torch.equal(tensor_ops.mid_kth_largest(x, 1), torch.tensor([4.0, 2.0]))
     assert torch.equal(tensor_ops.mid_kth_largest(x, 1, k_weight=1.0), torch.tensor([5.0, 4.0]))
     assert torch.all(tensor_ops.mid_kth_largest(x, 0) == float("inf"))
     assert torch.equal(tensor_ops.mid_kth_largest(x, 4), torch.tensor([1.0, 0.0]))
     with pytest.raises(SpecError, match=r"`k` must be in \[0, 4\]"):
-        tensor_ops.kth_largest(x, 5)
+        tensor_ops.kth_largest_value(x, 5)
     with pytest.raises(SpecError, match="`k_weight`"):
         tensor_ops.mid_kth_largest(x, 1, k_weight=-0.1)
     with pytest.raises(ArgumentTypeError, match="`k` must be an int"):
-        tensor_ops.kth_largest(x, 1.0)
+        tensor_ops.kth_largest_value(x, 1.0)
 
 
 def test_layout_helpers():
-    from s3sparse import tensor_ops
+    from s3sparse import dtypes, tensor_ops
 
     assert tensor_ops.normalize_order(None, 3) == (0, 1, 2)
     assert tensor_ops.normalize_order((-1, 0, 1), 3) == (2, 0, 1)
@@ -370,9 +373,12 @@ def test_layout_helpers():
     assert tensor_ops.interleave_unsqueeze(torch.zeros(2, 3)).shape == (2, 1, 3, 1)
     assert tensor_ops.interleaved_shape((2, 3), (4, 5)) == (2, 4, 3, 5)
     assert tensor_ops.reorder_permutation(3) == (0, 2, 4, 1, 3, 5)
-    assert tensor_ops.get_dtype_epsilon(torch.float32) == torch.finfo(torch.float32).eps
-    assert tensor_ops.get_dtype_epsilon(torch.float16, 1e-3) == 1e-3
-    assert tensor_ops.get_dtype_epsilon(torch.int64) == torch.finfo(torch.get_default_dtype()).eps
+    assert dtypes.get_dtype_epsilon(torch.float32) == torch.finfo(torch.float32).eps
+    assert dtypes.get_dtype_epsilon(torch.float16, 1e-3) == 1e-3
+    assert dtypes.get_dtype_epsilon(torch.int64) == torch.finfo(torch.get_default_dtype()).eps
+    compute = {d: dtypes.opmath_dtype(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    assert compute == {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                       torch.float32: torch.float32, torch.float64: torch.float64}
     assert tensor_ops.normalize_tile_shape((4, 6), (2,), arg="s", of="g", missing="whole") == (2, 6)
     with pytest.raises(SpecError, match=r"`s` \(2,\) has 1 dims but g \(4, 6\) has 2"):
         tensor_ops.normalize_tile_shape((4, 6), (2,), arg="s", of="g", missing="ones")

@@ -11,12 +11,12 @@ evaluating models (``pip install s3sparse[llm]``); the pipeline itself is plain 
 
 from __future__ import annotations
 
+from ..patterns import PatternChoice, parse_pattern
 from .blocks import find_blocks, linear_layers
 from .calibration import CalibrationSet, calibration_windows, load_calibration, read_texts
 from .errors import UsageError
 from .method_registry import METHOD_NAMES, MethodChoice, parse_method
 from .pack import PackReport, load_packed, pack_model
-from .pattern_registry import PatternChoice, parse_pattern
 from .pipeline import prune_model
 from .recipe import Recipe, Rule
 from .report import BlockReport, LayerReport, PruneReport

@@ -16,12 +16,13 @@ pass in which every block is stubbed to record its own arguments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..sparse.layer import LinearLayer, is_linear
 from .errors import UsageError
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "capture_block_inputs",
     "per_block_arguments",
     "run_block",
-    "LinearLayer",
     "linear_layers",
     "move_outside_blocks",
 ]
@@ -66,60 +66,16 @@ def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
 
 
 # ------------------------------------------------------------------ linear layers
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as (in, out)."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor) and module.weight.ndim == 2
-
-
-@dataclass
-class LinearLayer:
-    """One prunable linear layer of a block.
-
-    ``matrix()`` is the ``M × K`` (out × in) weight the pruners work on: the
-    ``nn.Linear.weight`` Parameter itself, or a transposed copy for GPT-2's
-    ``Conv1D``, which :meth:`commit` writes back.
-    """
-
-    name: str
-    module: nn.Module
-    transposed: bool = False
-    _copy: Optional[nn.Parameter] = field(default=None, repr=False)
-
-    @property
-    def shape(self) -> Tuple[int, int]:
-        """``(out_features, in_features)``."""
-        w = self.module.weight
-        return (int(w.shape[1]), int(w.shape[0])) if self.transposed else (int(w.shape[0]), int(w.shape[1]))
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    def matrix(self) -> Tensor:
-        """The ``M × K`` weight to prune in place."""
-        if not self.transposed:
-            return self.module.weight
-        if self._copy is None:
-            self._copy = nn.Parameter(self.module.weight.detach().t().contiguous(), requires_grad=False)
-        return self._copy
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Write a transposed working copy back into the module (no-op for ``nn.Linear``)."""
-        if self.transposed and self._copy is not None:
-            self.module.weight.data.copy_(self._copy.detach().t())
-            self._copy = None
-
-
 def linear_layers(block: nn.Module, prefix: str) -> List[LinearLayer]:
-    """Every ``nn.Linear`` (and ``Conv1D``) inside ``block``, named ``prefix.<name in block>``."""
+    """Every ``nn.Linear`` (and GPT-2 ``Conv1D``) inside ``block``, named ``prefix.<name in block>``.
+
+    Each is a :class:`~s3sparse.sparse.layer.LinearLayer`: ``matrix()`` is the
+    ``M × K`` weight to prune in place, ``commit()`` writes a Conv1D's back.
+    """
     layers = []
     for name, module in block.named_modules():
-        full = f"{prefix}.{name}" if name else prefix
-        if isinstance(module, nn.Linear):
-            layers.append(LinearLayer(full, module))
-        elif _is_conv1d(module):
-            layers.append(LinearLayer(full, module, transposed=True))
+        if is_linear(module):
+            layers.append(LinearLayer(f"{prefix}.{name}" if name else prefix, module))
     return layers
 
 

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     the options a command cannot run without are listed under "required", and ``prune --help`` ends with
     every pattern name and its meaning."""
     from .method_registry import METHOD_NAMES
-    from .pattern_registry import pattern_names_table
+    from ..patterns import pattern_names_table
 
     parser = _Parser(prog="s3sparse", description="Prune Hugging Face models to S3 structured sparsity patterns.")
     sub = parser.add_subparsers(dest="command", metavar="{prune,eval,pack}")

@@ -6,22 +6,16 @@ existing output directory...). It is an :class:`s3sparse.S3Error` (an
 :class:`~s3sparse.errors.ArgumentError`, so also a ``ValueError``): one
 ``except s3sparse.S3Error`` catches the pipeline's argument errors and the
 pruners' alike. The CLI prints its message on one line and exits with status 2.
-:class:`DirectoryError`, a directory that cannot be used as asked, is one.
+It is defined in :mod:`s3sparse.errors` (the pattern names raise it too) and
+re-exported here. :class:`DirectoryError`, a directory that cannot be used as
+asked, is one.
 """
 
 from __future__ import annotations
 
-from ..errors import ArgumentError
+from ..errors import UsageError
 
 __all__ = ["UsageError", "DirectoryError"]
-
-
-class UsageError(ArgumentError):
-    """A bad argument; the message is one line saying what was wrong and what would work."""
-
-    def __init__(self, message: str) -> None:
-        # One line, always: the CLI prints it as is.
-        super().__init__(" ".join(str(message).split()))
 
 
 class DirectoryError(UsageError):

@@ -40,10 +40,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..patterns import parse_pattern
 from ..sparse.compact import _set_module
-from .blocks import _is_conv1d
+from ..sparse.layer import as_linear, is_conv1d, is_linear
 from .errors import DirectoryError, UsageError
-from .pattern_registry import parse_pattern
 from .progress import progress_bar
 
 __all__ = [
@@ -68,18 +68,6 @@ GUARD_CONFIG: Dict[str, Any] = {
 
 # Pattern constructors whose blocks are whole rows or columns: compacted, not packed.
 _CHANNEL_PREFIXES = ("channels:", "columns:", "col-blocks:")
-
-
-def _as_linear(module: nn.Module) -> nn.Linear:
-    """``module`` as an ``nn.Linear`` (GPT-2's ``Conv1D`` stores its weight transposed: a transposed copy)."""
-    if isinstance(module, nn.Linear):
-        return module
-    weight = module.weight.detach()
-    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-    if module.bias is not None:
-        linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-    return linear
 
 
 def _layer_bytes(module: nn.Module) -> int:
@@ -193,10 +181,10 @@ def pack_model(
             module = model.get_submodule(name)
         except AttributeError:
             raise UsageError(f"layer {name!r} (from the pattern list) is not a module of {type(model).__name__}")
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not is_linear(module):
             raise UsageError(f"layer {name!r} is a {type(module).__name__}, not an nn.Linear / Conv1D; it cannot be packed")
         pattern = parse_pattern(pattern_name)
-        if not pattern.is_dense and not pattern.holds(_as_linear(module).weight):
+        if not pattern.is_dense and not pattern.holds(as_linear(module).weight):
             raise UsageError(f"layer {name!r} does not obey its pattern {pattern.name!r}: was it pruned to it? "
                              "(pack the OUT_DIR of `s3sparse prune`, or give the pattern it was pruned to)")
         plans.append((name, pattern, module))
@@ -220,7 +208,7 @@ def pack_model(
         bar.set_postfix_str(name)
         bar.update(1)
         module = model.get_submodule(name)
-        shape = (int(_as_linear(module).weight.shape[0]), int(_as_linear(module).weight.shape[1]))
+        shape = (int(as_linear(module).weight.shape[0]), int(as_linear(module).weight.shape[1]))
         if pattern.is_dense:
             report.layers.append(PackedLayer(name, pattern.name, "dense", shape, before_bytes[name], _layer_bytes(module)))
             continue
@@ -228,7 +216,7 @@ def pack_model(
             report.layers.append(PackedLayer(name, pattern.name, "compacted", shape, before_bytes[name], _layer_bytes(module)))
             say(f"{name}: compacted to {shape[0]}x{shape[1]}")
             continue
-        linear = _as_linear(module)
+        linear = as_linear(module)
         packed = PackedLinear.from_linear(linear, pattern=pattern.name)
         diff = _check_same(linear, packed, shape[1], name) if check else None
         _set_module(model, name, packed)
@@ -253,7 +241,7 @@ def _module_entry(module: nn.Module) -> Optional[Dict[str, Any]]:
     if isinstance(module, nn.Linear):
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return {"kind": "conv1d", "nx": int(module.weight.shape[0]), "nf": int(module.weight.shape[1])}
     return None
 
@@ -310,7 +298,7 @@ def _fresh_model(config: Any, kind: str, dtype: torch.dtype) -> nn.Module:
 def _shapes(model: nn.Module) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
+        if is_linear(module):
             out[name] = (type(module).__name__, tuple(module.weight.shape))
     return out
 

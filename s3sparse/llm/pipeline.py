@@ -40,14 +40,15 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
+from ..patterns import PatternChoice
 from ..pruners import HessianAccumulator, output_error, prune_magnitude
-from .blocks import BlockCall, LinearLayer, capture_block_inputs, find_blocks, linear_layers, move_outside_blocks
+from ..sparse.layer import LinearLayer
+from .blocks import BlockCall, capture_block_inputs, find_blocks, linear_layers, move_outside_blocks
 from .blocks import per_block_arguments, run_block
 from .calibration import CalibrationSet
 from .distributed import Ranks, sum_over_ranks
 from .errors import UsageError
 from .method_registry import MethodChoice
-from .pattern_registry import PatternChoice
 from .recipe import LayerPlan, Recipe
 from .report import BlockReport, LayerReport, PruneReport, count_redone_rows
 
@@ -373,7 +374,7 @@ def prune_model(
             ``input_ids`` / ``attention_mask``.
         calibration: a :class:`~s3sparse.llm.CalibrationSet` or an
             ``(n_samples, seq_len)`` tensor of token ids.
-        pattern: default pattern name (see :mod:`s3sparse.llm.pattern_registry`).
+        pattern: default pattern name (see :func:`s3sparse.patterns.parse_pattern`).
         method: default method name (see :mod:`s3sparse.llm.method_registry`).
         method_options: options of the default method (e.g. ``{"ng": 32}``).
         overrides: per-layer settings by module-name glob (see :mod:`s3sparse.llm.recipe`).

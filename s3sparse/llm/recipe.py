@@ -34,9 +34,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..patterns import PatternChoice, parse_pattern
 from .errors import UsageError
 from .method_registry import MethodChoice, parse_method
-from .pattern_registry import PatternChoice, parse_pattern
 
 __all__ = ["Rule", "LayerPlan", "Recipe", "load_recipe_file", "name_matches", "parse_override"]
 

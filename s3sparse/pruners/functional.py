@@ -1,7 +1,11 @@
-"""The reference implementation's functional entry points, over the generic pruners.
+"""The reference implementation's functional entry points, over the generic pruners: a compatibility layer.
 
 Each takes a weight ``W0`` (M, K) and returns a pruned copy (``W0`` is not
-modified), so scripts written for the reference run unchanged.
+modified), so scripts written for the reference run unchanged once they import
+from here. They are not part of the API beside the pruners (``s3sparse.magnitude``
+and ``s3sparse.pruners.magnitude`` still reach them, with a ``DeprecationWarning``);
+new code prunes through a pattern: ``prune_magnitude(scope, nnz)``,
+``prune_obd``, ``prune_sparsegpt``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..checks import INPUT_FIX, _arg, check_damp, check_dtype, check_finite, check_hessian, check_int
+from ..dtypes import opmath_dtype
 from ..errors import ArgumentError, ArgumentTypeError, NumericalError
 
 __all__ = [
@@ -181,7 +182,7 @@ def damped_inverse(
     form. Returns the matrix (``dtype``) and the λ actually used; warns when λ had
     to grow, raises :class:`~s3sparse.errors.NumericalError` when even the largest λ fails.
     """
-    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    work_dtype = opmath_dtype(dtype)
     H0 = _with_dead_inputs_fixed(hessian, work_dtype)
     lam = damping_value(H0, damp)
     eye = torch.eye(H0.shape[0], dtype=work_dtype, device=H0.device)

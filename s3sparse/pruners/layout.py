@@ -1,26 +1,159 @@
-"""Where the blocks and scopes of a ScopeSpec sit in the 2-D weight they prune.
+"""Where the blocks and scopes of a ScopeSpec sit in the 2-D weight they prune: the one scope geometry.
 
-Second-order pruners (SparseGPT, Structured OBS) need, for every scope, the
-(row, column) of each element of each of its blocks: they act on columns of the
-weight (the Hessian is over input columns) while the pattern is expressed on an
-arbitrary strided View. This module turns a ScopeSpec into index tensors once;
-the algorithms then never look at strides again.
+A ScopeSpec over a strided View orders its elements as scope (row-major over
+the scope grid), block within the scope (row-major over the scope shape) and
+element within the block (row-major over the block shape). Because a View is
+strided, the offset of element ``e`` of in-scope block ``g`` of scope ``s`` is
+``Σ_d idx_d(s)·scope_stride[d] + block_off[g] + elem_off[e]``: a
+:class:`ScopeGeometry`, derived here from the view's strides by
+:func:`scope_geometry`. Everything else uses it:
+
+* second-order pruners (SparseGPT, Structured OBS) need, for every scope, the
+  (row, column) of each element of each of its blocks: they act on columns of
+  the weight (the Hessian is over input columns). :func:`scope_layout` turns a
+  ScopeSpec (or a ScopeSpec over a coupling of blocks on one weight) into those
+  index tensors once, from the geometry of each member; the algorithms then
+  never look at strides again.
+* the packed format (:mod:`s3sparse.sparse.format`) stores the geometry itself,
+  expressed in row-major positions of the weight.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
+
 import torch
 from torch import Tensor
 
 from ..block import BlockCoupling
-from ..checks import check_nnz, check_scope
+from ..checks import check_nnz
 from ..errors import ArgumentError
-from ..scope import ScopeCoupling
-from ..view import View
+from ..scope import ScopeCoupling, check_scope
 
-__all__ = ["ScopeLayout", "RowGroups", "scope_layout", "row_groups", "row_components", "restrict_rows"]
+__all__ = [
+    "ScopeGeometry",
+    "scope_geometry",
+    "scope_bases",
+    "ScopeLayout",
+    "RowGroups",
+    "scope_layout",
+    "row_groups",
+    "row_components",
+    "restrict_rows",
+]
+
+
+@dataclass(frozen=True)
+class ScopeGeometry:
+    """Where every block element of a ScopeSpec lies, as offsets in one linear index of its weight.
+
+    The index is the parameter's storage offset (relative to the parameter's
+    own) unless :func:`scope_geometry` was given other strides (the packed
+    format uses row-major positions ``i·K + j``).
+
+    Attributes:
+        scope_grid: the ScopeSpec's own scope grid (``scope.grid_shape``); its
+            row-major order is the scope order.
+        scope_shape: the same grid with size-1 dims dropped and contiguous dims
+            merged (the same row-major order, fewer dims for the kernels).
+        scope_stride: offset stride of each dim of ``scope_shape``.
+        block_off: (G,) int64 offset of every in-scope block of scope 0 (the
+            view's own offset included), in-scope blocks row-major over the
+            scope shape, as :meth:`ScopeSpec.block_norms` orders them.
+        elem_off: (B,) int64 offset of every element of a block, row-major
+            over the block shape, relative to the block's first element.
+    """
+
+    scope_grid: tuple[int, ...]
+    scope_shape: tuple[int, ...]
+    scope_stride: tuple[int, ...]
+    block_off: Tensor
+    elem_off: Tensor
+
+    def offsets(self) -> Tensor:
+        """Every element's offset, ``(S, G, B)`` int64: scopes, their blocks, the blocks' elements."""
+        bases = scope_bases(self.scope_shape, self.scope_stride)
+        return bases[:, None, None] + self.block_off[None, :, None] + self.elem_off[None, None, :]
+
+
+def _offsets(sizes: Sequence[int], strides: Sequence[int], origin: int) -> Tensor:
+    """Row-major offsets ``origin + Σ i_d·strides[d]`` over ``sizes``, as a 1-D int64 tensor."""
+    out = torch.tensor([origin], dtype=torch.int64)
+    for size, step in zip(sizes, strides):
+        out = (out[:, None] + torch.arange(size, dtype=torch.int64) * step).reshape(-1)
+    return out
+
+
+def scope_bases(scope_shape: Sequence[int], scope_stride: Sequence[int], device=None) -> Tensor:
+    """``Σ_d idx_d(s)·scope_stride[d]`` of every scope ``s`` (row-major over ``scope_shape``), int64 (S,)."""
+    base = torch.zeros((), dtype=torch.int64, device=device)
+    for n, st in zip(scope_shape, scope_stride):
+        base = (base.reshape(-1, 1) + torch.arange(n, dtype=torch.int64, device=device) * st).reshape(-1)
+    return base.reshape(-1)
+
+
+def _tile(
+    block_grid: Sequence[int], grid_stride: Sequence[int], per_scope: Sequence[int],
+    block_shape: Sequence[int], elem_stride: Sequence[int], origin: int,
+) -> ScopeGeometry:
+    """The geometry of scopes of ``per_scope`` blocks tiling a block grid.
+
+    ``grid_stride[d]``: offset between neighbouring blocks along grid dim ``d``;
+    ``elem_stride``: offsets between neighbouring elements of a block, along
+    the block's own dims; ``origin``: the first element's offset.
+    """
+    scope_grid = tuple(int(g) // int(s) for g, s in zip(block_grid, per_scope))
+    full_stride = tuple(int(s) * int(st) for s, st in zip(per_scope, grid_stride))
+    block_off = _offsets(per_scope, grid_stride, origin)
+    elem_off = _offsets(block_shape, elem_stride, 0)
+    # Drop size-1 scope dims and merge dims d, d+1 whose strides chain (same row-major order).
+    shape: list[int] = []
+    stride: list[int] = []
+    for n, st in zip(scope_grid, full_stride):
+        if n == 1:
+            continue
+        if shape and stride[-1] == n * st:
+            shape[-1] *= n
+            stride[-1] = st
+        else:
+            shape.append(n)
+            stride.append(st)
+    return ScopeGeometry(scope_grid, tuple(shape), tuple(stride), block_off, elem_off)
+
+
+def scope_geometry(
+    scope, *, strides: Optional[Sequence[int]] = None, origin: Optional[int] = None
+) -> ScopeGeometry:
+    """The :class:`ScopeGeometry` of a ScopeSpec over one BlockSpec.
+
+    A view dim of size ``Sg·sc·b`` (scopes × blocks per scope × block) splits its
+    index into scope, in-scope block and element parts, which is exactly how
+    ``ScopeSpec.block_to_scope`` and ``BlockSpec.block_view(merge=True)`` order
+    scopes, blocks and elements.
+
+    Args:
+        scope: a ScopeSpec whose block is a BlockSpec.
+        strides, origin: the offset steps of the view's dims and of its first
+            element in another linear index of the weight (e.g. row-major
+            positions); by default the view's own storage strides and offset.
+    """
+    block = scope.block
+    view = block.view
+    strides = tuple(view.stride) if strides is None else tuple(strides)
+    origin = int(view.offset) if origin is None else int(origin)
+    grid_stride = [b * s for b, s in zip(block.shape, strides)]
+    return _tile(block.grid_shape, grid_stride, scope.shape, block.shape, strides, origin)
+
+
+def _member_offsets(spec, order: Sequence[int], per_scope: Sequence[int]) -> Tensor:
+    """Storage offsets ``(S, G, B)`` of a coupling member's blocks, its grid aligned by ``order``."""
+    view = spec.view
+    grid_stride = [b * s for b, s in zip(spec.shape, view.stride)]
+    grid = [spec.grid_shape[a] for a in order]
+    geometry = _tile(grid, [grid_stride[a] for a in order], per_scope, spec.shape, view.stride, view.offset)
+    return geometry.offsets()
 
 
 @dataclass(frozen=True)
@@ -100,18 +233,15 @@ def _block_members(block) -> tuple[list, list[tuple[int, ...]]]:
     return [block], [tuple(range(len(block.grid_shape)))]
 
 
-def _spec_offsets(spec) -> Tensor:
-    """Storage offsets of the view elements of ``spec``, shaped ``(*grid_shape, *block_shape)``."""
-    view = spec.view
-    return View.block_view_of(view.all_offsets().view(view.shape), spec.shape, reorder=True)
-
-
 def scope_layout(scope) -> ScopeLayout:
     """Index tensors of a ScopeSpec whose blocks all lie on one 2-D weight.
 
+    The elements of a block of a coupling are the members' blocks' elements,
+    member after member.
+
     Raises an :class:`~s3sparse.errors.ArgumentError` (a ``ValueError``) for a
     ScopeCoupling or blocks on several parameters (second-order pruners use one
-    layer's Hessian), and the errors of :func:`~s3sparse.checks.check_scope`
+    layer's Hessian), and the errors of :func:`~s3sparse.scope.check_scope`
     for anything that is not a scope over a 2-D floating-point weight with data.
     """
     check_scope(scope)
@@ -134,27 +264,13 @@ def scope_layout(scope) -> ScopeLayout:
             "second-order pruners need a 2-D weight (out_features, in_features) behind `scope`, "
             f"got shape {tuple(param.shape)}"
         )
-    device = param.device
     grid = tuple(int(g) for g in scope.block.grid_shape)
-    parts = []
-    for spec, order in zip(specs, orders):
-        off = _spec_offsets(spec)
-        n = len(spec.grid_shape)
-        off = off.permute(*order, *range(n, 2 * n)).reshape(*grid, -1)
-        parts.append(off)
-    offsets = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    # Tile the block grid by scopes: (S0, s0, S1, s1, ..., bk) -> (S0, S1, ..., s0, s1, ..., bk).
     scope_shape = tuple(int(s) for s in scope.shape)
     if len(scope_shape) != len(grid):
         raise ArgumentError(f"scope shape {scope_shape} must have one entry per block-grid dim {grid}")
-    tiled = []
-    for g, s in zip(grid, scope_shape):
-        tiled += [g // s, s]
-    m = len(grid)
-    bk = offsets.shape[-1]
-    offsets = offsets.reshape(*tiled, bk).permute(*range(0, 2 * m, 2), *range(1, 2 * m, 2), 2 * m)
-    offsets = offsets.reshape(-1, math.prod(scope_shape), bk).to(device)
-    rc = specs[0].view.offsets_to_param_index(offsets)  # (..., 2): row, column
+    parts = [_member_offsets(spec, order, scope_shape) for spec, order in zip(specs, orders)]
+    offsets = (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(param.device)
+    rc = specs[0].view.offsets_to_param_index(offsets)  # (S, G, B, 2): row, column
     rows, cols = rc[..., 0], rc[..., 1]
     if len(specs) > 1 and torch.unique(rows * param.shape[1] + cols).numel() != rows.numel():
         raise ArgumentError("the coupled blocks of this scope overlap: an element belongs to two blocks")

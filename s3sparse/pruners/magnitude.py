@@ -14,7 +14,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_scope
+from ..scope import check_scope
 from .method import MethodOptions, ProgressFn, PruningMethod
 
 __all__ = ["Magnitude", "MagnitudeOptions", "prune_magnitude"]

@@ -15,7 +15,7 @@ from typing import Mapping, Union
 import torch
 from torch import Tensor
 
-from ..checks import check_scope
+from ..scope import check_scope
 from ..errors import ArgumentError, ArgumentTypeError, UnknownNameError
 from .hessian import check_hessian
 from .method import MethodOptions, ProgressFn, PruningMethod

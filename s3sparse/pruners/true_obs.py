@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
+from ..dtypes import opmath_dtype
 from ..errors import NumericalError
 from .hessian import damped_inverse
 from .layout import count_subsets
@@ -33,7 +34,7 @@ from .obs import select_subsets
 from .obs_layer import MAX_SUBSETS, OBSLayer
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
-from .true_obs_sweep import ChunkSweep, LazyPlan, ScaledInverse, lazy_plan, math_dtype
+from .true_obs_sweep import ChunkSweep, LazyPlan, ScaledInverse, lazy_plan
 
 __all__ = ["TrueOBS", "TrueOBSOptions"]
 
@@ -234,7 +235,7 @@ def _prune_groups(layer: OBSLayer, W: Tensor, todo: Tensor, num_prune: int, o: T
         if level == 0 and dtype != torch.float64:
             C0 = layer.inverse(damp)
         else:
-            C0 = damped_inverse(layer.hessian, damp, dtype=math_dtype(dtype), what="H + damp*I")[0]
+            C0 = damped_inverse(layer.hessian, damp, dtype=opmath_dtype(dtype), what="H + damp*I")[0]
         if level:
             redone += todo.numel() * rpc
         todo = _prune_level(layer, W, todo, schedule, level, dtype, C0, progress_fn)
@@ -257,7 +258,7 @@ def _prune_level(layer: OBSLayer, W: Tensor, todo: Tensor, s: _Schedule, level: 
     n_chunks = math.ceil(todo.numel() / s.groups_per_chunk)
     # Every full chunk runs the same kernels: record them once (CUDA), replay per
     # chunk. score_subsets checks its subsets on the host, so 'joint' runs eagerly.
-    inv = ScaledInverse.of(C0, math_dtype(dtype), s.plan.order)
+    inv = ScaledInverse.of(C0, opmath_dtype(dtype), s.plan.order)
 
     def sweep(w_rows):
         return ChunkSweep(layer, w_rows, s.batches, s.nnz, s.scoring, s.subsets, inv, dtype, s.plan).run()
@@ -265,7 +266,7 @@ def _prune_level(layer: OBSLayer, W: Tensor, todo: Tensor, s: _Schedule, level: 
     def warmup():
         mini = s.batches[:2]
         mini_plan = lazy_plan(layer, mini, s.plan.p)
-        mini_inv = ScaledInverse.of(C0, math_dtype(dtype), mini_plan.order)
+        mini_inv = ScaledInverse.of(C0, opmath_dtype(dtype), mini_plan.order)
         ChunkSweep(layer, W[g.rows[todo[:1]].reshape(-1)], mini, s.nnz, s.scoring, s.subsets, mini_inv, dtype,
                    mini_plan).run()
 

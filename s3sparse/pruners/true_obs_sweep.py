@@ -35,16 +35,11 @@ from torch import Tensor
 from .. import ops
 from .obs_layer import OBSLayer
 
-__all__ = ["ChunkSweep", "LazyPlan", "ScaledInverse", "lazy_plan", "math_dtype"]
+__all__ = ["ChunkSweep", "LazyPlan", "ScaledInverse", "lazy_plan"]
 
 # Conditional variance (diagonal of the Jacobi-scaled per-row C, 1 at the start)
 # below which a stored C is treated as round-off: its row is redone in higher precision.
 _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
-
-
-def math_dtype(storage: torch.dtype) -> torch.dtype:
-    """The dtype of the arithmetic on factors stored as ``storage``."""
-    return torch.float64 if storage == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

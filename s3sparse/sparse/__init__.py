@@ -10,6 +10,8 @@
 * :func:`compact` / :func:`compact_model` — whole-channel patterns turned into
   physically smaller dense layers (:mod:`.compact`); :class:`GatherLinear` for
   input columns whose producer cannot shrink.
+* :mod:`.layer` — an ``nn.Linear`` or GPT-2 ``Conv1D`` seen as ``out × in``: the
+  one adapter, which the model pipeline (:mod:`s3sparse.llm`) prunes through too.
 
 The packed format is documented in ``docs/packed.md``, ``csrc/ops.cpp`` and
 :mod:`s3sparse.reference`.

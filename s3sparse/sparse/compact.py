@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from ..block import BlockCoupling, BlockSpec
 from ..errors import ArgumentTypeError, CouplingError, ShapeMismatchError, SpecError, UnknownNameError
 from ..scope import ScopeCoupling, ScopeSpec
+from .layer import LinearLayer, is_conv1d, is_linear
 
 __all__ = [
     "compact",
@@ -105,77 +106,15 @@ Spec = Union[BlockSpec, BlockCoupling, ScopeSpec, ScopeCoupling]
 ModuleRef = Union[nn.Module, str]
 
 
-# ------------------------------------------------------------------ one linear layer, either layout
-def _is_conv1d(module: object) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as (in, out)."""
-    return (
-        isinstance(module, nn.Module)
-        and type(module).__name__ == "Conv1D"
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and module.weight.ndim == 2
-        and hasattr(module, "nf")
-    )
-
-
-def _is_linear(module: object) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-@dataclass
-class _Layer:
-    """A Linear or Conv1D seen as ``out × in`` (the argument name is for messages)."""
-
-    arg: str
-    module: nn.Module
-
-    @property
-    def transposed(self) -> bool:
-        return _is_conv1d(self.module)
-
-    def matrix(self) -> Tensor:
-        """The ``out × in`` weight (a view of the Conv1D's ``in × out`` weight), detached."""
-        w = self.module.weight.detach()
-        return w.t() if self.transposed else w
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        b = getattr(self.module, "bias", None)
-        return None if b is None else b.detach()
-
-    @property
-    def out_features(self) -> int:
-        return int(self.matrix().shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.matrix().shape[1])
-
-    def numel(self) -> int:
-        return self.module.weight.numel() + (0 if self.bias is None else self.bias.numel())
-
-    def install(self, weight: Tensor, bias: Optional[Tensor]) -> None:
-        """Swap in the ``out × in`` ``weight`` (and ``bias``), keeping the module object and requires_grad."""
-        m = self.module
-        grad = m.weight.requires_grad
-        out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
-        if self.transposed:
-            m.weight = nn.Parameter(weight.t().contiguous(), requires_grad=grad)
-            m.nf, m.nx = out_features, in_features
-        else:
-            m.weight = nn.Parameter(weight.contiguous(), requires_grad=grad)
-            m.out_features, m.in_features = out_features, in_features
-        if bias is not None:
-            m.bias = nn.Parameter(bias.contiguous(), requires_grad=m.bias.requires_grad)
-
-
-def _layer(obj: object, arg: str) -> _Layer:
-    if not _is_linear(obj):
+# ------------------------------------------------------------------ layer arguments (nn.Linear or Conv1D: .layer)
+def _layer(obj: object, arg: str) -> LinearLayer:
+    if not is_linear(obj):
         raise ArgumentTypeError(
             f"`{arg}` must be an nn.Linear or a transformers Conv1D (GPT-2), got {type(obj).__name__}"
         )
     if obj.weight.device.type == "meta":
         raise SpecError(f"`{arg}` has its weight on the meta device (no values); load the weights before compacting")
-    return _Layer(arg, obj)
+    return LinearLayer(arg, obj)
 
 
 def _resolve_act(act: object, needed: bool) -> Optional[Callable[[Tensor], Tensor]]:
@@ -294,9 +233,9 @@ class ChannelCompaction:
 class _Plan:
     """A checked compaction, not yet installed: :meth:`apply` builds the new tensors, then swaps them all in."""
 
-    producer: _Layer
-    gate: Optional[_Layer]
-    consumers: List[_Layer]
+    producer: LinearLayer
+    gate: Optional[LinearLayer]
+    consumers: List[LinearLayer]
     keep: Tensor  # bool (F,)
     folded: Tensor  # bool (F,)
     const: Optional[Tensor]  # (F,) constant channel values where folded
@@ -305,12 +244,12 @@ class _Plan:
     @torch.no_grad()
     def apply(self) -> ChannelCompaction:
         index = self.keep.nonzero().squeeze(1).to(self.producer.module.weight.device)
-        new: List[Tuple[_Layer, Tensor, Optional[Tensor]]] = []
+        new: List[Tuple[LinearLayer, Tensor, Optional[Tensor]]] = []
         for layer in [self.producer] + ([self.gate] if self.gate is not None else []):
-            w, b = layer.matrix(), layer.bias
+            w, b = layer.detached_matrix(), layer.bias
             new.append((layer, w.index_select(0, index), None if b is None else b.index_select(0, index)))
         for layer in self.consumers:
-            w, b = layer.matrix(), layer.bias
+            w, b = layer.detached_matrix(), layer.bias
             cols = index.to(w.device)
             if b is not None and bool(self.folded.any()):
                 acc = _acc_dtype(w.dtype)
@@ -328,9 +267,9 @@ class _Plan:
 # ------------------------------------------------------------------ planning: which channels go
 @torch.no_grad()
 def _plan(
-    producer: _Layer,
-    gate: Optional[_Layer],
-    consumers: List[_Layer],
+    producer: LinearLayer,
+    gate: Optional[LinearLayer],
+    consumers: List[LinearLayer],
     act: Optional[Callable[[Tensor], Tensor]],
     fold_bias: bool,
     strict: bool,
@@ -338,31 +277,31 @@ def _plan(
 ) -> _Plan:
     names = names or {}
 
-    def label(layer: _Layer) -> str:
-        return names.get(id(layer.module), layer.arg)
+    def label(layer: LinearLayer) -> str:
+        return names.get(id(layer.module), layer.name)
 
     width = producer.out_features
     if gate is not None and gate.out_features != width:
         raise _shape_error(
-            gate.arg, f"out_features {width} (the producer's)", f"out_features {gate.out_features}",
+            gate.name, f"out_features {width} (the producer's)", f"out_features {gate.out_features}",
             "the gate and the up projection must have the same output channels",
         )
     if gate is not None and gate.in_features != producer.in_features:
         raise _shape_error(
-            gate.arg, f"in_features {producer.in_features} (the producer's)", f"in_features {gate.in_features}",
+            gate.name, f"in_features {producer.in_features} (the producer's)", f"in_features {gate.in_features}",
             "the gate and the up projection read the same input",
         )
     for c in consumers:
         if c.in_features != width:
             raise _shape_error(
-                c.arg, f"in_features {width} (= the producer's out_features)", f"in_features {c.in_features}",
+                c.name, f"in_features {width} (= the producer's out_features)", f"in_features {c.in_features}",
                 "pass as consumers the layers that read the producer's output",
             )
     modules = [producer.module] + ([gate.module] if gate is not None else []) + [c.module for c in consumers]
     if len({id(m) for m in modules}) != len(modules):
         raise SpecError("`producer`, `gate` and `consumers` must be distinct modules; one was passed twice")
 
-    wp, dev = producer.matrix(), producer.matrix().device
+    wp, dev = producer.detached_matrix(), producer.detached_matrix().device
     bp = producer.bias if producer.bias is not None else torch.zeros(width, dtype=wp.dtype, device=dev)
     p_zero = _zero_rows(wp)
     reasons: Dict[int, str] = {}
@@ -374,7 +313,7 @@ def _plan(
         const = value
         dead = p_zero
     else:
-        wg = gate.matrix()
+        wg = gate.detached_matrix()
         bg = gate.bias if gate.bias is not None else torch.zeros(width, dtype=wg.dtype, device=wg.device)
         g_zero = _zero_rows(wg).to(dev)
         g_value = _apply_act(act, bg, "on the gate's bias").to(dev)
@@ -386,7 +325,7 @@ def _plan(
     if consumers:
         cols_zero = torch.ones(width, dtype=torch.bool, device=dev)
         for c in consumers:
-            cols_zero &= _zero_cols(c.matrix()).to(dev)
+            cols_zero &= _zero_cols(c.detached_matrix()).to(dev)
     removed_zero = zero | cols_zero
     can_fold = fold_bias and bool(consumers) and all(c.bias is not None for c in consumers)
     folded = constant & ~removed_zero & torch.isfinite(const) & can_fold
@@ -422,7 +361,7 @@ def _plan(
             )
     if strict and reasons:
         j, why = next(iter(reasons.items()))
-        arg = gate.arg if gate is not None and why.startswith(f"{label(gate)}:") else producer.arg
+        arg = gate.name if gate is not None and why.startswith(f"{label(gate)}:") else producer.name
         raise SpecError(
             f"`{arg}`: {len(reasons)} pruned channel(s) cannot be removed exactly, e.g. channel {j}: {why}; "
             "prune the matching rows/biases too, or pass strict=False to keep such channels"
@@ -502,7 +441,7 @@ def compact_inputs(layer: nn.Module) -> GatherLinear:
     keeps every column. The inner Linear has the layer's dtype and device.
     """
     lin = _layer(layer, "layer")
-    w, b = lin.matrix(), lin.bias
+    w, b = lin.detached_matrix(), lin.bias
     index = (~_zero_cols(w)).nonzero().squeeze(1)
     inner = nn.Linear(int(index.numel()), lin.out_features, bias=b is not None, device="meta")
     inner.weight = nn.Parameter(w.index_select(1, index).contiguous(), requires_grad=layer.weight.requires_grad)
@@ -552,13 +491,13 @@ def _member_role(bs: BlockSpec, module: nn.Module) -> str:
             "For N:M and other fine-grained patterns use packed execution (s3sparse.sparse PackedLinear)"
         )
     # A Conv1D stores (in, out): its weight rows are input channels.
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return "cols" if whole_row else "rows"
     return "rows" if whole_row else "cols"
 
 
 def _owners(root: nn.Module) -> Dict[int, Tuple[str, nn.Module]]:
-    return {id(m.weight): (n, m) for n, m in root.named_modules() if _is_linear(m)}
+    return {id(m.weight): (n, m) for n, m in root.named_modules() if is_linear(m)}
 
 
 def _check_coupling(coupling: BlockCoupling, names: Mapping[BlockSpec, str]) -> None:
@@ -791,7 +730,7 @@ def compact(
     consumers = list(consumers)
     if isinstance(target, (BlockSpec, BlockCoupling, ScopeSpec, ScopeCoupling)):
         return _compact_spec(target, consumers, gate, act, root, fold_bias, strict, dry_run)
-    if isinstance(target, nn.Module) and not _is_linear(target):
+    if isinstance(target, nn.Module) and not is_linear(target):
         if consumers or gate is not None or act is not None or root is not None:
             raise SpecError(
                 f"`target` is a {type(target).__name__}, compacted as a whole model (compact_model): "
@@ -834,9 +773,9 @@ class _MLPKind:
 
         producer, consumer, act = get(self.producer), get(self.consumer), get(self.act)
         gate = get(self.gate) if self.gate else None
-        if not (_is_linear(producer) and _is_linear(consumer) and callable(act)):
+        if not (is_linear(producer) and is_linear(consumer) and callable(act)):
             return None
-        if self.gate and not _is_linear(gate):
+        if self.gate and not is_linear(gate):
             return None
         return producer, gate, consumer, act
 
@@ -1013,8 +952,8 @@ def compact_model(
 def _linear_shapes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     shapes = {}
     for name, module in model.named_modules():
-        if _is_linear(module):
-            layer = _Layer(name, module)
+        if is_linear(module):
+            layer = LinearLayer(name, module)
             shapes[name] = {
                 "type": "Conv1D" if layer.transposed else "Linear",
                 "in_features": layer.in_features,
@@ -1160,5 +1099,5 @@ def load_compacted(path: str, model_class: Any = None, **kwargs: Any) -> nn.Modu
     for module in model.modules():  # LlamaMLP-style width attributes follow the layers
         kind = next((k for k in MLP_KINDS if k.gate and k.parts(module) is not None), None)
         if kind is not None and isinstance(getattr(module, "intermediate_size", None), int):
-            module.intermediate_size = _Layer("", getattr(module, kind.producer)).out_features
+            module.intermediate_size = LinearLayer("", getattr(module, kind.producer)).out_features
     return model

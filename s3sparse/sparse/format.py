@@ -1,4 +1,4 @@
-"""The geometry and bit-level helpers behind :class:`~s3sparse.sparse.PackedWeight`.
+"""The positions and bit-level helpers behind :class:`~s3sparse.sparse.PackedWeight`.
 
 The packed format itself is fixed by ``csrc/ops.cpp`` and
 :mod:`s3sparse.reference` (``packed_fields``, ``packed_to_dense``): a 2-D weight
@@ -7,26 +7,25 @@ row-major) that keep ``nnz`` of their ``G`` blocks of ``B`` elements; element
 ``e`` of in-scope block ``g`` of scope ``s`` is W's flat element
 ``f = Σ_d idx_d(s)·scope_stride[d] + block_off[g] + elem_off[e]``.
 
-This module derives ``scope_shape`` / ``scope_stride`` / ``block_off`` /
-``elem_off`` from a :class:`~s3sparse.scope.ScopeSpec`, packs and ranks the
-index fields, and finds the ``row_group`` promise of a geometry.
+That is the scope geometry of :mod:`s3sparse.pruners.layout`
+(:func:`~s3sparse.pruners.layout.scope_geometry`), expressed in row-major
+positions of the weight: :func:`packed_geometry`. This module also packs and
+ranks the index fields, and finds the ``row_group`` promise of a geometry.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import SpecError
+from ..pruners.layout import ScopeGeometry, scope_bases, scope_geometry
 
 __all__ = [
-    "ScopeGeometry",
-    "scope_geometry",
-    "scope_bases",
+    "packed_geometry",
     "pack_fields",
     "subset_table",
     "subset_codes",
@@ -45,52 +44,26 @@ MAX_SUBSET_TABLE = 16384
 MAX_ROW_GROUP = 64
 
 
-@dataclass(frozen=True)
-class ScopeGeometry:
-    """Where every block element of a ScopeSpec lies in its 2-D weight, as flat (row-major) offsets.
-
-    Attributes:
-        scope_grid: the ScopeSpec's own scope grid (``scope.grid_shape``); its
-            row-major order is the scope order.
-        scope_shape: the same grid with size-1 dims dropped and contiguous dims
-            merged (the same row-major order, fewer dims for the kernels).
-        scope_stride: flat stride of each dim of ``scope_shape``.
-        block_off: (G,) int64 flat offset of every in-scope block of scope 0
-            (the view's storage offset included), in-scope blocks row-major over
-            the scope shape, as :meth:`ScopeSpec.block_norms` orders them.
-        elem_off: (B,) int64 flat offset of every element of a block, row-major
-            over the block shape, relative to the block's first element.
-    """
-
-    scope_grid: tuple[int, ...]
-    scope_shape: tuple[int, ...]
-    scope_stride: tuple[int, ...]
-    block_off: Tensor
-    elem_off: Tensor
-
-
 def _is_row_major(param: Tensor) -> bool:
     M, K = param.shape
     rs, cs = param.stride()
     return (M <= 1 or rs == K) and (K <= 1 or cs == 1)
 
 
-def _flat_strides(view) -> tuple[tuple[int, ...], int]:
-    """Flat (row-major W index) strides and offset of ``view``'s dims.
+def _row_major_strides(view) -> tuple[tuple[int, ...], int]:
+    """Strides and offset of ``view``'s dims in row-major positions ``i·K + j`` of its 2-D parameter.
 
-    For a row-major parameter these are the view's own (storage = flat index).
-    Otherwise (a transposed or sliced parameter) each view element's flat index
-    is looked up through an index map laid out like the parameter, and the view
-    must be affine in it.
+    For a row-major parameter these are the view's own (storage = position).
+    Otherwise (a transposed or sliced parameter) each view element's position
+    is found through :meth:`View.offsets_to_param_index`, and the view must be
+    affine in it.
     """
     param = view.param
     if _is_row_major(param):
         return tuple(view.stride), int(view.offset)
-    M, K = param.shape
-    flat = torch.arange(M * K, dtype=torch.int64).view(M, K)
-    layout = torch.empty_strided(tuple(param.shape), tuple(param.stride()), dtype=torch.int64)
-    layout.copy_(flat)
-    seen = torch.as_strided(layout, view.shape, view.stride, layout.storage_offset() + view.offset)
+    K = int(param.shape[1])
+    rc = view.offsets_to_param_index(view.all_offsets())
+    seen = (rc[:, 0] * K + rc[:, 1]).view(view.shape)
     origin = int(seen.reshape(-1)[0]) if seen.numel() else 0
     strides = []
     for d, size in enumerate(view.shape):
@@ -113,50 +86,10 @@ def _flat_strides(view) -> tuple[tuple[int, ...], int]:
     return tuple(strides), origin
 
 
-def _offsets(sizes: Sequence[int], strides: Sequence[int], origin: int) -> Tensor:
-    """Row-major offsets ``origin + Σ i_d·strides[d]`` over ``sizes``, as a 1-D int64 tensor."""
-    out = torch.tensor([origin], dtype=torch.int64)
-    for size, step in zip(sizes, strides):
-        out = (out[:, None] + torch.arange(size, dtype=torch.int64) * step).reshape(-1)
-    return out
-
-
-def scope_geometry(scope) -> ScopeGeometry:
-    """The flat geometry of a ScopeSpec over one BlockSpec of a 2-D parameter (see :class:`ScopeGeometry`).
-
-    A view dim of size ``Sg·sc·b`` (scopes × blocks per scope × block) splits its
-    index into scope, in-scope block and element parts, which is exactly how
-    ``ScopeSpec.block_to_scope`` and ``BlockSpec.block_view(merge=True)`` order
-    scopes, blocks and elements.
-    """
-    block = scope.block
-    fs, origin = _flat_strides(block.view)
-    grid = tuple(scope.grid_shape)
-    per_scope = tuple(scope.shape)
-    bshape = tuple(block.shape)
-    full_stride = tuple(sc * b * s for sc, b, s in zip(per_scope, bshape, fs))
-    block_off = _offsets(per_scope, [b * s for b, s in zip(bshape, fs)], origin)
-    elem_off = _offsets(bshape, fs, 0)
-    # Drop size-1 scope dims and merge dims d, d+1 whose strides chain (same row-major order).
-    shape, stride = [], []
-    for n, st in zip(grid, full_stride):
-        if n == 1:
-            continue
-        if shape and stride[-1] == n * st:
-            shape[-1] *= n
-            stride[-1] = st
-        else:
-            shape.append(n)
-            stride.append(st)
-    return ScopeGeometry(grid, tuple(shape), tuple(stride), block_off, elem_off)
-
-
-def scope_bases(scope_shape: Sequence[int], scope_stride: Sequence[int], device=None) -> Tensor:
-    """``Σ_d idx_d(s)·scope_stride[d]`` of every scope ``s`` (row-major over ``scope_shape``), int64 (S,)."""
-    base = torch.zeros((), dtype=torch.int64, device=device)
-    for n, st in zip(scope_shape, scope_stride):
-        base = (base.reshape(-1, 1) + torch.arange(n, dtype=torch.int64, device=device) * st).reshape(-1)
-    return base.reshape(-1)
+def packed_geometry(scope) -> ScopeGeometry:
+    """The geometry of a ScopeSpec over one BlockSpec of a 2-D parameter, in row-major positions of the weight."""
+    strides, origin = _row_major_strides(scope.block.view)
+    return scope_geometry(scope, strides=strides, origin=origin)
 
 
 # ------------------------------------------------------------------ fields

@@ -78,7 +78,7 @@ class PackedLinear(nn.Module):
         """Pack a pruned ``nn.Linear``: by ``(scope, nnz)`` over its weight, or by a ``pattern`` name.
 
         ``pattern`` is a name of the model pipeline (``"2:4"``, ``"4:8"``,
-        ``"coupled-2:4"``, ``"block16-rows"``, …: :func:`s3sparse.llm.parse_pattern`).
+        ``"coupled-2:4"``, ``"block16-rows"``, …: :func:`s3sparse.patterns.parse_pattern`).
         The weight must already obey the pattern (at most ``nnz`` non-zero blocks
         per scope); the bias is copied. The Linear itself is not changed.
         """

@@ -13,6 +13,8 @@ from .. import ops
 from ..block import BlockCoupling, BlockSpec
 from ..checks import check_int, check_nnz
 from ..errors import ArgumentError, ArgumentTypeError, ShapeMismatchError, SpecError
+from ..patterns import parse_pattern
+from ..pruners.layout import scope_bases
 from ..scope import ScopeCoupling, ScopeSpec
 from . import format as fmt
 
@@ -237,7 +239,7 @@ class PackedWeight:
             )
         G = scope.numblk_per_scope()
         nnz = check_nnz(nnz, G)
-        geo = fmt.scope_geometry(scope)
+        geo = fmt.packed_geometry(scope)
         S = math.prod(geo.scope_grid)
         B = scope.block.numel_per_block()
 
@@ -249,7 +251,7 @@ class PackedWeight:
         if bool(over.any()):
             first = int(over.nonzero()[0, 0])
             position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), geo.scope_grid)) if geo.scope_grid else ()
-            f0 = int(fmt.scope_bases(geo.scope_shape, geo.scope_stride)[first]) + int(geo.block_off.min()) + int(geo.elem_off.min())
+            f0 = int(scope_bases(geo.scope_shape, geo.scope_stride)[first]) + int(geo.block_off.min()) + int(geo.elem_off.min())
             raise SpecError(
                 f"scope {first} (position {position} in the scope grid {geo.scope_grid}; it starts near W[{f0 // K}, "
                 f"{f0 % K}]) has {int(counts[first])} non-zero blocks, more than nnz={nnz} ({int(over.sum())} of {S} "
@@ -289,13 +291,11 @@ class PackedWeight:
 
     @classmethod
     def from_pattern(cls, weight: Tensor, pattern: str, **kwargs: Any) -> "PackedWeight":
-        """Pack a pruned ``weight`` (M × K) by a pattern name of the model pipeline (``"2:4"``, ``"4:8"``,
-        ``"coupled-2:4"``, ``"block16-rows"``, …; see :func:`s3sparse.llm.parse_pattern`).
+        """Pack a pruned ``weight`` (M × K) by a pattern name (``"2:4"``, ``"4:8"``,
+        ``"coupled-2:4"``, ``"block16-rows"``, …; see :func:`s3sparse.patterns.parse_pattern`).
 
         ``kwargs`` go to :meth:`from_scope` (``index_format``).
         """
-        from ..llm.pattern_registry import parse_pattern
-
         choice = parse_pattern(pattern)
         if choice.is_dense:
             raise ArgumentError(f"pattern {pattern!r} is dense: there is nothing to pack; keep the nn.Linear as it is")
