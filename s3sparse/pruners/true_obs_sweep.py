@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..dtypes import opmath_dtype
 from .obs_layer import OBSLayer
 
 __all__ = ["ChunkSweep", "LazyPlan", "ScaledInverse", "lazy_plan"]
@@ -139,7 +140,7 @@ class ChunkSweep:
         self.B = w_rows.shape[0]
         self.Rc = Rc = self.B // self.rpc
         self.device = device = w_rows.device
-        self.c_dtype, self.math_dtype = c_dtype, math_dtype(c_dtype)
+        self.c_dtype, self.math_dtype = c_dtype, opmath_dtype(c_dtype)
         self.split = c_dtype in (torch.float16, torch.bfloat16)
         self.P, self.Kc, self.nb = P, Kc, nb = plan.p, plan.order.numel(), len(batches)
         self.pruned_per_scope = (self.blocks_per_scope - nnz) * self.bk  # per group, exactly
