@@ -407,10 +407,12 @@ def packed_linear(
         (..., M) of the dtype of ``x``, accumulated in fp32 (fp64 for fp64).
         Invalid data raises ``ValueError`` (see ``checked``).
 
-    On CUDA, 1 to 16 tokens (``x.shape[:-1]`` holding at most 16 elements) with a
-    ``row_group`` promise run a decode kernel that streams the packed values once
-    and never builds W; more tokens, fp64, or no promise expand W into a
-    temporary workspace and call cuBLAS.
+    On CUDA (fp16, bf16, fp32), with a ``row_group`` promise, 1 to 32 tokens
+    (``x.shape[:-1]`` holding at most 32 elements) run the stream decode kernel
+    (every reference pattern; 8 tokens a launch) and 1 to 16 tokens on other
+    layouts a general decode kernel: both stream the packed values once and
+    never build W (docs/packed.md). More tokens, fp64, or no promise expand W
+    into a temporary workspace and call cuBLAS.
     """
     return _ops.packed_linear.default(
         x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),

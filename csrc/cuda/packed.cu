@@ -1,12 +1,14 @@
 // CUDA kernels of packed_to_dense and packed_linear (format: csrc/packed.h,
 // semantics: csrc/cpu/packed.cpp and s3sparse/reference.py).
 //
-// Three kernels:
+// The stream decode kernel (1..32 tokens on every reference pattern) is in
+// packed_stream.cuh; the kernels here:
 //   scatter  one thread per (scope, kept block): writes the kept blocks into a
 //            zero W (packed_to_dense, and the large-batch path of packed_linear,
 //            which then calls cuBLAS on that workspace).
-//   gemv     the decode path of packed_linear (1..kMaxTokens tokens, a row_group
-//            promise): one thread block per row group (or a share of one),
+//   rowtile  the general decode path, small row groups (see the kernel).
+//   gemv     the general decode path of packed_linear (1..kMaxTokens tokens, a
+//            row_group promise, large groups): one thread block per row group (or a share of one),
 //            streaming the group's kept values once with 16-byte loads,
 //            decoding meta in registers, accumulating a token's dot product in
 //            fp32 registers while consecutive elements stay in one row and
