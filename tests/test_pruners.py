@@ -400,6 +400,30 @@ def test_non_pd_rows_are_redone_and_reported(monkeypatch, seed):
     assert_pattern_holds("24", W, nnz)
 
 
+def test_rows_redone_at_several_retry_levels_are_counted_once(monkeypatch, seed):
+    """Rows that fail in fp16 and again in fp32 are redone twice but reported once: the warning's
+    count is the rows redone (here 6 of 16), never more than the weight has."""
+    W0, _, H = make_layer(16, 64, 128, seed)
+    real = ops.lowrank_sub
+
+    def flaky(base, a, b):
+        out = real(base, a, b)
+        if a.dtype in (torch.float16, torch.float32) and out.shape[1] > 4:  # fails until fp64
+            out[::3] = float("nan")
+        return out
+
+    monkeypatch.setattr(ops, "lowrank_sub", flaky)
+    W = W0.clone()
+    scope, nnz = pattern("24", W)
+    with pytest.warns(RuntimeWarning, match="redone") as caught:
+        StructuredOBS(scope, H).prune_true_obs(nnz, chunk_size=16)
+    counts = [int(str(w.message).split("prune_true_obs: ")[1].split(" of ")[0]) for w in caught
+              if "redone" in str(w.message)]
+    assert counts == [len(range(0, 16, 3))], counts
+    assert torch.isfinite(W).all()
+    assert_pattern_holds("24", W, nnz)
+
+
 def test_hessian_needing_more_damping_warns_not_fails(seed):
     W0, _, _ = make_layer(16, 64, 8, seed)
     H = 1.1 * torch.eye(64) - 0.1 * torch.ones(64, 64)  # positive diagonal, one eigenvalue -5.3: indefinite

@@ -236,8 +236,8 @@ def _prune_groups(layer: OBSLayer, W: Tensor, todo: Tensor, num_prune: int, o: T
             C0 = layer.inverse(damp)
         else:
             C0 = damped_inverse(layer.hessian, damp, dtype=opmath_dtype(dtype), what="H + damp*I")[0]
-        if level:
-            redone += todo.numel() * rpc
+        if level == 1:  # the rows any retry redoes are those the first one redoes
+            redone = todo.numel() * rpc
         todo = _prune_level(layer, W, todo, schedule, level, dtype, C0, progress_fn)
     if todo.numel():
         raise NumericalError(
