@@ -19,8 +19,8 @@ downdate of it (``B = A⁻¹ − A⁻¹_{:,Q} (A⁻¹_QQ)⁻¹ A⁻¹_{Q,:}``, t
 P' = P \\ Q); adding a candidate R back costs, with ``V = B C_{P',E}`` for the
 scope's elements E, ``r = w_E − C_{E,P'} B w_{P'}`` and the Schur complement
 ``S = C_EE − C_{E,P'} V``: ``cost(P' ∪ R) = w_{P'}ᵀ B w_{P'} + r_Rᵀ (S_RR)⁻¹ r_R``
-(q × q solves only). A swap updates ``A⁻¹`` by the block-inverse formula
-(rank q). ``A⁻¹`` is recomputed from scratch at the start of every sweep, so
+(q × q solves only; B is applied, never formed). A swap updates ``A⁻¹`` of
+that row by the block-inverse formula (rank q). ``A⁻¹`` is recomputed from scratch at the start of every sweep, so
 round-off does not accumulate. Rows are independent and batched (in chunks).
 
 Scope: patterns whose every scope lies in one row (N:M, N:M blocks, coupled
@@ -221,17 +221,19 @@ def _sweep_chunk(C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, elem_sets: T
     for g in range(S):
         sl = slice(g * q, (g + 1) * q)
         E = cols[g]
-        # Downdate: the inverse over P' = P without this scope's pruned set (zero at its slots).
+        # Downdate: B = the inverse over P' = P without this scope's pruned set (zero at its
+        # slots), applied to [w_P', C_P'E] without forming it: B X = A⁻¹X − A⁻¹_{:,Q} (A⁻¹_QQ)⁻¹ A⁻¹_{Q,:} X.
         Aq = Ainv[:, :, sl]
-        Binv = Ainv - Aq @ torch.linalg.solve(Ainv[:, sl, sl], Aq.transpose(1, 2))
-        Binv[:, sl, :] = 0
-        Binv[:, :, sl] = 0
+        Aqq = Ainv[:, sl, sl]
         CPE = C[P[:, :, None], E[None, None, :]]  # (m, p, E)
-        u = Binv @ wP[..., None]  # (m, p, 1)
-        V = Binv @ CPE  # (m, p, E)
-        base = (wP[:, None, :] @ u).reshape(m)
-        r = W0[:, E] - (CPE.transpose(1, 2) @ u).squeeze(-1)  # (m, E)
-        SE = C[E[:, None], E[None, :]] - CPE.transpose(1, 2) @ V  # (m, E, E)
+        X = torch.cat([wP[..., None], CPE], dim=2)
+        X[:, sl] = 0
+        Y = Ainv @ X - Aq @ torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X)
+        Y[:, sl] = 0
+        u, V = Y[:, :, :1], Y[:, :, 1:]  # B w_P', B C_P'E
+        base = (X[:, :, 0][:, None, :] @ u).reshape(m)
+        r = W0[:, E] - (X[:, :, 1:].transpose(1, 2) @ u).squeeze(-1)  # (m, E)
+        SE = C[E[:, None], E[None, :]] - X[:, :, 1:].transpose(1, 2) @ V  # (m, E, E)
         SR = SE[:, elem_sets[:, :, None], elem_sets[:, None, :]]  # (m, n_c, q, q)
         rR = r[:, elem_sets]  # (m, n_c, q)
         L = torch.linalg.cholesky(SR)
@@ -242,18 +244,24 @@ def _sweep_chunk(C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, elem_sets: T
         swap = best_cost < cur_cost - _REL_TOL * cur_cost.abs()
         if not bool(swap.any()):
             continue
-        swaps += int(swap.sum())
-        new = torch.where(swap, best, cur)
-        R = elem_sets[new]  # (m, q) element indices within the scope
-        SRinv = torch.cholesky_inverse(L[ar, new])
-        VR = V.gather(2, R[:, None, :].expand(m, V.shape[1], q))  # (m, p, q), zero at the scope's slots
+        idx = swap.nonzero().squeeze(1)
+        swaps += idx.numel()
+        new = best[idx]
+        R = elem_sets[new]  # (n, q) element indices within the scope
+        # Update (swapped rows only): the block inverse of P' ∪ R, R at the scope's slots.
+        Aqi = Aq[idx]
+        Binv = Ainv[idx] - Aqi @ torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2))
+        Binv[:, sl, :] = 0
+        Binv[:, :, sl] = 0
+        SRinv = torch.cholesky_inverse(L[idx, new])
+        VR = V[idx].gather(2, R[:, None, :].expand(idx.numel(), V.shape[1], q))  # (n, p, q), zero at the slots
         VS = VR @ SRinv
         newA = Binv + VS @ VR.transpose(1, 2)
         newA[:, :, sl] = -VS
         newA[:, sl, :] = -VS.transpose(1, 2)
         newA[:, sl, sl] = SRinv
-        Ainv = torch.where(swap[:, None, None], newA, Ainv)
-        cand[:, g] = new.to(cand.dtype)
-        P[:, sl] = torch.where(swap[:, None], E[R], P[:, sl])
-        wP[:, sl] = W0.gather(1, P[:, sl])
+        Ainv[idx] = newA
+        cand[idx, g] = new.to(cand.dtype)
+        P[idx, sl] = E[R]
+        wP[idx, sl] = W0[idx].gather(1, E[R])
     return swaps
