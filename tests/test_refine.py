@@ -146,3 +146,34 @@ def test_real_minilm_rows_improve_on_true_obs():
     after = output_error(W.detach(), W0, H)
     print(f"MiniLM L0 rows 0:32, 2:4: True OBS {before:.4f} -> refined (1 sweep) {after:.4f}")
     assert after < 0.97 * before
+
+
+def test_prune_true_obs_refine_option():
+    W0, _, H = make_layer(16, 64, 256, 3)
+    errors = {}
+    for refine in (0, 2):
+        W = torch.nn.Parameter(W0.clone())
+        scope, nnz = pattern("24", W)
+        msgs = []
+        StructuredOBS(scope, H).prune_true_obs(nnz, refine=refine, progress_fn=msgs.append)
+        assert_pattern_holds("24", W.detach(), nnz)
+        errors[refine] = output_error(W.detach(), W0, H)
+        assert any(m.startswith("refine_mask: sweep") for m in msgs) == bool(refine)
+    assert errors[2] < errors[0]
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = pattern("block16", W)
+    with pytest.raises(ArgumentError, match="row-coupled"):
+        StructuredOBS(scope, H).prune_true_obs(nnz, refine=1)
+    assert torch.equal(W.detach(), W0)  # refused before pruning
+
+
+def test_cli_option_and_exports():
+    import s3sparse
+    from s3sparse.llm.method_registry import parse_method
+    from s3sparse.pruners import TrueOBSOptions
+
+    assert s3sparse.refine_mask is refine_mask and s3sparse.pruners.refine_mask is refine_mask
+    assert TrueOBSOptions().refine == 0
+    assert parse_method("true-obs", {"refine": "2"}).method.options.refine == 2
+    with pytest.raises(ArgumentError):
+        TrueOBSOptions(refine=-1)

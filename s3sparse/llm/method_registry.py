@@ -14,7 +14,8 @@ name                    class (options fixed by the name)                  optio
 ``true-obs``            :class:`~s3sparse.pruners.TrueOBS`                 ``damp`` (1e-4), ``ng`` (64; 1 on row-coupled
                                                                            patterns), ``chunk_size`` (auto), ``order``
                                                                            (left_to_right), ``scoring`` (independent),
-                                                                           ``c_dtype`` (float16)
+                                                                           ``c_dtype`` (float16), ``refine`` (0: off;
+                                                                           N: sweeps of :func:`~s3sparse.pruners.refine_mask`)
 ======================  =================================================  ===============================================
 
 An option not given takes the default of the class's options dataclass (the

@@ -48,7 +48,7 @@ from .hessian import check_hessian, damped_inverse
 from .layout import block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 from .obs_layer import MAX_SUBSETS
 
-__all__ = ["RefineResult", "refine_mask"]
+__all__ = ["RefineResult", "check_refinable", "refine_mask"]
 
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
@@ -82,6 +82,11 @@ def _row_scopes(scope):
             "Prune it with prune_true_obs() without refine"
         )
     return layout, groups
+
+
+def check_refinable(scope) -> None:
+    """Raise ArgumentError unless every scope of ``scope`` lies in one row (what :func:`refine_mask` refines)."""
+    _row_scopes(scope)
 
 
 @torch.no_grad()
