@@ -175,5 +175,6 @@ def test_cli_option_and_exports():
     assert s3sparse.refine_mask is refine_mask and s3sparse.pruners.refine_mask is refine_mask
     assert TrueOBSOptions().refine == 0
     assert parse_method("true-obs", {"refine": "2"}).method.options.refine == 2
+    assert parse_method("true-obs", {"refine": "0"}).options["refine"] == 0
     with pytest.raises(ArgumentError):
         TrueOBSOptions(refine=-1)

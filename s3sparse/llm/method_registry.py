@@ -201,8 +201,10 @@ def _coerce(method: str, key: str, option: _Option, value: Any) -> Any:
             number = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"method {method}: option {key} must be {'an int' if kind is int else 'a number'}, got {value!r}")
-    if number < 0 or (kind is int and number < 1):
-        raise UsageError(f"method {method}: option {key} must be {'>= 1' if kind is int else '>= 0'}, got {value!r}")
+    # Ints are counts >= 1, except those whose default 0 means "off" (true-obs refine).
+    least = (0 if option.default == 0 else 1) if kind is int else 0
+    if number < least:
+        raise UsageError(f"method {method}: option {key} must be >= {least}, got {value!r}")
     return number
 
 
