@@ -1,8 +1,9 @@
 // CUDA kernels of packed_to_dense and packed_linear (format: csrc/packed.h,
 // semantics: csrc/cpu/packed.cpp and s3sparse/reference.py).
 //
-// The stream decode kernel (1..32 tokens on every reference pattern) is in
-// packed_stream.cuh; the kernels here:
+// The stream decode kernel (1..8 tokens on every reference pattern) is in
+// packed_stream.cuh, the expansion kernel of larger batches on those patterns
+// (W written out whole, then cuBLAS) in packed_expand.cuh; the kernels here:
 //   scatter  one thread per (scope, kept block): writes the kept blocks into a
 //            zero W (packed_to_dense, and the large-batch path of packed_linear,
 //            which then calls cuBLAS on that workspace).
@@ -34,11 +35,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
 #include "cuda/launch.cuh"
 #include "cuda/packed_common.cuh"
+#include "cuda/packed_expand.cuh"
 #include "cuda/packed_stream.cuh"
 #include "packed.h"
 
@@ -49,7 +52,7 @@ using namespace packed_cuda;
 
 constexpr int kThreads = 256;
 constexpr int kMaxTokens = 16;     // the gemv path: up to this many tokens (rows of x)
-constexpr int kStreamTokens = 32;  // the stream kernel: up to this many tokens (8 a launch)
+constexpr int kStreamTokens = 8;   // the stream kernel up to this many tokens; above, expand + cuBLAS
 constexpr int kUnroll = 4;      // 16-byte loads in flight per thread
 // Everything the decode kernels need besides pointers (passed by value).
 struct GemvPlan {
@@ -889,6 +892,22 @@ void launch_decode(const GemvPlan& p, const at::Tensor& values, const at::Tensor
   }
 }
 
+// Which kernel family packed_linear takes on the stream kernel's patterns:
+// by token count (auto), or forced by S3SPARSE_PACKED_CUDA_PATH (read once).
+enum class PathChoice { kAuto, kStream, kExpand };
+constexpr int64_t kMaxStreamLaunchTokens = 8;  // tokens a stream launch
+
+PathChoice path_choice() {
+  static const PathChoice choice = [] {
+    const char* env = std::getenv("S3SPARSE_PACKED_CUDA_PATH");
+    if (env == nullptr) return PathChoice::kAuto;
+    if (std::strcmp(env, "stream") == 0) return PathChoice::kStream;
+    if (std::strcmp(env, "expand") == 0) return PathChoice::kExpand;
+    return PathChoice::kAuto;
+  }();
+  return choice;
+}
+
 at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
                               const at::Tensor& elem_off, at::IntArrayRef scope_shape, at::IntArrayRef scope_stride,
@@ -917,12 +936,15 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   const at::Tensor x2 = x.reshape({N, g.K}).contiguous();
 
   // Up to kStreamTokens tokens on every reference pattern: the stream kernel
-  // (packed_stream.cuh), 8 tokens a launch.
-  if (N <= kStreamTokens) {
+  // (packed_stream.cuh). S3SPARSE_PACKED_CUDA_PATH=stream|expand overrides the
+  // choice, for benchmarks that measure the crossover.
+  const PathChoice path = path_choice();
+  const bool stream_first = path == PathChoice::kStream ? N <= kMaxStreamLaunchTokens * 4 : N <= kStreamTokens;
+  if (stream_first && path != PathChoice::kExpand) {
     at::Tensor y = at::empty({N, g.M}, x.options());
     bool launched = true;
-    for (int64_t n0 = 0; n0 < N && launched; n0 += 8) {
-      const int64_t n = std::min<int64_t>(8, N - n0);
+    for (int64_t n0 = 0; n0 < N && launched; n0 += kMaxStreamLaunchTokens) {
+      const int64_t n = std::min<int64_t>(kMaxStreamLaunchTokens, N - n0);
       const at::Tensor xs = x2.narrow(0, n0, n);
       at::Tensor ys = y.narrow(0, n0, n);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_stream_cuda", [&] {
@@ -936,6 +958,25 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
     }
     if (launched) {
       if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
+      return y.view(out_sizes);
+    }
+  }
+
+  // More tokens on those patterns: W written out by the expansion kernel, then cuBLAS.
+  if (N > kStreamTokens || path == PathChoice::kExpand) {
+    at::Tensor w = at::empty({g.M, g.K}, values.options());
+    at::Tensor expand_status = check ? status : at::zeros({}, values.options().dtype(at::kInt));
+    bool expanded = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_expand_cuda", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        expanded = launch_packed_expand<scalar_t>(g, values, meta, subsets, block_off, elem_off, w,
+                                                  status_ptr(expand_status), stream);
+      }
+    });
+    if (expanded) {
+      if (check) raise_on_bad_data(status, g, op);
+      at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+      if (!check) poison_on_bad_data(expand_status, y);
       return y.view(out_sizes);
     }
   }

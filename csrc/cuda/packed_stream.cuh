@@ -551,13 +551,17 @@ inline int token_slots(int64_t N) { return N == 1 ? 1 : N == 2 ? 2 : N <= 4 ? 4 
 
 }  // namespace stream
 
+// The plan of a stream-shaped kernel (the decode kernel here, the expansion of
+// packed_expand.cuh) without its shared-memory layout, or false when the
+// pattern is not one it takes: a row_group promise, P = nnz * B values a scope
+// in {1, 2, 4, 8} (one row a group) or {4, 8, 16}, subsets or one index a
+// scope, at most two in-group scope dims, 32-bit offsets, whole 16-byte chunks.
+// Sets tables_bytes (the code tables).
 template <typename T>
-bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& values, const at::Tensor& meta,
-                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
-                          const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
-                          at::Tensor& y, int* status, cudaStream_t stream) {
+bool plan_stream_geometry(const PackedGeometry& g, const at::Tensor& values, const std::optional<at::Tensor>& subsets,
+                          stream::StreamPlan* out, int64_t* tables_bytes) {
   using namespace stream;
-  if (N < 1 || N > kMaxStreamTokens || g.row_group <= 0 || g.M == 0 || g.K == 0) return false;
+  if (g.row_group <= 0 || g.M == 0 || g.K == 0) return false;
   const int64_t P = g.nnz * g.B;
   const bool row1 = g.row_group == 1;
   const bool p_ok = row1 ? (P == 1 || P == 2 || P == 4 || P == 8) : (P == 4 || P == 8 || P == 16);
@@ -578,16 +582,10 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
   if (reinterpret_cast<uintptr_t>(values.const_data_ptr<T>()) % 16 != 0) return false;
   p.n_codes = static_cast<int32_t>(subsets.has_value() ? g.n_codes : g.G);
   const int64_t entries = int64_t(p.n_codes) * P;
-  const int64_t tables_bytes = 8 * entries + 4 * entries + ceil_div(4 * int64_t(p.n_codes), 16) * 16;
-  if (tables_bytes > 48 * 1024) return false;
-  const int nt = token_slots(N);
-  const int64_t x_elem = nt <= 2 ? 4 : static_cast<int64_t>(sizeof(T));  // XType
-  const int64_t x_bytes = ceil_div((g.K + g.K / 16 + 1) * nt * x_elem, 16) * 16;  // x_slot padding
-  const int64_t sums_bytes = row1 ? 0 : 4 * g.row_group * nt;
-  if (x_bytes + tables_bytes + sums_bytes > kMaxSmem) return false;
+  *tables_bytes = 8 * entries + 4 * entries + ceil_div(4 * int64_t(p.n_codes), 16) * 16;
+  if (*tables_bytes > 48 * 1024) return false;
   p.M = static_cast<int32_t>(g.M);
   p.K = static_cast<int32_t>(g.K);
-  p.N = static_cast<int32_t>(N);
   p.R = static_cast<int32_t>(g.row_group);
   p.groups = static_cast<int32_t>(groups);
   p.Sg = static_cast<int32_t>(Sg);
@@ -598,6 +596,29 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
   p.div_n1 = FastDivmod(static_cast<uint32_t>(p.n1));
   p.div_K = FastDivmod(static_cast<uint32_t>(g.K));
   p.div_per_word = FastDivmod(static_cast<uint32_t>(g.per_word));
+  *out = p;
+  return true;
+}
+
+template <typename T>
+bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                          at::Tensor& y, int* status, cudaStream_t stream) {
+  using namespace stream;
+  if (N < 1 || N > kMaxStreamTokens) return false;
+  StreamPlan p;
+  int64_t tables_bytes = 0;
+  if (!plan_stream_geometry<T>(g, values, subsets, &p, &tables_bytes)) return false;
+  const int64_t P = g.nnz * g.B;
+  const bool row1 = g.row_group == 1;
+  const int64_t entries = int64_t(p.n_codes) * P;
+  const int nt = token_slots(N);
+  const int64_t x_elem = nt <= 2 ? 4 : static_cast<int64_t>(sizeof(T));  // XType
+  const int64_t x_bytes = ceil_div((g.K + g.K / 16 + 1) * nt * x_elem, 16) * 16;  // x_slot padding
+  const int64_t sums_bytes = row1 ? 0 : 4 * g.row_group * nt;
+  if (x_bytes + tables_bytes + sums_bytes > kMaxSmem) return false;
+  p.N = static_cast<int32_t>(N);
   p.x_vec = g.K % (16 / static_cast<int64_t>(sizeof(T))) == 0 &&
             reinterpret_cast<uintptr_t>(x2.const_data_ptr<T>()) % 16 == 0;
   p.smem_entry = static_cast<int32_t>(x_bytes);                        // int2 (n_codes, P)

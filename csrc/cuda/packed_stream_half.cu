@@ -1,7 +1,8 @@
-// The stream decode kernel of packed_linear (csrc/cuda/packed_stream.cuh) for
+// The stream decode kernel and the expansion kernel of packed_linear
+// (csrc/cuda/packed_stream.cuh, packed_expand.cuh) for
 // at::Half values: one file a dtype, so the build compiles them in parallel.
 #define S3SPARSE_PACKED_STREAM_IMPL
-#include "cuda/packed_stream.cuh"
+#include "cuda/packed_expand.cuh"
 
 namespace s3sparse {
 namespace packed_cuda {
@@ -9,5 +10,8 @@ template bool launch_packed_stream<at::Half>(const PackedGeometry&, int64_t, con
                                         const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, int*,
                                         cudaStream_t);
+template bool launch_packed_expand<at::Half>(const PackedGeometry&, const at::Tensor&, const at::Tensor&,
+                                        const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                                        at::Tensor&, int*, cudaStream_t);
 }  // namespace packed_cuda
 }  // namespace s3sparse

@@ -1,0 +1,362 @@
+// The expansion kernel of packed_linear's large-batch path: the packed weight
+// written out as a dense W (M, K) in a workspace, which one cuBLAS GEMM then
+// multiplies. Same patterns as the stream decode kernel (packed_stream.cuh:
+// a row_group promise, a fixed number of values a scope, a short code table),
+// the same chunks of 16-byte value loads and the same code tables.
+//
+// Why not the general scatter kernel (packed.cu): it spends 64-bit divisions
+// on every value and needs W zeroed first; on the H200 it took about 200 us
+// for a 2560x9728 fp16 layer, ten times the GEMM at 64 tokens. Here the
+// threads that own a row group write every element of its rows, so W needs no
+// memset:
+//   - span mode (one row a group, and each chunk's scopes tile L consecutive
+//     columns, chunk c at columns [c L, c L + L): 2:4, 4:8, coupled 2:4): a
+//     lane builds its chunk's span in shared memory (zeros, then the kept
+//     values at their code's columns) and stores it with 16-byte writes;
+//   - otherwise the group's rows are zeroed, then its kept values written.
+// Whether the chunks tile their span is checked in every block from block_off
+// and elem_off (the host does not read them). Bad data is skipped and its bits
+// go to the status word, as everywhere.
+#pragma once
+
+#include "cuda/packed_stream.cuh"
+
+namespace s3sparse {
+namespace packed_cuda {
+
+// Expands into w (M, K) (uninitialised on entry, contiguous) and returns true,
+// or returns false without launching when the pattern is not one the kernel
+// takes. Instantiated with launch_packed_stream in packed_stream_<dtype>.cu.
+template <typename T>
+bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, at::Tensor& w, int* status, cudaStream_t stream);
+
+#ifdef S3SPARSE_PACKED_STREAM_IMPL
+namespace expand {
+
+using stream::CodeTables;
+using stream::StreamPlan;
+using stream::chunk_scopes;
+using stream::kThreads;
+using stream::kWarps;
+
+constexpr int kMaxSpanBytes = 64;  // span mode: a lane's staged span
+
+struct ExpandPlan {
+  StreamPlan s;
+  bool span = false;        // span mode may apply (the device checks the tiling)
+  int32_t L = 0;            // span columns (C * G * B)
+  int32_t span_bytes = 0;   // L * sizeof(T), a multiple of 16
+  bool zero_vec = false;    // a group's rows can be zeroed with 16-byte stores
+  int32_t smem_hits = 0, smem_stage = 0;
+};
+
+// The C codes of chunk cu of the group whose first scope is s_first.
+template <int C>
+__device__ __forceinline__ void chunk_codes(const StreamPlan& p, const int32_t* __restrict__ meta, uint32_t s_first,
+                                            int32_t cu, uint32_t (&code)[C]) {
+  const uint32_t f = s_first + static_cast<uint32_t>(cu) * C;
+  const uint32_t word = p.div_per_word.div(f);
+  const uint32_t slot = f - word * static_cast<uint32_t>(p.per_word);
+  const uint32_t w0 = static_cast<uint32_t>(ldg(meta + word));
+  const uint32_t w1 =
+      (C > 1 && slot + C > static_cast<uint32_t>(p.per_word)) ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t sl = slot + k;
+    const bool first = sl < static_cast<uint32_t>(p.per_word);
+    const uint32_t wd = first ? w0 : w1;
+    const uint32_t sh = (first ? sl : sl - p.per_word) * p.bits;
+    code[k] = p.bits >= 32 ? wd : (wd >> sh) & p.field_mask;
+  }
+}
+
+// Does every chunk tile its span? (Each of the C scopes' G * B elements at a
+// distinct column of [0, L) of the chunk's row.) Block-wide; ends with a barrier.
+__device__ inline bool spans_tile(const ExpandPlan& e, const int64_t* __restrict__ block_off,
+                                  const int64_t* __restrict__ elem_off, int C, int32_t* hits, int* span_bad) {
+  const StreamPlan& p = e.s;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const int32_t G = static_cast<int32_t>(p.g.G), B = static_cast<int32_t>(p.g.B);
+  for (int i = tid; i < e.L; i += nt) hits[i] = 0;
+  __syncthreads();
+  for (int32_t i = tid; i < C * G * B; i += nt) {
+    const int32_t k = i / (G * B), b = (i / B) % G, el = i % B;
+    int32_t row = 0, col = 0;
+    split_offset(block_off[b] + elem_off[el], p.g.K, &row, &col);
+    const int32_t pos = k * p.s1_c + col;
+    if (row != 0 || pos < 0 || pos >= e.L) {
+      atomicOr(span_bad, 1);
+    } else {
+      atomicAdd(&hits[pos], 1);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < e.L; i += nt) {
+    if (hits[i] != 1) atomicOr(span_bad, 1);
+  }
+  __syncthreads();
+  return *span_bad == 0;
+}
+
+// Span mode, row q by one warp: lane's chunks rank, rank + 32, ...
+template <typename T, int P>
+__device__ inline int expand_row_spans(const ExpandPlan& e, const T* __restrict__ values,
+                                       const int32_t* __restrict__ meta, const CodeTables& t, int32_t q, int lane,
+                                       unsigned char* stage, T* __restrict__ w) {
+  const StreamPlan& p = e.s;
+  constexpr int C = chunk_scopes<T, P>();
+  constexpr int CP = C * P;
+  constexpr int NV = CP * static_cast<int>(sizeof(T)) / 16;
+  const uint32_t s_first = static_cast<uint32_t>(q) * static_cast<uint32_t>(p.Sg);
+  const int32_t chunks = p.Sg / C;
+  const uint4* vbase = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(s_first) / C * NV;
+  T* span = reinterpret_cast<T*>(stage);
+  uint4* span16 = reinterpret_cast<uint4*>(stage);
+  const int n16 = e.span_bytes / 16;
+  uint4* dst_row = reinterpret_cast<uint4*>(w + static_cast<int64_t>(q) * p.K);
+  int bad = 0;
+  for (int32_t c = lane; c < chunks; c += 32) {
+    uint4 raw[NV];
+#pragma unroll
+    for (int v = 0; v < NV; ++v) raw[v] = ldg(vbase + static_cast<int64_t>(c) * NV + v);
+    uint32_t code[C];
+    chunk_codes<C>(p, meta, s_first, c, code);
+    T vals[CP];
+    std::memcpy(vals, raw, CP * sizeof(T));
+    for (int i = 0; i < n16; ++i) span16[i] = uint4{0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      // A code outside the table or with a bad subset entry: its values are
+      // skipped (the span keeps zeros) and the status says why.
+      if (code[k] >= static_cast<uint32_t>(p.n_codes)) {
+        bad |= p.bad_code;
+        continue;
+      }
+      if (t.row[code[k]] != 0) {
+        bad |= kPackedBadIndex;
+        continue;
+      }
+      int32_t cols[P];
+      stream::load_cols<P>(t.col, code[k], cols);
+#pragma unroll
+      for (int v = 0; v < P; ++v) span[k * p.s1_c + cols[v]] = vals[k * P + v];
+    }
+    uint4* dst = dst_row + static_cast<int64_t>(c) * n16;
+    for (int i = 0; i < n16; ++i) dst[i] = span16[i];
+  }
+  return bad;
+}
+
+// The general mode for the threads (rank of team) that own group q: the
+// group's rows zeroed, a barrier (`sync`), then every kept value written
+// through every check.
+template <typename T, int P, bool ROW1>
+__device__ inline int expand_group_scatter(const ExpandPlan& e, const T* __restrict__ values,
+                                           const int32_t* __restrict__ meta, const CodeTables& t, int32_t q,
+                                           int rank, int team, T* __restrict__ w) {
+  const StreamPlan& p = e.s;
+  constexpr int C = chunk_scopes<T, P>();
+  constexpr int CP = C * P;
+  constexpr int NV = CP * static_cast<int>(sizeof(T)) / 16;
+  const int32_t K = p.K;
+  const int32_t row_lo = q * p.R;
+  {
+    T* rows = w + static_cast<int64_t>(row_lo) * K;
+    const int32_t n = p.R * K;
+    if (e.zero_vec) {  // the group's rows as 16-byte words
+      uint4* rows16 = reinterpret_cast<uint4*>(rows);
+      for (int32_t i = rank; i < n / (16 / static_cast<int32_t>(sizeof(T))); i += team) rows16[i] = uint4{0u, 0u, 0u, 0u};
+    } else {
+      for (int32_t i = rank; i < n; i += team) rows[i] = T(0.f);
+    }
+  }
+  if (ROW1) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+  const uint32_t s_first = static_cast<uint32_t>(q) * static_cast<uint32_t>(p.Sg);
+  const int32_t origin = p.origin_affine ? q * p.origin_step
+                                         : static_cast<int32_t>(p.g.scope_base(static_cast<int64_t>(s_first)));
+  const int32_t chunks = p.Sg / C;
+  const uint4* vbase = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(s_first) / C * NV;
+  int bad = 0;
+  for (int32_t c = rank; c < chunks; c += team) {
+    uint4 raw[NV];
+#pragma unroll
+    for (int v = 0; v < NV; ++v) raw[v] = ldg(vbase + static_cast<int64_t>(c) * NV + v);
+    uint32_t code[C];
+    chunk_codes<C>(p, meta, s_first, c, code);
+    T vals[CP];
+    std::memcpy(vals, raw, CP * sizeof(T));
+    const uint32_t j0 = static_cast<uint32_t>(c) * C;
+    const uint32_t jr = p.div_n1.div(j0);
+    const int32_t local = static_cast<int32_t>(jr) * p.s0 + static_cast<int32_t>(j0 - jr * p.n1) * p.s1;
+    const uint32_t flat = static_cast<uint32_t>(origin + local);
+    int32_t rb = static_cast<int32_t>(p.div_K.div(flat));
+    int32_t cb = static_cast<int32_t>(flat) - rb * K;
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      if (k > 0) {
+        cb += p.s1_c;
+        rb += p.s1_r;
+        if (cb >= K) {
+          cb -= K;
+          ++rb;
+        }
+      }
+      if (code[k] >= static_cast<uint32_t>(p.n_codes)) {
+        bad |= p.bad_code;
+        continue;
+      }
+      for (int v = 0; v < P; ++v) {
+        const int2 o = t.entry[code[k] * P + v];
+        int32_t col = cb + o.x;
+        int32_t row = rb + o.y;
+        if (col >= K) {
+          col -= K;
+          ++row;
+        }
+        if (o.y == kRowClamp) {  // a bad subset entry (the table build reported it)
+          bad |= kPackedBadIndex;
+          continue;
+        }
+        if (static_cast<uint32_t>(row - row_lo) >= static_cast<uint32_t>(p.R)) {
+          bad |= (row < 0 || row >= p.M) ? kPackedBadOffset : kPackedBadGroup;
+          continue;
+        }
+        w[static_cast<int64_t>(row) * K + col] = vals[k * P + v];
+      }
+    }
+  }
+  return bad;
+}
+
+template <typename T, int P, bool ROW1>
+__global__ void __launch_bounds__(kThreads, 2)
+packed_expand_kernel(const ExpandPlan e, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                     const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
+                     const int64_t* __restrict__ elem_off, T* __restrict__ w, int* __restrict__ status) {
+  S3_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int table_bad, span_bad;
+  __shared__ int32_t cmax;
+  const StreamPlan& p = e.s;
+  const CodeTables t{reinterpret_cast<int2*>(smem + p.smem_entry), reinterpret_cast<int32_t*>(smem + p.smem_col),
+                     reinterpret_cast<int32_t*>(smem + p.smem_row), &cmax};
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    table_bad = 0;
+    span_bad = 0;
+    cmax = 0;
+  }
+  __syncthreads();
+  const int tb = stream::build_code_tables<P>(p, subsets, block_off, elem_off, t);
+  if (tb) atomicOr(&table_bad, tb);
+  __syncthreads();
+  bool span = false;
+  if (ROW1 && e.span) {
+    span = spans_tile(e, block_off, elem_off, chunk_scopes<T, P>(), reinterpret_cast<int32_t*>(smem + e.smem_hits),
+                      &span_bad);
+  }
+  int bad = table_bad;
+  if constexpr (ROW1) {
+    const int lane = tid % 32, warp = tid / 32;
+    unsigned char* stage = smem + e.smem_stage + (warp * 32 + lane) * e.span_bytes;
+    const int32_t step = kWarps * static_cast<int32_t>(gridDim.x);
+    for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
+         q += step) {
+      bad |= span ? expand_row_spans<T, P>(e, values, meta, t, q, lane, stage, w)
+                  : expand_group_scatter<T, P, true>(e, values, meta, t, q, lane, 32, w);
+    }
+  } else {
+    for (int32_t q = static_cast<int32_t>(blockIdx.x); q < p.groups; q += static_cast<int32_t>(gridDim.x)) {
+      bad |= expand_group_scatter<T, P, false>(e, values, meta, t, q, tid, kThreads, w);
+      __syncthreads();  // the next group's zeroing never races this group's writes
+    }
+  }
+  if (bad && status != nullptr) atomicOr(status, bad);
+}
+
+template <typename T, int P, bool ROW1>
+void launch_expand_kernel(const ExpandPlan& e, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, at::Tensor& w, int* status, cudaStream_t stream) {
+  auto kernel = packed_expand_kernel<T, P, ROW1>;
+  allow_shared<packed_expand_kernel<T, P, ROW1>>(e.s.smem_total);
+  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, (220 * 1024) / (e.s.smem_total + 1024)));
+  const int64_t slots = multiprocessors() * per_sm;
+  const int64_t want = ROW1 ? ceil_div(e.s.groups, kWarps) : e.s.groups;
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, slots)));
+  S3_LAUNCH(blocks, kThreads, e.s.smem_total, stream, kernel)(
+      e, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
+      subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr, block_off.const_data_ptr<int64_t>(),
+      elem_off.const_data_ptr<int64_t>(), w.mutable_data_ptr<T>(), status);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace expand
+
+template <typename T>
+bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, at::Tensor& w, int* status, cudaStream_t stream) {
+  using namespace expand;
+  ExpandPlan e;
+  int64_t tables_bytes = 0;
+  if (!plan_stream_geometry<T>(g, values, subsets, &e.s, &tables_bytes)) return false;
+  if (reinterpret_cast<uintptr_t>(w.const_data_ptr<T>()) % 16 != 0) return false;
+  StreamPlan& p = e.s;
+  const int64_t P = g.nnz * g.B;
+  const bool row1 = g.row_group == 1;
+  const int64_t C = P * static_cast<int64_t>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int64_t>(sizeof(T)));
+  // Span mode, as far as the host can tell: one row a group, chunk c of a
+  // row at column c * L (its scopes s1 apart in one run of the row), every
+  // span whole 16-byte stores.
+  const int64_t L = C * g.G * g.B;
+  const int64_t span_bytes = L * static_cast<int64_t>(sizeof(T));
+  e.span = row1 && p.s1_r == 0 && C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1) &&
+           int64_t(p.Sg / C) * L == g.K && p.origin_affine && p.origin_step == g.K && span_bytes % 16 == 0 &&
+           span_bytes <= kMaxSpanBytes;
+  e.L = static_cast<int32_t>(e.span ? L : 0);
+  e.zero_vec = (g.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  e.span_bytes = static_cast<int32_t>(e.span ? span_bytes : 0);
+  const int64_t entries = int64_t(p.n_codes) * P;
+  p.smem_entry = 0;
+  p.smem_col = static_cast<int32_t>(8 * entries);
+  p.smem_row = static_cast<int32_t>(12 * entries);
+  e.smem_hits = static_cast<int32_t>(tables_bytes);
+  e.smem_stage = static_cast<int32_t>(tables_bytes + ceil_div(4 * int64_t(e.L), 16) * 16);
+  p.smem_total = static_cast<int32_t>(e.smem_stage + int64_t(kThreads) * e.span_bytes);
+  switch (P) {
+    case 1:
+      launch_expand_kernel<T, 1, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      break;
+    case 2:
+      launch_expand_kernel<T, 2, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      break;
+    case 4:
+      if (row1) {
+        launch_expand_kernel<T, 4, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      } else {
+        launch_expand_kernel<T, 4, false>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      }
+      break;
+    case 8:
+      if (row1) {
+        launch_expand_kernel<T, 8, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      } else {
+        launch_expand_kernel<T, 8, false>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      }
+      break;
+    default:
+      launch_expand_kernel<T, 16, false>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+      break;
+  }
+  return true;
+}
+#endif  // S3SPARSE_PACKED_STREAM_IMPL
+
+}  // namespace packed_cuda
+}  // namespace s3sparse
