@@ -2,7 +2,9 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|bench|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|model|all]...
+# After the install, the wheel's compiled library is copied into this checkout
+# and PYTHONPATH points here, so Python-only changes run without a new wheel.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -20,10 +22,24 @@ for step in "${@:-all}"; do
         cp .whl/*.whl "$OUT/"
       fi
       python3 -m pip install -q --no-deps --force-reinstall .whl/*.whl > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+      site=$(cd /tmp && python3 -c "import os, s3sparse; print(os.path.dirname(s3sparse.__file__))")
+      cp "$site"/_C*.so "$repo/s3sparse/"
+      export PYTHONPATH=$repo
       ;;&
     tests|all)
       (cd /tmp && timeout 400 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests/test_op_packed.py" \
         "$repo/tests/test_sparse_packed.py" 2>&1 | tail -15 | tee "$OUT/pytest-packed-cuda.txt")
+      ;;&
+    cuda)
+      (cd /tmp && timeout 500 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests" 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt")
+      ;;&
+    crossover)
+      # The same calls through each path forced (stream decode kernel / expansion + cuBLAS).
+      for path in stream expand; do
+        (cd /tmp && S3SPARSE_PACKED_CUDA_PATH=$path timeout 200 python3 "$repo/benchmarks/packed.py" --device cuda \
+          --shapes 2560x9728 9728x2560 --tokens 4 8 16 32 --patterns 2:4 4:8 block16-rows --methods dense packed \
+          --out "$OUT/packed-crossover-$path.json" > "$OUT/packed-crossover-$path.txt" 2>&1; tail -3 "$OUT/packed-crossover-$path.txt")
+      done
       ;;&
     bench|all)
       (cd /tmp && timeout 400 python3 "$repo/benchmarks/packed.py" --device cuda --check ${BENCH_ARGS:-} \

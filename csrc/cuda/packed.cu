@@ -635,45 +635,101 @@ packed_finalize_kernel(const float* __restrict__ y32, const T* __restrict__ bias
 // ------------------------------------------------------------------ scatter
 // One thread per kept value, grid-stride. `row_group` > 0 also checks that
 // every element lies in its scope's row group (packed_linear's promise).
-template <typename T>
+// With Fast32 (every index below 2^30) the divisions are 32-bit
+// multiply-shifts by the plan's divisors; 64-bit division is tens of
+// instructions a value, and this kernel was bound by it.
+struct ScatterPlan {
+  PackedGeometry g;
+  FastDivmod div_B, div_nnz, div_per_word, div_K, div_spg;
+  FastDivmod div_shape[kMaxPackedScopeDims];
+};
+
+template <bool Fast32>
+__device__ __forceinline__ int64_t scatter_scope_base(const ScatterPlan& p, int64_t s) {
+  if constexpr (!Fast32) {
+    return p.g.scope_base(s);
+  } else {
+    uint32_t rest = static_cast<uint32_t>(s);
+    int32_t base = 0;
+    for (int d = p.g.ndim - 1; d >= 0; --d) {
+      const uint32_t q = p.div_shape[d].div(rest);
+      base += static_cast<int32_t>(rest - q * static_cast<uint32_t>(p.g.scope_shape[d])) *
+              static_cast<int32_t>(p.g.scope_stride[d]);
+      rest = q;
+    }
+    return base;
+  }
+}
+
+template <typename T, bool Fast32>
 __global__ void __launch_bounds__(kThreads)
-packed_scatter_kernel(const PackedGeometry g, const T* __restrict__ values, const int32_t* __restrict__ meta,
+packed_scatter_kernel(const ScatterPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
                       const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
                       const int64_t* __restrict__ elem_off, T* __restrict__ w, int* __restrict__ status) {
+  const PackedGeometry& g = p.g;
   const int64_t total = g.S * g.nnz * g.B;
   const int64_t w_end = g.M * g.K;
   const int64_t spg = g.row_group > 0 ? g.S * g.row_group / g.M : 0;
+  const uint32_t mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
   int bad = 0;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t sj = t / g.B, e = t - sj * g.B;
-    const int64_t s = sj / g.nnz, j = sj - s * g.nnz;
+    int64_t sj, e, s, j;
+    if constexpr (Fast32) {
+      const uint32_t t32 = static_cast<uint32_t>(t);
+      const uint32_t sj32 = p.div_B.div(t32), s32 = p.div_nnz.div(sj32);
+      sj = sj32;
+      e = t32 - sj32 * static_cast<uint32_t>(g.B);
+      s = s32;
+      j = sj32 - s32 * static_cast<uint32_t>(g.nnz);
+    } else {
+      sj = t / g.B;
+      e = t - sj * g.B;
+      s = sj / g.nnz;
+      j = sj - s * g.nnz;
+    }
+    // Meta field i: field s (one code a scope) or sj (one index a block).
+    const int64_t field = subsets != nullptr ? s : sj;
+    uint32_t raw;
+    if constexpr (Fast32) {
+      const uint32_t word = p.div_per_word.div(static_cast<uint32_t>(field));
+      const uint32_t shift = (static_cast<uint32_t>(field) - word * static_cast<uint32_t>(g.per_word)) * g.meta_bits;
+      raw = (static_cast<uint32_t>(ldg(meta + word)) >> shift) & mask;
+    } else {
+      raw = packed_field(meta, field, g.meta_bits, g.per_word);
+    }
     int64_t k;
     if (subsets != nullptr) {
-      const uint32_t code = packed_field(meta, s, g.meta_bits, g.per_word);
-      if (code >= static_cast<uint64_t>(g.n_codes)) {
+      if (raw >= static_cast<uint64_t>(g.n_codes)) {
         bad |= kPackedBadCode;
         continue;
       }
-      k = subsets[static_cast<int64_t>(code) * g.nnz + j];
+      k = subsets[static_cast<int64_t>(raw) * g.nnz + j];
       if (k < 0) {
         bad |= kPackedBadIndex;
         continue;
       }
     } else {
-      k = packed_field(meta, sj, g.meta_bits, g.per_word);
+      k = raw;
     }
     if (k >= g.G) {
       bad |= kPackedBadIndex;
       continue;
     }
-    const int64_t f = g.scope_base(s) + block_off[k] + elem_off[e];
+    const int64_t f = scatter_scope_base<Fast32>(p, s) + block_off[k] + elem_off[e];
     if (f < 0 || f >= w_end) {
       bad |= kPackedBadOffset;
       continue;
     }
     if (spg > 0) {
-      const int64_t row = f / g.K, row_lo = s / spg * g.row_group;
+      int64_t row, row_lo;
+      if constexpr (Fast32) {
+        row = p.div_K.div(static_cast<uint32_t>(f));
+        row_lo = static_cast<int64_t>(p.div_spg.div(static_cast<uint32_t>(s))) * g.row_group;
+      } else {
+        row = f / g.K;
+        row_lo = s / spg * g.row_group;
+      }
       if (row < row_lo || row >= row_lo + g.row_group) {
         bad |= kPackedBadGroup;
         continue;
@@ -717,11 +773,38 @@ void launch_scatter(const PackedGeometry& g, const at::Tensor& values, const at:
   if (total == 0) return;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kThreads), int64_t(1) << 16));
   const int32_t* sub = subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr;
+  ScatterPlan p;
+  p.g = g;
+  int64_t lo = 0, hi = 0;
+  g.scope_base_range(&lo, &hi);
+  // 32-bit index math when every index, offset and divisor fits (block_off and
+  // elem_off are still added in 64 bits, so bad offsets are caught exactly).
+  bool fast = total < kInt32Safe && g.M * g.K < kInt32Safe && g.n_fields < kInt32Safe && lo > -kInt32Safe &&
+              hi < kInt32Safe;
+  for (int d = 0; d < g.ndim; ++d) fast = fast && g.scope_shape[d] < kInt32Safe && g.scope_stride[d] < kInt32Safe &&
+                                             g.scope_stride[d] > -kInt32Safe;
+  const int64_t spg = g.row_group > 0 ? g.S * g.row_group / g.M : 0;
+  if (fast) {
+    p.div_B = FastDivmod(static_cast<uint32_t>(g.B));
+    p.div_nnz = FastDivmod(static_cast<uint32_t>(g.nnz));
+    p.div_per_word = FastDivmod(static_cast<uint32_t>(g.per_word));
+    p.div_K = FastDivmod(static_cast<uint32_t>(g.K));
+    p.div_spg = FastDivmod(static_cast<uint32_t>(std::max<int64_t>(spg, 1)));
+    for (int d = 0; d < g.ndim; ++d) p.div_shape[d] = FastDivmod(static_cast<uint32_t>(g.scope_shape[d]));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_scatter_cuda", [&] {
-    S3_LAUNCH(blocks, kThreads, 0, stream, packed_scatter_kernel<scalar_t>)(
-        g, values.const_data_ptr<scalar_t>(), meta.const_data_ptr<int32_t>(), sub, block_off.const_data_ptr<int64_t>(),
-        elem_off.const_data_ptr<int64_t>(), w.mutable_data_ptr<scalar_t>(), status_ptr(status));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel) {
+      S3_LAUNCH(blocks, kThreads, 0, stream, kernel)(
+          p, values.const_data_ptr<scalar_t>(), meta.const_data_ptr<int32_t>(), sub,
+          block_off.const_data_ptr<int64_t>(), elem_off.const_data_ptr<int64_t>(), w.mutable_data_ptr<scalar_t>(),
+          status_ptr(status));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (fast) {
+      launch(packed_scatter_kernel<scalar_t, true>);
+    } else {
+      launch(packed_scatter_kernel<scalar_t, false>);
+    }
   });
 }
 
