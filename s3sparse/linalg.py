@@ -125,6 +125,220 @@ def _sym_ortho(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return c, s, r
 
 
+def _vnorm(t: Tensor) -> Tensor:
+    """Euclidean norm over the last dim, kept as a trailing dim of 1."""
+    return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+
+
+def _lsqr_setup(
+    A: Operator, b: Tensor, damp: Union[float, Tensor]
+) -> Tuple[MatVec, MatVec, Tensor, torch.dtype, Tensor]:
+    """Check the arguments; ``(matvec, rmatvec, b, dtype, damp²)`` in the dtype solved in (fp32 or fp64)."""
+    matvec, rmatvec = _operators(A)
+    if not isinstance(b, Tensor) or b.ndim < 1:
+        raise ArgumentError(f"lsqr_gkl: `b` must be a tensor (…, m), got {b!r}")
+    if isinstance(A, Tensor) and A.shape[-2] != b.shape[-1]:
+        raise ArgumentError(f"lsqr_gkl: `A` has {A.shape[-2]} rows but `b` has length {b.shape[-1]}")
+    dtype = b.dtype if b.dtype in (torch.float32, torch.float64) else torch.float32
+    if isinstance(A, Tensor):
+        dtype = torch.promote_types(dtype, A.dtype) if A.dtype in (torch.float32, torch.float64) else dtype
+        A_ = A.to(dtype)
+        matvec, rmatvec = _operators(A_)
+    b = b.to(dtype)
+    damp_t = torch.as_tensor(damp, dtype=dtype, device=b.device)
+    if (damp_t < 0).any():
+        raise ArgumentError(f"lsqr_gkl: `damp` must be >= 0, got {damp}")
+    if damp_t.ndim > 0:
+        damp_t = damp_t.unsqueeze(-1)
+    return matvec, rmatvec, b, dtype, damp_t * damp_t
+
+
+@dataclass
+class _LSQRState:
+    """The LSQR recurrences of every system of the batch: vectors ``(*batch, n|m)``, scalars ``(*batch, 1)``."""
+
+    x: Tensor
+    u: Tensor
+    v: Tensor
+    w: Tensor
+    alpha: Tensor
+    beta: Tensor
+    bnorm: Tensor
+    dampsq: Tensor
+    damp_b: Tensor
+    rhobar: Tensor
+    phibar: Tensor
+    rnorm: Tensor
+    r1norm: Tensor
+    r2norm: Tensor
+    anorm: Tensor
+    acond: Tensor
+    ddnorm: Tensor
+    res2: Tensor
+    xnorm: Tensor
+    xxnorm: Tensor
+    z: Tensor
+    sn2: Tensor
+    cs2: Tensor
+    arnorm: Tensor
+    istop: Tensor
+    itn: Tensor
+    active: Tensor
+
+
+def _lsqr_start(
+    matvec: MatVec, rmatvec: MatVec, b: Tensor, x0: Optional[Tensor], dampsq: Tensor, dtype: torch.dtype
+) -> _LSQRState:
+    """Initialise the bidiagonalisation, ``beta1 u1 = b − A x0``, ``alpha1 v1 = Aᵀ u1``, and every statistic."""
+    u = b.clone()
+    bnorm = _vnorm(b)
+    if x0 is not None:
+        x = x0.to(dtype).clone()
+        u = u - matvec(x)
+    else:
+        x = None
+    beta = _vnorm(u)
+    u = _safe_div(u, beta)
+    v = rmatvec(u).to(dtype)
+    if x is None:
+        x = torch.zeros_like(v)
+    batch = torch.broadcast_shapes(beta.shape[:-1], v.shape[:-1], dampsq.shape[:-1] if dampsq.ndim else ())
+    x = x.expand(*batch, v.shape[-1]).clone()
+    alpha = _vnorm(v)
+    v = _safe_div(v, alpha)
+    w = v.clone()
+
+    def bt(t: Tensor) -> Tensor:
+        return t.expand(*batch, 1).clone()
+
+    zeros = bt(torch.zeros((), dtype=dtype, device=b.device).reshape([1] * (len(batch) + 1)))
+    alpha, beta, bnorm = bt(alpha), bt(beta), bt(bnorm)
+    dampsq = bt(dampsq.reshape([1] * (len(batch) + 1)) if dampsq.ndim == 0 else dampsq)
+    arnorm = alpha * beta
+    istop = torch.zeros(batch + (1,), dtype=torch.int64, device=b.device)
+    return _LSQRState(
+        x=x, u=u, v=v, w=w, alpha=alpha, beta=beta, bnorm=bnorm, dampsq=dampsq, damp_b=dampsq.sqrt(),
+        rhobar=alpha.clone(), phibar=beta.clone(), rnorm=beta.clone(), r1norm=beta.clone(), r2norm=beta.clone(),
+        anorm=zeros.clone(), acond=zeros.clone(), ddnorm=zeros.clone(), res2=zeros.clone(),
+        xnorm=zeros.clone(), xxnorm=zeros.clone(), z=zeros.clone(), sn2=zeros.clone(),
+        cs2=-torch.ones_like(zeros), arnorm=arnorm, istop=istop, itn=torch.zeros_like(istop),
+        # arnorm == 0: x0 already solves the normal equations. A system with b = 0 has the exact
+        # solution x = x0 (x = 0 by default).
+        active=arnorm != 0,
+    )
+
+
+def _lsqr_bidiagonalise(st: _LSQRState, matvec: MatVec, rmatvec: MatVec, dtype: torch.dtype) -> None:
+    """Continue the bidiagonalisation: the next ``u``, ``beta``, ``v``, ``alpha`` and the ``‖A‖`` estimate."""
+    st.u = matvec(st.v).to(dtype) - st.alpha * st.u
+    st.beta = _vnorm(st.u)
+    st.u = _safe_div(st.u, st.beta)
+    st.anorm = torch.where(st.beta > 0, torch.sqrt(st.anorm**2 + st.alpha**2 + st.beta**2 + st.dampsq), st.anorm)
+    v_new = rmatvec(st.u).to(dtype) - st.beta * st.v
+    alpha_new = _vnorm(v_new)
+    v_new = _safe_div(v_new, alpha_new)
+    st.alpha = torch.where(st.beta > 0, alpha_new, st.alpha)
+    st.v = torch.where(st.beta > 0, v_new, st.v)
+
+
+def _lsqr_rotate(st: _LSQRState) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Eliminate the damping and the subdiagonal ``beta``, update ``x`` and ``w``; ``(psi, tau, rho, theta, phi)``."""
+    # ---- eliminate the damping parameter (rotation of [rhobar; damp])
+    rhobar1 = torch.sqrt(st.rhobar**2 + st.dampsq)
+    cs1 = _safe_div(st.rhobar, rhobar1)
+    sn1 = _safe_div(st.damp_b, rhobar1)
+    psi = sn1 * st.phibar
+    st.phibar = cs1 * st.phibar
+
+    # ---- plane rotation eliminating the subdiagonal beta
+    cs, sn, rho = _sym_ortho(rhobar1, st.beta)
+    theta = sn * st.alpha
+    st.rhobar = -cs * st.alpha
+    phi = cs * st.phibar
+    st.phibar = sn * st.phibar
+    tau = sn * phi
+
+    # ---- update x and w
+    t1 = _safe_div(phi, rho)
+    t2 = _safe_div(-theta, rho)
+    dk = _safe_div(st.w, rho)
+    st.x = torch.where(st.active, st.x + t1 * st.w, st.x)
+    st.w = st.v + t2 * st.w
+    st.ddnorm = st.ddnorm + _vnorm(dk) ** 2
+    return psi, tau, rho, theta, phi
+
+
+def _lsqr_xnorm(st: _LSQRState, rho: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
+    """The new ``‖x‖`` estimate (Paige & Saunders' second rotation)."""
+    delta = st.sn2 * rho
+    gambar = -st.cs2 * rho
+    rhs = phi - delta * st.z
+    zbar = _safe_div(rhs, gambar)
+    xnorm_new = torch.sqrt(st.xxnorm + zbar**2)
+    gamma = torch.hypot(gambar, theta)
+    st.cs2 = _safe_div(gambar, gamma)
+    st.sn2 = _safe_div(theta, gamma)
+    st.z = _safe_div(rhs, gamma)
+    st.xxnorm = st.xxnorm + st.z**2
+    return xnorm_new
+
+
+@dataclass
+class _LSQREstimates:
+    """One iteration's statistics, recorded only for the systems still running."""
+
+    xnorm: Tensor
+    acond: Tensor
+    rnorm: Tensor
+    arnorm: Tensor
+    r1norm: Tensor
+
+
+def _lsqr_estimates(st: _LSQRState, psi: Tensor, tau: Tensor, xnorm: Tensor, dtype: torch.dtype) -> _LSQREstimates:
+    """Residual and condition estimates of this iteration."""
+    acond_new = st.anorm * torch.sqrt(st.ddnorm)
+    res1 = st.phibar**2
+    st.res2 = st.res2 + psi**2
+    rnorm_new = torch.sqrt(res1 + st.res2)
+    arnorm_new = st.alpha * tau.abs()
+    r1sq = rnorm_new**2 - st.dampsq * st.xxnorm
+    r1norm_new = torch.sqrt(r1sq.abs()) * torch.where(r1sq < 0, -1.0, 1.0).to(dtype)
+    return _LSQREstimates(xnorm=xnorm, acond=acond_new, rnorm=rnorm_new, arnorm=arnorm_new, r1norm=r1norm_new)
+
+
+def _lsqr_stop_code(
+    st: _LSQRState, est: _LSQREstimates, it: int, max_iter: int, atol: float, btol: float, ctol: float, eps: float
+) -> Tensor:
+    """Each system's stop code after this iteration (0: go on), as in ``LSQR_STOP_REASONS``."""
+    test1 = _safe_div(est.rnorm, st.bnorm)
+    test2 = est.arnorm / (st.anorm * est.rnorm + eps)
+    test3 = 1.0 / (est.acond + eps)
+    t1s = test1 / (1 + _safe_div(st.anorm * est.xnorm, st.bnorm))
+    rtol = btol + atol * _safe_div(st.anorm * est.xnorm, st.bnorm)
+
+    stop = torch.full_like(st.istop, 7 if it >= max_iter else 0)
+    stop = torch.where(1 + test3 <= 1, 6, stop)
+    stop = torch.where(1 + test2 <= 1, 5, stop)
+    stop = torch.where(1 + t1s <= 1, 4, stop)
+    stop = torch.where(test3 <= ctol, 3, stop)
+    stop = torch.where(test2 <= atol, 2, stop)
+    stop = torch.where(test1 <= rtol, 1, stop)
+    return stop
+
+
+def _lsqr_record(st: _LSQRState, est: _LSQREstimates, stop: Tensor, it: int) -> None:
+    """Keep this iteration's statistics for the running systems; freeze those that had already stopped."""
+    st.xnorm = torch.where(st.active, est.xnorm, st.xnorm)
+    st.acond = torch.where(st.active, est.acond, st.acond)
+    st.rnorm = torch.where(st.active, est.rnorm, st.rnorm)
+    st.arnorm = torch.where(st.active, est.arnorm, st.arnorm)
+    st.r1norm = torch.where(st.active, est.r1norm, st.r1norm)
+    st.r2norm = torch.where(st.active, est.rnorm, st.r2norm)
+    st.istop = torch.where(st.active, stop, st.istop)
+    st.itn = torch.where(st.active, torch.full_like(st.itn, it), st.itn)
+    st.active = st.active & (stop == 0)
+
+
 @torch.no_grad()
 def lsqr_gkl(
     A: Operator,
@@ -167,169 +381,37 @@ def lsqr_gkl(
         TypeError: ``A`` is neither a tensor nor a pair of callables.
         ValueError: negative ``damp`` or mismatched shapes.
     """
-    matvec, rmatvec = _operators(A)
-    if not isinstance(b, Tensor) or b.ndim < 1:
-        raise ArgumentError(f"lsqr_gkl: `b` must be a tensor (…, m), got {b!r}")
-    if isinstance(A, Tensor) and A.shape[-2] != b.shape[-1]:
-        raise ArgumentError(f"lsqr_gkl: `A` has {A.shape[-2]} rows but `b` has length {b.shape[-1]}")
-    dtype = b.dtype if b.dtype in (torch.float32, torch.float64) else torch.float32
-    if isinstance(A, Tensor):
-        dtype = torch.promote_types(dtype, A.dtype) if A.dtype in (torch.float32, torch.float64) else dtype
-        A_ = A.to(dtype)
-        matvec, rmatvec = _operators(A_)
-    b = b.to(dtype)
+    matvec, rmatvec, b, dtype, dampsq = _lsqr_setup(A, b, damp)
     eps = torch.finfo(dtype).eps
-
-    def norm(t: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-
-    damp_t = torch.as_tensor(damp, dtype=dtype, device=b.device)
-    if (damp_t < 0).any():
-        raise ArgumentError(f"lsqr_gkl: `damp` must be >= 0, got {damp}")
-    if damp_t.ndim > 0:
-        damp_t = damp_t.unsqueeze(-1)
-    dampsq = damp_t * damp_t
-
-    # ---- initialise the bidiagonalisation: beta1 u1 = b - A x0, alpha1 v1 = Aᵀ u1
-    u = b.clone()
-    bnorm = norm(b)
-    if x0 is not None:
-        x = x0.to(dtype).clone()
-        u = u - matvec(x)
-    else:
-        x = None
-    beta = norm(u)
-    u = _safe_div(u, beta)
-    v = rmatvec(u).to(dtype)
-    if x is None:
-        x = torch.zeros_like(v)
-    batch = torch.broadcast_shapes(beta.shape[:-1], v.shape[:-1], dampsq.shape[:-1] if dampsq.ndim else ())
-    x = x.expand(*batch, v.shape[-1]).clone()
-    n = v.shape[-1]
+    st = _lsqr_start(matvec, rmatvec, b, x0, dampsq, dtype)
     if max_iter is None:
-        max_iter = 2 * n
-    alpha = norm(v)
-    v = _safe_div(v, alpha)
-    w = v.clone()
-
-    def bt(t: Tensor) -> Tensor:
-        return t.expand(*batch, 1).clone()
-
-    zeros = bt(torch.zeros((), dtype=dtype, device=b.device).reshape([1] * (len(batch) + 1)))
-    alpha, beta, bnorm = bt(alpha), bt(beta), bt(bnorm)
-    dampsq = bt(dampsq.reshape([1] * (len(batch) + 1)) if dampsq.ndim == 0 else dampsq)
-    damp_b = dampsq.sqrt()
-    rhobar, phibar = alpha.clone(), beta.clone()
-    rnorm, r1norm, r2norm = beta.clone(), beta.clone(), beta.clone()
-    anorm, acond, ddnorm, res2 = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-    xnorm, xxnorm, z, sn2 = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-    cs2 = -torch.ones_like(zeros)
-    arnorm = alpha * beta
+        max_iter = 2 * st.x.shape[-1]
     ctol = 1.0 / conlim if conlim > 0 else 0.0
 
-    istop = torch.zeros(batch + (1,), dtype=torch.int64, device=b.device)
-    itn = torch.zeros_like(istop)
-    active = arnorm != 0  # arnorm == 0: x0 already solves the normal equations
-    # A system with b = 0 has the exact solution x = x0 (x = 0 by default)
-
     it = 0
-    while bool(active.any()) and it < max_iter:
+    while bool(st.active.any()) and it < max_iter:
         it += 1
-        # ---- continue the bidiagonalisation
-        u = matvec(v).to(dtype) - alpha * u
-        beta = norm(u)
-        u = _safe_div(u, beta)
-        anorm = torch.where(beta > 0, torch.sqrt(anorm**2 + alpha**2 + beta**2 + dampsq), anorm)
-        v_new = rmatvec(u).to(dtype) - beta * v
-        alpha_new = norm(v_new)
-        v_new = _safe_div(v_new, alpha_new)
-        alpha = torch.where(beta > 0, alpha_new, alpha)
-        v = torch.where(beta > 0, v_new, v)
+        _lsqr_bidiagonalise(st, matvec, rmatvec, dtype)
+        psi, tau, rho, theta, phi = _lsqr_rotate(st)
+        xnorm = _lsqr_xnorm(st, rho, theta, phi)
+        est = _lsqr_estimates(st, psi, tau, xnorm, dtype)
+        _lsqr_record(st, est, _lsqr_stop_code(st, est, it, max_iter, atol, btol, ctol, eps), it)
 
-        # ---- eliminate the damping parameter (rotation of [rhobar; damp])
-        rhobar1 = torch.sqrt(rhobar**2 + dampsq)
-        cs1 = _safe_div(rhobar, rhobar1)
-        sn1 = _safe_div(damp_b, rhobar1)
-        psi = sn1 * phibar
-        phibar = cs1 * phibar
-
-        # ---- plane rotation eliminating the subdiagonal beta
-        cs, sn, rho = _sym_ortho(rhobar1, beta)
-        theta = sn * alpha
-        rhobar = -cs * alpha
-        phi = cs * phibar
-        phibar = sn * phibar
-        tau = sn * phi
-
-        # ---- update x and w
-        t1 = _safe_div(phi, rho)
-        t2 = _safe_div(-theta, rho)
-        dk = _safe_div(w, rho)
-        x = torch.where(active, x + t1 * w, x)
-        w = v + t2 * w
-        ddnorm = ddnorm + norm(dk) ** 2
-
-        # ---- estimate ‖x‖ (Paige & Saunders' second rotation)
-        delta = sn2 * rho
-        gambar = -cs2 * rho
-        rhs = phi - delta * z
-        zbar = _safe_div(rhs, gambar)
-        xnorm_new = torch.sqrt(xxnorm + zbar**2)
-        gamma = torch.hypot(gambar, theta)
-        cs2 = _safe_div(gambar, gamma)
-        sn2 = _safe_div(theta, gamma)
-        z = _safe_div(rhs, gamma)
-        xxnorm = xxnorm + z**2
-
-        # ---- residual and condition estimates
-        acond_new = anorm * torch.sqrt(ddnorm)
-        res1 = phibar**2
-        res2 = res2 + psi**2
-        rnorm_new = torch.sqrt(res1 + res2)
-        arnorm_new = alpha * tau.abs()
-        r1sq = rnorm_new**2 - dampsq * xxnorm
-        r1norm_new = torch.sqrt(r1sq.abs()) * torch.where(r1sq < 0, -1.0, 1.0).to(dtype)
-
-        test1 = _safe_div(rnorm_new, bnorm)
-        test2 = arnorm_new / (anorm * rnorm_new + eps)
-        test3 = 1.0 / (acond_new + eps)
-        t1s = test1 / (1 + _safe_div(anorm * xnorm_new, bnorm))
-        rtol = btol + atol * _safe_div(anorm * xnorm_new, bnorm)
-
-        stop = torch.full_like(istop, 7 if it >= max_iter else 0)
-        stop = torch.where(1 + test3 <= 1, 6, stop)
-        stop = torch.where(1 + test2 <= 1, 5, stop)
-        stop = torch.where(1 + t1s <= 1, 4, stop)
-        stop = torch.where(test3 <= ctol, 3, stop)
-        stop = torch.where(test2 <= atol, 2, stop)
-        stop = torch.where(test1 <= rtol, 1, stop)
-
-        # freeze the statistics of systems that had already stopped
-        xnorm = torch.where(active, xnorm_new, xnorm)
-        acond = torch.where(active, acond_new, acond)
-        rnorm = torch.where(active, rnorm_new, rnorm)
-        arnorm = torch.where(active, arnorm_new, arnorm)
-        r1norm = torch.where(active, r1norm_new, r1norm)
-        r2norm = torch.where(active, rnorm_new, r2norm)
-        istop = torch.where(active, stop, istop)
-        itn = torch.where(active, torch.full_like(itn, it), itn)
-        active = active & (stop == 0)
-
-    istop = torch.where(active, torch.full_like(istop, 7), istop)
+    istop = torch.where(st.active, torch.full_like(st.istop, 7), st.istop)
 
     def sq(t: Tensor) -> Tensor:
         return t.squeeze(-1)
 
     return LSQRResult(
-        x=x,
+        x=st.x,
         istop=sq(istop),
-        itn=sq(itn),
-        r1norm=sq(r1norm),
-        r2norm=sq(r2norm),
-        anorm=sq(anorm),
-        acond=sq(acond),
-        arnorm=sq(arnorm),
-        xnorm=sq(xnorm),
+        itn=sq(st.itn),
+        r1norm=sq(st.r1norm),
+        r2norm=sq(st.r2norm),
+        anorm=sq(st.anorm),
+        acond=sq(st.acond),
+        arnorm=sq(st.arnorm),
+        xnorm=sq(st.xnorm),
     )
 
 

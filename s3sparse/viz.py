@@ -496,28 +496,16 @@ def draw_layout(
         nnz = default_nnz
     elif nnz < 0:
         nnz = None
-    layout = element_layout(scope)
-    M, K = layout.block.shape
-    if M * K > MAX_CELLS:
-        raise ArgumentError(
-            f"draw_layout: {M}×{K} = {M * K} weights is too many to draw (at most {MAX_CELLS}); draw a smaller tensor"
-        )
-    blk = layout.block.tolist()
-    scp = layout.scope.tolist()
-    fill_of = {b: BLOCK_FILLS[i] for b, i in _assign_colours(layout.block, len(BLOCK_FILLS)).items()}
-    edge_of = {s: SCOPE_EDGES[i] for s, i in _assign_colours(layout.scope, len(SCOPE_EDGES)).items()}
-    prn = _pruned_mask(scope, nnz, values, layout).tolist() if nnz is not None else None
+    (M, K), blk, scp, prn, fill_of, edge_of = _cells(scope, nnz, values)
 
     panels = 1 if prn is None else 2
     top, gap, bottom, side = 0.95, 0.45, 0.45, 0.7
     fig_w = K * cell_size + 2 * side
     fig_h = top + panels * M * cell_size + (panels - 1) * gap + bottom
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
-    per_scope = math.prod(int(g) // int(s) for g, s in zip(_scope_parts(scope)[0].grid_shape, scope.grid_shape))
+    per_scope = _blocks_per_scope(scope)
 
-    heading = title if title is not None else (name or "pattern")
-    fig.text(0.5, 1 - 0.12 / fig_h, heading, ha="center", va="top", fontsize=11, fontweight="bold")
-    fig.text(0.5, 1 - 0.38 / fig_h, _describe(scope), ha="center", va="top", fontsize=7.5, family="monospace")
+    _add_heading(fig, fig_h, title if title is not None else (name or "pattern"), scope)
 
     y = fig_h - top - M * cell_size
     ax = fig.add_axes((side / fig_w, y / fig_h, K * cell_size / fig_w, M * cell_size / fig_h))
@@ -534,14 +522,53 @@ def draw_layout(
             + ": grey × = pruned",
             ha="center", va="center", fontsize=7.5,
         )
+    _add_legend(fig, fig_h, annotate)
+
+    if path is not None:
+        _save_png(fig, path, dpi)
+    return fig
+
+
+def _cells(
+    scope: Any, nnz: Optional[int], values: Optional[Tensor]
+) -> Tuple[Tuple[int, int], list, list, Optional[list], dict, dict]:
+    """``(M, K)``; per cell its block id, scope id and pruned flag (``None`` without ``nnz``); block fills, scope edges."""
+    layout = element_layout(scope)
+    M, K = layout.block.shape
+    if M * K > MAX_CELLS:
+        raise ArgumentError(
+            f"draw_layout: {M}×{K} = {M * K} weights is too many to draw (at most {MAX_CELLS}); draw a smaller tensor"
+        )
+    blk = layout.block.tolist()
+    scp = layout.scope.tolist()
+    fill_of = {b: BLOCK_FILLS[i] for b, i in _assign_colours(layout.block, len(BLOCK_FILLS)).items()}
+    edge_of = {s: SCOPE_EDGES[i] for s, i in _assign_colours(layout.scope, len(SCOPE_EDGES)).items()}
+    prn = _pruned_mask(scope, nnz, values, layout).tolist() if nnz is not None else None
+    return (M, K), blk, scp, prn, fill_of, edge_of
+
+
+def _add_heading(fig: "Figure", fig_h: float, heading: str, scope: Any) -> None:
+    """The title line and, under it, the scope's description in monospace."""
+    fig.text(0.5, 1 - 0.12 / fig_h, heading, ha="center", va="top", fontsize=11, fontweight="bold")
+    fig.text(0.5, 1 - 0.38 / fig_h, _describe(scope), ha="center", va="top", fontsize=7.5, family="monospace")
+
+
+def _add_legend(fig: "Figure", fig_h: float, annotate: bool) -> None:
+    """The one-line key at the bottom: what rows, columns, fills and outlines mean."""
     legend = "rows = output channels, columns = input features   ·   fill colour = block   ·   outline colour"
     legend += " and number = scope" if annotate else " = scope"
     fig.text(0.5, 0.12 / fig_h, legend, ha="center", va="bottom", fontsize=7)
 
-    if path is not None:
-        path = os.fspath(path)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        fig.savefig(path, dpi=dpi, format="png")
-    return fig
+
+def _blocks_per_scope(scope: Any) -> int:
+    """Blocks in one scope (the ``of`` of the result panel's "keep nnz of ..." label)."""
+    return math.prod(int(g) // int(s) for g, s in zip(_scope_parts(scope)[0].grid_shape, scope.grid_shape))
+
+
+def _save_png(fig: "Figure", path: Union[str, os.PathLike], dpi: int) -> None:
+    """Write ``fig`` as a PNG at ``path``, creating its parent folders."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")

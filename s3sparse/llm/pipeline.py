@@ -35,7 +35,8 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -347,6 +348,138 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _check_run_options(hessian_dtype: torch.dtype, batch_size: int) -> None:
+    """Refuse a Hessian dtype other than fp32/fp64 and a batch size below 1."""
+    if hessian_dtype not in (torch.float32, torch.float64):
+        raise UsageError(f"hessian_dtype must be torch.float32 or torch.float64, got {hessian_dtype!r}")
+    if int(batch_size) < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _run_device(model: nn.Module, device: Union[str, torch.device, None]) -> torch.device:
+    """Where blocks run: ``device``, else where the model is; a bare ``cuda`` is the current CUDA device."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _checked_plans(block_layers: Sequence[Sequence[LinearLayer]], recipe: Recipe) -> Dict[str, LayerPlan]:
+    """Every layer's plan, once the patterns fit every shape and every weight to prune is finite."""
+    plans = check_recipe_fits([layer for layers in block_layers for layer in layers], recipe)
+    check_weights_finite([layer for layers in block_layers for layer in layers], plans)
+    return plans
+
+
+@dataclass
+class _BlockRun:
+    """What pruning each block needs from :func:`prune_model`'s arguments, and where it reports."""
+
+    ranks: Ranks
+    device: torch.device  # where blocks run and are pruned
+    home: torch.device  # where blocks live between their turns (the CPU with offload)
+    offload: bool
+    hessian_dtype: torch.dtype
+    block_error: bool
+    blocks_name: str
+    plans: Dict[str, LayerPlan]
+    report: PruneReport
+    bar: _Progress
+
+
+def _capture_first_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationSet, batch_size: int, run: _BlockRun
+) -> Tuple[List[Tensor], List[BlockCall], Any]:
+    """Run this rank's calibration windows up to the first block: its inputs, the calls, per-block arguments."""
+    with run.ranks.sync("capturing the first block's inputs"):
+        if run.offload:
+            blocks.to("cpu")
+            move_outside_blocks(model, blocks, run.device)
+        else:
+            model.to(run.device)
+        # This rank's share of the windows (all of them alone).
+        windows = calibration.input_ids[run.ranks.share(calibration.n_samples)]
+        batches = list(windows.split(int(batch_size))) if windows.shape[0] else []
+        calls = capture_block_inputs(model, blocks, batches, run.device)
+        own_arguments = per_block_arguments(model, blocks, batches, run.device)
+        if run.offload:
+            move_outside_blocks(model, blocks, run.home)
+    hidden = [call.hidden for call in calls]
+    for call in calls:
+        call.hidden = None  # the caller's `hidden` holds the only reference
+    return hidden, calls, own_arguments
+
+
+def _block_hessians(
+    run: _BlockRun, block: nn.Module, block_calls: Sequence[BlockCall], to_prune: Sequence[LinearLayer], label: str
+) -> Tuple[_HessianHooks, List[Tensor]]:
+    """Run the dense block with Hessian hooks: the hooks (Hessians summed over ranks) and the dense outputs."""
+    dense_out: List[Tensor] = []
+    with run.ranks.sync(f"running {label} on its calibration windows") as sync:
+        if run.offload:
+            block.to(run.device)
+        hooks = _HessianHooks(to_prune, run.device, run.hessian_dtype)
+        try:
+            for call in block_calls:
+                out = run_block(block, call, call.hidden)
+                hooks.end_call()
+                if run.block_error:
+                    dense_out.append(out)
+        finally:
+            hooks.remove()
+        sync.payload = hooks.shared_with()
+    run.ranks.sum_hessians(hooks.accumulators, sync.results, {layer.name: layer.in_features for layer in to_prune},
+                           run.device, run.hessian_dtype)
+    return hooks, dense_out
+
+
+def _prune_block(
+    run: _BlockRun,
+    index: int,
+    block: nn.Module,
+    layers: Sequence[LinearLayer],
+    hidden: List[Tensor],
+    arguments: Sequence[Any],
+) -> List[Tensor]:
+    """Prune one block's layers on its inputs ``hidden``; the pruned block's outputs (the next block's inputs)."""
+    block_start = time.perf_counter()
+    label = f"{run.blocks_name}.{index}"
+    block_calls = [BlockCall(states, a.args, a.kwargs, a.hidden_key) for states, a in zip(hidden, arguments)]
+    run.bar.start_layers(len(layers), label)
+
+    plans = run.plans
+    to_prune = [layer for layer in layers if not (plans[layer.name].skipped or plans[layer.name].pattern.is_dense)]
+    hooks, dense_out = _block_hessians(run, block, block_calls, to_prune, label)
+    for layer in layers:
+        run.bar.layer_started(layer.name[len(run.blocks_name) + len(str(index)) + 2 :])
+        record = _prune_layer(layer, plans[layer.name], hooks.accumulators.get(layer.name), run.bar.message, run.ranks)
+        run.report.layers.append(record)
+        run.bar.layer_done()
+    del hooks
+
+    with run.ranks.sync(f"running the pruned {label}") as sync:
+        hidden = [run_block(block, call, call.hidden) for call in block_calls]
+        sync.payload = _error_sums(hidden, dense_out) if run.block_error else (0.0, 0.0)
+    num, den = sum_over_ranks(sync.results)
+    error = math.sqrt(num / den) if run.block_error and den > 0 else None
+    del dense_out
+    if run.offload:
+        block.to(run.home)
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+    _synchronize(run.device)
+    run.report.blocks.append(BlockReport(index, label, time.perf_counter() - block_start, error))
+    run.bar.block_done()
+    return hidden
+
+
+def _finish_report(report: PruneReport, model: nn.Module, started: float) -> None:
+    """The whole model's parameter and zero counts, and the run's wall time."""
+    report.model_parameters = sum(p.numel() for p in model.parameters())
+    report.model_zeros = int(sum(int((p == 0).sum()) for p in model.parameters()))
+    report.seconds = time.perf_counter() - started
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -426,93 +559,23 @@ def prune_model(
     if recipe is None:
         recipe = Recipe.create(pattern, method, method_options, overrides, skip)
     calibration = _as_calibration(calibration)
-    if hessian_dtype not in (torch.float32, torch.float64):
-        raise UsageError(f"hessian_dtype must be torch.float32 or torch.float64, got {hessian_dtype!r}")
-    if int(batch_size) < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    home = torch.device("cpu") if offload else device
-
+    _check_run_options(hessian_dtype, batch_size)
+    device = _run_device(model, device)
     blocks_name, blocks = find_blocks(model)
     block_layers = [linear_layers(block, f"{blocks_name}.{i}") for i, block in enumerate(blocks)]
-    plans = check_recipe_fits([layer for layers in block_layers for layer in layers], recipe)
-    check_weights_finite([layer for layers in block_layers for layer in layers], plans)
-
+    plans = _checked_plans(block_layers, recipe)
     report = PruneReport(recipe=recipe.to_dict(), calibration=calibration.describe(), device=str(device),
                          offload=bool(offload), world_size=ranks.world_size)
-    bar = _Progress(progress and ranks.is_main, len(blocks))
+    run = _BlockRun(ranks, device, torch.device("cpu") if offload else device, offload, hessian_dtype, block_error,
+                    blocks_name, plans, report, _Progress(progress and ranks.is_main, len(blocks)))
     try:
         with _eval_mode(model):
-            with ranks.sync("capturing the first block's inputs"):
-                if offload:
-                    blocks.to("cpu")
-                    move_outside_blocks(model, blocks, device)
-                else:
-                    model.to(device)
-                # This rank's share of the windows (all of them alone).
-                windows = calibration.input_ids[ranks.share(calibration.n_samples)]
-                batches = list(windows.split(int(batch_size))) if windows.shape[0] else []
-                calls = capture_block_inputs(model, blocks, batches, device)
-                own_arguments = per_block_arguments(model, blocks, batches, device)
-                if offload:
-                    move_outside_blocks(model, blocks, home)
-            hidden = [call.hidden for call in calls]
-            for call in calls:
-                call.hidden = None  # `hidden` holds the only reference: freed as blocks advance
-
+            hidden, calls, own_arguments = _capture_first_inputs(model, blocks, calibration, batch_size, run)
             for index, block in enumerate(blocks):
-                block_start = time.perf_counter()
-                block_calls = [
-                    BlockCall(states, arguments.args, arguments.kwargs, arguments.hidden_key)
-                    for states, arguments in zip(hidden, own_arguments[index] if own_arguments else calls)
-                ]
-                layers = block_layers[index]
-                bar.start_layers(len(layers), f"{blocks_name}.{index}")
-
-                to_prune = [layer for layer in layers if not (plans[layer.name].skipped or plans[layer.name].pattern.is_dense)]
-                dense_out: List[Tensor] = []
-                with ranks.sync(f"running {blocks_name}.{index} on its calibration windows") as sync:
-                    if offload:
-                        block.to(device)
-                    hooks = _HessianHooks(to_prune, device, hessian_dtype)
-                    try:
-                        for call in block_calls:
-                            out = run_block(block, call, call.hidden)
-                            hooks.end_call()
-                            if block_error:
-                                dense_out.append(out)
-                    finally:
-                        hooks.remove()
-                    sync.payload = hooks.shared_with()
-                ranks.sum_hessians(hooks.accumulators, sync.results, {layer.name: layer.in_features for layer in to_prune},
-                                   device, hessian_dtype)
-
-                for layer in layers:
-                    bar.layer_started(layer.name[len(blocks_name) + len(str(index)) + 2 :])
-                    record = _prune_layer(layer, plans[layer.name], hooks.accumulators.get(layer.name), bar.message, ranks)
-                    report.layers.append(record)
-                    bar.layer_done()
-                del hooks
-
-                with ranks.sync(f"running the pruned {blocks_name}.{index}") as sync:
-                    hidden = [run_block(block, call, call.hidden) for call in block_calls]
-                    sync.payload = _error_sums(hidden, dense_out) if block_error else (0.0, 0.0)
-                num, den = sum_over_ranks(sync.results)
-                error = math.sqrt(num / den) if block_error and den > 0 else None
-                del dense_out
-                if offload:
-                    block.to(home)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                _synchronize(device)
-                report.blocks.append(BlockReport(index, f"{blocks_name}.{index}", time.perf_counter() - block_start, error))
-                bar.block_done()
+                arguments = own_arguments[index] if own_arguments else calls
+                # `hidden` holds the only reference to a block's inputs: freed as blocks advance.
+                hidden = _prune_block(run, index, block, block_layers[index], hidden, arguments)
     finally:
-        bar.close()
-
-    report.model_parameters = sum(p.numel() for p in model.parameters())
-    report.model_zeros = int(sum(int((p == 0).sum()) for p in model.parameters()))
-    report.seconds = time.perf_counter() - started
+        run.bar.close()
+    _finish_report(report, model, started)
     return report

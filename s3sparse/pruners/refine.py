@@ -151,8 +151,29 @@ def refine_mask(
     C, _ = damped_inverse(hessian, damp, dtype=f64, what="refine_mask's H + damp*I")
     block_sets, elem_sets = block_subsets(G, num_prune, B, dev)  # (n_c, np), (n_c, q)
     q = elem_sets.shape[1]
+    cand = _starting_candidates(W_in, cols, block_sets, num_prune, G, B)  # (M, S)
 
-    # Starting mask: the first num_prune all-zero blocks of every scope.
+    m = chunk_size or max(1, _CHUNK_ELEMS // max(1, (S * q) ** 2))
+    m = check_int(m, "chunk_size", minimum=1, what="rows held at once")
+    changed = _run_sweeps(C, W0, cand, cols, elem_sets, sweeps, m, min_change, progress_fn)
+
+    W_out = torch.empty_like(W0)
+    for lo in range(0, M, m):
+        W_out[lo : lo + m] = _optimal_weights(C, W0[lo : lo + m], _pruned_cols(cand[lo : lo + m], cols, elem_sets))
+    worse = _keep_better_rows(W_out, W_in, W0, hessian)
+    if not torch.isfinite(W_out).all():
+        raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
+    result = param.detach().clone()
+    result[rows] = W_out.to(param.dtype)
+    param.data.copy_(result)
+    if progress_fn is not None:
+        progress_fn("")
+    return RefineResult(tuple(changed), M * S, int(worse.sum()))
+
+
+def _starting_candidates(W_in: Tensor, cols: Tensor, block_sets: Tensor, num_prune: int, G: int, B: int) -> Tensor:
+    """(M, S) index into ``block_sets`` of every scope's starting pruned set: its first ``num_prune`` all-zero blocks."""
+    M, S = W_in.shape[0], cols.shape[0]
     zero = (W_in[:, cols] == 0).reshape(M, S, G, B).all(-1)  # (M, S, G)
     if bool((zero.sum(-1) < num_prune).any()):
         raise ArgumentError(
@@ -161,10 +182,22 @@ def refine_mask(
         )
     order = torch.sort((~zero).to(torch.int8), dim=-1, stable=True).indices[..., :num_prune]
     cur_blocks = torch.sort(order, dim=-1).values  # (M, S, np), ascending as block_sets
-    cand = (cur_blocks[:, :, None, :] == block_sets[None, None]).all(-1).to(torch.int8).argmax(-1)  # (M, S)
+    return (cur_blocks[:, :, None, :] == block_sets[None, None]).all(-1).to(torch.int8).argmax(-1)
 
-    m = chunk_size or max(1, _CHUNK_ELEMS // max(1, (S * q) ** 2))
-    m = check_int(m, "chunk_size", minimum=1, what="rows held at once")
+
+def _run_sweeps(
+    C: Tensor,
+    W0: Tensor,
+    cand: Tensor,
+    cols: Tensor,
+    elem_sets: Tensor,
+    sweeps: int,
+    m: int,
+    min_change: float,
+    progress_fn: Optional[Callable[[str], None]],
+) -> list:
+    """Sweep the rows ``m`` at a time, updating ``cand`` in place; the scopes changed per sweep run."""
+    M, S = cand.shape
     changed = []
     for sweep in range(sweeps):
         n = 0
@@ -175,23 +208,16 @@ def refine_mask(
             progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {M * S} scopes changed")
         if n == 0 or n < min_change * M * S:
             break
+    return changed
 
-    W_out = torch.empty_like(W0)
-    for lo in range(0, M, m):
-        W_out[lo : lo + m] = _optimal_weights(C, W0[lo : lo + m], _pruned_cols(cand[lo : lo + m], cols, elem_sets))
-    # Never worse than the input, row by row, in the undamped output error.
-    H = hessian.detach().to(f64)
+
+def _keep_better_rows(W_out: Tensor, W_in: Tensor, W0: Tensor, hessian: Tensor) -> Tensor:
+    """Never worse than the input: rows of ``W_out`` with a higher undamped output error take ``W_in``'s (in place)."""
+    H = hessian.detach().to(torch.float64)
     d_out, d_in = W_out - W0, W_in - W0
     worse = ((d_out @ H) * d_out).sum(1) > ((d_in @ H) * d_in).sum(1)
     W_out[worse] = W_in[worse]
-    if not torch.isfinite(W_out).all():
-        raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
-    result = param.detach().clone()
-    result[rows] = W_out.to(param.dtype)
-    param.data.copy_(result)
-    if progress_fn is not None:
-        progress_fn("")
-    return RefineResult(tuple(changed), M * S, int(worse.sum()))
+    return worse
 
 
 def _pruned_cols(cand: Tensor, cols: Tensor, elem_sets: Tensor) -> Tensor:

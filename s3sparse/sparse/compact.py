@@ -265,21 +265,8 @@ class _Plan:
 
 
 # ------------------------------------------------------------------ planning: which channels go
-@torch.no_grad()
-def _plan(
-    producer: LinearLayer,
-    gate: Optional[LinearLayer],
-    consumers: List[LinearLayer],
-    act: Optional[Callable[[Tensor], Tensor]],
-    fold_bias: bool,
-    strict: bool,
-    names: Optional[Mapping[int, str]] = None,
-) -> _Plan:
-    names = names or {}
-
-    def label(layer: LinearLayer) -> str:
-        return names.get(id(layer.module), layer.name)
-
+def _check_plan_layers(producer: LinearLayer, gate: Optional[LinearLayer], consumers: List[LinearLayer]) -> None:
+    """Refuse a gate or consumers whose widths do not match the producer's, or a module passed twice."""
     width = producer.out_features
     if gate is not None and gate.out_features != width:
         raise _shape_error(
@@ -301,39 +288,70 @@ def _plan(
     if len({id(m) for m in modules}) != len(modules):
         raise SpecError("`producer`, `gate` and `consumers` must be distinct modules; one was passed twice")
 
+
+@dataclass
+class _Channels:
+    """Per-channel facts about the producer (and gate) rows that decide which channels can go."""
+
+    bp: Tensor  # the producer's bias (zeros when it has none)
+    p_zero: Tensor  # bool: producer row all zero
+    g_zero: Optional[Tensor]  # bool: gate row all zero (gated only)
+    g_value: Optional[Tensor]  # act(gate bias) (gated only)
+    zero: Tensor  # bool: the channel's value is exactly zero
+    constant: Tensor  # bool: the channel's value is a constant
+    const: Tensor  # that constant's value
+    dead: Tensor  # bool: some row of the channel was pruned
+
+
+def _channel_values(
+    producer: LinearLayer, gate: Optional[LinearLayer], act: Optional[Callable[[Tensor], Tensor]]
+) -> _Channels:
+    """Which channels are exactly zero, or constant (and their constant), from the rows and biases alone."""
+    width = producer.out_features
     wp, dev = producer.detached_matrix(), producer.detached_matrix().device
     bp = producer.bias if producer.bias is not None else torch.zeros(width, dtype=wp.dtype, device=dev)
     p_zero = _zero_rows(wp)
-    reasons: Dict[int, str] = {}
     if gate is None:
         # Without consumers the producer's own output is what shrinks: its value is the pre-activation.
         value = _apply_act(act, bp, "on the producer's bias") if act is not None else bp
-        zero = p_zero & (value == 0)
-        constant = p_zero
-        const = value
-        dead = p_zero
-    else:
-        wg = gate.detached_matrix()
-        bg = gate.bias if gate.bias is not None else torch.zeros(width, dtype=wg.dtype, device=wg.device)
-        g_zero = _zero_rows(wg).to(dev)
-        g_value = _apply_act(act, bg, "on the gate's bias").to(dev)
-        zero = (p_zero & (bp == 0)) | (g_zero & (g_value == 0))
-        constant = p_zero & g_zero
-        const = g_value * bp  # act(b_g)·b_u, in the dtype the forward multiplies in
-        dead = p_zero | g_zero
+        return _Channels(bp, p_zero, None, None, zero=p_zero & (value == 0), constant=p_zero, const=value, dead=p_zero)
+    wg = gate.detached_matrix()
+    bg = gate.bias if gate.bias is not None else torch.zeros(width, dtype=wg.dtype, device=wg.device)
+    g_zero = _zero_rows(wg).to(dev)
+    g_value = _apply_act(act, bg, "on the gate's bias").to(dev)
+    return _Channels(
+        bp, p_zero, g_zero, g_value,
+        zero=(p_zero & (bp == 0)) | (g_zero & (g_value == 0)),
+        constant=p_zero & g_zero,
+        const=g_value * bp,  # act(b_g)·b_u, in the dtype the forward multiplies in
+        dead=p_zero | g_zero,
+    )
+
+
+def _zero_consumer_cols(width: int, consumers: List[LinearLayer], dev: torch.device) -> Tensor:
+    """Bool per channel: its column is zero in every consumer (False for all when there are none)."""
     cols_zero = torch.zeros(width, dtype=torch.bool, device=dev)
     if consumers:
         cols_zero = torch.ones(width, dtype=torch.bool, device=dev)
         for c in consumers:
             cols_zero &= _zero_cols(c.detached_matrix()).to(dev)
-    removed_zero = zero | cols_zero
-    can_fold = fold_bias and bool(consumers) and all(c.bias is not None for c in consumers)
-    folded = constant & ~removed_zero & torch.isfinite(const) & can_fold
-    keep = ~(removed_zero | folded)
+    return cols_zero
 
-    for j in (dead & keep).nonzero().squeeze(1).tolist():
-        if gate is None:
-            if not consumers:
+
+def _kept_dead_reasons(
+    ch: _Channels,
+    keep: Tensor,
+    producer_label: str,
+    gate_label: Optional[str],
+    has_consumers: bool,
+    fold_bias: bool,
+) -> Dict[int, str]:
+    """``{channel: why}`` for every channel with a pruned row that must nevertheless stay."""
+    bp, const = ch.bp, ch.const
+    reasons: Dict[int, str] = {}
+    for j in (ch.dead & keep).nonzero().squeeze(1).tolist():
+        if gate_label is None:
+            if not has_consumers:
                 why = f"row zero but bias {float(bp[j]):.6g} != 0: the output is that constant, not zero"
             elif not torch.isfinite(const[j]):
                 why = f"row zero; constant output act(bias) = {float(const[j])} is not finite"
@@ -342,23 +360,63 @@ def _plan(
                     f"row zero; constant output act(bias) = {float(const[j]):.6g} != 0 and "
                     + ("fold_bias=False" if not fold_bias else "a consumer has no bias to fold it into")
                 )
-            reasons[j] = f"{label(producer)}: {why}"
-        elif bool(p_zero[j]) and not bool(g_zero[j]):
+            reasons[j] = f"{producer_label}: {why}"
+        elif bool(ch.p_zero[j]) and not bool(ch.g_zero[j]):
             reasons[j] = (
-                f"{label(producer)}: row zero but its bias {float(bp[j]):.6g} != 0, so the channel is "
+                f"{producer_label}: row zero but its bias {float(bp[j]):.6g} != 0, so the channel is "
                 f"act(gate(x))·{float(bp[j]):.6g} and still depends on the input"
             )
-        elif bool(g_zero[j]) and not bool(p_zero[j]):
+        elif bool(ch.g_zero[j]) and not bool(ch.p_zero[j]):
             reasons[j] = (
-                f"{label(gate)}: row zero but act(gate bias) = {float(g_value[j]):.6g} != 0, so the channel is "
-                f"{float(g_value[j]):.6g}·up(x) and still depends on the input"
+                f"{gate_label}: row zero but act(gate bias) = {float(ch.g_value[j]):.6g} != 0, so the channel is "
+                f"{float(ch.g_value[j]):.6g}·up(x) and still depends on the input"
             )
         else:
             reasons[j] = (
-                f"{label(producer)} and {label(gate)}: rows zero; constant output {float(const[j]):.6g} "
+                f"{producer_label} and {gate_label}: rows zero; constant output {float(const[j]):.6g} "
                 + ("is not finite" if not torch.isfinite(const[j]) else
                    "and fold_bias=False" if not fold_bias else "and a consumer has no bias to fold it into")
             )
+    return reasons
+
+
+def _params_after(producer: LinearLayer, gate: Optional[LinearLayer], consumers: List[LinearLayer], kept_n: int) -> int:
+    """Parameters of the producer, gate and consumers once only ``kept_n`` channels remain."""
+    params_after = 0
+    for layer in [producer] + ([gate] if gate else []):
+        params_after += kept_n * layer.in_features + (0 if layer.bias is None else kept_n)
+    for c in consumers:
+        params_after += c.out_features * kept_n + (0 if c.bias is None else c.out_features)
+    return params_after
+
+
+@torch.no_grad()
+def _plan(
+    producer: LinearLayer,
+    gate: Optional[LinearLayer],
+    consumers: List[LinearLayer],
+    act: Optional[Callable[[Tensor], Tensor]],
+    fold_bias: bool,
+    strict: bool,
+    names: Optional[Mapping[int, str]] = None,
+) -> _Plan:
+    """Check the layers, decide channel by channel what is removed, folded or kept, and record it."""
+    names = names or {}
+
+    def label(layer: LinearLayer) -> str:
+        return names.get(id(layer.module), layer.name)
+
+    _check_plan_layers(producer, gate, consumers)
+    width = producer.out_features
+    dev = producer.detached_matrix().device
+    ch = _channel_values(producer, gate, act)
+    removed_zero = ch.zero | _zero_consumer_cols(width, consumers, dev)
+    can_fold = fold_bias and bool(consumers) and all(c.bias is not None for c in consumers)
+    folded = ch.constant & ~removed_zero & torch.isfinite(ch.const) & can_fold
+    keep = ~(removed_zero | folded)
+
+    gate_label = None if gate is None else label(gate)
+    reasons = _kept_dead_reasons(ch, keep, label(producer), gate_label, bool(consumers), fold_bias)
     if strict and reasons:
         j, why = next(iter(reasons.items()))
         arg = gate.name if gate is not None and why.startswith(f"{label(gate)}:") else producer.name
@@ -367,16 +425,10 @@ def _plan(
             "prune the matching rows/biases too, or pass strict=False to keep such channels"
         )
 
-    kept_n = int(keep.sum())
     params_before = sum(layer.numel() for layer in [producer] + ([gate] if gate else []) + consumers)
-    params_after = 0
-    for layer in [producer] + ([gate] if gate else []):
-        params_after += kept_n * layer.in_features + (0 if layer.bias is None else kept_n)
-    for c in consumers:
-        params_after += c.out_features * kept_n + (0 if c.bias is None else c.out_features)
     record = ChannelCompaction(
         producer=label(producer),
-        gate=None if gate is None else label(gate),
+        gate=gate_label,
         consumers=tuple(label(c) for c in consumers),
         channels_before=width,
         kept=keep.nonzero().squeeze(1).cpu(),
@@ -384,9 +436,9 @@ def _plan(
         removed_folded=folded.nonzero().squeeze(1).tolist(),
         kept_dead=reasons,
         params_before=params_before,
-        params_after=params_after,
+        params_after=_params_after(producer, gate, consumers, int(keep.sum())),
     )
-    return _Plan(producer, gate, consumers, keep.cpu(), folded.cpu(), const.detach(), record)
+    return _Plan(producer, gate, consumers, keep.cpu(), folded.cpu(), ch.const.detach(), record)
 
 
 # ------------------------------------------------------------------ input-column compaction of a lone Linear
@@ -542,21 +594,10 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _compact_spec(
-    spec: Spec,
-    consumers: Sequence[ModuleRef],
-    gate: Optional[ModuleRef],
-    act: object,
-    root: Optional[nn.Module],
-    fold_bias: bool,
-    strict: bool,
-    dry_run: bool,
-) -> ChannelCompaction:
-    if not isinstance(root, nn.Module):
-        raise ArgumentTypeError(
-            "`root`: compacting an S3 spec needs root= the module holding its layers (e.g. the MLP or the model), "
-            f"to find the Linears that own the spec's weights; got {type(root).__name__}"
-        )
+def _spec_layers(
+    spec: Spec, root: nn.Module
+) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, nn.Module]]]:
+    """The ``(name, module)`` producers (whole rows) and consumers (whole columns) of ``spec`` under ``root``."""
     owners = _owners(root)
     specs, couplings = _block_specs(spec)
     roles: Dict[BlockSpec, str] = {}
@@ -583,47 +624,59 @@ def _compact_spec(
         by_module[id(module)] = (name, module, roles[bs])
     producers = [(n, m) for n, m, r in by_module.values() if r == "rows"]
     spec_consumers = [(n, m) for n, m, r in by_module.values() if r == "cols"]
-    name_of = {id(m): n for n, m in ((n, m) for n, m in root.named_modules())}
+    return producers, spec_consumers
 
-    if not producers:
-        if consumers or gate is not None:
-            raise SpecError(
-                "`spec` holds only input columns; `consumers` and `gate` apply to output-channel specs. To shrink the "
-                "producer as well, call compact(producer, [consumer], act=...)"
-            )
-        # Standalone input-column compaction: the input keeps its width, the kept columns are gathered.
-        if len(spec_consumers) > 1:
-            raise SpecError(
-                f"`spec` holds the input columns of {len(spec_consumers)} layers "
-                f"({', '.join(n for n, _ in spec_consumers)}) and no producer; compact each layer's columns on its own"
-            )
-        name, module = spec_consumers[0]
-        if not name:
-            raise SpecError("`root` is itself the layer whose inputs are compacted; pass its parent module as root")
-        lin = _layer(module, name)
-        gathered = compact_inputs(module)
-        kept = gathered.index.cpu()
-        dropped = torch.ones(lin.in_features, dtype=torch.bool)
-        dropped[kept] = False
-        record = ChannelCompaction(
-            producer="",
-            gate=None,
-            consumers=(name,),
-            channels_before=lin.in_features,
-            kept=kept,
-            removed_zero=dropped.nonzero().squeeze(1).tolist(),
-            removed_folded=[],
-            kept_dead={},
-            params_before=lin.numel(),
-            params_after=sum(p.numel() for p in gathered.linear.parameters()),
-            replaced={name: gathered},
+
+def _compact_spec_inputs(
+    spec_consumers: List[Tuple[str, nn.Module]],
+    consumers: Sequence[ModuleRef],
+    gate: Optional[ModuleRef],
+    root: nn.Module,
+    dry_run: bool,
+) -> ChannelCompaction:
+    """A spec of input columns only: replace its one layer under ``root`` by a :class:`GatherLinear`."""
+    if consumers or gate is not None:
+        raise SpecError(
+            "`spec` holds only input columns; `consumers` and `gate` apply to output-channel specs. To shrink the "
+            "producer as well, call compact(producer, [consumer], act=...)"
         )
-        if not dry_run:
-            _set_module(root, name, gathered)
-            record.applied = True
-        return record
+    # Standalone input-column compaction: the input keeps its width, the kept columns are gathered.
+    if len(spec_consumers) > 1:
+        raise SpecError(
+            f"`spec` holds the input columns of {len(spec_consumers)} layers "
+            f"({', '.join(n for n, _ in spec_consumers)}) and no producer; compact each layer's columns on its own"
+        )
+    name, module = spec_consumers[0]
+    if not name:
+        raise SpecError("`root` is itself the layer whose inputs are compacted; pass its parent module as root")
+    lin = _layer(module, name)
+    gathered = compact_inputs(module)
+    kept = gathered.index.cpu()
+    dropped = torch.ones(lin.in_features, dtype=torch.bool)
+    dropped[kept] = False
+    record = ChannelCompaction(
+        producer="",
+        gate=None,
+        consumers=(name,),
+        channels_before=lin.in_features,
+        kept=kept,
+        removed_zero=dropped.nonzero().squeeze(1).tolist(),
+        removed_folded=[],
+        kept_dead={},
+        params_before=lin.numel(),
+        params_after=sum(p.numel() for p in gathered.linear.parameters()),
+        replaced={name: gathered},
+    )
+    if not dry_run:
+        _set_module(root, name, gathered)
+        record.applied = True
+    return record
 
-    gate_module = None if gate is None else _find_module(gate, root, "gate")
+
+def _spec_producer(
+    producers: List[Tuple[str, nn.Module]], gate_module: Optional[nn.Module]
+) -> Tuple[str, nn.Module]:
+    """The spec's producer (the up projection when it has two: the one that is not ``gate``)."""
     if len(producers) > 2:
         raise SpecError(
             f"`spec`: {len(producers)} layers have whole output rows in the pattern ({', '.join(n for n, _ in producers)}); "
@@ -635,11 +688,37 @@ def _compact_spec(
                 f"`gate`: the spec has two producers ({producers[0][0]}, {producers[1][0]}); pass gate= the one whose "
                 "output goes through the activation (gate_proj), e.g. gate=mlp.gate_proj"
             )
-        producer_name, producer_module = next((n, m) for n, m in producers if m is not gate_module)
-    else:
-        producer_name, producer_module = producers[0]
-        if gate_module is producer_module:
-            raise SpecError("`gate` is the spec's only producer; pass the up projection's rows in the spec as well")
+        return next((n, m) for n, m in producers if m is not gate_module)
+    producer_name, producer_module = producers[0]
+    if gate_module is producer_module:
+        raise SpecError("`gate` is the spec's only producer; pass the up projection's rows in the spec as well")
+    return producer_name, producer_module
+
+
+def _compact_spec(
+    spec: Spec,
+    consumers: Sequence[ModuleRef],
+    gate: Optional[ModuleRef],
+    act: object,
+    root: Optional[nn.Module],
+    fold_bias: bool,
+    strict: bool,
+    dry_run: bool,
+) -> ChannelCompaction:
+    """:func:`compact` of an S3 spec: find its layers under ``root``, then compact them as layers."""
+    if not isinstance(root, nn.Module):
+        raise ArgumentTypeError(
+            "`root`: compacting an S3 spec needs root= the module holding its layers (e.g. the MLP or the model), "
+            f"to find the Linears that own the spec's weights; got {type(root).__name__}"
+        )
+    producers, spec_consumers = _spec_layers(spec, root)
+    name_of = {id(m): n for n, m in ((n, m) for n, m in root.named_modules())}
+
+    if not producers:
+        return _compact_spec_inputs(spec_consumers, consumers, gate, root, dry_run)
+
+    gate_module = None if gate is None else _find_module(gate, root, "gate")
+    producer_name, producer_module = _spec_producer(producers, gate_module)
     extra = [_find_module(c, root, f"consumers[{i}]") for i, c in enumerate(consumers)]
     consumer_modules = [m for _, m in spec_consumers] + [m for m in extra if all(m is not s for _, s in spec_consumers)]
     if not consumer_modules:

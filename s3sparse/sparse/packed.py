@@ -14,7 +14,7 @@ from ..block import BlockCoupling, BlockSpec
 from ..checks import check_int, check_nnz
 from ..errors import ArgumentError, ArgumentTypeError, ShapeMismatchError, SpecError
 from ..patterns import parse_pattern
-from ..pruners.layout import scope_bases
+from ..pruners.layout import ScopeGeometry, scope_bases
 from ..scope import ScopeCoupling, ScopeSpec
 from . import format as fmt
 
@@ -52,6 +52,92 @@ def _pattern_description(scope: ScopeSpec, nnz: int) -> dict:
         scope_shape=list(scope.shape),
         nnz=nnz,
     )
+
+
+def _check_packable(scope: ScopeSpec, index_format: str) -> None:
+    """Refuse what :meth:`PackedWeight.from_scope` cannot pack: couplings, non-2-D, non-float or partial views."""
+    if isinstance(scope, ScopeCoupling):
+        raise SpecError(
+            "cannot pack a ScopeCoupling (several tensors share one budget per scope): pack each member "
+            "on its own, `PackedWeight.from_scope(member, nnz)` for member in coupling.scopes (each member scope "
+            "holds at most the joint nnz), or use s3sparse.sparse.compact for channel couplings"
+        )
+    if not isinstance(scope, ScopeSpec):
+        raise ArgumentTypeError(f"`scope` must be a ScopeSpec, got {type(scope).__name__}")
+    if isinstance(scope.block, BlockCoupling):
+        raise SpecError(
+            f"cannot pack {scope!r}: its blocks are a BlockCoupling (blocks spanning several tensors or specs); "
+            "pack each tensor with a ScopeSpec over its own BlockSpec, or use s3sparse.sparse.compact for channel "
+            "couplings (e.g. a row of W_up with the matching column of W_down)"
+        )
+    if not isinstance(scope.block, BlockSpec):
+        raise ArgumentTypeError(f"`scope.block` must be a BlockSpec, got {type(scope.block).__name__}")
+    if index_format not in ("auto", "subsets", "indices"):
+        raise ArgumentError(f"`index_format` must be 'auto', 'subsets' or 'indices', got {index_format!r}")
+    view = scope.block.view
+    param = view.param
+    if param.dim() != 2:
+        raise SpecError(
+            f"cannot pack a {param.dim()}-D parameter (shape {tuple(param.shape)}): PackedWeight holds 2-D "
+            "weights (out_features × in_features, an nn.Linear.weight); reshape it to 2-D first"
+        )
+    if param.dtype not in _FLOATS:
+        raise ArgumentTypeError(
+            f"the weight behind `scope` has dtype {param.dtype}; PackedWeight packs float16, bfloat16, float32 "
+            "or float64 weights (e.g. `W = W.float()`)"
+        )
+    if param.device.type == "meta":
+        raise SpecError("the weight behind `scope` is on the meta device (no data); load the real weight first")
+    M, K = param.shape
+    if M * K == 0:
+        raise SpecError(f"cannot pack an empty weight (shape {(M, K)})")
+    if view.numel() != param.numel():
+        raise SpecError(
+            f"cannot pack {scope!r}: its view covers {view.numel()} of the {M}×{K} = {param.numel()} elements of the "
+            "weight; PackedWeight needs a view that covers every element exactly once (shape, strides and offset "
+            "over the whole weight, as every pattern of s3sparse.patterns has)"
+        )
+
+
+def _check_scopes_fit(nonzero: Tensor, nnz: int, geo: ScopeGeometry, K: int) -> None:
+    """Refuse, naming the first one, scopes with more than ``nnz`` non-zero blocks (``nonzero``: (S, G) bool)."""
+    counts = nonzero.sum(-1)
+    over = counts > nnz
+    if bool(over.any()):
+        S = nonzero.shape[0]
+        first = int(over.nonzero()[0, 0])
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), geo.scope_grid)) if geo.scope_grid else ()
+        f0 = int(scope_bases(geo.scope_shape, geo.scope_stride)[first]) + int(geo.block_off.min()) + int(geo.elem_off.min())
+        raise SpecError(
+            f"scope {first} (position {position} in the scope grid {geo.scope_grid}; it starts near W[{f0 // K}, "
+            f"{f0 % K}]) has {int(counts[first])} non-zero blocks, more than nnz={nnz} ({int(over.sum())} of {S} "
+            "scopes are over); prune the weight to the pattern first (e.g. `scope.hard_threshold(nnz=nnz)` or "
+            "any s3sparse pruner), or pack with a larger nnz"
+        )
+
+
+def _kept_indices(nonzero: Tensor, nnz: int) -> Tensor:
+    """(S, nnz) in-scope indices kept: the non-zero blocks, padded with the lowest-index zero blocks; increasing."""
+    G = nonzero.shape[-1]
+    order = torch.arange(G - 1, -1, -1, device=nonzero.device)
+    score = nonzero.to(torch.int64) * G + order
+    return torch.topk(score, nnz, dim=-1).indices.sort(dim=-1).values
+
+
+def _index_encoding(G: int, nnz: int, index_format: str) -> tuple:
+    """``(mode, bits)``: how the kept indices are stored ("subsets" codes or "indices") and the bits per field."""
+    mode, bits = fmt.choose_index_format(G, nnz)
+    if index_format == "subsets" and mode != "subsets":
+        codes = math.comb(G, nnz)
+        if codes > 2**32 or codes * nnz > 4 * fmt.MAX_SUBSET_TABLE:
+            raise ArgumentError(
+                f"index_format='subsets' needs a table of C({G}, {nnz}) = {codes} kept sets; that is too many: "
+                "use 'auto' or 'indices'"
+            )
+        mode, bits = "subsets", max(1, math.ceil(math.log2(codes))) if codes > 1 else 1
+    elif index_format == "indices" and mode != "indices":
+        mode, bits = "indices", max(1, math.ceil(math.log2(G))) if G > 1 else 1
+    return mode, bits
 
 
 class PackedWeight:
@@ -196,47 +282,8 @@ class PackedWeight:
                 scope with more than ``nnz`` non-zero blocks (named, with its
                 position and count).
         """
-        if isinstance(scope, ScopeCoupling):
-            raise SpecError(
-                "cannot pack a ScopeCoupling (several tensors share one budget per scope): pack each member "
-                "on its own, `PackedWeight.from_scope(member, nnz)` for member in coupling.scopes (each member scope "
-                "holds at most the joint nnz), or use s3sparse.sparse.compact for channel couplings"
-            )
-        if not isinstance(scope, ScopeSpec):
-            raise ArgumentTypeError(f"`scope` must be a ScopeSpec, got {type(scope).__name__}")
-        if isinstance(scope.block, BlockCoupling):
-            raise SpecError(
-                f"cannot pack {scope!r}: its blocks are a BlockCoupling (blocks spanning several tensors or specs); "
-                "pack each tensor with a ScopeSpec over its own BlockSpec, or use s3sparse.sparse.compact for channel "
-                "couplings (e.g. a row of W_up with the matching column of W_down)"
-            )
-        if not isinstance(scope.block, BlockSpec):
-            raise ArgumentTypeError(f"`scope.block` must be a BlockSpec, got {type(scope.block).__name__}")
-        if index_format not in ("auto", "subsets", "indices"):
-            raise ArgumentError(f"`index_format` must be 'auto', 'subsets' or 'indices', got {index_format!r}")
-        view = scope.block.view
-        param = view.param
-        if param.dim() != 2:
-            raise SpecError(
-                f"cannot pack a {param.dim()}-D parameter (shape {tuple(param.shape)}): PackedWeight holds 2-D "
-                "weights (out_features × in_features, an nn.Linear.weight); reshape it to 2-D first"
-            )
-        if param.dtype not in _FLOATS:
-            raise ArgumentTypeError(
-                f"the weight behind `scope` has dtype {param.dtype}; PackedWeight packs float16, bfloat16, float32 "
-                "or float64 weights (e.g. `W = W.float()`)"
-            )
-        if param.device.type == "meta":
-            raise SpecError("the weight behind `scope` is on the meta device (no data); load the real weight first")
-        M, K = param.shape
-        if M * K == 0:
-            raise SpecError(f"cannot pack an empty weight (shape {(M, K)})")
-        if view.numel() != param.numel():
-            raise SpecError(
-                f"cannot pack {scope!r}: its view covers {view.numel()} of the {M}×{K} = {param.numel()} elements of the "
-                "weight; PackedWeight needs a view that covers every element exactly once (shape, strides and offset "
-                "over the whole weight, as every pattern of s3sparse.patterns has)"
-            )
+        _check_packable(scope, index_format)
+        M, K = scope.block.view.param.shape
         G = scope.numblk_per_scope()
         nnz = check_nnz(nnz, G)
         geo = fmt.packed_geometry(scope)
@@ -246,35 +293,11 @@ class PackedWeight:
         # (S, G, B): every block of every scope, in the spec's own order.
         blocks = scope.block_to_scope(scope.block.block_view(merge=True)).reshape(S, G, B)
         nonzero = (blocks != 0).any(-1)
-        counts = nonzero.sum(-1)
-        over = counts > nnz
-        if bool(over.any()):
-            first = int(over.nonzero()[0, 0])
-            position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), geo.scope_grid)) if geo.scope_grid else ()
-            f0 = int(scope_bases(geo.scope_shape, geo.scope_stride)[first]) + int(geo.block_off.min()) + int(geo.elem_off.min())
-            raise SpecError(
-                f"scope {first} (position {position} in the scope grid {geo.scope_grid}; it starts near W[{f0 // K}, "
-                f"{f0 % K}]) has {int(counts[first])} non-zero blocks, more than nnz={nnz} ({int(over.sum())} of {S} "
-                "scopes are over); prune the weight to the pattern first (e.g. `scope.hard_threshold(nnz=nnz)` or "
-                "any s3sparse pruner), or pack with a larger nnz"
-            )
-        # Keep the non-zero blocks, then pad with the lowest-index zero blocks; increasing in-scope index.
-        order = torch.arange(G - 1, -1, -1, device=blocks.device)
-        score = nonzero.to(torch.int64) * G + order
-        kept = torch.topk(score, nnz, dim=-1).indices.sort(dim=-1).values  # (S, nnz)
+        _check_scopes_fit(nonzero, nnz, geo, K)
+        kept = _kept_indices(nonzero, nnz)  # (S, nnz)
         values = blocks.gather(1, kept[:, :, None].expand(S, nnz, B)).contiguous()
 
-        mode, bits = fmt.choose_index_format(G, nnz)
-        if index_format == "subsets" and mode != "subsets":
-            codes = math.comb(G, nnz)
-            if codes > 2**32 or codes * nnz > 4 * fmt.MAX_SUBSET_TABLE:
-                raise ArgumentError(
-                    f"index_format='subsets' needs a table of C({G}, {nnz}) = {codes} kept sets; that is too many: "
-                    "use 'auto' or 'indices'"
-                )
-            mode, bits = "subsets", max(1, math.ceil(math.log2(codes))) if codes > 1 else 1
-        elif index_format == "indices" and mode != "indices":
-            mode, bits = "indices", max(1, math.ceil(math.log2(G))) if G > 1 else 1
+        mode, bits = _index_encoding(G, nnz, index_format)
         device = blocks.device
         if mode == "subsets":
             subsets = fmt.subset_table(G, nnz).to(device)
