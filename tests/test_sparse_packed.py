@@ -16,6 +16,7 @@ from torch import nn
 from s3sparse import BlockCoupling, BlockSpec, ScopeCoupling, ScopeSpec, View, patterns
 from s3sparse import reference as ref
 from s3sparse.llm import parse_pattern
+from s3sparse.errors import ArgumentError
 from s3sparse.sparse import PackedLinear, PackedWeight
 from spec_utils import prune_randomly, random_covering_scope
 
@@ -407,3 +408,45 @@ def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
         packed.meta[0] |= 7
     with pytest.raises(ValueError, match="subset code"):
         packed(x)
+
+
+# ---------------------------------------------------------------- torch's 2:4 path for large batches
+def test_use_semi_structured_refusals_say_what_to_do():
+    packed = PackedLinear.from_linear(pruned_linear("2:4", M=64, K=128), pattern="2:4")
+    with pytest.raises(ArgumentError, match="CUDA module with float16 or bfloat16"):
+        packed.use_semi_structured()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ArgumentError, match="`min_tokens` must be a positive int"):
+            packed.use_semi_structured(bad)
+    assert packed.use_semi_structured(None) is packed  # off: always allowed
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, packed.weight, packed.bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["2:4", "coupled-2:4"])
+def test_use_semi_structured_large_batches_equal_the_dense_layer(name):
+    lin = pruned_linear(name, M=256, K=512, dtype=torch.float16).cuda()
+    packed = PackedLinear.from_linear(lin, pattern=name).use_semi_structured(min_tokens=64)
+    dense = lin.weight.double()
+    for lead in [(4,), (2, 40), (128,)]:  # below the threshold (packed op), then torch's 2:4 path
+        x = torch.randn(*lead, 512, dtype=torch.float16, device="cuda")
+        got = packed(x)
+        want = torch.nn.functional.linear(x.double(), dense, lin.bias.double())
+        assert got.shape == (*lead, 256) and got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-2)
+    # The buffers change in place: the semi-structured copy follows.
+    with torch.no_grad():
+        packed.values.mul_(2)
+        b = packed.bias.clone()
+    x = torch.randn(128, 512, dtype=torch.float16, device="cuda")
+    want = torch.nn.functional.linear(x.double(), 2 * dense, b.double())
+    torch.testing.assert_close(packed(x).double(), want, rtol=2e-3, atol=4e-2)
+
+
+@pytest.mark.cuda
+def test_use_semi_structured_refuses_a_weight_that_is_not_2_4():
+    lin = pruned_linear("4:8", M=256, K=512, dtype=torch.float16).cuda()
+    packed = PackedLinear.from_linear(lin, pattern="4:8")
+    with pytest.raises(ArgumentError, match="semi-structured sparsity cannot take this weight"):
+        packed.use_semi_structured()

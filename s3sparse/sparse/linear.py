@@ -63,6 +63,10 @@ class PackedLinear(nn.Module):
         self.bias = bias
         # The tables (pointer, version) the CUDA op last accepted: see forward.
         self._checked_tables: Optional[tuple] = None
+        # use_semi_structured: the token count from which torch's 2:4 path runs,
+        # and its weight with the key of the buffers it was built from.
+        self._semi_min_tokens: Optional[int] = None
+        self._semi: Optional[tuple] = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -162,6 +166,65 @@ class PackedLinear(nn.Module):
             for t in (self.meta, self.subsets, self.block_off, self.elem_off)
         )
 
+    def use_semi_structured(self, min_tokens: Optional[int] = 1024) -> "PackedLinear":
+        """Run batches of at least ``min_tokens`` tokens through torch's 2:4 semi-structured path.
+
+        At thousands of tokens a layer is compute-bound, and the sparse tensor
+        cores (cuSPARSELt or CUTLASS through ``torch.sparse.to_sparse_semi_structured``)
+        multiply a 2:4 weight faster than dense cuBLAS; the packed kernels cannot
+        (they expand W and call cuBLAS above 8 tokens). The cost is memory: the
+        semi-structured copy of W (about 0.56 of dense) is kept beside the
+        packed buffers, built now and rebuilt when the buffers change. It is
+        not part of ``state_dict``. ``min_tokens=None`` turns it off and frees
+        the copy. Returns the module.
+
+        Needs a CUDA module with fp16 or bf16 values whose weight is 2:4 in
+        every row (patterns ``2:4`` and ``coupled-2:4``) and a GPU torch's
+        semi-structured sparsity supports; otherwise raises ``ArgumentError``
+        with torch's reason. Under ``torch.compile`` and during CUDA-graph
+        capture before the copy exists, the packed op runs instead.
+        """
+        if min_tokens is None:
+            self._semi_min_tokens, self._semi = None, None
+            return self
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+            raise ArgumentError(f"`min_tokens` must be a positive int (or None to turn it off), got {min_tokens!r}")
+        if not self.values.is_cuda or self.values.dtype not in (torch.float16, torch.bfloat16):
+            raise ArgumentError(
+                f"use_semi_structured needs a CUDA module with float16 or bfloat16 values, this one is "
+                f"{self.values.dtype} on {self.values.device}; move it first, e.g. module.to('cuda', torch.float16)"
+            )
+        self._semi = self._build_semi()
+        self._semi_min_tokens = min_tokens
+        return self
+
+    def _semi_key(self) -> tuple:
+        return (self.values.data_ptr(), self.values._version, self.values.device, self._tables_key())
+
+    def _build_semi(self) -> tuple:
+        from torch.sparse import to_sparse_semi_structured
+
+        try:
+            weight = to_sparse_semi_structured(self.weight)
+        except Exception as err:  # torch's reason: not 2:4, shape, dtype or GPU
+            raise ArgumentError(
+                f"torch's semi-structured sparsity cannot take this weight ({self.pattern}, "
+                f"{self.out_features}x{self.in_features}, {self.values.dtype}): {err}"
+            ) from err
+        return self._semi_key(), weight
+
+    def _semi_weight(self, x: Tensor) -> Optional[Tensor]:
+        """The semi-structured weight when this call should use it, else None."""
+        if self._semi_min_tokens is None or not x.is_cuda or torch.compiler.is_compiling():
+            return None
+        if x.numel() // max(self.in_features, 1) < self._semi_min_tokens:
+            return None
+        if self._semi is None or self._semi[0] != self._semi_key():
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            self._semi = self._build_semi()
+        return self._semi[1]
+
     def forward(self, x: Tensor) -> Tensor:
         """``F.linear(x, W, bias)`` through :func:`s3sparse.ops.packed_linear`.
 
@@ -170,6 +233,10 @@ class PackedLinear(nn.Module):
         tables pass ``checked=True`` and launch without any sync, which keeps
         them capturable in CUDA graphs and as cheap on the host as ``F.linear``.
         """
+        semi = self._semi_weight(x)
+        if semi is not None:
+            y = torch.nn.functional.linear(x.reshape(-1, self.in_features), semi, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         checked, key = False, None
         if x.is_cuda and not torch.compiler.is_compiling():
             key = self._tables_key()
