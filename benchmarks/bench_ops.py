@@ -82,26 +82,18 @@ def main() -> None:
     subsets = torch.combinations(torch.arange(E, device=device), 2)
     record("score_subsets", timeit(lambda: ops.score_subsets(w, c, subsets, c_index), device, args.repeat),
            items=w.shape[0], E=E, subsets=subsets.shape[0])
-    # Per-row Schur update: the hot loop of prune_true_obs (fp16 C, 64 scopes x 2 pruned per row).
-    for B, P in ((16, 128), (64, 128), (64, 256)):
+    # True OBS's Schur update (left-looking): the panel C0[S, R] - U[S] U[R]^T, fp16 factors,
+    # a 2:4 sweep half done (P = 128 pruned columns per batch, R = K/2, K/4 factor columns).
+    for N, P in ((16, 128), (64, 128)):
         if args.quick:
-            B = min(B, 8)
-        C0 = spd(K, device, torch.float16)
-        Cb = C0.unsqueeze(0).expand(B, K, K).contiguous()
-        wb = torch.randn(B, K, device=device)
-        pruned = torch.stack([torch.randperm(K, device=device)[:P] for _ in range(B)])
-
-        def step():
-            Cb.copy_(C0.unsqueeze(0).expand(B, K, K))
-            ops.schur_update_(wb, Cb, pruned)
-
-        def reset_only():
-            Cb.copy_(C0.unsqueeze(0).expand(B, K, K))
-
-        t = timeit(step, device, args.repeat) - timeit(reset_only, device, args.repeat)
-        flops = 2.0 * B * K * K * P
-        record("schur_update_", t, B=B, K=K, P=P, c_dtype="float16", tflops=round(flops / t / 1e12, 2))
-        del Cb
+            N = min(N, 8)
+        R, O = K // 2, K // 4
+        U = (torch.randn(N, K, O, device=device) * 0.01).half()
+        base = torch.randn(N, P, R, device=device)
+        t = timeit(lambda: ops.lowrank_sub(base, U[:, :P], U[:, K - R :]), device, args.repeat)
+        flops = 2.0 * N * P * R * O
+        record("lowrank_sub", t, N=N, P=P, R=R, O=O, u_dtype="float16", tflops=round(flops / t / 1e12, 2))
+        del U, base
 
     out = Path(args.out or f"benchmarks/results/ops-{device.type}{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

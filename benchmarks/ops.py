@@ -3,12 +3,12 @@ with achieved GB/s or TFLOP/s next to ceilings measured in the same run.
 
     python benchmarks/ops.py                      # cuda when available, M=2560, K=9728
     python benchmarks/ops.py --quick              # CPU smoke run: M=256, K=1024
-    python benchmarks/ops.py --ops schur_update_ kth_largest --repeat 10
+    python benchmarks/ops.py --ops lowrank_sub kth_largest --repeat 10
 
 Ceilings, measured first: ``copy`` — device-to-device ``dst.copy_(src)`` bandwidth (bytes read
 + written per second), ``gemm_fp16`` / ``gemm_fp32`` — ``torch.mm`` of two n×n matrices (fp32
-without TF32), and per ``schur_update_`` case the same rank-P update as one plain
-``torch.baddbmm`` in fp16 (the GEMM the op cannot beat).
+without TF32). ``lowrank_sub`` (True OBS's Schur updates) is timed on the panel and the
+factor product of a 2:4 sweep half done.
 
 Each op case reports its median time (CUDA events on a GPU, ``perf_counter`` on the CPU;
 warm-up call excluded; sub-millisecond ops timed over back-to-back calls), the minimum bytes it
@@ -43,7 +43,7 @@ from s3sparse import ops  # noqa: E402
 
 from common import GIB, environment, exact_fp32, sync, timeit  # noqa: E402
 
-KNOWN = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "schur_update_"]
+KNOWN = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "lowrank_sub"]
 # Ops with a benchmark script of their own.
 ELSEWHERE = {
     "packed_to_dense": "see benchmarks/packed.py",
@@ -208,54 +208,41 @@ def case_score_subsets(b: Bench, M: int, K: int) -> None:
                  flops=N * S * _subset_flops(P), precision="fp32")
 
 
-def case_schur_update_(b: Bench, M: int, K: int, quick: bool) -> None:
+def case_lowrank_sub(b: Bench, M: int, K: int, quick: bool) -> None:
+    """The Schur-update op of True OBS halfway through a 2:4 sweep (ng=64: P=128 columns
+    pruned per batch, half of the batches done): the panel C[S, R] = C0[S, R] - U[S] U[R]ᵀ
+    (R the K/2 columns later batches visit, U the K/4 factor columns so far, fp16, read
+    through a strided view as the pruner does), then the new factor U_b = C[S, R]ᵀ L⁻ᵀ
+    (hi + lo split of fp16 operands: 3P inner dimension)."""
     dev = b.device
-    C0 = spd_inverse(K, dev, torch.float16)
-    cases = ((8, 64), (8, 128)) if quick else ((16, 128), (64, 128), (64, 256))
-    for B, P in cases:
+    P = 64 if quick else 128
+    R, O = K // 2, K // 4
+    for N in ((8,) if quick else (32, 64)):
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-            need = 2 * B * K * K * 2 + 2 * B * K * P * 2
+            need = N * (K * (O + P) * 2 + 3 * P * R * 4)
             free = torch.cuda.mem_get_info(dev)[0]
             if need > 0.9 * free:
-                b.note("schur_update_", f"B={B} K={K} P={P} fp16 C", "skipped", f"needs {need / GIB:.1f} GiB")
+                b.note("lowrank_sub", f"N={N} P={P} R={R} O={O} fp16 U", "skipped", f"needs {need / GIB:.1f} GiB")
                 continue
-        Cb = torch.empty(B, K, K, dtype=torch.float16, device=dev)
-        wb0 = torch.randn(B, K, device=dev)
-        wb = wb0.clone()
-        g = torch.Generator(device="cpu").manual_seed(B * 1000 + P)
-        pruned = torch.argsort(torch.rand(B, K, generator=g), dim=1)[:, :P].contiguous().to(dev)
-        status = {}
-
-        def setup():
-            Cb.copy_(C0.expand(B, K, K))
-            wb.copy_(wb0)
-
-        def step():
-            status["s"] = ops.schur_update_(wb, Cb, pruned)
-
-        t = timeit(step, dev, b.repeat, setup=setup)
-        bad = int((status["s"] != 0).sum())
-        # C ← C − C[:,S] C_SS⁻¹ C[S,:] on K×K (2K²P as a GEMM), the panel C[:,S] C_SS⁻¹ (≈ 2KP²,
-        # ≈ P³/3 for the factor), w ← w − … (2KP). Minimum traffic: read + write C once in fp16.
-        flops = B * (2.0 * K * K * P + 2.0 * K * P * P + P**3 / 3.0 + 2.0 * K * P)
-        bytes_ = B * (2.0 * 2 * K * K + 2 * 4.0 * K + 8.0 * P)
-        # On a GPU the update is a tensor-core fp16 GEMM; the CPU kernel does its math in fp32.
+        g = torch.Generator(device="cpu").manual_seed(N * 1000 + P)
+        U = (torch.randn(N, K, O + P, generator=g) * 0.01).to(dev, torch.float16)
+        base = torch.randn(N, P, R, generator=g).to(dev)
+        a = U[:, :P, :O]
+        bv = U[:, K - R :, :O]  # a strided view (last dim contiguous), as the pruner passes U[:, s0:, :o]
+        t = timeit(lambda: ops.lowrank_sub(base, a, bv), dev, b.repeat)
+        # On a GPU a tensor-core fp16 GEMM; the CPU kernel widens to fp32 first.
         prec = "fp16" if dev.type == "cuda" else "fp32"
-        b.record("schur_update_", f"B={B} K={K} P={P} fp16 C", t, bytes_=bytes_, flops=flops, precision=prec,
-                 rows_not_pd=bad)
-        # Ceiling for this case: the rank-P update alone as one batched GEMM, in place
-        # (fp16 on a GPU; fp32 on a CPU, where fp16 GEMM is emulated).
-        gdt = torch.float16 if dev.type == "cuda" else torch.float32
-        Cg = Cb if gdt == torch.float16 else torch.empty(B, K, K, dtype=gdt, device=dev)
-        U = (torch.randn(B, K, P, device=dev) * 0.01).to(gdt)
-        Ut = U.transpose(1, 2)
-        t = timeit(lambda: Cg.baddbmm_(U, Ut, alpha=-1.0), dev, b.repeat,
-                   setup=lambda: Cg.copy_(C0.expand(B, K, K)))
-        b.record("ceiling", f"baddbmm {prec} (B={B}, {K}x{P}) @ ({P}x{K})", t,
-                 bytes_=B * 2.0 * K * K * torch.finfo(gdt).bits / 8, flops=B * 2.0 * K * K * P, precision=prec)
-        Cb = Cg = U = Ut = None
+        b.record("lowrank_sub", f"panel N={N} P={P} R={R} O={O} fp16 U", t,
+                 bytes_=N * (2.0 * (P + R) * O + 2 * 4.0 * P * R), flops=2.0 * N * P * R * O, precision=prec)
+        lhs = torch.randn(N, 3 * P, R, generator=g).to(dev, torch.float16).mT
+        rhs = torch.randn(N, P, 3 * P, generator=g).to(dev, torch.float16)
+        zeros = torch.zeros(N, R, P, device=dev)
+        t = timeit(lambda: ops.lowrank_sub(zeros, lhs, rhs), dev, b.repeat)
+        b.record("lowrank_sub", f"factor N={N} R={R} P={P} hi+lo fp16", t,
+                 bytes_=N * (2.0 * 3 * P * (R + P) + 2 * 4.0 * R * P), flops=2.0 * N * R * P * 3 * P, precision=prec)
+        U = base = a = bv = lhs = rhs = zeros = None
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -284,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "block_scale_": lambda: case_block_scale_(b, M, K),
         "kth_largest": lambda: case_kth_largest(b, M, K),
         "score_subsets": lambda: case_score_subsets(b, M, K),
-        "schur_update_": lambda: case_schur_update_(b, M, K, args.quick),
+        "lowrank_sub": lambda: case_lowrank_sub(b, M, K, args.quick),
     }
     present = list(getattr(ops, "__all__", KNOWN))
     wanted = args.ops or list(dict.fromkeys(KNOWN + present))

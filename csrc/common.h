@@ -268,51 +268,6 @@ inline void check_score_subsets(const at::Tensor& w, const at::Tensor& c,
   }
 }
 
-// ------------------------------------------------------------------ per-row Schur update
-inline void check_schur_update(const at::Tensor& w, const at::Tensor& c, const at::Tensor& pruned,
-                               const char* op) {
-  S3_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, op,
-                ": `w` must be float32 or float64, got ", w.scalar_type());
-  check_float(c, op, "c");
-  check_dtype(pruned, at::kLong, op, "pruned");
-  check_dim(w, 2, op, "w", "(B, K): one weight row per batch entry");
-  check_dim(c, 3, op, "c", "(B, K, K): one inverse Hessian per row");
-  check_dim(pruned, 2, op, "pruned", "(B, P): column indices to prune per row, -1 = none");
-  check_same_device(w, c, op, "w", "c");
-  check_same_device(w, pruned, op, "w", "pruned");
-  check_contiguous(w, op, "w");
-  check_contiguous(c, op, "c");
-  const int64_t B = w.size(0), K = w.size(1);
-  S3_CHECK_VALUE(c.size(0) == B && c.size(1) == K && c.size(2) == K, op, ": `c` must be (B, K, K) = (",
-                 B, ", ", K, ", ", K, ") to match `w` of shape ", w.sizes(), ", got ", c.sizes());
-  S3_CHECK_VALUE(pruned.size(0) == B, op, ": `pruned` must have B=", B, " rows, got shape ",
-                 pruned.sizes());
-}
-
-// Valid pruned columns of every row (the entries of `pruned` other than -1),
-// checked before anything is written: every entry in [-1, K), no column twice
-// in a row. `pruned` must be a contiguous CPU int64 (B, P) tensor (the CUDA
-// kernel copies its (small) index tensor to the host for this).
-inline std::vector<std::vector<int64_t>> pruned_columns(const at::Tensor& pruned, int64_t K,
-                                                        const char* op) {
-  const int64_t B = pruned.size(0), P = pruned.size(1);
-  const int64_t* pp = pruned.const_data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> cols(B);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t j = 0; j < P; ++j) {
-      const int64_t col = pp[b * P + j];
-      S3_CHECK_VALUE(col >= -1 && col < K, op, ": `pruned` entries must be column indices in [0, ", K,
-                     ") or -1 for none, got ", col, " in row ", b);
-      if (col >= 0) cols[b].push_back(col);
-    }
-    std::vector<int64_t> sorted = cols[b];
-    std::sort(sorted.begin(), sorted.end());
-    S3_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), op,
-                   ": `pruned` row ", b, " names a column twice");
-  }
-  return cols;
-}
-
 // Cholesky of a small SPD matrix held row-major in `a` (n x n), in place (lower
 // triangle). Returns false when a pivot is not positive and finite.
 template <typename T>

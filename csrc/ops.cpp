@@ -22,16 +22,15 @@ TORCH_LIBRARY(s3sparse, m) {
   // P = subsets[s]; best[n] = argmin_s cost[n, s]. Non-PD C_PP costs +inf.
   m.def("score_subsets(Tensor w, Tensor c, Tensor? c_index, Tensor subsets) -> (Tensor costs, Tensor best)");
 
-  // Per-row OBS step: for every row b, with S = the valid entries of pruned[b]:
-  //   w[b] -= C[:, S] C_SS^-1 w[b, S];  C -= C[:, S] C_SS^-1 C[S, :];  w[b, S] = 0
-  // in place, C of row b being c[b] (fp16/bf16/fp32/fp64 storage, fp32+ math).
-  // status[b] = 1 when C_SS is not positive definite: that row is left untouched.
-  m.def("schur_update_(Tensor(a!) w, Tensor(b!) c, Tensor pruned) -> Tensor status");
-
-  // Batched low-rank correction of a panel: out[n] = base[n] - a[n] @ b[n]^T with
-  // fp32 (fp64 for fp64 inputs) accumulation, a and b possibly fp16/bf16 storage.
-  // The hot loop of left-looking True OBS: C[S, R] = C0[S, R] - U[S, :] U[R, :]^T.
-  // b may be a strided view (last dim contiguous): it is read in place.
+  // The Schur-update op family of True OBS (left-looking, factored): a batched
+  // low-rank correction out[n] = base[n] - a[n] @ b[n]^T, fp32 accumulation (fp64
+  // for fp64 inputs), a and b possibly fp16/bf16 storage; b may be a strided view
+  // (last dim contiguous), read in place. No per-row C is ever stored: after a row
+  // pruned the columns Q, its C is the Schur complement C0 - C0[:,Q] C0[Q,Q]^-1
+  // C0[Q,:] = C0 - U U^T, with U_j = C[:, S_j] L_j^-T appended per batch S_j
+  // (L_j = chol(C[S_j, S_j])). The panel C[S, R] = C0[S, R] - U[S, :] U[R, :]^T,
+  // the scope blocks scoring reads, and U_j itself are all this op
+  // (s3sparse/pruners/true_obs_sweep.py).
   m.def("lowrank_sub(Tensor base, Tensor a, Tensor b) -> Tensor");
 
   // One lazy block of SparseGPT's column sweep, every row group at once (see

@@ -25,7 +25,6 @@ __all__ = [
     "block_scale_",
     "kth_largest",
     "score_subsets",
-    "schur_update_",
     "lowrank_sub",
     "sparsegpt_block_",
     "packed_to_dense",
@@ -131,31 +130,19 @@ def score_subsets(
     return _ops.score_subsets.default(w, c, c_index, subsets)
 
 
-def schur_update_(w: Tensor, c: Tensor, pruned: Tensor) -> Tensor:
-    """Prune columns of many rows, each with its own inverse Hessian, in place.
-
-    For row ``b`` and ``S`` = the entries of ``pruned[b]`` that are not -1:
-    ``w[b] -= C[:, S] C_SS^-1 w[b, S]``, ``C -= C[:, S] C_SS^-1 C[S, :]`` (the
-    Schur complement), then ``w[b, S]``, ``C[S, :]`` and ``C[:, S]`` are zero.
-    ``C = c[b]`` may be stored in fp16/bf16 (math in fp32) or fp32/fp64.
-
-    Args:
-        w: (B, K) contiguous fp32/fp64 weight rows.
-        c: (B, K, K) contiguous symmetric positive-definite matrices.
-        pruned: (B, P) int64 column indices, -1 for padding; distinct per row.
-
-    Returns:
-        ``status`` (B,) int32: 0 done, 1 when ``C_SS`` was not positive definite
-        (that row of ``w`` and ``c`` is left untouched).
-    """
-    return _ops.schur_update_.default(w, c, pruned)
-
-
 def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``base - a @ b.mT``, batched, accumulated in the precision of ``base``.
+    """``base - a @ b.mT``, batched, accumulated in the precision of ``base``: the
+    Schur-update op of True OBS.
 
-    The panel product of left-looking True OBS, ``C[S, R] = C0[S, R] - U[S] U[R]ᵀ``,
-    with the factors ``U`` stored in fp16/bf16 and read by tensor cores on CUDA.
+    True OBS never stores a per-row inverse Hessian C. After a row has pruned the
+    columns Q, its C is the Schur complement ``C0 - C0[:, Q] C0[Q, Q]⁻¹ C0[Q, :]``
+    of Q in ``C0 = (H + λI)⁻¹``, kept in factored (left-looking) form ``C0 - U Uᵀ``:
+    each batch j of pruned columns S_j appends ``U_j = C[:, S_j] L_j⁻ᵀ`` (``L_j`` the
+    Cholesky factor of ``C[S_j, S_j]``). The panel a batch reads,
+    ``C[S, R] = C0[S, R] - U[S] U[R]ᵀ``, is this op; so are the scope blocks that
+    scoring reads and the new factor ``U_j = 0 - C[S_j, R]ᵀ (-L_j⁻ᵀ)``
+    (:mod:`s3sparse.pruners.true_obs_sweep`). The factors ``U`` may be stored in
+    fp16/bf16 and are read by tensor cores on CUDA.
 
     Args:
         base: (N, P, R) float32 (float64 when ``a`` is float64).
@@ -279,11 +266,6 @@ def _kth_largest_fake(x, k):
 def _score_subsets_fake(w, c, c_index, subsets):
     n = w.shape[0]
     return w.new_empty((n, subsets.shape[0])), w.new_empty((n,), dtype=torch.long)
-
-
-@torch.library.register_fake("s3sparse::schur_update_")
-def _schur_update_fake(w, c, pruned):
-    return w.new_empty((w.shape[0],), dtype=torch.int32)
 
 
 @torch.library.register_fake("s3sparse::lowrank_sub")

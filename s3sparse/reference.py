@@ -21,7 +21,6 @@ __all__ = [
     "block_scale_",
     "kth_largest",
     "score_subsets",
-    "schur_update_",
     "lowrank_sub",
     "sparsegpt_block_",
     "sparsegpt_block_status",
@@ -142,35 +141,14 @@ def score_subsets(
     return costs.to(device=w.device, dtype=w.dtype), best.to(w.device)
 
 
-def schur_update_(w: Tensor, c: Tensor, pruned: Tensor) -> Tensor:
-    B, K = w.shape
-    status = torch.zeros(B, dtype=torch.int32)
-    for b in range(B):
-        S = pruned[b][pruned[b] >= 0].cpu()
-        if S.numel() == 0:
-            continue
-        if S.unique().numel() != S.numel():
-            raise ValueError(f"pruned[{b}] repeats a column: {S.tolist()}")
-        C = c[b].double()
-        L, info = torch.linalg.cholesky_ex(C[S][:, S])
-        if info.item() != 0:
-            status[b] = 1
-            continue
-        # X = C_SS^-1 C[S, :], so C[:, S] X is the Schur correction.
-        X = torch.cholesky_solve(C[S, :], L)
-        wb = w[b].double()
-        wb = wb - X.T @ wb[S]
-        C = C - C[:, S] @ X
-        wb[S] = 0.0
-        C[S, :] = 0.0
-        C[:, S] = 0.0
-        w[b].copy_(wb.to(w.dtype))
-        c[b].copy_(C.to(c.dtype))
-    return status.to(w.device)
-
-
 def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``base - a @ b.mT`` in float64: base (N, P, R), a (N, P, O), b (N, R, O)."""
+    """``base - a @ b.mT`` in float64: base (N, P, R), a (N, P, O), b (N, R, O).
+
+    The Schur-update op of True OBS (see :func:`s3sparse.ops.lowrank_sub`): with
+    ``U`` the factors of the columns ``Q`` pruned so far (``U Uᵀ = C0[:, Q]
+    C0[Q, Q]⁻¹ C0[Q, :]``), ``C0[S, R] - U[S] U[R]ᵀ`` is the Schur complement of
+    ``Q`` in ``C0`` on the rows S and columns R, in factored (left-looking) form.
+    """
     out = base.double() - a.double() @ b.double().transpose(1, 2)  # (N, P, R)
     return out.to(base.dtype)
 

@@ -373,131 +373,6 @@ def test_score_subsets_very_large_p(device, seed):
             ops.score_subsets(w.to(device), c.to(device), subsets.to(device))
 
 
-# ---------------------------------------------------------------- schur_update_
-def _inverse_hessians(B, K, dtype):
-    X = torch.randn(B, K, 2 * K + 4, dtype=torch.float64)
-    H = X @ X.transpose(1, 2) / (2 * K + 4) + 0.2 * torch.eye(K, dtype=torch.float64)
-    C = torch.linalg.inv(H)
-    return ((C + C.transpose(1, 2)) / 2).to(dtype).contiguous()
-
-
-def _pruned(B, K, P, counts=None):
-    pruned = torch.full((B, P), -1, dtype=torch.long)
-    for b in range(B):
-        cnt = counts[b] if counts is not None else random.randint(0, min(P, K))
-        cols = torch.randperm(K)[:cnt]
-        slots = torch.randperm(P)[:cnt]
-        pruned[b, slots] = cols
-    return pruned
-
-
-SCHUR_TOL = {  # (rtol, atol relative to max |c| or |w|)
-    torch.float16: 2.0**-10 * 1.5,
-    torch.bfloat16: 2.0**-7 * 1.5,
-    torch.float32: 2e-5,
-    torch.float64: 1e-10,
-}
-
-
-def _check_schur(w, c, pruned, device, msg, bad_rows=()):
-    wd, cd = w.clone().to(device), c.clone().to(device)
-    status = ops.schur_update_(wd, cd, pruned.to(device))
-    we, ce = w.clone(), c.clone()
-    estatus = ref.schur_update_(we, ce, pruned)
-    assert status.dtype == torch.int32 and status.shape == (w.shape[0],), msg
-    assert_bitwise(status.cpu(), estatus, f"{msg} status")
-    for b in bad_rows:
-        assert status[b].item() == 1, msg
-    acc = w.dtype
-    for b in range(w.shape[0]):
-        if estatus[b] != 0:  # untouched, bit for bit
-            assert_bitwise(wd[b], w[b], f"{msg} row {b} w (not PD)")
-            assert_bitwise(cd[b], c[b], f"{msg} row {b} c (not PD)")
-            continue
-        S = pruned[b][pruned[b] >= 0]
-        ctol = max(SCHUR_TOL[c.dtype], SCHUR_TOL[acc]) * max(ce[b].abs().max().item(), c[b].abs().max().item(), 1e-30)
-        wtol = SCHUR_TOL[acc] * 10 * max(we[b].abs().max().item(), w[b].abs().max().item(), 1e-30)
-        assert_close(cd[b], ce[b], 0, ctol, f"{msg} row {b} c")
-        assert_close(wd[b], we[b], 0, wtol, f"{msg} row {b} w")
-        # Pruned coordinates are exactly zero.
-        assert bool((wd[b].cpu()[S] == 0).all()), msg
-        assert bool((cd[b].cpu()[S, :] == 0).all()) and bool((cd[b].cpu()[:, S] == 0).all()), msg
-    return wd, cd, status
-
-
-SCHUR_CASES = [(1, 1, 1), (3, 7, 4), (5, 33, 6), (2, 70, 20), (4, 130, 40)]  # (B, K, P)
-
-
-@pytest.mark.parametrize("wdtype", ACC_FLOATS, ids=_dtype_id)
-@pytest.mark.parametrize("cdtype", FLOATS, ids=_dtype_id)
-@pytest.mark.parametrize("case", SCHUR_CASES, ids=lambda c: f"B{c[0]}K{c[1]}P{c[2]}")
-def test_schur_update(device, seed, wdtype, cdtype, case):
-    B, K, P = case
-    w = torch.randn(B, K, dtype=wdtype)
-    c = _inverse_hessians(B, K, cdtype)
-    counts = [random.randint(0, min(P, K)) for _ in range(B)]
-    counts[0] = min(P, K)  # the widest row
-    if B > 2:
-        counts[-1] = 0  # a row with nothing to prune
-    pruned = _pruned(B, K, P, counts)
-    bad_rows = []
-    if B > 1 and counts[1] > 0:  # row 1: C_SS not PD -> status 1, row untouched
-        s0 = pruned[1][pruned[1] >= 0][0]
-        c[1, s0, s0] = -1.0
-        bad_rows = [1]
-    _check_schur(w, c, pruned, device, f"seed={seed} case={case} w={wdtype} c={cdtype}", bad_rows)
-
-
-def test_schur_update_edge_sizes(device, seed):
-    # B = 0, K = 0, P = 0 (all -1 and zero-width): nothing happens, status 0.
-    for B, K, P in [(0, 5, 2), (2, 0, 3), (3, 6, 0), (3, 6, 4)]:
-        w = torch.randn(B, K)
-        c = _inverse_hessians(B, K, torch.float32) if B * K else torch.zeros(B, K, K)
-        pruned = torch.full((B, P), -1, dtype=torch.long)
-        wd, cd = w.clone().to(device), c.clone().to(device)
-        status = ops.schur_update_(wd, cd, pruned.to(device))
-        assert status.shape == (B,) and status.dtype == torch.int32
-        assert not bool(status.any())
-        assert_bitwise(wd, w, f"seed={seed} {(B, K, P)} w")
-        assert_bitwise(cd, c, f"seed={seed} {(B, K, P)} c")
-
-
-def test_schur_update_sequential(device, seed):
-    # Pruning S at once equals pruning its columns one at a time (quotient property).
-    B, K, P = 3, 20, 5
-    w = torch.randn(B, K, dtype=torch.float64)
-    c = _inverse_hessians(B, K, torch.float64)
-    pruned = _pruned(B, K, P, [5, 3, 4])
-    w1, c1 = w.clone().to(device), c.clone().to(device)
-    assert not ops.schur_update_(w1, c1, pruned.to(device)).any()
-    w2, c2 = w.clone().to(device), c.clone().to(device)
-    for j in range(P):
-        assert not ops.schur_update_(w2, c2, pruned[:, j : j + 1].contiguous().to(device)).any()
-    assert_close(w2, w1, 0, 1e-9 * w1.abs().max().item(), f"seed={seed} w")
-    assert_close(c2, c1, 0, 1e-9 * c1.abs().max().item(), f"seed={seed} c")
-
-
-def test_schur_update_row_chunks(device, seed, monkeypatch):
-    # The CUDA kernel works through rows in chunks bounded by a workspace budget;
-    # a tiny budget (one row per chunk) must give the same result — up to GEMM
-    # round-off, since cuBLAS may pick another algorithm for another batch size.
-    # Failed rows stay bit-for-bit untouched either way.
-    B, K, P = 5, 24, 6
-    w = torch.randn(B, K)
-    c = _inverse_hessians(B, K, torch.float16)
-    pruned = _pruned(B, K, P, [6, 2, 0, 5, 6])
-    c[3, pruned[3, pruned[3] >= 0][0], pruned[3, pruned[3] >= 0][0]] = -1.0
-    wa, ca, sa = _check_schur(w, c, pruned, device, f"seed={seed} default budget", bad_rows=[3])
-    monkeypatch.setenv("S3SPARSE_SCHUR_WORKSPACE_BYTES", "1")
-    wb, cb = w.clone().to(device), c.clone().to(device)
-    sb = ops.schur_update_(wb, cb, pruned.to(device))
-    assert_bitwise(sb, sa, f"seed={seed} status")
-    torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-5, msg=f"seed={seed} w")
-    torch.testing.assert_close(cb.float(), ca.float(), rtol=2e-3, atol=2e-3, msg=f"seed={seed} c")
-    assert_bitwise(wb[3], w[3].to(device), f"seed={seed} failed row w")
-    assert_bitwise(cb[3], c[3].to(device), f"seed={seed} failed row c")
-
-
 # ---------------------------------------------------------------- sparsegpt_block_
 def _upper_factor(b, dtype=torch.float32):
     """The upper Cholesky factor of (H + 0.1 I)^-1 for a random correlated H: SparseGPT's U."""
@@ -765,7 +640,6 @@ def _bad_calls(dev):
     w = torch.randn(3, 4, device=dev)
     c = torch.eye(4, device=dev).repeat(3, 1, 1)
     sub = torch.tensor([[0, 1], [2, 3]], device=dev)
-    pr = torch.tensor([[0, -1], [1, 2], [-1, -1]], device=dev)
     V = ([4, 8], [8, 1], 0, [1, 4])
     return [
         # block_reduce
@@ -803,17 +677,6 @@ def _bad_calls(dev):
         ("c_index negative", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, -1, 1], device=dev)), ValueError, "`c_index` entries"),
         ("c_index length", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, 1], device=dev)), ValueError, "`c_index`"),
         ("c_index dtype", lambda: ops.score_subsets(w, c[:2], sub, torch.tensor([0, 1, 1], dtype=torch.int32, device=dev)), TypeError, "`c_index`"),
-        # schur_update_
-        ("schur w half", lambda: ops.schur_update_(w.half(), c.clone(), pr), TypeError, "`w`"),
-        ("schur w non-contiguous", lambda: ops.schur_update_(torch.randn(4, 3, device=dev).t(), c.clone(), pr), ValueError, "`w` must be contiguous"),
-        ("schur c non-contiguous", lambda: ops.schur_update_(w.clone(), c.transpose(1, 2), pr), ValueError, "`c` must be contiguous"),
-        ("schur c shape", lambda: ops.schur_update_(w.clone(), c[:2].clone(), pr), ValueError, "`c`"),
-        ("schur c int", lambda: ops.schur_update_(w.clone(), c.long(), pr), TypeError, "`c`"),
-        ("pruned dtype", lambda: ops.schur_update_(w.clone(), c.clone(), pr.int()), TypeError, "`pruned`"),
-        ("pruned rows", lambda: ops.schur_update_(w.clone(), c.clone(), pr[:2]), ValueError, "`pruned`"),
-        ("pruned range", lambda: ops.schur_update_(w.clone(), c.clone(), pr + 3), ValueError, "`pruned` entries"),
-        ("pruned below -1", lambda: ops.schur_update_(w.clone(), c.clone(), pr - 1), ValueError, "`pruned` entries"),
-        ("pruned duplicate", lambda: ops.schur_update_(w.clone(), c.clone(), torch.tensor([[1, 1], [0, -1], [-1, -1]], device=dev)), ValueError, "`pruned` row 0 names a column twice"),
         # sparsegpt_block_
         ("sgpt w double", lambda: _sgpt_bad(dev, w=lambda a: a.double()), TypeError, "`w` must be Float"),
         ("sgpt w 1-D", lambda: _sgpt_bad(dev, w=lambda a: a[0]), ValueError, "`w` must be 2-D"),
@@ -859,12 +722,11 @@ def test_bad_inputs(device, case):
 
 def test_bad_input_leaves_tensors_untouched(device):
     # Validation happens before any write.
-    w = torch.randn(2, 5, device=device)
-    c = torch.eye(5, device=device).repeat(2, 1, 1)
-    w0, c0 = w.clone(), c.clone()
-    with pytest.raises(ValueError, match="`pruned`"):
-        ops.schur_update_(w, c, torch.tensor([[0, 1], [2, 7]], device=device))
-    assert torch.equal(w, w0) and torch.equal(c, c0)
+    x = torch.randn(4, 8, device=device)
+    x0 = x.clone()
+    with pytest.raises(ValueError, match="`scale`"):
+        ops.block_scale_(x, [4, 8], [8, 1], 0, [1, 4], torch.zeros(4, 3, device=device))
+    assert torch.equal(x, x0)
 
 
 @pytest.mark.cuda
@@ -874,7 +736,6 @@ def test_mismatched_devices():
     w = torch.randn(3, 4, device=cu)
     c = torch.eye(4, device=cu).repeat(3, 1, 1)
     sub = torch.tensor([[0, 1]], device=cu)
-    pr = torch.full((3, 2), -1, dtype=torch.long, device=cu)
     with pytest.raises(ValueError, match="`scale`"):
         ops.block_scale_(x, [4, 8], [8, 1], 0, [1, 4], torch.ones(4, 2, device=cpu))
     with pytest.raises(ValueError, match="`c`"):
@@ -883,10 +744,6 @@ def test_mismatched_devices():
         ops.score_subsets(w, c, sub.to(cpu))
     with pytest.raises(ValueError, match="`c_index`"):
         ops.score_subsets(w, c, sub, torch.zeros(3, dtype=torch.long, device=cpu))
-    with pytest.raises(ValueError, match="`c`"):
-        ops.schur_update_(w, c.to(cpu), pr)
-    with pytest.raises(ValueError, match="`pruned`"):
-        ops.schur_update_(w, c, pr.to(cpu))
     for name in ("pruned", "u", "scope_ptr", "scope_cols", "scope_rows", "group_rows"):
         with pytest.raises(ValueError, match=f"`{name}` must be on the device of `w`"):
             _sgpt_bad(cu, **{name: lambda a: a.to(cpu)})
@@ -903,10 +760,7 @@ def _samples(dev):
     cs = _spd_blocks(2, 4, torch.float16).to(dev)
     subsets = _subsets(4, 2).to(dev)
     c_index = torch.tensor([0, 1, 1, 0, 1], device=dev)
-    ws = torch.randn(3, 12, device=dev)
-    cw = _inverse_hessians(3, 12, torch.float32).to(dev)
-    pruned = torch.tensor([[0, 5, -1], [-1, -1, -1], [11, 2, 3]], device=dev)
-    return dict(x=x, view=view, scale=scale, w=w, cs=cs, subsets=subsets, c_index=c_index, ws=ws, cw=cw, pruned=pruned)
+    return dict(x=x, view=view, scale=scale, w=w, cs=cs, subsets=subsets, c_index=c_index)
 
 
 @pytest.mark.parametrize("device", REAL_DEVICES)
@@ -923,8 +777,6 @@ def test_opcheck(device):
         (o.kth_largest.default, (s["x"].view(2, 4, 32).bfloat16(), 0)),
         (o.score_subsets.default, (s["w"], s["cs"], s["c_index"], s["subsets"])),
         (o.score_subsets.default, (s["w"].double(), s["cs"][:1].expand(5, 4, 4).contiguous(), None, s["subsets"])),
-        (o.schur_update_.default, (s["ws"].clone(), s["cw"].clone(), s["pruned"])),
-        (o.schur_update_.default, (s["ws"].double(), s["cw"].half(), s["pruned"])),
     ]
     for kind, M, b in (("24", 5, 16), ("block16", 16, 32)):
         a = _sgpt_case((kind, M, b, kind, "all"))
@@ -936,7 +788,7 @@ def test_opcheck(device):
         torch.library.opcheck(op, args)
 
 
-def _all_ops(x, scale, w, cs, c_index, subsets, ws, cw, pruned):
+def _all_ops(x, scale, w, cs, c_index, subsets):
     K = x.shape[1]
     size, stride, offset, block = [8, K // 16, 8, 2], [K, 16, 1, 8], 0, [1, 1, 1, 2]
     norms = ops.block_reduce(x, size, stride, offset, block, "norm", 2.0)
@@ -944,27 +796,25 @@ def _all_ops(x, scale, w, cs, c_index, subsets, ws, cw, pruned):
     ops.block_scale_(y, size, stride, offset, block, scale)
     vals, keep = ops.kth_largest(norms.flatten(1), 7)
     costs, best = ops.score_subsets(w, cs, subsets, c_index)
-    ws2, cw2 = ws.clone(), cw.clone()
-    status = ops.schur_update_(ws2, cw2, pruned)
-    return norms * 2, y, vals, keep, costs, best, ws2, cw2, status
+    return norms * 2, y, vals, keep, costs, best
 
 
-def _mutate_inputs(x, scale, ws, cw, pruned):
-    # The mutating ops on graph inputs directly.
+def _mutate_inputs(x, scale):
+    # The mutating op on a graph input directly.
     K = x.shape[1]
     ops.block_scale_(x, [8, K // 16, 8, 2], [K, 16, 1, 8], 0, [1, 1, 1, 2], scale)
-    return ops.schur_update_(ws, cw, pruned) + 1
+    return x.sum(dim=1) + 1
 
 
 def _compile_check(device, backend):
     s = _samples(device)
-    args = (s["x"], s["scale"], s["w"], s["cs"], s["c_index"], s["subsets"], s["ws"], s["cw"], s["pruned"])
+    args = (s["x"], s["scale"], s["w"], s["cs"], s["c_index"], s["subsets"])
     torch._dynamo.reset()
     expected = _all_ops(*args)
     got = torch.compile(_all_ops, backend=backend, fullgraph=True)(*args)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    margs = (s["x"], s["scale"], s["ws"], s["cw"], s["pruned"])
+    margs = (s["x"], s["scale"])
     m_eager = [a.clone() for a in margs]
     m_comp = [a.clone() for a in margs]
     r_eager = _mutate_inputs(*m_eager)

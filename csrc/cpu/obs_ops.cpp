@@ -1,11 +1,10 @@
-// CPU kernels of the two OBS operators: batched subset scoring and the per-row
-// Schur update (the hot loop of StructuredOBS.prune_true_obs).
+// CPU kernel of score_subsets: batched OBS subset scoring. (True OBS's Schur
+// updates are lowrank_sub: csrc/cpu/lowrank.cpp.)
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -85,77 +84,8 @@ std::tuple<at::Tensor, at::Tensor> score_subsets_cpu(const at::Tensor& w_in, con
   return {costs, best};
 }
 
-// ------------------------------------------------------------------ schur_update_
-at::Tensor schur_update_cpu(at::Tensor& w, at::Tensor& c, const at::Tensor& pruned) {
-  constexpr const char* op = "s3sparse.schur_update_";
-  check_schur_update(w, c, pruned, op);
-  const int64_t B = w.size(0), K = w.size(1);
-  const auto cols = pruned_columns(pruned.contiguous(), K, op);
-  at::Tensor status = at::zeros({B}, w.options().dtype(at::kInt));
-  int32_t* st = status.mutable_data_ptr<int32_t>();
-
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "schur_update_cpu_w", [&] {
-    using acc_t = scalar_t;
-    const auto acc_type = w.scalar_type();
-    acc_t* wp = w.mutable_data_ptr<acc_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "schur_update_cpu_c", [&] {
-      scalar_t* cp = c.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        // Keep ATen calls below autograd: this is a kernel, not user code.
-        at::AutoDispatchBelowADInplaceOrView guard;
-        for (int64_t b = b0; b < b1; ++b) {
-          const auto& S = cols[b];
-          const int64_t P = static_cast<int64_t>(S.size());
-          if (P == 0) continue;
-          scalar_t* C = cp + b * K * K;
-          acc_t* wb = wp + b * K;
-          // L = chol(C_SS), with the pivot rule the CUDA kernel uses.
-          std::vector<acc_t> L(P * P, acc_t(0));
-          for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = 0; j <= i; ++j) L[i * P + j] = static_cast<acc_t>(C[S[i] * K + S[j]]);
-          if (!small_cholesky(L.data(), P)) {
-            st[b] = 1;
-            continue;
-          }
-          for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = i + 1; j < P; ++j) L[i * P + j] = acc_t(0);
-          // At = L^-1 C[S, :] (so A = At^T = C[:, S] L^-T), by BLAS triangular solve;
-          // z = L^-1 w_S;  w -= A z.
-          const at::Tensor Sidx = at::from_blob(const_cast<int64_t*>(S.data()), {P}, at::kLong);
-          const at::Tensor Cb = at::from_blob(C, {K, K}, c.options());
-          const at::Tensor Lt = at::from_blob(L.data(), {P, P}, at::TensorOptions().dtype(acc_type));
-          const at::Tensor At = at::linalg_solve_triangular(Lt, Cb.index_select(0, Sidx).to(acc_type),
-                                                            /*upper=*/false);
-          std::vector<acc_t> z(P);
-          for (int64_t i = 0; i < P; ++i) z[i] = wb[S[i]];
-          small_forward_solve(L.data(), z.data(), P);
-          at::Tensor wrow = at::from_blob(wb, {K}, w.options());
-          wrow.addmv_(At.t(), at::from_blob(z.data(), {P}, w.options()), 1, -1);
-          // C -= A A^T in acc_t (via an acc_t copy when C is stored in fp16/bf16).
-          if (c.scalar_type() == acc_type) {
-            Cb.addmm_(At.t(), At, 1, -1);
-          } else {
-            Cb.copy_(Cb.to(acc_type).addmm_(At.t(), At, 1, -1));
-          }
-          // The pruned coordinates are exactly zero from now on.
-          for (int64_t i = 0; i < P; ++i) {
-            wb[S[i]] = 0;
-            scalar_t* row = C + S[i] * K;
-            std::fill(row, row + K, scalar_t(0));
-            for (int64_t k = 0; k < K; ++k) C[k * K + S[i]] = scalar_t(0);
-          }
-        }
-      });
-    });
-  });
-  return status;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s3sparse, CPU, m) {
-  m.impl("score_subsets", &score_subsets_cpu);
-  m.impl("schur_update_", &schur_update_cpu);
-}
+TORCH_LIBRARY_IMPL(s3sparse, CPU, m) { m.impl("score_subsets", &score_subsets_cpu); }
 
 }  // namespace s3sparse

@@ -13,8 +13,8 @@ blocks with the least OBS cost among all ``C(g, g−nnz)`` subsets
 frozen), ``split`` (C recomputed from H on the unvisited columns between
 ``n_splits`` column chunks, visited columns frozen), ``interleaved`` (as
 ``split``, with each chunk's masks selected from the compensated weights under
-the recomputed C). Per-row C, Schur-updated as scopes are pruned, is True OBS
-(:mod:`.true_obs`).
+the recomputed C). A per-row C, the Schur complement of the row's pruned
+columns (kept in factored form, never stored), is True OBS (:mod:`.true_obs`).
 """
 
 from __future__ import annotations

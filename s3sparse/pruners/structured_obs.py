@@ -94,8 +94,15 @@ class StructuredOBS:
     ) -> None:
         """Per-row True OBS with Schur-complement updates, in place.
 
+        What runs is left-looking: no per-row C is stored. Each row's C is the Schur
+        complement of its pruned columns in ``C0 = (H + λI)⁻¹``, kept in factored
+        form ``C0 − U Uᵀ``; each batch of ``ng`` scopes forms only the panel it reads,
+        ``C0[S, R] − U[S] U[R]ᵀ`` (op :func:`~s3sparse.ops.lowrank_sub`), prunes,
+        appends the factors of its pruned columns, and updates the row's remaining
+        weights; the final weights are one GEMM with C0 (see :mod:`.true_obs`).
+
         The options are those of :class:`TrueOBSOptions` (``ng``: 64, 1 on
-        row-coupled patterns; ``chunk_size``: from free memory; ``c_dtype``: fp16);
+        row-coupled patterns; ``chunk_size``: from free memory; ``c_dtype``: fp16 factors U);
         ``progress_fn`` and ``process_group`` as in :meth:`TrueOBS.prune_layer`;
         ``refine=N``: then N sweeps of exact swap refinement of the mask
         (:func:`~s3sparse.pruners.refine_mask`), single-row-scope patterns only.

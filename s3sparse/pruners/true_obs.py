@@ -1,13 +1,19 @@
-"""True OBS: per-row inverse Hessians, Schur-updated after each batch of scopes.
+"""True OBS: exact per-row OBS, every row under its own inverse Hessian, left-looking.
 
-Notation as in :mod:`.obs`. Every row has its own ``C``; after each batch of
-``ng`` scopes its pruned set S is removed with ``w ← w − C_{:,S} (C_SS)⁻¹ w_S`` and
-``C ← C − C_{:,S} (C_SS)⁻¹ C_{S,:}`` (Schur complement). A batch's blocks are
+Notation as in :mod:`.obs`. Mathematically every row has its own ``C``: after each
+batch of ``ng`` scopes its pruned set S is removed with ``w ← w − C_{:,S} (C_SS)⁻¹ w_S``
+and ``C ← C − C_{:,S} (C_SS)⁻¹ C_{S,:}`` (Schur complement). A batch's blocks are
 chosen by ``independent`` (Σ w²/diag C per block, exact block costs where rows
 compete) or ``joint`` (exact subset cost, op ``score_subsets``) scoring and
-compensated jointly on all remaining weights of the row. C is never stored: each
-row group keeps the factors of its updates (left-looking, :mod:`.true_obs_sweep`),
-and the sweep is replayed per row chunk as a CUDA graph (:mod:`.replay`).
+compensated jointly on all remaining weights of the row.
+
+No per-row C is stored or updated. Each row group keeps the factors U of its
+updates (``C = C0 − U Uᵀ``, ``C0 = (H + λI)⁻¹``), and each batch forms only the
+part of C it reads, the panel ``C0[S, R] − U[S] U[R]ᵀ``: the Schur complement of
+the columns pruned so far, in factored (left-looking) form. That panel, the scope
+blocks scoring reads and the new factors are the Schur-update op
+:func:`s3sparse.ops.lowrank_sub` (:mod:`.true_obs_sweep`); the sweep is replayed
+per row chunk as a CUDA graph (:mod:`.replay`).
 
 This module is the driver: options, the batches and their column plan, row
 chunks within memory, retry levels for rows whose sub-problem is not positive
@@ -64,7 +70,7 @@ class TrueOBSOptions(MethodOptions):
         order: ``'left_to_right'`` or ``'largest_first'`` (scopes by descending
             pre-scored cost under the shared C).
         scoring: ``'independent'`` or ``'joint'``.
-        c_dtype: storage of the per-row C factors (math is fp32, fp64 for fp64).
+        c_dtype: storage of the per-row factors U of C (math is fp32, fp64 for fp64).
         refine: sweeps of exact swap refinement of the mask after pruning
             (:func:`~s3sparse.pruners.refine_mask`, with this ``damp``); 0: off.
             Patterns whose scopes each lie in one row only (not row-coupled ones).
@@ -124,10 +130,13 @@ class TrueOBS(PruningMethod):
 
     @torch.no_grad()
     def prune_layer(self, layer: OBSLayer, nnz: int, progress_fn: ProgressFn = None, process_group=None) -> None:
-        """Per-row True OBS with Schur-complement updates, in place.
+        """Per-row True OBS with Schur-complement updates in factored form, in place.
 
-        Every row keeps its own inverse Hessian C, updated after each batch of
-        ``ng`` scopes; the batch's blocks are chosen per scope (``independent``:
+        Every row works under its own inverse Hessian C, the Schur complement of
+        its pruned columns in ``C0 = (H + λI)⁻¹``, which is never stored: the row
+        group keeps factors U with ``C = C0 − U Uᵀ``, and each batch of ``ng`` scopes
+        forms just the panel it reads, ``C0[S, R] − U[S] U[R]ᵀ`` (op ``lowrank_sub``),
+        then appends its own factors. The batch's blocks are chosen per scope (``independent``:
         the blocks of least Σ w²/C_cc, or where rows compete for a scope, of least
         exact cost ``w_bᵀ (C_bb)⁻¹ w_b`` each; ``joint``: the subset of least exact
         OBS cost) and compensated jointly on every remaining weight of the row,

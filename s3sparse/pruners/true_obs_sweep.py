@@ -4,10 +4,13 @@ Row r's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ`` with
 ``U_j = C_{j-1}[:, S_j] L_j⁻ᵀ`` (``L_j`` the Cholesky factor of
 ``C_{j-1}[S_j, S_j]``), so only the factors U are stored (in ``c_dtype``) and each
 batch forms just what it reads: the diagonal (or scope blocks) of its columns for
-scoring, and the panel ``C[S_b, R]`` over the columns R that later batches still
-visit. A row group (rows whose scopes couple them) keeps one factor matrix: each
-factor column belongs to the one row that pruned that column, so a batch of a
-row-coupled pattern costs one group's pruned columns, not every row's worst case.
+scoring, and the panel ``C[S_b, R] = C0[S_b, R] - U[S_b] U[R]ᵀ`` over the columns R
+that later batches still visit: the Schur complement of the columns pruned so far,
+in factored form. The panel, the scope blocks and each new factor U_b are the one
+Schur-update op, :func:`s3sparse.ops.lowrank_sub`. A row group (rows whose scopes
+couple them) keeps one factor matrix: each factor column belongs to the one row
+that pruned that column, so a batch of a row-coupled pattern costs one group's
+pruned columns, not every row's worst case.
 Sequential OBS steps equal one joint step on the union S of a row's pruned
 columns, so its final weights are ``w0 - C0[:, S] C0[S, S]⁻¹ w0[S]``,
 ``C0[S, S]⁻¹ w0[S]`` being solved through the block-triangular factor the U's
