@@ -53,6 +53,7 @@ using namespace packed_cuda;
 constexpr int kThreads = 256;
 constexpr int kMaxTokens = 16;     // the gemv path: up to this many tokens (rows of x)
 constexpr int kStreamTokens = 8;   // the stream kernel up to this many tokens; above, expand + cuBLAS
+constexpr int kStreamTokensGrouped = 2;  // the same with row groups of more than one row
 constexpr int kUnroll = 4;      // 16-byte loads in flight per thread
 // Everything the decode kernels need besides pointers (passed by value).
 struct GemvPlan {
@@ -1022,7 +1023,10 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // (packed_stream.cuh). S3SPARSE_PACKED_CUDA_PATH=stream|expand overrides the
   // choice, for benchmarks that measure the crossover.
   const PathChoice path = path_choice();
-  const bool stream_first = path == PathChoice::kStream ? N <= kMaxStreamLaunchTokens * 4 : N <= kStreamTokens;
+  // Row groups of more than one row (block16-rows) decode slower (a block a
+  // group) and expand no slower: their crossover is lower.
+  const int64_t stream_tokens = g.row_group == 1 ? kStreamTokens : kStreamTokensGrouped;
+  const bool stream_first = path == PathChoice::kStream ? N <= kMaxStreamLaunchTokens * 4 : N <= stream_tokens;
   if (stream_first && path != PathChoice::kExpand) {
     at::Tensor y = at::empty({N, g.M}, x.options());
     bool launched = true;
@@ -1046,7 +1050,7 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   }
 
   // More tokens on those patterns: W written out by the expansion kernel, then cuBLAS.
-  if (N > kStreamTokens || path == PathChoice::kExpand) {
+  if (N > stream_tokens || path == PathChoice::kExpand) {
     at::Tensor w = at::empty({g.M, g.K}, values.options());
     at::Tensor expand_status = check ? status : at::zeros({}, values.options().dtype(at::kInt));
     bool expanded = false;

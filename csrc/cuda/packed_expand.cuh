@@ -10,10 +10,14 @@
 // threads that own a row group write every element of its rows, so W needs no
 // memset:
 //   - span mode (one row a group, and each chunk's scopes tile L consecutive
-//     columns, chunk c at columns [c L, c L + L): 2:4, 4:8, coupled 2:4): a
-//     lane builds its chunk's span in shared memory (zeros, then the kept
-//     values at their code's columns) and stores it with 16-byte writes;
-//   - otherwise the group's rows are zeroed, then its kept values written.
+//     columns, chunk c of a row at columns [c L, c L + L): 2:4, 4:8, coupled
+//     2:4): W is the chunks' spans back to back, so the whole grid strides
+//     over chunks; a thread builds a chunk's span in shared memory (zeros,
+//     then the kept values at their code's columns) and stores it with
+//     16-byte writes;
+//   - otherwise the group's rows are zeroed, then its kept values written
+//     (16-byte stores for a scope whose values are one aligned run of a row,
+//     as the blocks of block16-rows).
 // Whether the chunks tile their span is checked in every block from block_off
 // and elem_off (the host does not read them). Bad data is skipped and its bits
 // go to the status word, as everywhere.
@@ -48,8 +52,9 @@ struct ExpandPlan {
   bool span = false;        // span mode may apply (the device checks the tiling)
   int32_t L = 0;            // span columns (C * G * B)
   int32_t span_bytes = 0;   // L * sizeof(T), a multiple of 16
+  int32_t stage_stride = 0; // bytes between threads' staged spans (padded: no bank conflicts on 16-byte access)
   bool zero_vec = false;    // a group's rows can be zeroed with 16-byte stores
-  int32_t smem_hits = 0, smem_stage = 0;
+  int32_t smem_runs = 0, smem_hits = 0, smem_stage = 0;
 };
 
 // The C codes of chunk cu of the group whose first scope is s_first.
@@ -100,51 +105,65 @@ __device__ inline bool spans_tile(const ExpandPlan& e, const int64_t* __restrict
   return *span_bad == 0;
 }
 
-// Span mode, row q by one warp: lane's chunks rank, rank + 32, ...
+// Span mode over the whole weight: chunk gc (of every row, in order) holds
+// values gc * C * P.., meta fields gc * C.. and becomes W's elements
+// [gc * L, gc * L + L). Thread `rank` of `team` takes chunks rank, rank + team,
+// ..., kUnroll of them loaded before any is written (the loads' latency, not
+// the bandwidth, bounded a loop of one chunk at a time).
 template <typename T, int P>
-__device__ inline int expand_row_spans(const ExpandPlan& e, const T* __restrict__ values,
-                                       const int32_t* __restrict__ meta, const CodeTables& t, int32_t q, int lane,
-                                       unsigned char* stage, T* __restrict__ w) {
+__device__ inline int expand_spans(const ExpandPlan& e, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                                   const CodeTables& t, int32_t rank, int32_t team, unsigned char* stage,
+                                   T* __restrict__ w) {
   const StreamPlan& p = e.s;
   constexpr int C = chunk_scopes<T, P>();
   constexpr int CP = C * P;
   constexpr int NV = CP * static_cast<int>(sizeof(T)) / 16;
-  const uint32_t s_first = static_cast<uint32_t>(q) * static_cast<uint32_t>(p.Sg);
-  const int32_t chunks = p.Sg / C;
-  const uint4* vbase = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(s_first) / C * NV;
+  constexpr int kUnroll = 4;
+  const int32_t total = p.groups * (p.Sg / C);
+  const uint4* vbase = reinterpret_cast<const uint4*>(values);
   T* span = reinterpret_cast<T*>(stage);
   uint4* span16 = reinterpret_cast<uint4*>(stage);
   const int n16 = e.span_bytes / 16;
-  uint4* dst_row = reinterpret_cast<uint4*>(w + static_cast<int64_t>(q) * p.K);
   int bad = 0;
-  for (int32_t c = lane; c < chunks; c += 32) {
-    uint4 raw[NV];
+  for (int32_t c0 = rank; c0 < total; c0 += team * kUnroll) {
+    uint4 raw[kUnroll][NV];
+    uint32_t code[kUnroll][C];
 #pragma unroll
-    for (int v = 0; v < NV; ++v) raw[v] = ldg(vbase + static_cast<int64_t>(c) * NV + v);
-    uint32_t code[C];
-    chunk_codes<C>(p, meta, s_first, c, code);
-    T vals[CP];
-    std::memcpy(vals, raw, CP * sizeof(T));
-    for (int i = 0; i < n16; ++i) span16[i] = uint4{0u, 0u, 0u, 0u};
+    for (int u = 0; u < kUnroll; ++u) {
+      const int32_t c = c0 + u * team;
+      if (c < total) {
 #pragma unroll
-    for (int k = 0; k < C; ++k) {
-      // A code outside the table or with a bad subset entry: its values are
-      // skipped (the span keeps zeros) and the status says why.
-      if (code[k] >= static_cast<uint32_t>(p.n_codes)) {
-        bad |= p.bad_code;
-        continue;
+        for (int v = 0; v < NV; ++v) raw[u][v] = ldg(vbase + static_cast<int64_t>(c) * NV + v);
+        chunk_codes<C>(p, meta, 0u, c, code[u]);
       }
-      if (t.row[code[k]] != 0) {
-        bad |= kPackedBadIndex;
-        continue;
-      }
-      int32_t cols[P];
-      stream::load_cols<P>(t.col, code[k], cols);
-#pragma unroll
-      for (int v = 0; v < P; ++v) span[k * p.s1_c + cols[v]] = vals[k * P + v];
     }
-    uint4* dst = dst_row + static_cast<int64_t>(c) * n16;
-    for (int i = 0; i < n16; ++i) dst[i] = span16[i];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int32_t c = c0 + u * team;
+      if (c >= total) continue;
+      T vals[CP];
+      std::memcpy(vals, raw[u], CP * sizeof(T));
+      for (int i = 0; i < n16; ++i) span16[i] = uint4{0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        // A code outside the table or with a bad subset entry: its values are
+        // skipped (the span keeps zeros) and the status says why.
+        if (code[u][k] >= static_cast<uint32_t>(p.n_codes)) {
+          bad |= p.bad_code;
+          continue;
+        }
+        if (t.row[code[u][k]] != 0) {
+          bad |= kPackedBadIndex;
+          continue;
+        }
+        int32_t cols[P];
+        stream::load_cols<P>(t.col, code[u][k], cols);
+#pragma unroll
+        for (int v = 0; v < P; ++v) span[k * p.s1_c + cols[v]] = vals[k * P + v];
+      }
+      uint4* dst = reinterpret_cast<uint4*>(w + static_cast<int64_t>(c) * e.L);
+      for (int i = 0; i < n16; ++i) dst[i] = span16[i];
+    }
   }
   return bad;
 }
@@ -154,8 +173,8 @@ __device__ inline int expand_row_spans(const ExpandPlan& e, const T* __restrict_
 // through every check.
 template <typename T, int P, bool ROW1>
 __device__ inline int expand_group_scatter(const ExpandPlan& e, const T* __restrict__ values,
-                                           const int32_t* __restrict__ meta, const CodeTables& t, int32_t q,
-                                           int rank, int team, T* __restrict__ w) {
+                                           const int32_t* __restrict__ meta, const CodeTables& t,
+                                           const int32_t* runs, int32_t q, int rank, int team, T* __restrict__ w) {
   const StreamPlan& p = e.s;
   constexpr int C = chunk_scopes<T, P>();
   constexpr int CP = C * P;
@@ -211,6 +230,25 @@ __device__ inline int expand_group_scatter(const ExpandPlan& e, const T* __restr
         bad |= p.bad_code;
         continue;
       }
+      if constexpr ((P * sizeof(T)) % 16 == 0) {
+        // One aligned run of a row inside the group: 16-byte stores.
+        if (runs[code[k]]) {
+          const int2 o = t.entry[code[k] * P];
+          const int32_t col = cb + o.x, row = rb + o.y;
+          const int64_t f = static_cast<int64_t>(row) * K + col;
+          if (col + P <= K && static_cast<uint32_t>(row - row_lo) < static_cast<uint32_t>(p.R) &&
+              (f * static_cast<int64_t>(sizeof(T))) % 16 == 0) {
+            uint4* dst = reinterpret_cast<uint4*>(w + f);
+#pragma unroll
+            for (int i = 0; i < P * static_cast<int>(sizeof(T)) / 16; ++i) {
+              uint4 v16;
+              std::memcpy(&v16, vals + k * P + i * (16 / sizeof(T)), 16);
+              dst[i] = v16;
+            }
+            continue;
+          }
+        }
+      }
       for (int v = 0; v < P; ++v) {
         const int2 o = t.entry[code[k] * P + v];
         int32_t col = cb + o.x;
@@ -255,24 +293,34 @@ packed_expand_kernel(const ExpandPlan e, const T* __restrict__ values, const int
   const int tb = stream::build_code_tables<P>(p, subsets, block_off, elem_off, t);
   if (tb) atomicOr(&table_bad, tb);
   __syncthreads();
+  // runs[c]: code c's values are one run of consecutive columns of one row.
+  int32_t* runs = reinterpret_cast<int32_t*>(smem + e.smem_runs);
+  for (int32_t c = tid; c < p.n_codes; c += kThreads) {
+    bool run = t.row[c] != kRowClamp;
+    for (int v = 1; v < P && run; ++v) run = t.col[c * P + v] == t.col[c * P] + v;
+    runs[c] = run ? 1 : 0;
+  }
+  __syncthreads();
   bool span = false;
   if (ROW1 && e.span) {
     span = spans_tile(e, block_off, elem_off, chunk_scopes<T, P>(), reinterpret_cast<int32_t*>(smem + e.smem_hits),
                       &span_bad);
   }
   int bad = table_bad;
-  if constexpr (ROW1) {
+  if (span) {
+    unsigned char* stage = smem + e.smem_stage + tid * e.stage_stride;
+    const int32_t team = static_cast<int32_t>(gridDim.x) * kThreads;
+    bad |= expand_spans<T, P>(e, values, meta, t, static_cast<int32_t>(blockIdx.x) * kThreads + tid, team, stage, w);
+  } else if constexpr (ROW1) {
     const int lane = tid % 32, warp = tid / 32;
-    unsigned char* stage = smem + e.smem_stage + (warp * 32 + lane) * e.span_bytes;
     const int32_t step = kWarps * static_cast<int32_t>(gridDim.x);
     for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
          q += step) {
-      bad |= span ? expand_row_spans<T, P>(e, values, meta, t, q, lane, stage, w)
-                  : expand_group_scatter<T, P, true>(e, values, meta, t, q, lane, 32, w);
+      bad |= expand_group_scatter<T, P, true>(e, values, meta, t, runs, q, lane, 32, w);
     }
   } else {
     for (int32_t q = static_cast<int32_t>(blockIdx.x); q < p.groups; q += static_cast<int32_t>(gridDim.x)) {
-      bad |= expand_group_scatter<T, P, false>(e, values, meta, t, q, tid, kThreads, w);
+      bad |= expand_group_scatter<T, P, false>(e, values, meta, t, runs, q, tid, kThreads, w);
       __syncthreads();  // the next group's zeroing never races this group's writes
     }
   }
@@ -316,19 +364,24 @@ bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, con
   // span whole 16-byte stores.
   const int64_t L = C * g.G * g.B;
   const int64_t span_bytes = L * static_cast<int64_t>(sizeof(T));
-  e.span = row1 && p.s1_r == 0 && C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1) &&
-           int64_t(p.Sg / C) * L == g.K && p.origin_affine && p.origin_step == g.K && span_bytes % 16 == 0 &&
-           span_bytes <= kMaxSpanBytes;
+  // A chunk is a whole run of the in-group grid (next chunk s0 on) or a part
+  // of one (next chunk C * s1 on, runs back to back).
+  const bool steps = p.n1 == C ? (p.Sg == C || p.s0 == L)
+                               : (C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1));
+  e.span = row1 && p.s1_r == 0 && steps && int64_t(p.Sg / C) * L == g.K && p.origin_affine &&
+           p.origin_step == g.K && span_bytes % 16 == 0 && span_bytes <= kMaxSpanBytes;
   e.L = static_cast<int32_t>(e.span ? L : 0);
   e.zero_vec = (g.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   e.span_bytes = static_cast<int32_t>(e.span ? span_bytes : 0);
+  e.stage_stride = e.span_bytes + ((e.span_bytes / 16) % 2 == 0 && e.span_bytes > 0 ? 16 : 0);
   const int64_t entries = int64_t(p.n_codes) * P;
   p.smem_entry = 0;
   p.smem_col = static_cast<int32_t>(8 * entries);
   p.smem_row = static_cast<int32_t>(12 * entries);
-  e.smem_hits = static_cast<int32_t>(tables_bytes);
-  e.smem_stage = static_cast<int32_t>(tables_bytes + ceil_div(4 * int64_t(e.L), 16) * 16);
-  p.smem_total = static_cast<int32_t>(e.smem_stage + int64_t(kThreads) * e.span_bytes);
+  e.smem_runs = static_cast<int32_t>(tables_bytes);
+  e.smem_hits = static_cast<int32_t>(e.smem_runs + ceil_div(4 * int64_t(p.n_codes), 16) * 16);
+  e.smem_stage = static_cast<int32_t>(e.smem_hits + ceil_div(4 * int64_t(e.L), 16) * 16);
+  p.smem_total = static_cast<int32_t>(e.smem_stage + int64_t(kThreads) * e.stage_stride);
   switch (P) {
     case 1:
       launch_expand_kernel<T, 1, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);

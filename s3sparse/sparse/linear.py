@@ -204,8 +204,17 @@ class PackedLinear(nn.Module):
     def _build_semi(self) -> tuple:
         from torch.sparse import to_sparse_semi_structured
 
+        dense = self.weight
+        # torch does not check the pattern (a weight that is not 2:4 would be
+        # multiplied wrongly): at most 2 non-zeros in every 4 columns of a row.
+        if self.in_features % 4 != 0 or int((dense.reshape(-1, 4) != 0).sum(-1).max()) > 2:
+            raise ArgumentError(
+                f"torch's semi-structured sparsity cannot take this weight ({self.pattern}, "
+                f"{self.out_features}x{self.in_features}): it is not 2:4 (at most 2 non-zeros in every 4 "
+                "consecutive columns of a row); prune it to '2:4' or 'coupled-2:4'"
+            )
         try:
-            weight = to_sparse_semi_structured(self.weight)
+            weight = to_sparse_semi_structured(dense)
         except Exception as err:  # torch's reason: not 2:4, shape, dtype or GPU
             raise ArgumentError(
                 f"torch's semi-structured sparsity cannot take this weight ({self.pattern}, "
