@@ -389,12 +389,15 @@ def packed_linear(
         (..., M) of the dtype of ``x``, accumulated in fp32 (fp64 for fp64).
         Invalid data raises ``ValueError`` (see ``checked``).
 
-    On CUDA (fp16, bf16, fp32), with a ``row_group`` promise, 1 to 32 tokens
-    (``x.shape[:-1]`` holding at most 32 elements) run the stream decode kernel
-    (every reference pattern; 8 tokens a launch) and 1 to 16 tokens on other
-    layouts a general decode kernel: both stream the packed values once and
-    never build W (docs/packed.md). More tokens, fp64, or no promise expand W
-    into a temporary workspace and call cuBLAS.
+    On CUDA (fp16, bf16, fp32), with a ``row_group`` promise, on every reference
+    pattern: up to 8 tokens (``x.shape[:-1]`` holding at most 8 elements; 2 for
+    row groups of several rows) run the stream decode kernel, which streams the
+    packed values once and never builds W; more tokens expand W into a temporary
+    workspace with the expansion kernel and call cuBLAS (the crossover measured on
+    an H200, docs/performance.md). Other layouts: 1 to 16 tokens a general decode
+    kernel, more tokens the general scatter into a workspace and cuBLAS; fp64 or
+    no promise always the latter (docs/packed.md). For large 2:4 batches,
+    ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead.
     """
     return _ops.packed_linear.default(
         x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),
