@@ -210,22 +210,11 @@ __device__ inline int expand_group_scatter(const ExpandPlan& e, const T* __restr
     chunk_codes<C>(p, meta, s_first, c, code);
     T vals[CP];
     std::memcpy(vals, raw, CP * sizeof(T));
-    const uint32_t j0 = static_cast<uint32_t>(c) * C;
-    const uint32_t jr = p.div_n1.div(j0);
-    const int32_t local = static_cast<int32_t>(jr) * p.s0 + static_cast<int32_t>(j0 - jr * p.n1) * p.s1;
-    const uint32_t flat = static_cast<uint32_t>(origin + local);
-    int32_t rb = static_cast<int32_t>(p.div_K.div(flat));
-    int32_t cb = static_cast<int32_t>(flat) - rb * K;
+    int32_t rb, cb;  // the chunk's first scope origin
+    stream::scope_origin(p, origin, static_cast<uint32_t>(c) * C, &rb, &cb);
 #pragma unroll
     for (int k = 0; k < C; ++k) {
-      if (k > 0) {
-        cb += p.s1_c;
-        rb += p.s1_r;
-        if (cb >= K) {
-          cb -= K;
-          ++rb;
-        }
-      }
+      if (k > 0) stream::next_scope(p, &rb, &cb);
       if (code[k] >= static_cast<uint32_t>(p.n_codes)) {
         bad |= p.bad_code;
         continue;

@@ -273,6 +273,27 @@ __device__ __forceinline__ int scope_checked(const StreamPlan& p, const T* vals,
   return bad;
 }
 
+// The origin (rb, cb), cb in [0, K), of scope j0 of the group whose origin is
+// `origin`: the in-group grid's two dims, one division by K.
+__device__ __forceinline__ void scope_origin(const StreamPlan& p, int32_t origin, uint32_t j0, int32_t* rb,
+                                             int32_t* cb) {
+  const uint32_t jr = p.div_n1.div(j0);
+  const int32_t local = static_cast<int32_t>(jr) * p.s0 + static_cast<int32_t>(j0 - jr * p.n1) * p.s1;
+  const uint32_t flat = static_cast<uint32_t>(origin + local);
+  *rb = static_cast<int32_t>(p.div_K.div(flat));
+  *cb = static_cast<int32_t>(flat) - *rb * p.K;
+}
+
+// The next scope of a chunk: one step of s1 along the run, wrapping past column K.
+__device__ __forceinline__ void next_scope(const StreamPlan& p, int32_t* rb, int32_t* cb) {
+  *cb += p.s1_c;
+  *rb += p.s1_r;
+  if (*cb >= p.K) {
+    *cb -= p.K;
+    ++*rb;
+  }
+}
+
 // One thread's share of group q: chunks rank, rank + team, ... A scope takes
 // the fast path (its code's col offsets, no per-value checks) when its code
 // is valid, its values share one row inside the group (with ROW1: row q) and
@@ -322,24 +343,12 @@ __device__ __forceinline__ int stream_group(const StreamPlan& p, const T* __rest
       if (cu >= chunks) continue;
       T vals[CP];
       std::memcpy(vals, raw[u], CP * sizeof(T));
-      // The chunk's first scope origin as (rb, cb), cb in [0, K).
-      const uint32_t j0 = static_cast<uint32_t>(cu) * C;
-      const uint32_t jr = p.div_n1.div(j0);
-      const int32_t local = static_cast<int32_t>(jr) * p.s0 + static_cast<int32_t>(j0 - jr * p.n1) * p.s1;
-      const uint32_t flat = static_cast<uint32_t>(origin + local);
-      int32_t rb = static_cast<int32_t>(p.div_K.div(flat));
-      int32_t cb = static_cast<int32_t>(flat) - rb * K;
+      int32_t rb, cb;  // the chunk's first scope origin
+      scope_origin(p, origin, static_cast<uint32_t>(cu) * C, &rb, &cb);
       const bool no_wrap = cb < no_wrap_below;
 #pragma unroll
       for (int k = 0; k < C; ++k) {
-        if (k > 0) {
-          cb += p.s1_c;
-          rb += p.s1_r;
-          if (cb >= K) {
-            cb -= K;
-            ++rb;
-          }
-        }
+        if (k > 0) next_scope(p, &rb, &cb);
         const uint32_t sl = slot[u] + k;
         const uint32_t word = sl < static_cast<uint32_t>(p.per_word) ? w0[u] : w1[u];
         const uint32_t sh = (sl < static_cast<uint32_t>(p.per_word) ? sl : sl - p.per_word) * p.bits;
