@@ -167,6 +167,25 @@ def test_packed_linear_reference_patterns(device, seed, dtype):
             _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} lead={lead}")
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_packed_linear_expansion_odd_chunk_counts(device, dtype):
+    """Weights whose chunks (16-byte value loads) are no multiple of a warp's 32, through the expansion path.
+
+    The expansion kernel gives each warp 32 consecutive chunks and stores them
+    together; the last warp's share is partial here.
+    """
+    M, K = 5, 16 * 37
+    for name in ("24", "48", "coupled24"):  # (block16 needs groups of 16 rows)
+        W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+        scope, nnz = patterns.by_name(name, W)
+        scope.hard_threshold(nnz=nnz)
+        W, p = W.detach(), PackedWeight.from_scope(scope, nnz)
+        x = torch.randn(12, K, dtype=torch.float64).to(dtype=dtype, device=device)
+        got = ops.packed_linear(x, *_args(p), M, p.row_group, None)
+        want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double()).to(dtype)
+        _assert_linear_close(got, want, x, W, dtype, f"{name} {dtype}")
+
+
 def test_packed_linear_wide_rows_every_kernel_gets_its_shared_memory(device, seed):
     """Rows wide enough that x in shared memory needs more than 48 KiB at 4 and 8 tokens.
 

@@ -12,9 +12,10 @@
 //   - span mode (one row a group, and each chunk's scopes tile L consecutive
 //     columns, chunk c of a row at columns [c L, c L + L): 2:4, 4:8, coupled
 //     2:4): W is the chunks' spans back to back, so the whole grid strides
-//     over chunks; a thread builds a chunk's span in shared memory (zeros,
-//     then the kept values at their code's columns) and stores it with
-//     16-byte writes;
+//     over chunks, a warp 32 consecutive ones; a lane builds a chunk's span
+//     in the warp's shared region (zeros, then the kept values at their
+//     code's columns) and the warp stores the region as contiguous 16-byte
+//     words;
 //   - otherwise the group's rows are zeroed, then its kept values written
 //     (16-byte stores for a scope whose values are one aligned run of a row,
 //     as the blocks of block16-rows).
@@ -52,7 +53,6 @@ struct ExpandPlan {
   bool span = false;        // span mode may apply (the device checks the tiling)
   int32_t L = 0;            // span columns (C * G * B)
   int32_t span_bytes = 0;   // L * sizeof(T), a multiple of 16
-  int32_t stage_stride = 0; // bytes between threads' staged spans (padded: no bank conflicts on 16-byte access)
   bool zero_vec = false;    // a group's rows can be zeroed with 16-byte stores
   int32_t smem_runs = 0, smem_hits = 0, smem_stage = 0;
 };
@@ -107,13 +107,16 @@ __device__ inline bool spans_tile(const ExpandPlan& e, const int64_t* __restrict
 
 // Span mode over the whole weight: chunk gc (of every row, in order) holds
 // values gc * C * P.., meta fields gc * C.. and becomes W's elements
-// [gc * L, gc * L + L). Thread `rank` of `team` takes chunks rank, rank + team,
-// ..., kUnroll of them loaded before any is written (the loads' latency, not
-// the bandwidth, bounded a loop of one chunk at a time).
+// [gc * L, gc * L + L). The lanes of a warp take 32 consecutive chunks, so a
+// warp writes one contiguous stretch of W: each lane builds its chunk's span
+// in the warp's shared region (zeros, then the kept values at their code's
+// columns), and the warp stores the region as whole 512-byte rows of 16-byte
+// words (a lane storing its own span wrote half sectors: two stores for every
+// 32-byte sector). kUnroll chunks a lane are loaded before any is written.
 template <typename T, int P>
 __device__ inline int expand_spans(const ExpandPlan& e, const T* __restrict__ values, const int32_t* __restrict__ meta,
-                                   const CodeTables& t, int32_t rank, int32_t team, unsigned char* stage,
-                                   T* __restrict__ w) {
+                                   const CodeTables& t, int32_t warp_rank, int32_t team, int lane,
+                                   unsigned char* region, T* __restrict__ w) {
   const StreamPlan& p = e.s;
   constexpr int C = chunk_scopes<T, P>();
   constexpr int CP = C * P;
@@ -121,16 +124,19 @@ __device__ inline int expand_spans(const ExpandPlan& e, const T* __restrict__ va
   constexpr int kUnroll = 4;
   const int32_t total = p.groups * (p.Sg / C);
   const uint4* vbase = reinterpret_cast<const uint4*>(values);
-  T* span = reinterpret_cast<T*>(stage);
-  uint4* span16 = reinterpret_cast<uint4*>(stage);
-  const int n16 = e.span_bytes / 16;
+  const int n16 = e.span_bytes / 16;   // 16-byte words a span
+  uint4* region16 = reinterpret_cast<uint4*>(region);
+  T* span = reinterpret_cast<T*>(region + lane * e.span_bytes);
+  uint4* w16 = reinterpret_cast<uint4*>(w);
   int bad = 0;
-  for (int32_t c0 = rank; c0 < total; c0 += team * kUnroll) {
+  // warp_rank: the warp's first chunk; the loop bounds are the warp's, so every
+  // lane reaches every __syncwarp.
+  for (int32_t cw0 = warp_rank; cw0 < total; cw0 += team * kUnroll) {
     uint4 raw[kUnroll][NV];
     uint32_t code[kUnroll][C];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int32_t c = c0 + u * team;
+      const int32_t c = cw0 + u * team + lane;
       if (c < total) {
 #pragma unroll
         for (int v = 0; v < NV; ++v) raw[u][v] = ldg(vbase + static_cast<int64_t>(c) * NV + v);
@@ -139,30 +145,36 @@ __device__ inline int expand_spans(const ExpandPlan& e, const T* __restrict__ va
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int32_t c = c0 + u * team;
-      if (c >= total) continue;
-      T vals[CP];
-      std::memcpy(vals, raw[u], CP * sizeof(T));
-      for (int i = 0; i < n16; ++i) span16[i] = uint4{0u, 0u, 0u, 0u};
+      const int32_t cw = cw0 + u * team;  // the warp's first chunk of this step
+      if (cw >= total) break;             // the same for every lane
+      for (int i = lane; i < 32 * n16; i += 32) region16[i] = uint4{0u, 0u, 0u, 0u};
+      __syncwarp();
+      if (cw + lane < total) {
+        T vals[CP];
+        std::memcpy(vals, raw[u], CP * sizeof(T));
 #pragma unroll
-      for (int k = 0; k < C; ++k) {
-        // A code outside the table or with a bad subset entry: its values are
-        // skipped (the span keeps zeros) and the status says why.
-        if (code[u][k] >= static_cast<uint32_t>(p.n_codes)) {
-          bad |= p.bad_code;
-          continue;
-        }
-        if (t.row[code[u][k]] != 0) {
-          bad |= kPackedBadIndex;
-          continue;
-        }
-        int32_t cols[P];
-        stream::load_cols<P>(t.col, code[u][k], cols);
+        for (int k = 0; k < C; ++k) {
+          // A code outside the table or with a bad subset entry: its values are
+          // skipped (the span keeps zeros) and the status says why.
+          if (code[u][k] >= static_cast<uint32_t>(p.n_codes)) {
+            bad |= p.bad_code;
+            continue;
+          }
+          if (t.row[code[u][k]] != 0) {
+            bad |= kPackedBadIndex;
+            continue;
+          }
+          int32_t cols[P];
+          stream::load_cols<P>(t.col, code[u][k], cols);
 #pragma unroll
-        for (int v = 0; v < P; ++v) span[k * p.s1_c + cols[v]] = vals[k * P + v];
+          for (int v = 0; v < P; ++v) span[k * p.s1_c + cols[v]] = vals[k * P + v];
+        }
       }
-      uint4* dst = reinterpret_cast<uint4*>(w + static_cast<int64_t>(c) * e.L);
-      for (int i = 0; i < n16; ++i) dst[i] = span16[i];
+      __syncwarp();
+      for (int i = lane; i < 32 * n16; i += 32) {
+        if (cw + i / n16 < total) w16[static_cast<int64_t>(cw) * n16 + i] = region16[i];
+      }
+      __syncwarp();  // the region is zeroed again next step
     }
   }
   return bad;
@@ -297,9 +309,11 @@ packed_expand_kernel(const ExpandPlan e, const T* __restrict__ values, const int
   }
   int bad = table_bad;
   if (span) {
-    unsigned char* stage = smem + e.smem_stage + tid * e.stage_stride;
+    const int lane = tid % 32, warp = tid / 32;
+    unsigned char* region = smem + e.smem_stage + warp * 32 * e.span_bytes;
     const int32_t team = static_cast<int32_t>(gridDim.x) * kThreads;
-    bad |= expand_spans<T, P>(e, values, meta, t, static_cast<int32_t>(blockIdx.x) * kThreads + tid, team, stage, w);
+    bad |= expand_spans<T, P>(e, values, meta, t, static_cast<int32_t>(blockIdx.x) * kThreads + warp * 32, team, lane,
+                              region, w);
   } else if constexpr (ROW1) {
     const int lane = tid % 32, warp = tid / 32;
     const int32_t step = kWarps * static_cast<int32_t>(gridDim.x);
@@ -362,7 +376,6 @@ bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, con
   e.L = static_cast<int32_t>(e.span ? L : 0);
   e.zero_vec = (g.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   e.span_bytes = static_cast<int32_t>(e.span ? span_bytes : 0);
-  e.stage_stride = e.span_bytes + ((e.span_bytes / 16) % 2 == 0 && e.span_bytes > 0 ? 16 : 0);
   const int64_t entries = int64_t(p.n_codes) * P;
   p.smem_entry = 0;
   p.smem_col = static_cast<int32_t>(8 * entries);
@@ -370,7 +383,7 @@ bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, con
   e.smem_runs = static_cast<int32_t>(tables_bytes);
   e.smem_hits = static_cast<int32_t>(e.smem_runs + ceil_div(4 * int64_t(p.n_codes), 16) * 16);
   e.smem_stage = static_cast<int32_t>(e.smem_hits + ceil_div(4 * int64_t(e.L), 16) * 16);
-  p.smem_total = static_cast<int32_t>(e.smem_stage + int64_t(kThreads) * e.stage_stride);
+  p.smem_total = static_cast<int32_t>(e.smem_stage + int64_t(kThreads) * e.span_bytes);
   switch (P) {
     case 1:
       launch_expand_kernel<T, 1, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
