@@ -5,9 +5,13 @@
 #   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
+# At most 8 files come back from a device call: logs stay in $LOG (copied to
+# $OUT only when a step fails); $OUT gets the wheel, the test summaries, the
+# tables and the JSON.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
+LOG=${LOG:-/tmp/device_packed}
+mkdir -p "$OUT" "$LOG"
 commit=${S3SPARSE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export S3SPARSE_GIT_COMMIT=$commit
 repo=$PWD
@@ -17,11 +21,11 @@ for step in "${@:-all}"; do
       if ! ls .whl/*.whl >/dev/null 2>&1; then
         t0=$SECONDS
         TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip wheel -q --no-build-isolation --no-deps . -w .whl/ \
-          > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+          > "$LOG/build.log" 2>&1 || { cp "$LOG/build.log" "$OUT/"; tail -50 "$LOG/build.log"; exit 1; }
         echo "built wheel in $((SECONDS - t0)) s"
         cp .whl/*.whl "$OUT/"
       fi
-      python3 -m pip install -q --no-deps --force-reinstall .whl/*.whl > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+      python3 -m pip install -q --no-deps --force-reinstall .whl/*.whl > "$LOG/install.log" 2>&1 || { cp "$LOG/install.log" "$OUT/"; tail -20 "$LOG/install.log"; exit 1; }
       site=$(cd /tmp && python3 -c "import os, s3sparse; print(os.path.dirname(s3sparse.__file__))")
       cp "$site"/_C*.so "$repo/s3sparse/"
       export PYTHONPATH=$repo
@@ -31,15 +35,17 @@ for step in "${@:-all}"; do
         "$repo/tests/test_sparse_packed.py" 2>&1 | tail -15 | tee "$OUT/pytest-packed-cuda.txt")
       ;;&
     cuda)
-      (cd /tmp && timeout 500 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests" 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt")
+      (cd /tmp && timeout 500 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests" 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt")  # the whole suite's cuda tests
       ;;&
     crossover)
       # The same calls through each path forced (stream decode kernel / expansion + cuBLAS).
       for path in stream expand; do
         (cd /tmp && S3SPARSE_PACKED_CUDA_PATH=$path timeout 200 python3 "$repo/benchmarks/packed.py" --device cuda \
           --shapes 2560x9728 9728x2560 --tokens 4 8 16 32 --patterns 2:4 4:8 block16-rows --methods dense packed \
-          --out "$OUT/packed-crossover-$path.json" > "$OUT/packed-crossover-$path.txt" 2>&1; tail -3 "$OUT/packed-crossover-$path.txt")
+          --out "$LOG/packed-crossover-$path.json" > "$LOG/packed-crossover-$path.txt" 2>&1; tail -3 "$LOG/packed-crossover-$path.txt")
       done
+      for path in expand stream; do echo "# S3SPARSE_PACKED_CUDA_PATH=$path"; cat "$LOG/packed-crossover-$path.txt"; done \
+        > "$OUT/packed-crossover.txt"
       ;;&
     bench|all)
       (cd /tmp && timeout 400 python3 "$repo/benchmarks/packed.py" --device cuda --check ${BENCH_ARGS:-} \
