@@ -10,7 +10,7 @@ import torch
 
 import real_layers
 from pruner_utils import assert_pattern_holds, make_layer, pattern
-from s3sparse import StructuredOBS, output_error, prune_magnitude, prune_sparsegpt
+from s3sparse import StructuredOBS, output_error, patterns, prune_magnitude, prune_sparsegpt
 from s3sparse.errors import ArgumentError
 from s3sparse.pruners.hessian import damped_inverse
 from s3sparse.pruners.layout import row_groups, scope_layout
@@ -147,6 +147,24 @@ def test_row_coupled_single_swap_matches_direct_solves():
         c_flip = float(_cost(W0[pair], C, ~mask0[pair]).sum())
         want = ~mask0[pair] if c_flip < c_keep * (1 - 1e-10) else mask0[pair]
         assert torch.equal(mask1[pair], want)
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+def test_other_row_coupled_blocks_never_worse(start):
+    """row_coupled_blocks(block_cols=4, rows_apart=2): groups {p, p+2} of every 4 rows."""
+    W0, _, H = make_layer(16, 32, 128, 4)
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = patterns.row_coupled_blocks(W, block_cols=4, rows_apart=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        STARTS[start](scope, H, nnz)
+    before = output_error(W.detach(), W0, H)
+    refine_mask(scope, H, nnz, W0, sweeps=2)
+    after = output_error(W.detach(), W0, H)
+    assert after <= before + 1e-12
+    pairs = W.detach().reshape(4, 2, 2, 8, 4)  # (row blocks, pair half, row in half, column block, column)
+    nonzero = (pairs != 0).any(-1)
+    assert bool((nonzero.sum(1) <= 1).all())  # at most one of rows p, p+2 keeps each 4-column block
 
 
 def test_zero_sweeps_keeps_the_mask():
