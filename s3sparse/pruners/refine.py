@@ -23,15 +23,28 @@ scope's elements E, ``r = w_E − C_{E,P'} B w_{P'}`` and the Schur complement
 that row by the block-inverse formula (rank q). ``A⁻¹`` is recomputed from scratch at the start of every sweep, so
 round-off does not accumulate. Rows are independent and batched (in chunks).
 
-Scope: patterns whose every scope lies in one row (N:M, N:M blocks, coupled
-N:M, any ScopeSpec with single-row scopes). Row-coupled patterns (scopes shared
-by rows p and p+8) are refused.
+Row-coupled patterns (scopes shared by rows p and p+8, the 16-column blocks):
+the rows sharing scopes form a row group (:func:`~.layout.row_groups`). A
+candidate kept set of such a scope changes the pruned sets of every row of the
+group it touches; the layer error is a sum of independent row costs, so the
+candidate's exact cost is the sum over the group's rows of each row's exact
+cost, and a candidate is taken only when that sum drops. Every row still holds
+its own ``A⁻¹`` (the machinery above, rows of a group batched together); as a
+candidate may prune a different number of a row's columns than the current set,
+every row's pruned set is padded to a fixed number of slots per scope with
+dummy columns: ``C`` is extended by an identity block and ``w`` by zeros there,
+so a dummy neither costs nor couples (its Schur complement is 1, its residual 0).
+Single-row patterns never need a dummy (every candidate prunes ``q`` elements of
+the row) and run exactly as before.
+
+Scope: every pattern :func:`~.layout.row_groups` accepts (N:M, N:M blocks,
+coupled N:M, the row-coupled 16-column blocks; regular patterns).
 
 Guarantee (never worse than the input): the output error
-``tr(ΔW H ΔWᵀ)`` of every row is compared with the input weight's; a row whose
-refined error is higher (possible only through damping or the input already
-being better than the OBS optimum of its own mask under the damped H) keeps its
-input weights.
+``tr(ΔW H ΔWᵀ)`` of every row group is compared with the input weight's; a group
+whose refined error is higher (possible only through damping or the input
+already being better than the OBS optimum of its own mask under the damped H)
+keeps its input weights (a whole group: its rows share scopes).
 """
 
 from __future__ import annotations
@@ -72,20 +85,18 @@ class RefineResult:
 
 
 def _row_scopes(scope):
-    """(layout, cols (S, E)) of a pattern whose scopes lie in one row each; refuses row-coupled ones."""
+    """(layout, row groups) of a pattern; refuses patterns not split into regular row groups."""
     layout = scope_layout(scope)
-    groups = row_groups(layout)
-    if groups.rows_per_group != 1:
-        raise ArgumentError(
-            "refine_mask: this pattern's scopes span several rows (a row-coupled pattern such as the 16-column "
-            "blocks); only patterns whose scopes each lie in one row (N:M, N:M blocks, coupled N:M) are supported. "
-            "Prune it with prune_true_obs() without refine"
-        )
+    try:
+        groups = row_groups(layout)
+    except ArgumentError as e:
+        raise ArgumentError(f"refine_mask: {e}") from None
     return layout, groups
 
 
 def check_refinable(scope) -> None:
-    """Raise ArgumentError unless every scope of ``scope`` lies in one row (what :func:`refine_mask` refines)."""
+    """Raise ArgumentError unless :func:`refine_mask` can refine ``scope``'s pattern: one whose rows split
+    into regular row groups (:func:`~.layout.row_groups`; single-row and row-coupled patterns alike)."""
     _row_scopes(scope)
 
 
@@ -138,29 +149,37 @@ def refine_mask(
     num_prune = G - normalize_nnz(nnz, G)
     S = groups.scopes_per_group
     if num_prune == 0 or S == 0:
-        return RefineResult((), M * S, 0)
+        return RefineResult((), groups.num_groups * S, 0)
     if count_subsets(G, num_prune) > MAX_SUBSETS:
         raise ArgumentError(f"refine_mask: choosing {num_prune} of {G} blocks has more than {MAX_SUBSETS} subsets")
 
     dev = param.device
     f64 = torch.float64
-    rows = groups.rows[:, 0]  # group r is row rows[r]
+    NG, R = groups.num_groups, groups.rows_per_group
+    rows = groups.rows.reshape(-1)  # row instance i = row R·(group) + local row, group-major
     cols = groups.cols.to(dev)  # (S, E), blocks B elements each, block-major
+    local_rows = groups.local_rows.to(dev)  # (S, E): each element's row within its group
     W_in = param.detach()[rows].to(f64)
     W0 = dense_weight.detach().to(device=dev, dtype=f64)[rows]
     C, _ = damped_inverse(hessian, damp, dtype=f64, what="refine_mask's H + damp*I")
     block_sets, elem_sets = block_subsets(G, num_prune, B, dev)  # (n_c, np), (n_c, q)
-    q = elem_sets.shape[1]
-    cand = _starting_candidates(W_in, cols, block_sets, num_prune, G, B)  # (M, S)
+    slots = _slot_table(local_rows, elem_sets, R)  # (S, n_c, R, w)
+    w = slots.shape[3]
+    if bool((slots < 0).any()):  # dummy columns K.. (identity in C, zero in w): see the module docstring
+        n_d = S * w
+        C = torch.block_diag(C, torch.eye(n_d, dtype=f64, device=dev))
+        W0 = torch.cat([W0, W0.new_zeros(W0.shape[0], n_d)], dim=1)
+    cand = _starting_candidates(W_in, cols, local_rows, R, block_sets, num_prune, G, B)  # (NG, S)
 
-    m = chunk_size or max(1, _CHUNK_ELEMS // max(1, (S * q) ** 2))
-    m = check_int(m, "chunk_size", minimum=1, what="rows held at once")
-    changed = _run_sweeps(C, W0, cand, cols, elem_sets, sweeps, m, min_change, progress_fn)
+    m = chunk_size or max(1, _CHUNK_ELEMS // max(1, R * (S * w) ** 2))
+    m = check_int(m, "chunk_size", minimum=1, what="row groups held at once")
+    changed = _run_sweeps(C, W0, cand, cols, slots, K, sweeps, m, min_change, progress_fn)
 
-    W_out = torch.empty_like(W0)
-    for lo in range(0, M, m):
-        W_out[lo : lo + m] = _optimal_weights(C, W0[lo : lo + m], _pruned_cols(cand[lo : lo + m], cols, elem_sets))
-    worse = _keep_better_rows(W_out, W_in, W0, hessian)
+    W_out = torch.empty_like(W_in)
+    for lo in range(0, NG, m):
+        sub = slice(lo * R, (lo + m) * R)
+        W_out[sub] = _optimal_weights(C, W0[sub], _pruned_cols(cand[lo : lo + m], cols, slots, K))[:, :K]
+    worse = _keep_better_groups(W_out, W_in, W0[:, :K], hessian, R)
     if not torch.isfinite(W_out).all():
         raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
     result = param.detach().clone()
@@ -168,20 +187,38 @@ def refine_mask(
     param.data.copy_(result)
     if progress_fn is not None:
         progress_fn("")
-    return RefineResult(tuple(changed), M * S, int(worse.sum()))
+    return RefineResult(tuple(changed), NG * S, int(worse.sum()))
 
 
-def _starting_candidates(W_in: Tensor, cols: Tensor, block_sets: Tensor, num_prune: int, G: int, B: int) -> Tensor:
-    """(M, S) index into ``block_sets`` of every scope's starting pruned set: its first ``num_prune`` all-zero blocks."""
-    M, S = W_in.shape[0], cols.shape[0]
-    zero = (W_in[:, cols] == 0).reshape(M, S, G, B).all(-1)  # (M, S, G)
+def _slot_table(local_rows: Tensor, elem_sets: Tensor, R: int) -> Tensor:
+    """(S, n_c, R, w): for scope g, candidate c and local row ρ, the elements (positions in the scope)
+    of the candidate's pruned set that lie in row ρ, in order, padded with −1 (a dummy) to ``w``,
+    the most any candidate prunes of one row. Single-row patterns: ``elem_sets`` itself (w = q)."""
+    S = local_rows.shape[0]
+    n_c, q = elem_sets.shape
+    lr = local_rows[:, elem_sets]  # (S, n_c, q)
+    hit = lr[:, :, None, :] == torch.arange(R, device=lr.device)[None, None, :, None]  # (S, n_c, R, q)
+    w = int(hit.sum(-1).max())
+    order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices[..., :w]
+    valid = hit.gather(-1, order)
+    elems = elem_sets[None, :, None, :].expand(S, n_c, R, q).gather(-1, order)
+    return torch.where(valid, elems, -1)
+
+
+def _starting_candidates(
+    W_in: Tensor, cols: Tensor, local_rows: Tensor, R: int, block_sets: Tensor, num_prune: int, G: int, B: int
+) -> Tensor:
+    """(NG, S) index into ``block_sets`` of every scope's starting pruned set: its first ``num_prune`` all-zero blocks."""
+    S, NG = cols.shape[0], W_in.shape[0] // R
+    vals = W_in.reshape(NG, R, -1)[:, local_rows, cols]  # (NG, S, E)
+    zero = (vals == 0).reshape(NG, S, G, B).all(-1)  # (NG, S, G)
     if bool((zero.sum(-1) < num_prune).any()):
         raise ArgumentError(
             f"refine_mask: some scope of the weight has fewer than {num_prune} all-zero blocks; the weight behind "
             "`scope` must be pruned to the pattern (nnz blocks kept per scope) first"
         )
     order = torch.sort((~zero).to(torch.int8), dim=-1, stable=True).indices[..., :num_prune]
-    cur_blocks = torch.sort(order, dim=-1).values  # (M, S, np), ascending as block_sets
+    cur_blocks = torch.sort(order, dim=-1).values  # (NG, S, np), ascending as block_sets
     return (cur_blocks[:, :, None, :] == block_sets[None, None]).all(-1).to(torch.int8).argmax(-1)
 
 
@@ -190,41 +227,51 @@ def _run_sweeps(
     W0: Tensor,
     cand: Tensor,
     cols: Tensor,
-    elem_sets: Tensor,
+    slots: Tensor,
+    K: int,
     sweeps: int,
     m: int,
     min_change: float,
     progress_fn: Optional[Callable[[str], None]],
 ) -> list:
-    """Sweep the rows ``m`` at a time, updating ``cand`` in place; the scopes changed per sweep run."""
-    M, S = cand.shape
+    """Sweep the row groups ``m`` at a time, updating ``cand`` in place; the scopes changed per sweep run."""
+    NG, S = cand.shape
+    R = slots.shape[2]
     changed = []
     for sweep in range(sweeps):
         n = 0
-        for lo in range(0, M, m):
-            n += _sweep_chunk(C, W0[lo : lo + m], cand[lo : lo + m], cols, elem_sets)
+        for lo in range(0, NG, m):
+            n += _sweep_chunk(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
         changed.append(n)
         if progress_fn is not None:
-            progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {M * S} scopes changed")
-        if n == 0 or n < min_change * M * S:
+            progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {NG * S} scopes changed")
+        if n == 0 or n < min_change * NG * S:
             break
     return changed
 
 
-def _keep_better_rows(W_out: Tensor, W_in: Tensor, W0: Tensor, hessian: Tensor) -> Tensor:
-    """Never worse than the input: rows of ``W_out`` with a higher undamped output error take ``W_in``'s (in place)."""
+def _keep_better_groups(W_out: Tensor, W_in: Tensor, W0: Tensor, hessian: Tensor, R: int) -> Tensor:
+    """Never worse than the input: row groups of ``W_out`` (R rows each, consecutive) with a higher undamped
+    output error take ``W_in``'s rows (in place; whole groups: their rows share scopes). The rows kept."""
     H = hessian.detach().to(torch.float64)
     d_out, d_in = W_out - W0, W_in - W0
-    worse = ((d_out @ H) * d_out).sum(1) > ((d_in @ H) * d_in).sum(1)
+    e_out = ((d_out @ H) * d_out).sum(1).reshape(-1, R).sum(1)
+    e_in = ((d_in @ H) * d_in).sum(1).reshape(-1, R).sum(1)
+    worse = (e_out > e_in).repeat_interleave(R)
     W_out[worse] = W_in[worse]
     return worse
 
 
-def _pruned_cols(cand: Tensor, cols: Tensor, elem_sets: Tensor) -> Tensor:
-    """(m, S·q) pruned columns of every row, scope after scope."""
-    S = cols.shape[0]
-    per_scope = cols[:, elem_sets]  # (S, n_c, q)
-    return per_scope[torch.arange(S, device=cols.device)[None, :], cand.long()].reshape(cand.shape[0], -1)
+def _pruned_cols(cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> Tensor:
+    """(m·R, S·w) pruned columns of every row instance, scope after scope (slot k of scope g: column, or the
+    dummy column K + g·w + k)."""
+    m, S = cand.shape
+    R, w = slots.shape[2], slots.shape[3]
+    g = torch.arange(S, device=cols.device)
+    el = slots[g[None, :], cand.long()].permute(0, 2, 1, 3)  # (m, R, S, w)
+    real = cols[g[None, None, :, None], el.clamp(min=0)]
+    dummy = K + torch.arange(S * w, device=cols.device).reshape(S, w)
+    return torch.where(el >= 0, real, dummy).reshape(m * R, S * w)
 
 
 def _inverse_pp(C: Tensor, P: Tensor) -> Tensor:
@@ -235,64 +282,80 @@ def _inverse_pp(C: Tensor, P: Tensor) -> Tensor:
 
 def _optimal_weights(C: Tensor, W0: Tensor, P: Tensor) -> Tensor:
     """``w − C_{:,P} (C_PP)⁻¹ w_P`` with the pruned columns zero, per row."""
-    u = (_inverse_pp(C, P) @ W0.gather(1, P)[..., None])  # (m, p, 1)
-    W = W0 - (C[P].transpose(1, 2) @ u).squeeze(-1)
+    u = (_inverse_pp(C, P) @ W0.gather(1, P)[..., None]).squeeze(-1)  # (m, p)
+    z = torch.zeros_like(W0).scatter_(1, P, u)
+    W = W0 - z @ C  # C symmetric: row i is Σ_j u_j C[P_j, :]
     return W.scatter_(1, P, 0.0)
 
 
-def _sweep_chunk(C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, elem_sets: Tensor) -> int:
-    """One sweep over the scopes of a chunk of rows; updates ``cand`` in place, returns the swaps."""
+def _sweep_chunk(C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> int:
+    """One sweep over the scopes of a chunk of row groups; updates ``cand`` in place, returns the swaps."""
     m, S = cand.shape
-    q = elem_sets.shape[1]
-    ar = torch.arange(m, device=C.device)
-    P = _pruned_cols(cand, cols, elem_sets)  # (m, p)
+    n_c, R, w = slots.shape[1:]
+    n = m * R
+    dev = C.device
+    ar = torch.arange(n, device=dev)
+    loc = torch.arange(R, device=dev).repeat(m)  # local row of every row instance
+    eye = torch.eye(w, dtype=C.dtype, device=dev)
+    P = _pruned_cols(cand, cols, slots, K)  # (n, p)
     Ainv = _inverse_pp(C, P)
     wP = W0.gather(1, P)
     swaps = 0
     for g in range(S):
-        sl = slice(g * q, (g + 1) * q)
+        sl = slice(g * w, (g + 1) * w)
         E = cols[g]
-        # Downdate: B = the inverse over P' = P without this scope's pruned set (zero at its
+        # Downdate: B = the inverse over P' = P without this scope's slots (zero at its
         # slots), applied to [w_P', C_P'E] without forming it: B X = A⁻¹X − A⁻¹_{:,Q} (A⁻¹_QQ)⁻¹ A⁻¹_{Q,:} X.
         Aq = Ainv[:, :, sl]
         Aqq = Ainv[:, sl, sl]
-        CPE = C[P[:, :, None], E[None, None, :]]  # (m, p, E)
+        CPE = C[P[:, :, None], E[None, None, :]]  # (n, p, E)
         X = torch.cat([wP[..., None], CPE], dim=2)
         X[:, sl] = 0
         Y = Ainv @ X - Aq @ torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X)
         Y[:, sl] = 0
         u, V = Y[:, :, :1], Y[:, :, 1:]  # B w_P', B C_P'E
-        base = (X[:, :, 0][:, None, :] @ u).reshape(m)
-        r = W0[:, E] - (X[:, :, 1:].transpose(1, 2) @ u).squeeze(-1)  # (m, E)
-        SE = C[E[:, None], E[None, :]] - X[:, :, 1:].transpose(1, 2) @ V  # (m, E, E)
-        SR = SE[:, elem_sets[:, :, None], elem_sets[:, None, :]]  # (m, n_c, q, q)
-        rR = r[:, elem_sets]  # (m, n_c, q)
+        base = (X[:, :, 0][:, None, :] @ u).reshape(n)
+        r = W0[:, E] - (X[:, :, 1:].transpose(1, 2) @ u).squeeze(-1)  # (n, E)
+        SE = C[E[:, None], E[None, :]] - X[:, :, 1:].transpose(1, 2) @ V  # (n, E, E)
+        el = slots[g][:, loc].transpose(0, 1)  # (n, n_c, w): each row's slots under every candidate
+        valid = el >= 0
+        e0 = el.clamp(min=0)
+        SR = SE[ar[:, None, None, None], e0[..., :, None], e0[..., None, :]]  # (n, n_c, w, w)
+        rR = r.gather(1, e0.reshape(n, -1)).reshape(n, n_c, w)
+        if not bool(valid.all()):  # dummy slots: Schur complement 1, residual 0 (no cost, no coupling)
+            SR = torch.where(valid[..., :, None] & valid[..., None, :], SR, eye)
+            rR = rR * valid
         L = torch.linalg.cholesky(SR)
-        cost = base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1)  # (m, n_c)
+        cost_rows = base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1)  # (n, n_c)
+        cost = cost_rows.reshape(m, R, n_c).sum(1)  # exact cost of the row group per candidate
         cur = cand[:, g].long()
-        cur_cost = cost[ar, cur]
+        cur_cost = cost[torch.arange(m, device=dev), cur]
         best_cost, best = cost.min(dim=1)
         swap = best_cost < cur_cost - _REL_TOL * cur_cost.abs()
         if not bool(swap.any()):
             continue
-        idx = swap.nonzero().squeeze(1)
-        swaps += idx.numel()
-        new = best[idx]
-        R = elem_sets[new]  # (n, q) element indices within the scope
-        # Update (swapped rows only): the block inverse of P' ∪ R, R at the scope's slots.
+        gi = swap.nonzero().squeeze(1)
+        swaps += gi.numel()
+        idx = (gi[:, None] * R + torch.arange(R, device=dev)).reshape(-1)  # the groups' row instances
+        new = best[gi].repeat_interleave(R)
+        Rel, Rv = el[idx, new], valid[idx, new]  # (k, w)
+        # Update (swapped groups' rows only): the block inverse of P' ∪ new slots, at the scope's slots.
         Aqi = Aq[idx]
         Binv = Ainv[idx] - Aqi @ torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2))
         Binv[:, sl, :] = 0
         Binv[:, :, sl] = 0
         SRinv = torch.cholesky_inverse(L[idx, new])
-        VR = V[idx].gather(2, R[:, None, :].expand(idx.numel(), V.shape[1], q))  # (n, p, q), zero at the slots
+        VR = V[idx].gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), V.shape[1], w))
+        VR = VR * Rv[:, None, :]  # (k, p, w), zero at the scope's slots and at dummies
         VS = VR @ SRinv
         newA = Binv + VS @ VR.transpose(1, 2)
         newA[:, :, sl] = -VS
         newA[:, sl, :] = -VS.transpose(1, 2)
         newA[:, sl, sl] = SRinv
         Ainv[idx] = newA
-        cand[idx, g] = new.to(cand.dtype)
-        P[idx, sl] = E[R]
-        wP[idx, sl] = W0[idx].gather(1, E[R])
+        cand[gi, g] = best[gi].to(cand.dtype)
+        dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
+        Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
+        P[idx, sl] = Pn
+        wP[idx, sl] = W0[idx].gather(1, Pn)
     return swaps
