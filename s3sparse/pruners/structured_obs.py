@@ -105,7 +105,7 @@ class StructuredOBS:
         row-coupled patterns; ``chunk_size``: from free memory; ``c_dtype``: fp16 factors U);
         ``progress_fn`` and ``process_group`` as in :meth:`TrueOBS.prune_layer`;
         ``refine=N``: then N sweeps of exact swap refinement of the mask
-        (:func:`~s3sparse.pruners.refine_mask`), single-row-scope patterns only.
+        (:func:`~s3sparse.pruners.refine_mask`), any regular pattern, row-coupled included.
         """
         options = TrueOBSOptions(**_given(damp=self._damp, ng=ng, chunk_size=chunk_size, order=order,
                                           scoring=scoring, c_dtype=c_dtype, refine=refine))
