@@ -188,8 +188,10 @@ class ChunkSweep:
         self.C0p_diag = torch.diagonal(self.C0p)
         self.w0 = (w_rows.to(self.col_scale.dtype) / self.col_scale).to(self.math_dtype)  # (B, K), scaled
         self.w_cur = self.w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
-        # group factors, P columns a batch: values rounded to c_dtype, held in dp.store_dtype
-        self.U = torch.zeros(Rc, Kc, nb * P, dtype=dp.store_dtype, device=device)
+        # group factors, P columns a batch: values rounded to c_dtype, held in dp.store_dtype.
+        # Not zeroed: batch b writes rows [start[b], Kc) of its columns, and nothing reads
+        # other rows of them (checked: a NaN-filled U gives the same result bit for bit).
+        self.U = torch.empty(Rc, Kc, nb * P, dtype=dp.store_dtype, device=device)
         self.owner = torch.full((Rc, nb * P), -1, dtype=torch.long, device=device)  # row slot of each factor column
         self.z = torch.zeros(Rc, nb * P, dtype=self.math_dtype, device=device)
         self.Linv_all = torch.empty(nb, Rc, P, P, dtype=self.math_dtype, device=device)
