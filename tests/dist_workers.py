@@ -155,20 +155,30 @@ def layer_worker(rank: int) -> dict:
 
     from s3sparse import ops
 
+    from s3sparse.pruners import true_obs
+
     real_sub = ops.lowrank_sub
+    real_level = true_obs._prune_level
+    level_dtype = {"now": None}
+
+    def level(layer, W, todo, s, lvl, dtype, *args):
+        level_dtype["now"] = dtype  # the level's factor precision (on CPU held in fp32: not a.dtype)
+        return real_level(layer, W, todo, s, lvl, dtype, *args)
 
     def flaky(base, a, b):
         result = real_sub(base, a, b)
-        if a.dtype == torch.float16 and result.shape[1] > 4:  # the panels C[S, R], as in test_pruners
+        if level_dtype["now"] == torch.float16 and result.shape[1] > 4:  # the panels C[S, R], as in test_pruners
             result[::3] = float("nan")
         return result
 
     if rank == 1:
         ops.lowrank_sub = flaky
+        true_obs._prune_level = level
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out["redone_weight"] = _prune_layer("2:4", W0, H, "true-obs", group, chunk_size=16)
     ops.lowrank_sub = real_sub
+    true_obs._prune_level = real_level
     out["redone_warnings"] = [str(w.message) for w in caught if "redone" in str(w.message)]
     return out
 

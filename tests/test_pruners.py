@@ -373,17 +373,25 @@ def test_rank_deficient_hessian_with_dead_inputs(method, seed):
 
 def test_non_pd_rows_are_redone_and_reported(monkeypatch, seed):
     """Rows whose fp16 panel turns out non-PD are redone in fp32 with a warning; result as a clean fp32 run."""
+    from s3sparse.pruners import true_obs
+
     W0, _, H = make_layer(16, 64, 128, seed)
     real = ops.lowrank_sub
-    calls = {"n": 0}
+    real_level = true_obs._prune_level
+    calls = {"n": 0, "dtype": None}
+
+    def level(layer, W, todo, s, lvl, dtype, *args):
+        calls["dtype"] = dtype  # the level's factor precision (on CPU held in fp32: not a.dtype)
+        return real_level(layer, W, todo, s, lvl, dtype, *args)
 
     def flaky(base, a, b):
         out = real(base, a, b)
-        if a.dtype == torch.float16 and out.shape[1] > 4:  # the panels C[S, R], not scoring blocks
+        if calls["dtype"] == torch.float16 and out.shape[1] > 4:  # the panels C[S, R], not scoring blocks
             calls["n"] += 1
             out[::3] = float("nan")  # pretend rows 0, 3, 6, ... lost their C (their update must not count)
         return out
 
+    monkeypatch.setattr(true_obs, "_prune_level", level)
     monkeypatch.setattr(ops, "lowrank_sub", flaky)
     W = W0.clone()
     scope, nnz = pattern("24", W)

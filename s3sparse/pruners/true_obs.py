@@ -15,8 +15,10 @@ blocks scoring reads and the new factors are the Schur-update op
 :func:`s3sparse.ops.lowrank_sub` (:mod:`.true_obs_sweep`); the sweep is replayed
 per row chunk as a CUDA graph (:mod:`.replay`).
 
-This module is the driver: options, the batches and their column plan, row
-chunks within memory, retry levels for rows whose sub-problem is not positive
+This module is the driver: options, the batches and their column plan, the
+device plan (:class:`~.true_obs_sweep.DevicePlan`: how the factors are held and
+formed on a GPU and on a CPU, the only device-dependent choices), row chunks
+within memory, retry levels for rows whose sub-problem is not positive
 definite in the storage precision, and rows split over a process group.
 """
 
@@ -40,14 +42,12 @@ from .obs import select_subsets
 from .obs_layer import MAX_SUBSETS, OBSLayer
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
-from .true_obs_sweep import ChunkSweep, LazyPlan, ScaledInverse, lazy_plan
+from .true_obs_sweep import ChunkSweep, DevicePlan, LazyPlan, ScaledInverse, lazy_plan
 
 __all__ = ["TrueOBS", "TrueOBSOptions"]
 
 # Most columns one row group prunes in one batch (bounds C_SS and the panel).
 MAX_PRUNED_PER_STEP = 256
-# Factors held at once when chunk_size is not given (at least 32 rows).
-_CHUNK_TARGET_BYTES = 4 << 30
 
 ORDERS = ("left_to_right", "largest_first")
 SCORINGS = ("independent", "joint")
@@ -66,11 +66,14 @@ class TrueOBSOptions(MethodOptions):
             compete for every scope, and a batch chosen with a stale C costs
             2–14% output error on real layers (see :meth:`scopes_per_batch`).
         chunk_size: rows held at once (each group with its K × pruned factors);
-            None: from free memory.
+            None: from free memory and the device plan's budget (4 GiB of
+            factors on CUDA, 256 MiB on CPU; at least 32 rows).
         order: ``'left_to_right'`` or ``'largest_first'`` (scopes by descending
             pre-scored cost under the shared C).
         scoring: ``'independent'`` or ``'joint'``.
-        c_dtype: storage of the per-row factors U of C (math is fp32, fp64 for fp64).
+        c_dtype: precision of the per-row factors U of C (math is fp32, fp64 for fp64):
+            they are rounded to it, and stored in it on CUDA (on CPU, whose BLAS
+            has no fp16 GEMM, the same values are held in fp32).
         refine: sweeps of exact swap refinement of the mask after pruning
             (:func:`~s3sparse.pruners.refine_mask`, with this ``damp``); 0: off.
             Patterns whose scopes each lie in one row only (not row-coupled ones).
@@ -207,10 +210,12 @@ class TrueOBS(PruningMethod):
 @dataclasses.dataclass(frozen=True)
 class _Schedule:
     """What every retry level of one call runs: the batches of scope positions, their
-    column plan, the row groups per chunk, and the scoring."""
+    column plan, the first level's device plan (it sizes the chunks), the row groups
+    per chunk, and the scoring."""
 
     batches: list
     plan: LazyPlan
+    device_plan: DevicePlan
     groups_per_chunk: int
     nnz: int
     scoring: str
@@ -232,9 +237,11 @@ def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> 
     ng_eff = max(1, min(int(ng), MAX_PRUNED_PER_STEP // max(1, pruned_per_scope)))
     batches = list(positions.split(ng_eff))
     plan = lazy_plan(layer, batches, ng_eff * pruned_per_scope)
-    rows_per_chunk = int(o.chunk_size) if o.chunk_size is not None else _auto_chunk_rows(layer, o.c_dtype, plan)
+    device_plan = DevicePlan.for_device(layer.W.device, o.c_dtype)
+    rows_per_chunk = int(o.chunk_size) if o.chunk_size is not None else _auto_chunk_rows(layer, plan, device_plan)
     groups_per_chunk = max(1, rows_per_chunk // g.rows_per_group)
-    return _Schedule(batches, plan, groups_per_chunk, layer.blocks_per_scope - num_prune, o.scoring, subsets)
+    return _Schedule(batches, plan, device_plan, groups_per_chunk, layer.blocks_per_scope - num_prune, o.scoring,
+                     subsets)
 
 
 def _retry_levels(c_dtype: torch.dtype, damp: float) -> list[tuple[torch.dtype, float]]:
@@ -285,16 +292,18 @@ def _prune_level(layer: OBSLayer, W: Tensor, todo: Tensor, s: _Schedule, level: 
     # Every full chunk runs the same kernels: record them once (CUDA), replay per
     # chunk. score_subsets checks its subsets on the host, so 'joint' runs eagerly.
     inv = ScaledInverse.of(C0, opmath_dtype(dtype), s.plan.order)
+    device_plan = DevicePlan.for_device(layer.W.device, dtype)  # a retry level's precision may differ
 
     def sweep(w_rows):
-        return ChunkSweep(layer, w_rows, s.batches, s.nnz, s.scoring, s.subsets, inv, dtype, s.plan).run()
+        return ChunkSweep(layer, w_rows, s.batches, s.nnz, s.scoring, s.subsets, inv, dtype, s.plan,
+                          device_plan).run()
 
     def warmup():
         mini = s.batches[:2]
         mini_plan = lazy_plan(layer, mini, s.plan.p)
         mini_inv = ScaledInverse.of(C0, opmath_dtype(dtype), mini_plan.order)
         ChunkSweep(layer, W[g.rows[todo[:1]].reshape(-1)], mini, s.nnz, s.scoring, s.subsets, mini_inv, dtype,
-                   mini_plan).run()
+                   mini_plan, device_plan).run()
 
     replay = GraphReplay(sweep, warmup=warmup, enabled=s.scoring != "joint" and len(s.batches) > 1)
     for ci, group_index in enumerate(todo.split(s.groups_per_chunk)):
@@ -327,14 +336,15 @@ def _prescore_order(layer: OBSLayer, W: Tensor, num_prune: int, scoring: str, da
     return torch.argsort(cost.sum(dim=0), descending=True, stable=True)
 
 
-def _auto_chunk_rows(layer: OBSLayer, c_dtype: torch.dtype, plan: LazyPlan) -> int:
-    """Rows per chunk: within half the free memory, and no more than ~4 GiB of
-    factors (or 32 rows): with the sweep replayed as a CUDA graph, smaller chunks
-    cost little time, and the peak stays near 8 GiB on a 2560×9728 layer."""
+def _auto_chunk_rows(layer: OBSLayer, plan: LazyPlan, device_plan: DevicePlan) -> int:
+    """Rows per chunk: within half the free memory, and within the device plan's
+    budget (or 32 rows). CUDA, 4 GiB: with the sweep replayed as a CUDA graph,
+    smaller chunks cost little time, and the peak stays near 8 GiB on a 2560×9728
+    layer. CPU, 256 MiB: the same time as all rows at once, a fraction of the memory."""
     rpc = layer.groups.rows_per_group
-    per_row = -(-plan.bytes_per_group(c_dtype, rpc) // rpc)
+    per_row = -(-plan.bytes_per_group(device_plan.store_dtype, rpc) // rpc)
     fits = _free_memory_bytes(layer.W.device) // 2 // per_row
-    useful = max(32, _CHUNK_TARGET_BYTES // per_row)
+    useful = max(32, device_plan.factor_budget_bytes // per_row)
     return int(max(1, min(fits, useful, layer.M)))
 
 

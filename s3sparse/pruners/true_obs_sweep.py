@@ -2,7 +2,7 @@
 
 Row r's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ`` with
 ``U_j = C_{j-1}[:, S_j] L_j⁻ᵀ`` (``L_j`` the Cholesky factor of
-``C_{j-1}[S_j, S_j]``), so only the factors U are stored (in ``c_dtype``) and each
+``C_{j-1}[S_j, S_j]``), so only the factors U are stored (rounded to ``c_dtype``) and each
 batch forms just what it reads: the diagonal (or scope blocks) of its columns for
 scoring, and the panel ``C[S_b, R] = C0[S_b, R] - U[S_b] U[R]ᵀ`` over the columns R
 that later batches still visit: the Schur complement of the columns pruned so far,
@@ -23,6 +23,8 @@ replayed for every chunk (:mod:`.true_obs` does).
 
 * :func:`lazy_plan` / :class:`LazyPlan`: the column order that makes every
   batch's panel one suffix of the factors' rows;
+* :class:`DevicePlan`: how the factors are held and formed on this kind of device
+  (the only device-dependent choices; the results are the same to fp32 round-off);
 * :class:`ScaledInverse`: C0 in Jacobi-scaled coordinates, shared by the chunks;
 * :class:`ChunkSweep`: the sweep itself, one method per step of a batch.
 """
@@ -39,11 +41,43 @@ from .. import ops
 from ..dtypes import opmath_dtype
 from .obs_layer import OBSLayer
 
-__all__ = ["ChunkSweep", "LazyPlan", "ScaledInverse", "lazy_plan"]
+__all__ = ["ChunkSweep", "DevicePlan", "LazyPlan", "ScaledInverse", "lazy_plan"]
 
 # Conditional variance (diagonal of the Jacobi-scaled per-row C, 1 at the start)
 # below which a stored C is treated as round-off: its row is redone in higher precision.
 _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """How one device holds and forms the factors U: the sweep's only device-dependent choices.
+
+    ``c_dtype`` (the option) is the precision of the factors: every U_b is rounded to it,
+    and it sets the health tolerance and retry levels. Where they live and how U_b is
+    multiplied is this plan, chosen by measurement:
+
+    * CUDA: U stored in ``c_dtype`` (fp16 halves the memory traffic the sweep is bound
+      by, and tensor cores read it), U_b formed by hi/lo fp16 products (3 GEMMs at fp32
+      accuracy), chunks of up to 4 GiB of factors (the sweep is replayed as a CUDA graph,
+      so small chunks cost little).
+    * CPU: U stored in fp32 holding the same fp16-rounded values (CPU BLAS has no fp16
+      GEMM: fp16 factors were widened to fp32 on every read, 40% of the time on MiniLM),
+      U_b one fp32 GEMM (the hi/lo split only re-creates fp32 there), chunks of up to
+      256 MiB (peak memory stays small; per-chunk overhead is a few dozen ops per batch).
+
+    Outputs match across plans to fp32 round-off (the factor product's rounding order).
+    """
+
+    store_dtype: torch.dtype  # what U physically lives in
+    split_factor: bool  # form U_b by hi/lo products in c_dtype (tensor cores) instead of one math-dtype GEMM
+    factor_budget_bytes: int  # chunk rows so their factors and workspaces stay within this (chunk_size=None)
+
+    @staticmethod
+    def for_device(device: torch.device, c_dtype: torch.dtype) -> "DevicePlan":
+        half = c_dtype in (torch.float16, torch.bfloat16)
+        if torch.device(device).type == "cuda":
+            return DevicePlan(store_dtype=c_dtype, split_factor=half, factor_budget_bytes=4 << 30)
+        return DevicePlan(store_dtype=opmath_dtype(c_dtype), split_factor=False, factor_budget_bytes=256 << 20)
 
 
 @dataclass(frozen=True)
@@ -79,11 +113,11 @@ class LazyPlan:
     start: list
     p: int
 
-    def bytes_per_group(self, c_dtype: torch.dtype, rows_per_group: int) -> int:
-        """Memory one row group takes: its factors U (Kc × batches·p), the per-batch
-        factors L and workspaces, and its rows' state."""
+    def bytes_per_group(self, store_dtype: torch.dtype, rows_per_group: int) -> int:
+        """Memory one row group takes: its factors U (Kc × batches·p, held in ``store_dtype``),
+        the per-batch factors L and workspaces, and its rows' state."""
         Kc, nb = self.order.numel(), len(self.start)
-        elem = torch.empty((), dtype=c_dtype).element_size()
+        elem = torch.empty((), dtype=store_dtype).element_size()
         return Kc * nb * self.p * elem + nb * self.p * (self.p + 3) * 8 + 4 * Kc * (3 * self.p + 8 * rows_per_group)
 
 
@@ -124,10 +158,11 @@ def _block_costs(w: Tensor, blocks: Tensor, blocks_per_scope: int) -> Tensor:
 class ChunkSweep:
     """True OBS for the rows ``w_rows`` (B, K) of Rc whole row groups (group-major).
 
-    ``ChunkSweep(layer, w_rows, batches, nnz, scoring, subsets, inv, c_dtype, plan).run()``
+    ``ChunkSweep(layer, w_rows, batches, nnz, scoring, subsets, inv, c_dtype, plan, device_plan).run()``
     returns their new rows (B, K) fp32 and a failed-group mask (Rc,). ``inv`` is
     C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, for ``plan``; ``subsets`` the
-    candidate subsets of a scope (``scoring='joint'`` only). Each batch of scopes
+    candidate subsets of a scope (``scoring='joint'`` only); ``device_plan`` how the
+    factors are held (None: :meth:`DevicePlan.for_device`). Each batch of scopes
     is :meth:`_choose` (its blocks), :meth:`_pruned_positions` (the group's pruned
     columns), :meth:`_pivot_inverse` (``L⁻¹`` of their C block) and :meth:`_eliminate`
     (the factors U_b and the weights' forward update); :meth:`_finish` solves
@@ -135,7 +170,8 @@ class ChunkSweep:
     """
 
     def __init__(self, layer: OBSLayer, w_rows: Tensor, batches: list[Tensor], nnz: int, scoring: str,
-                 subsets: Optional[Tensor], inv: ScaledInverse, c_dtype: torch.dtype, plan: LazyPlan):
+                 subsets: Optional[Tensor], inv: ScaledInverse, c_dtype: torch.dtype, plan: LazyPlan,
+                 device_plan: Optional[DevicePlan] = None):
         g = layer.groups
         self.g, self.batches, self.nnz, self.scoring, self.subsets, self.plan = g, batches, nnz, scoring, subsets, plan
         self.blocks_per_scope, self.num_cols = layer.blocks_per_scope, layer.num_cols
@@ -144,14 +180,18 @@ class ChunkSweep:
         self.Rc = Rc = self.B // self.rpc
         self.device = device = w_rows.device
         self.c_dtype, self.math_dtype = c_dtype, opmath_dtype(c_dtype)
-        self.split = c_dtype in (torch.float16, torch.bfloat16)
+        dp = device_plan if device_plan is not None else DevicePlan.for_device(w_rows.device, c_dtype)
+        self.split = dp.split_factor
         self.P, self.Kc, self.nb = P, Kc, nb = plan.p, plan.order.numel(), len(batches)
         self.pruned_per_scope = (self.blocks_per_scope - nnz) * self.bk  # per group, exactly
         self.col_scale, self.C0s, self.C0p = inv.scale, inv.C, inv.C_plan
         self.C0p_diag = torch.diagonal(self.C0p)
         self.w0 = (w_rows.to(self.col_scale.dtype) / self.col_scale).to(self.math_dtype)  # (B, K), scaled
         self.w_cur = self.w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
-        self.U = torch.zeros(Rc, Kc, nb * P, dtype=c_dtype, device=device)  # group factors, P columns a batch
+        # group factors, P columns a batch: values rounded to c_dtype, held in dp.store_dtype.
+        # Not zeroed: batch b writes rows [start[b], Kc) of its columns, and nothing reads
+        # other rows of them (checked: a NaN-filled U gives the same result bit for bit).
+        self.U = torch.empty(Rc, Kc, nb * P, dtype=dp.store_dtype, device=device)
         self.owner = torch.full((Rc, nb * P), -1, dtype=torch.long, device=device)  # row slot of each factor column
         self.z = torch.zeros(Rc, nb * P, dtype=self.math_dtype, device=device)
         self.Linv_all = torch.empty(nb, Rc, P, P, dtype=self.math_dtype, device=device)
@@ -272,8 +312,9 @@ class ChunkSweep:
         return Linv, ok
 
     def _factor(self, panel: Tensor, Linv: Tensor, s0: int) -> Tensor:
-        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ, one GEMM; for fp16/bf16 factors in
-        hi + lo parts (3 products), which keeps it at fp32 accuracy on tensor cores."""
+        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ, one GEMM in the math dtype; where the device
+        plan splits it (fp16/bf16 factors on CUDA), in hi + lo parts (3 products), which
+        keeps it at fp32 accuracy on tensor cores."""
         c_dtype, math_dtype = self.c_dtype, self.math_dtype
         if self.split:
             ph = panel.to(c_dtype)
