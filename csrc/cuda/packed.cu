@@ -1049,23 +1049,31 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
     }
   }
 
+  // The workspace paths below raise on bad data after the expansion (check),
+  // or poison y from their own status word.
+  at::Tensor ws_status;
+  auto workspace_status = [&]() -> at::Tensor {
+    if (!ws_status.defined()) ws_status = check ? status : at::zeros({}, values.options().dtype(at::kInt));
+    return ws_status;
+  };
+  auto workspace_linear = [&](const at::Tensor& w) {
+    if (check) raise_on_bad_data(status, g, op);
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    if (!check) poison_on_bad_data(ws_status, y);
+    return y.view(out_sizes);
+  };
+
   // More tokens on those patterns: W written out by the expansion kernel, then cuBLAS.
   if (N > stream_tokens || path == PathChoice::kExpand) {
     at::Tensor w = at::empty({g.M, g.K}, values.options());
-    at::Tensor expand_status = check ? status : at::zeros({}, values.options().dtype(at::kInt));
     bool expanded = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_expand_cuda", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
         expanded = launch_packed_expand<scalar_t>(g, values, meta, subsets, block_off, elem_off, w,
-                                                  status_ptr(expand_status), stream);
+                                                  status_ptr(workspace_status()), stream);
       }
     });
-    if (expanded) {
-      if (check) raise_on_bad_data(status, g, op);
-      at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-      if (!check) poison_on_bad_data(expand_status, y);
-      return y.view(out_sizes);
-    }
+    if (expanded) return workspace_linear(w);
   }
 
   GemvPlan plan;
@@ -1083,12 +1091,8 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // Large batches (and fp64, no row_group promise, very large W): W expanded
   // into a workspace, then one cuBLAS GEMM (fp32 accumulation).
   at::Tensor w = at::zeros({g.M, g.K}, values.options());
-  at::Tensor scatter_status = check ? status : at::zeros({}, values.options().dtype(at::kInt));
-  launch_scatter(g, values, meta, subsets, block_off, elem_off, w, scatter_status, stream);
-  if (check) raise_on_bad_data(status, g, op);
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-  if (!check) poison_on_bad_data(scatter_status, y);
-  return y.view(out_sizes);
+  launch_scatter(g, values, meta, subsets, block_off, elem_off, w, workspace_status(), stream);
+  return workspace_linear(w);
 }
 
 }  // namespace

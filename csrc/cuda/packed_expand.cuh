@@ -338,7 +338,11 @@ void launch_expand_kernel(const ExpandPlan& e, const at::Tensor& values, const a
   allow_shared<packed_expand_kernel<T, P, ROW1>>(e.s.smem_total);
   const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, (220 * 1024) / (e.s.smem_total + 1024)));
   const int64_t slots = multiprocessors() * per_sm;
-  const int64_t want = ROW1 ? ceil_div(e.s.groups, kWarps) : e.s.groups;
+  // Span mode strides the grid over chunks; otherwise a warp (one row a group)
+  // or a block owns a group.
+  const int64_t want = e.span  ? ceil_div(int64_t(e.s.groups) * (e.s.Sg / chunk_scopes<T, P>()), kThreads)
+                       : ROW1 ? ceil_div(e.s.groups, kWarps)
+                              : e.s.groups;
   const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, slots)));
   S3_LAUNCH(blocks, kThreads, e.s.smem_total, stream, kernel)(
       e, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
@@ -384,31 +388,9 @@ bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, con
   e.smem_hits = static_cast<int32_t>(e.smem_runs + ceil_div(4 * int64_t(p.n_codes), 16) * 16);
   e.smem_stage = static_cast<int32_t>(e.smem_hits + ceil_div(4 * int64_t(e.L), 16) * 16);
   p.smem_total = static_cast<int32_t>(e.smem_stage + int64_t(kThreads) * e.span_bytes);
-  switch (P) {
-    case 1:
-      launch_expand_kernel<T, 1, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      break;
-    case 2:
-      launch_expand_kernel<T, 2, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      break;
-    case 4:
-      if (row1) {
-        launch_expand_kernel<T, 4, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      } else {
-        launch_expand_kernel<T, 4, false>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      }
-      break;
-    case 8:
-      if (row1) {
-        launch_expand_kernel<T, 8, true>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      } else {
-        launch_expand_kernel<T, 8, false>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      }
-      break;
-    default:
-      launch_expand_kernel<T, 16, false>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
-      break;
-  }
+  dispatch_values_a_scope(P, row1, [&]<int kP, bool kRow1>() {
+    launch_expand_kernel<T, kP, kRow1>(e, values, meta, subsets, block_off, elem_off, w, status, stream);
+  });
   return true;
 }
 #endif  // S3SPARSE_PACKED_STREAM_IMPL

@@ -40,6 +40,19 @@ namespace packed_cuda {
 // false without launching anything when it does not apply (the caller then
 // takes the general decode kernels). Instantiated for at::Half, at::BFloat16
 // and float in packed_stream_<dtype>.cu.
+// Calls f.template operator()<P, ROW1>() with the plan's values a scope as a
+// compile-time constant (plan_stream_geometry admits these P only).
+template <typename F>
+void dispatch_values_a_scope(int64_t P, bool row1, F&& f) {
+  switch (P) {
+    case 1: f.template operator()<1, true>(); break;
+    case 2: f.template operator()<2, true>(); break;
+    case 4: row1 ? f.template operator()<4, true>() : f.template operator()<4, false>(); break;
+    case 8: row1 ? f.template operator()<8, true>() : f.template operator()<8, false>(); break;
+    default: f.template operator()<16, false>(); break;
+  }
+}
+
 template <typename T>
 bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& values, const at::Tensor& meta,
                           const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
@@ -635,31 +648,9 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
   p.smem_row = static_cast<int32_t>(x_bytes + 12 * entries);            // int32 (n_codes)
   p.smem_sums = static_cast<int32_t>(x_bytes + tables_bytes);
   p.smem_total = static_cast<int32_t>(x_bytes + tables_bytes + sums_bytes);
-  switch (P) {
-    case 1:
-      launch_tokens<T, 1, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      break;
-    case 2:
-      launch_tokens<T, 2, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      break;
-    case 4:
-      if (row1) {
-        launch_tokens<T, 4, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      } else {
-        launch_tokens<T, 4, false>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      }
-      break;
-    case 8:
-      if (row1) {
-        launch_tokens<T, 8, true>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      } else {
-        launch_tokens<T, 8, false>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      }
-      break;
-    default:
-      launch_tokens<T, 16, false>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
-      break;
-  }
+  dispatch_values_a_scope(P, row1, [&]<int kP, bool kRow1>() {
+    launch_tokens<T, kP, kRow1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
+  });
   return true;
 }
 #endif  // S3SPARSE_PACKED_STREAM_IMPL
