@@ -33,18 +33,21 @@ for step in "${@:-all}"; do
     tests|all)
       (cd /tmp && timeout 400 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests/test_op_packed.py" \
         "$repo/tests/test_sparse_packed.py" 2>&1 | tail -15 | tee "$OUT/pytest-packed-cuda.txt")
+      # The same with the tensor-core kernel forced (not yet on the automatic path).
+      (cd /tmp && S3SPARSE_PACKED_CUDA_PATH=mma timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider \
+        "$repo/tests/test_op_packed.py" 2>&1 | tail -5 | tee -a "$OUT/pytest-packed-cuda.txt")
       ;;&
     cuda)
       (cd /tmp && timeout 500 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests" 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt")  # the whole suite's cuda tests
       ;;&
     crossover)
-      # The same calls through each path forced (stream decode kernel / expansion + cuBLAS).
-      for path in stream expand; do
+      # The same calls through each path forced (stream decode kernel / tensor-core kernel / expansion + cuBLAS).
+      for path in stream mma expand; do
         (cd /tmp && S3SPARSE_PACKED_CUDA_PATH=$path timeout 200 python3 "$repo/benchmarks/packed.py" --device cuda \
-          --shapes 2560x9728 9728x2560 --tokens 4 8 16 32 --patterns 2:4 4:8 block16-rows --methods dense packed \
+          --shapes 2560x9728 9728x2560 --tokens 1 4 6 8 12 16 32 --patterns 2:4 4:8 coupled-2:4 block16-rows --methods dense packed \
           --out "$LOG/packed-crossover-$path.json" > "$LOG/packed-crossover-$path.txt" 2>&1; tail -3 "$LOG/packed-crossover-$path.txt")
       done
-      for path in expand stream; do echo "# S3SPARSE_PACKED_CUDA_PATH=$path"; cat "$LOG/packed-crossover-$path.txt"; done \
+      for path in stream mma expand; do echo "# S3SPARSE_PACKED_CUDA_PATH=$path"; cat "$LOG/packed-crossover-$path.txt"; done \
         > "$OUT/packed-crossover.txt"
       ;;&
     bench|all)

@@ -398,6 +398,8 @@ def packed_linear(
     kernel, more tokens the general scatter into a workspace and cuBLAS; fp64 or
     no promise always the latter (docs/packed.md). For large 2:4 batches,
     ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead.
+    A tensor-core kernel for fp16 / bf16 2:4, 4:8 and coupled 2:4 exists but is
+    not chosen automatically yet (``S3SPARSE_PACKED_CUDA_PATH=mma`` forces it).
     """
     return _ops.packed_linear.default(
         x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),

@@ -180,10 +180,72 @@ def test_packed_linear_expansion_odd_chunk_counts(device, dtype):
         scope, nnz = patterns.by_name(name, W)
         scope.hard_threshold(nnz=nnz)
         W, p = W.detach(), PackedWeight.from_scope(scope, nnz)
-        x = torch.randn(12, K, dtype=torch.float64).to(dtype=dtype, device=device)
+        x = torch.randn(40, K, dtype=torch.float64).to(dtype=dtype, device=device)  # above the tensor-core kernel's 16
         got = ops.packed_linear(x, *_args(p), M, p.row_group, None)
         want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double()).to(dtype)
         _assert_linear_close(got, want, x, W, dtype, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
+def test_packed_linear_tensor_core_kernel_odd_shapes(device, seed, dtype):
+    """The span patterns at 1-17 tokens (CUDA: the tensor-core kernel, 16 tokens a launch).
+
+    Rows not a multiple of its 16-row blocks, columns not a multiple of its
+    64-column stages, fewer stages than warps (K = 48), every token count of
+    both of its token tiles (8 and 16), bias or not.
+    """
+    rng = random.Random(seed)
+    shapes = [(5, 16 * 37), (19, 48), (33, 256)] if _is_emu() else [(5, 16 * 37), (19, 48), (300, 2000)]
+    for M, K in shapes:
+        for name in ("24", "48", "coupled24"):
+            W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+            scope, nnz = patterns.by_name(name, W)
+            scope.hard_threshold(nnz=nnz)
+            W, p = W.detach(), PackedWeight.from_scope(scope, nnz)
+            counts = [1, 7, 9, 16, 17] if _is_emu() else list(range(1, 18))
+            for n in counts:
+                x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
+                bias = torch.randn(M, dtype=torch.float64).to(dtype=dtype, device=device) if rng.random() < 0.5 else None
+                got = ops.packed_linear(x, *_args(p), M, p.row_group, bias)
+                want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double(),
+                                                  None if bias is None else bias.cpu().double()).to(dtype)
+                _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} M={M} K={K} tokens={n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_id)
+def test_packed_linear_spans_that_do_not_tile(device, dtype):
+    """2:4-shaped formats whose chunks do not tile their 16 columns: every host check of the
+    span kernels passes, so they must notice on the device and take their per-value path.
+
+    block_off (0, 1, 1, 3): blocks 1 and 2 overlap at column 1 (their values are zeroed
+    here, as the result of an overlap is not defined); (0, 1, 2, 3 + K): the last block
+    of every scope lies in the next row (which the row_group=1 promise forbids) or, from
+    the last row, outside W.
+    """
+    M, K = 20, 16 * 9
+    W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+    scope, nnz = patterns.by_name("24", W)
+    scope.hard_threshold(nnz=nnz)
+    p = PackedWeight.from_scope(scope, nnz)
+    codes = ref.packed_fields(p.meta.cpu(), p.meta_bits, p.values.shape[0])
+    kept = p.subsets.cpu()[codes]  # (S, nnz) in-scope blocks
+    values = p.values.clone()
+    values[((kept == 1) | (kept == 2)).to(device)] = 0
+    args = list(_args(p))
+    args[0] = values
+    args[3] = torch.tensor([0, 1, 1, 3], dtype=torch.int64, device=device)
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    Wd = ref.packed_to_dense(*cpu_args, M, K)
+    for n in (1, 5, 12, 40):
+        x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
+        got = ops.packed_linear(x, *args, M, 1, None)
+        want = ref.packed_linear(x.cpu(), *cpu_args, M, 1, None)
+        _assert_linear_close(got, want, x, Wd, dtype, f"tokens={n}")
+    args[3] = torch.tensor([0, 1, 2, 3 + K], dtype=torch.int64, device=device)
+    for n in (1, 12):
+        x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
+        with pytest.raises(ValueError, match="outside its group of row_group=1|falls outside W"):
+            ops.packed_linear(x, *args, M, 1, None)
 
 
 def test_packed_linear_wide_rows_every_kernel_gets_its_shared_memory(device, seed):
@@ -321,7 +383,10 @@ def test_bad_data_raise_clear_errors(device):
     # A subset code past the table (3-bit fields, 6 codes): field 0 = 7.
     meta = p.meta.clone()
     meta[0] = meta[0] | 7
-    for call in (lambda: _call_dense(p, meta=meta), lambda: _call_linear(p, x, meta=meta)):
+    p16 = p.to(torch.float16)  # (at 6 tokens on CUDA: the tensor-core kernel)
+    x6 = torch.randn(6, 16, device=device, dtype=torch.float16)
+    for call in (lambda: _call_dense(p, meta=meta), lambda: _call_linear(p, x, meta=meta),
+                 lambda: _call_linear(p16, x6, meta=meta)):
         with pytest.raises(ValueError, match="subset code >= n_codes=6"):
             call()
     bad_sub = p.subsets.clone()
@@ -361,15 +426,16 @@ def test_bad_data_raise_clear_errors(device):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_checked_bad_data_never_passes_as_numbers(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_id)
+def test_checked_bad_data_never_passes_as_numbers(device, dtype):
     # checked=True lets the CUDA kernels skip the host check (one sync); bad data
     # must then come back NaN, never as numbers (and never be read out of bounds).
-    # The CPU kernel checks either way.
-    p = _good(device)
+    # The CPU kernel checks either way. (fp16 at 6 tokens: the tensor-core kernel.)
+    p = _good(device).to(dtype)
     meta = p.meta.clone()
     meta[0] = meta[0] | 7  # scope 0: a code past the table
-    for tokens in (3, 20):
-        x = torch.randn(tokens, 16, device=device)
+    for tokens in (3, 6, 20):
+        x = torch.randn(tokens, 16, device=device, dtype=dtype)
         if device == "cpu" and not _is_emu():
             with pytest.raises(ValueError, match="subset code"):
                 _call_linear(p, x, meta=meta, checked=True)
@@ -377,8 +443,11 @@ def test_checked_bad_data_never_passes_as_numbers(device):
         y = _call_linear(p, x, meta=meta, checked=True)
         assert bool(torch.isnan(y[:, 0]).all()), f"tokens={tokens}: row 0 (the bad scope's) must be NaN"
         # The good tables with checked=True compute the right numbers.
+        if tokens < 20:  # (the decode kernels NaN the bad rows; the workspace paths all of y)
+            assert not bool(torch.isnan(y[:, 1:]).any()), f"tokens={tokens}: only row 0 is bad"
         want = torch.nn.functional.linear(x.double(), p.to_dense().double())
-        torch.testing.assert_close(_call_linear(p, x, checked=True).double(), want, rtol=1e-5, atol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(_call_linear(p, x, checked=True).double(), want, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile

@@ -42,6 +42,7 @@
 #include "cuda/launch.cuh"
 #include "cuda/packed_common.cuh"
 #include "cuda/packed_expand.cuh"
+#include "cuda/packed_mma.cuh"
 #include "cuda/packed_stream.cuh"
 #include "packed.h"
 
@@ -53,7 +54,16 @@ using namespace packed_cuda;
 constexpr int kThreads = 256;
 constexpr int kMaxTokens = 16;     // the gemv path: up to this many tokens (rows of x)
 constexpr int kStreamTokens = 8;   // the stream kernel up to this many tokens; above, expand + cuBLAS
-constexpr int kStreamTokensGrouped = 2;  // the same with row groups of more than one row
+constexpr int kStreamTokensGrouped = 2;
+// The tensor-core kernel (packed_mma.cuh) is not yet chosen by the automatic
+// path: its first version measured slower than the stream kernel and the
+// expansion at every token count (docs/performance.md), and the version here
+// (recipe expansion, persistent blocks) has run on the emulator only. It is
+// taken with S3SPARSE_PACKED_CUDA_PATH=mma; when measured faster, set
+// kMmaAuto and the token range it wins.
+constexpr bool kMmaAuto = false;
+constexpr int64_t kMmaMinTokens = 5;
+constexpr int64_t kMmaTokens = 16;  // the same with row groups of more than one row
 constexpr int kUnroll = 4;      // 16-byte loads in flight per thread
 // Everything the decode kernels need besides pointers (passed by value).
 struct GemvPlan {
@@ -978,7 +988,7 @@ void launch_decode(const GemvPlan& p, const at::Tensor& values, const at::Tensor
 
 // Which kernel family packed_linear takes on the stream kernel's patterns:
 // by token count (auto), or forced by S3SPARSE_PACKED_CUDA_PATH (read once).
-enum class PathChoice { kAuto, kStream, kExpand };
+enum class PathChoice { kAuto, kStream, kExpand, kMma };
 constexpr int64_t kMaxStreamLaunchTokens = 8;  // tokens a stream launch
 
 PathChoice path_choice() {
@@ -987,6 +997,7 @@ PathChoice path_choice() {
     if (env == nullptr) return PathChoice::kAuto;
     if (std::strcmp(env, "stream") == 0) return PathChoice::kStream;
     if (std::strcmp(env, "expand") == 0) return PathChoice::kExpand;
+    if (std::strcmp(env, "mma") == 0) return PathChoice::kMma;
     return PathChoice::kAuto;
   }();
   return choice;
@@ -1023,6 +1034,33 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // (packed_stream.cuh). S3SPARSE_PACKED_CUDA_PATH=stream|expand overrides the
   // choice, for benchmarks that measure the crossover.
   const PathChoice path = path_choice();
+  // The tensor-core kernel (fp16 / bf16 span patterns: 2:4, 4:8, coupled 2:4),
+  // 16 tokens a launch: forced (S3SPARSE_PACKED_CUDA_PATH=mma, up to 64 tokens)
+  // or, once kMmaAuto, from kMmaMinTokens to kMmaTokens tokens.
+  const bool mma_first = path == PathChoice::kMma ? N <= kMmaMaxTokens * 4
+                         : path == PathChoice::kAuto && kMmaAuto ? (N >= kMmaMinTokens && N <= kMmaTokens)
+                                                                : false;
+  if (mma_first) {
+    at::Tensor y = at::empty({N, g.M}, x.options());
+    bool launched = true;
+    for (int64_t n0 = 0; n0 < N && launched; n0 += kMmaMaxTokens) {
+      const int64_t n = std::min<int64_t>(kMmaMaxTokens, N - n0);
+      const at::Tensor xs = x2.narrow(0, n0, n);
+      at::Tensor ys = y.narrow(0, n0, n);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_mma_cuda", [&] {
+        if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+          launched = launch_packed_mma<scalar_t>(g, n, values, meta, subsets, block_off, elem_off, xs, bias, ys, st,
+                                                 stream);
+        } else {
+          launched = false;
+        }
+      });
+    }
+    if (launched) {
+      if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
+      return y.view(out_sizes);
+    }
+  }
   // Row groups of more than one row (block16-rows) decode slower (a block a
   // group) and expand no slower: their crossover is lower.
   const int64_t stream_tokens = g.row_group == 1 ? kStreamTokens : kStreamTokensGrouped;

@@ -351,6 +351,27 @@ void launch_expand_kernel(const ExpandPlan& e, const at::Tensor& values, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Span mode, as far as the host can tell (sets e->span, L, span_bytes): one
+// row a group, chunk c of a row at column c * L (its scopes s1 apart in one
+// run of the row), every span whole 16-byte stores. The device checks the
+// tiling itself (spans_tile).
+template <typename T>
+void plan_spans(const PackedGeometry& g, ExpandPlan* e) {
+  const StreamPlan& p = e->s;
+  const int64_t P = g.nnz * g.B;
+  const int64_t C = P * static_cast<int64_t>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int64_t>(sizeof(T)));
+  const int64_t L = C * g.G * g.B;
+  const int64_t span_bytes = L * static_cast<int64_t>(sizeof(T));
+  // A chunk is a whole run of the in-group grid (next chunk s0 on) or a part
+  // of one (next chunk C * s1 on, runs back to back).
+  const bool steps = p.n1 == C ? (p.Sg == C || p.s0 == L)
+                               : (C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1));
+  e->span = g.row_group == 1 && p.s1_r == 0 && steps && int64_t(p.Sg / C) * L == g.K && p.origin_affine &&
+            p.origin_step == g.K && span_bytes % 16 == 0 && span_bytes <= kMaxSpanBytes;
+  e->L = static_cast<int32_t>(e->span ? L : 0);
+  e->span_bytes = static_cast<int32_t>(e->span ? span_bytes : 0);
+}
+
 }  // namespace expand
 
 template <typename T>
@@ -365,21 +386,8 @@ bool launch_packed_expand(const PackedGeometry& g, const at::Tensor& values, con
   StreamPlan& p = e.s;
   const int64_t P = g.nnz * g.B;
   const bool row1 = g.row_group == 1;
-  const int64_t C = P * static_cast<int64_t>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int64_t>(sizeof(T)));
-  // Span mode, as far as the host can tell: one row a group, chunk c of a
-  // row at column c * L (its scopes s1 apart in one run of the row), every
-  // span whole 16-byte stores.
-  const int64_t L = C * g.G * g.B;
-  const int64_t span_bytes = L * static_cast<int64_t>(sizeof(T));
-  // A chunk is a whole run of the in-group grid (next chunk s0 on) or a part
-  // of one (next chunk C * s1 on, runs back to back).
-  const bool steps = p.n1 == C ? (p.Sg == C || p.s0 == L)
-                               : (C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1));
-  e.span = row1 && p.s1_r == 0 && steps && int64_t(p.Sg / C) * L == g.K && p.origin_affine &&
-           p.origin_step == g.K && span_bytes % 16 == 0 && span_bytes <= kMaxSpanBytes;
-  e.L = static_cast<int32_t>(e.span ? L : 0);
+  plan_spans<T>(g, &e);
   e.zero_vec = (g.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  e.span_bytes = static_cast<int32_t>(e.span ? span_bytes : 0);
   const int64_t entries = int64_t(p.n_codes) * P;
   p.smem_entry = 0;
   p.smem_col = static_cast<int32_t>(8 * entries);

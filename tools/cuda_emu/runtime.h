@@ -138,6 +138,7 @@ struct Block {
   std::barrier<> bar;
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<unsigned char> slot;  // 16 bytes per thread, for warp collectives
+  std::vector<unsigned char> wide;  // 64 bytes per thread, for the tensor-core collectives
   std::vector<unsigned char> dyn_smem;
   std::atomic<unsigned> exited{0};                 // threads of the block that returned
   std::unique_ptr<std::atomic<unsigned>[]> warp_exited;  // the same, per warp
@@ -147,7 +148,7 @@ struct Block {
 
   Block(unsigned n, size_t smem)
       : nthreads(n), bar(n), warp_exited(new std::atomic<unsigned>[(n + 31) / 32]), slot(16 * n),
-        dyn_smem(smem + 16) {
+        wide(64 * n), dyn_smem(smem + 16) {
     for (unsigned w = 0; w < (n + 31) / 32; ++w) warp_exited[w] = 0;
     for (unsigned w = 0; w < (n + 31) / 32; ++w) {
       const unsigned lanes = std::min(32u, n - 32 * w);
@@ -291,6 +292,13 @@ T __shfl_down_sync(unsigned, T v, int delta) {
   return out;
 }
 inline int __popc(unsigned x) { return std::popcount(x); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes (y:x).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+  return r;
+}
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 template <typename T>
@@ -308,4 +316,50 @@ T atomicMax(T* p, T v) {
 template <typename T>
 T atomicOr(T* p, T v) {
   return std::atomic_ref<T>(*p).fetch_or(v);
+}
+
+// ldmatrix (m8n8, b16, no transpose) of `count` tiles: lanes 8i..8i+7 give the
+// row addresses of tile i; lane l gets, of every tile, row l / 4, elements
+// 2 (l % 4) and 2 (l % 4) + 1.
+inline void s3emu_ldmatrix(uint32_t* r, int count, const void* row) {
+  using namespace ::s3emu_rt;
+  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
+  check_warp_not_divergent();
+  std::memcpy(&g_blk->wide[64 * t], &row, sizeof(row));
+  warp_barrier().arrive_and_wait();
+  for (int i = 0; i < count; ++i) {
+    const void* src = nullptr;
+    std::memcpy(&src, &g_blk->wide[64 * (w0 + 8 * i + lane / 4)], sizeof(src));
+    std::memcpy(&r[i], static_cast<const unsigned char*>(src) + 4 * (lane % 4), 4);
+  }
+  warp_barrier().arrive_and_wait();
+}
+
+// mma.m16n8k16.row.col, fp32 accumulators, fp16 or bf16 inputs (layouts in
+// csrc/cuda/mma.cuh), as a warp collective.
+inline void s3emu_mma_16816(float* d, const uint32_t* a, const uint32_t* b, bool bf16) {
+  using namespace ::s3emu_rt;
+  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
+  check_warp_not_divergent();
+  std::memcpy(&g_blk->wide[64 * t], a, 16);
+  std::memcpy(&g_blk->wide[64 * t + 16], b, 8);
+  warp_barrier().arrive_and_wait();
+  auto half_at = [&](unsigned src_lane, int byte) {
+    uint16_t bits = 0;
+    std::memcpy(&bits, &g_blk->wide[64 * (w0 + src_lane) + byte], 2);
+    return bf16 ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  };
+  // A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register (r / 8) + 2 (k / 8), half k % 2.
+  auto A = [&](int r, int k) { return half_at((r % 8) * 4 + (k % 8) / 2, 4 * ((r / 8) + 2 * (k / 8)) + 2 * (k % 2)); };
+  // B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8, half k % 2.
+  auto B = [&](int k, int n) { return half_at(n * 4 + (k % 8) / 2, 16 + 4 * (k / 8) + 2 * (k % 2)); };
+  const int g = static_cast<int>(lane / 4), q = static_cast<int>(lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i / 2), n = 2 * q + (i % 2);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+    d[i] = acc;
+  }
+  warp_barrier().arrive_and_wait();
 }

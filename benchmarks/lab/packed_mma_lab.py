@@ -1,0 +1,114 @@
+"""Time the tensor-core kernel of packed_linear (csrc/cuda/packed_mma.cuh) alone, in variants.
+
+A wheel build takes about 5 minutes on the GPU machine; this builds only the
+kernel (benchmarks/lab/packed_mma_lab.cu, one extension a variant, in
+parallel: about 90 s) and times each variant against dense F.linear by
+CUDA-graph replay (50 calls a graph, best of 5), fp16, span patterns, 1-16
+tokens. A variant is a list of extra nvcc flags that the kernel reads: add a
+knob to the kernel under #ifdef to try a change, or to leave a step out and
+take the difference (name such variants diag*: their results are not checked).
+Run from the repository root on the GPU machine, with s3sparse installed
+(``bash benchmarks/device_packed.sh build``)::
+
+    PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py [NAME=-DFLAG,-DFLAG ...]
+
+Prints one line a case and writes $OUT/packed_mma_lab.json (else /tmp).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.cpp_extension import load
+
+REPO = os.getcwd()
+sys.path.insert(0, REPO)
+
+from s3sparse import patterns  # noqa: E402
+from s3sparse.sparse import PackedWeight  # noqa: E402
+
+
+def build(name: str, flags: list[str]):
+    """The kernel built with `flags` as the extension lab_<name>."""
+    directory = f"/tmp/packed_mma_lab/{name}"
+    os.makedirs(directory, exist_ok=True)
+    cuda_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", *flags]
+    return load(name=f"lab_{name}", sources=[f"{REPO}/benchmarks/lab/packed_mma_lab.cu"],
+                extra_include_paths=[f"{REPO}/csrc"], extra_cuda_cflags=cuda_flags, extra_cflags=["-std=c++20"],
+                build_directory=directory, verbose=False)
+
+
+def graph_us(fn, reps: int = 50) -> float:
+    """GPU time of one call: `reps` calls captured in a CUDA graph, best of 5 replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1000 / reps)
+    return best
+
+
+def main() -> None:
+    variants = {"base": []}
+    for arg in sys.argv[1:]:
+        name, _, flags = arg.partition("=")
+        variants[name] = [f for f in flags.split(",") if f]
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(8) as pool:
+        mods = dict(zip(variants, pool.map(lambda kv: build(*kv), variants.items())))
+    print(f"built {len(mods)} variants in {time.time() - t0:.0f} s", flush=True)
+    rows = []
+    for M, K in [(2560, 9728), (4096, 4096), (9728, 2560)]:
+        for pattern in ["24", "48", "coupled24"]:
+            W = torch.nn.Parameter(torch.randn(M, K, device="cuda", dtype=torch.float16))
+            scope, nnz = patterns.by_name(pattern, W)
+            scope.hard_threshold(nnz=nnz)
+            p = PackedWeight.from_scope(scope, nnz)
+            Wd = W.detach()
+            for N in [1, 4, 8, 16]:
+                x = torch.randn(N, K, device="cuda", dtype=torch.float16)
+                row = dict(shape=f"{M}x{K}", pattern=pattern, tokens=N,
+                           dense_us=round(graph_us(lambda: torch.nn.functional.linear(x, Wd)), 1))
+                args = (x, p.values, p.meta, p.subsets, p.block_off, p.elem_off, list(p.scope_shape),
+                        list(p.scope_stride), p.meta_bits, M)
+                want = torch.nn.functional.linear(x.float(), Wd.float())
+                for name, mod in mods.items():
+                    got = mod.mma_linear(*args).float()
+                    if not name.startswith("diag"):
+                        row[f"{name}_rel_err"] = float((got - want).abs().max() / want.abs().max())
+                    row[f"{name}_us"] = round(graph_us(lambda: mod.mma_linear(*args)), 1)
+                print(row, flush=True)
+                rows.append(row)
+    commit = os.environ.get("S3SPARSE_GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit, variants=variants,
+               timing="GPU time a call, CUDA-graph replay", rows=rows)
+    path = os.path.join(os.environ.get("OUT", "/tmp"), "packed_mma_lab.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

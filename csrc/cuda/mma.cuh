@@ -1,0 +1,126 @@
+// Warp-level tensor-core and async-copy primitives (sm_80 and later) used by
+// the tensor-core kernel of packed_linear (packed_mma.cuh):
+//   cp_async16 / cp_async4   global -> shared copies that bypass registers
+//   ldmatrix_x2 / x4         8x8 b16 tiles from shared memory into fragments
+//   mma_16816                D (16x8, fp32) += A (16x16) B (16x8), fp16 or bf16
+// Fragment layouts (PTX ISA, "mma.m16n8k16"): with g = lane / 4, t = lane % 4,
+//   A regs a0..a3 = A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]
+//   B regs b0, b1 = B[2t..2t+1][g], B[2t+8..2t+9][g]
+//   D regs d0..d3 = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
+// Under the host emulator (tools/cuda_emu) the same calls run as warp
+// collectives in C++ (s3emu_* in runtime.h), so the kernels' indexing is
+// checked without a GPU; the layouts themselves are checked on the device by
+// the CUDA tests.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace s3sparse {
+namespace packed_cuda {
+
+#if defined(S3SPARSE_EMULATE_CUDA)
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  if (valid) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  if (valid) {
+    std::memcpy(dst, src, 4);
+  } else {
+    std::memset(dst, 0, 4);
+  }
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) { s3emu_ldmatrix(r, 4, row); }
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) { s3emu_ldmatrix(r, 2, row); }
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  s3emu_mma_16816(d, a, b, BF16);
+}
+
+#else
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes (L2 only: streamed data), or 16 zero bytes when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+// 4 bytes (through L1: neighbouring lanes read the same meta words).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+// Lanes 8i..8i+7 give the row addresses of tile i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(row)));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+#endif  // S3SPARSE_EMULATE_CUDA
+
+}  // namespace packed_cuda
+}  // namespace s3sparse
