@@ -195,7 +195,8 @@ def test_packed_linear_tensor_core_kernel_odd_shapes(device, seed, dtype):
     both of its token tiles (8 and 16), bias or not.
     """
     rng = random.Random(seed)
-    shapes = [(5, 16 * 37), (19, 48), (33, 256)] if _is_emu() else [(5, 16 * 37), (19, 48), (300, 2000)]
+    # (150, 64): more 16-row tiles than the emulator's blocks, so blocks loop over tiles.
+    shapes = [(5, 16 * 37), (19, 48), (33, 256), (150, 64)] if _is_emu() else [(5, 16 * 37), (19, 48), (300, 2000)]
     for M, K in shapes:
         for name in ("24", "48", "coupled24"):
             W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
@@ -448,6 +449,34 @@ def test_checked_bad_data_never_passes_as_numbers(device, dtype):
         want = torch.nn.functional.linear(x.double(), p.to_dense().double())
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(_call_linear(p, x, checked=True).double(), want, rtol=tol, atol=tol)
+
+
+def test_checked_bad_rows_of_later_row_tiles_are_nan(device):
+    """A bad code in rows far down W (fp16, 6 tokens, checked=True): exactly those rows come back NaN.
+
+    Kernels that loop over row tiles (the tensor-core kernel's persistent blocks) must
+    not carry a tile's bad rows into the next tile, nor lose them.
+    """
+    M, K = 150, 64
+    W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=torch.float16, device=device))
+    scope, nnz = patterns.by_name("24", W)
+    scope.hard_threshold(nnz=nnz)
+    p = PackedWeight.from_scope(scope, nnz)
+    per_row = K // 4  # 2:4 scopes a row, one 3-bit field each, 10 fields a word
+    meta = p.meta.clone()
+    bad_rows = [37, 130]
+    for r in bad_rows:
+        f = r * per_row
+        meta[f // 10] = meta[f // 10] | (7 << (3 * (f % 10)))
+    x = torch.randn(6, K, dtype=torch.float16, device=device)
+    if device == "cpu" and not _is_emu():
+        with pytest.raises(ValueError, match="subset code"):
+            _call_linear(p, x, meta=meta, checked=True)
+        return
+    y = _call_linear(p, x, meta=meta, checked=True).cpu()
+    nan_rows = torch.isnan(y).all(0).nonzero().flatten().tolist()
+    assert nan_rows == bad_rows, nan_rows
+    assert not bool(torch.isnan(y[:, [r for r in range(M) if r not in bad_rows]]).any())
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile

@@ -474,8 +474,9 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
       const bool nan = table_bad != 0 || ((bad_rows >> r) & 1u) != 0;
       y[static_cast<int64_t>(n) * p.M + row] = stream::stream_out<T>(sum, nan, bias, row);
     }
-    __syncthreads();  // the sums are read before the next tile's stages overwrite them
+    __syncthreads();  // the sums and bad_rows are read before the next tile overwrites them
     if (tid == 0) bad_rows = 0;
+    __syncthreads();  // ... and bad_rows is cleared before any warp marks a row of the next tile
   }
   if (bad) atomicOr(&block_bad, bad);
   __syncthreads();
