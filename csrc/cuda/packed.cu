@@ -1040,51 +1040,47 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   const bool mma_first = path == PathChoice::kMma ? N <= kMmaMaxTokens * 4
                          : path == PathChoice::kAuto && kMmaAuto ? (N >= kMmaMinTokens && N <= kMmaTokens)
                                                                 : false;
-  if (mma_first) {
+  // y from a kernel launched on slices of at most `per_launch` tokens, or
+  // nothing when `launch` (a slice's x and y) says the kernel does not apply.
+  auto sliced = [&](int64_t per_launch, auto&& launch) -> std::optional<at::Tensor> {
     at::Tensor y = at::empty({N, g.M}, x.options());
-    bool launched = true;
-    for (int64_t n0 = 0; n0 < N && launched; n0 += kMmaMaxTokens) {
-      const int64_t n = std::min<int64_t>(kMmaMaxTokens, N - n0);
-      const at::Tensor xs = x2.narrow(0, n0, n);
+    for (int64_t n0 = 0; n0 < N; n0 += per_launch) {
+      const int64_t n = std::min<int64_t>(per_launch, N - n0);
       at::Tensor ys = y.narrow(0, n0, n);
+      if (!launch(x2.narrow(0, n0, n), ys)) return std::nullopt;
+    }
+    if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
+    return y.view(out_sizes);
+  };
+  if (mma_first) {
+    auto y = sliced(kMmaMaxTokens, [&](const at::Tensor& xs, at::Tensor& ys) {
+      bool launched = false;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_mma_cuda", [&] {
         if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-          launched = launch_packed_mma<scalar_t>(g, n, values, meta, subsets, block_off, elem_off, xs, bias, ys, st,
-                                                 stream);
-        } else {
-          launched = false;
+          launched = launch_packed_mma<scalar_t>(g, xs.size(0), values, meta, subsets, block_off, elem_off, xs, bias,
+                                                 ys, st, stream);
         }
       });
-    }
-    if (launched) {
-      if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
-      return y.view(out_sizes);
-    }
+      return launched;
+    });
+    if (y) return *y;
   }
   // Row groups of more than one row (block16-rows) decode slower (a block a
   // group) and expand no slower: their crossover is lower.
   const int64_t stream_tokens = g.row_group == 1 ? kStreamTokens : kStreamTokensGrouped;
   const bool stream_first = path == PathChoice::kStream ? N <= kMaxStreamLaunchTokens * 4 : N <= stream_tokens;
   if (stream_first && path != PathChoice::kExpand) {
-    at::Tensor y = at::empty({N, g.M}, x.options());
-    bool launched = true;
-    for (int64_t n0 = 0; n0 < N && launched; n0 += kMaxStreamLaunchTokens) {
-      const int64_t n = std::min<int64_t>(kMaxStreamLaunchTokens, N - n0);
-      const at::Tensor xs = x2.narrow(0, n0, n);
-      at::Tensor ys = y.narrow(0, n0, n);
+    auto y = sliced(kMaxStreamLaunchTokens, [&](const at::Tensor& xs, at::Tensor& ys) {
+      bool launched = false;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_stream_cuda", [&] {
-        if constexpr (std::is_same_v<scalar_t, double>) {
-          launched = false;
-        } else {
-          launched = launch_packed_stream<scalar_t>(g, n, values, meta, subsets, block_off, elem_off, xs, bias, ys,
-                                                    st, stream);
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          launched = launch_packed_stream<scalar_t>(g, xs.size(0), values, meta, subsets, block_off, elem_off, xs,
+                                                    bias, ys, st, stream);
         }
       });
-    }
-    if (launched) {
-      if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
-      return y.view(out_sizes);
-    }
+      return launched;
+    });
+    if (y) return *y;
   }
 
   // The workspace paths below raise on bad data after the expansion (check),

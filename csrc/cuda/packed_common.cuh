@@ -72,23 +72,22 @@ inline int current_device() {
   return device;
 }
 
-// SMs of the current device, asked once per device (it is on every call's path).
-inline int multiprocessors() {
-  static std::atomic<int> cached[kMaxDevices] = {};
+// An attribute of the current device, asked once per device (the callers are
+// on every call's path).
+template <cudaDeviceAttr Attr>
+int device_attribute() {
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0: not asked yet (every attribute used is >= 1)
   const int device = current_device();
-  if (device >= kMaxDevices) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return std::max(sms, 1);
+  int v = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, device));
+    v = std::max(v, 1);
+    if (device < kMaxDevices) cached[device].store(v, std::memory_order_relaxed);
   }
-  int sms = cached[device].load(std::memory_order_relaxed);
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    sms = std::max(sms, 1);
-    cached[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
+  return v;
 }
+
+inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // Let Kernel take `bytes` of dynamic shared memory. The limit each kernel was
 // given is remembered per device (the call would otherwise be made on every

@@ -291,9 +291,7 @@ packed_expand_kernel(const ExpandPlan e, const T* __restrict__ values, const int
     cmax = 0;
   }
   __syncthreads();
-  const int tb = stream::build_code_tables<P>(p, subsets, block_off, elem_off, t);
-  if (tb) atomicOr(&table_bad, tb);
-  __syncthreads();
+  stream::block_code_tables<P>(p, subsets, block_off, elem_off, t, &table_bad);
   // runs[c]: code c's values are one run of consecutive columns of one row.
   int32_t* runs = reinterpret_cast<int32_t*>(smem + e.smem_runs);
   for (int32_t c = tid; c < p.n_codes; c += kThreads) {

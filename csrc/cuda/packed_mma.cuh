@@ -413,7 +413,7 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
   const CodeTables t{reinterpret_cast<int2*>(smem + p.smem_entry), reinterpret_cast<int32_t*>(smem + p.smem_col),
                      reinterpret_cast<int32_t*>(smem + p.smem_row), &cmax};
   const Recipes rc{reinterpret_cast<uint4*>(smem + m.smem_recipes),
-                   reinterpret_cast<uint4*>(smem + m.smem_recipes + 16 * m.e.s.n_codes)};
+                   reinterpret_cast<uint4*>(smem + m.smem_recipes + 16 * p.n_codes)};
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   if (tid == 0) {
     table_bad = 0;
@@ -424,9 +424,7 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
     cmax = 0;
   }
   __syncthreads();
-  const int tb = stream::build_code_tables<P>(p, subsets, block_off, elem_off, t);
-  if (tb) atomicOr(&table_bad, tb);
-  __syncthreads();
+  stream::block_code_tables<P>(p, subsets, block_off, elem_off, t, &table_bad);
   const bool fast = expand::spans_tile(m.e, block_off, elem_off, 8 / P, reinterpret_cast<int32_t*>(smem + m.e.smem_hits),
                                        &span_bad) &&
                     build_recipes<P, INTERLEAVED>(p, block_off, elem_off, t, rc, &layout_bad);
@@ -495,31 +493,12 @@ void launch_mma_kernel(const MmaPlan& m, const at::Tensor& values, const at::Ten
   const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(4, (228 * 1024) / (int64_t(m.smem_total) + 1024)));
   const int64_t tiles = ceil_div(m.e.s.M, kTileRows);
   const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, per_sm * multiprocessors())));
-  S3_LAUNCH(blocks, kThreads, m.smem_total, stream, kernel)(
-      m, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
-      subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr, block_off.const_data_ptr<int64_t>(),
-      elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-      y.mutable_data_ptr<T>(), status);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  stream::launch_linear_kernel<T>(kernel, m, blocks, kThreads, m.smem_total, stream, values, meta, subsets, block_off,
+                                  elem_off, x2, bias, y, status);
 }
 
-// Tensor cores with mma.m16n8k16 and ldmatrix: sm_80 and later (asked once per device).
-inline bool device_has_mma() {
-#if defined(S3SPARSE_EMULATE_CUDA)
-  return true;
-#else
-  static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  const int device = current_device();
-  int v = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    v = major >= 8 ? 2 : 1;
-    if (device < kMaxDevices) cached[device].store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
-#endif
-}
+// Tensor cores with mma.m16n8k16 and ldmatrix: sm_80 and later.
+inline bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
 
 }  // namespace mma
 

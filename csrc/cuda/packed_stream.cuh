@@ -193,6 +193,18 @@ __device__ __forceinline__ int build_code_tables(const StreamPlan& p, const int3
   return bad;
 }
 
+// build_code_tables by the whole block, its status bits into *table_bad
+// (shared); starts after and ends with a barrier.
+template <int P>
+__device__ __forceinline__ void block_code_tables(const StreamPlan& p, const int32_t* __restrict__ subsets,
+                                                  const int64_t* __restrict__ block_off,
+                                                  const int64_t* __restrict__ elem_off, const CodeTables& t,
+                                                  int* table_bad) {
+  const int tb = build_code_tables<P>(p, subsets, block_off, elem_off, t);
+  if (tb) atomicOr(table_bad, tb);
+  __syncthreads();
+}
+
 template <typename XT, int NT>
 __device__ __forceinline__ void load_xs(const XT* xs, int32_t col, float (&out)[NT]) {
   XT v[NT];
@@ -533,6 +545,22 @@ inline bool in_group_grid(const PackedGeometry& g, int64_t Sg, StreamPlan* p) {
   return true;
 }
 
+// Launches a packed_linear kernel of the common signature (plan, values, meta,
+// subsets, block_off, elem_off, x, bias, y, status): the stream and tensor-core kernels.
+template <typename T, typename Kernel, typename Plan>
+void launch_linear_kernel(Kernel kernel, const Plan& plan, unsigned blocks, int threads, int64_t smem,
+                          cudaStream_t stream, const at::Tensor& values, const at::Tensor& meta,
+                          const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
+                          const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                          at::Tensor& y, int* status) {
+  S3_LAUNCH(blocks, threads, smem, stream, kernel)(
+      plan, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
+      subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr, block_off.const_data_ptr<int64_t>(),
+      elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+      y.mutable_data_ptr<T>(), status);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int P, int NT, bool ROW1>
 void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tensor& meta,
                    const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
@@ -544,12 +572,8 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
   const int64_t slots = multiprocessors() * per_sm;
   const int64_t want = p.groups;  // ROW1: fewer rows a block, spread evenly over the SMs
   const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, slots)));
-  S3_LAUNCH(blocks, kThreads, p.smem_total, stream, kernel)(
-      p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
-      subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr, block_off.const_data_ptr<int64_t>(),
-      elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-      y.mutable_data_ptr<T>(), status);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_linear_kernel<T>(kernel, p, blocks, kThreads, p.smem_total, stream, values, meta, subsets, block_off, elem_off,
+                          x2, bias, y, status);
 }
 
 template <typename T, int P, bool ROW1>

@@ -67,7 +67,11 @@ struct dim3 {
 // ------------------------------------------------------------------ runtime API
 using cudaStream_t = struct s3emu_stream*;
 using cudaError_t = int;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* st) {
   *st = cudaStreamCaptureStatusNone;  // the emulator has no graphs
@@ -91,7 +95,8 @@ inline cudaError_t cudaGetDevice(int* d) {
   return 0;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrMultiProcessorCount ? 2 : 227 * 1024;  // few SMs: splits get exercised
+  // few SMs: splits get exercised; an sm_90 part
+  *v = attr == cudaDevAttrMultiProcessorCount ? 2 : attr == cudaDevAttrComputeCapabilityMajor ? 9 : 227 * 1024;
   return 0;
 }
 namespace s3emu_rt {
