@@ -42,12 +42,12 @@ for step in "${@:-all}"; do
       ;;&
     crossover)
       # The same calls through each path forced (stream decode kernel / tensor-core kernel / expansion + cuBLAS).
-      for path in stream mma expand; do
+      for path in ${CROSS_PATHS:-stream mma expand}; do
         (cd /tmp && S3SPARSE_PACKED_CUDA_PATH=$path timeout 200 python3 "$repo/benchmarks/packed.py" --device cuda \
-          --shapes 2560x9728 9728x2560 --tokens 1 4 6 8 12 16 32 --patterns 2:4 4:8 coupled-2:4 block16-rows --methods dense packed \
+          --shapes 2560x9728 9728x2560 --tokens ${CROSS_TOKENS:-1 4 6 8 12 16 32} --patterns 2:4 4:8 coupled-2:4 block16-rows --methods dense packed \
           --out "$LOG/packed-crossover-$path.json" > "$LOG/packed-crossover-$path.txt" 2>&1; tail -3 "$LOG/packed-crossover-$path.txt")
       done
-      for path in stream mma expand; do echo "# S3SPARSE_PACKED_CUDA_PATH=$path"; cat "$LOG/packed-crossover-$path.txt"; done \
+      for path in ${CROSS_PATHS:-stream mma expand}; do echo "# S3SPARSE_PACKED_CUDA_PATH=$path"; cat "$LOG/packed-crossover-$path.txt"; done \
         > "$OUT/packed-crossover.txt"
       ;;&
     bench|all)

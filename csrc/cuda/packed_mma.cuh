@@ -2,29 +2,37 @@
 // (one row a group, every 16-byte chunk of values tiling 16 consecutive
 // columns of its row: 2:4, 4:8, coupled 2:4), fp16 and bf16.
 //
-// Why: the stream decode kernel (packed_stream.cuh) does the products on the
-// CUDA cores and reads x from shared memory once per kept value and token, so
-// its cost grows with the tokens (at 16 tokens it took 3x dense). Here the
-// packed values are expanded in shared memory into 16x64 tiles of W and the
-// tensor cores multiply them by x, which each warp reads once per tile:
-//   - a thread block owns 16 rows of W and all of K; its 8 warps take
-//     consecutive 64-column stages of K and sum their partial products in
-//     shared memory at the end (no second kernel, no global atomics);
-//   - a warp streams its stages through a cp.async pipeline (values, meta
-//     words and the x slice of a stage in flight while an earlier stage is
-//     expanded and multiplied), so many bytes are in flight per SM;
-//   - a lane expands whole chunks: each 32-bit word of W (two columns) is one
-//     byte permutation of the scope's values, masked, by a recipe of its code
-//     built once a block (no zeroing, no 2-byte scatter: the first version,
-//     which wrote zeros then each value at its column, spent 40 of 67 us of a
-//     2560x9728 call there);
-//   - ldmatrix + mma.m16n8k16 with fp32 accumulators; tokens are the n = 8
-//     (or 16) side, unused token slots are zeros.
+// Why: at a few tokens the layer is memory-bound, so the kernel must keep
+// enough packed bytes in flight to stream them at close to copy bandwidth, and
+// spend few instructions a value. The products go to the tensor cores, so the
+// cost hardly grows with the tokens (the stream decode kernel of
+// packed_stream.cuh reads x once per kept value and token).
+//   - Register-direct: lane (g, t) of a warp (g = lane / 4, t = lane % 4)
+//     loads, for a 16-row x 64-column step of W, the 16-byte chunks of rows g
+//     and g + 8 at columns 16 t .. 16 t + 15 with their meta words, and x's
+//     token g (and g + 8) at those columns, straight into registers. Since a
+//     dot product may sum its k in any order, k-step j of the mma.m16n8k16
+//     takes columns 16 t + 4 j .. + 3 from lane t: its A fragment (rows g,
+//     g + 8; k 2t, 2t+1, 2t+8, 2t+9) is then words 2j, 2j+1 of the lane's two
+//     expanded chunks, and its B fragment words 2j, 2j+1 of the lane's x. No
+//     shared-memory staging of W or x, no ldmatrix.
+//   - A lane expands a chunk into its 8 words of W (two columns each), each
+//     one byte permutation of the scope's values, masked, by a recipe of its
+//     code built once a block.
+//   - kDepth steps are loaded ahead, and the first ones are issued before the
+//     block builds its tables, so HBM is busy from the start.
+//   - A thread block owns 16-row tiles (persistent: tiles b, b + gridDim.x,
+//     ...); its 8 warps split each tile's K into equal runs of steps, and each
+//     warp's loads run on into its run of the next tile; one barrier a tile
+//     sums the warps' partial products (double-buffered in shared memory).
+// Measured history (H200, 2560x9728 2:4 fp16, 1 token): the first version,
+// which expanded into a shared tile zero-then-scatter, took 67 us; the second,
+// a cp.async pipeline with recipes, 44 us (docs/performance.md).
 // The tiling of the spans and the word layout of the scopes are checked in
 // every block; a block whose format is not what the host planned for (a
 // hand-made format that passes the host's checks) takes a plain per-value loop.
-// Bad data is skipped, its rows become NaN and the status word gets the CPU
-// kernel's bits, as in every packed kernel.
+// Bad data is skipped, its rows become NaN (a bad chunk expands to NaN words)
+// and the status word gets the CPU kernel's bits, as in every packed kernel.
 #pragma once
 
 #include "cuda/packed_expand.cuh"
@@ -55,36 +63,19 @@ using stream::StreamPlan;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kTileRows = 16;                     // rows of a block (the mma's m)
-constexpr int kStageCols = 64;                    // columns of a stage
-constexpr int kChunkCols = 16;                    // columns of a chunk (its 16 bytes of values)
-constexpr int kChunks = kTileRows * kStageCols / kChunkCols;  // chunks a stage: 64, two a lane
-constexpr int kRowHalves = kStageCols + 8;        // a tile row: 144 bytes, so ldmatrix rows miss each other's banks
-constexpr int kRowBytes = 2 * kRowHalves;
-
-template <int NTOK>
-constexpr int stages() {
-  return NTOK <= 8 ? 4 : 3;
-}
-// Bytes of one pipeline stage of a warp: values, two meta words a chunk, x.
-template <int NTOK>
-constexpr int stage_bytes() {
-  return kChunks * 16 + kChunks * 8 + NTOK * kRowBytes;
-}
-// A warp's region: its stages, then its dense 16x64 tile of W.
-template <int NTOK>
-constexpr int region_bytes() {
-  return stages<NTOK>() * stage_bytes<NTOK>() + kTileRows * kRowBytes;
-}
+constexpr int kTileRows = 16;   // rows of a tile (the mma's m)
+constexpr int kStepCols = 64;   // columns of a warp's step: a 16-byte chunk a lane and row
+constexpr int kChunkCols = 16;  // columns of a chunk (its 16 bytes of values)
+constexpr int kDepth = 3;       // steps a warp has loaded ahead
 
 struct MmaPlan {
   ExpandPlan e;
   int32_t N = 0;
   int32_t n_words = 0;       // meta words
   int32_t row_chunks = 0;    // chunks a row: K / 16
-  int32_t row_stages = 0;    // stages a row: ceil(K / 64)
+  int32_t row_steps = 0;     // steps a row: ceil(K / 64)
   int32_t smem_recipes = 0;  // byte offset of the expansion recipes (n_codes sel, then n_codes mask, uint4)
-  int32_t smem_regions = 0;  // byte offset of the warps' regions (after the tables)
+  int32_t smem_red = 0;      // byte offset of the partial sums: 2 x (kWarps, 16, NTOK) fp32
   int32_t smem_total = 0;
 };
 
@@ -103,38 +94,6 @@ __device__ __forceinline__ void staged_codes(const StreamPlan& p, uint32_t f, ui
   }
 }
 
-// Issues the cp.async copies of stage s (columns 64 s ..) of rows row0.. into
-// `buf`: chunk c = lane + 32 i is row c % 16, column chunk c / 16 of the stage.
-template <typename T, int C, int NTOK>
-__device__ __forceinline__ void issue_stage(const MmaPlan& m, const T* __restrict__ values,
-                                            const int32_t* __restrict__ meta, const T* __restrict__ x, int32_t row0,
-                                            int32_t s, unsigned char* buf, int lane) {
-  const StreamPlan& p = m.e.s;
-#pragma unroll
-  for (int i = 0; i < kChunks / 32; ++i) {
-    const int c = lane + 32 * i;
-    const int32_t row = row0 + c % kTileRows;
-    const int32_t j = s * (kStageCols / kChunkCols) + c / kTileRows;  // the chunk's index in its row
-    const bool valid = row < p.M && j < m.row_chunks;
-    const int64_t chunk = static_cast<int64_t>(row) * m.row_chunks + j;
-    cp_async16(buf + 16 * c, valid ? values + chunk * 8 : values, valid);
-    const uint32_t f = static_cast<uint32_t>(valid ? chunk * C : 0);
-    const uint32_t word = p.div_per_word.div(f);
-    const bool second = valid && static_cast<int32_t>(word) + 1 < m.n_words;
-    unsigned char* mdst = buf + kChunks * 16 + 8 * c;
-    cp_async4(mdst, meta + word, valid);
-    cp_async4(mdst + 4, second ? meta + word + 1 : meta, second);
-  }
-  unsigned char* xs = buf + kChunks * 24;
-  const int32_t col0 = s * kStageCols;
-  for (int i = lane; i < m.N * (kStageCols / 8); i += 32) {
-    const int n = i / (kStageCols / 8), piece = i % (kStageCols / 8);
-    const int32_t col = col0 + 8 * piece;
-    const bool valid = col < p.K;  // K is a multiple of 16
-    cp_async16(xs + n * kRowBytes + 16 * piece, valid ? x + static_cast<int64_t>(n) * p.K + col : x, valid);
-  }
-}
-
 // Where word i (columns 2i, 2i+1 of the scope's run) of scope k of a chunk
 // lands among the chunk's 8 words: runs of P words back to back (2:4, 4:8), or
 // (INTERLEAVED) pairs of words 2k, 2k+1 in each half of the chunk (coupled 2:4:
@@ -145,8 +104,9 @@ __device__ __forceinline__ constexpr int word_slot(int k, int i) {
 }
 
 // Expansion recipes, one a code: word i of a scope with code c is
-// __byte_perm(a, b, sel[c][i]) & mask[c][i], where a, b are the 32-bit words
-// that hold the scope's P values (b = 0 when P = 2). Bit 31 of sel[c][0] marks
+// __byte_perm(a, b, sel[c][i] & 0xFFFF) & mask[c][i], where a, b are the 32-bit
+// words that hold the scope's P values (b = 0 when P = 2: then the mask is not
+// needed). Bit 31 of sel[c][0] marks
 // a code whose subset entry is bad.
 struct Recipes {
   uint4* sel;
@@ -195,12 +155,13 @@ __device__ inline bool build_recipes(const StreamPlan& p, const int64_t* __restr
   __syncthreads();
   if (*layout_bad == 0) {
     for (int32_t c = tid; c < p.n_codes; c += nt) {
-      uint32_t sel[4] = {0u, 0u, 0u, 0u}, mask[4] = {0u, 0u, 0u, 0u};
+      // A column no value lands on selects byte 4: a zero when b = 0 (P = 2, no mask).
+      uint32_t sel[4] = {0x4444u, 0x4444u, 0x4444u, 0x4444u}, mask[4] = {0u, 0u, 0u, 0u};
       for (int i = 0; i < P; ++i) {
         for (int h = 0; h < 2; ++h) {
           for (int v = 0; v < P; ++v) {
             if (t.col[c * P + v] == 2 * words[i] + h) {  // value v: bytes 2v, 2v + 1 of (a, b)
-              sel[i] |= static_cast<uint32_t>((2 * v) | ((2 * v + 1) << 4)) << (8 * h);
+              sel[i] = (sel[i] & ~(0xFFu << (8 * h))) | static_cast<uint32_t>((2 * v) | ((2 * v + 1) << 4)) << (8 * h);
               mask[i] |= 0xFFFFu << (16 * h);
             }
           }
@@ -215,129 +176,198 @@ __device__ inline bool build_recipes(const StreamPlan& p, const int64_t* __restr
   return *layout_bad == 0;
 }
 
-// Writes the lane's chunks of stage s (staged in buf) into the warp's dense
-// 16x64 tile, each chunk as 8 words built by the recipes of its C codes.
-// Returns status bits; a bad chunk's row gets its bit in *bad_rows (and zeros).
+// The registers of one step of a lane: its chunks of rows g and g + 8 (h = 0,
+// 1), their two meta words each, and x's tokens g (+ 8) at the chunks' columns.
+template <int NT>
+struct StepRegs {
+  uint4 vals[2];
+  uint2 words[2];
+  uint4 x[NT / 8][2];
+};
+
+// Where a warp is in its steps: tile rows row0.., step s (columns 64 s ..).
+struct Cursor {
+  int32_t row0, s;
+  __device__ __forceinline__ void advance(int32_t s_lo, int32_t s_hi) {
+    if (++s == s_hi) {
+      s = s_lo;
+      row0 += kTileRows * static_cast<int32_t>(gridDim.x);
+    }
+  }
+};
+
+// Loads step (row0, s) of lane (g, t) into r; what lies outside W or x is zeros.
+template <typename T, int C, int NT>
+__device__ __forceinline__ void load_step(const MmaPlan& m, const T* __restrict__ values,
+                                          const int32_t* __restrict__ meta, const T* __restrict__ x, Cursor at,
+                                          int g, int t, StepRegs<NT>& r) {
+  const StreamPlan& p = m.e.s;
+  const int32_t j = at.s * (kStepCols / kChunkCols) + t;  // the lane's chunk of its rows
+  const bool col_ok = j < m.row_chunks;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int32_t row = at.row0 + g + 8 * h;
+    const bool ok = col_ok && row < p.M;
+    const int64_t chunk = static_cast<int64_t>(row) * m.row_chunks + j;
+    r.vals[h] = ok ? ldg(reinterpret_cast<const uint4*>(values) + chunk) : uint4{0u, 0u, 0u, 0u};
+    const uint32_t word = ok ? p.div_per_word.div(static_cast<uint32_t>(chunk * C)) : 0u;
+    r.words[h].x = ok ? static_cast<uint32_t>(ldg(meta + word)) : 0u;
+    r.words[h].y = ok && static_cast<int32_t>(word) + 1 < m.n_words ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT / 8; ++nt) {
+    const int n = g + 8 * nt;
+    const bool ok = col_ok && n < m.N;
+    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n) * p.K + j * kChunkCols);
+    r.x[nt][0] = ok ? ldg(src) : uint4{0u, 0u, 0u, 0u};
+    r.x[nt][1] = ok ? ldg(src + 1) : uint4{0u, 0u, 0u, 0u};
+  }
+}
+
+// The 8 words (columns 2i, 2i + 1) of a lane's chunk of row `row`, chunk j:
+// zeros outside W, NaN words for a bad chunk (so its row's sums become NaN).
+// Returns status bits.
 template <typename T, int P, bool INTERLEAVED>
-__device__ __forceinline__ int expand_stage(const MmaPlan& m, const Recipes& rc, int32_t row0, int32_t s,
-                                            const unsigned char* buf, unsigned char* dense, int lane,
-                                            uint32_t* bad_rows) {
+__device__ __forceinline__ int expand_chunk(const MmaPlan& m, const Recipes& rc, int32_t row, int32_t j, uint4 raw,
+                                            uint2 words, uint32_t (&out)[8]) {
   const StreamPlan& p = m.e.s;
   constexpr int C = 8 / P;
+  constexpr uint32_t kNaN = std::is_same_v<T, at::BFloat16> ? 0x7FC07FC0u : 0x7E007E00u;
+  if (row >= p.M || j >= m.row_chunks) {
+#pragma unroll
+    for (int w = 0; w < 8; ++w) out[w] = 0u;
+    return 0;
+  }
+  const uint32_t val[4] = {raw.x, raw.y, raw.z, raw.w};
+  uint32_t code[C];
+  staged_codes<C>(p, static_cast<uint32_t>((static_cast<int64_t>(row) * m.row_chunks + j) * C), words, code);
   int bad = 0;
 #pragma unroll
-  for (int i = 0; i < kChunks / 32; ++i) {
-    const int c = lane + 32 * i;
-    const int r = c % kTileRows, kc = c / kTileRows;
-    uint4* span = reinterpret_cast<uint4*>(dense + r * kRowBytes + kc * 2 * kChunkCols);
-    const int32_t row = row0 + r;
-    const int32_t j = s * (kStageCols / kChunkCols) + kc;
-    if (row >= p.M || j >= m.row_chunks) {
-      span[0] = uint4{0u, 0u, 0u, 0u};
-      span[1] = uint4{0u, 0u, 0u, 0u};
+  for (int k = 0; k < C; ++k) {
+    const uint32_t a = val[(k * P) / 2], b = P == 4 ? val[(k * P) / 2 + 1] : 0u;
+    if (code[k] >= static_cast<uint32_t>(p.n_codes)) {
+      bad |= p.bad_code;
       continue;
     }
-    const uint4 raw = *reinterpret_cast<const uint4*>(buf + 16 * c);
-    const uint32_t val[4] = {raw.x, raw.y, raw.z, raw.w};
-    uint32_t code[C];
-    staged_codes<C>(p, static_cast<uint32_t>((static_cast<int64_t>(row) * m.row_chunks + j) * C),
-                    *reinterpret_cast<const uint2*>(buf + kChunks * 16 + 8 * c), code);
-    uint32_t out[8];
-    int chunk_bad = 0;
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      uint4 sel{0u, 0u, 0u, 0u}, mask{0u, 0u, 0u, 0u};
-      if (code[k] < static_cast<uint32_t>(p.n_codes)) {
-        sel = rc.sel[code[k]];
-        mask = rc.mask[code[k]];
-        if (sel.x >> 31) chunk_bad |= kPackedBadIndex;
-      } else {
-        chunk_bad |= p.bad_code;
-      }
-      const uint32_t a = val[(k * P) / 2], b = P == 4 ? val[(k * P) / 2 + 1] : 0u;
-      const uint32_t sels[4] = {sel.x, sel.y, sel.z, sel.w}, masks[4] = {mask.x, mask.y, mask.z, mask.w};
-#pragma unroll
-      for (int w = 0; w < P; ++w) out[word_slot<P, INTERLEAVED>(k, w)] = __byte_perm(a, b, sels[w]) & masks[w];
+    if constexpr (P == 2) {
+      const uint2 sel = *reinterpret_cast<const uint2*>(&rc.sel[code[k]]);
+      if (sel.x >> 31) bad |= kPackedBadIndex;
+      // b = 0: the selector's bytes 4-7 are zeros, so no mask.
+      out[word_slot<P, INTERLEAVED>(k, 0)] = __byte_perm(a, 0u, sel.x & 0xFFFFu);
+      out[word_slot<P, INTERLEAVED>(k, 1)] = __byte_perm(a, 0u, sel.y);
+    } else {
+      const uint4 sel = rc.sel[code[k]], mask = rc.mask[code[k]];
+      if (sel.x >> 31) bad |= kPackedBadIndex;
+      out[word_slot<P, INTERLEAVED>(k, 0)] = __byte_perm(a, b, sel.x & 0xFFFFu) & mask.x;
+      out[word_slot<P, INTERLEAVED>(k, 1)] = __byte_perm(a, b, sel.y) & mask.y;
+      out[word_slot<P, INTERLEAVED>(k, 2)] = __byte_perm(a, b, sel.z) & mask.z;
+      out[word_slot<P, INTERLEAVED>(k, 3)] = __byte_perm(a, b, sel.w) & mask.w;
     }
-    span[0] = uint4{out[0], out[1], out[2], out[3]};
-    span[1] = uint4{out[4], out[5], out[6], out[7]};
-    if (chunk_bad) {
-      bad |= chunk_bad;
-      atomicOr(bad_rows, 1u << r);
+  }
+  if (bad) {
+#pragma unroll
+    for (int w = 0; w < 8; ++w) out[w] = kNaN;
+  }
+  return bad;
+}
+
+// Expands step `at` of a lane and multiplies it: 4 k-steps of 16 columns (the
+// lane's columns 16 t + 4 kk .. + 3 of each of its chunks). Returns status bits.
+template <typename T, int P, bool INTERLEAVED, int NT>
+__device__ __forceinline__ int multiply_step(const MmaPlan& m, const Recipes& rc, Cursor at, int g, int t,
+                                             const StepRegs<NT>& r, float (&acc)[NT / 8][4]) {
+  constexpr bool kBF16 = std::is_same_v<T, at::BFloat16>;
+  const int32_t j = at.s * (kStepCols / kChunkCols) + t;
+  uint32_t w0[8], w1[8];
+  int bad = expand_chunk<T, P, INTERLEAVED>(m, rc, at.row0 + g, j, r.vals[0], r.words[0], w0);
+  bad |= expand_chunk<T, P, INTERLEAVED>(m, rc, at.row0 + g + 8, j, r.vals[1], r.words[1], w1);
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t a[4] = {w0[2 * kk], w1[2 * kk], w0[2 * kk + 1], w1[2 * kk + 1]};
+#pragma unroll
+    for (int nt = 0; nt < NT / 8; ++nt) {
+      const uint4& lo = r.x[nt][kk / 2];
+      const uint32_t b[2] = {kk % 2 == 0 ? lo.x : lo.z, kk % 2 == 0 ? lo.y : lo.w};
+      mma_16816<kBF16>(acc[nt], a, b);
     }
   }
   return bad;
 }
 
-// The tensor-core part of a stage: 4 k-steps of 16 columns over the dense tile.
-template <bool BF16, int NTOK>
-__device__ __forceinline__ void multiply_stage(const unsigned char* xs, const unsigned char* dense, int lane,
-                                               float (&acc)[NTOK / 8][4]) {
-  // ldmatrix row addresses: A tiles (rows 0-7 | 8-15) x (k 0-7 | 8-15); B tiles
-  // are x's token rows (n 0-7, then 8-15), k 0-7 | 8-15.
-  const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
-  const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+// The end of a tile (every warp, once a tile): the warps' partial sums into
+// red[parity], a barrier, then y of the tile's rows (bias, NaN when the
+// block's code tables are bad). Double-buffered: the next tile's partials go
+// to the other half while this one is read.
+template <typename T, int NT>
+__device__ __forceinline__ void finish_tile(const MmaPlan& m, int32_t row0, int parity, float (&acc)[NT / 8][4],
+                                            float* red, bool table_bad, const T* __restrict__ bias,
+                                            T* __restrict__ y) {
+  const StreamPlan& p = m.e.s;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  float* mine = red + (parity * kWarps + warp) * kTileRows * NT;
 #pragma unroll
-  for (int kk = 0; kk < kStageCols / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, dense + a_row * kRowBytes + 2 * (16 * kk + a_col));
-    if constexpr (NTOK == 8) {
-      uint32_t b[2];
-      ldmatrix_x2(b, xs + (lane % 8) * kRowBytes + 2 * (16 * kk + b_col));
-      mma_16816<BF16>(acc[0], a, b);
-    } else {
-      uint32_t b4[4];
-      ldmatrix_x4(b4, xs + b_row * kRowBytes + 2 * (16 * kk + b_col));
-      const uint32_t b0[2] = {b4[0], b4[1]}, b1[2] = {b4[2], b4[3]};
-      mma_16816<BF16>(acc[0], a, b0);
-      mma_16816<BF16>(acc[1], a, b1);
-    }
+  for (int nt = 0; nt < NT / 8; ++nt) {
+    const int n = 8 * nt + 2 * t;
+    mine[g * NT + n] = acc[nt][0];
+    mine[g * NT + n + 1] = acc[nt][1];
+    mine[(g + 8) * NT + n] = acc[nt][2];
+    mine[(g + 8) * NT + n + 1] = acc[nt][3];
+    acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  }
+  __syncthreads();
+  const float* half = red + parity * kWarps * kTileRows * NT;
+  for (int i = tid; i < kTileRows * m.N; i += kThreads) {
+    const int rr = i % kTileRows, n = i / kTileRows;
+    const int32_t row = row0 + rr;
+    if (row >= p.M) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += half[(w * kTileRows + rr) * NT + n];
+    y[static_cast<int64_t>(n) * p.M + row] = stream::stream_out<T>(sum, table_bad, bias, row);
   }
 }
 
-// One warp's stages [s_lo, s_hi) of the 16 rows from row0 through the
-// pipeline; its partial products go to red (16, NTOK) fp32.
-template <typename T, int P, bool INTERLEAVED, int NTOK>
-__device__ __forceinline__ int warp_stages(const MmaPlan& m, const T* __restrict__ values,
-                                           const int32_t* __restrict__ meta, const T* __restrict__ x,
-                                           const Recipes& rc, int32_t row0, int32_t s_lo, int32_t s_hi,
-                                           unsigned char* region, float* red, int lane, uint32_t* bad_rows) {
+// One warp's share of the block's tiles: steps [s_lo, s_hi) of each, D steps
+// loaded ahead (buf, the next at load_at) across tile ends. Returns status bits.
+template <typename T, int P, bool INTERLEAVED, int NT, int D>
+__device__ __forceinline__ int warp_tiles(const MmaPlan& m, const T* __restrict__ values,
+                                          const int32_t* __restrict__ meta, const T* __restrict__ x,
+                                          const Recipes& rc, int32_t s_lo, int32_t s_hi, int32_t my_tiles,
+                                          StepRegs<NT> (&buf)[D], Cursor load_at, float* red, bool table_bad,
+                                          const T* __restrict__ bias, T* __restrict__ y) {
   constexpr int C = 8 / P;
-  constexpr int S = stages<NTOK>();
-  constexpr bool kBF16 = std::is_same_v<T, at::BFloat16>;
-  unsigned char* dense = region + S * stage_bytes<NTOK>();
-  float acc[NTOK / 8][4] = {};
+  const int lane = static_cast<int>(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  const int32_t per_tile = s_hi - s_lo;
+  float acc[NT / 8][4] = {};
   int bad = 0;
-#pragma unroll
-  for (int i = 0; i < S - 1; ++i) {
-    if (s_lo + i < s_hi) issue_stage<T, C, NTOK>(m, values, meta, x, row0, s_lo + i, region + i * stage_bytes<NTOK>(), lane);
-    cp_async_commit();
-  }
-  for (int32_t s = s_lo; s < s_hi; ++s) {
-    const int32_t ahead = s + S - 1;
-    if (ahead < s_hi) {
-      issue_stage<T, C, NTOK>(m, values, meta, x, row0, ahead, region + ((ahead - s_lo) % S) * stage_bytes<NTOK>(),
-                              lane);
+  if (per_tile == 0) {  // more warps than steps: this warp only joins the tile ends
+    for (int32_t i = 0; i < my_tiles; ++i) {
+      finish_tile<T, NT>(m, static_cast<int32_t>(blockIdx.x + i * gridDim.x) * kTileRows, i % 2, acc, red, table_bad,
+                         bias, y);
     }
-    cp_async_commit();
-    cp_async_wait<S - 1>();  // stage s has landed (this lane's copies)
-    __syncwarp();            // ... and every lane's
-    const unsigned char* buf = region + ((s - s_lo) % S) * stage_bytes<NTOK>();
-    bad |= expand_stage<T, P, INTERLEAVED>(m, rc, row0, s, buf, dense, lane, bad_rows);
-    __syncwarp();
-    multiply_stage<kBF16, NTOK>(buf + kChunks * 24, dense, lane, acc);
-    __syncwarp();  // the tile and this stage's buffer are written again later
+    return 0;
   }
-  cp_async_wait<0>();
-  // acc[tile] = (row g, tokens 2q, 2q+1) and (row g + 8, the same) of n-tile `tile`.
-  const int g = lane / 4, q = lane % 4;
+  const int32_t total = my_tiles * per_tile;
+  Cursor at{static_cast<int32_t>(blockIdx.x) * kTileRows, s_lo};
+  int32_t tile = 0;
+  for (int32_t e0 = 0; e0 < total; e0 += D) {
 #pragma unroll
-  for (int tile = 0; tile < NTOK / 8; ++tile) {
-    const int n = 8 * tile + 2 * q;
-    red[g * NTOK + n] = acc[tile][0];
-    red[g * NTOK + n + 1] = acc[tile][1];
-    red[(g + 8) * NTOK + n] = acc[tile][2];
-    red[(g + 8) * NTOK + n + 1] = acc[tile][3];
+    for (int i = 0; i < D; ++i) {
+      const int32_t e = e0 + i;
+      if (e < total) {
+        bad |= multiply_step<T, P, INTERLEAVED, NT>(m, rc, at, g, t, buf[i], acc);
+        if (e + D < total) {
+          load_step<T, C, NT>(m, values, meta, x, load_at, g, t, buf[i]);
+          load_at.advance(s_lo, s_hi);
+        }
+        if (at.s + 1 == s_hi) {
+          finish_tile<T, NT>(m, at.row0, tile % 2, acc, red, table_bad, bias, y);
+          ++tile;
+        }
+        at.advance(s_lo, s_hi);
+      }
+    }
   }
   return bad;
 }
@@ -397,10 +427,16 @@ __device__ inline int block_by_values(const MmaPlan& m, const T* __restrict__ va
   return bad;
 }
 
+// Steps a warp loads ahead (its registers: a step is 12 + 8 NT / 8 words).
+template <int NT>
+constexpr int depth() {
+  return NT == 8 ? kDepth : 2;
+}
+
 // Persistent blocks: block b takes row tiles b, b + gridDim.x, ... (the code
-// tables and recipes are built once a block).
-template <typename T, int P, bool INTERLEAVED, int NTOK>
-__global__ void __launch_bounds__(kThreads)
+// tables and recipes are built once a block, while the first steps load).
+template <typename T, int P, bool INTERLEAVED, int NT>
+__global__ void __launch_bounds__(kThreads, 2)
 packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* __restrict__ meta,
                   const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
                   const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
@@ -409,12 +445,32 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
   __shared__ int table_bad, span_bad, layout_bad, block_bad;
   __shared__ uint32_t bad_rows;
   __shared__ int32_t cmax;
+  constexpr int C = 8 / P;
+  constexpr int D = depth<NT>();
   const StreamPlan& p = m.e.s;
-  const CodeTables t{reinterpret_cast<int2*>(smem + p.smem_entry), reinterpret_cast<int32_t*>(smem + p.smem_col),
-                     reinterpret_cast<int32_t*>(smem + p.smem_row), &cmax};
+  const CodeTables tab{reinterpret_cast<int2*>(smem + p.smem_entry), reinterpret_cast<int32_t*>(smem + p.smem_col),
+                       reinterpret_cast<int32_t*>(smem + p.smem_row), &cmax};
   const Recipes rc{reinterpret_cast<uint4*>(smem + m.smem_recipes),
                    reinterpret_cast<uint4*>(smem + m.smem_recipes + 16 * p.n_codes)};
+  float* red = reinterpret_cast<float*>(smem + m.smem_red);
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int32_t tiles = (p.M + kTileRows - 1) / kTileRows;
+  const int32_t my_tiles =
+      (tiles - static_cast<int32_t>(blockIdx.x) + static_cast<int32_t>(gridDim.x) - 1) / static_cast<int32_t>(gridDim.x);
+  const int32_t s_lo = warp * m.row_steps / kWarps, s_hi = (warp + 1) * m.row_steps / kWarps;
+  const int32_t total = my_tiles * (s_hi - s_lo);
+
+  // The first steps' loads before anything else (they need no table).
+  StepRegs<NT> buf[D];
+  Cursor load_at{static_cast<int32_t>(blockIdx.x) * kTileRows, s_lo};
+#pragma unroll
+  for (int i = 0; i < D; ++i) {
+    if (i < total) {
+      load_step<T, C, NT>(m, values, meta, x, load_at, lane / 4, lane % 4, buf[i]);
+      load_at.advance(s_lo, s_hi);
+    }
+  }
+
   if (tid == 0) {
     table_bad = 0;
     span_bad = 0;
@@ -424,57 +480,32 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
     cmax = 0;
   }
   __syncthreads();
-  stream::block_code_tables<P>(p, subsets, block_off, elem_off, t, &table_bad);
-  const bool fast = expand::spans_tile(m.e, block_off, elem_off, 8 / P, reinterpret_cast<int32_t*>(smem + m.e.smem_hits),
+  stream::block_code_tables<P>(p, subsets, block_off, elem_off, tab, &table_bad);
+  const bool fast = expand::spans_tile(m.e, block_off, elem_off, C, reinterpret_cast<int32_t*>(smem + m.e.smem_hits),
                                        &span_bad) &&
-                    build_recipes<P, INTERLEAVED>(p, block_off, elem_off, t, rc, &layout_bad);
-  // Token rows of x that no copy fills (n >= N) stay zero in every stage of every warp.
-  unsigned char* region = smem + m.smem_regions + warp * region_bytes<NTOK>();
-  if (fast) {
-    constexpr int S = stages<NTOK>();
-    for (int i = lane; i < S * (NTOK - m.N) * (kRowBytes / 16); i += 32) {
-      const int per_stage = (NTOK - m.N) * (kRowBytes / 16);
-      const int st = i / per_stage, rest = i % per_stage;
-      const int n = m.N + rest / (kRowBytes / 16), piece = rest % (kRowBytes / 16);
-      reinterpret_cast<uint4*>(region + st * stage_bytes<NTOK>() + kChunks * 24 + n * kRowBytes)[piece] =
-          uint4{0u, 0u, 0u, 0u};
-    }
-  }
-  // The warps' partial sums: each in its own region's first bytes (fast), or
-  // all in red (the per-value loop).
-  float* red = reinterpret_cast<float*>(smem + m.smem_regions);
-  const int32_t tiles = (p.M + kTileRows - 1) / kTileRows;
+                    build_recipes<P, INTERLEAVED>(p, block_off, elem_off, tab, rc, &layout_bad);
   int bad = 0;
-  for (int32_t tile = static_cast<int32_t>(blockIdx.x); tile < tiles; tile += static_cast<int32_t>(gridDim.x)) {
-    const int32_t row0 = tile * kTileRows;
-    if (fast) {
-      const int32_t s_lo = warp * m.row_stages / kWarps, s_hi = (warp + 1) * m.row_stages / kWarps;
-      bad |= warp_stages<T, P, INTERLEAVED, NTOK>(m, values, meta, x, rc, row0, s_lo, s_hi, region,
-                                                  reinterpret_cast<float*>(region), lane, &bad_rows);
-    } else {
-      for (int i = tid; i < kTileRows * NTOK; i += kThreads) red[i] = 0.f;
+  if (fast) {
+    bad = warp_tiles<T, P, INTERLEAVED, NT, D>(m, values, meta, x, rc, s_lo, s_hi, my_tiles, buf, load_at, red,
+                                               table_bad != 0, bias, y);
+  } else {
+    for (int32_t tile = static_cast<int32_t>(blockIdx.x); tile < tiles; tile += static_cast<int32_t>(gridDim.x)) {
+      const int32_t row0 = tile * kTileRows;
+      for (int i = tid; i < kTileRows * NT; i += kThreads) red[i] = 0.f;
       __syncthreads();
-      bad |= block_by_values<T, P, NTOK>(m, values, meta, x, t, row0, red, &bad_rows);
-    }
-    __syncthreads();
-    for (int i = tid; i < kTileRows * m.N; i += kThreads) {
-      const int r = i % kTileRows, n = i / kTileRows;
-      const int32_t row = row0 + r;
-      if (row >= p.M) continue;
-      float sum = 0.f;
-      if (fast) {
-        for (int w = 0; w < kWarps; ++w) {
-          sum += reinterpret_cast<const float*>(smem + m.smem_regions + w * region_bytes<NTOK>())[r * NTOK + n];
-        }
-      } else {
-        sum = red[r * NTOK + n];
+      bad |= block_by_values<T, P, NT>(m, values, meta, x, tab, row0, red, &bad_rows);
+      __syncthreads();
+      for (int i = tid; i < kTileRows * m.N; i += kThreads) {
+        const int r = i % kTileRows, n = i / kTileRows;
+        const int32_t row = row0 + r;
+        if (row >= p.M) continue;
+        const bool nan = table_bad != 0 || ((bad_rows >> r) & 1u) != 0;
+        y[static_cast<int64_t>(n) * p.M + row] = stream::stream_out<T>(red[r * NT + n], nan, bias, row);
       }
-      const bool nan = table_bad != 0 || ((bad_rows >> r) & 1u) != 0;
-      y[static_cast<int64_t>(n) * p.M + row] = stream::stream_out<T>(sum, nan, bias, row);
+      __syncthreads();  // the sums and bad_rows are read before the next tile overwrites them
+      if (tid == 0) bad_rows = 0;
+      __syncthreads();  // ... and bad_rows is cleared before any warp marks a row of the next tile
     }
-    __syncthreads();  // the sums and bad_rows are read before the next tile overwrites them
-    if (tid == 0) bad_rows = 0;
-    __syncthreads();  // ... and bad_rows is cleared before any warp marks a row of the next tile
   }
   if (bad) atomicOr(&block_bad, bad);
   __syncthreads();
@@ -482,22 +513,21 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
   if (bits && tid == 0 && status != nullptr) atomicOr(status, bits);
 }
 
-template <typename T, int P, bool INTERLEAVED, int NTOK>
+template <typename T, int P, bool INTERLEAVED, int NT>
 void launch_mma_kernel(const MmaPlan& m, const at::Tensor& values, const at::Tensor& meta,
                        const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
                        const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
                        at::Tensor& y, int* status, cudaStream_t stream) {
-  auto kernel = packed_mma_kernel<T, P, INTERLEAVED, NTOK>;
-  allow_shared<packed_mma_kernel<T, P, INTERLEAVED, NTOK>>(m.smem_total);
-  // As many blocks as fit on the GPU at once (shared memory bound), at most one a row tile.
-  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(4, (228 * 1024) / (int64_t(m.smem_total) + 1024)));
+  auto kernel = packed_mma_kernel<T, P, INTERLEAVED, NT>;
+  allow_shared<packed_mma_kernel<T, P, INTERLEAVED, NT>>(m.smem_total);
+  // Two blocks an SM (the launch bound), at most one a row tile.
   const int64_t tiles = ceil_div(m.e.s.M, kTileRows);
-  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, per_sm * multiprocessors())));
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * int64_t(multiprocessors()))));
   stream::launch_linear_kernel<T>(kernel, m, blocks, kThreads, m.smem_total, stream, values, meta, subsets, block_off,
                                   elem_off, x2, bias, y, status);
 }
 
-// Tensor cores with mma.m16n8k16 and ldmatrix: sm_80 and later.
+// Tensor cores with mma.m16n8k16: sm_80 and later.
 inline bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
 
 }  // namespace mma
@@ -519,6 +549,7 @@ bool launch_packed_mma(const PackedGeometry& g, int64_t N, const at::Tensor& val
     const int64_t P = g.nnz * g.B;
     // Chunks of 8 values tiling 16 columns, a chunk's fields in at most two words.
     if (!m.e.span || m.e.L != kChunkCols || (P != 2 && P != 4) || g.per_word < 8 / P) return false;
+    // x read as 16-byte vectors (K is a multiple of 16 here).
     if (reinterpret_cast<uintptr_t>(x2.const_data_ptr<T>()) % 16 != 0) return false;
     if (!device_has_mma()) return false;
     StreamPlan& p = m.e.s;
@@ -526,18 +557,17 @@ bool launch_packed_mma(const PackedGeometry& g, int64_t N, const at::Tensor& val
     m.N = static_cast<int32_t>(N);
     m.n_words = static_cast<int32_t>(g.n_words);
     m.row_chunks = static_cast<int32_t>(g.K / kChunkCols);
-    m.row_stages = static_cast<int32_t>(ceil_div(g.K, kStageCols));
+    m.row_steps = static_cast<int32_t>(ceil_div(g.K, kStepCols));
     const int64_t entries = int64_t(p.n_codes) * P;
     p.smem_entry = 0;
     p.smem_col = static_cast<int32_t>(8 * entries);
     p.smem_row = static_cast<int32_t>(12 * entries);
     m.e.smem_hits = static_cast<int32_t>(ceil_div(tables_bytes, 16) * 16);
     m.smem_recipes = static_cast<int32_t>(m.e.smem_hits + ceil_div(4 * int64_t(m.e.L), 16) * 16);
-    m.smem_regions = static_cast<int32_t>(m.smem_recipes + 32 * int64_t(p.n_codes));
+    m.smem_red = static_cast<int32_t>(m.smem_recipes + 32 * int64_t(p.n_codes));
     const int ntok = N <= 8 ? 8 : 16;
-    const int64_t regions = int64_t(kWarps) * (ntok == 8 ? region_bytes<8>() : region_bytes<16>());
-    m.smem_total = static_cast<int32_t>(m.smem_regions + regions);
-    if (m.smem_total > 227 * 1024) return false;
+    m.smem_total = static_cast<int32_t>(m.smem_red + 2 * int64_t(kWarps) * kTileRows * ntok * 4);
+    if (m.smem_total > 100 * 1024) return false;  // two blocks an SM
     // The word layout of a chunk's scopes (checked again on the device): runs
     // of P words (2:4, 4:8), or interleaved pairs (coupled 2:4: scopes 4 columns apart).
     const bool interleaved = P == 4 && p.s1_c == 4;
