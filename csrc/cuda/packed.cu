@@ -55,13 +55,15 @@ constexpr int kThreads = 256;
 constexpr int kMaxTokens = 16;     // the gemv path: up to this many tokens (rows of x)
 constexpr int kStreamTokens = 8;   // the stream kernel up to this many tokens; above, expand + cuBLAS
 constexpr int kStreamTokensGrouped = 2;
-// The tensor-core kernel (packed_mma.cuh) is not yet chosen by the automatic
-// path: its first version measured slower than the stream kernel and the
-// expansion at every token count (docs/performance.md), and the version here
-// (recipe expansion, persistent blocks) has run on the emulator only. It is
-// taken with S3SPARSE_PACKED_CUDA_PATH=mma; when measured faster, set
-// kMmaAuto and the token range it wins.
-constexpr bool kMmaAuto = false;
+// The tensor-core kernel (packed_mma.cuh) from kMmaMinTokens to kMmaTokens
+// tokens on the patterns it takes (fp16/bf16 2:4, 4:8, coupled 2:4). Measured
+// on the H200 at 813a766 (2560x9728 / 9728x2560, 2:4, each path forced): 8
+// tokens 31.6 / 24.0 us against the stream kernel's 49.4 / 33.9 and the
+// expansion's 54.9 / 51.7; 16 tokens 33.6 / 26.7 against the expansion's 54.9
+// / 53.0; 4 tokens a tie (31.4 / 23.8 against 29.0 / 26.6); 1 token the stream
+// kernel (22.5 / 22.2 against 31.4 / 23.6). Above 16 tokens it would read W
+// once per 16 (two launches: slower than the expansion's one GEMM).
+constexpr bool kMmaAuto = true;
 constexpr int64_t kMmaMinTokens = 5;
 constexpr int64_t kMmaTokens = 16;  // the same with row groups of more than one row
 constexpr int kUnroll = 4;      // 16-byte loads in flight per thread

@@ -460,7 +460,10 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
   const int32_t s_lo = warp * m.row_steps / kWarps, s_hi = (warp + 1) * m.row_steps / kWarps;
   const int32_t total = my_tiles * (s_hi - s_lo);
 
-  // The first steps' loads before anything else (they need no table).
+  // The format's loads, then the first steps' (they need no table): the
+  // tables are built while W streams in.
+  stream::FormatLoads fl;
+  stream::format_issue(p, subsets, block_off, elem_off, fl);
   StepRegs<NT> buf[D];
   Cursor load_at{static_cast<int32_t>(blockIdx.x) * kTileRows, s_lo};
 #pragma unroll
@@ -471,6 +474,7 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
     }
   }
 
+  const stream::FormatPtrs fmt = stream::format_finish(p, smem, subsets, block_off, elem_off, fl);
   if (tid == 0) {
     table_bad = 0;
     span_bad = 0;
@@ -480,10 +484,10 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
     cmax = 0;
   }
   __syncthreads();
-  stream::block_code_tables<P>(p, subsets, block_off, elem_off, tab, &table_bad);
-  const bool fast = expand::spans_tile(m.e, block_off, elem_off, C, reinterpret_cast<int32_t*>(smem + m.e.smem_hits),
-                                       &span_bad) &&
-                    build_recipes<P, INTERLEAVED>(p, block_off, elem_off, tab, rc, &layout_bad);
+  stream::block_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, tab, &table_bad);
+  const bool fast = expand::spans_tile(m.e, fmt.block_off, fmt.elem_off, C,
+                                       reinterpret_cast<int32_t*>(smem + m.e.smem_hits), &span_bad) &&
+                    build_recipes<P, INTERLEAVED>(p, fmt.block_off, fmt.elem_off, tab, rc, &layout_bad);
   int bad = 0;
   if (fast) {
     bad = warp_tiles<T, P, INTERLEAVED, NT, D>(m, values, meta, x, rc, s_lo, s_hi, my_tiles, buf, load_at, red,
@@ -567,6 +571,11 @@ bool launch_packed_mma(const PackedGeometry& g, int64_t N, const at::Tensor& val
     m.smem_red = static_cast<int32_t>(m.smem_recipes + 32 * int64_t(p.n_codes));
     const int ntok = N <= 8 ? 8 : 16;
     m.smem_total = static_cast<int32_t>(m.smem_red + 2 * int64_t(kWarps) * kTileRows * ntok * 4);
+    const int64_t format_bytes = stream::format_copy_bytes(p);
+    if (format_bytes > 0) {
+      p.smem_format = m.smem_total;  // 16-byte aligned (the partial sums are)
+      m.smem_total = static_cast<int32_t>(m.smem_total + format_bytes);
+    }
     if (m.smem_total > 100 * 1024) return false;  // two blocks an SM
     // The word layout of a chunk's scopes (checked again on the device): runs
     // of P words (2:4, 4:8), or interleaved pairs (coupled 2:4: scopes 4 columns apart).

@@ -91,7 +91,86 @@ struct StreamPlan {
   int32_t origin_step = 0;
   bool x_vec = false;         // x staged with 16-byte loads
   int32_t smem_entry = 0, smem_col = 0, smem_row = 0, smem_sums = 0, smem_total = 0;  // byte offsets; x first
+  int32_t n_sub = 0;          // subsets entries (0 without subsets)
+  int32_t smem_format = -1;   // byte offset of the format's copy (copy_format), or -1: read from global memory
 };
+
+// The format's index tensors (subsets, block_off, elem_off): in shared memory
+// once copy_format has run, so the code tables cost one global round trip (the
+// copy, issued before a kernel's first big loads) instead of a chain of them.
+struct FormatPtrs {
+  const int32_t* subsets;
+  const int64_t* block_off;
+  const int64_t* elem_off;
+};
+
+// Bytes of the format's shared copy: subsets (int32, padded to 8 bytes), then
+// block_off and elem_off (int64); 0 when too large to be worth a copy.
+inline int64_t format_copy_bytes(const StreamPlan& p) {
+  const int64_t bytes = ceil_div(4 * int64_t(p.n_sub), 8) * 8 + 8 * (p.g.G + p.g.B);
+  return bytes <= 8 * 1024 ? bytes : 0;
+}
+
+constexpr int kFormatRegs = 2;  // format elements a thread holds between issue and store
+
+struct FormatLoads {
+  int64_t v[kFormatRegs];
+};
+
+// Element i of the format: subsets, then block_off, then elem_off.
+__device__ __forceinline__ int64_t format_elem(const StreamPlan& p, const int32_t* __restrict__ subsets,
+                                               const int64_t* __restrict__ block_off,
+                                               const int64_t* __restrict__ elem_off, int32_t i) {
+  if (i < p.n_sub) return ldg(subsets + i);
+  i -= p.n_sub;
+  return i < p.g.G ? ldg(block_off + i) : ldg(elem_off + (i - p.g.G));
+}
+
+__device__ __forceinline__ int32_t format_size(const StreamPlan& p) {
+  return p.smem_format < 0 ? 0 : p.n_sub + static_cast<int32_t>(p.g.G + p.g.B);
+}
+
+// Issues the loads of the thread's first format elements (into registers).
+__device__ __forceinline__ void format_issue(const StreamPlan& p, const int32_t* __restrict__ subsets,
+                                             const int64_t* __restrict__ block_off,
+                                             const int64_t* __restrict__ elem_off, FormatLoads& f) {
+  const int32_t n = format_size(p);
+#pragma unroll
+  for (int u = 0; u < kFormatRegs; ++u) {
+    const int32_t i = static_cast<int32_t>(threadIdx.x) + u * static_cast<int32_t>(blockDim.x);
+    f.v[u] = i < n ? format_elem(p, subsets, block_off, elem_off, i) : 0;
+  }
+}
+
+// Stores the issued elements (and copies the rest) into shared memory and
+// returns where the format is to be read: shared (after the caller's
+// barrier), or the global tensors when the plan has no copy.
+__device__ __forceinline__ FormatPtrs format_finish(const StreamPlan& p, unsigned char* smem,
+                                                    const int32_t* __restrict__ subsets,
+                                                    const int64_t* __restrict__ block_off,
+                                                    const int64_t* __restrict__ elem_off, const FormatLoads& f) {
+  if (p.smem_format < 0) return FormatPtrs{subsets, block_off, elem_off};
+  int32_t* s_sub = reinterpret_cast<int32_t*>(smem + p.smem_format);
+  int64_t* s_off = reinterpret_cast<int64_t*>(smem + p.smem_format + (4 * p.n_sub + 7) / 8 * 8);
+  const int32_t n = format_size(p);
+  auto put = [&](int32_t i, int64_t v) {
+    if (i < p.n_sub) {
+      s_sub[i] = static_cast<int32_t>(v);
+    } else {
+      s_off[i - p.n_sub] = v;
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < kFormatRegs; ++u) {
+    const int32_t i = static_cast<int32_t>(threadIdx.x) + u * static_cast<int32_t>(blockDim.x);
+    if (i < n) put(i, f.v[u]);
+  }
+  for (int32_t i = static_cast<int32_t>(threadIdx.x) + kFormatRegs * static_cast<int32_t>(blockDim.x); i < n;
+       i += static_cast<int32_t>(blockDim.x)) {
+    put(i, format_elem(p, subsets, block_off, elem_off, i));
+  }
+  return FormatPtrs{subsets != nullptr ? s_sub : nullptr, s_off, s_off + p.g.G};
+}
 
 // x is staged in fp32 for 1 and 2 tokens (no conversion a value), in T above.
 template <typename T, int NT>
@@ -434,9 +513,13 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
     group_bad = 0;
     cmax = 0;
   }
+  // The format's loads first, then x's: both in flight together.
+  FormatLoads fl;
+  format_issue(p, subsets, block_off, elem_off, fl);
   stage_x<T, NT>(p, x, xs);
+  const FormatPtrs fmt = format_finish(p, smem, subsets, block_off, elem_off, fl);
   __syncthreads();
-  const int tb = build_code_tables<P>(p, subsets, block_off, elem_off, t);
+  const int tb = build_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, t);
   if (tb) atomicOr(&table_bad, tb);
   if (!ROW1) {
     for (int i = tid; i < p.R * NT; i += blockDim.x) sums[i] = 0.f;
@@ -627,6 +710,7 @@ bool plan_stream_geometry(const PackedGeometry& g, const at::Tensor& values, con
   if (Sg % C != 0 || p.n1 % C != 0) return false;
   if (reinterpret_cast<uintptr_t>(values.const_data_ptr<T>()) % 16 != 0) return false;
   p.n_codes = static_cast<int32_t>(subsets.has_value() ? g.n_codes : g.G);
+  p.n_sub = static_cast<int32_t>(subsets.has_value() ? g.n_codes * g.nnz : 0);
   const int64_t entries = int64_t(p.n_codes) * P;
   *tables_bytes = 8 * entries + 4 * entries + ceil_div(4 * int64_t(p.n_codes), 16) * 16;
   if (*tables_bytes > 48 * 1024) return false;
@@ -672,6 +756,11 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
   p.smem_row = static_cast<int32_t>(x_bytes + 12 * entries);            // int32 (n_codes)
   p.smem_sums = static_cast<int32_t>(x_bytes + tables_bytes);
   p.smem_total = static_cast<int32_t>(x_bytes + tables_bytes + sums_bytes);
+  const int64_t format_bytes = format_copy_bytes(p);
+  if (format_bytes > 0 && p.smem_total + format_bytes <= kMaxSmem) {
+    p.smem_format = static_cast<int32_t>(ceil_div(int64_t(p.smem_total), 16) * 16);
+    p.smem_total = static_cast<int32_t>(p.smem_format + format_bytes);
+  }
   dispatch_values_a_scope(P, row1, [&]<int kP, bool kRow1>() {
     launch_tokens<T, kP, kRow1>(p, values, meta, subsets, block_off, elem_off, x2, bias, y, status, stream);
   });
