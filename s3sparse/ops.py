@@ -392,14 +392,14 @@ def packed_linear(
     On CUDA (fp16, bf16, fp32), with a ``row_group`` promise, on every reference
     pattern: up to 8 tokens (``x.shape[:-1]`` holding at most 8 elements; 2 for
     row groups of several rows) run the stream decode kernel, which streams the
-    packed values once and never builds W; more tokens expand W into a temporary
+    packed values once and never builds W; for fp16 / bf16 2:4, 4:8 and coupled
+    2:4, 5 to 16 tokens run a tensor-core kernel instead (it too never builds
+    W); more tokens expand W into a temporary
     workspace with the expansion kernel and call cuBLAS (the crossover measured on
     an H200, docs/performance.md). Other layouts: 1 to 16 tokens a general decode
     kernel, more tokens the general scatter into a workspace and cuBLAS; fp64 or
     no promise always the latter (docs/packed.md). For large 2:4 batches,
     ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead.
-    A tensor-core kernel for fp16 / bf16 2:4, 4:8 and coupled 2:4 exists but is
-    not chosen automatically yet (``S3SPARSE_PACKED_CUDA_PATH=mma`` forces it).
     """
     return _ops.packed_linear.default(
         x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),

@@ -188,8 +188,9 @@ def test_packed_linear_expansion_odd_chunk_counts(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
 def test_packed_linear_tensor_core_kernel_odd_shapes(device, seed, dtype):
-    """The span patterns at 1-17 tokens (with S3SPARSE_PACKED_CUDA_PATH=mma on CUDA: the
-    tensor-core kernel, 16 tokens a launch; else the stream kernel and the expansion).
+    """The span patterns at 1-17 tokens (on CUDA: the tensor-core kernel at 5-16 tokens, the
+    stream kernel below, the expansion above; with S3SPARSE_PACKED_CUDA_PATH=mma the
+    tensor-core kernel at every count, 16 tokens a launch).
 
     Rows not a multiple of its 16-row blocks, columns not a multiple of its
     64-column stages, fewer stages than warps (K = 48), every token count of
@@ -385,7 +386,7 @@ def test_bad_data_raise_clear_errors(device):
     # A subset code past the table (3-bit fields, 6 codes): field 0 = 7.
     meta = p.meta.clone()
     meta[0] = meta[0] | 7
-    p16 = p.to(torch.float16)  # (at 6 tokens, with S3SPARSE_PACKED_CUDA_PATH=mma: the tensor-core kernel)
+    p16 = p.to(torch.float16)  # (at 6 tokens on CUDA: the tensor-core kernel)
     x6 = torch.randn(6, 16, device=device, dtype=torch.float16)
     for call in (lambda: _call_dense(p, meta=meta), lambda: _call_linear(p, x, meta=meta),
                  lambda: _call_linear(p16, x6, meta=meta)):
@@ -432,7 +433,7 @@ def test_bad_data_raise_clear_errors(device):
 def test_checked_bad_data_never_passes_as_numbers(device, dtype):
     # checked=True lets the CUDA kernels skip the host check (one sync); bad data
     # must then come back NaN, never as numbers (and never be read out of bounds).
-    # The CPU kernel checks either way. (fp16 at 6 tokens, forced: the tensor-core kernel.)
+    # The CPU kernel checks either way. (fp16 at 6 tokens on CUDA: the tensor-core kernel.)
     p = _good(device).to(dtype)
     meta = p.meta.clone()
     meta[0] = meta[0] | 7  # scope 0: a code past the table
