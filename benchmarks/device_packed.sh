@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -53,6 +53,13 @@ for step in "${@:-all}"; do
     bench|all)
       (cd /tmp && timeout 400 python3 "$repo/benchmarks/packed.py" --device cuda --check ${BENCH_ARGS:-} \
         --out "$OUT/packed-cuda.json" > "$OUT/packed-cuda.txt" 2>&1; tail -5 "$OUT/packed-cuda.txt")
+      ;;&
+    lab)
+      # The tensor-core kernel alone, in variants (benchmarks/lab/packed_mma_lab.py).
+      timeout 400 python3 benchmarks/lab/packed_mma_lab.py diag_nometa=-DS3_LAB_NO_META \
+        diag_noexpand=-DS3_LAB_NO_EXPAND diag_nomma=-DS3_LAB_NO_MMA diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA \
+        depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1 > "$LOG/lab.txt" 2>&1
+      tail -3 "$LOG/lab.txt"; cp "$LOG/lab.txt" "$OUT/packed-mma-lab.txt"
       ;;&
     model|all)
       (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda \

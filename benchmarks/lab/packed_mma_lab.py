@@ -12,6 +12,15 @@ Run from the repository root on the GPU machine, with s3sparse installed
 
     PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py [NAME=-DFLAG,-DFLAG ...]
 
+The knobs of the register-direct kernel (csrc/cuda/packed_mma.cuh, "Lab knobs"):
+S3_LAB_DEPTH=n, S3_LAB_MIN_BLOCKS=n, and the diagnostics S3_LAB_NO_META,
+S3_LAB_NO_EXPAND, S3_LAB_NO_MMA. The set that takes its time apart
+(``bash benchmarks/device_packed.sh build lab`` runs it)::
+
+    diag_nometa=-DS3_LAB_NO_META diag_noexpand=-DS3_LAB_NO_EXPAND diag_nomma=-DS3_LAB_NO_MMA \
+    diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 \
+    min1=-DS3_LAB_MIN_BLOCKS=1
+
 Prints one line a case and writes $OUT/packed_mma_lab.json (else /tmp).
 """
 

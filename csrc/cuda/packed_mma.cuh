@@ -66,7 +66,22 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kTileRows = 16;   // rows of a tile (the mma's m)
 constexpr int kStepCols = 64;   // columns of a warp's step: a 16-byte chunk a lane and row
 constexpr int kChunkCols = 16;  // columns of a chunk (its 16 bytes of values)
+// Lab knobs (benchmarks/lab/packed_mma_lab.py builds the kernel alone with
+// them; the package never sets them): S3_LAB_DEPTH=n steps loaded ahead,
+// S3_LAB_MIN_BLOCKS=n the launch bound's blocks an SM (2; 1 allows 255
+// registers), and the diagnostics S3_LAB_NO_META (no meta loads: every code
+// 0), S3_LAB_NO_EXPAND (the raw value words as W: no expansion, no meta),
+// S3_LAB_NO_MMA (the words folded into the sums with one XOR instead).
+#ifdef S3_LAB_DEPTH
+constexpr int kDepth = S3_LAB_DEPTH;
+#else
 constexpr int kDepth = 3;       // steps a warp has loaded ahead
+#endif
+#ifdef S3_LAB_MIN_BLOCKS
+constexpr int kMinBlocks = S3_LAB_MIN_BLOCKS;
+#else
+constexpr int kMinBlocks = 2;   // blocks an SM (the launch bound: at most 128 registers)
+#endif
 
 struct MmaPlan {
   ExpandPlan e;
@@ -210,9 +225,13 @@ __device__ __forceinline__ void load_step(const MmaPlan& m, const T* __restrict_
     const bool ok = col_ok && row < p.M;
     const int64_t chunk = static_cast<int64_t>(row) * m.row_chunks + j;
     r.vals[h] = ok ? ldg(reinterpret_cast<const uint4*>(values) + chunk) : uint4{0u, 0u, 0u, 0u};
+#ifdef S3_LAB_NO_META
+    r.words[h] = uint2{0u, 0u};
+#else
     const uint32_t word = ok ? p.div_per_word.div(static_cast<uint32_t>(chunk * C)) : 0u;
     r.words[h].x = ok ? static_cast<uint32_t>(ldg(meta + word)) : 0u;
     r.words[h].y = ok && static_cast<int32_t>(word) + 1 < m.n_words ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+#endif
   }
 #pragma unroll
   for (int nt = 0; nt < NT / 8; ++nt) {
@@ -279,8 +298,19 @@ __device__ __forceinline__ int multiply_step(const MmaPlan& m, const Recipes& rc
   constexpr bool kBF16 = std::is_same_v<T, at::BFloat16>;
   const int32_t j = at.s * (kStepCols / kChunkCols) + t;
   uint32_t w0[8], w1[8];
+#ifdef S3_LAB_NO_EXPAND
+  int bad = 0;
+  const uint32_t raw[8] = {r.vals[0].x, r.vals[0].y, r.vals[0].z, r.vals[0].w,
+                           r.vals[1].x, r.vals[1].y, r.vals[1].z, r.vals[1].w};
+#pragma unroll
+  for (int w = 0; w < 8; ++w) {
+    w0[w] = raw[w];
+    w1[w] = raw[(w + 4) % 8];
+  }
+#else
   int bad = expand_chunk<T, P, INTERLEAVED>(m, rc, at.row0 + g, j, r.vals[0], r.words[0], w0);
   bad |= expand_chunk<T, P, INTERLEAVED>(m, rc, at.row0 + g + 8, j, r.vals[1], r.words[1], w1);
+#endif
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t a[4] = {w0[2 * kk], w1[2 * kk], w0[2 * kk + 1], w1[2 * kk + 1]};
@@ -288,7 +318,11 @@ __device__ __forceinline__ int multiply_step(const MmaPlan& m, const Recipes& rc
     for (int nt = 0; nt < NT / 8; ++nt) {
       const uint4& lo = r.x[nt][kk / 2];
       const uint32_t b[2] = {kk % 2 == 0 ? lo.x : lo.z, kk % 2 == 0 ? lo.y : lo.w};
+#ifdef S3_LAB_NO_MMA
+      acc[nt][kk] += __uint_as_float((a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1]) & 0x3FFFFFFFu);
+#else
       mma_16816<kBF16>(acc[nt], a, b);
+#endif
     }
   }
   return bad;
@@ -430,13 +464,17 @@ __device__ inline int block_by_values(const MmaPlan& m, const T* __restrict__ va
 // Steps a warp loads ahead (its registers: a step is 12 + 8 NT / 8 words).
 template <int NT>
 constexpr int depth() {
+#ifdef S3_LAB_DEPTH
+  return kDepth;
+#else
   return NT == 8 ? kDepth : 2;
+#endif
 }
 
 // Persistent blocks: block b takes row tiles b, b + gridDim.x, ... (the code
 // tables and recipes are built once a block, while the first steps load).
 template <typename T, int P, bool INTERLEAVED, int NT>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* __restrict__ meta,
                   const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
                   const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
@@ -524,9 +562,10 @@ void launch_mma_kernel(const MmaPlan& m, const at::Tensor& values, const at::Ten
                        at::Tensor& y, int* status, cudaStream_t stream) {
   auto kernel = packed_mma_kernel<T, P, INTERLEAVED, NT>;
   allow_shared<packed_mma_kernel<T, P, INTERLEAVED, NT>>(m.smem_total);
-  // Two blocks an SM (the launch bound), at most one a row tile.
+  // kMinBlocks blocks an SM (the launch bound), at most one a row tile.
   const int64_t tiles = ceil_div(m.e.s.M, kTileRows);
-  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * int64_t(multiprocessors()))));
+  const unsigned blocks =
+      static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, kMinBlocks * int64_t(multiprocessors()))));
   stream::launch_linear_kernel<T>(kernel, m, blocks, kThreads, m.smem_total, stream, values, meta, subsets, block_off,
                                   elem_off, x2, bias, y, status);
 }
