@@ -58,7 +58,7 @@ for step in "${@:-all}"; do
       # The tensor-core kernel alone, in variants (benchmarks/lab/packed_mma_lab.py).
       timeout 400 python3 benchmarks/lab/packed_mma_lab.py diag_nometa=-DS3_LAB_NO_META \
         diag_noexpand=-DS3_LAB_NO_EXPAND diag_nomma=-DS3_LAB_NO_MMA diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA \
-        depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1 > "$LOG/lab.txt" 2>&1
+        diag_nobarrier=-DS3_LAB_NO_BARRIER depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1 > "$LOG/lab.txt" 2>&1
       tail -3 "$LOG/lab.txt"; cp "$LOG/lab.txt" "$OUT/packed-mma-lab.txt"
       ;;&
     model|all)

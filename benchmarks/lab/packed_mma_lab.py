@@ -14,12 +14,12 @@ Run from the repository root on the GPU machine, with s3sparse installed
 
 The knobs of the register-direct kernel (csrc/cuda/packed_mma.cuh, "Lab knobs"):
 S3_LAB_DEPTH=n, S3_LAB_MIN_BLOCKS=n, and the diagnostics S3_LAB_NO_META,
-S3_LAB_NO_EXPAND, S3_LAB_NO_MMA. The set that takes its time apart
+S3_LAB_NO_EXPAND, S3_LAB_NO_MMA, S3_LAB_NO_BARRIER. The set that takes its time apart
 (``bash benchmarks/device_packed.sh build lab`` runs it)::
 
     diag_nometa=-DS3_LAB_NO_META diag_noexpand=-DS3_LAB_NO_EXPAND diag_nomma=-DS3_LAB_NO_MMA \
-    diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 \
-    min1=-DS3_LAB_MIN_BLOCKS=1
+    diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA diag_nobarrier=-DS3_LAB_NO_BARRIER \
+    depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1
 
 Prints one line a case and writes $OUT/packed_mma_lab.json (else /tmp).
 """

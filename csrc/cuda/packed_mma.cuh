@@ -71,7 +71,8 @@ constexpr int kChunkCols = 16;  // columns of a chunk (its 16 bytes of values)
 // S3_LAB_MIN_BLOCKS=n the launch bound's blocks an SM (2; 1 allows 255
 // registers), and the diagnostics S3_LAB_NO_META (no meta loads: every code
 // 0), S3_LAB_NO_EXPAND (the raw value words as W: no expansion, no meta),
-// S3_LAB_NO_MMA (the words folded into the sums with one XOR instead).
+// S3_LAB_NO_MMA (the words folded into the sums with one XOR instead),
+// S3_LAB_NO_BARRIER (no barrier at a tile's end: wrong sums, the time without it).
 #ifdef S3_LAB_DEPTH
 constexpr int kDepth = S3_LAB_DEPTH;
 #else
@@ -349,7 +350,9 @@ __device__ __forceinline__ void finish_tile(const MmaPlan& m, int32_t row0, int 
     mine[(g + 8) * NT + n + 1] = acc[nt][3];
     acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
   }
+#ifndef S3_LAB_NO_BARRIER
   __syncthreads();
+#endif
   const float* half = red + parity * kWarps * kTileRows * NT;
   for (int i = tid; i < kTileRows * m.N; i += kThreads) {
     const int rr = i % kTileRows, n = i / kTileRows;
