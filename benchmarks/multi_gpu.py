@@ -247,6 +247,9 @@ def main(argv=None) -> int:
                 print(f"model of {m['blocks']} block(s): 1 rank {m['seconds_1_rank']:.2f} s, {world} ranks "
                       f"{m['seconds_n_ranks']:.2f} s (x{m['speedup']:.2f})")
             print(f"wrote {args.out}")
+        # Every rank reaches the end before any tears the group down (rank 1
+        # destroying gloo while rank 0 still wrote the JSON aborted it once in CI).
+        barrier(world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
