@@ -77,34 +77,6 @@ __device__ __forceinline__ void chunk_codes(const StreamPlan& p, const int32_t* 
   }
 }
 
-// Does every chunk tile its span? (Each of the C scopes' G * B elements at a
-// distinct column of [0, L) of the chunk's row.) Block-wide; ends with a barrier.
-__device__ inline bool spans_tile(const ExpandPlan& e, const int64_t* __restrict__ block_off,
-                                  const int64_t* __restrict__ elem_off, int C, int32_t* hits, int* span_bad) {
-  const StreamPlan& p = e.s;
-  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
-  const int32_t G = static_cast<int32_t>(p.g.G), B = static_cast<int32_t>(p.g.B);
-  for (int i = tid; i < e.L; i += nt) hits[i] = 0;
-  __syncthreads();
-  for (int32_t i = tid; i < C * G * B; i += nt) {
-    const int32_t k = i / (G * B), b = (i / B) % G, el = i % B;
-    int32_t row = 0, col = 0;
-    split_offset(block_off[b] + elem_off[el], p.g.K, &row, &col);
-    const int32_t pos = k * p.s1_c + col;
-    if (row != 0 || pos < 0 || pos >= e.L) {
-      atomicOr(span_bad, 1);
-    } else {
-      atomicAdd(&hits[pos], 1);
-    }
-  }
-  __syncthreads();
-  for (int i = tid; i < e.L; i += nt) {
-    if (hits[i] != 1) atomicOr(span_bad, 1);
-  }
-  __syncthreads();
-  return *span_bad == 0;
-}
-
 // Span mode over the whole weight: chunk gc (of every row, in order) holds
 // values gc * C * P.., meta fields gc * C.. and becomes W's elements
 // [gc * L, gc * L + L). The lanes of a warp take 32 consecutive chunks, so a
@@ -302,7 +274,7 @@ packed_expand_kernel(const ExpandPlan e, const T* __restrict__ values, const int
   __syncthreads();
   bool span = false;
   if (ROW1 && e.span) {
-    span = spans_tile(e, block_off, elem_off, chunk_scopes<T, P>(), reinterpret_cast<int32_t*>(smem + e.smem_hits),
+    span = stream::spans_tile(e.s, e.L, block_off, elem_off, chunk_scopes<T, P>(), reinterpret_cast<int32_t*>(smem + e.smem_hits),
                       &span_bad);
   }
   int bad = table_bad;
@@ -355,19 +327,10 @@ void launch_expand_kernel(const ExpandPlan& e, const at::Tensor& values, const a
 // tiling itself (spans_tile).
 template <typename T>
 void plan_spans(const PackedGeometry& g, ExpandPlan* e) {
-  const StreamPlan& p = e->s;
-  const int64_t P = g.nnz * g.B;
-  const int64_t C = P * static_cast<int64_t>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int64_t>(sizeof(T)));
-  const int64_t L = C * g.G * g.B;
-  const int64_t span_bytes = L * static_cast<int64_t>(sizeof(T));
-  // A chunk is a whole run of the in-group grid (next chunk s0 on) or a part
-  // of one (next chunk C * s1 on, runs back to back).
-  const bool steps = p.n1 == C ? (p.Sg == C || p.s0 == L)
-                               : (C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1));
-  e->span = g.row_group == 1 && p.s1_r == 0 && steps && int64_t(p.Sg / C) * L == g.K && p.origin_affine &&
-            p.origin_step == g.K && span_bytes % 16 == 0 && span_bytes <= kMaxSpanBytes;
+  const int64_t L = stream::span_columns<T>(g, e->s);
+  e->span = L > 0 && L * static_cast<int64_t>(sizeof(T)) <= kMaxSpanBytes;
   e->L = static_cast<int32_t>(e->span ? L : 0);
-  e->span_bytes = static_cast<int32_t>(e->span ? span_bytes : 0);
+  e->span_bytes = static_cast<int32_t>(e->span ? L * static_cast<int64_t>(sizeof(T)) : 0);
 }
 
 }  // namespace expand

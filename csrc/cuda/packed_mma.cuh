@@ -526,7 +526,7 @@ packed_mma_kernel(const MmaPlan m, const T* __restrict__ values, const int32_t* 
   }
   __syncthreads();
   stream::block_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, tab, &table_bad);
-  const bool fast = expand::spans_tile(m.e, fmt.block_off, fmt.elem_off, C,
+  const bool fast = stream::spans_tile(m.e.s, m.e.L, fmt.block_off, fmt.elem_off, C,
                                        reinterpret_cast<int32_t*>(smem + m.e.smem_hits), &span_bad) &&
                     build_recipes<P, INTERLEAVED>(p, fmt.block_off, fmt.elem_off, tab, rc, &layout_bad);
   int bad = 0;

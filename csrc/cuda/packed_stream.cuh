@@ -93,6 +93,13 @@ struct StreamPlan {
   int32_t smem_entry = 0, smem_col = 0, smem_row = 0, smem_sums = 0, smem_total = 0;  // byte offsets; x first
   int32_t n_sub = 0;          // subsets entries (0 without subsets)
   int32_t smem_format = -1;   // byte offset of the format's copy (copy_format), or -1: read from global memory
+  // Span path (span_row): 16-bit values, one row a group, chunk c of a row at
+  // columns [c L, c L + L), L a multiple of 16; 0 = not planned.
+  int32_t span_L = 0;
+  int32_t goff_rows = 0;      // rows of the slot-offset table: every field value (2^bits)
+  uint32_t used_mask = 0;     // the bits of a meta word that hold fields
+  int32_t used_bits = 0;      // per_word * bits
+  int32_t smem_goff = 0, smem_hits = 0;  // byte offsets: slot offsets (C, goff_rows, P) int32; tiling hits (L) int32
 };
 
 // The format's index tensors (subsets, block_off, elem_off): in shared memory
@@ -284,10 +291,10 @@ __device__ __forceinline__ void block_code_tables(const StreamPlan& p, const int
   __syncthreads();
 }
 
+// The NT tokens of x's shared slot `col` (x_slot of a column) as floats.
 template <typename XT, int NT>
-__device__ __forceinline__ void load_xs(const XT* xs, int32_t col, float (&out)[NT]) {
+__device__ __forceinline__ void load_x_slot(const XT* xs, int32_t col, float (&out)[NT]) {
   XT v[NT];
-  col = x_slot(col);
   if constexpr (NT * sizeof(XT) == 16) {
     const uint4 raw = *reinterpret_cast<const uint4*>(xs + col * NT);
     std::memcpy(v, &raw, 16);
@@ -303,6 +310,11 @@ __device__ __forceinline__ void load_xs(const XT* xs, int32_t col, float (&out)[
   }
 #pragma unroll
   for (int n = 0; n < NT; ++n) out[n] = to_float(v[n]);
+}
+
+template <typename XT, int NT>
+__device__ __forceinline__ void load_xs(const XT* xs, int32_t col, float (&out)[NT]) {
+  load_x_slot<XT, NT>(xs, x_slot(col), out);
 }
 
 // The P col offsets of a code (vector shared loads where they fit).
@@ -486,6 +498,119 @@ __device__ __forceinline__ int stream_group(const StreamPlan& p, const T* __rest
   return bad;
 }
 
+// Does every chunk tile its span? (Each of the C scopes' G * B elements at a
+// distinct column of [0, L) of the chunk's row.) Block-wide; ends with a barrier.
+__device__ inline bool spans_tile(const StreamPlan& p, int32_t L, const int64_t* __restrict__ block_off,
+                                  const int64_t* __restrict__ elem_off, int C, int32_t* hits, int* span_bad) {
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const int32_t G = static_cast<int32_t>(p.g.G), B = static_cast<int32_t>(p.g.B);
+  for (int i = tid; i < L; i += nt) hits[i] = 0;
+  __syncthreads();
+  for (int32_t i = tid; i < C * G * B; i += nt) {
+    const int32_t k = i / (G * B), b = (i / B) % G, el = i % B;
+    int32_t row = 0, col = 0;
+    split_offset(block_off[b] + elem_off[el], p.g.K, &row, &col);
+    const int32_t pos = k * p.s1_c + col;
+    if (row != 0 || pos < 0 || pos >= L) {
+      atomicOr(span_bad, 1);
+    } else {
+      atomicAdd(&hits[pos], 1);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < L; i += nt) {
+    if (hits[i] != 1) atomicOr(span_bad, 1);
+  }
+  __syncthreads();
+  return *span_bad == 0;
+}
+
+// The span path's table: for scope k of a chunk and every field value c, the
+// x slots of the code's P values from the chunk's first slot (column c L is
+// slot c (L + L / 16), L a multiple of 16); 0 for codes outside the table (a
+// lane remembers its largest code, so they are still reported). Block-wide,
+// after the code tables (with no bad entry) and spans_tile; ends with a barrier.
+template <int P>
+__device__ inline void build_span_offsets(const StreamPlan& p, const CodeTables& t, int C, int32_t* goff) {
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const int32_t n = C * p.goff_rows * P;
+  for (int32_t i = tid; i < n; i += nt) {
+    const int32_t v = i % P, code = (i / P) % p.goff_rows, k = i / (P * p.goff_rows);
+    int32_t off = 0;
+    if (code < p.n_codes) {
+      const int32_t pos = k * p.s1_c + t.col[code * P + v];
+      off = pos + pos / 16;
+    }
+    goff[i] = off;
+  }
+  __syncthreads();
+}
+
+// Row q on the span path, by one warp: lane l takes the row's chunks l, l + 32,
+// ... (one 16-byte load each, kLoadsInFlight of them in flight). A chunk's C
+// fields come out of its one or two meta words with a 64-bit shift, each
+// field's value slots from one vector load of the offset table, and each
+// value costs one shared load of x, a conversion and NT FMAs: no per-scope
+// origin, wrap or row checks (the block checked the tiling and the tables).
+// Returns whether a field was outside the code table (the row is then bad).
+template <typename T, int P, int NT>
+__device__ __forceinline__ bool span_row(const StreamPlan& p, const T* __restrict__ values,
+                                         const int32_t* __restrict__ meta, const int32_t* goff,
+                                         const XType<T, NT>* xs, int32_t q, int lane, float (&acc)[NT]) {
+  using XT = XType<T, NT>;
+  constexpr int C = chunk_scopes<T, P>();
+  static_assert(C * P * sizeof(T) == 16, "the span path takes one 16-byte chunk of 16-bit values");
+  constexpr int U = kLoadsInFlight;
+  const int32_t row_chunks = p.K / p.span_L;
+  const int32_t chunk_slots = p.span_L + p.span_L / 16;
+  const uint4* vrow = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(q) * row_chunks;
+  const uint32_t f_row = static_cast<uint32_t>(q) * static_cast<uint32_t>(row_chunks) * C;
+  const uint32_t per_word = static_cast<uint32_t>(p.per_word);
+  uint32_t max_code = 0;
+  for (int32_t c0 = lane; c0 < row_chunks; c0 += 32 * U) {
+    uint4 raw[U];
+    uint32_t w0[U], w1[U], slot[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t c = c0 + 32 * u;
+      if (c < row_chunks) {
+        raw[u] = ldg(vrow + c);
+        const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
+        const uint32_t word = p.div_per_word.div(f);
+        slot[u] = f - word * per_word;
+        w0[u] = static_cast<uint32_t>(ldg(meta + word));
+        w1[u] = slot[u] + C > per_word ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t c = c0 + 32 * u;
+      if (c >= row_chunks) continue;
+      const uint64_t both = (static_cast<uint64_t>(w1[u]) << p.used_bits) | (w0[u] & p.used_mask);
+      const uint32_t fields = static_cast<uint32_t>(both >> (slot[u] * p.bits));
+      T vals[C * P];
+      std::memcpy(vals, &raw[u], 16);
+      const int32_t base = c * chunk_slots;
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        const uint32_t code = (fields >> (k * p.bits)) & p.field_mask;
+        max_code = code > max_code ? code : max_code;
+        int32_t offs[P];
+        load_cols<P>(goff + k * p.goff_rows * P, code, offs);
+#pragma unroll
+        for (int v = 0; v < P; ++v) {
+          float xv[NT];
+          load_x_slot<XT, NT>(xs, base + offs[v], xv);
+          const float w = to_float(vals[k * P + v]);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) acc[n] += w * xv[n];
+        }
+      }
+    }
+  }
+  return max_code >= static_cast<uint32_t>(p.n_codes);
+}
+
 template <typename T>
 __device__ __forceinline__ T stream_out(float v, bool bad, const T* __restrict__ bias, int32_t row) {
   return static_cast<T>(bad ? NAN : (bias != nullptr ? v + to_float(bias[row]) : v));
@@ -576,6 +701,76 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
   }
 }
 
+// The span kernel: the stream kernel's work for one row a group on 16-bit
+// values, each row through span_row when the block finds the format as the
+// host planned it (chunks that tile their spans, no bad table entry), else
+// through stream_group. Its own kernel so the span path gets the registers it
+// needs (inlined into packed_stream_kernel's 64, both paths spilled):
+// 256 threads, three blocks an SM (85 registers), a warp a row.
+constexpr int kSpanThreads = 256;
+constexpr int kSpanWarps = kSpanThreads / 32;
+constexpr int kSpanBlocksPerSM = 3;
+
+template <typename T, int P, int NT>
+__global__ void __launch_bounds__(kSpanThreads, kSpanBlocksPerSM)
+packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                   const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
+                   const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
+                   T* __restrict__ y, int* __restrict__ status) {
+  using XT = XType<T, NT>;
+  S3_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int table_bad, span_bad;
+  __shared__ int32_t cmax;
+  XT* xs = reinterpret_cast<XT*>(smem);
+  const CodeTables t{reinterpret_cast<int2*>(smem + p.smem_entry), reinterpret_cast<int32_t*>(smem + p.smem_col),
+                     reinterpret_cast<int32_t*>(smem + p.smem_row), &cmax};
+  int32_t* goff = reinterpret_cast<int32_t*>(smem + p.smem_goff);
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    table_bad = 0;
+    span_bad = 0;
+    cmax = 0;
+  }
+  FormatLoads fl;
+  format_issue(p, subsets, block_off, elem_off, fl);
+  stage_x<T, NT>(p, x, xs);
+  const FormatPtrs fmt = format_finish(p, smem, subsets, block_off, elem_off, fl);
+  __syncthreads();
+  const int tb = build_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, t);
+  if (tb) atomicOr(&table_bad, tb);
+  __syncthreads();
+  const int tbad = table_bad;
+  if (tbad && tid == 0 && status != nullptr) atomicOr(status, tbad);
+  constexpr int C = chunk_scopes<T, P>();
+  bool span = false;
+  if (tbad == 0) {
+    span = spans_tile(p, p.span_L, fmt.block_off, fmt.elem_off, C, reinterpret_cast<int32_t*>(smem + p.smem_hits),
+                      &span_bad);
+    if (span) build_span_offsets<P>(p, t, C, goff);
+  }
+  const int lane = tid % 32, warp = tid / 32;
+  const int32_t step = kSpanWarps * static_cast<int32_t>(gridDim.x);
+  for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
+       q += step) {
+    RowAcc<NT, true> ra;
+    ra.flush(nullptr, 0);
+    const int bad = span ? (span_row<T, P, NT>(p, values, meta, goff, xs, q, lane, ra.acc) ? p.bad_code : 0)
+                         : stream_group<T, P, NT, true>(p, values, meta, t, xs, q, lane, 32, ra, nullptr);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      for (int off = 16; off > 0; off /= 2) ra.acc[n] += __shfl_down_sync(0xffffffffu, ra.acc[n], off);
+    }
+    const unsigned any = __ballot_sync(0xffffffffu, bad != 0);
+    if (bad && status != nullptr) atomicOr(status, bad);
+    if (lane == 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (n < p.N) y[static_cast<int64_t>(n) * p.M + q] = stream_out<T>(ra.acc[n], any != 0 || tbad != 0, bias, q);
+      }
+    }
+  }
+}
+
 // The in-group scope grid as at most two dims (n1 scopes a run, stride s1;
 // runs at stride s0), or false. The group's Sg scopes are the trailing
 // scope-grid dims (the outermost of them possibly split).
@@ -628,6 +823,24 @@ inline bool in_group_grid(const PackedGeometry& g, int64_t Sg, StreamPlan* p) {
   return true;
 }
 
+// Span geometry as far as the host can tell: the columns L of a chunk's span
+// when there is one row a group, chunk c of a row lies at columns [c L, c L + L)
+// (its scopes s1 apart in one run of the row) and a span is whole 16-byte
+// words of T; else 0. The device checks the tiling itself (spans_tile).
+template <typename T>
+int64_t span_columns(const PackedGeometry& g, const StreamPlan& p) {
+  const int64_t P = g.nnz * g.B;
+  const int64_t C = P * static_cast<int64_t>(sizeof(T)) >= 16 ? 1 : 16 / (P * static_cast<int64_t>(sizeof(T)));
+  const int64_t L = C * g.G * g.B;
+  // A chunk is a whole run of the in-group grid (next chunk s0 on) or a part
+  // of one (next chunk C * s1 on, runs back to back).
+  const bool steps = p.n1 == C ? (p.Sg == C || p.s0 == L)
+                               : (C * p.s1 == L && (p.n1 == p.Sg || p.s0 == int64_t(p.n1) * p.s1));
+  const bool span = g.row_group == 1 && p.s1_r == 0 && steps && int64_t(p.Sg / C) * L == g.K && p.origin_affine &&
+                    p.origin_step == g.K && (L * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  return span ? L : 0;
+}
+
 // Launches a packed_linear kernel of the common signature (plan, values, meta,
 // subsets, block_off, elem_off, x, bias, y, status): the stream and tensor-core kernels.
 template <typename T, typename Kernel, typename Plan>
@@ -649,6 +862,19 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
                    const std::optional<at::Tensor>& subsets, const at::Tensor& block_off, const at::Tensor& elem_off,
                    const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& y, int* status,
                    cudaStream_t stream) {
+  if constexpr (ROW1 && sizeof(T) == 2 && chunk_scopes<T, P>() * P * sizeof(T) == 16) {
+    if (p.span_L > 0) {
+      auto kernel = packed_span_kernel<T, P, NT>;
+      allow_shared<packed_span_kernel<T, P, NT>>(p.smem_total);
+      const int64_t per_sm =
+          std::max<int64_t>(1, std::min<int64_t>(kSpanBlocksPerSM, (220 * 1024) / (p.smem_total + 1024)));
+      const int64_t want = ceil_div(int64_t(p.groups), int64_t(kSpanWarps));
+      const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, multiprocessors() * per_sm)));
+      launch_linear_kernel<T>(kernel, p, blocks, kSpanThreads, p.smem_total, stream, values, meta, subsets, block_off,
+                              elem_off, x2, bias, y, status);
+      return;
+    }
+  }
   auto kernel = packed_stream_kernel<T, P, NT, ROW1>;
   allow_shared<packed_stream_kernel<T, P, NT, ROW1>>(p.smem_total);
   const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, (220 * 1024) / (p.smem_total + 1024)));
@@ -756,6 +982,25 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
   p.smem_row = static_cast<int32_t>(x_bytes + 12 * entries);            // int32 (n_codes)
   p.smem_sums = static_cast<int32_t>(x_bytes + tables_bytes);
   p.smem_total = static_cast<int32_t>(x_bytes + tables_bytes + sums_bytes);
+  if (sizeof(T) == 2 && row1) {
+    // The span path (span_row): a chunk's fields within 32 bits, an offset
+    // table of at most 16 KiB.
+    const int64_t L = span_columns<T>(g, p);
+    const int64_t C = 16 / (P * static_cast<int64_t>(sizeof(T)));
+    const int64_t rows = int64_t(1) << std::min<int64_t>(g.meta_bits, 30);
+    const int64_t goff_bytes = C * rows * P * 4;
+    const int64_t at = ceil_div(int64_t(p.smem_total), 16) * 16;
+    if (L > 0 && L % 16 == 0 && C * g.meta_bits <= 32 && g.meta_bits < 32 && goff_bytes <= 16 * 1024 &&
+        at + goff_bytes + 4 * L <= kMaxSmem) {
+      p.span_L = static_cast<int32_t>(L);
+      p.goff_rows = static_cast<int32_t>(rows);
+      p.used_bits = g.per_word * g.meta_bits;
+      p.used_mask = p.used_bits >= 32 ? 0xFFFFFFFFu : ((1u << p.used_bits) - 1u);
+      p.smem_goff = static_cast<int32_t>(at);
+      p.smem_hits = static_cast<int32_t>(at + goff_bytes);
+      p.smem_total = static_cast<int32_t>(at + goff_bytes + 4 * L);
+    }
+  }
   const int64_t format_bytes = format_copy_bytes(p);
   if (format_bytes > 0 && p.smem_total + format_bytes <= kMaxSmem) {
     p.smem_format = static_cast<int32_t>(ceil_div(int64_t(p.smem_total), 16) * 16);
