@@ -196,30 +196,29 @@ __device__ __forceinline__ void stage_x(const StreamPlan& p, const T* __restrict
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   const int32_t K = p.K;
   if (p.x_vec) {
+    // Token by token, so no division a vector (it was a fifth of the span
+    // kernel's instructions at 1 token: ncu on the H200).
     constexpr int V = 16 / sizeof(T);
     const int32_t per_row = K / V;
-    const int32_t total = per_row * NT;
-    for (int32_t i0 = tid; i0 < total; i0 += nt * 4) {
-      uint4 raw[4];
+#pragma unroll 1
+    for (int n = 0; n < NT; ++n) {
+      const uint4* xrow = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n) * K);
+      for (int32_t j0 = tid; j0 < per_row; j0 += nt * 4) {
+        uint4 raw[4];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int32_t i = i0 + u * nt;
-        const int32_t n = i / per_row;
-        if (i < total && n < p.N) {
-          raw[u] = ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n) * K) + (i - n * per_row));
-        } else {
-          raw[u] = uint4{0u, 0u, 0u, 0u};
+        for (int u = 0; u < 4; ++u) {
+          const int32_t j = j0 + u * nt;
+          raw[u] = (j < per_row && n < p.N) ? ldg(xrow + j) : uint4{0u, 0u, 0u, 0u};
         }
-      }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int32_t i = i0 + u * nt;
-        if (i < total) {
-          const int32_t n = i / per_row, k0 = (i - n * per_row) * V;
-          T v[V];
-          std::memcpy(v, &raw[u], 16);
+        for (int u = 0; u < 4; ++u) {
+          const int32_t j = j0 + u * nt;
+          if (j < per_row) {
+            T v[V];
+            std::memcpy(v, &raw[u], 16);
 #pragma unroll
-          for (int e = 0; e < V; ++e) xs[x_slot(k0 + e) * NT + n] = static_cast<XT>(v[e]);
+            for (int e = 0; e < V; ++e) xs[x_slot(j * V + e) * NT + n] = static_cast<XT>(v[e]);
+          }
         }
       }
     }
@@ -292,24 +291,30 @@ __device__ __forceinline__ void block_code_tables(const StreamPlan& p, const int
 }
 
 // The NT tokens of x's shared slot `col` (x_slot of a column) as floats.
+// The NT tokens of one x slot, at its address.
 template <typename XT, int NT>
-__device__ __forceinline__ void load_x_slot(const XT* xs, int32_t col, float (&out)[NT]) {
+__device__ __forceinline__ void load_x_at(const XT* at, float (&out)[NT]) {
   XT v[NT];
   if constexpr (NT * sizeof(XT) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(xs + col * NT);
+    const uint4 raw = *reinterpret_cast<const uint4*>(at);
     std::memcpy(v, &raw, 16);
   } else if constexpr (NT * sizeof(XT) == 8) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(xs + col * NT);
+    const uint2 raw = *reinterpret_cast<const uint2*>(at);
     std::memcpy(v, &raw, 8);
   } else if constexpr (NT * sizeof(XT) == 4) {
-    const uint32_t raw = *reinterpret_cast<const uint32_t*>(xs + col * NT);
+    const uint32_t raw = *reinterpret_cast<const uint32_t*>(at);
     std::memcpy(v, &raw, 4);
   } else {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) v[n] = xs[col * NT + n];
+    for (int n = 0; n < NT; ++n) v[n] = at[n];
   }
 #pragma unroll
   for (int n = 0; n < NT; ++n) out[n] = to_float(v[n]);
+}
+
+template <typename XT, int NT>
+__device__ __forceinline__ void load_x_slot(const XT* xs, int32_t col, float (&out)[NT]) {
+  load_x_at<XT, NT>(xs + col * NT, out);
 }
 
 template <typename XT, int NT>
@@ -526,12 +531,15 @@ __device__ inline bool spans_tile(const StreamPlan& p, int32_t L, const int64_t*
 }
 
 // The span path's table: for scope k of a chunk and every field value c, the
-// x slots of the code's P values from the chunk's first slot (column c L is
-// slot c (L + L / 16), L a multiple of 16); 0 for codes outside the table (a
-// lane remembers its largest code, so they are still reported). Block-wide,
-// after the code tables (with no bad entry) and spans_tile; ends with a barrier.
+// byte offsets of the x slots of the code's P values from the chunk's first
+// slot (column c L is slot c (L + L / 16), L a multiple of 16; a slot is
+// slot_bytes), so a value's x costs one add and one shared load; 0 for codes
+// outside the table (a lane remembers its largest code, so they are still
+// reported). Block-wide, after the code tables (with no bad entry) and
+// spans_tile; ends with a barrier.
 template <int P>
-__device__ inline void build_span_offsets(const StreamPlan& p, const CodeTables& t, int C, int32_t* goff) {
+__device__ inline void build_span_offsets(const StreamPlan& p, const CodeTables& t, int C, int32_t slot_bytes,
+                                          int32_t* goff) {
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   const int32_t n = C * p.goff_rows * P;
   for (int32_t i = tid; i < n; i += nt) {
@@ -539,7 +547,7 @@ __device__ inline void build_span_offsets(const StreamPlan& p, const CodeTables&
     int32_t off = 0;
     if (code < p.n_codes) {
       const int32_t pos = k * p.s1_c + t.col[code * P + v];
-      off = pos + pos / 16;
+      off = (pos + pos / 16) * slot_bytes;
     }
     goff[i] = off;
   }
@@ -567,6 +575,12 @@ __device__ __forceinline__ bool span_row(const StreamPlan& p, const T* __restric
   const uint32_t f_row = static_cast<uint32_t>(q) * static_cast<uint32_t>(row_chunks) * C;
   const uint32_t per_word = static_cast<uint32_t>(p.per_word);
   uint32_t max_code = 0;
+  const int32_t chunk_bytes = chunk_slots * NT * static_cast<int32_t>(sizeof(XT));
+  const unsigned char* xbytes = reinterpret_cast<const unsigned char*>(xs);
+  // Scopes alternate between two sums at 1-2 tokens (else one chain of
+  // dependent FMAs a lane); more tokens are independent chains already.
+  constexpr int A = NT <= 2 ? 2 : 1;
+  float sums[A][NT] = {};
   for (int32_t c0 = lane; c0 < row_chunks; c0 += 32 * U) {
     uint4 raw[U];
     uint32_t w0[U], w1[U], slot[U];
@@ -590,7 +604,7 @@ __device__ __forceinline__ bool span_row(const StreamPlan& p, const T* __restric
       const uint32_t fields = static_cast<uint32_t>(both >> (slot[u] * p.bits));
       T vals[C * P];
       std::memcpy(vals, &raw[u], 16);
-      const int32_t base = c * chunk_slots;
+      const unsigned char* xc = xbytes + c * chunk_bytes;
 #pragma unroll
       for (int k = 0; k < C; ++k) {
         const uint32_t code = (fields >> (k * p.bits)) & p.field_mask;
@@ -600,13 +614,18 @@ __device__ __forceinline__ bool span_row(const StreamPlan& p, const T* __restric
 #pragma unroll
         for (int v = 0; v < P; ++v) {
           float xv[NT];
-          load_x_slot<XT, NT>(xs, base + offs[v], xv);
+          load_x_at<XT, NT>(reinterpret_cast<const XT*>(xc + offs[v]), xv);
           const float w = to_float(vals[k * P + v]);
 #pragma unroll
-          for (int n = 0; n < NT; ++n) acc[n] += w * xv[n];
+          for (int n = 0; n < NT; ++n) sums[k % A][n] += w * xv[n];
         }
       }
     }
+  }
+#pragma unroll
+  for (int a = 0; a < A; ++a) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] += sums[a][n];
   }
   return max_code >= static_cast<uint32_t>(p.n_codes);
 }
@@ -705,14 +724,15 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
 // values, each row through span_row when the block finds the format as the
 // host planned it (chunks that tile their spans, no bad table entry), else
 // through stream_group. Its own kernel so the span path gets the registers it
-// needs (inlined into packed_stream_kernel's 64, both paths spilled):
-// 256 threads, three blocks an SM (85 registers), a warp a row.
-constexpr int kSpanThreads = 256;
-constexpr int kSpanWarps = kSpanThreads / 32;
-constexpr int kSpanBlocksPerSM = 3;
+// needs (inlined into packed_stream_kernel's 64, both paths spilled): up to
+// 85 registers, 24 warps an SM, a warp a row. The block is 8 warps when three
+// blocks' x fit an SM (1-2 tokens), else 12 (two blocks) or 24 (one), so
+// wider x keeps the warps (4 tokens: 16 -> 24 warps).
+constexpr int kSpanWarpsPerSM = 24;
+constexpr int kSpanMaxThreads = kSpanWarpsPerSM * 32;
 
 template <typename T, int P, int NT>
-__global__ void __launch_bounds__(kSpanThreads, kSpanBlocksPerSM)
+__global__ void __launch_bounds__(kSpanMaxThreads, 1)
 packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
                    const int32_t* __restrict__ subsets, const int64_t* __restrict__ block_off,
                    const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
@@ -746,10 +766,10 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
   if (tbad == 0) {
     span = spans_tile(p, p.span_L, fmt.block_off, fmt.elem_off, C, reinterpret_cast<int32_t*>(smem + p.smem_hits),
                       &span_bad);
-    if (span) build_span_offsets<P>(p, t, C, goff);
+    if (span) build_span_offsets<P>(p, t, C, static_cast<int32_t>(NT * sizeof(XT)), goff);
   }
   const int lane = tid % 32, warp = tid / 32;
-  const int32_t step = kSpanWarps * static_cast<int32_t>(gridDim.x);
+  const int32_t step = static_cast<int32_t>(blockDim.x / 32 * gridDim.x);
   for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
        q += step) {
     RowAcc<NT, true> ra;
@@ -866,12 +886,12 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
     if (p.span_L > 0) {
       auto kernel = packed_span_kernel<T, P, NT>;
       allow_shared<packed_span_kernel<T, P, NT>>(p.smem_total);
-      const int64_t per_sm =
-          std::max<int64_t>(1, std::min<int64_t>(kSpanBlocksPerSM, (220 * 1024) / (p.smem_total + 1024)));
-      const int64_t want = ceil_div(int64_t(p.groups), int64_t(kSpanWarps));
+      const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(3, (220 * 1024) / (p.smem_total + 1024)));
+      const int64_t warps = kSpanWarpsPerSM / per_sm;
+      const int64_t want = ceil_div(int64_t(p.groups), warps);
       const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, multiprocessors() * per_sm)));
-      launch_linear_kernel<T>(kernel, p, blocks, kSpanThreads, p.smem_total, stream, values, meta, subsets, block_off,
-                              elem_off, x2, bias, y, status);
+      launch_linear_kernel<T>(kernel, p, blocks, static_cast<int>(warps * 32), p.smem_total, stream, values, meta,
+                              subsets, block_off, elem_off, x2, bias, y, status);
       return;
     }
   }
