@@ -17,6 +17,17 @@ __all__ = ["PackedLinear"]
 _BUFFERS = ("values", "meta", "subsets", "block_off", "elem_off", "geometry")
 
 
+def _tables_key(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
+    """Storage and version of every index table: a new tensor or an in-place
+    change (``load_state_dict``, ``.to()``, ...) makes a new key."""
+    return (
+        (meta.data_ptr(), meta._version),
+        (subsets.data_ptr(), subsets._version) if subsets is not None else None,
+        (block_off.data_ptr(), block_off._version),
+        (elem_off.data_ptr(), elem_off._version),
+    )
+
+
 class PackedLinear(nn.Module):
     """``y = x Wᵀ + b`` with a packed structured-sparse ``W`` (:class:`PackedWeight`).
 
@@ -159,12 +170,8 @@ class PackedLinear(nn.Module):
         return self.packed.nbytes
 
     def _tables_key(self) -> tuple:
-        # Storage and version of every index table: a new tensor or an in-place
-        # change (load_state_dict, .to(), ...) makes a new key.
-        return tuple(
-            (t.data_ptr(), t._version) if t is not None else None
-            for t in (self.meta, self.subsets, self.block_off, self.elem_off)
-        )
+        b = self._buffers
+        return _tables_key(b["meta"], b["subsets"], b["block_off"], b["elem_off"])
 
     def use_semi_structured(self, min_tokens: Optional[int] = 1024) -> "PackedLinear":
         """Run batches of at least ``min_tokens`` tokens through torch's 2:4 semi-structured path.
@@ -242,17 +249,23 @@ class PackedLinear(nn.Module):
         tables pass ``checked=True`` and launch without any sync, which keeps
         them capturable in CUDA graphs and as cheap on the host as ``F.linear``.
         """
-        semi = self._semi_weight(x)
-        if semi is not None:
-            y = torch.nn.functional.linear(x.reshape(-1, self.in_features), semi, self.bias)
-            return y.reshape(*x.shape[:-1], self.out_features)
+        # The host cost of a call is the point at decode (the issue's eager
+        # target): the buffers come straight from `_buffers` (nn.Module's
+        # __getattr__ is slow), and torch's 2:4 path is looked at only when on.
+        if self._semi_min_tokens is not None:
+            semi = self._semi_weight(x)
+            if semi is not None:
+                y = torch.nn.functional.linear(x.reshape(-1, self.in_features), semi, self.bias)
+                return y.reshape(*x.shape[:-1], self.out_features)
+        b = self._buffers
+        meta, subsets, block_off, elem_off = b["meta"], b["subsets"], b["block_off"], b["elem_off"]
         checked, key = False, None
         if x.is_cuda and not torch.compiler.is_compiling():
-            key = self._tables_key()
+            key = _tables_key(meta, subsets, block_off, elem_off)
             checked = key == self._checked_tables
         y = ops.packed_linear(
-            x, self.values, self.meta, self.subsets, self.block_off, self.elem_off, self.scope_shape,
-            self.scope_stride, self.meta_bits, self.out_features, self.row_group, self.bias, checked,
+            x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
+            self.meta_bits, self.out_features, self.row_group, self.bias, checked,
         )
         if key is not None and not checked and not torch.cuda.is_current_stream_capturing():
             self._checked_tables = key  # the op returned: it checked these tables
