@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -60,6 +60,14 @@ for step in "${@:-all}"; do
         diag_noexpand=-DS3_LAB_NO_EXPAND diag_nomma=-DS3_LAB_NO_MMA diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA \
         diag_nobarrier=-DS3_LAB_NO_BARRIER depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1 > "$LOG/lab.txt" 2>&1
       tail -3 "$LOG/lab.txt"; cp "$LOG/lab.txt" "$OUT/packed-mma-lab.txt"
+      ;;&
+    spanlab)
+      # The span decode kernel alone, in variants (benchmarks/lab/packed_mma_lab.py --kernel=span).
+      timeout 400 python3 benchmarks/lab/packed_mma_lab.py --kernel=span ${SPANLAB_VARIANTS:-diag_norows=-DS3_LAB_SPAN_NO_ROWS \
+        diag_nox=-DS3_LAB_SPAN_NO_X diag_notable=-DS3_LAB_SPAN_NO_TABLE \
+        diag_nox_notable=-DS3_LAB_SPAN_NO_X,-DS3_LAB_SPAN_NO_TABLE loads2=-DS3_LAB_SPAN_LOADS=2 \
+        loads8=-DS3_LAB_SPAN_LOADS=8 warps32=-DS3_LAB_SPAN_WARPS_PER_SM=32} > "$LOG/spanlab.txt" 2>&1
+      tail -3 "$LOG/spanlab.txt"; cp "$LOG/spanlab.txt" "$OUT/packed-span-lab.txt"
       ;;&
     model|all)
       (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda \

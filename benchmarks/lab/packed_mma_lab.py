@@ -1,4 +1,5 @@
-"""Time the tensor-core kernel of packed_linear (csrc/cuda/packed_mma.cuh) alone, in variants.
+"""Time a packed_linear kernel alone, in variants: the tensor-core kernel (csrc/cuda/packed_mma.cuh,
+the default) or, with --kernel=span, the decode kernels of csrc/cuda/packed_stream.cuh (span path).
 
 A wheel build takes about 5 minutes on the GPU machine; this builds only the
 kernel (benchmarks/lab/packed_mma_lab.cu, one extension a variant, in
@@ -21,7 +22,13 @@ S3_LAB_NO_EXPAND, S3_LAB_NO_MMA, S3_LAB_NO_BARRIER. The set that takes its time 
     diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA diag_nobarrier=-DS3_LAB_NO_BARRIER \
     depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1
 
-Prints one line a case and writes $OUT/packed_mma_lab.json (else /tmp).
+The span kernel's knobs (csrc/cuda/packed_stream.cuh, "Lab knobs of the span kernel"):
+S3_LAB_SPAN_LOADS=n, S3_LAB_SPAN_WARPS_PER_SM=n, and the diagnostics S3_LAB_SPAN_NO_ROWS,
+S3_LAB_SPAN_NO_X, S3_LAB_SPAN_NO_TABLE; it is timed at 1, 2, 4 and 8 tokens::
+
+    PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py --kernel=span diag_norows=-DS3_LAB_SPAN_NO_ROWS ...
+
+Prints one line a case and writes $OUT/packed_<kernel>_lab.json (else /tmp).
 """
 
 from __future__ import annotations
@@ -43,12 +50,16 @@ from s3sparse import patterns  # noqa: E402
 from s3sparse.sparse import PackedWeight  # noqa: E402
 
 
-def build(name: str, flags: list[str]):
-    """The kernel built with `flags` as the extension lab_<name>."""
-    directory = f"/tmp/packed_mma_lab/{name}"
+# kernel -> (source, token counts timed)
+KERNELS = {"mma": ("packed_mma_lab.cu", [1, 4, 8, 16]), "span": ("packed_span_lab.cu", [1, 2, 4, 8])}
+
+
+def build(kernel: str, name: str, flags: list[str]):
+    """The kernel built with `flags` as the extension lab_<kernel>_<name>."""
+    directory = f"/tmp/packed_{kernel}_lab/{name}"
     os.makedirs(directory, exist_ok=True)
     cuda_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", *flags]
-    return load(name=f"lab_{name}", sources=[f"{REPO}/benchmarks/lab/packed_mma_lab.cu"],
+    return load(name=f"lab_{kernel}_{name}", sources=[f"{REPO}/benchmarks/lab/{KERNELS[kernel][0]}"],
                 extra_include_paths=[f"{REPO}/csrc"], extra_cuda_cflags=cuda_flags, extra_cflags=["-std=c++20"],
                 build_directory=directory, verbose=False)
 
@@ -80,12 +91,18 @@ def graph_us(fn, reps: int = 50) -> float:
 
 def main() -> None:
     variants = {"base": []}
+    kernel = "mma"
     for arg in sys.argv[1:]:
+        if arg.startswith("--kernel="):
+            kernel = arg.split("=", 1)[1]
+            if kernel not in KERNELS:
+                raise SystemExit(f"--kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+            continue
         name, _, flags = arg.partition("=")
         variants[name] = [f for f in flags.split(",") if f]
     t0 = time.time()
     with cf.ThreadPoolExecutor(8) as pool:
-        mods = dict(zip(variants, pool.map(lambda kv: build(*kv), variants.items())))
+        mods = dict(zip(variants, pool.map(lambda kv: build(kernel, *kv), variants.items())))
     print(f"built {len(mods)} variants in {time.time() - t0:.0f} s", flush=True)
     rows = []
     for M, K in [(2560, 9728), (4096, 4096), (9728, 2560)]:
@@ -95,7 +112,7 @@ def main() -> None:
             scope.hard_threshold(nnz=nnz)
             p = PackedWeight.from_scope(scope, nnz)
             Wd = W.detach()
-            for N in [1, 4, 8, 16]:
+            for N in KERNELS[kernel][1]:
                 x = torch.randn(N, K, device="cuda", dtype=torch.float16)
                 row = dict(shape=f"{M}x{K}", pattern=pattern, tokens=N,
                            dense_us=round(graph_us(lambda: torch.nn.functional.linear(x, Wd)), 1))
@@ -103,17 +120,17 @@ def main() -> None:
                         list(p.scope_stride), p.meta_bits, M)
                 want = torch.nn.functional.linear(x.float(), Wd.float())
                 for name, mod in mods.items():
-                    got = mod.mma_linear(*args).float()
+                    got = mod.linear(*args).float()
                     if not name.startswith("diag"):
                         row[f"{name}_rel_err"] = float((got - want).abs().max() / want.abs().max())
-                    row[f"{name}_us"] = round(graph_us(lambda: mod.mma_linear(*args)), 1)
+                    row[f"{name}_us"] = round(graph_us(lambda: mod.linear(*args)), 1)
                 print(row, flush=True)
                 rows.append(row)
     commit = os.environ.get("S3SPARSE_GIT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit, variants=variants,
-               timing="GPU time a call, CUDA-graph replay", rows=rows)
-    path = os.path.join(os.environ.get("OUT", "/tmp"), "packed_mma_lab.json")
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit, kernel=kernel,
+               variants=variants, timing="GPU time a call, CUDA-graph replay", rows=rows)
+    path = os.path.join(os.environ.get("OUT", "/tmp"), f"packed_{kernel}_lab.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {path}")

@@ -65,6 +65,20 @@ namespace stream {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kLoadsInFlight = 4;  // 16-byte value loads in flight per thread
+
+// Lab knobs of the span kernel (benchmarks/lab/packed_mma_lab.py --kernel=span
+// builds it with them; the package never sets them): S3_LAB_SPAN_LOADS=n loads
+// in flight a lane, S3_LAB_SPAN_WARPS_PER_SM=n the warps an SM (24; 32 caps the
+// registers at 64), and the diagnostics (wrong results) S3_LAB_SPAN_NO_ROWS (no
+// row work: the prologue, the sums and the stores), S3_LAB_SPAN_NO_X (x read
+// as 1 instead of a shared load), S3_LAB_SPAN_NO_TABLE (a value's x slot is
+// its index in the chunk: no offset-table load), S3_LAB_SPAN_NO_STAGE (x not
+// staged), S3_LAB_SPAN_EMPTY (the kernel returns at once: the launch alone).
+#ifdef S3_LAB_SPAN_LOADS
+constexpr int kSpanLoads = S3_LAB_SPAN_LOADS;
+#else
+constexpr int kSpanLoads = kLoadsInFlight;
+#endif
 constexpr int kMaxStreamTokens = 8;
 constexpr int64_t kMaxSmem = 200 * 1024;
 
@@ -568,7 +582,7 @@ __device__ __forceinline__ bool span_row(const StreamPlan& p, const T* __restric
   using XT = XType<T, NT>;
   constexpr int C = chunk_scopes<T, P>();
   static_assert(C * P * sizeof(T) == 16, "the span path takes one 16-byte chunk of 16-bit values");
-  constexpr int U = kLoadsInFlight;
+  constexpr int U = kSpanLoads;
   const int32_t row_chunks = p.K / p.span_L;
   const int32_t chunk_slots = p.span_L + p.span_L / 16;
   const uint4* vrow = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(q) * row_chunks;
@@ -610,11 +624,21 @@ __device__ __forceinline__ bool span_row(const StreamPlan& p, const T* __restric
         const uint32_t code = (fields >> (k * p.bits)) & p.field_mask;
         max_code = code > max_code ? code : max_code;
         int32_t offs[P];
+#ifdef S3_LAB_SPAN_NO_TABLE
+#pragma unroll
+        for (int v = 0; v < P; ++v) offs[v] = (k * P + v) * NT * static_cast<int32_t>(sizeof(XT));
+#else
         load_cols<P>(goff + k * p.goff_rows * P, code, offs);
+#endif
 #pragma unroll
         for (int v = 0; v < P; ++v) {
           float xv[NT];
+#ifdef S3_LAB_SPAN_NO_X
+#pragma unroll
+          for (int n = 0; n < NT; ++n) xv[n] = 1.f + static_cast<float>(offs[v] & 1);
+#else
           load_x_at<XT, NT>(reinterpret_cast<const XT*>(xc + offs[v]), xv);
+#endif
           const float w = to_float(vals[k * P + v]);
 #pragma unroll
           for (int n = 0; n < NT; ++n) sums[k % A][n] += w * xv[n];
@@ -728,7 +752,11 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
 // 85 registers, 24 warps an SM, a warp a row. The block is 8 warps when three
 // blocks' x fit an SM (1-2 tokens), else 12 (two blocks) or 24 (one), so
 // wider x keeps the warps (4 tokens: 16 -> 24 warps).
+#ifdef S3_LAB_SPAN_WARPS_PER_SM
+constexpr int kSpanWarpsPerSM = S3_LAB_SPAN_WARPS_PER_SM;
+#else
 constexpr int kSpanWarpsPerSM = 24;
+#endif
 constexpr int kSpanMaxThreads = kSpanWarpsPerSM * 32;
 
 template <typename T, int P, int NT>
@@ -738,6 +766,9 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
                    const int64_t* __restrict__ elem_off, const T* __restrict__ x, const T* __restrict__ bias,
                    T* __restrict__ y, int* __restrict__ status) {
   using XT = XType<T, NT>;
+#ifdef S3_LAB_SPAN_EMPTY
+  if (p.K > 0) return;
+#endif
   S3_DYNAMIC_SHARED(unsigned char, smem);
   __shared__ int table_bad, span_bad;
   __shared__ int32_t cmax;
@@ -753,7 +784,9 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
   }
   FormatLoads fl;
   format_issue(p, subsets, block_off, elem_off, fl);
+#ifndef S3_LAB_SPAN_NO_STAGE
   stage_x<T, NT>(p, x, xs);
+#endif
   const FormatPtrs fmt = format_finish(p, smem, subsets, block_off, elem_off, fl);
   __syncthreads();
   const int tb = build_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, t);
@@ -774,8 +807,12 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
        q += step) {
     RowAcc<NT, true> ra;
     ra.flush(nullptr, 0);
+#ifdef S3_LAB_SPAN_NO_ROWS
+    const int bad = 0;
+#else
     const int bad = span ? (span_row<T, P, NT>(p, values, meta, goff, xs, q, lane, ra.acc) ? p.bad_code : 0)
                          : stream_group<T, P, NT, true>(p, values, meta, t, xs, q, lane, 32, ra, nullptr);
+#endif
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       for (int off = 16; off > 0; off /= 2) ra.acc[n] += __shfl_down_sync(0xffffffffu, ra.acc[n], off);
@@ -886,7 +923,8 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
     if (p.span_L > 0) {
       auto kernel = packed_span_kernel<T, P, NT>;
       allow_shared<packed_span_kernel<T, P, NT>>(p.smem_total);
-      const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(3, (220 * 1024) / (p.smem_total + 1024)));
+      const int64_t per_sm =
+          std::max<int64_t>(1, std::min<int64_t>(kSpanWarpsPerSM / 8, (220 * 1024) / (p.smem_total + 1024)));
       const int64_t warps = kSpanWarpsPerSM / per_sm;
       const int64_t want = ceil_div(int64_t(p.groups), warps);
       const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, multiprocessors() * per_sm)));

@@ -1,0 +1,21 @@
+// The stream / span decode kernels of packed_linear alone (fp16, 1-8 tokens),
+// for benchmarks/lab/packed_mma_lab.py --kernel=span (built there with
+// torch.utils.cpp_extension; not part of the package build).
+#define S3SPARSE_PACKED_STREAM_IMPL
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include "cuda/packed_stream.cuh"
+using namespace s3sparse;
+at::Tensor span_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, const at::Tensor& subsets,
+                       const at::Tensor& block_off, const at::Tensor& elem_off, std::vector<int64_t> shape,
+                       std::vector<int64_t> stride, int64_t bits, int64_t M) {
+  PackedGeometry g = check_packed_linear(x, values, meta, subsets, block_off, elem_off, shape, stride, bits, M, 1,
+                                         std::nullopt, "lab");
+  const int64_t N = x.size(0);
+  at::Tensor y = at::empty({N, M}, x.options());
+  bool ok = packed_cuda::launch_packed_stream<at::Half>(g, N, values, meta, subsets, block_off, elem_off, x,
+                                                        std::nullopt, y, nullptr, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(ok, "not launched");
+  return y;
+}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("linear", &span_linear); }
