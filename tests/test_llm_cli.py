@@ -192,6 +192,9 @@ import atexit, os, shutil, signal, sys, time
 from s3sparse.llm import cli, save
 
 moment = sys.argv[1]
+# A process started by a script's background job inherits SIGINT ignored, and
+# Python then leaves it ignored: restore the handler an interactive run has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def ctrl_c():
     os.kill(os.getpid(), signal.SIGINT)

@@ -268,6 +268,30 @@ def test_packed_linear_wide_rows_every_kernel_gets_its_shared_memory(device, see
             _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} tokens={n}")
 
 
+@pytest.mark.parametrize("K,tokens", [(9728, (1, 2)), (19456, (4,))], ids=["K9728", "K19456"])
+def test_packed_linear_span_kernel_wide_x_blocks(device, seed, K, tokens):
+    """x so wide that two or one span-kernel block fits an SM (fp16 2:4 and 4:8).
+
+    The span kernel then runs blocks of 12 or 24 warps instead of 8 (K = 9728:
+    8 warps at 1 token, 12 at 2; K = 19456: 24 at 4 tokens); every block size
+    must give the oracle's rows.
+    """
+    if os.environ.get("S3SPARSE_PACKED_CUDA_PATH"):
+        pytest.skip("a forced kernel path: the span kernel is the automatic path's")
+    dtype = torch.float16
+    M = 8
+    for name in ("24",) if _is_emu() else ("24", "48"):
+        W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+        scope, nnz = patterns.by_name(name, W)
+        scope.hard_threshold(nnz=nnz)
+        p = PackedWeight.from_scope(scope, nnz)
+        for n in tokens:
+            x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
+            got = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, None)
+            want = torch.nn.functional.linear(x.cpu().double(), W.detach().cpu().double()).to(dtype)
+            _assert_linear_close(got, want, x, W.detach(), dtype, f"seed={seed} {name} K={K} tokens={n}")
+
+
 def test_packed_linear_empty_and_degenerate(device):
     dtype = torch.float32
     _, W, p = reference_patterns(dtype, device)[0]
