@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 from torch.utils.cpp_extension import load_inline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from graph_timing import graph_us  # noqa: E402
 
 CUDA = r"""
 #include <torch/extension.h>
@@ -162,30 +166,6 @@ torch::Tensor run(torch::Tensor buf, torch::Tensor out, std::string kind, int64_
 
 CPP = ("torch::Tensor run(torch::Tensor buf, torch::Tensor out, std::string kind, int64_t rows, int64_t chunks,"
        " int64_t blocks, int64_t threads, int64_t a1, int64_t a2, int64_t a3);")
-
-
-def graph_us(fn, reps: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-    torch.cuda.synchronize()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / reps)
-    return best
 
 
 def main() -> None:

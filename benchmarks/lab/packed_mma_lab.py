@@ -2,7 +2,7 @@
 the default) or, with --kernel=span, the decode kernels of csrc/cuda/packed_stream.cuh (span path).
 
 A wheel build takes about 5 minutes on the GPU machine; this builds only the
-kernel (benchmarks/lab/packed_mma_lab.cu, one extension a variant, in
+kernel (benchmarks/lab/packed_lab.cu, one extension a variant, in
 parallel: about 90 s) and times each variant against dense F.linear by
 CUDA-graph replay (50 calls a graph, best of 5), fp16, span patterns, 1-16
 tokens. A variant is a list of extra nvcc flags that the kernel reads: add a
@@ -46,47 +46,25 @@ from torch.utils.cpp_extension import load
 REPO = os.getcwd()
 sys.path.insert(0, REPO)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from graph_timing import graph_us  # noqa: E402
 from s3sparse import patterns  # noqa: E402
 from s3sparse.sparse import PackedWeight  # noqa: E402
 
 
-# kernel -> (source, token counts timed)
-KERNELS = {"mma": ("packed_mma_lab.cu", [1, 4, 8, 16]), "span": ("packed_span_lab.cu", [1, 2, 4, 8])}
+# kernel -> (nvcc flags of benchmarks/lab/packed_lab.cu, token counts timed)
+KERNELS = {"mma": ([], [1, 4, 8, 16]), "span": (["-DS3_LAB_SPAN"], [1, 2, 4, 8])}
 
 
 def build(kernel: str, name: str, flags: list[str]):
     """The kernel built with `flags` as the extension lab_<kernel>_<name>."""
     directory = f"/tmp/packed_{kernel}_lab/{name}"
     os.makedirs(directory, exist_ok=True)
-    cuda_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", *flags]
-    return load(name=f"lab_{kernel}_{name}", sources=[f"{REPO}/benchmarks/lab/{KERNELS[kernel][0]}"],
+    cuda_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90",
+                  *KERNELS[kernel][0], *flags]
+    return load(name=f"lab_{kernel}_{name}", sources=[f"{REPO}/benchmarks/lab/packed_lab.cu"],
                 extra_include_paths=[f"{REPO}/csrc"], extra_cuda_cflags=cuda_flags, extra_cflags=["-std=c++20"],
                 build_directory=directory, verbose=False)
-
-
-def graph_us(fn, reps: int = 50) -> float:
-    """GPU time of one call: `reps` calls captured in a CUDA graph, best of 5 replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-    torch.cuda.synchronize()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / reps)
-    return best
 
 
 def main() -> None:

@@ -73,7 +73,8 @@ constexpr int kLoadsInFlight = 4;  // 16-byte value loads in flight per thread
 // row work: the prologue, the sums and the stores), S3_LAB_SPAN_NO_X (x read
 // as 1 instead of a shared load), S3_LAB_SPAN_NO_TABLE (a value's x slot is
 // its index in the chunk: no offset-table load), S3_LAB_SPAN_NO_STAGE (x not
-// staged), S3_LAB_SPAN_EMPTY (the kernel returns at once: the launch alone).
+// staged, in both row kernels' prologue), S3_LAB_SPAN_EMPTY (the kernel returns
+// at once: the launch alone).
 #ifdef S3_LAB_SPAN_LOADS
 constexpr int kSpanLoads = S3_LAB_SPAN_LOADS;
 #else
@@ -304,8 +305,7 @@ __device__ __forceinline__ void block_code_tables(const StreamPlan& p, const int
   __syncthreads();
 }
 
-// The NT tokens of x's shared slot `col` (x_slot of a column) as floats.
-// The NT tokens of one x slot, at its address.
+// The NT tokens of one x slot, at its address, as floats.
 template <typename XT, int NT>
 __device__ __forceinline__ void load_x_at(const XT* at, float (&out)[NT]) {
   XT v[NT];
@@ -326,6 +326,7 @@ __device__ __forceinline__ void load_x_at(const XT* at, float (&out)[NT]) {
   for (int n = 0; n < NT; ++n) out[n] = to_float(v[n]);
 }
 
+// The same by slot index, and by column (x_slot of it).
 template <typename XT, int NT>
 __device__ __forceinline__ void load_x_slot(const XT* xs, int32_t col, float (&out)[NT]) {
   load_x_at<XT, NT>(xs + col * NT, out);
@@ -659,6 +660,51 @@ __device__ __forceinline__ T stream_out(float v, bool bad, const T* __restrict__
   return static_cast<T>(bad ? NAN : (bias != nullptr ? v + to_float(bias[row]) : v));
 }
 
+// The start of both row kernels: the format's loads, then x's (both in
+// flight together), then the code tables. Ends after a barrier; returns the
+// tables' status bits (also raised in status). The caller zeroes its table_bad
+// and cmax before (the first barrier here orders that).
+template <typename T, int P, int NT>
+__device__ __forceinline__ int stream_prologue(const StreamPlan& p, const int32_t* __restrict__ subsets,
+                                               const int64_t* __restrict__ block_off,
+                                               const int64_t* __restrict__ elem_off, const T* __restrict__ x,
+                                               int* __restrict__ status, unsigned char* smem, XType<T, NT>* xs,
+                                               const CodeTables& t, int* table_bad, FormatPtrs* fmt) {
+  FormatLoads fl;
+  format_issue(p, subsets, block_off, elem_off, fl);
+#ifndef S3_LAB_SPAN_NO_STAGE
+  stage_x<T, NT>(p, x, xs);
+#endif
+  *fmt = format_finish(p, smem, subsets, block_off, elem_off, fl);
+  __syncthreads();
+  const int tb = build_code_tables<P>(p, fmt->subsets, fmt->block_off, fmt->elem_off, t);
+  if (tb) atomicOr(table_bad, tb);
+  __syncthreads();
+  const int tbad = *table_bad;
+  if (tbad && threadIdx.x == 0 && status != nullptr) atomicOr(status, tbad);
+  return tbad;
+}
+
+// The end of a warp's row q: the lanes' sums reduced, a bad row's status
+// raised, and lane 0 writing y (NaN when the row or the tables were bad).
+template <typename T, int NT>
+__device__ __forceinline__ void finish_row(const StreamPlan& p, float (&acc)[NT], int bad, int tbad, int lane,
+                                           int32_t q, const T* __restrict__ bias, T* __restrict__ y,
+                                           int* __restrict__ status) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    for (int off = 16; off > 0; off /= 2) acc[n] += __shfl_down_sync(0xffffffffu, acc[n], off);
+  }
+  const unsigned any = __ballot_sync(0xffffffffu, bad != 0);
+  if (bad && status != nullptr) atomicOr(status, bad);
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      if (n < p.N) y[static_cast<int64_t>(n) * p.M + q] = stream_out<T>(acc[n], any != 0 || tbad != 0, bias, q);
+    }
+  }
+}
+
 // Two blocks an SM (64 registers a thread): enough warps to cover the memory
 // latency, and rows spread evenly over the SMs.
 template <typename T, int P, int NT, bool ROW1>
@@ -681,20 +727,12 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
     group_bad = 0;
     cmax = 0;
   }
-  // The format's loads first, then x's: both in flight together.
-  FormatLoads fl;
-  format_issue(p, subsets, block_off, elem_off, fl);
-  stage_x<T, NT>(p, x, xs);
-  const FormatPtrs fmt = format_finish(p, smem, subsets, block_off, elem_off, fl);
-  __syncthreads();
-  const int tb = build_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, t);
-  if (tb) atomicOr(&table_bad, tb);
   if (!ROW1) {
     for (int i = tid; i < p.R * NT; i += blockDim.x) sums[i] = 0.f;
   }
-  __syncthreads();
-  const int tbad = table_bad;
-  if (tbad && tid == 0 && status != nullptr) atomicOr(status, tbad);
+  FormatPtrs fmt;
+  const int tbad = stream_prologue<T, P, NT>(p, subsets, block_off, elem_off, x, status, smem, xs, t, &table_bad, &fmt);
+  (void)fmt;
 
   if constexpr (ROW1) {
     // A warp a row: rows warp * gridDim.x + blockIdx.x, + kWarps * gridDim.x,
@@ -706,18 +744,7 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
       RowAcc<NT, true> ra;
       ra.flush(nullptr, 0);
       const int bad = stream_group<T, P, NT, true>(p, values, meta, t, xs, q, lane, 32, ra, nullptr);
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        for (int off = 16; off > 0; off /= 2) ra.acc[n] += __shfl_down_sync(0xffffffffu, ra.acc[n], off);
-      }
-      const unsigned any = __ballot_sync(0xffffffffu, bad != 0);
-      if (bad && status != nullptr) atomicOr(status, bad);
-      if (lane == 0) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          if (n < p.N) y[static_cast<int64_t>(n) * p.M + q] = stream_out<T>(ra.acc[n], any != 0 || tbad != 0, bias, q);
-        }
-      }
+      finish_row<T, NT>(p, ra.acc, bad, tbad, lane, q, bias, y, status);
     }
   } else {
     // A block a group: groups blockIdx.x, + gridDim.x, ...
@@ -782,18 +809,8 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
     span_bad = 0;
     cmax = 0;
   }
-  FormatLoads fl;
-  format_issue(p, subsets, block_off, elem_off, fl);
-#ifndef S3_LAB_SPAN_NO_STAGE
-  stage_x<T, NT>(p, x, xs);
-#endif
-  const FormatPtrs fmt = format_finish(p, smem, subsets, block_off, elem_off, fl);
-  __syncthreads();
-  const int tb = build_code_tables<P>(p, fmt.subsets, fmt.block_off, fmt.elem_off, t);
-  if (tb) atomicOr(&table_bad, tb);
-  __syncthreads();
-  const int tbad = table_bad;
-  if (tbad && tid == 0 && status != nullptr) atomicOr(status, tbad);
+  FormatPtrs fmt;
+  const int tbad = stream_prologue<T, P, NT>(p, subsets, block_off, elem_off, x, status, smem, xs, t, &table_bad, &fmt);
   constexpr int C = chunk_scopes<T, P>();
   bool span = false;
   if (tbad == 0) {
@@ -813,18 +830,7 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
     const int bad = span ? (span_row<T, P, NT>(p, values, meta, goff, xs, q, lane, ra.acc) ? p.bad_code : 0)
                          : stream_group<T, P, NT, true>(p, values, meta, t, xs, q, lane, 32, ra, nullptr);
 #endif
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      for (int off = 16; off > 0; off /= 2) ra.acc[n] += __shfl_down_sync(0xffffffffu, ra.acc[n], off);
-    }
-    const unsigned any = __ballot_sync(0xffffffffu, bad != 0);
-    if (bad && status != nullptr) atomicOr(status, bad);
-    if (lane == 0) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        if (n < p.N) y[static_cast<int64_t>(n) * p.M + q] = stream_out<T>(ra.acc[n], any != 0 || tbad != 0, bias, q);
-      }
-    }
+    finish_row<T, NT>(p, ra.acc, bad, tbad, lane, q, bias, y, status);
   }
 }
 
