@@ -186,6 +186,11 @@ class ChunkSweep:
         self.pruned_per_scope = (self.blocks_per_scope - nnz) * self.bk  # per group, exactly
         self.col_scale, self.C0s, self.C0p = inv.scale, inv.C, inv.C_plan
         self.C0p_diag = torch.diagonal(self.C0p)
+        # Rows whose scopes lie in one row score blocks by diag C alone: keep each row's
+        # diag C = C0 - Σ U² up to date (one pass over each new U_b) instead of
+        # re-reading every factor of the scored columns each batch (38× the bytes at 2:4).
+        self.track_diag = scoring == "independent" and self.rpc == 1
+        self.diag = self.C0p_diag.expand(Rc, Kc).clone() if self.track_diag else None  # (Rc, Kc)
         self.w0 = (w_rows.to(self.col_scale.dtype) / self.col_scale).to(self.math_dtype)  # (B, K), scaled
         self.w_cur = self.w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
         # group factors, P columns a batch: values rounded to c_dtype, held in dp.store_dtype.
@@ -229,9 +234,8 @@ class ChunkSweep:
         Rc, E, bk, o = self.Rc, self.E, self.bk, bi * self.P
         n = pcols.shape[0]
         w = self.w_cur[self.local_base + lr, pcols]  # (Rc, n, E)
-        if self.scoring == "independent" and self.rpc == 1:
-            Ug = self.U[self.g_idx.unsqueeze(-1), pcols, :o]  # (Rc, n, E, o)
-            d = self.C0p_diag[pcols] - torch.linalg.vector_norm(Ug, dim=-1, dtype=self.math_dtype).square()
+        if self.track_diag:
+            d = self.diag[:, pcols]  # (Rc, n, E)
             cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
             block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
         else:
@@ -312,20 +316,23 @@ class ChunkSweep:
         return Linv, ok
 
     def _factor(self, panel: Tensor, Linv: Tensor, s0: int) -> Tensor:
-        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ, one GEMM in the math dtype; where the device
-        plan splits it (fp16/bf16 factors on CUDA), in hi + lo parts (3 products), which
-        keeps it at fp32 accuracy on tensor cores."""
-        c_dtype, math_dtype = self.c_dtype, self.math_dtype
-        if self.split:
-            ph = panel.to(c_dtype)
-            pl = (panel - ph.to(math_dtype)).to(c_dtype)
-            Lh = Linv.to(c_dtype)
-            Ll = (Linv - Lh.to(math_dtype)).to(c_dtype)
-            lhs, rhs = torch.cat([ph, ph, pl], dim=1).mT, torch.cat([-Lh, -Ll, -Lh], dim=2)
-        else:
-            lhs, rhs = panel.mT, -Linv
-        zeros = torch.zeros(self.Rc, self.Kc - s0, self.P, dtype=math_dtype, device=self.device)
-        return ops.lowrank_sub(zeros, lhs, rhs)
+        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ (Rc, |R|, P), one GEMM in the math dtype; where the
+        device plan splits it (fp16/bf16 factors on CUDA), in hi + lo parts, which keeps it at
+        fp32 accuracy on tensor cores: the panel's parts [hi; lo; hi] are written once into one
+        buffer, and one product over 3P pairs them with [L_hi, L_hi, L_lo] (lo·L_lo dropped)."""
+        Rc, P, R = panel.shape
+        zero = torch.zeros((), dtype=self.math_dtype, device=self.device).expand(Rc, R, P)  # no memory
+        if not self.split:
+            return ops.lowrank_sub(zero, panel.mT, -Linv)
+        c_dtype = self.c_dtype
+        parts = torch.empty(Rc, 3 * P, R, dtype=c_dtype, device=self.device)
+        hi = parts[:, :P]
+        hi.copy_(panel)
+        torch.sub(panel, hi, out=parts[:, P : 2 * P])  # lo: what hi's rounding lost
+        parts[:, 2 * P :].copy_(hi)
+        Lh = Linv.to(c_dtype)
+        Ll = (Linv - Lh).to(c_dtype)
+        return ops.lowrank_sub(zero, parts.mT, -torch.cat([Lh, Lh, Ll], dim=2))
 
     def _eliminate(self, bi: int, panel: Tensor, Linv: Tensor, ok: Tensor, S: Tensor, Sc: Tensor,
                    slot: Tensor) -> None:
@@ -333,7 +340,10 @@ class ChunkSweep:
         rows' weights on the columns later batches visit; retire the pruned columns."""
         s0, o, P, Kc, Rc, rpc = self.plan.start[bi], bi * self.P, self.P, self.Kc, self.Rc, self.rpc
         Ub = self._factor(panel, Linv, s0)
-        self.U[:, s0:, o : o + P] = Ub.to(self.c_dtype)
+        U_new = self.U[:, s0:, o : o + P]
+        U_new.copy_(Ub if U_new.dtype == self.c_dtype else Ub.to(self.c_dtype))  # rounded to c_dtype
+        if self.track_diag:
+            self.diag[:, s0:] -= torch.linalg.vector_norm(U_new, dim=-1, dtype=self.math_dtype).square()
         # z_b = L⁻¹ w[S_b];  w[R] -= U_b z_b (into each pruned column's own row).
         row_of = self.g_idx * rpc + slot  # (Rc, P) row within the chunk
         zb = torch.bmm(Linv, (self.w_cur[row_of, Sc] * ok).unsqueeze(-1)).squeeze(-1)
