@@ -48,6 +48,7 @@ KNOWN = ["block_reduce", "block_scale_", "kth_largest", "score_subsets", "lowran
 ELSEWHERE = {
     "packed_to_dense": "see benchmarks/packed.py",
     "packed_linear": "benchmarks/packed.py (against dense F.linear and 2:4 semi-structured)",
+    "lowrank_factor": "timed with lowrank_sub's case (the factor of the same panel)",
 }
 
 
@@ -213,7 +214,7 @@ def case_lowrank_sub(b: Bench, M: int, K: int, quick: bool) -> None:
     pruned per batch, half of the batches done): the panel C[S, R] = C0[S, R] - U[S] U[R]ᵀ
     (R the K/2 columns later batches visit, U the K/4 factor columns so far, fp16, read
     through a strided view as the pruner does), then the new factor U_b = C[S, R]ᵀ L⁻ᵀ
-    (hi + lo split of fp16 operands: 3P inner dimension)."""
+    by ``lowrank_factor`` (hi + lo fp16 parts: 3P inner dimension)."""
     dev = b.device
     P = 64 if quick else 128
     R, O = K // 2, K // 4
@@ -236,13 +237,14 @@ def case_lowrank_sub(b: Bench, M: int, K: int, quick: bool) -> None:
         prec = "fp16" if dev.type == "cuda" else "fp32"
         b.record("lowrank_sub", f"panel N={N} P={P} R={R} O={O} fp16 U", t,
                  bytes_=N * (2.0 * (P + R) * O + 2 * 4.0 * P * R), flops=2.0 * N * P * R * O, precision=prec)
-        lhs = torch.randn(N, 3 * P, R, generator=g).to(dev, torch.float16).mT
-        rhs = torch.randn(N, P, 3 * P, generator=g).to(dev, torch.float16)
-        zeros = torch.zeros(N, R, P, device=dev)
-        t = timeit(lambda: ops.lowrank_sub(zeros, lhs, rhs), dev, b.repeat)
-        b.record("lowrank_sub", f"factor N={N} R={R} P={P} hi+lo fp16", t,
-                 bytes_=N * (2.0 * 3 * P * (R + P) + 2 * 4.0 * R * P), flops=2.0 * N * R * P * 3 * P, precision=prec)
-        U = base = a = bv = lhs = rhs = zeros = None
+        panel = ops.lowrank_sub(base, a, bv)
+        linv = torch.linalg.inv(torch.eye(P, device=dev) + 0.1 * torch.randn(N, P, P, generator=g).to(dev).tril(-1))
+        t = timeit(lambda: ops.lowrank_factor(panel, linv, torch.float16), dev, b.repeat)
+        # CUDA: the panel read once, [hi; lo; hi] fp16 written, one GEMM over 3P; CPU: one fp32 GEMM.
+        b.record("lowrank_factor", f"factor N={N} R={R} P={P} hi+lo fp16", t,
+                 bytes_=N * (4.0 * P * R + 3 * 2.0 * P * R + 3 * 2.0 * P * R + 4.0 * R * P),
+                 flops=2.0 * N * R * P * 3 * P, precision=prec)
+        U = base = a = bv = panel = linv = None
 
 
 def main(argv: Optional[List[str]] = None) -> None:

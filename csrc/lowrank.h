@@ -29,4 +29,20 @@ inline void check_lowrank_sub(const at::Tensor& base, const at::Tensor& a, const
                  base.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
 }
 
+// panel (N, P, R) and linv (N, P, P), both float32 or both float64, on one
+// device; split_dtype a floating dtype.
+inline void check_lowrank_factor(const at::Tensor& panel, const at::Tensor& linv, at::ScalarType split_dtype,
+                                 const char* op) {
+  check_dim(panel, 3, op, "panel", "(N, P, R)");
+  check_dim(linv, 3, op, "linv", "(N, P, P)");
+  S3_CHECK_TYPE(panel.scalar_type() == at::kFloat || panel.scalar_type() == at::kDouble, op,
+                ": `panel` must be float32 or float64, got ", panel.scalar_type());
+  check_dtype(linv, panel.scalar_type(), op, "linv");
+  S3_CHECK_TYPE(is_float_type(split_dtype), op, ": `split_dtype` must be a floating dtype, got ", split_dtype);
+  check_same_device(panel, linv, op, "panel", "linv");
+  S3_CHECK_VALUE(linv.size(0) == panel.size(0) && linv.size(1) == panel.size(1) && linv.size(2) == panel.size(1),
+                 op, ": shapes must be panel (N, P, R), linv (N, P, P), got panel ", panel.sizes(), ", linv ",
+                 linv.sizes());
+}
+
 }  // namespace s3sparse

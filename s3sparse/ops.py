@@ -26,6 +26,7 @@ __all__ = [
     "kth_largest",
     "score_subsets",
     "lowrank_sub",
+    "lowrank_factor",
     "sparsegpt_block_",
     "packed_to_dense",
     "packed_linear",
@@ -155,6 +156,29 @@ def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return _ops.lowrank_sub.default(base, a, b)
 
 
+def lowrank_factor(panel: Tensor, linv: Tensor, split_dtype: torch.dtype) -> Tensor:
+    """``panel.mT @ linv.mT`` at fp32 accuracy: a True OBS batch's new factor.
+
+    After a batch j prunes the columns S_j, the factors gain ``U_j = C[R, S_j] L_j⁻ᵀ``
+    (``L_j`` the Cholesky factor of ``C[S_j, S_j]``), from the panel ``C[S_j, R]`` that
+    :func:`lowrank_sub` formed and ``L_j⁻¹``. On CUDA with ``split_dtype`` float16 /
+    bfloat16 the product runs on tensor cores from hi + lo parts of both operands
+    (the panel read once, its parts written once; three products in one GEMM, only
+    lo·lo dropped, 2⁻²² relative; with float16, panel entries below about 2⁻³ lose
+    relative accuracy in lo's subnormal range, an absolute 2⁻²⁵ per entry: True OBS's
+    panels are Jacobi-scaled, |C| ≤ 1); otherwise it is one GEMM in the operands' dtype.
+
+    Args:
+        panel: (N, P, R) float32 (or float64).
+        linv: (N, P, P), ``panel``'s dtype.
+        split_dtype: the factors' storage dtype (``c_dtype``).
+
+    Returns:
+        (N, R, P) tensor of ``panel``'s dtype.
+    """
+    return _ops.lowrank_factor.default(panel, linv, split_dtype)
+
+
 # ---------------------------------------------------------------- SparseGPT
 # Status bits of sparsegpt_block_ (csrc/sparsegpt.h) and what they mean.
 SPARSEGPT_STATUS = {
@@ -274,6 +298,13 @@ def _lowrank_sub_fake(base, a, b):
     torch._check(a.shape[0] == base.shape[0] and b.shape[0] == base.shape[0])
     torch._check(a.shape[1] == base.shape[1] and b.shape[1] == base.shape[2] and a.shape[2] == b.shape[2])
     return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("s3sparse::lowrank_factor")
+def _lowrank_factor_fake(panel, linv, split_dtype):
+    torch._check(panel.dim() == 3 and linv.dim() == 3, lambda: "s3sparse.lowrank_factor: 3-D inputs")
+    torch._check(linv.shape[0] == panel.shape[0] and linv.shape[1] == panel.shape[1] and linv.shape[2] == panel.shape[1])
+    return panel.new_empty((panel.shape[0], panel.shape[2], panel.shape[1]))
 
 
 @torch.library.register_fake("s3sparse::sparsegpt_block_")

@@ -22,6 +22,7 @@ __all__ = [
     "kth_largest",
     "score_subsets",
     "lowrank_sub",
+    "lowrank_factor",
     "sparsegpt_block_",
     "sparsegpt_block_status",
     "interleaved_block_view",
@@ -151,6 +152,17 @@ def lowrank_sub(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """
     out = base.double() - a.double() @ b.double().transpose(1, 2)  # (N, P, R)
     return out.to(base.dtype)
+
+
+def lowrank_factor(panel: Tensor, linv: Tensor, split_dtype: torch.dtype) -> Tensor:
+    """``panel.mT @ linv.mT`` in float64: panel (N, P, R), linv (N, P, P) → (N, R, P).
+
+    A True OBS batch's new factor ``U_j = C[R, S_j] L_j⁻ᵀ`` (see
+    :func:`s3sparse.ops.lowrank_factor`; ``split_dtype`` only says how a kernel may
+    reach fp32 accuracy, not what it computes).
+    """
+    out = panel.double().transpose(1, 2) @ linv.double().transpose(1, 2)  # (N, R, P)
+    return out.to(panel.dtype)
 
 
 def sparsegpt_block_status(M: int, b: int, scope_ptr: Tensor, scope_cols: Tensor, scope_rows: Tensor, group_rows: Tensor) -> int:

@@ -103,6 +103,84 @@ def test_lowrank_sub_opcheck_and_compile(device):
         torch.testing.assert_close(got, f(base, a, b))
 
 
+# ---------------------------------------------------------------- lowrank_factor
+# U_j = panelᵀ L⁻ᵀ at fp32 accuracy. Bound: relative to Σ|panel||linv| — the hi/lo split
+# keeps fp32-level error (its dropped lo·lo term is 2⁻²² relative for fp16, 2⁻¹⁶ for bf16) —
+# plus, for fp16, lo's absolute step in fp16's subnormal range (2⁻²⁴) times Σ|linv|: panel
+# entries below ~2⁻³ lose relative accuracy there (True OBS's panels are Jacobi-scaled, |C| ≤ 1).
+_FACTOR_RTOL = {torch.float16: 2e-6, torch.bfloat16: 3e-5, torch.float32: 2e-6, torch.float64: 2e-6}
+_FACTOR_ATOL = {torch.float16: 2.0**-24, torch.bfloat16: 0.0, torch.float32: 0.0, torch.float64: 0.0}
+
+
+def _factor_case(dev, math_dtype, N, P, R, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    panel = (scale * torch.randn(N, P, R, generator=g, dtype=torch.float64)).to(math_dtype)
+    linv = torch.linalg.inv(torch.eye(P, dtype=torch.float64) + 0.3 * torch.randn(N, P, P, generator=g,
+                                                                                     dtype=torch.float64).tril(-1))
+    return panel.to(dev), linv.to(math_dtype).to(dev)
+
+
+@pytest.mark.parametrize("split_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 16, 40), (1, 1, 1), (2, 3, 0), (0, 2, 3), (4, 128, 130)])
+def test_lowrank_factor_matches_oracle(device, split_dtype, shape, seed):
+    N, P, R = shape
+    dev = _dev(device)
+    for math_dtype in (torch.float32, torch.float64):
+        for scale in (1.0, 1e-3, 300.0):  # hi/lo must keep relative accuracy at any magnitude
+            panel, linv = _factor_case(dev, math_dtype, N, P, R, seed, scale)
+            got = ops.lowrank_factor(panel, linv, split_dtype)
+            want = ref.lowrank_factor(panel.cpu(), linv.cpu(), split_dtype)
+            assert got.dtype == math_dtype and got.shape == (N, R, P)
+            bound = panel.double().abs().cpu().mT @ linv.double().abs().cpu().mT
+            err = (got.cpu().double() - want.double()).abs()
+            tol = _FACTOR_RTOL[split_dtype] if math_dtype == torch.float32 else 1e-12
+            atol = _FACTOR_ATOL[split_dtype] if math_dtype == torch.float32 else 0.0
+            linv_l1 = linv.double().abs().sum(-1).cpu().unsqueeze(1)  # (N, 1, P): Σ_i |linv[j, i]|
+            assert bool((err <= tol * bound + atol * linv_l1 + 1e-30).all()), (
+                f"{math_dtype} split {split_dtype} scale {scale}: max error {float(err.max()) if err.numel() else 0}")
+
+
+def test_lowrank_factor_non_contiguous_panel(device):
+    dev = _dev(device)
+    panel, linv = _factor_case(dev, torch.float32, 3, 6, 11, 5)
+    wide = torch.zeros(3, 6, 20, device=dev)
+    wide[:, :, 4:15] = panel
+    got = ops.lowrank_factor(wide[:, :, 4:15], linv, torch.float16)
+    torch.testing.assert_close(got.cpu(), ref.lowrank_factor(panel.cpu(), linv.cpu(), torch.float16), rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_factor_bad_inputs(device):
+    dev = _dev(device)
+    panel = torch.zeros(2, 3, 4, device=dev)
+    linv = torch.zeros(2, 3, 3, device=dev)
+    cases = [
+        (lambda: ops.lowrank_factor(panel.half(), linv.half(), torch.float16), TypeError, "`panel`"),
+        (lambda: ops.lowrank_factor(panel, linv.double(), torch.float16), TypeError, "`linv`"),
+        (lambda: ops.lowrank_factor(panel, linv, torch.int32), TypeError, "`split_dtype`"),
+        (lambda: ops.lowrank_factor(panel[0], linv, torch.float16), ValueError, "`panel`"),
+        (lambda: ops.lowrank_factor(panel, linv[:, :2], torch.float16), ValueError, "shapes"),
+        (lambda: ops.lowrank_factor(panel, linv[:1], torch.float16), ValueError, "shapes"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_lowrank_factor_opcheck_and_compile(device):
+    panel, linv = _factor_case(device, torch.float32, 2, 4, 6, 7)
+    for split_dtype in (torch.float16, torch.float32):
+        torch.library.opcheck(torch.ops.s3sparse.lowrank_factor.default, (panel, linv, split_dtype))
+
+    def f(panel, linv):
+        return ops.lowrank_factor(panel, linv, torch.float16) * 2
+
+    torch._dynamo.reset()
+    for backend in ("eager", "aot_eager", "inductor"):
+        got = torch.compile(f, backend=backend, fullgraph=True)(panel, linv)
+        torch.testing.assert_close(got, f(panel, linv))
+
+
 # ---------------------------------------------------------------- the Schur-update op family
 # True OBS stores no per-row C: after a row pruned the columns Q its C is the Schur
 # complement C0 - C0[:, Q] C0[Q, Q]⁻¹ C0[Q, :], kept as C0 - U Uᵀ, and every panel it reads
@@ -137,8 +215,7 @@ _SCHUR_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, to
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_lowrank_sub_panel_is_the_schur_complement(device, dtype, seed):
     """Factors built batch by batch as True OBS builds them (true_obs_sweep.ChunkSweep:
-    panel by lowrank_sub, L = chol(C[S_j, S_j]), U_j = C[:, S_j] L⁻ᵀ by lowrank_sub, hi + lo
-    parts for fp16/bf16 storage): every panel C0[S, R] - U[S] U[R]ᵀ equals the dense Schur
+    panel by lowrank_sub, L = chol(C[S_j, S_j]), U_j = C[:, S_j] L⁻ᵀ by lowrank_factor): every panel C0[S, R] - U[S] U[R]ᵀ equals the dense Schur
     complement of the columns eliminated before it, per row."""
     if device == "emu" and dtype in (torch.float16, torch.bfloat16):
         pytest.skip("the emulator's CPU BLAS has no fp16/bf16 GEMM with fp32 output")
@@ -169,15 +246,7 @@ def test_lowrank_sub_panel_is_the_schur_complement(device, dtype, seed):
         C_SS = torch.gather(panel, 2, S.to(dev).unsqueeze(1).expand(N, P, P))
         L = torch.linalg.cholesky(0.5 * (C_SS + C_SS.mT))
         Linv = torch.linalg.solve_triangular(L, eye.expand(N, P, P), upper=False)
-        if dtype in (torch.float16, torch.bfloat16):
-            ph = panel.to(dtype)
-            pl = (panel - ph.to(math_dtype)).to(dtype)
-            Lh = Linv.to(dtype)
-            Ll = (Linv - Lh.to(math_dtype)).to(dtype)
-            lhs, rhs = torch.cat([ph, ph, pl], dim=1).mT, torch.cat([-Lh, -Ll, -Lh], dim=2)
-        else:
-            lhs, rhs = panel.mT, -Linv
-        Uj = ops.lowrank_sub(torch.zeros(N, K, P, dtype=math_dtype, device=dev), lhs, rhs)
+        Uj = ops.lowrank_factor(panel, Linv, dtype)
         U[:, :, o : o + P] = Uj.to(dtype)
 
 

@@ -26,8 +26,8 @@ def test_the_cpu_plan_holds_half_factors_in_fp32_and_cuda_keeps_them_half(c_dtyp
     cpu = DevicePlan.for_device(torch.device("cpu"), c_dtype)
     cuda = DevicePlan.for_device(torch.device("cuda"), c_dtype)  # a plan only: no GPU needed
     math = torch.float64 if c_dtype == torch.float64 else torch.float32
-    assert cpu.store_dtype == math and not cpu.split_factor
-    assert cuda.store_dtype == c_dtype and cuda.split_factor == (c_dtype in HALF)
+    assert cpu.store_dtype == math
+    assert cuda.store_dtype == c_dtype
     assert cpu.factor_budget_bytes < cuda.factor_budget_bytes
 
 
@@ -52,10 +52,10 @@ def _sweep(name: str, c_dtype: torch.dtype, device_plan: DevicePlan, seed: int, 
 @pytest.mark.parametrize("name,ng", [("24", 4), ("48", 4), ("block16", 1)])
 @pytest.mark.parametrize("c_dtype", HALF, ids=str)
 def test_the_cpu_plan_gives_the_gpu_plans_result(name, ng, c_dtype, seed):
-    """The GPU plan (half factors, hi/lo products) run on the CPU against the CPU plan:
+    """The GPU plan (half factors) run on the CPU against the CPU plan:
     the same mask, the same weights to round-off, and the CPU plan's factors are exactly
     values of c_dtype held in fp32."""
-    gpu_plan = DevicePlan(store_dtype=c_dtype, split_factor=True, factor_budget_bytes=4 << 30)
+    gpu_plan = DevicePlan(store_dtype=c_dtype, factor_budget_bytes=4 << 30)
     cpu_plan = DevicePlan.for_device(torch.device("cpu"), c_dtype)
     W_gpu, s_gpu = _sweep(name, c_dtype, gpu_plan, seed, ng)
     W_cpu, s_cpu = _sweep(name, c_dtype, cpu_plan, seed, ng)
@@ -86,7 +86,7 @@ def test_the_cpu_plan_matches_fp64_as_closely_as_the_gpu_plan(seed):
     scope, nnz = pattern("24", W0r)
     layer = OBSLayer(scope, H)
     W_cpu, _ = _sweep("24", torch.float16, DevicePlan.for_device(torch.device("cpu"), torch.float16), seed, 4)
-    W_gpu, _ = _sweep("24", torch.float16, DevicePlan(torch.float16, True, 4 << 30), seed, 4)
+    W_gpu, _ = _sweep("24", torch.float16, DevicePlan(torch.float16, 4 << 30), seed, 4)
     W_64, _ = _sweep("24", torch.float64, DevicePlan.for_device(torch.device("cpu"), torch.float64), seed, 4)
     rows = layer.groups.rows.reshape(-1)
     ref = W0[rows]
@@ -102,14 +102,14 @@ def test_chunk_rows_respect_the_device_plans_budget(budget_mib, seed):
     layer = OBSLayer(scope, H)
     s = _schedule(layer, layer.working_copy(), layer.num_prune(nnz), TrueOBSOptions())
     budget = budget_mib << 20
-    plan = DevicePlan(store_dtype=torch.float32, split_factor=False, factor_budget_bytes=budget)
+    plan = DevicePlan(store_dtype=torch.float32, factor_budget_bytes=budget)
     rows = _auto_chunk_rows(layer, s.plan, plan)
     per_row = s.plan.bytes_per_group(torch.float32, 1)
     assert 1 <= rows <= layer.M
     assert rows == layer.M or rows * per_row <= max(budget, 32 * per_row)
     # more budget, never fewer rows; fp16 storage fits twice the factors
-    more = _auto_chunk_rows(layer, s.plan, DevicePlan(torch.float32, False, 4 * budget))
-    half = _auto_chunk_rows(layer, s.plan, DevicePlan(torch.float16, True, budget))
+    more = _auto_chunk_rows(layer, s.plan, DevicePlan(torch.float32, 4 * budget))
+    half = _auto_chunk_rows(layer, s.plan, DevicePlan(torch.float16, budget))
     assert more >= rows and half >= rows
 
 

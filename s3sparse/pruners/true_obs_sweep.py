@@ -6,8 +6,9 @@ Row r's C after batches 1..i-1 is ``C0 - Σ_j U_j U_jᵀ`` with
 batch forms just what it reads: the diagonal (or scope blocks) of its columns for
 scoring, and the panel ``C[S_b, R] = C0[S_b, R] - U[S_b] U[R]ᵀ`` over the columns R
 that later batches still visit: the Schur complement of the columns pruned so far,
-in factored form. The panel, the scope blocks and each new factor U_b are the one
-Schur-update op, :func:`s3sparse.ops.lowrank_sub`. A row group (rows whose scopes
+in factored form. The panel and the scope blocks are the Schur-update op
+:func:`s3sparse.ops.lowrank_sub`; each new factor U_b is :func:`s3sparse.ops.lowrank_factor`
+(and the diagonal row-local scoring reads is kept up to date from it). A row group (rows whose scopes
 couple them) keeps one factor matrix: each factor column belongs to the one row
 that pruned that column, so a batch of a row-coupled pattern costs one group's
 pruned columns, not every row's worst case.
@@ -50,34 +51,33 @@ _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, to
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """How one device holds and forms the factors U: the sweep's only device-dependent choices.
+    """How one device holds the factors U: the sweep's only device-dependent choices.
 
     ``c_dtype`` (the option) is the precision of the factors: every U_b is rounded to it,
-    and it sets the health tolerance and retry levels. Where they live and how U_b is
-    multiplied is this plan, chosen by measurement:
+    and it sets the health tolerance and retry levels. Where they live is this plan,
+    chosen by measurement:
 
     * CUDA: U stored in ``c_dtype`` (fp16 halves the memory traffic the sweep is bound
-      by, and tensor cores read it), U_b formed by hi/lo fp16 products (3 GEMMs at fp32
-      accuracy), chunks of up to 4 GiB of factors (the sweep is replayed as a CUDA graph,
-      so small chunks cost little).
+      by, and tensor cores read it), chunks of up to 4 GiB of factors (the sweep is
+      replayed as a CUDA graph, so small chunks cost little).
     * CPU: U stored in fp32 holding the same fp16-rounded values (CPU BLAS has no fp16
       GEMM: fp16 factors were widened to fp32 on every read, 40% of the time on MiniLM),
-      U_b one fp32 GEMM (the hi/lo split only re-creates fp32 there), chunks of up to
-      256 MiB (peak memory stays small; per-chunk overhead is a few dozen ops per batch).
+      chunks of up to 256 MiB (peak memory stays small; per-chunk overhead is a few
+      dozen ops per batch).
 
-    Outputs match across plans to fp32 round-off (the factor product's rounding order).
+    How U_b is multiplied is the op's (:func:`s3sparse.ops.lowrank_factor`: hi/lo
+    tensor-core products on CUDA, one fp32 GEMM on the CPU). Outputs match across
+    plans to fp32 round-off (the factor product's rounding order).
     """
 
     store_dtype: torch.dtype  # what U physically lives in
-    split_factor: bool  # form U_b by hi/lo products in c_dtype (tensor cores) instead of one math-dtype GEMM
     factor_budget_bytes: int  # chunk rows so their factors and workspaces stay within this (chunk_size=None)
 
     @staticmethod
     def for_device(device: torch.device, c_dtype: torch.dtype) -> "DevicePlan":
-        half = c_dtype in (torch.float16, torch.bfloat16)
         if torch.device(device).type == "cuda":
-            return DevicePlan(store_dtype=c_dtype, split_factor=half, factor_budget_bytes=4 << 30)
-        return DevicePlan(store_dtype=opmath_dtype(c_dtype), split_factor=False, factor_budget_bytes=256 << 20)
+            return DevicePlan(store_dtype=c_dtype, factor_budget_bytes=4 << 30)
+        return DevicePlan(store_dtype=opmath_dtype(c_dtype), factor_budget_bytes=256 << 20)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,6 @@ class ChunkSweep:
         self.device = device = w_rows.device
         self.c_dtype, self.math_dtype = c_dtype, opmath_dtype(c_dtype)
         dp = device_plan if device_plan is not None else DevicePlan.for_device(w_rows.device, c_dtype)
-        self.split = dp.split_factor
         self.P, self.Kc, self.nb = P, Kc, nb = plan.p, plan.order.numel(), len(batches)
         self.pruned_per_scope = (self.blocks_per_scope - nnz) * self.bk  # per group, exactly
         self.col_scale, self.C0s, self.C0p = inv.scale, inv.C, inv.C_plan
@@ -315,31 +314,17 @@ class ChunkSweep:
         Linv = torch.linalg.solve_triangular(L, eye.expand(Rc, P, P), upper=False) * ok.unsqueeze(-1)
         return Linv, ok
 
-    def _factor(self, panel: Tensor, Linv: Tensor, s0: int) -> Tensor:
-        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ (Rc, |R|, P), one GEMM in the math dtype; where the
-        device plan splits it (fp16/bf16 factors on CUDA), in hi + lo parts, which keeps it at
-        fp32 accuracy on tensor cores: the panel's parts [hi; lo; hi] are written once into one
-        buffer, and one product over 3P pairs them with [L_hi, L_hi, L_lo] (lo·L_lo dropped)."""
-        Rc, P, R = panel.shape
-        zero = torch.zeros((), dtype=self.math_dtype, device=self.device).expand(Rc, R, P)  # no memory
-        if not self.split:
-            return ops.lowrank_sub(zero, panel.mT, -Linv)
-        c_dtype = self.c_dtype
-        parts = torch.empty(Rc, 3 * P, R, dtype=c_dtype, device=self.device)
-        hi = parts[:, :P]
-        hi.copy_(panel)
-        torch.sub(panel, hi, out=parts[:, P : 2 * P])  # lo: what hi's rounding lost
-        parts[:, 2 * P :].copy_(hi)
-        Lh = Linv.to(c_dtype)
-        Ll = (Linv - Lh).to(c_dtype)
-        return ops.lowrank_sub(zero, parts.mT, -torch.cat([Lh, Lh, Ll], dim=2))
+    def _factor(self, panel: Tensor, Linv: Tensor) -> Tensor:
+        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ (Rc, |R|, P), at fp32 accuracy (op
+        ``lowrank_factor``: on CUDA from hi/lo parts in ``c_dtype`` on tensor cores)."""
+        return ops.lowrank_factor(panel, Linv, self.c_dtype)
 
     def _eliminate(self, bi: int, panel: Tensor, Linv: Tensor, ok: Tensor, S: Tensor, Sc: Tensor,
                    slot: Tensor) -> None:
         """Store the batch's factors U_b and its part of the forward solve; update the
         rows' weights on the columns later batches visit; retire the pruned columns."""
         s0, o, P, Kc, Rc, rpc = self.plan.start[bi], bi * self.P, self.P, self.Kc, self.Rc, self.rpc
-        Ub = self._factor(panel, Linv, s0)
+        Ub = self._factor(panel, Linv)
         U_new = self.U[:, s0:, o : o + P]
         U_new.copy_(Ub if U_new.dtype == self.c_dtype else Ub.to(self.c_dtype))  # rounded to c_dtype
         if self.track_diag:
