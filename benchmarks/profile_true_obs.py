@@ -67,13 +67,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_once(pattern: str, W0: torch.Tensor, H: torch.Tensor, ng) -> tuple:
+def run_once(pattern: str, W0: torch.Tensor, H: torch.Tensor, ng, panel_batches: int = 1) -> tuple:
     W = torch.nn.Parameter(W0.clone())
     scope, nnz = SCOPES[pattern](W)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    StructuredOBS(scope, H).prune_true_obs(nnz, ng=ng)
+    StructuredOBS(scope, H).prune_true_obs(nnz, ng=ng, panel_batches=panel_batches)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3, W.detach()
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--samples", "-N", type=int, default=8192)
     ap.add_argument("--patterns", nargs="+", default=["24"], choices=list(SCOPES))
     ap.add_argument("--ng", type=int, default=None)
+    ap.add_argument("--panel-batches", type=int, default=1, help="True OBS's blocked form: batches a read of the factors serves")
     ap.add_argument("--eager", action="store_true", help="no CUDA-graph replay of the chunk sweep")
     ap.add_argument("--full-warmup", action="store_true")
     ap.add_argument("--no-profile", action="store_true", help="only the timed call")
@@ -112,13 +113,13 @@ def main() -> None:
     layer = synthetic_layer(args.rows, args.cols, N=args.samples, device="cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),
               "s3sparse": getattr(s3sparse, "__version__", "?"), "M": args.rows, "K": args.cols, "N": args.samples,
-              "eager": args.eager, "patterns": {}}
+              "eager": args.eager, "panel_batches": args.panel_batches, "patterns": {}}
     for pattern in args.patterns:
-        run_once(pattern, layer.W[:256, :1024], layer.H[:1024, :1024].contiguous(), args.ng)
+        run_once(pattern, layer.W[:256, :1024], layer.H[:1024, :1024].contiguous(), args.ng, args.panel_batches)
         if args.full_warmup:
-            run_once(pattern, layer.W, layer.H, args.ng)
+            run_once(pattern, layer.W, layer.H, args.ng, args.panel_batches)
         torch.cuda.reset_peak_memory_stats()
-        seconds, W_pruned = run_once(pattern, layer.W, layer.H, args.ng)
+        seconds, W_pruned = run_once(pattern, layer.W, layer.H, args.ng, args.panel_batches)
         peak = torch.cuda.max_memory_allocated() / 2**30
         error = layer_error(W_pruned, layer.W, layer.H)
         print(f"# pattern {pattern}: {seconds:.3f} s, peak {peak:.2f} GiB, error {error:.6f}", flush=True)
@@ -127,7 +128,7 @@ def main() -> None:
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             t0 = time.perf_counter()
             with torch.profiler.profile(activities=acts) as prof:
-                run_once(pattern, layer.W, layer.H, args.ng)
+                run_once(pattern, layer.W, layer.H, args.ng, args.panel_batches)
             wall = time.perf_counter() - t0
             events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
                       or getattr(e, "self_device_time_total", 0) > 0]

@@ -91,6 +91,7 @@ class StructuredOBS:
         progress_fn: Optional[Callable[[str], None]] = None,
         process_group=None,
         refine: int = 0,
+        panel_batches: int = TrueOBSOptions.panel_batches,
     ) -> None:
         """Per-row True OBS with Schur-complement updates, in place.
 
@@ -105,8 +106,11 @@ class StructuredOBS:
         row-coupled patterns; ``chunk_size``: from free memory; ``c_dtype``: fp16 factors U);
         ``progress_fn`` and ``process_group`` as in :meth:`TrueOBS.prune_layer`;
         ``refine=N``: then N sweeps of exact swap refinement of the mask
-        (:func:`~s3sparse.pruners.refine_mask`), any regular pattern, row-coupled included.
+        (:func:`~s3sparse.pruners.refine_mask`), any regular pattern, row-coupled included;
+        ``panel_batches=G``: the blocked form, the factors read once per G batches (the
+        same result to round-off).
         """
         options = TrueOBSOptions(**_given(damp=self._damp, ng=ng, chunk_size=chunk_size, order=order,
-                                          scoring=scoring, c_dtype=c_dtype, refine=refine))
+                                          scoring=scoring, c_dtype=c_dtype, refine=refine,
+                                          panel_batches=panel_batches))
         TrueOBS(options).prune_layer(self.layer, nnz, progress_fn, process_group)

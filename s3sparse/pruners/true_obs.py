@@ -74,6 +74,12 @@ class TrueOBSOptions(MethodOptions):
         c_dtype: precision of the per-row factors U of C (math is fp32, fp64 for fp64):
             they are rounded to it, and stored in it on CUDA (on CPU, whose BLAS
             has no fp16 GEMM, the same values are held in fp32).
+        panel_batches: batches whose panels are formed from one read of the factors
+            (blocked form: the candidate rows of G batches' scopes formed at once,
+            then brought up to date batch by batch with each batch's own factor;
+            the same result as 1 to round-off, fewer bytes read where batches are
+            small, e.g. row-coupled patterns at ``ng=1``; the block panel holds
+            G batches' candidate rows). 1: a read of the factors per batch.
         refine: sweeps of exact swap refinement of the mask after pruning
             (:func:`~s3sparse.pruners.refine_mask`, with this ``damp``); 0: off.
             Patterns whose scopes each lie in one row only (not row-coupled ones).
@@ -88,6 +94,7 @@ class TrueOBSOptions(MethodOptions):
     scoring: str = dataclasses.field(default="independent", metadata={"choices": SCORINGS})
     c_dtype: torch.dtype = dataclasses.field(default=torch.float16, metadata={"choices": C_DTYPES})
     refine: int = 0
+    panel_batches: int = 1
 
     def __post_init__(self):
         self._set("damp", check_damp(self.damp))
@@ -100,6 +107,8 @@ class TrueOBSOptions(MethodOptions):
                                               what="rows held at once, or None"))
         check_dtype(self.c_dtype, "c_dtype", C_DTYPES)
         self._set("refine", check_int(self.refine, "refine", minimum=0, what="sweeps of mask refinement (0: off)"))
+        self._set("panel_batches", check_int(self.panel_batches, "panel_batches", minimum=1,
+                                             what="batches a read of the factors serves"))
 
     @property
     def enumerates_subsets(self) -> bool:
@@ -220,6 +229,7 @@ class _Schedule:
     nnz: int
     scoring: str
     subsets: Optional[Tensor]  # the candidate subsets of a scope ('joint' only)
+    panel_batches: int = 1
 
 
 def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> _Schedule:
@@ -238,10 +248,13 @@ def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> 
     batches = list(positions.split(ng_eff))
     plan = lazy_plan(layer, batches, ng_eff * pruned_per_scope)
     device_plan = DevicePlan.for_device(layer.W.device, o.c_dtype)
-    rows_per_chunk = int(o.chunk_size) if o.chunk_size is not None else _auto_chunk_rows(layer, plan, device_plan)
+    G = max(1, min(int(o.panel_batches), len(batches)))
+    block_rows = G * ng_eff * layer.layout.elems_per_scope if G > 1 else 0  # the block panel's rows per group
+    rows_per_chunk = (int(o.chunk_size) if o.chunk_size is not None
+                      else _auto_chunk_rows(layer, plan, device_plan, block_rows))
     groups_per_chunk = max(1, rows_per_chunk // g.rows_per_group)
     return _Schedule(batches, plan, device_plan, groups_per_chunk, layer.blocks_per_scope - num_prune, o.scoring,
-                     subsets)
+                     subsets, G)
 
 
 def _retry_levels(c_dtype: torch.dtype, damp: float) -> list[tuple[torch.dtype, float]]:
@@ -296,7 +309,7 @@ def _prune_level(layer: OBSLayer, W: Tensor, todo: Tensor, s: _Schedule, level: 
 
     def sweep(w_rows):
         return ChunkSweep(layer, w_rows, s.batches, s.nnz, s.scoring, s.subsets, inv, dtype, s.plan,
-                          device_plan).run()
+                          device_plan, s.panel_batches).run()
 
     def warmup():
         mini = s.batches[:2]
@@ -336,13 +349,14 @@ def _prescore_order(layer: OBSLayer, W: Tensor, num_prune: int, scoring: str, da
     return torch.argsort(cost.sum(dim=0), descending=True, stable=True)
 
 
-def _auto_chunk_rows(layer: OBSLayer, plan: LazyPlan, device_plan: DevicePlan) -> int:
+def _auto_chunk_rows(layer: OBSLayer, plan: LazyPlan, device_plan: DevicePlan, block_rows: int = 0) -> int:
     """Rows per chunk: within half the free memory, and within the device plan's
     budget (or 32 rows). CUDA, 4 GiB: with the sweep replayed as a CUDA graph,
     smaller chunks cost little time, and the peak stays near 8 GiB on a 2560×9728
     layer. CPU, 256 MiB: the same time as all rows at once, a fraction of the memory."""
     rpc = layer.groups.rows_per_group
-    per_row = -(-plan.bytes_per_group(device_plan.store_dtype, rpc) // rpc)
+    group_bytes = plan.bytes_per_group(device_plan.store_dtype, rpc) + 4 * block_rows * plan.order.numel()
+    per_row = -(-group_bytes // rpc)
     fits = _free_memory_bytes(layer.W.device) // 2 // per_row
     useful = max(32, device_plan.factor_budget_bytes // per_row)
     return int(max(1, min(fits, useful, layer.M)))

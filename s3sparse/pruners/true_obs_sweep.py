@@ -171,8 +171,10 @@ class ChunkSweep:
 
     def __init__(self, layer: OBSLayer, w_rows: Tensor, batches: list[Tensor], nnz: int, scoring: str,
                  subsets: Optional[Tensor], inv: ScaledInverse, c_dtype: torch.dtype, plan: LazyPlan,
-                 device_plan: Optional[DevicePlan] = None):
+                 device_plan: Optional[DevicePlan] = None, panel_batches: int = 1):
         g = layer.groups
+        self.G = max(1, int(panel_batches))  # batches whose panels one read of the factors forms
+        self.bp: Optional[Tensor] = None  # the block panel of the current run of G batches (see _block_panel)
         self.g, self.batches, self.nnz, self.scoring, self.subsets, self.plan = g, batches, nnz, scoring, subsets, plan
         self.blocks_per_scope, self.num_cols = layer.blocks_per_scope, layer.num_cols
         self.rpc, self.E, self.bk = g.rows_per_group, layer.layout.elems_per_scope, layer.bk
@@ -214,12 +216,55 @@ class ChunkSweep:
             s0 = self.plan.start[bi]
             pcols = self.plan.pos[self.g.cols[positions]]  # (n, E) plan positions
             lr = self.g.local_rows[positions]  # (n, E) row slot of each element
+            if self.G > 1 and bi % self.G == 0:
+                self._block_panel(bi)
             pruned = self._choose(bi, pcols, lr)
-            S, slot, valid, Sc = self._pruned_positions(pruned, pcols, lr, s0)
-            panel = self._panel(bi, Sc, slot)
+            S, slot, valid, Sc, sel = self._pruned_positions(pruned, pcols, lr, s0)
+            panel = self._panel(bi, Sc, slot, sel)
             Linv, ok = self._pivot_inverse(panel, s0, Sc, slot, valid)
             self._eliminate(bi, panel, Linv, ok, S, Sc, slot)
+            if self.G > 1 and (bi + 1) % self.G and bi + 1 < self.nb:
+                self._update_block_panel(bi)
         return self._finish()
+
+    # Blocked form (panel_batches = G > 1): the factors U[R] are read once per G
+    # batches, not once per batch. At the first batch b of a run of G, every
+    # candidate element e = (row slot, column) of the run's scopes gets its row of
+    # its row's current C, C_slot[col_e, R0] = C0[col_e, R0] - U[col_e] U[R0]ᵀ over the
+    # factor columns that slot owns (R0 = [start[b], Kc)): the block panel. Each
+    # batch of the run reads its scope blocks and its pruned rows from it, and after
+    # its elimination the rows of the run's later batches are brought up to date by
+    # the batch's own rank-P factor U_j (right-looking inside the run). Same math as
+    # G = 1 to round-off; the block panel holds G·(elements a batch) rows.
+    def _block_panel(self, b0: int) -> None:
+        """Form the block panel of batches b0 .. b0+G-1: (Rc, elements, Kc - start[b0])."""
+        run = self.batches[b0 : b0 + self.G]
+        s0, o, Rc = self.plan.start[b0], b0 * self.P, self.Rc
+        cols = torch.cat([self.plan.pos[self.g.cols[pos]].reshape(-1) for pos in run])  # (Ne,) plan positions
+        slots = torch.cat([self.g.local_rows[pos].reshape(-1) for pos in run])  # (Ne,)
+        counts = [pos.numel() * self.E for pos in run]
+        self.bp_first = {b0 + j: sum(counts[:j]) for j in range(len(run))}  # batch -> its first row
+        self.bp_cols, self.bp_slots, self.bp_s0 = cols, slots, s0
+        U = self.U
+        a = U[self.g_idx, cols.unsqueeze(0), :o]  # (Rc, Ne, o)
+        if self.rpc > 1:
+            a = a * (self.owner[:, None, :o] == slots.view(1, -1, 1))
+        base = self.C0p[cols, s0:].unsqueeze(0).expand(Rc, -1, -1)
+        self.bp = ops.lowrank_sub(base, a, U[:, s0:, :o])
+
+    def _update_block_panel(self, bi: int) -> None:
+        """Bring the block panel's rows of the batches after bi up to date with batch bi's
+        factor: C_slot[col_e, R] -= U_bi[col_e] U_bi[R]ᵀ over U_bi's columns that slot owns."""
+        s0, o, P = self.plan.start[bi], bi * self.P, self.P
+        first = self.bp_first[bi + 1]
+        cols, slots = self.bp_cols[first:], self.bp_slots[first:]
+        off = s0 - self.bp_s0
+        Ub = self.U[:, :, o : o + P]  # as stored (rounded to c_dtype), as the G = 1 panels read it
+        a = Ub[self.g_idx, cols.unsqueeze(0)]  # (Rc, rest, P)
+        if self.rpc > 1:
+            a = a * (self.owner[:, None, o : o + P] == slots.view(1, -1, 1))
+        rest = self.bp[:, first:, off:]
+        rest.copy_(ops.lowrank_sub(rest, a, Ub[:, s0:]))
 
     def _choose(self, bi: int, pcols: Tensor, lr: Tensor) -> Tensor:
         """The pruned elements of this batch's scopes in every group: (Rc, n, E) bool.
@@ -262,18 +307,24 @@ class ChunkSweep:
         """
         U, Rc = self.U, self.Rc
         n, E = pcols.shape
+        same_row = (lr.unsqueeze(-1) == lr.unsqueeze(-2)).repeat(Rc, 1, 1)
+        if self.bp is not None:  # from the block panel: rows of this batch, its own columns
+            first = self.bp_first[o // self.P]
+            rows = self.bp[:, first : first + n * E].reshape(Rc, n, E, -1)
+            idx = (pcols - self.bp_s0).view(1, n, 1, E).expand(Rc, n, E, E)
+            return torch.gather(rows, 3, idx).reshape(Rc * n, E, E) * same_row
         Ug = U[torch.arange(Rc, device=U.device).view(Rc, 1, 1), pcols, :o]  # (Rc, n, E, o)
         mine = self.owner[:, None, None, :o] == lr[None, :, :, None]
         base = self.C0p[pcols.unsqueeze(-1), pcols.unsqueeze(-2)].expand(Rc, n, E, E).reshape(Rc * n, E, E)
         blocks = ops.lowrank_sub(base, (Ug * mine).reshape(Rc * n, E, o), Ug.reshape(Rc * n, E, o))
-        same_row = (lr.unsqueeze(-1) == lr.unsqueeze(-2)).repeat(Rc, 1, 1)
         return blocks * same_row
 
     def _pruned_positions(self, pruned: Tensor, pcols: Tensor, lr: Tensor, s0: int):
         """The group's pruned elements, in element order (every group prunes exactly
         ``pruned_per_scope`` elements of each scope), padded to P: their plan
-        positions S (-1: padding), row slots, ``valid`` and ``Sc`` (S with padding
-        and failed groups reading the harmless position ``s0``), each (Rc, P)."""
+        positions S (-1: padding), row slots, ``valid``, ``Sc`` (S with padding
+        and failed groups reading the harmless position ``s0``) and ``sel`` (each one's
+        element index in the batch), each (Rc, P)."""
         Rc, P, E = self.Rc, self.P, self.E
         n = pcols.shape[0]
         Pb = n * self.pruned_per_scope
@@ -282,11 +333,15 @@ class ChunkSweep:
         slot = torch.nn.functional.pad(lr.reshape(-1)[sel], (0, P - Pb), value=0)  # (Rc, P)
         valid = (S >= 0) & ~self.failed.unsqueeze(1)
         Sc = torch.where(valid, S, s0)  # padding reads a harmless position
-        return S, slot, valid, Sc
+        sel = torch.nn.functional.pad(sel, (0, P - Pb), value=0)  # (Rc, P) element of the batch
+        return S, slot, valid, Sc, sel
 
-    def _panel(self, bi: int, Sc: Tensor, slot: Tensor) -> Tensor:
+    def _panel(self, bi: int, Sc: Tensor, slot: Tensor, sel: Tensor) -> Tensor:
         """Panel C_row[S_b, R] = C0[S_b, R] - Σ_{own factor cols} U[S_b] U[R]ᵀ, R = [s0, Kc): (Rc, P, |R|)."""
         s0, o, U = self.plan.start[bi], bi * self.P, self.U
+        if self.bp is not None:  # the block panel's rows of the pruned elements, from column s0
+            rows = self.bp[:, :, s0 - self.bp_s0 :]
+            return torch.gather(rows, 1, (self.bp_first[bi] + sel).unsqueeze(-1).expand(-1, -1, rows.shape[2]))
         a = U[self.g_idx, Sc, :o]
         if self.rpc > 1:
             a = a * (self.owner[:, None, :o] == slot.unsqueeze(-1))

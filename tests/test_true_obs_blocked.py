@@ -1,0 +1,52 @@
+"""True OBS's blocked form (``panel_batches = G``): the factors read once per G batches.
+
+The candidate rows of G batches' scopes are formed at once from the factors (the block
+panel) and brought up to date after each batch by that batch's own factor, instead of
+each batch reading every factor again. It is the same elimination, so it must give the
+same mask and the same weights as ``panel_batches=1`` up to round-off, on row-local and
+row-coupled patterns, whether G divides the number of batches or not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruner_utils import make_layer, pattern
+from s3sparse.errors import ArgumentError
+from s3sparse.pruners.true_obs import TrueOBS, TrueOBSOptions
+from s3sparse.pruners import true_obs_sweep
+
+
+def _prune(name: str, ng: int, G: int, c_dtype: torch.dtype, seed: int) -> torch.Tensor:
+    W, _, H = make_layer(32, 256, 512, seed)
+    Wp = torch.nn.Parameter(W.clone())
+    scope, nnz = pattern(name, Wp)
+    TrueOBS(ng=ng, panel_batches=G, c_dtype=c_dtype).prune(scope, H, nnz)
+    return Wp.detach()
+
+
+@pytest.mark.parametrize("name,ng", [("block16", 1), ("coupled24", 1), ("24", 4), ("48", 2)])
+@pytest.mark.parametrize("c_dtype", [torch.float16, torch.float64], ids=str)
+def test_blocked_sweep_gives_the_unblocked_result(name, ng, c_dtype, seed, monkeypatch):
+    formed = []
+    real = true_obs_sweep.ChunkSweep._block_panel
+    monkeypatch.setattr(true_obs_sweep.ChunkSweep, "_block_panel",
+                        lambda self, b0: (formed.append(b0), real(self, b0))[1])
+    want = _prune(name, ng, 1, c_dtype, seed)
+    assert not formed  # G = 1: no block panel
+    for G in (3, 8, 1000):  # G not dividing the batches; G past the last batch
+        formed.clear()
+        got = _prune(name, ng, G, c_dtype, seed)
+        assert formed and formed[0] == 0  # the blocked form ran
+        assert torch.equal(got == 0, want == 0), f"G={G}: the mask differs"
+        # fp16 factors: a factor's rounding can tip where the block panel's fp32 sums
+        # (accumulated batch by batch) differ from one product's in the last bit.
+        tol = 1e-4 if c_dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_panel_batches_is_checked():
+    with pytest.raises(ArgumentError, match="panel_batches"):
+        TrueOBSOptions(panel_batches=0)
+    assert TrueOBSOptions().panel_batches == 1
