@@ -35,9 +35,9 @@ TORCH_LIBRARY(s3sparse, m) {
 
   // A batch's new factor U_j = C[R, S_j] L_j^-T = panel^T linv^T: panel (N, P, R)
   // (the batch's rows of C), linv (N, P, P) (L_j^-1), both fp32 (or both fp64);
-  // out (N, R, P) in their dtype, at fp32 accuracy. With split_dtype fp16/bf16 a
-  // kernel may form it on tensor cores from hi + lo parts of both operands in
-  // split_dtype (3 products; lo x lo dropped): CUDA does, reading the panel once;
+  // out (N, R, P) in their dtype, at fp32 accuracy (bf16 parts: 16 bits). With
+  // split_dtype fp16/bf16 a kernel may form it on tensor cores from hi + lo parts
+  // of both operands in split_dtype (3 products; lo x lo dropped): CUDA does, reading the panel once;
   // the CPU multiplies in fp32 (its BLAS has no fp16 GEMM).
   m.def("lowrank_factor(Tensor panel, Tensor linv, ScalarType split_dtype) -> Tensor");
 

@@ -164,9 +164,13 @@ def lowrank_factor(panel: Tensor, linv: Tensor, split_dtype: torch.dtype) -> Ten
     :func:`lowrank_sub` formed and ``L_j⁻¹``. On CUDA with ``split_dtype`` float16 /
     bfloat16 the product runs on tensor cores from hi + lo parts of both operands
     (the panel read once, its parts written once; three products in one GEMM, only
-    lo·lo dropped, 2⁻²² relative; with float16, panel entries below about 2⁻³ lose
-    relative accuracy in lo's subnormal range, an absolute 2⁻²⁵ per entry: True OBS's
-    panels are Jacobi-scaled, |C| ≤ 1); otherwise it is one GEMM in the operands' dtype.
+    lo·lo dropped: 2⁻²² relative for float16, 2⁻¹⁶ for bfloat16, whose hi + lo keeps
+    16 bits; with float16, panel entries below about 2⁻³ lose relative accuracy in
+    lo's subnormal range, an absolute 2⁻²⁵ per entry, and ``linv`` entries past
+    65504 overflow, giving inf/NaN: True OBS's panels are Jacobi-scaled, |C| ≤ 1, and
+    it redoes in fp32 a group whose result is not finite); otherwise it is one GEMM
+    in the operands' dtype (an fp32 GEMM follows torch's TF32 setting, as every
+    fp32 matmul does).
 
     Args:
         panel: (N, P, R) float32 (or float64).

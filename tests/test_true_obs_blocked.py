@@ -18,26 +18,38 @@ from s3sparse.pruners.true_obs import TrueOBS, TrueOBSOptions
 from s3sparse.pruners import true_obs_sweep
 
 
-def _prune(name: str, ng: int, G: int, c_dtype: torch.dtype, seed: int) -> torch.Tensor:
+def _prune(name: str, ng: int, G: int, c_dtype: torch.dtype, seed: int, **options) -> torch.Tensor:
     W, _, H = make_layer(32, 256, 512, seed)
     Wp = torch.nn.Parameter(W.clone())
     scope, nnz = pattern(name, Wp)
-    TrueOBS(ng=ng, panel_batches=G, c_dtype=c_dtype).prune(scope, H, nnz)
+    TrueOBS(ng=ng, panel_batches=G, c_dtype=c_dtype, **options).prune(scope, H, nnz)
     return Wp.detach()
 
 
-@pytest.mark.parametrize("name,ng", [("block16", 1), ("coupled24", 1), ("24", 4), ("48", 2)])
+CASES = [  # (pattern, ng, options)
+    ("block16", 1, {}),
+    ("coupled24", 1, {}),
+    ("24", 4, {}),
+    ("48", 2, {}),
+    ("24", 4, {"order": "largest_first"}),  # batches' columns not contiguous
+    ("block16", 1, {"order": "largest_first"}),
+    ("24", 4, {"scoring": "joint"}),  # scope blocks from the block panel, scored by subsets
+]
+
+
+@pytest.mark.parametrize("name,ng,options", CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
+                         ",".join(f"{k}={x}" for k, x in v.items()) or "-")
 @pytest.mark.parametrize("c_dtype", [torch.float16, torch.float64], ids=str)
-def test_blocked_sweep_gives_the_unblocked_result(name, ng, c_dtype, seed, monkeypatch):
+def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, seed, monkeypatch):
     formed = []
     real = true_obs_sweep.ChunkSweep._block_panel
     monkeypatch.setattr(true_obs_sweep.ChunkSweep, "_block_panel",
                         lambda self, b0: (formed.append(b0), real(self, b0))[1])
-    want = _prune(name, ng, 1, c_dtype, seed)
+    want = _prune(name, ng, 1, c_dtype, seed, **options)
     assert not formed  # G = 1: no block panel
     for G in (3, 8, 1000):  # G not dividing the batches; G past the last batch
         formed.clear()
-        got = _prune(name, ng, G, c_dtype, seed)
+        got = _prune(name, ng, G, c_dtype, seed, **options)
         assert formed and formed[0] == 0  # the blocked form ran
         assert torch.equal(got == 0, want == 0), f"G={G}: the mask differs"
         # fp16 factors: a factor's rounding can tip where the block panel's fp32 sums

@@ -10,10 +10,10 @@ compensated jointly on all remaining weights of the row.
 No per-row C is stored or updated. Each row group keeps the factors U of its
 updates (``C = C0 − U Uᵀ``, ``C0 = (H + λI)⁻¹``), and each batch forms only the
 part of C it reads, the panel ``C0[S, R] − U[S] U[R]ᵀ``: the Schur complement of
-the columns pruned so far, in factored (left-looking) form. That panel, the scope
-blocks scoring reads and the new factors are the Schur-update op
-:func:`s3sparse.ops.lowrank_sub` (:mod:`.true_obs_sweep`); the sweep is replayed
-per row chunk as a CUDA graph (:mod:`.replay`).
+the columns pruned so far, in factored (left-looking) form. That panel and the
+scope blocks scoring reads are the Schur-update op :func:`s3sparse.ops.lowrank_sub`,
+the new factors :func:`s3sparse.ops.lowrank_factor` (:mod:`.true_obs_sweep`); the
+sweep is replayed per row chunk as a CUDA graph (:mod:`.replay`).
 
 This module is the driver: options, the batches and their column plan, the
 device plan (:class:`~.true_obs_sweep.DevicePlan`: how the factors are held and
@@ -249,7 +249,9 @@ def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> 
     plan = lazy_plan(layer, batches, ng_eff * pruned_per_scope)
     device_plan = DevicePlan.for_device(layer.W.device, o.c_dtype)
     G = max(1, min(int(o.panel_batches), len(batches)))
-    block_rows = G * ng_eff * layer.layout.elems_per_scope if G > 1 else 0  # the block panel's rows per group
+    # The block panel's rows per group, twice: a run's panel and the temporaries of
+    # its formation / updates (the factor gather, an update's out-of-place result).
+    block_rows = 2 * G * ng_eff * layer.layout.elems_per_scope if G > 1 else 0
     rows_per_chunk = (int(o.chunk_size) if o.chunk_size is not None
                       else _auto_chunk_rows(layer, plan, device_plan, block_rows))
     groups_per_chunk = max(1, rows_per_chunk // g.rows_per_group)

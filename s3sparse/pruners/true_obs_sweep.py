@@ -24,8 +24,8 @@ replayed for every chunk (:mod:`.true_obs` does).
 
 * :func:`lazy_plan` / :class:`LazyPlan`: the column order that makes every
   batch's panel one suffix of the factors' rows;
-* :class:`DevicePlan`: how the factors are held and formed on this kind of device
-  (the only device-dependent choices; the results are the same to fp32 round-off);
+* :class:`DevicePlan`: how the factors are held on this kind of device (the only
+  device-dependent choices; the results are the same to fp32 round-off);
 * :class:`ScaledInverse`: C0 in Jacobi-scaled coordinates, shared by the chunks;
 * :class:`ChunkSweep`: the sweep itself, one method per step of a batch.
 """
@@ -238,6 +238,7 @@ class ChunkSweep:
     # G = 1 to round-off; the block panel holds G·(elements a batch) rows.
     def _block_panel(self, b0: int) -> None:
         """Form the block panel of batches b0 .. b0+G-1: (Rc, elements, Kc - start[b0])."""
+        self.bp = None  # the previous run's panel: freed before the new one is formed
         run = self.batches[b0 : b0 + self.G]
         s0, o, Rc = self.plan.start[b0], b0 * self.P, self.Rc
         cols = torch.cat([self.plan.pos[self.g.cols[pos]].reshape(-1) for pos in run])  # (Ne,) plan positions
@@ -264,7 +265,7 @@ class ChunkSweep:
         if self.rpc > 1:
             a = a * (self.owner[:, None, o : o + P] == slots.view(1, -1, 1))
         rest = self.bp[:, first:, off:]
-        rest.copy_(ops.lowrank_sub(rest, a, Ub[:, s0:]))
+        rest.copy_(ops.lowrank_sub(rest, a, Ub[:, s0:]))  # (a temporary of rest's size: counted in the chunk plan)
 
     def _choose(self, bi: int, pcols: Tensor, lr: Tensor) -> Tensor:
         """The pruned elements of this batch's scopes in every group: (Rc, n, E) bool.
@@ -275,7 +276,7 @@ class ChunkSweep:
         row-local blocks of 2 under batches of 64 scopes). 'joint' scores whole
         subsets of a scope exactly.
         """
-        Rc, E, bk, o = self.Rc, self.E, self.bk, bi * self.P
+        Rc, E, bk = self.Rc, self.E, self.bk
         n = pcols.shape[0]
         w = self.w_cur[self.local_base + lr, pcols]  # (Rc, n, E)
         if self.track_diag:
@@ -283,7 +284,7 @@ class ChunkSweep:
             cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
             block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
         else:
-            blocks = self._scope_blocks(pcols, lr, o)  # (Rc·n, E, E)
+            blocks = self._scope_blocks(bi, pcols, lr)  # (Rc·n, E, E)
             d = torch.diagonal(blocks, dim1=1, dim2=2).reshape(Rc, n, E)
             if self.scoring == "independent":
                 block_cost = _block_costs(w.reshape(-1, E), blocks, self.blocks_per_scope).view(Rc, n, -1)
@@ -300,16 +301,18 @@ class ChunkSweep:
         pruned.scatter_(1, self.subsets[best], True)
         return pruned.view(Rc, n, E)
 
-    def _scope_blocks(self, pcols: Tensor, lr: Tensor, o: int) -> Tensor:
+    def _scope_blocks(self, bi: int, pcols: Tensor, lr: Tensor) -> Tensor:
         """Current C of each row on each scope's elements, block-diagonal by row: (Rc·n, E, E).
 
-        Row r's C is ``C0 - Σ_i U[:, i] U[:, i]ᵀ`` over the factor columns i it owns.
+        Row r's C is ``C0 - Σ_i U[:, i] U[:, i]ᵀ`` over the factor columns i it owns;
+        in the blocked form it is read from the block panel (kept up to date).
         """
+        o = bi * self.P
         U, Rc = self.U, self.Rc
         n, E = pcols.shape
         same_row = (lr.unsqueeze(-1) == lr.unsqueeze(-2)).repeat(Rc, 1, 1)
         if self.bp is not None:  # from the block panel: rows of this batch, its own columns
-            first = self.bp_first[o // self.P]
+            first = self.bp_first[bi]
             rows = self.bp[:, first : first + n * E].reshape(Rc, n, E, -1)
             idx = (pcols - self.bp_s0).view(1, n, 1, E).expand(Rc, n, E, E)
             return torch.gather(rows, 3, idx).reshape(Rc * n, E, E) * same_row
@@ -324,7 +327,8 @@ class ChunkSweep:
         ``pruned_per_scope`` elements of each scope), padded to P: their plan
         positions S (-1: padding), row slots, ``valid``, ``Sc`` (S with padding
         and failed groups reading the harmless position ``s0``) and ``sel`` (each one's
-        element index in the batch), each (Rc, P)."""
+        element index in the batch; padding: element 0, whose panel row L⁻¹ then
+        ignores), each (Rc, P)."""
         Rc, P, E = self.Rc, self.P, self.E
         n = pcols.shape[0]
         Pb = n * self.pruned_per_scope
