@@ -17,6 +17,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 GIB = 2.0**30
 
+# A 2-block Qwen3 config (hidden 64) for CPU smoke runs of the model benchmarks.
+TINY_QWEN3 = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=512, max_position_embeddings=256, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
 
 def git_commit() -> str:
     """``$S3SPARSE_GIT_COMMIT`` / ``$S3SPARSE_COMMIT`` if set (a copy without .git, e.g. on a GPU

@@ -81,7 +81,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import GIB, environment, sync  # noqa: E402
+from common import GIB, TINY_QWEN3, environment, sync  # noqa: E402
 
 # Qwen3-4B's shape (its config.json), random weights.
 QWEN3_4B = dict(
@@ -89,11 +89,7 @@ QWEN3_4B = dict(
     head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
-TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=512, max_position_embeddings=256, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+TINY = TINY_QWEN3
 TINY_WINDOWS, TINY_SEQ_LEN = 4, 64
 LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -161,8 +157,10 @@ class PipelineTimer:
     synchronises ``device`` before and after its call, so a piece's time is its own.
     """
 
-    WRAPPED = ("_capture_first_inputs", "_block_hessians", "run_block", "_error_sums", "_prune_layer",
-               "_prune_block", "HessianAccumulator")
+    # Each timed piece and the function of s3sparse.llm.pipeline whose calls it is.
+    PIECES = {"capture": "_capture_first_inputs", "dense_forward": "_block_hessians", "hessian": "HessianAccumulator",
+              "pruned_forward": "run_block", "block_error": "_error_sums", "layer": "_prune_layer"}
+    WRAPPED = tuple(PIECES.values()) + ("_prune_block",)
 
     def __init__(self, device: torch.device, label: str, n_blocks: int, print_fn: Callable[[str], None] = print):
         from s3sparse.llm import pipeline
@@ -173,9 +171,7 @@ class PipelineTimer:
         self.n_blocks = n_blocks
         self.print = print_fn
         self.missing = [name for name in self.WRAPPED if not hasattr(pipeline, name)]
-        self.seconds: Dict[str, float] = {k: 0.0 for k in
-                                          ("capture", "dense_forward", "hessian", "pruned_forward", "block_error",
-                                           "layer")}
+        self.seconds: Dict[str, float] = {k: 0.0 for k in self.PIECES}
         self.blocks: List[Dict[str, Any]] = []
         self._in_dense = False
         self._saved: Dict[str, Any] = {}
@@ -197,10 +193,13 @@ class PipelineTimer:
         self._saved = dict(originals)
         timer = self
 
-        if "_capture_first_inputs" in originals:
-            def capture(*args, **kwargs):
-                return timer._timed("capture", originals["_capture_first_inputs"], *args, **kwargs)
-            p._capture_first_inputs = capture
+        def timed(key: str, fn: Callable) -> Callable:
+            return lambda *args, **kwargs: timer._timed(key, fn, *args, **kwargs)
+
+        for key in ("capture", "block_error", "layer"):  # timed as they are
+            name = self.PIECES[key]
+            if name in originals:
+                setattr(p, name, timed(key, originals[name]))
 
         if "_block_hessians" in originals:
             def block_hessians(*args, **kwargs):
@@ -217,16 +216,6 @@ class PipelineTimer:
                     return originals["run_block"](*args, **kwargs)
                 return timer._timed("pruned_forward", originals["run_block"], *args, **kwargs)
             p.run_block = run_block
-
-        if "_error_sums" in originals:
-            def error_sums(*args, **kwargs):
-                return timer._timed("block_error", originals["_error_sums"], *args, **kwargs)
-            p._error_sums = error_sums
-
-        if "_prune_layer" in originals:
-            def prune_layer(*args, **kwargs):
-                return timer._timed("layer", originals["_prune_layer"], *args, **kwargs)
-            p._prune_layer = prune_layer
 
         if "HessianAccumulator" in originals:
             base = originals["HessianAccumulator"]
@@ -270,9 +259,7 @@ class PipelineTimer:
 
     def piece(self, key: str) -> Optional[float]:
         """Seconds of one piece, or None when the function it wraps was missing."""
-        needs = {"capture": "_capture_first_inputs", "dense_forward": "_block_hessians", "hessian": "HessianAccumulator",
-                 "pruned_forward": "run_block", "block_error": "_error_sums", "layer": "_prune_layer"}[key]
-        return None if needs in self.missing else self.seconds[key]
+        return None if self.PIECES[key] in self.missing else self.seconds[key]
 
 
 # ------------------------------------------------------------------ checking the pattern from the weights

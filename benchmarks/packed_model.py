@@ -57,7 +57,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import copy_bandwidth, environment, pick_calls, sync, time_eager, time_graph, warm_up  # noqa: E402
+from common import (TINY_QWEN3, copy_bandwidth, environment, pick_calls, sync, time_eager, time_graph,  # noqa: E402
+                    warm_up)
 
 from s3sparse.llm import pack_model, parse_pattern  # noqa: E402
 
@@ -67,11 +68,7 @@ QWEN3_0_6B = dict(
     head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
-QUICK = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=512, max_position_embeddings=256, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+QUICK = TINY_QWEN3
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Largest accepted ‖logits − logits_ref‖ / ‖logits_ref‖: the packed step against the dense step, and the

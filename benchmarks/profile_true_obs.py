@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
 from data import synthetic_layer  # noqa: E402
 
-import s3sparse  # noqa: E402
 from s3sparse import StructuredOBS, patterns  # noqa: E402
 
 SCOPES = {
@@ -54,17 +52,6 @@ def kind_of(name: str) -> str:
         if re.search(pat, name, re.IGNORECASE):
             return kind
     return "other"
-
-
-def git_commit() -> str:
-    env = os.environ.get("S3SPARSE_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def run_once(pattern: str, W0: torch.Tensor, H: torch.Tensor, ng, panel_batches: int = 1) -> tuple:
@@ -111,8 +98,7 @@ def main() -> None:
         real = true_obs.GraphReplay
         true_obs.GraphReplay = lambda fn, warmup=None, enabled=True: real(fn, warmup, enabled=False)
     layer = synthetic_layer(args.rows, args.cols, N=args.samples, device="cuda")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),
-              "s3sparse": getattr(s3sparse, "__version__", "?"), "M": args.rows, "K": args.cols, "N": args.samples,
+    result = {**environment(torch.device("cuda")), "M": args.rows, "K": args.cols, "N": args.samples,
               "eager": args.eager, "panel_batches": args.panel_batches, "patterns": {}}
     for pattern in args.patterns:
         run_once(pattern, layer.W[:256, :1024], layer.H[:1024, :1024].contiguous(), args.ng, args.panel_batches)
@@ -130,28 +116,28 @@ def main() -> None:
             with torch.profiler.profile(activities=acts) as prof:
                 run_once(pattern, layer.W, layer.H, args.ng, args.panel_batches)
             wall = time.perf_counter() - t0
-            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-                      or getattr(e, "self_device_time_total", 0) > 0]
+            averages = prof.key_averages()
             kernels = []
-            for e in prof.key_averages():
+            for e in averages:
                 t = getattr(e, "self_device_time_total", None)
                 if t is None:
                     t = e.self_cuda_time_total
-                if t and t > 0 and not e.key.startswith("aten::") and not e.key.startswith("s3sparse::"):
+                if t and t > 0 and not e.key.startswith(("aten::", "s3sparse::")):
                     kernels.append((e.key, t / 1e6, e.count))
             kernels.sort(key=lambda k: -k[1])
             total = sum(k[1] for k in kernels)
             by_kind: dict = {}
             for name, t, _ in kernels:
-                by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + t
-            print(f"  profiled call: {wall:.3f} s wall, {total:.3f} s of kernels ({len(events)} device events)")
+                kind = kind_of(name)
+                by_kind[kind] = by_kind.get(kind, 0.0) + t
+            print(f"  profiled call: {wall:.3f} s wall, {total:.3f} s of kernels ({len(kernels)} kernels)")
             for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
                 print(f"  {kind:16s} {t:8.3f} s  {100 * t / max(total, 1e-12):5.1f}%")
             print(f"  {'kernel':90s} {'s':>8s} {'calls':>7s}")
             for name, t, count in kernels[: args.top]:
                 print(f"  {name[:90]:90s} {t:8.3f} {count:7d}")
             ops_ = []
-            for e in prof.key_averages():
+            for e in averages:
                 t = getattr(e, "device_time_total", None)
                 if t is None:
                     t = e.cuda_time_total

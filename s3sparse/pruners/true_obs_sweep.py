@@ -186,12 +186,11 @@ class ChunkSweep:
         self.P, self.Kc, self.nb = P, Kc, nb = plan.p, plan.order.numel(), len(batches)
         self.pruned_per_scope = (self.blocks_per_scope - nnz) * self.bk  # per group, exactly
         self.col_scale, self.C0s, self.C0p = inv.scale, inv.C, inv.C_plan
-        self.C0p_diag = torch.diagonal(self.C0p)
         # Rows whose scopes lie in one row score blocks by diag C alone: keep each row's
         # diag C = C0 - Σ U² up to date (one pass over each new U_b) instead of
         # re-reading every factor of the scored columns each batch (38× the bytes at 2:4).
         self.track_diag = scoring == "independent" and self.rpc == 1
-        self.diag = self.C0p_diag.expand(Rc, Kc).clone() if self.track_diag else None  # (Rc, Kc)
+        self.diag = torch.diagonal(self.C0p).expand(Rc, Kc).clone() if self.track_diag else None  # (Rc, Kc)
         self.w0 = (w_rows.to(self.col_scale.dtype) / self.col_scale).to(self.math_dtype)  # (B, K), scaled
         self.w_cur = self.w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
         # group factors, P columns a batch: values rounded to c_dtype, held in dp.store_dtype.
@@ -373,17 +372,12 @@ class ChunkSweep:
         Linv = torch.linalg.solve_triangular(L, eye.expand(Rc, P, P), upper=False) * ok.unsqueeze(-1)
         return Linv, ok
 
-    def _factor(self, panel: Tensor, Linv: Tensor) -> Tensor:
-        """U_b = C[R, S_b] L⁻ᵀ = panelᵀ Linvᵀ (Rc, |R|, P), at fp32 accuracy (op
-        ``lowrank_factor``: on CUDA from hi/lo parts in ``c_dtype`` on tensor cores)."""
-        return ops.lowrank_factor(panel, Linv, self.c_dtype)
-
     def _eliminate(self, bi: int, panel: Tensor, Linv: Tensor, ok: Tensor, S: Tensor, Sc: Tensor,
                    slot: Tensor) -> None:
         """Store the batch's factors U_b and its part of the forward solve; update the
         rows' weights on the columns later batches visit; retire the pruned columns."""
         s0, o, P, Kc, Rc, rpc = self.plan.start[bi], bi * self.P, self.P, self.Kc, self.Rc, self.rpc
-        Ub = self._factor(panel, Linv)
+        Ub = ops.lowrank_factor(panel, Linv, self.c_dtype)  # U_b = panelᵀ L⁻ᵀ (Rc, |R|, P), fp32 accuracy
         U_new = self.U[:, s0:, o : o + P]
         U_new.copy_(Ub if U_new.dtype == self.c_dtype else Ub.to(self.c_dtype))  # rounded to c_dtype
         if self.track_diag:
