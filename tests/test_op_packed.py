@@ -21,7 +21,7 @@ import torch
 from s3sparse import ops, patterns
 from s3sparse import reference as ref
 from s3sparse.sparse import PackedWeight
-from s3sparse.sparse.format import MAX_SUBSET_TABLE
+from s3sparse.sparse.format import MAX_SUBSET_TABLE, pack_fields
 from spec_utils import prune_randomly, random_covering_scope
 
 EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
@@ -249,6 +249,55 @@ def test_packed_linear_spans_that_do_not_tile(device, dtype):
         x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
         with pytest.raises(ValueError, match="outside its group of row_group=1|falls outside W"):
             ops.packed_linear(x, *args, M, 1, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
+def test_packed_linear_nm_path_and_its_fallback(device, seed, dtype):
+    """2:4, 4:8 and coupled 2:4 at 1-4 tokens: on CUDA, the span kernel's n:m path, which
+    assumes the tables PackedWeight writes and checks them on the device.
+
+    The same weights with the subset table's rows permuted (the meta codes remapped, so
+    the dense weight is unchanged) are valid but not the tables the path assumes: the
+    kernel must notice and take its span path. A code past the table (6 or 7) must raise,
+    or come back NaN with checked=True. Odd rows and a chunk count that is no multiple
+    of a warp's 32; bias or not.
+    """
+    rng = random.Random(seed)
+    M, K = (7, 16 * 37) if _is_emu() else (37, 16 * 301)
+    for name in ("24", "48", "coupled24"):
+        W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+        scope, nnz = patterns.by_name(name, W)
+        scope.hard_threshold(nnz=nnz)
+        W, p = W.detach(), PackedWeight.from_scope(scope, nnz)
+        args = list(_args(p))
+        S = p.values.shape[0]
+        codes = ref.packed_fields(p.meta.cpu(), p.meta_bits, S)
+        perm = torch.tensor(rng.sample(range(6), 6))
+        while bool((perm == torch.arange(6)).all()):
+            perm = torch.tensor(rng.sample(range(6), 6))
+        permuted = list(args)
+        permuted[2] = p.subsets[perm.to(device)].contiguous()  # row i of the new table: old code perm[i]
+        permuted[1] = pack_fields(torch.argsort(perm)[codes], p.meta_bits).to(device)
+        bad = list(args)
+        bad_codes = codes.clone()
+        bad_codes[S // 2] = 6 + rng.randrange(2)  # in row (S // 2) // (S // M)
+        bad[1] = pack_fields(bad_codes, p.meta_bits).to(device)
+        bad_row = (S // 2) // (S // M)
+        for n in (1, 2, 3, 4):
+            x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
+            bias = torch.randn(M, dtype=torch.float64).to(dtype=dtype, device=device) if rng.random() < 0.5 else None
+            want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double(),
+                                              None if bias is None else bias.cpu().double()).to(dtype)
+            for what, a in (("canonical", args), ("permuted table", permuted)):
+                got = ops.packed_linear(x, *a, M, p.row_group, bias)
+                _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} {what} tokens={n}")
+            with pytest.raises(ValueError, match="subset code"):
+                ops.packed_linear(x, *bad, M, p.row_group, bias)
+            if device != "cpu" or _is_emu():
+                y = ops.packed_linear(x, *bad, M, p.row_group, bias, checked=True)
+                assert bool(torch.isnan(y[:, bad_row]).all()), f"{name} tokens={n}: the bad code's row must be NaN"
+                others = torch.cat([y[:, :bad_row], y[:, bad_row + 1:]], 1)
+                assert not bool(torch.isnan(others).any()), f"{name} tokens={n}: only the bad code's row is NaN"
 
 
 def test_packed_linear_wide_rows_every_kernel_gets_its_shared_memory(device, seed):

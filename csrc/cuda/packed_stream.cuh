@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -115,6 +116,7 @@ struct StreamPlan {
   uint32_t used_mask = 0;     // the bits of a meta word that hold fields
   int32_t used_bits = 0;      // per_word * bits
   int32_t smem_goff = 0, smem_hits = 0;  // byte offsets: slot offsets (C, goff_rows, P) int32; tiling hits (L) int32
+  int32_t nm_kind = 0;        // NmKind: the n:m path (nm_rows) is planned for this format
 };
 
 // The format's index tensors (subsets, block_off, elem_off): in shared memory
@@ -771,6 +773,214 @@ packed_stream_kernel(const StreamPlan p, const T* __restrict__ values, const int
   }
 }
 
+// ------------------------------------------------------------------ n:m fast path
+// 2:4, 4:8 and coupled 2:4 exactly as PackedWeight.from_scope packs them (the
+// lexicographic 2-of-4 code table, canonical block_off / elem_off) take a
+// path of the span kernel with no prologue: no x staging, no tables, no
+// barrier. A lane reads a chunk's 16 columns of x (two 16-byte loads a token,
+// L1 hits: every warp of an SM reads the same x) and selects each kept
+// value's x in registers with one byte permute by its code. A warp verifies
+// the tables while it streams its first row (their loads overlap the row's)
+// and the kernel falls back to the span path when they are not canonical.
+enum NmKind : int32_t { kNmNone = 0, kNm24 = 1, kNmPairs48 = 2, kNmCoupled24 = 3 };
+
+// Code c of the lexicographic 2-of-4 table -> its kept blocks b0 | b1 << 2,
+// nibble c (codes 6 and 7 are bad: the row is then NaN).
+constexpr uint32_t kTwoOfFour = 0x00ED9C84u;
+constexpr int32_t kNmCodes = 6;
+
+// The byte-permute selector taking halves b0 and b1 of (w1:w0) into the low
+// and high half of a word: bytes 2 b0, 2 b0 + 1, 2 b1, 2 b1 + 1.
+__device__ __forceinline__ uint32_t nm_pair_selector(uint32_t code) {
+  const uint32_t kept = (kTwoOfFour >> (4 * code)) & 0xFu;
+  return ((kept & 3u) | ((kept & 12u) << 6)) * 0x22u + 0x1010u;
+}
+
+// The two 16-bit values of a word as floats.
+template <typename T>
+__device__ __forceinline__ void word_floats(uint32_t w, float* lo, float* hi) {
+  *lo = to_float(T(static_cast<uint16_t>(w & 0xFFFFu), T::from_bits()));
+  *hi = to_float(T(static_cast<uint16_t>(w >> 16), T::from_bits()));
+}
+
+// What this lane checks of the tables (lanes 0-11: subsets, 12-15: block_off,
+// 16-17: elem_off), as (found, wanted); the loads are issued here, compared later.
+struct NmCheck {
+  int64_t found = 0, want = 0;
+};
+__device__ __forceinline__ NmCheck nm_check_issue(int32_t kind, int32_t B, const int32_t* __restrict__ subsets,
+                                                  const int64_t* __restrict__ block_off,
+                                                  const int64_t* __restrict__ elem_off, int lane) {
+  NmCheck c;
+  if (lane < 2 * kNmCodes) {
+    c.found = ldg(subsets + lane);
+    c.want = (kTwoOfFour >> (4 * (lane / 2) + 2 * (lane % 2))) & 3u;
+  } else if (lane < 2 * kNmCodes + 4) {
+    c.found = ldg(block_off + (lane - 2 * kNmCodes));
+    c.want = (kind == kNmPairs48 ? 2 : 1) * (lane - 2 * kNmCodes);
+  } else if (lane < 2 * kNmCodes + 4 + B) {
+    const int e = lane - 2 * kNmCodes - 4;
+    c.found = ldg(elem_off + e);
+    c.want = e * (kind == kNmCoupled24 ? 8 : 1);
+  }
+  return c;
+}
+
+// One chunk (16 columns) of a row: its values' words v, its fields, x's words
+// (NT tokens, 8 words of 16-bit pairs each). Scopes alternate between A sums.
+template <typename T, int KIND, int NT, int A>
+__device__ __forceinline__ void nm_chunk(const uint32_t (&v)[4], uint32_t fields, const uint32_t (&xw)[NT][8],
+                                         float (&sums)[A][NT], uint32_t* max_code) {
+  constexpr int C = KIND == kNm24 ? 4 : 2;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t code = (fields >> (3 * k)) & 7u;
+    *max_code = code > *max_code ? code : *max_code;
+    if constexpr (KIND == kNm24) {
+      // Scope k: columns 4k..4k+3 (x words 2k, 2k+1), values word k.
+      const uint32_t sel = nm_pair_selector(code);
+      float w0, w1;
+      word_floats<T>(v[k], &w0, &w1);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        float x0, x1;
+        word_floats<T>(__byte_perm(xw[n][2 * k], xw[n][2 * k + 1], sel), &x0, &x1);
+        sums[k % A][n] += w0 * x0 + w1 * x1;
+      }
+    } else if constexpr (KIND == kNmPairs48) {
+      // Scope k: columns 8k..8k+7, block b = x word 4k + b; values words 2k, 2k+1.
+      const uint32_t kept = (kTwoOfFour >> (4 * code)) & 0xFu;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t b = j == 0 ? (kept & 3u) : (kept >> 2);
+        float w0, w1;
+        word_floats<T>(v[2 * k + j], &w0, &w1);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const uint32_t lo = (b & 1u) ? xw[n][4 * k + 1] : xw[n][4 * k];
+          const uint32_t hi = (b & 1u) ? xw[n][4 * k + 3] : xw[n][4 * k + 2];
+          float x0, x1;
+          word_floats<T>((b & 2u) ? hi : lo, &x0, &x1);
+          sums[k % A][n] += w0 * x0 + w1 * x1;
+        }
+      }
+    } else {
+      // Coupled: scope k's pairs (4k + b, 4k + b + 8); values words 2k (block
+      // b0: both elements), 2k + 1 (block b1).
+      const uint32_t sel = nm_pair_selector(code);
+      float a0, a1, c0, c1;
+      word_floats<T>(v[2 * k], &a0, &a1);
+      word_floats<T>(v[2 * k + 1], &c0, &c1);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        float lo0, lo1, hi0, hi1;
+        word_floats<T>(__byte_perm(xw[n][2 * k], xw[n][2 * k + 1], sel), &lo0, &lo1);
+        word_floats<T>(__byte_perm(xw[n][2 * k + 4], xw[n][2 * k + 5], sel), &hi0, &hi1);
+        sums[k % A][n] += a0 * lo0 + a1 * hi0 + c0 * lo1 + c1 * hi1;
+      }
+    }
+  }
+}
+
+// Row q on the n:m path, by one warp: lane l takes chunks l, l + 32, ... as
+// span_row does (16-byte value loads in flight, fields from one or two meta
+// words), x straight from global memory (x2 (N, K), 16-byte aligned rows).
+// Returns whether a field was outside the code table.
+template <typename T, int KIND, int NT>
+__device__ __forceinline__ bool nm_row(const StreamPlan& p, const T* __restrict__ values,
+                                       const int32_t* __restrict__ meta, const T* __restrict__ x, int32_t q, int lane,
+                                       float (&acc)[NT]) {
+  constexpr int C = KIND == kNm24 ? 4 : 2;
+  constexpr int U = NT <= 2 ? kSpanLoads : 2;  // 4 tokens: x's words take the registers
+  constexpr int A = NT <= 2 ? 2 : 1;
+  const int32_t row_chunks = p.K / 16;
+  const uint4* vrow = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(q) * row_chunks;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  const int32_t x_row = p.K / 8;  // uint4s a token
+  const uint32_t f_row = static_cast<uint32_t>(q) * static_cast<uint32_t>(row_chunks) * C;
+  const uint32_t per_word = static_cast<uint32_t>(p.per_word);
+  uint32_t max_code = 0;
+  float sums[A][NT] = {};
+  for (int32_t c0 = lane; c0 < row_chunks; c0 += 32 * U) {
+    uint4 raw[U];
+    uint32_t w0[U], w1[U], slot[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t c = c0 + 32 * u;
+      if (c < row_chunks) {
+        raw[u] = ldg(vrow + c);
+        const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
+        const uint32_t word = p.div_per_word.div(f);
+        slot[u] = f - word * per_word;
+        w0[u] = static_cast<uint32_t>(ldg(meta + word));
+        w1[u] = slot[u] + C > per_word ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t c = c0 + 32 * u;
+      if (c >= row_chunks) continue;
+      const uint64_t both = (static_cast<uint64_t>(w1[u]) << p.used_bits) | (w0[u] & p.used_mask);
+      const uint32_t fields = static_cast<uint32_t>(both >> (slot[u] * p.bits));
+      uint32_t xw[NT][8];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        uint4 a{0u, 0u, 0u, 0u}, b{0u, 0u, 0u, 0u};
+        if (n < p.N) {
+          a = ldg(xv + static_cast<int64_t>(n) * x_row + 2 * c);
+          b = ldg(xv + static_cast<int64_t>(n) * x_row + 2 * c + 1);
+        }
+        std::memcpy(&xw[n][0], &a, 16);
+        std::memcpy(&xw[n][4], &b, 16);
+      }
+      uint32_t v[4];
+      std::memcpy(v, &raw[u], 16);
+      nm_chunk<T, KIND, NT, A>(v, fields, xw, sums, &max_code);
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < A; ++a) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] += sums[a][n];
+  }
+  return max_code >= static_cast<uint32_t>(kNmCodes);
+}
+
+// The n:m path of the span kernel: every row of this warp (the span kernel's
+// order), with the tables checked after the first. Returns false, having
+// written nothing, when they are not canonical (the same answer in every warp:
+// the caller then takes the span path).
+template <typename T, int P, int NT>
+__device__ __forceinline__ bool nm_rows(const StreamPlan& p, const T* __restrict__ values,
+                                        const int32_t* __restrict__ meta, const int32_t* __restrict__ subsets,
+                                        const int64_t* __restrict__ block_off, const int64_t* __restrict__ elem_off,
+                                        const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                                        int* __restrict__ status) {
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const NmCheck check = nm_check_issue(p.nm_kind, static_cast<int32_t>(p.g.B), subsets, block_off, elem_off, lane);
+  bool decided = false, canonical = false;
+  const int32_t step = static_cast<int32_t>(blockDim.x / 32 * gridDim.x);
+  for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
+       q += step) {
+    float acc[NT] = {};
+    bool bad = false;
+    if constexpr (P == 2) {
+      bad = nm_row<T, kNm24, NT>(p, values, meta, x, q, lane, acc);
+    } else if constexpr (P == 4) {
+      bad = p.nm_kind == kNmPairs48 ? nm_row<T, kNmPairs48, NT>(p, values, meta, x, q, lane, acc)
+                                    : nm_row<T, kNmCoupled24, NT>(p, values, meta, x, q, lane, acc);
+    }
+    if (!decided) {
+      canonical = __ballot_sync(0xffffffffu, check.found == check.want) == 0xffffffffu;
+      decided = true;
+      if (!canonical) return false;
+    }
+    finish_row<T, NT>(p, acc, bad ? p.bad_code : 0, 0, lane, q, bias, y, status);
+  }
+  if (!decided) canonical = __ballot_sync(0xffffffffu, check.found == check.want) == 0xffffffffu;
+  return canonical;
+}
+
 // The span kernel: the stream kernel's work for one row a group on 16-bit
 // values, each row through span_row when the block finds the format as the
 // host planned it (chunks that tile their spans, no bad table entry), else
@@ -796,6 +1006,11 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
 #ifdef S3_LAB_SPAN_EMPTY
   if (p.K > 0) return;
 #endif
+  if constexpr ((P == 2 || P == 4) && NT <= 4) {
+    // All warps agree (the tables are the same), so a block leaves together.
+    if (p.nm_kind != kNmNone && nm_rows<T, P, NT>(p, values, meta, subsets, block_off, elem_off, x, bias, y, status))
+      return;
+  }
   S3_DYNAMIC_SHARED(unsigned char, smem);
   __shared__ int table_bad, span_bad;
   __shared__ int32_t cmax;
@@ -965,6 +1180,16 @@ void launch_tokens(const StreamPlan& p, const at::Tensor& values, const at::Tens
   }
 }
 
+// The n:m path of the span kernel, unless S3SPARSE_PACKED_NM=0 (read once;
+// for measurements against the span path).
+inline bool nm_path_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("S3SPARSE_PACKED_NM");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  return enabled;
+}
+
 // Token slots the kernel is compiled for (x is staged as (K, NT)).
 inline int token_slots(int64_t N) { return N == 1 ? 1 : N == 2 ? 2 : N <= 4 ? 4 : 8; }
 
@@ -1064,6 +1289,13 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
       p.smem_hits = static_cast<int32_t>(at + goff_bytes);
       p.smem_total = static_cast<int32_t>(at + goff_bytes + 4 * L);
     }
+  }
+  if (p.span_L == 16 && nm_path_enabled() && subsets.has_value() && g.n_codes == kNmCodes && g.nnz == 2 &&
+      g.G == 4 && g.meta_bits == 3 && p.x_vec && N <= 4) {
+    // The n:m path's kinds by the integers; the kernel checks the tables.
+    if (P == 2 && g.B == 1 && p.s1_c == 4) p.nm_kind = kNm24;
+    if (P == 4 && g.B == 2 && p.s1_c == 8) p.nm_kind = kNmPairs48;
+    if (P == 4 && g.B == 2 && p.s1_c == 4) p.nm_kind = kNmCoupled24;
   }
   const int64_t format_bytes = format_copy_bytes(p);
   if (format_bytes > 0 && p.smem_total + format_bytes <= kMaxSmem) {
