@@ -117,6 +117,7 @@ struct StreamPlan {
   int32_t used_bits = 0;      // per_word * bits
   int32_t smem_goff = 0, smem_hits = 0;  // byte offsets: slot offsets (C, goff_rows, P) int32; tiling hits (L) int32
   int32_t nm_kind = 0;        // NmKind: the n:m path (nm_rows) is planned for this format
+  int32_t nm_loads = 0;       // its loads a batch (2, 3 or 4)
 };
 
 // The format's index tensors (subsets, block_off, elem_off): in shared memory
@@ -882,103 +883,156 @@ __device__ __forceinline__ void nm_chunk(const uint32_t (&v)[4], uint32_t fields
   }
 }
 
-// Row q on the n:m path, by one warp: lane l takes chunks l, l + 32, ... as
-// span_row does (16-byte value loads in flight, fields from one or two meta
-// words), x straight from global memory (x2 (N, K), 16-byte aligned rows).
-// Returns whether a field was outside the code table.
-template <typename T, int KIND, int NT>
-__device__ __forceinline__ bool nm_row(const StreamPlan& p, const T* __restrict__ values,
-                                       const int32_t* __restrict__ meta, const T* __restrict__ x, int32_t q, int lane,
-                                       float (&acc)[NT]) {
+// A warp's batch of the n:m path: lane l's chunks base + l + 32 u of row q
+// (u < U), their 16-byte values and meta words, in flight while the previous
+// batch is computed. U is the plan's nm_loads (kNmLoads unless
+// S3SPARSE_PACKED_NM_LOADS says 2, 3 or 4): twice U loads a lane in flight
+// within the span kernel's registers.
+constexpr int kNmLoads = 3;
+template <int U>
+struct NmBatch {
+  uint4 raw[U];
+  uint32_t w0[U], w1[U];
+};
+
+template <int C, int U>
+__device__ __forceinline__ void nm_load(const StreamPlan& p, const uint4* __restrict__ values,
+                                        const int32_t* __restrict__ meta, int32_t row_chunks, int32_t q, int32_t base,
+                                        int lane, NmBatch<U>& b) {
+  const uint4* vrow = values + static_cast<int64_t>(q) * row_chunks;
+  const uint32_t f_row = static_cast<uint32_t>(q) * static_cast<uint32_t>(row_chunks) * C;
+  const uint32_t per_word = static_cast<uint32_t>(p.per_word);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int32_t c = base + lane + 32 * u;
+    if (c < row_chunks) {
+      b.raw[u] = ldg(vrow + c);
+      const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
+      const uint32_t word = p.div_per_word.div(f);
+      b.w0[u] = static_cast<uint32_t>(ldg(meta + word));
+      b.w1[u] = f - word * per_word + C > per_word ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+    }
+  }
+}
+
+template <typename T, int KIND, int NT, int A, int U>
+__device__ __forceinline__ void nm_compute(const StreamPlan& p, const T* __restrict__ x, int32_t row_chunks, int32_t q,
+                                           int32_t base, int lane, const NmBatch<U>& b, float (&sums)[A][NT],
+                                           uint32_t* max_code) {
   constexpr int C = KIND == kNm24 ? 4 : 2;
-  constexpr int U = NT <= 2 ? kSpanLoads : 2;  // 4 tokens: x's words take the registers
-  constexpr int A = NT <= 2 ? 2 : 1;
-  const int32_t row_chunks = p.K / 16;
-  const uint4* vrow = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(q) * row_chunks;
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   const int32_t x_row = p.K / 8;  // uint4s a token
   const uint32_t f_row = static_cast<uint32_t>(q) * static_cast<uint32_t>(row_chunks) * C;
   const uint32_t per_word = static_cast<uint32_t>(p.per_word);
-  uint32_t max_code = 0;
-  float sums[A][NT] = {};
-  for (int32_t c0 = lane; c0 < row_chunks; c0 += 32 * U) {
-    uint4 raw[U];
-    uint32_t w0[U], w1[U], slot[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t c = c0 + 32 * u;
-      if (c < row_chunks) {
-        raw[u] = ldg(vrow + c);
-        const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
-        const uint32_t word = p.div_per_word.div(f);
-        slot[u] = f - word * per_word;
-        w0[u] = static_cast<uint32_t>(ldg(meta + word));
-        w1[u] = slot[u] + C > per_word ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+  for (int u = 0; u < U; ++u) {
+    const int32_t c = base + lane + 32 * u;
+    if (c >= row_chunks) continue;
+    const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
+    const uint32_t slot = f - p.div_per_word.div(f) * per_word;
+    const uint64_t both = (static_cast<uint64_t>(b.w1[u]) << p.used_bits) | (b.w0[u] & p.used_mask);
+    const uint32_t fields = static_cast<uint32_t>(both >> (slot * p.bits));
+    uint32_t xw[NT][8];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      uint4 lo{0u, 0u, 0u, 0u}, hi{0u, 0u, 0u, 0u};
+      if (n < p.N) {
+        lo = ldg(xv + static_cast<int64_t>(n) * x_row + 2 * c);
+        hi = ldg(xv + static_cast<int64_t>(n) * x_row + 2 * c + 1);
       }
+      std::memcpy(&xw[n][0], &lo, 16);
+      std::memcpy(&xw[n][4], &hi, 16);
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t c = c0 + 32 * u;
-      if (c >= row_chunks) continue;
-      const uint64_t both = (static_cast<uint64_t>(w1[u]) << p.used_bits) | (w0[u] & p.used_mask);
-      const uint32_t fields = static_cast<uint32_t>(both >> (slot[u] * p.bits));
-      uint32_t xw[NT][8];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        uint4 a{0u, 0u, 0u, 0u}, b{0u, 0u, 0u, 0u};
-        if (n < p.N) {
-          a = ldg(xv + static_cast<int64_t>(n) * x_row + 2 * c);
-          b = ldg(xv + static_cast<int64_t>(n) * x_row + 2 * c + 1);
-        }
-        std::memcpy(&xw[n][0], &a, 16);
-        std::memcpy(&xw[n][4], &b, 16);
-      }
-      uint32_t v[4];
-      std::memcpy(v, &raw[u], 16);
-      nm_chunk<T, KIND, NT, A>(v, fields, xw, sums, &max_code);
-    }
+    uint32_t v[4];
+    std::memcpy(v, &b.raw[u], 16);
+    nm_chunk<T, KIND, NT, A>(v, fields, xw, sums, max_code);
   }
-#pragma unroll
-  for (int a = 0; a < A; ++a) {
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n] += sums[a][n];
-  }
-  return max_code >= static_cast<uint32_t>(kNmCodes);
 }
 
-// The n:m path of the span kernel: every row of this warp (the span kernel's
-// order), with the tables checked after the first. Returns false, having
-// written nothing, when they are not canonical (the same answer in every warp:
-// the caller then takes the span path).
+// The n:m path of the span kernel: the rows of this warp (the span kernel's
+// order) as one stream of batches, each batch's loads issued before the
+// previous batch is computed (also across rows), with the tables checked
+// before the first row is written. Returns false, having written nothing,
+// when they are not canonical (the same answer in every warp: the caller
+// then takes the span path).
+template <typename T, int KIND, int NT, int U>
+__device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restrict__ values,
+                                           const int32_t* __restrict__ meta, const NmCheck& check,
+                                           const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                                           int* __restrict__ status) {
+  constexpr int C = KIND == kNm24 ? 4 : 2;
+  constexpr int A = NT <= 2 ? 2 : 1;  // scopes alternate between two sums at 1-2 tokens
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int32_t step = static_cast<int32_t>(blockDim.x / 32 * gridDim.x);
+  const int32_t row_chunks = p.K / 16;
+  const uint4* v16 = reinterpret_cast<const uint4*>(values);
+  int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x);
+  bool decided = false;
+  auto decide = [&]() { return __ballot_sync(0xffffffffu, check.found == check.want) == 0xffffffffu; };
+  if (q >= p.groups) return decide();
+  int32_t base = 0;
+  NmBatch<U> cur;
+  nm_load<C, U>(p, v16, meta, row_chunks, q, base, lane, cur);
+  float sums[A][NT] = {};
+  uint32_t max_code = 0;
+  while (true) {
+    int32_t nq = q, nbase = base + 32 * U;
+    if (nbase >= row_chunks) {
+      nq = q + step;
+      nbase = 0;
+    }
+    const bool more = nq < p.groups;
+    NmBatch<U> nxt;
+    if (more) nm_load<C, U>(p, v16, meta, row_chunks, nq, nbase, lane, nxt);
+    nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, q, base, lane, cur, sums, &max_code);
+    if (nq != q) {
+      if (!decided) {
+        if (!decide()) return false;
+        decided = true;
+      }
+      float acc[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n] = 0.f;
+#pragma unroll
+        for (int a = 0; a < A; ++a) acc[n] += sums[a][n];
+      }
+      finish_row<T, NT>(p, acc, max_code >= static_cast<uint32_t>(kNmCodes) ? p.bad_code : 0, 0, lane, q, bias, y,
+                        status);
+#pragma unroll
+      for (int a = 0; a < A; ++a) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) sums[a][n] = 0.f;
+      }
+      max_code = 0;
+    }
+    if (!more) break;
+    q = nq;
+    base = nbase;
+    cur = nxt;
+  }
+  return true;
+}
+
 template <typename T, int P, int NT>
 __device__ __forceinline__ bool nm_rows(const StreamPlan& p, const T* __restrict__ values,
                                         const int32_t* __restrict__ meta, const int32_t* __restrict__ subsets,
                                         const int64_t* __restrict__ block_off, const int64_t* __restrict__ elem_off,
                                         const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
                                         int* __restrict__ status) {
-  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
   const NmCheck check = nm_check_issue(p.nm_kind, static_cast<int32_t>(p.g.B), subsets, block_off, elem_off, lane);
-  bool decided = false, canonical = false;
-  const int32_t step = static_cast<int32_t>(blockDim.x / 32 * gridDim.x);
-  for (int32_t q = warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x); q < p.groups;
-       q += step) {
-    float acc[NT] = {};
-    bool bad = false;
+  auto run = [&]<int U>() {
     if constexpr (P == 2) {
-      bad = nm_row<T, kNm24, NT>(p, values, meta, x, q, lane, acc);
-    } else if constexpr (P == 4) {
-      bad = p.nm_kind == kNmPairs48 ? nm_row<T, kNmPairs48, NT>(p, values, meta, x, q, lane, acc)
-                                    : nm_row<T, kNmCoupled24, NT>(p, values, meta, x, q, lane, acc);
+      return nm_rows_of<T, kNm24, NT, U>(p, values, meta, check, x, bias, y, status);
+    } else {
+      return p.nm_kind == kNmPairs48 ? nm_rows_of<T, kNmPairs48, NT, U>(p, values, meta, check, x, bias, y, status)
+                                     : nm_rows_of<T, kNmCoupled24, NT, U>(p, values, meta, check, x, bias, y, status);
     }
-    if (!decided) {
-      canonical = __ballot_sync(0xffffffffu, check.found == check.want) == 0xffffffffu;
-      decided = true;
-      if (!canonical) return false;
-    }
-    finish_row<T, NT>(p, acc, bad ? p.bad_code : 0, 0, lane, q, bias, y, status);
-  }
-  if (!decided) canonical = __ballot_sync(0xffffffffu, check.found == check.want) == 0xffffffffu;
-  return canonical;
+  };
+  return p.nm_loads == 2 ? run.template operator()<2>()
+         : p.nm_loads == 4 ? run.template operator()<4>()
+                           : run.template operator()<kNmLoads>();
 }
 
 // The span kernel: the stream kernel's work for one row a group on 16-bit
@@ -1006,7 +1060,7 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
 #ifdef S3_LAB_SPAN_EMPTY
   if (p.K > 0) return;
 #endif
-  if constexpr ((P == 2 || P == 4) && NT <= 4) {
+  if constexpr ((P == 2 || P == 4) && NT <= 2) {
     // All warps agree (the tables are the same), so a block leaves together.
     if (p.nm_kind != kNmNone && nm_rows<T, P, NT>(p, values, meta, subsets, block_off, elem_off, x, bias, y, status))
       return;
@@ -1180,14 +1234,23 @@ void launch_tokens(const StreamPlan& p, const at::Tensor& values, const at::Tens
   }
 }
 
-// The n:m path of the span kernel, unless S3SPARSE_PACKED_NM=0 (read once;
-// for measurements against the span path).
+// The n:m path of the span kernel at 1-2 tokens, unless S3SPARSE_PACKED_NM=0;
+// its loads a batch from S3SPARSE_PACKED_NM_LOADS (2, 3, 4; default
+// kNmLoads). Both read once; for measurements.
 inline bool nm_path_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("S3SPARSE_PACKED_NM");
     return env == nullptr || std::strcmp(env, "0") != 0;
   }();
   return enabled;
+}
+inline int32_t nm_path_loads() {
+  static const int32_t loads = [] {
+    const char* env = std::getenv("S3SPARSE_PACKED_NM_LOADS");
+    const int v = env == nullptr ? kNmLoads : std::atoi(env);
+    return static_cast<int32_t>(v >= 2 && v <= 4 ? v : kNmLoads);
+  }();
+  return loads;
 }
 
 // Token slots the kernel is compiled for (x is staged as (K, NT)).
@@ -1290,8 +1353,9 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
       p.smem_total = static_cast<int32_t>(at + goff_bytes + 4 * L);
     }
   }
-  if (p.span_L == 16 && nm_path_enabled() && subsets.has_value() && g.n_codes == kNmCodes && g.nnz == 2 &&
-      g.G == 4 && g.meta_bits == 3 && p.x_vec && N <= 4) {
+  if (p.span_L == 16 && N <= 2 && nm_path_enabled() && subsets.has_value() && g.n_codes == kNmCodes &&
+      g.nnz == 2 && g.G == 4 && g.meta_bits == 3 && p.x_vec) {
+    p.nm_loads = nm_path_loads();
     // The n:m path's kinds by the integers; the kernel checks the tables.
     if (P == 2 && g.B == 1 && p.s1_c == 4) p.nm_kind = kNm24;
     if (P == 4 && g.B == 2 && p.s1_c == 8) p.nm_kind = kNmPairs48;
