@@ -117,7 +117,6 @@ struct StreamPlan {
   int32_t used_bits = 0;      // per_word * bits
   int32_t smem_goff = 0, smem_hits = 0;  // byte offsets: slot offsets (C, goff_rows, P) int32; tiling hits (L) int32
   int32_t nm_kind = 0;        // NmKind: the n:m path (nm_rows) is planned for this format
-  int32_t nm_loads = 0;       // its loads a batch (2, 3 or 4)
 };
 
 // The format's index tensors (subsets, block_off, elem_off): in shared memory
@@ -884,11 +883,18 @@ __device__ __forceinline__ void nm_chunk(const uint32_t (&v)[4], uint32_t fields
 }
 
 // A warp's batch of the n:m path: lane l's chunks base + l + 32 u of row q
-// (u < U), their 16-byte values and meta words, in flight while the previous
-// batch is computed. U is the plan's nm_loads (kNmLoads unless
-// S3SPARSE_PACKED_NM_LOADS says 2, 3 or 4): twice U loads a lane in flight
-// within the span kernel's registers.
-constexpr int kNmLoads = 3;
+// (u < U), their 16-byte values and meta words. As measured on the H200
+// (99077ae) a lane loads a batch of kSpanLoads chunks, then computes it. The
+// lab knob S3_LAB_NM_PIPELINE=U (benchmarks/lab/packed_mma_lab.py --kernel=span;
+// not yet measured) issues each batch of U chunks before the previous one is
+// computed, also across a warp's rows: twice U loads a lane in flight.
+#ifdef S3_LAB_NM_PIPELINE
+constexpr int kNmLoads = S3_LAB_NM_PIPELINE;
+constexpr bool kNmPrefetch = true;
+#else
+constexpr int kNmLoads = kSpanLoads;
+constexpr bool kNmPrefetch = false;
+#endif
 template <int U>
 struct NmBatch {
   uint4 raw[U];
@@ -950,9 +956,9 @@ __device__ __forceinline__ void nm_compute(const StreamPlan& p, const T* __restr
 }
 
 // The n:m path of the span kernel: the rows of this warp (the span kernel's
-// order) as one stream of batches, each batch's loads issued before the
-// previous batch is computed (also across rows), with the tables checked
-// before the first row is written. Returns false, having written nothing,
+// order) as one stream of batches (with kNmPrefetch, each batch's loads
+// issued before the previous batch is computed, also across rows), with the
+// tables checked before the first row is written. Returns false, having written nothing,
 // when they are not canonical (the same answer in every warp: the caller
 // then takes the span path).
 template <typename T, int KIND, int NT, int U>
@@ -983,7 +989,9 @@ __device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restr
     }
     const bool more = nq < p.groups;
     NmBatch<U> nxt;
-    if (more) nm_load<C, U>(p, v16, meta, row_chunks, nq, nbase, lane, nxt);
+    if constexpr (kNmPrefetch) {
+      if (more) nm_load<C, U>(p, v16, meta, row_chunks, nq, nbase, lane, nxt);
+    }
     nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, q, base, lane, cur, sums, &max_code);
     if (nq != q) {
       if (!decided) {
@@ -1009,7 +1017,11 @@ __device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restr
     if (!more) break;
     q = nq;
     base = nbase;
-    cur = nxt;
+    if constexpr (kNmPrefetch) {
+      cur = nxt;
+    } else {
+      nm_load<C, U>(p, v16, meta, row_chunks, q, base, lane, cur);
+    }
   }
   return true;
 }
@@ -1022,17 +1034,13 @@ __device__ __forceinline__ bool nm_rows(const StreamPlan& p, const T* __restrict
                                         int* __restrict__ status) {
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const NmCheck check = nm_check_issue(p.nm_kind, static_cast<int32_t>(p.g.B), subsets, block_off, elem_off, lane);
-  auto run = [&]<int U>() {
-    if constexpr (P == 2) {
-      return nm_rows_of<T, kNm24, NT, U>(p, values, meta, check, x, bias, y, status);
-    } else {
-      return p.nm_kind == kNmPairs48 ? nm_rows_of<T, kNmPairs48, NT, U>(p, values, meta, check, x, bias, y, status)
-                                     : nm_rows_of<T, kNmCoupled24, NT, U>(p, values, meta, check, x, bias, y, status);
-    }
-  };
-  return p.nm_loads == 2 ? run.template operator()<2>()
-         : p.nm_loads == 4 ? run.template operator()<4>()
-                           : run.template operator()<kNmLoads>();
+  if constexpr (P == 2) {
+    return nm_rows_of<T, kNm24, NT, kNmLoads>(p, values, meta, check, x, bias, y, status);
+  } else {
+    return p.nm_kind == kNmPairs48
+               ? nm_rows_of<T, kNmPairs48, NT, kNmLoads>(p, values, meta, check, x, bias, y, status)
+               : nm_rows_of<T, kNmCoupled24, NT, kNmLoads>(p, values, meta, check, x, bias, y, status);
+  }
 }
 
 // The span kernel: the stream kernel's work for one row a group on 16-bit
@@ -1234,23 +1242,18 @@ void launch_tokens(const StreamPlan& p, const at::Tensor& values, const at::Tens
   }
 }
 
-// The n:m path of the span kernel at 1-2 tokens, unless S3SPARSE_PACKED_NM=0;
-// its loads a batch from S3SPARSE_PACKED_NM_LOADS (2, 3, 4; default
-// kNmLoads). Both read once; for measurements.
+// The n:m path of the span kernel (1-2 tokens; 4 tokens measured slower
+// than the span path), unless S3SPARSE_PACKED_NM=0 (read once; for
+// measurements against the span path).
 inline bool nm_path_enabled() {
+#ifdef S3_LAB_NM_OFF
+  return false;  // lab knob: the span path, for comparison in one process
+#endif
   static const bool enabled = [] {
     const char* env = std::getenv("S3SPARSE_PACKED_NM");
     return env == nullptr || std::strcmp(env, "0") != 0;
   }();
   return enabled;
-}
-inline int32_t nm_path_loads() {
-  static const int32_t loads = [] {
-    const char* env = std::getenv("S3SPARSE_PACKED_NM_LOADS");
-    const int v = env == nullptr ? kNmLoads : std::atoi(env);
-    return static_cast<int32_t>(v >= 2 && v <= 4 ? v : kNmLoads);
-  }();
-  return loads;
 }
 
 // Token slots the kernel is compiled for (x is staged as (K, NT)).
@@ -1355,7 +1358,6 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
   }
   if (p.span_L == 16 && N <= 2 && nm_path_enabled() && subsets.has_value() && g.n_codes == kNmCodes &&
       g.nnz == 2 && g.G == 4 && g.meta_bits == 3 && p.x_vec) {
-    p.nm_loads = nm_path_loads();
     // The n:m path's kinds by the integers; the kernel checks the tables.
     if (P == 2 && g.B == 1 && p.s1_c == 4) p.nm_kind = kNm24;
     if (P == 4 && g.B == 2 && p.s1_c == 8) p.nm_kind = kNmPairs48;
