@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -69,6 +69,22 @@ for step in "${@:-all}"; do
         loads8=-DS3_LAB_SPAN_LOADS=8 warps32=-DS3_LAB_SPAN_WARPS_PER_SM=32 nm_off=-DS3_LAB_NM_OFF \
         nm_pipe2=-DS3_LAB_NM_PIPELINE=2 nm_pipe3=-DS3_LAB_NM_PIPELINE=3 nm_pipe4=-DS3_LAB_NM_PIPELINE=4} > "$LOG/spanlab.txt" 2>&1
       tail -3 "$LOG/spanlab.txt"; cp "$LOG/spanlab.txt" "$OUT/packed-span-lab.txt"
+      ;;&
+    trueobs)
+      # Issue 16: True OBS's blocked form on the 16-column pattern, panel_batches G (one timed call each).
+      for G in ${TOBS_G:-1 4 8 16}; do
+        (cd /tmp && timeout 200 python3 "$repo/benchmarks/profile_true_obs.py" --patterns block16 --panel-batches "$G" \
+          --no-profile --out "$LOG/true-obs-block16-G$G.json" > "$LOG/true-obs-G$G.txt" 2>&1; echo "# G=$G"; tail -4 "$LOG/true-obs-G$G.txt")
+      done | tee "$OUT/true-obs-panel-batches.txt"
+      ;;&
+    model36)
+      # Issue 16: the whole random Qwen3-4B-shaped model (36 blocks), SparseGPT and True OBS (about 7 min).
+      (cd /tmp && timeout 580 python3 "$repo/benchmarks/model.py" --device cuda --methods ${MODEL_METHODS:-sparsegpt true-obs} \
+        --out "$OUT/model-h200-qwen3-4b-36blocks.json" > "$OUT/model-h200-qwen3-4b-36blocks.txt" 2>&1; tail -12 "$OUT/model-h200-qwen3-4b-36blocks.txt")
+      ;;&
+    bf16probe)
+      # The bf16 packed_linear case an H200 once computed double-rounded, through each kernel path.
+      (cd /tmp && timeout 200 python3 "$repo/benchmarks/lab/bf16_bias_probe.py" 2>&1 | tail -20 | tee "$OUT/bf16-bias-probe.txt")
       ;;&
     model|all)
       (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda \
