@@ -253,18 +253,23 @@ def test_packed_linear_spans_that_do_not_tile(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
 def test_packed_linear_nm_path_and_its_fallback(device, seed, dtype):
-    """2:4, 4:8 and coupled 2:4 at 1-4 tokens: on CUDA, the span kernel's n:m path, which
-    assumes the tables PackedWeight writes and checks them on the device.
+    """2:4, 4:8 and coupled 2:4 at 1-2 tokens: on CUDA, the span kernel's n:m path, which
+    assumes the tables PackedWeight writes and checks them on the device (3-4 tokens here
+    run the span path, for comparison).
 
     The same weights with the subset table's rows permuted (the meta codes remapped, so
     the dense weight is unchanged) are valid but not the tables the path assumes: the
-    kernel must notice and take its span path. A code past the table (6 or 7) must raise,
-    or come back NaN with checked=True. Odd rows and a chunk count that is no multiple
-    of a warp's 32; bias or not.
+    kernel must notice and take its span path; so must a permuted ``block_off`` (another
+    valid format, compared with the oracle). A code past the table (6 or 7) must raise,
+    or come back NaN with checked=True, through either path. Odd rows and a chunk count
+    that is no multiple of a warp's 32; more rows than warps (a warp streams several rows:
+    the emulator has 2 SMs, an H200 3168 warp slots); bias or not.
     """
+    if os.environ.get("S3SPARSE_PACKED_CUDA_PATH"):
+        pytest.skip("a forced kernel path: the n:m path is the automatic path's")
     rng = random.Random(seed)
-    M, K = (7, 16 * 37) if _is_emu() else (37, 16 * 301)
-    for name in ("24", "48", "coupled24"):
+    shapes = [(7, 16 * 37), (100, 64)] if _is_emu() else [(37, 16 * 301), (3300, 64)]
+    for (M, K), name in ((mk, nm) for mk in shapes for nm in ("24", "48", "coupled24")):
         W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
         scope, nnz = patterns.by_name(name, W)
         scope.hard_threshold(nnz=nnz)
@@ -277,27 +282,39 @@ def test_packed_linear_nm_path_and_its_fallback(device, seed, dtype):
             perm = torch.tensor(rng.sample(range(6), 6))
         permuted = list(args)
         permuted[2] = p.subsets[perm.to(device)].contiguous()  # row i of the new table: old code perm[i]
-        permuted[1] = pack_fields(torch.argsort(perm)[codes], p.meta_bits).to(device)
+        new_codes = torch.argsort(perm)[codes]
+        permuted[1] = pack_fields(new_codes, p.meta_bits).to(device)
+        moved = list(args)  # blocks 0 and 1 of every scope trade places: another valid format
+        moved[3] = p.block_off[torch.tensor([1, 0, 2, 3], device=device)].contiguous()
+        moved_cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in moved]
+        bad_row = (S // 2) // (S // M)  # every scope grid here has the rows outermost
+        bad_codes, bad_new = codes.clone(), new_codes.clone()
+        bad_codes[S // 2] = bad_new[S // 2] = 6 + rng.randrange(2)
         bad = list(args)
-        bad_codes = codes.clone()
-        bad_codes[S // 2] = 6 + rng.randrange(2)  # in row (S // 2) // (S // M)
         bad[1] = pack_fields(bad_codes, p.meta_bits).to(device)
-        bad_row = (S // 2) // (S // M)
-        for n in (1, 2, 3, 4):
+        bad_permuted = list(permuted)
+        bad_permuted[1] = pack_fields(bad_new, p.meta_bits).to(device)
+        for n in (1, 2, 3, 4) if (M, K) == shapes[0] and not _is_emu() else (1, 2):  # the n:m path's counts
             x = torch.randn(n, K, dtype=torch.float64).to(dtype=dtype, device=device)
             bias = torch.randn(M, dtype=torch.float64).to(dtype=dtype, device=device) if rng.random() < 0.5 else None
+            msg = f"seed={seed} {name} M={M} K={K} tokens={n}"
             want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double(),
                                               None if bias is None else bias.cpu().double()).to(dtype)
             for what, a in (("canonical", args), ("permuted table", permuted)):
                 got = ops.packed_linear(x, *a, M, p.row_group, bias)
-                _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} {what} tokens={n}")
-            with pytest.raises(ValueError, match="subset code"):
-                ops.packed_linear(x, *bad, M, p.row_group, bias)
-            if device != "cpu" or _is_emu():
-                y = ops.packed_linear(x, *bad, M, p.row_group, bias, checked=True)
-                assert bool(torch.isnan(y[:, bad_row]).all()), f"{name} tokens={n}: the bad code's row must be NaN"
-                others = torch.cat([y[:, :bad_row], y[:, bad_row + 1:]], 1)
-                assert not bool(torch.isnan(others).any()), f"{name} tokens={n}: only the bad code's row is NaN"
+                _assert_linear_close(got, want, x, W, dtype, f"{msg} {what}")
+            got = ops.packed_linear(x, *moved, M, p.row_group, bias)
+            want_moved = ref.packed_linear(x.cpu(), *moved_cpu, M, p.row_group, None if bias is None else bias.cpu())
+            W_moved = ref.packed_to_dense(*moved_cpu, M, K)
+            _assert_linear_close(got, want_moved, x, W_moved, dtype, f"{msg} permuted block_off")
+            for what, a in (("canonical", bad), ("permuted table", bad_permuted)):
+                with pytest.raises(ValueError, match="subset code"):
+                    ops.packed_linear(x, *a, M, p.row_group, bias)
+                if device != "cpu" or _is_emu():
+                    y = ops.packed_linear(x, *a, M, p.row_group, bias, checked=True)
+                    assert bool(torch.isnan(y[:, bad_row]).all()), f"{msg} {what}: the bad code's row must be NaN"
+                    others = torch.cat([y[:, :bad_row], y[:, bad_row + 1:]], 1)
+                    assert not bool(torch.isnan(others).any()), f"{msg} {what}: only the bad code's row is NaN"
 
 
 def test_packed_linear_wide_rows_every_kernel_gets_its_shared_memory(device, seed):
