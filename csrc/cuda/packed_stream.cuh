@@ -789,10 +789,12 @@ enum NmKind : int32_t { kNmNone = 0, kNm24 = 1, kNmPairs48 = 2, kNmCoupled24 = 3
 constexpr uint32_t kTwoOfFour = 0x00ED9C84u;
 constexpr int32_t kNmCodes = 6;
 
+__device__ __forceinline__ uint32_t nm_kept(uint32_t code) { return (kTwoOfFour >> (4 * code)) & 0xFu; }
+
 // The byte-permute selector taking halves b0 and b1 of (w1:w0) into the low
 // and high half of a word: bytes 2 b0, 2 b0 + 1, 2 b1, 2 b1 + 1.
 __device__ __forceinline__ uint32_t nm_pair_selector(uint32_t code) {
-  const uint32_t kept = (kTwoOfFour >> (4 * code)) & 0xFu;
+  const uint32_t kept = nm_kept(code);
   return ((kept & 3u) | ((kept & 12u) << 6)) * 0x22u + 0x1010u;
 }
 
@@ -814,7 +816,7 @@ __device__ __forceinline__ NmCheck nm_check_issue(int32_t kind, int32_t B, const
   NmCheck c;
   if (lane < 2 * kNmCodes) {
     c.found = ldg(subsets + lane);
-    c.want = (kTwoOfFour >> (4 * (lane / 2) + 2 * (lane % 2))) & 3u;
+    c.want = (nm_kept(static_cast<uint32_t>(lane / 2)) >> (2 * (lane % 2))) & 3u;
   } else if (lane < 2 * kNmCodes + 4) {
     c.found = ldg(block_off + (lane - 2 * kNmCodes));
     c.want = (kind == kNmPairs48 ? 2 : 1) * (lane - 2 * kNmCodes);
@@ -849,7 +851,7 @@ __device__ __forceinline__ void nm_chunk(const uint32_t (&v)[4], uint32_t fields
       }
     } else if constexpr (KIND == kNmPairs48) {
       // Scope k: columns 8k..8k+7, block b = x word 4k + b; values words 2k, 2k+1.
-      const uint32_t kept = (kTwoOfFour >> (4 * code)) & 0xFu;
+      const uint32_t kept = nm_kept(code);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const uint32_t b = j == 0 ? (kept & 3u) : (kept >> 2);
@@ -899,6 +901,7 @@ template <int U>
 struct NmBatch {
   uint4 raw[U];
   uint32_t w0[U], w1[U];
+  uint32_t slot[U];  // the chunk's first field within w0
 };
 
 template <int C, int U>
@@ -915,29 +918,25 @@ __device__ __forceinline__ void nm_load(const StreamPlan& p, const uint4* __rest
       b.raw[u] = ldg(vrow + c);
       const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
       const uint32_t word = p.div_per_word.div(f);
+      b.slot[u] = f - word * per_word;
       b.w0[u] = static_cast<uint32_t>(ldg(meta + word));
-      b.w1[u] = f - word * per_word + C > per_word ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
+      b.w1[u] = b.slot[u] + C > per_word ? static_cast<uint32_t>(ldg(meta + word + 1)) : 0u;
     }
   }
 }
 
 template <typename T, int KIND, int NT, int A, int U>
-__device__ __forceinline__ void nm_compute(const StreamPlan& p, const T* __restrict__ x, int32_t row_chunks, int32_t q,
+__device__ __forceinline__ void nm_compute(const StreamPlan& p, const T* __restrict__ x, int32_t row_chunks,
                                            int32_t base, int lane, const NmBatch<U>& b, float (&sums)[A][NT],
                                            uint32_t* max_code) {
-  constexpr int C = KIND == kNm24 ? 4 : 2;
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   const int32_t x_row = p.K / 8;  // uint4s a token
-  const uint32_t f_row = static_cast<uint32_t>(q) * static_cast<uint32_t>(row_chunks) * C;
-  const uint32_t per_word = static_cast<uint32_t>(p.per_word);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int32_t c = base + lane + 32 * u;
     if (c >= row_chunks) continue;
-    const uint32_t f = f_row + static_cast<uint32_t>(c) * C;
-    const uint32_t slot = f - p.div_per_word.div(f) * per_word;
     const uint64_t both = (static_cast<uint64_t>(b.w1[u]) << p.used_bits) | (b.w0[u] & p.used_mask);
-    const uint32_t fields = static_cast<uint32_t>(both >> (slot * p.bits));
+    const uint32_t fields = static_cast<uint32_t>(both >> (b.slot[u] * p.bits));
     uint32_t xw[NT][8];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
@@ -992,7 +991,7 @@ __device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restr
     if constexpr (kNmPrefetch) {
       if (more) nm_load<C, U>(p, v16, meta, row_chunks, nq, nbase, lane, nxt);
     }
-    nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, q, base, lane, cur, sums, &max_code);
+    nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, base, lane, cur, sums, &max_code);
     if (nq != q) {
       if (!decided) {
         if (!decide()) return false;
