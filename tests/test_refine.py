@@ -167,6 +167,32 @@ def test_other_row_coupled_blocks_never_worse(start):
     assert bool((nonzero.sum(1) <= 1).all())  # at most one of rows p, p+2 keeps each 4-column block
 
 
+@pytest.mark.parametrize("name", SINGLE_ROW + ROW_COUPLED)
+def test_blocked_sweep_is_the_one_scope_at_a_time_sweep(name, monkeypatch):
+    """Sweeping scopes in blocks (one GEMM over the row inverses per block, the block's swaps kept as
+    low-rank factors) takes the same swaps as one scope at a time: same masks, weights to round-off.
+    Blocks of 5 scopes (not dividing the row's scopes) and the library's choice, from magnitude
+    (many swaps per block in sweep 1, few rows swapping in sweep 3)."""
+    import s3sparse.pruners.refine as refine
+
+    results = {}
+    for block in (1, 5, None):
+        W0, H, W, scope, nnz = _pruned(name, "magnitude", seed=3, M=32, K=160)
+        if block is not None:
+            monkeypatch.setattr(refine, "_scope_block", lambda p, w, b=block: b)
+        else:
+            monkeypatch.undo()
+        res = refine_mask(scope, H, nnz, W0, sweeps=3)
+        results[block] = (W.detach().clone(), res.changed)
+    W1, changed1 = results[1]
+    assert changed1[0] > 0
+    for block in (5, None):
+        Wb, changed = results[block]
+        assert changed == changed1
+        assert torch.equal(Wb == 0, W1 == 0)
+        torch.testing.assert_close(Wb, W1, rtol=0, atol=1e-5)
+
+
 def test_zero_sweeps_keeps_the_mask():
     W0, H, W, scope, nnz = _pruned("48", "magnitude")
     mask = W.detach() == 0

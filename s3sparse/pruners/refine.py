@@ -21,7 +21,10 @@ scope's elements E, ``r = w_E − C_{E,P'} B w_{P'}`` and the Schur complement
 ``S = C_EE − C_{E,P'} V``: ``cost(P' ∪ R) = w_{P'}ᵀ B w_{P'} + r_Rᵀ (S_RR)⁻¹ r_R``
 (q × q solves only; B is applied, never formed). A swap updates ``A⁻¹`` of
 that row by the block-inverse formula (rank q). ``A⁻¹`` is recomputed from scratch at the start of every sweep, so
-round-off does not accumulate. Rows are independent and batched (in chunks).
+round-off does not accumulate. Rows are independent and batched (in chunks). Scopes are swept in
+blocks: one GEMM applies every row's ``A⁻¹`` to the panel of a block's scopes, and the block's swaps
+are carried as low-rank factors until its end (same swaps as one scope at a time; 3.6× faster on
+a 1536-column layer's 2:4 on the CPU).
 
 Row-coupled patterns (scopes shared by rows p and p+8, the 16-column blocks):
 the rows sharing scopes form a row group (:func:`~.layout.row_groups`). A
@@ -67,6 +70,8 @@ __all__ = ["RefineResult", "check_refinable", "refine_mask"]
 _REL_TOL = 1e-10
 # float64 elements of the per-row inverses held at once when chunk_size is not given.
 _CHUNK_ELEMS = 1 << 24
+# Most scopes swept as one block (one GEMM pass over the row inverses per block).
+_MAX_SCOPE_BLOCK = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,74 +293,134 @@ def _optimal_weights(C: Tensor, W0: Tensor, P: Tensor) -> Tensor:
     return W.scatter_(1, P, 0.0)
 
 
-def _sweep_chunk(C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> int:
-    """One sweep over the scopes of a chunk of row groups; updates ``cand`` in place, returns the swaps."""
+def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el: Tensor, valid: Tensor):
+    """Exact cost of every candidate of one scope, per row: ``(n, n_c)``, and the Cholesky factors of
+    the candidates' Schur complements ``S_RR`` (``(n, n_c, w, w)``, for the swap's update).
+
+    ``X = [w_P', C_P'E]`` and ``Y = B X`` over the row's pruned set without the scope's slots (zero
+    there); ``el``/``valid``: each row's slots under every candidate (−1: dummy)."""
+    n, n_c, w = el.shape
+    u, V = Y[:, :, :1], Y[:, :, 1:]  # B w_P', B C_P'E
+    base = (X[:, :, 0][:, None, :] @ u).reshape(n)
+    r = W0[:, E] - (X[:, :, 1:].transpose(1, 2) @ u).squeeze(-1)  # (n, E)
+    SE = C[E[:, None], E[None, :]] - X[:, :, 1:].transpose(1, 2) @ V  # (n, E, E)
+    e0 = el.clamp(min=0)
+    ar = torch.arange(n, device=el.device)
+    SR = SE[ar[:, None, None, None], e0[..., :, None], e0[..., None, :]]  # (n, n_c, w, w)
+    rR = r.gather(1, e0.reshape(n, -1)).reshape(n, n_c, w)
+    if not bool(valid.all()):  # dummy slots: Schur complement 1, residual 0 (no cost, no coupling)
+        eye = torch.eye(w, dtype=SR.dtype, device=SR.device)
+        SR = torch.where(valid[..., :, None] & valid[..., None, :], SR, eye)
+        rR = rR * valid
+    L = torch.linalg.cholesky(SR)
+    return base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1), L
+
+
+def _scope_block(p: int, w: int) -> int:
+    """Scopes swept per block: their panel ``A⁻¹ X`` is one GEMM; the swaps' low-rank factors (2w
+    columns a scope) stay a small fraction of the p × p inverse."""
+    return max(1, min(_MAX_SCOPE_BLOCK, p // (16 * w)))
+
+
+def _sweep_chunk(
+    C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int, scope_block: Optional[int] = None
+) -> int:
+    """One sweep over the scopes of a chunk of row groups; updates ``cand`` in place, returns the swaps.
+
+    Blocked: for ``scope_block`` consecutive scopes at a time, every row's ``A⁻¹`` is applied once, as
+    one GEMM, to the panel ``X = [w_P, C_{P,E_g} for g in the block]`` (rows at the block's own slots
+    zeroed); a swap inside the block is kept as a rank-2w factor ``A⁻¹ ← A⁻¹ + U_D Uᵀ`` (the
+    downdate ``−A_q A_qq⁻¹ A_qᵀ`` and the new slots' ``Ṽ S_R⁻¹ Ṽᵀ``, ``Ṽ = V_R − I_sl``) that
+    later scopes of the block apply to their thin panels, and all factors are added to ``A⁻¹`` at
+    the block's end. The result is the one-scope-at-a-time sweep's, to round-off; the inverse is
+    read twice per block instead of once per scope (memory-bound batched GEMVs become GEMMs).
+    """
     m, S = cand.shape
     n_c, R, w = slots.shape[1:]
+    nE = cols.shape[1]
     n = m * R
-    dev = C.device
-    ar = torch.arange(n, device=dev)
+    dev, dt = C.device, C.dtype
     loc = torch.arange(R, device=dev).repeat(m)  # local row of every row instance
-    eye = torch.eye(w, dtype=C.dtype, device=dev)
-    P = _pruned_cols(cand, cols, slots, K)  # (n, p)
+    eye = torch.eye(w, dtype=dt, device=dev)
+    P = _pruned_cols(cand, cols, slots, K)  # (n, p); scope g owns the slots g·w … g·w + w − 1
+    p = P.shape[1]
+    b = scope_block or _scope_block(p, w)
     Ainv = _inverse_pp(C, P)
     wP = W0.gather(1, P)
     swaps = 0
-    for g in range(S):
-        sl = slice(g * w, (g + 1) * w)
-        E = cols[g]
-        # Downdate: B = the inverse over P' = P without this scope's slots (zero at its
-        # slots), applied to [w_P', C_P'E] without forming it: B X = A⁻¹X − A⁻¹_{:,Q} (A⁻¹_QQ)⁻¹ A⁻¹_{Q,:} X.
-        Aq = Ainv[:, :, sl]
-        Aqq = Ainv[:, sl, sl]
-        CPE = C[P[:, :, None], E[None, None, :]]  # (n, p, E)
-        X = torch.cat([wP[..., None], CPE], dim=2)
-        X[:, sl] = 0
-        Y = Ainv @ X - Aq @ torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X)
-        Y[:, sl] = 0
-        u, V = Y[:, :, :1], Y[:, :, 1:]  # B w_P', B C_P'E
-        base = (X[:, :, 0][:, None, :] @ u).reshape(n)
-        r = W0[:, E] - (X[:, :, 1:].transpose(1, 2) @ u).squeeze(-1)  # (n, E)
-        SE = C[E[:, None], E[None, :]] - X[:, :, 1:].transpose(1, 2) @ V  # (n, E, E)
-        el = slots[g][:, loc].transpose(0, 1)  # (n, n_c, w): each row's slots under every candidate
-        valid = el >= 0
-        e0 = el.clamp(min=0)
-        SR = SE[ar[:, None, None, None], e0[..., :, None], e0[..., None, :]]  # (n, n_c, w, w)
-        rR = r.gather(1, e0.reshape(n, -1)).reshape(n, n_c, w)
-        if not bool(valid.all()):  # dummy slots: Schur complement 1, residual 0 (no cost, no coupling)
-            SR = torch.where(valid[..., :, None] & valid[..., None, :], SR, eye)
-            rR = rR * valid
-        L = torch.linalg.cholesky(SR)
-        cost_rows = base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1)  # (n, n_c)
-        cost = cost_rows.reshape(m, R, n_c).sum(1)  # exact cost of the row group per candidate
-        cur = cand[:, g].long()
-        cur_cost = cost[torch.arange(m, device=dev), cur]
-        best_cost, best = cost.min(dim=1)
-        swap = best_cost < cur_cost - _REL_TOL * cur_cost.abs()
-        if not bool(swap.any()):
-            continue
-        gi = swap.nonzero().squeeze(1)
-        swaps += gi.numel()
-        idx = (gi[:, None] * R + torch.arange(R, device=dev)).reshape(-1)  # the groups' row instances
-        new = best[gi].repeat_interleave(R)
-        Rel, Rv = el[idx, new], valid[idx, new]  # (k, w)
-        # Update (swapped groups' rows only): the block inverse of P' ∪ new slots, at the scope's slots.
-        Aqi = Aq[idx]
-        Binv = Ainv[idx] - Aqi @ torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2))
-        Binv[:, sl, :] = 0
-        Binv[:, :, sl] = 0
-        SRinv = torch.cholesky_inverse(L[idx, new])
-        VR = V[idx].gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), V.shape[1], w))
-        VR = VR * Rv[:, None, :]  # (k, p, w), zero at the scope's slots and at dummies
-        VS = VR @ SRinv
-        newA = Binv + VS @ VR.transpose(1, 2)
-        newA[:, :, sl] = -VS
-        newA[:, sl, :] = -VS.transpose(1, 2)
-        newA[:, sl, sl] = SRinv
-        Ainv[idx] = newA
-        cand[gi, g] = best[gi].to(cand.dtype)
-        dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
-        Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
-        P[idx, sl] = Pn
-        wP[idx, sl] = W0[idx].gather(1, Pn)
+    for g0 in range(0, S, b):
+        g1 = min(S, g0 + b)
+        bsl = slice(g0 * w, g1 * w)  # the block's slots
+        Xs = torch.cat([wP[..., None], C[P[:, :, None], cols[g0:g1].reshape(1, 1, -1)]], dim=2)  # (n, p, 1 + b·E)
+        Xs[:, bsl] = 0  # the block's slots change during the block: their rows are applied separately
+        T0 = Ainv @ Xs  # the one full pass over A⁻¹ for these scopes
+        A_blk = Ainv[:, :, bsl]  # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps
+        # Swap factors of the block, A⁻¹_cur = A⁻¹ + UD Uᵀ: 2w columns per scope with a swap (zero for rows
+        # that did not swap there); their first ``nf`` columns are in use.
+        U = Xs.new_zeros(n, p, 2 * w * (g1 - g0))
+        UD = torch.zeros_like(U)
+        UtX = Xs.new_zeros(n, U.shape[2], Xs.shape[2])  # Uᵀ Xs
+        nf = 0
+        swapped = torch.zeros(n, dtype=torch.bool, device=dev)
+        for g in range(g0, g1):
+            j = g - g0
+            sl, sl_b = slice(g * w, (g + 1) * w), slice(j * w, (j + 1) * w)
+            E = cols[g]
+            sel = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + j * nE + torch.arange(nE, device=dev)])
+            # X = [w_P, C_PE] over the current P, zero at this scope's slots.
+            Xb = torch.cat([wP[:, bsl, None], C[P[:, bsl, None], E[None, None, :]]], dim=2)  # (n, b·w, 1 + E)
+            Xb[:, sl_b] = 0
+            X = Xs[:, :, sel].clone()
+            X[:, bsl] = Xb
+            # A⁻¹_cur X = A⁻¹ X_out + UD Uᵀ X_out + A⁻¹_cur[:, block slots] X_block  (X_out: rows outside the block)
+            Y = T0[:, :, sel] + A_blk @ Xb
+            Aq = A_blk[:, :, sl_b]
+            if nf:
+                Uf, UDf = U[:, :, :nf], UD[:, :, :nf]
+                Y = Y + UDf @ (UtX[:, :nf, sel] + Uf[:, bsl].transpose(1, 2) @ Xb)
+                Aq = Aq + UDf @ Uf[:, sl].transpose(1, 2)
+            # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
+            Aqq = Aq[:, sl]
+            Y = Y - Aq @ torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X)
+            Y[:, sl] = 0
+            V = Y[:, :, 1:]  # B C_P'E
+            el = slots[g][:, loc].transpose(0, 1)  # (n, n_c, w): each row's slots under every candidate
+            valid = el >= 0
+            cost_rows, L = _candidate_costs(C, W0, X, Y, E, el, valid)  # (n, n_c)
+            cost = cost_rows.reshape(m, R, n_c).sum(1)  # exact cost of the row group per candidate
+            cur = cand[:, g].long()
+            cur_cost = cost[torch.arange(m, device=dev), cur]
+            best_cost, best = cost.min(dim=1)
+            swap = best_cost < cur_cost - _REL_TOL * cur_cost.abs()
+            if not bool(swap.any()):
+                continue
+            gi = swap.nonzero().squeeze(1)
+            swaps += gi.numel()
+            idx = (gi[:, None] * R + torch.arange(R, device=dev)).reshape(-1)  # the groups' row instances
+            new = best[gi].repeat_interleave(R)
+            Rel, Rv = el[idx, new], valid[idx, new]  # (k, w)
+            # The swap's factor (swapped groups' rows only; zero elsewhere): the new inverse over P' ∪ R is
+            # A⁻¹_cur − A_q A_qq⁻¹ A_qᵀ + Ṽ S_R⁻¹ Ṽᵀ, with Ṽ = V_R − I at the slots (V_R zero there and at dummies).
+            VR = V[idx].gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), p, w)) * Rv[:, None, :]
+            VR[:, sl] = -eye
+            Aqi = Aq[idx]
+            Un = torch.cat([Aqi, VR], dim=2)  # (k, p, 2w)
+            U[idx, :, nf : nf + 2 * w] = Un
+            UD[idx, :, nf : nf + 2 * w] = torch.cat(
+                [-torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2)).transpose(1, 2),
+                 VR @ torch.cholesky_inverse(L[idx, new])], dim=2)
+            UtX[idx, nf : nf + 2 * w] = Un.transpose(1, 2) @ Xs[idx]
+            nf += 2 * w
+            swapped[idx] = True
+            cand[gi, g] = best[gi].to(cand.dtype)
+            dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
+            Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
+            P[idx, sl] = Pn
+            wP[idx, sl] = W0[idx].gather(1, Pn)
+        if nf:  # the block's swaps, added once (rows that swapped only)
+            if bool(swapped.all()):
+                Ainv.baddbmm_(UD[:, :, :nf], U[:, :, :nf].transpose(1, 2))
+            else:
+                ri = swapped.nonzero().squeeze(1)
+                Ainv[ri] = torch.baddbmm(Ainv[ri], UD[ri, :, :nf], U[ri, :, :nf].transpose(1, 2))
     return swaps
