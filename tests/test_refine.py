@@ -206,6 +206,10 @@ def test_progress_and_min_change():
     msgs = []
     res = refine_mask(scope, H, nnz, W0, sweeps=5, min_change=1.0, progress_fn=msgs.append)
     assert len(res.changed) == 1 and msgs[0].startswith("refine_mask: sweep 1/5")
+    msgs.clear()  # chunks of 4 rows: progress within a sweep
+    refine_mask(scope, H, nnz, W0, sweeps=1, chunk_size=4, progress_fn=msgs.append)
+    assert msgs[:3] == [f"refine_mask: sweep 1/1: rows {r} of 16" for r in (4, 8, 12)]
+    assert msgs[3].startswith("refine_mask: sweep 1/1:") and "scopes changed" in msgs[3]
 
 
 def test_refusals():

@@ -68,8 +68,10 @@ __all__ = ["RefineResult", "check_refinable", "refine_mask"]
 
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
-# float64 elements of the per-row inverses held at once when chunk_size is not given.
-_CHUNK_ELEMS = 1 << 24
+# Bytes of per-row float64 inverses held at once when chunk_size is not given: on CUDA large chunks keep
+# the GPU busy (the sweep is a Python loop over scopes; the inversion briefly needs three times this);
+# on the CPU a chunk is as fast as all rows at once, in a fraction of the memory.
+_CHUNK_BYTES = {"cuda": 4 << 30, "cpu": 128 << 20}
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
 
@@ -133,7 +135,8 @@ def refine_mask(
         damp: damping of ``C = (H + λI)⁻¹`` (as True OBS: relative to mean(diag H) when < 1).
         min_change: stop after a sweep that changes fewer than this fraction of
             the scopes (a sweep that changes none always stops).
-        chunk_size: rows held at once (default: from the inverse's size).
+        chunk_size: row groups held at once (default: 128 MiB of their float64 row inverses on the
+            CPU, 4 GiB on CUDA).
         progress_fn: optional ``callable(str)`` for progress messages.
 
     Returns:
@@ -176,7 +179,7 @@ def refine_mask(
         W0 = torch.cat([W0, W0.new_zeros(W0.shape[0], n_d)], dim=1)
     cand = _starting_candidates(W_in, cols, local_rows, R, block_sets, num_prune, G, B)  # (NG, S)
 
-    m = chunk_size or max(1, _CHUNK_ELEMS // max(1, R * (S * w) ** 2))
+    m = chunk_size or _default_chunk(dev, R * (S * w) ** 2 * 8)
     m = check_int(m, "chunk_size", minimum=1, what="row groups held at once")
     changed = _run_sweeps(C, W0, cand, cols, slots, K, sweeps, m, min_change, progress_fn)
 
@@ -193,6 +196,15 @@ def refine_mask(
     if progress_fn is not None:
         progress_fn("")
     return RefineResult(tuple(changed), NG * S, int(worse.sum()))
+
+
+def _default_chunk(dev: torch.device, group_bytes: int) -> int:
+    """Row groups a chunk holds: ``_CHUNK_BYTES`` of inverses, within a third of the free memory on CUDA."""
+    budget = _CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = min(budget, free // 3)
+    return max(1, budget // max(1, group_bytes))
 
 
 def _slot_table(local_rows: Tensor, elem_sets: Tensor, R: int) -> Tensor:
@@ -247,6 +259,8 @@ def _run_sweeps(
         n = 0
         for lo in range(0, NG, m):
             n += _sweep_chunk(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
+            if progress_fn is not None and lo + m < NG:
+                progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: rows {(lo + m) * R} of {NG * R}")
         changed.append(n)
         if progress_fn is not None:
             progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {NG * S} scopes changed")
