@@ -42,6 +42,8 @@ def _sync(device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=1, help="how many of the MiniLM default layers")
+    ap.add_argument("--which", type=int, nargs="+", default=None,
+                    help="indices into the MiniLM default layers (instead of --layers)")
     ap.add_argument("--synthetic", default=None, help="MxK: a synthetic layer instead of MiniLM")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS)[:3], choices=list(PATTERNS))
     ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
@@ -59,6 +61,8 @@ def main(argv=None):
         import real_layers
 
         names = real_layers.DEFAULT_LAYERS[: a.layers]
+        if a.which:
+            names = tuple(real_layers.DEFAULT_LAYERS[i] for i in a.which)
         layers = real_layers.minilm_layers(names)
     rows = []
     for lname, (W0, H) in layers.items():
