@@ -69,7 +69,7 @@ def test_method_names_and_options():
     m = parse_method("true-obs", {"ng": "32", "scoring": "joint"})
     assert m.name == "true-obs" and m.options["ng"] == 32 and m.options["scoring"] == "joint" and m.options["damp"] == 1e-4
     assert m.method.options.ng == 32 and m.enumerates_subsets and m.shards_rows
-    assert parse_method("sparsegpt").options == {"blocksize": 128, "damp": 0.01}
+    assert parse_method("sparsegpt").options == {"blocksize": 128, "damp": 0.01, "refine": 0}
     assert parse_method("true-obs", {"c_dtype": "bf16"}).method.options.c_dtype == torch.bfloat16
     assert parse_method("true-obs").options["ng"] is None  # 64, or 1 on row-coupled patterns
     assert "n_splits" not in parse_method("obs-full").options and parse_method("obs-split").options["n_splits"] == 4

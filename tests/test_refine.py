@@ -272,6 +272,52 @@ def test_prune_true_obs_refine_option():
     assert errors["block16", 2] <= errors["block16", 0]
 
 
+@pytest.mark.parametrize("name", ["24", "block16"])
+def test_sparsegpt_refine_option_is_sparsegpt_then_refine_mask(name):
+    """SparseGPT(refine=N) = SparseGPT, then N sweeps of refine_mask (its own damping) from the dense
+    weight, bit for bit; by class, by function and by registry name; progress from both."""
+    from s3sparse import SparseGPT
+    from s3sparse.llm.method_registry import parse_method
+
+    W0, _, H = make_layer(32, 64, 256, 5)
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = pattern(name, W)
+    prune_sparsegpt(scope, H, nnz)
+    plain = output_error(W.detach(), W0, H)
+    refine_mask(scope, H, nnz, W0, sweeps=2)
+    want = W.detach().clone()
+    assert output_error(want, W0, H) < plain
+    calls = {
+        "class": lambda s, n, msgs: SparseGPT(refine=2).prune(s, H, n, progress_fn=msgs.append),
+        "function": lambda s, n, msgs: prune_sparsegpt(s, H, n, refine=2, progress_fn=msgs.append),
+        "registry": lambda s, n, msgs: parse_method("sparsegpt", {"refine": "2"}).method.prune(
+            s, H, n, progress_fn=msgs.append),
+    }
+    for how, call in calls.items():
+        W.data.copy_(W0)
+        msgs = []
+        call(scope, nnz, msgs)
+        assert torch.equal(W.detach(), want), how
+        assert any(m.startswith("refine_mask: sweep 1/2") for m in msgs), how
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "true-obs"])
+def test_refine_option_refuses_before_pruning(method):
+    """A pattern refine_mask cannot take (here: 16 of 32 channels, C(32, 16) kept sets in one scope)
+    is refused before the method prunes: the weight is left unchanged, not pruned and unrefined."""
+    from s3sparse import SparseGPT, TrueOBS
+
+    W0, _, H = make_layer(32, 64, 256, 6)
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = patterns.channels(W, 0.5)
+    cls = SparseGPT if method == "sparsegpt" else TrueOBS
+    with pytest.raises(ArgumentError, match="refine_mask: choosing 16 of 32 blocks"):
+        cls(refine=1).prune(scope, H, nnz)
+    assert torch.equal(W.detach(), W0)  # nothing half-written
+    with pytest.raises(ArgumentError, match="refine"):
+        cls(refine=-1)
+
+
 def test_cli_option_and_exports():
     import s3sparse
     from s3sparse.llm.method_registry import parse_method

@@ -5,7 +5,8 @@ name                    class (options fixed by the name)                  optio
 ======================  =================================================  ===============================================
 ``magnitude``           :class:`~s3sparse.pruners.Magnitude`               —
 ``obd``                 :class:`~s3sparse.pruners.OBD`                     —
-``sparsegpt``           :class:`~s3sparse.pruners.SparseGPT`               ``blocksize`` (128), ``damp`` (0.01)
+``sparsegpt``           :class:`~s3sparse.pruners.SparseGPT`               ``blocksize`` (128), ``damp`` (0.01), ``refine``
+                                                                           (0: off; N: sweeps of ``refine_mask``)
 ``obs-local``           :class:`~s3sparse.pruners.SharedOBS`,              ``damp`` (0.01), ``block_size`` (2048)
                         ``compensate='local'``
 ``obs-full``            the same, ``compensate='full'``                    ``damp``, ``block_size``
@@ -201,7 +202,7 @@ def _coerce(method: str, key: str, option: _Option, value: Any) -> Any:
             number = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"method {method}: option {key} must be {'an int' if kind is int else 'a number'}, got {value!r}")
-    # Ints are counts >= 1, except those whose default 0 means "off" (true-obs refine).
+    # Ints are counts >= 1, except those whose default 0 means "off" (refine).
     least = (0 if option.default == 0 else 1) if kind is int else 0
     if number < least:
         raise UsageError(f"method {method}: option {key} must be >= {least}, got {value!r}")

@@ -101,10 +101,23 @@ def _row_scopes(scope):
     return layout, groups
 
 
-def check_refinable(scope) -> None:
+def check_refinable(scope, nnz: Optional[int] = None) -> None:
     """Raise ArgumentError unless :func:`refine_mask` can refine ``scope``'s pattern: one whose rows split
-    into regular row groups (:func:`~.layout.row_groups`; single-row and row-coupled patterns alike)."""
-    _row_scopes(scope)
+    into regular row groups (:func:`~.layout.row_groups`; single-row and row-coupled patterns alike)
+    and, with ``nnz``, whose scopes have at most ``MAX_SUBSETS`` candidate kept sets. Methods call it
+    before pruning, so a refusal leaves the weight unchanged."""
+    layout, _ = _row_scopes(scope)
+    if nnz is not None:
+        G = layout.blocks_per_scope
+        _check_subsets(G, G - normalize_nnz(nnz, G))
+
+
+def _check_subsets(blocks: int, num_prune: int) -> None:
+    if count_subsets(blocks, num_prune) > MAX_SUBSETS:
+        raise ArgumentError(
+            f"refine_mask: choosing {num_prune} of {blocks} blocks has more than {MAX_SUBSETS} subsets; "
+            "refine a pattern with smaller scopes"
+        )
 
 
 @torch.no_grad()
@@ -158,8 +171,7 @@ def refine_mask(
     S = groups.scopes_per_group
     if num_prune == 0 or S == 0:
         return RefineResult((), groups.num_groups * S, 0)
-    if count_subsets(G, num_prune) > MAX_SUBSETS:
-        raise ArgumentError(f"refine_mask: choosing {num_prune} of {G} blocks has more than {MAX_SUBSETS} subsets")
+    _check_subsets(G, num_prune)
 
     dev = param.device
     f64 = torch.float64

@@ -178,7 +178,7 @@ class TrueOBS(PruningMethod):
         if self.options.refine:
             from .refine import check_refinable
 
-            check_refinable(layer.scope)  # before pruning: refuse irregular patterns up front
+            check_refinable(layer.scope, nnz)  # before pruning: refuse irregular patterns up front
             dense = layer.W.detach().clone()
         with AllRanks(group, "pruning its rows with True OBS") as sync:
             shard = W = None
