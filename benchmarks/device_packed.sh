@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -76,6 +76,11 @@ for step in "${@:-all}"; do
         (cd /tmp && timeout 200 python3 "$repo/benchmarks/profile_true_obs.py" --patterns block16 --panel-batches "$G" \
           --no-profile --out "$LOG/true-obs-block16-G$G.json" > "$LOG/true-obs-G$G.txt" 2>&1; echo "# G=$G"; tail -4 "$LOG/true-obs-G$G.txt")
       done | tee "$OUT/true-obs-panel-batches.txt"
+      ;;&
+    refine)
+      # Issue 19: refine_mask's 2 sweeps on the 2560x9728 layer after True OBS (2:4): time, peak, error per sweep.
+      (cd /tmp && timeout 580 python3 "$repo/benchmarks/refine.py" --synthetic 2560x9728 --device cuda --patterns 2:4 \
+        --starts true_obs --sweeps 2 --progress --out "$OUT/refine-h200-2560x9728.json" > "$OUT/refine-h200-2560x9728.txt" 2>&1; tail -4 "$OUT/refine-h200-2560x9728.txt")
       ;;&
     model36)
       # Issue 16: the whole random Qwen3-4B-shaped model (36 blocks), SparseGPT and True OBS (about 7 min).

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import environment  # noqa: E402
 from s3sparse import StructuredOBS, output_error, patterns, prune_magnitude, prune_sparsegpt, refine_mask  # noqa: E402
 
 PATTERNS = {"2:4": patterns.nm, "4:8": patterns.nm_blocks, "c2:4": patterns.coupled_nm,
@@ -50,13 +51,14 @@ def main(argv=None):
     ap.add_argument("--sweeps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--progress", action="store_true", help="print refine_mask's progress with elapsed seconds")
     a = ap.parse_args(argv)
     if a.synthetic:
         import data
 
         M, K = (int(x) for x in a.synthetic.lower().split("x"))
-        L = data.synthetic_layer(M, K, N=4 * K, seed=0)
-        layers = {f"synthetic-{M}x{K}": (L.W.float().cpu(), L.H.float().cpu())}
+        L = data.synthetic_layer(M, K, seed=0, device=a.device)  # the layer: N = data's default
+        layers = {f"synthetic-{M}x{K}": (L.W.float(), L.H.float())}
     else:
         import real_layers
 
@@ -65,31 +67,46 @@ def main(argv=None):
             names = tuple(real_layers.DEFAULT_LAYERS[i] for i in a.which)
         layers = real_layers.minilm_layers(names)
     rows = []
+    t_run = time.perf_counter()
+
+    def progress(msg):
+        if a.progress and msg:
+            print(f"  [{time.perf_counter() - t_run:7.1f} s] {msg}", flush=True)
+
     for lname, (W0, H) in layers.items():
         W0, H = W0.to(a.device), H.to(a.device)
         for pname in a.patterns:
             for start in a.starts:
                 W = torch.nn.Parameter(W0.clone())
                 scope, nnz = PATTERNS[pname](W)
+                _sync(a.device)
+                t = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     STARTS[start](scope, H, nnz)
+                _sync(a.device)
+                start_s = time.perf_counter() - t
+                if torch.device(a.device).type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 errors, times, changed = [output_error(W.detach(), W0, H)], [], []
                 for _ in range(a.sweeps):  # one sweep per call: the error after each
                     _sync(a.device)
                     t = time.perf_counter()
-                    res = refine_mask(scope, H, nnz, W0, sweeps=1)
+                    res = refine_mask(scope, H, nnz, W0, sweeps=1, progress_fn=progress)
                     _sync(a.device)
                     times.append(time.perf_counter() - t)
                     errors.append(output_error(W.detach(), W0, H))
                     changed.append(res.changed[0] if res.changed else 0)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(a.device).type == "cuda" else None
                 row = dict(layer=lname, shape=list(W0.shape), pattern=pname, start=start, errors=errors,
-                           seconds=times, changed=changed, scopes=res.num_scopes, device=a.device)
+                           seconds=times, changed=changed, scopes=res.num_scopes, start_seconds=start_s,
+                           refine_peak_gib=peak)
                 rows.append(row)
-                print(f"{lname} {pname} {start}: " + " -> ".join(f"{e:.4f}" for e in errors)
-                      + f"  ({sum(times):.1f} s, changed {changed} of {res.num_scopes})", flush=True)
+                print(f"{lname} {pname} {start} ({start_s:.1f} s): " + " -> ".join(f"{e:.4f}" for e in errors)
+                      + f"  ({sum(times):.1f} s, changed {changed} of {res.num_scopes}"
+                      + (f", peak {peak:.1f} GiB" if peak is not None else "") + ")", flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        Path(a.out).write_text(json.dumps(dict(environment=environment(torch.device(a.device)), rows=rows), indent=1))
 
 
 if __name__ == "__main__":
