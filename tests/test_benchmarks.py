@@ -251,5 +251,8 @@ def test_refine_benchmark_runs(tmp_path, capsys):
 
     out = tmp_path / "r.json"
     refine.main(["--synthetic", "16x64", "--sweeps", "1", "--patterns", "2:4", "--starts", "magnitude", "--out", str(out)])
-    (row,) = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
     assert row["errors"][1] <= row["errors"][0] and len(row["seconds"]) == 1
+    assert row["start_seconds"] >= 0 and row["refine_peak_gib"] is None  # CPU: no CUDA peak
+    assert result["environment"]["torch"] == torch.__version__
