@@ -63,6 +63,7 @@ from ..errors import ArgumentError
 from .hessian import check_hessian, damped_inverse
 from .layout import block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 from .obs_layer import MAX_SUBSETS
+from .true_obs_sweep import free_memory_bytes
 
 __all__ = ["RefineResult", "check_refinable", "refine_mask"]
 
@@ -214,8 +215,7 @@ def _default_chunk(dev: torch.device, group_bytes: int) -> int:
     """Row groups a chunk holds: ``_CHUNK_BYTES`` of inverses, within a third of the free memory on CUDA."""
     budget = _CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        budget = min(budget, free // 3)
+        budget = min(budget, free_memory_bytes(dev) // 3)
     return max(1, budget // max(1, group_bytes))
 
 

@@ -42,7 +42,7 @@ from .obs import select_subsets
 from .obs_layer import MAX_SUBSETS, OBSLayer
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
-from .true_obs_sweep import ChunkSweep, DevicePlan, LazyPlan, ScaledInverse, lazy_plan
+from .true_obs_sweep import ChunkSweep, DevicePlan, LazyPlan, ScaledInverse, free_memory_bytes, lazy_plan
 
 __all__ = ["TrueOBS", "TrueOBSOptions"]
 
@@ -359,26 +359,9 @@ def _auto_chunk_rows(layer: OBSLayer, plan: LazyPlan, device_plan: DevicePlan, b
     rpc = layer.groups.rows_per_group
     group_bytes = plan.bytes_per_group(device_plan.store_dtype, rpc) + 4 * block_rows * plan.order.numel()
     per_row = -(-group_bytes // rpc)
-    fits = _free_memory_bytes(layer.W.device) // 2 // per_row
+    fits = free_memory_bytes(layer.W.device) // 2 // per_row
     useful = max(32, device_plan.factor_budget_bytes // per_row)
     return int(max(1, min(fits, useful, layer.M)))
-
-
-def _free_memory_bytes(device: torch.device) -> int:
-    """Memory the pruner may plan to use on ``device``."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # Blocks the caching allocator holds but no tensor uses are free to us too.
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def _more_damping(damp: float, factor: float, relative_cap: float) -> float:

@@ -80,6 +80,23 @@ class DevicePlan:
         return DevicePlan(store_dtype=opmath_dtype(c_dtype), factor_budget_bytes=256 << 20)
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory the pruner may plan to use on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Blocks the caching allocator holds but no tensor uses are free to us too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 @dataclass(frozen=True)
 class ScaledInverse:
     """C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, C~ = D^-1/2 C0 D^-1/2 with D = diag(C0)
