@@ -348,6 +348,20 @@ def _scope_block(p: int, w: int) -> int:
     return max(1, min(_MAX_SCOPE_BLOCK, p // (16 * w)))
 
 
+def _gather(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``C[rows[i, j], cols[k]]`` of the symmetric ``C`` as (n, r, c), by row copies (index_select on dim 0,
+    which is fast; a 2-index gather or a dim-1 index_select is not, on the CPU)."""
+    n, r = rows.shape
+    C_cols = C.index_select(0, cols).t().contiguous()  # (K, c) = C[:, cols], C symmetric
+    return C_cols.index_select(0, rows.reshape(-1)).reshape(n, r, cols.numel())
+
+
+def _scope_panel(T: Tensor, j: int, nE: int) -> Tensor:
+    """Scope j's columns ``[w, its nE elements]`` of a block panel ``[w, E_0 …, E_{b−1}]`` (by slices: an
+    index tensor on the last dimension is a slow gather on the CPU)."""
+    return torch.cat([T[..., :1], T[..., 1 + j * nE : 1 + (j + 1) * nE]], dim=-1)
+
+
 def _sweep_chunk(
     C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int, scope_block: Optional[int] = None
 ) -> int:
@@ -377,34 +391,36 @@ def _sweep_chunk(
     for g0 in range(0, S, b):
         g1 = min(S, g0 + b)
         bsl = slice(g0 * w, g1 * w)  # the block's slots
-        Xs = torch.cat([wP[..., None], C[P[:, :, None], cols[g0:g1].reshape(1, 1, -1)]], dim=2)  # (n, p, 1 + b·E)
+        Xs = torch.cat([wP[..., None], _gather(C, P, cols[g0:g1].reshape(-1))], dim=2)  # (n, p, 1 + b·E)
         Xs[:, bsl] = 0  # the block's slots change during the block: their rows are applied separately
         T0 = Ainv @ Xs  # the one full pass over A⁻¹ for these scopes
-        A_blk = Ainv[:, :, bsl]  # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps
-        # Swap factors of the block, A⁻¹_cur = A⁻¹ + UD Uᵀ: 2w columns per scope with a swap (zero for rows
-        # that did not swap there); their first ``nf`` columns are in use.
-        U = Xs.new_zeros(n, p, 2 * w * (g1 - g0))
-        UD = torch.zeros_like(U)
-        UtX = Xs.new_zeros(n, U.shape[2], Xs.shape[2])  # Uᵀ Xs
+        # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps; a contiguous copy, as the
+        # block's every scope multiplies it (a strided slice costs BLAS a copy each time).
+        A_blk = Ainv[:, :, bsl].contiguous()
+        # Swap factors of the block, A⁻¹_cur = A⁻¹ + UDᵀ U (stored transposed, so that the first ``nf``
+        # factors in use are contiguous): 2w factors per scope with a swap (zero for rows that did not
+        # swap there).
+        Ut = Xs.new_zeros(n, 2 * w * (g1 - g0), p)
+        UDt = torch.zeros_like(Ut)
+        UtX = Xs.new_zeros(n, Ut.shape[1], Xs.shape[2])  # Uᵀ Xs
         nf = 0
         swapped = torch.zeros(n, dtype=torch.bool, device=dev)
         for g in range(g0, g1):
             j = g - g0
             sl, sl_b = slice(g * w, (g + 1) * w), slice(j * w, (j + 1) * w)
             E = cols[g]
-            sel = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + j * nE + torch.arange(nE, device=dev)])
             # X = [w_P, C_PE] over the current P, zero at this scope's slots.
-            Xb = torch.cat([wP[:, bsl, None], C[P[:, bsl, None], E[None, None, :]]], dim=2)  # (n, b·w, 1 + E)
+            Xb = torch.cat([wP[:, bsl, None], _gather(C, P[:, bsl], E)], dim=2)  # (n, b·w, 1 + E)
             Xb[:, sl_b] = 0
-            X = Xs[:, :, sel].clone()
+            X = _scope_panel(Xs, j, nE)
             X[:, bsl] = Xb
             # A⁻¹_cur X = A⁻¹ X_out + UD Uᵀ X_out + A⁻¹_cur[:, block slots] X_block  (X_out: rows outside the block)
-            Y = T0[:, :, sel] + A_blk @ Xb
+            Y = _scope_panel(T0, j, nE) + A_blk @ Xb
             Aq = A_blk[:, :, sl_b]
             if nf:
-                Uf, UDf = U[:, :, :nf], UD[:, :, :nf]
-                Y = Y + UDf @ (UtX[:, :nf, sel] + Uf[:, bsl].transpose(1, 2) @ Xb)
-                Aq = Aq + UDf @ Uf[:, sl].transpose(1, 2)
+                Uf, UDf = Ut[:, :nf], UDt[:, :nf].transpose(1, 2)  # (n, nf, p), (n, p, nf)
+                Y = Y + UDf @ (_scope_panel(UtX[:, :nf], j, nE) + Uf[:, :, bsl] @ Xb)
+                Aq = Aq + UDf @ Uf[:, :, sl]
             # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
             Aqq = Aq[:, sl]
             Y = Y - Aq @ torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X)
@@ -427,15 +443,15 @@ def _sweep_chunk(
             Rel, Rv = el[idx, new], valid[idx, new]  # (k, w)
             # The swap's factor (swapped groups' rows only; zero elsewhere): the new inverse over P' ∪ R is
             # A⁻¹_cur − A_q A_qq⁻¹ A_qᵀ + Ṽ S_R⁻¹ Ṽᵀ, with Ṽ = V_R − I at the slots (V_R zero there and at dummies).
-            VR = V[idx].gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), p, w)) * Rv[:, None, :]
+            VR = V.index_select(0, idx).gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), p, w)) * Rv[:, None, :]
             VR[:, sl] = -eye
-            Aqi = Aq[idx]
+            Aqi = Aq.index_select(0, idx)
             Un = torch.cat([Aqi, VR], dim=2)  # (k, p, 2w)
-            U[idx, :, nf : nf + 2 * w] = Un
-            UD[idx, :, nf : nf + 2 * w] = torch.cat(
-                [-torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2)).transpose(1, 2),
-                 VR @ torch.cholesky_inverse(L[idx, new])], dim=2)
-            UtX[idx, nf : nf + 2 * w] = Un.transpose(1, 2) @ Xs[idx]
+            Ut[idx, nf : nf + 2 * w] = Un.transpose(1, 2)
+            UDt[idx, nf : nf + 2 * w] = torch.cat(
+                [-torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2)),
+                 torch.cholesky_inverse(L[idx, new]) @ VR.transpose(1, 2)], dim=1)
+            UtX[idx, nf : nf + 2 * w] = Un.transpose(1, 2) @ Xs.index_select(0, idx)
             nf += 2 * w
             swapped[idx] = True
             cand[gi, g] = best[gi].to(cand.dtype)
@@ -444,9 +460,9 @@ def _sweep_chunk(
             P[idx, sl] = Pn
             wP[idx, sl] = W0[idx].gather(1, Pn)
         if nf:  # the block's swaps, added once (rows that swapped only)
-            if bool(swapped.all()):
-                Ainv.baddbmm_(UD[:, :, :nf], U[:, :, :nf].transpose(1, 2))
+            if 2 * int(swapped.sum()) >= n:  # rows that did not swap have zero factors: adding them is exact
+                Ainv.baddbmm_(UDt[:, :nf].transpose(1, 2), Ut[:, :nf])
             else:
                 ri = swapped.nonzero().squeeze(1)
-                Ainv[ri] = torch.baddbmm(Ainv[ri], UD[ri, :, :nf], U[ri, :, :nf].transpose(1, 2))
+                Ainv.index_copy_(0, ri, torch.baddbmm(Ainv.index_select(0, ri), UDt[ri, :nf].transpose(1, 2), Ut[ri, :nf]))
     return swaps
