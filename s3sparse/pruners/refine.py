@@ -52,8 +52,9 @@ keeps its input weights (a whole group: its rows share scopes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -65,7 +66,7 @@ from .layout import block_subsets, count_subsets, normalize_nnz, row_groups, sco
 from .obs_layer import MAX_SUBSETS
 from .true_obs_sweep import free_memory_bytes
 
-__all__ = ["RefineResult", "check_refinable", "refine_mask"]
+__all__ = ["RefineResult", "check_refinable", "refine_mask", "refining"]
 
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
@@ -119,6 +120,26 @@ def _check_subsets(blocks: int, num_prune: int) -> None:
             f"refine_mask: choosing {num_prune} of {blocks} blocks has more than {MAX_SUBSETS} subsets; "
             "refine a pattern with smaller scopes"
         )
+
+
+@contextlib.contextmanager
+def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
+             progress_fn: Optional[Callable[[str], None]] = None) -> Iterator[None]:
+    """A pruning method's ``refine=N`` option, the one home of its plumbing: ``with refining(...):`` around
+    the method's pruning of the weight behind ``scope``.
+
+    With ``sweeps > 0`` the pattern is checked first (:func:`check_refinable`: a refusal leaves the
+    weight unchanged) and the dense weight copied; when the block ends without an error,
+    :func:`refine_mask` runs ``sweeps`` sweeps from the pruned weight against that copy (every rank of
+    a process group refines every row: the result is deterministic, the same on all ranks). With
+    ``sweeps == 0`` it does nothing."""
+    if not sweeps:
+        yield
+        return
+    check_refinable(scope, nnz)
+    dense = scope_layout(scope).param.detach().clone()
+    yield
+    refine_mask(scope, hessian, nnz, dense, sweeps=sweeps, damp=damp, progress_fn=progress_fn)
 
 
 @torch.no_grad()

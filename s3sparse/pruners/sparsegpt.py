@@ -37,6 +37,7 @@ from ..errors import NumericalError
 from .hessian import check_hessian, damped_inverse
 from .layout import ScopeLayout, normalize_nnz, restrict_rows, row_components, row_groups, scope_layout
 from .method import MethodOptions, ProgressFn, PruningMethod
+from .refine import refining
 from .sharding import AllRanks, RowShard, check_process_group
 
 __all__ = ["SparseGPT", "SparseGPTOptions", "prune_sparsegpt"]
@@ -238,13 +239,12 @@ class SparseGPT(PruningMethod):
         (on every rank: with a process group, an error on one rank is raised on all).
         """
         group = check_process_group(process_group)
-        blocksize, damp = self.options.blocksize, self.options.damp
-        dense = None
-        if self.options.refine:
-            from .refine import check_refinable
+        with refining(scope, hessian, nnz, self.options.refine, progress_fn=progress_fn):  # its own damping
+            self._prune_rows(scope, hessian, nnz, progress_fn, group)
 
-            check_refinable(scope, nnz)  # before pruning: refuse irregular patterns up front
-            dense = scope_layout(scope).param.detach().clone()
+    def _prune_rows(self, scope, hessian: Tensor, nnz: int, progress_fn: ProgressFn, group) -> None:
+        """SparseGPT on every row (this rank's share of them with a process group), written once at the end."""
+        blocksize, damp = self.options.blocksize, self.options.damp
         with AllRanks(group, "pruning its rows with SparseGPT"):
             layout = scope_layout(scope)
             param = layout.param
@@ -265,11 +265,6 @@ class SparseGPT(PruningMethod):
         if shard is not None:
             shard.gather(W, mine)
         param.data.copy_(W.to(param.dtype))
-        if dense is not None:
-            # Every rank refines every row (deterministic: the same result on all ranks).
-            from .refine import refine_mask
-
-            refine_mask(scope, hessian, nnz, dense, sweeps=self.options.refine, progress_fn=progress_fn)
 
 
 def prune_sparsegpt(

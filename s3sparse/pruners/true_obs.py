@@ -40,6 +40,7 @@ from .layout import count_subsets
 from .method import MethodOptions, ProgressFn, PruningMethod
 from .obs import select_subsets
 from .obs_layer import MAX_SUBSETS, OBSLayer
+from .refine import refining
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
 from .true_obs_sweep import ChunkSweep, DevicePlan, LazyPlan, ScaledInverse, free_memory_bytes, lazy_plan
@@ -174,12 +175,11 @@ class TrueOBS(PruningMethod):
         a process group, an error on one rank is raised on all).
         """
         group = check_process_group(process_group)
-        dense = None
-        if self.options.refine:
-            from .refine import check_refinable
+        with refining(layer.scope, layer.hessian, nnz, self.options.refine, self.options.damp, progress_fn):
+            self._prune_rows(layer, nnz, progress_fn, group)
 
-            check_refinable(layer.scope, nnz)  # before pruning: refuse irregular patterns up front
-            dense = layer.W.detach().clone()
+    def _prune_rows(self, layer: OBSLayer, nnz: int, progress_fn: ProgressFn, group) -> None:
+        """True OBS on every row (this rank's share of them with a process group), written once at the end."""
         with AllRanks(group, "pruning its rows with True OBS") as sync:
             shard = W = None
             sync.payload = 0
@@ -208,12 +208,6 @@ class TrueOBS(PruningMethod):
         if progress_fn is not None:
             progress_fn("")
         layer.write_back(W)
-        if dense is not None:
-            # Every rank refines every row (deterministic: the same result on all ranks).
-            from .refine import refine_mask
-
-            refine_mask(layer.scope, layer.hessian, nnz, dense, sweeps=self.options.refine,
-                        damp=self.options.damp, progress_fn=progress_fn)
 
 
 @dataclasses.dataclass(frozen=True)
