@@ -346,3 +346,28 @@ def test_real_minilm_row_coupled_never_worse(start):
     print(f"MiniLM L0 rows 0:32, block16, {start}: {before:.4f} -> refined (1 sweep) {after:.4f}, {res}")
     assert_pattern_holds("block16", W.detach(), nnz)
     assert after <= before + 1e-12 and res.changed[0] > 0
+
+
+def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(monkeypatch):
+    """Round-off can make a candidate's S_RR indefinite: that candidate costs +inf, so the sweep neither
+    raises nor swaps to it. With every candidate's factorisation failing, no scope changes and the
+    weights are the exact optimum of the starting mask."""
+    import s3sparse.pruners.refine as refine
+
+    W0, H, W, scope, nnz = _pruned("24", "magnitude")
+    start_mask = W.detach() == 0
+    real = torch.linalg.cholesky_ex
+
+    def failing(A, *args, **kwargs):
+        L, info = real(A, *args, **kwargs)
+        return L, torch.ones_like(info) if A.dim() == 4 else info  # (n, n_c, w, w): the candidates' S_RR
+
+    monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing)
+    res = refine_mask(scope, H, nnz, W0, sweeps=2)
+    assert res.changed == (0,)
+    assert torch.equal(W.detach() == 0, start_mask)
+    monkeypatch.undo()
+    W_opt = torch.nn.Parameter(torch.where(start_mask, 0.0, W0))
+    scope_opt, _ = pattern("24", W_opt)
+    refine_mask(scope_opt, H, nnz, W0, sweeps=0)
+    torch.testing.assert_close(W.detach(), W_opt.detach(), rtol=0, atol=1e-6)

@@ -345,7 +345,9 @@ def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el:
     the candidates' Schur complements ``S_RR`` (``(n, n_c, w, w)``, for the swap's update).
 
     ``X = [w_P', C_P'E]`` and ``Y = B X`` over the row's pruned set without the scope's slots (zero
-    there); ``el``/``valid``: each row's slots under every candidate (−1: dummy)."""
+    there); ``el``/``valid``: each row's slots under every candidate (−1: dummy). A candidate whose
+    ``S_RR`` is not numerically positive definite costs +inf: it is never taken, and when it is the
+    current set the scope keeps it (the comparison with inf − inf is false)."""
     n, n_c, w = el.shape
     u, V = Y[:, :, :1], Y[:, :, 1:]  # B w_P', B C_P'E
     base = (X[:, :, 0][:, None, :] @ u).reshape(n)
@@ -359,8 +361,9 @@ def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el:
         eye = torch.eye(w, dtype=SR.dtype, device=SR.device)
         SR = torch.where(valid[..., :, None] & valid[..., None, :], SR, eye)
         rR = rR * valid
-    L = torch.linalg.cholesky(SR)
-    return base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1), L
+    L, info = torch.linalg.cholesky_ex(SR)  # a candidate whose S_RR round-off made indefinite is never taken
+    cost = base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1)
+    return torch.where(info == 0, cost, torch.inf), L
 
 
 def _scope_block(p: int, w: int) -> int:
