@@ -71,9 +71,12 @@ __all__ = ["RefineResult", "check_refinable", "refine_mask", "refining"]
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
 # Bytes of per-row float64 inverses held at once when chunk_size is not given: on CUDA large chunks keep
-# the GPU busy (the sweep is a Python loop over scopes; the inversion briefly needs three times this);
-# on the CPU a chunk is as fast as all rows at once, in a fraction of the memory.
-_CHUNK_BYTES = {"cuda": 4 << 30, "cpu": 128 << 20}
+# the GPU busy (the sweep is a Python loop over scopes, its host work paid once per chunk; the inversion
+# needs another half of this, in quarters); on the CPU a chunk is as fast as all rows at once, in a
+# fraction of the memory.
+_CHUNK_BYTES = {"cuda": 8 << 30, "cpu": 128 << 20}
+# Rows inverted at once: a quarter of a chunk (the Cholesky factor and its inverse are transients).
+_INVERSION_PARTS = 4
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
 
@@ -171,7 +174,7 @@ def refine_mask(
         min_change: stop after a sweep that changes fewer than this fraction of
             the scopes (a sweep that changes none always stops).
         chunk_size: row groups held at once (default: 128 MiB of their float64 row inverses on the
-            CPU, 4 GiB on CUDA).
+            CPU, 8 GiB on CUDA, at most half the free memory).
         progress_fn: optional ``callable(str)`` for progress messages.
 
     Returns:
@@ -233,10 +236,11 @@ def refine_mask(
 
 
 def _default_chunk(dev: torch.device, group_bytes: int) -> int:
-    """Row groups a chunk holds: ``_CHUNK_BYTES`` of inverses, within a third of the free memory on CUDA."""
+    """Row groups a chunk holds: ``_CHUNK_BYTES`` of inverses, within half of the free memory on CUDA
+    (the inversion's transients add a half of the chunk's inverses, the panels a few percent)."""
     budget = _CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
     if dev.type == "cuda":
-        budget = min(budget, free_memory_bytes(dev) // 3)
+        budget = min(budget, free_memory_bytes(dev) // 2)
     return max(1, budget // max(1, group_bytes))
 
 
@@ -327,9 +331,16 @@ def _pruned_cols(cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> Tensor:
 
 
 def _inverse_pp(C: Tensor, P: Tensor) -> Tensor:
-    """(C_PP)⁻¹ of every row, (m, p, p)."""
-    L = torch.linalg.cholesky(C[P[:, :, None], P[:, None, :]])
-    return torch.cholesky_inverse(L)
+    """(C_PP)⁻¹ of every row, (m, p, p); rows inverted a quarter at a time, so that the gathered C_PP and
+    its factor (transients) add half of the result's memory, not twice it."""
+    m, p = P.shape
+    out = torch.empty(m, p, p, dtype=C.dtype, device=C.device)
+    step = -(-m // _INVERSION_PARTS)
+    for lo in range(0, m, step):
+        Ps = P[lo : lo + step]
+        L = torch.linalg.cholesky(C[Ps[:, :, None], Ps[:, None, :]])
+        out[lo : lo + step] = torch.cholesky_inverse(L)
+    return out
 
 
 def _optimal_weights(C: Tensor, W0: Tensor, P: Tensor) -> Tensor:
