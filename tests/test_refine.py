@@ -11,7 +11,7 @@ import torch
 import real_layers
 from pruner_utils import assert_pattern_holds, make_layer, pattern
 from s3sparse import StructuredOBS, output_error, patterns, prune_magnitude, prune_sparsegpt
-from s3sparse.errors import ArgumentError
+from s3sparse.errors import ArgumentError, ArgumentTypeError
 from s3sparse.pruners.hessian import damped_inverse
 from s3sparse.pruners.layout import row_groups, scope_layout
 from s3sparse.pruners.refine import refine_mask
@@ -371,3 +371,51 @@ def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(mo
     scope_opt, _ = pattern("24", W_opt)
     refine_mask(scope_opt, H, nnz, W0, sweeps=0)
     torch.testing.assert_close(W.detach(), W_opt.detach(), rtol=0, atol=1e-6)
+
+
+def test_true_obs_refine_option_is_true_obs_then_refine_mask_with_its_damp():
+    """TrueOBS(refine=N, damp=d) = True OBS, then N sweeps of refine_mask with the same damp, bit for bit
+    (a wrong damping passed through would change the swaps)."""
+    from s3sparse import TrueOBS
+
+    W0, _, H = make_layer(16, 64, 256, 7)
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = pattern("24", W)
+    TrueOBS(damp=0.05).prune(scope, H, nnz)
+    refine_mask(scope, H, nnz, W0, sweeps=2, damp=0.05)
+    want = W.detach().clone()
+    W.data.copy_(W0)
+    TrueOBS(damp=0.05).prune(scope, H, nnz)
+    refine_mask(scope, H, nnz, W0, sweeps=2)  # the default damp: another result on this layer
+    assert not torch.equal(W.detach(), want)
+    W.data.copy_(W0)
+    TrueOBS(damp=0.05, refine=2).prune(scope, H, nnz)
+    assert torch.equal(W.detach(), want)
+
+
+def test_refining_runs_refine_mask_only_after_a_successful_prune(monkeypatch):
+    """`refining` (the methods' refine=N plumbing): a body that raises leaves refine_mask uncalled and the
+    error unchanged; bad `sweeps`, `damp` or `progress_fn` are refused before the body runs; sweeps=0
+    does nothing."""
+    import s3sparse.pruners.refine as refine
+
+    calls = []
+    monkeypatch.setattr(refine, "refine_mask", lambda *a, **k: calls.append(k["sweeps"]))
+    W0, _, H = make_layer(16, 64, 256, 8)
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = pattern("24", W)
+    with pytest.raises(KeyError, match="boom"):
+        with refine.refining(scope, H, nnz, 2):
+            raise KeyError("boom")
+    assert calls == []
+    for bad in (dict(sweeps=-1), dict(sweeps=2, damp=-1.0), dict(sweeps=2, progress_fn=3)):
+        body = []
+        with pytest.raises((ArgumentError, ArgumentTypeError)):
+            with refine.refining(scope, H, nnz, **bad):
+                body.append(1)
+        assert body == []
+    with refine.refining(scope, H, nnz, 0):
+        pass
+    with refine.refining(scope, H, nnz, 3):
+        pass
+    assert calls == [3]

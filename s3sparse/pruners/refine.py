@@ -70,11 +70,11 @@ __all__ = ["RefineResult", "check_refinable", "refine_mask", "refining"]
 
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
-# Bytes of per-row float64 inverses held at once when chunk_size is not given: on CUDA large chunks keep
-# the GPU busy (the sweep is a Python loop over scopes, its host work paid once per chunk; the inversion
-# needs another half of this, in quarters); on the CPU a chunk is as fast as all rows at once, in a
-# fraction of the memory.
-_CHUNK_BYTES = {"cuda": 8 << 30, "cpu": 128 << 20}
+# Bytes a chunk's sweep holds when chunk_size is not given (the row inverses, the inversion's transients
+# and the block panels: _sweep_bytes): on CUDA large chunks keep the GPU busy (the sweep is a Python loop
+# over scopes, its host work paid once per chunk); on the CPU a chunk is as fast as all rows at once,
+# in a fraction of the memory.
+_CHUNK_BYTES = {"cuda": 12 << 30, "cpu": 192 << 20}
 # Rows inverted at once: a quarter of a chunk (the Cholesky factor and its inverse are transients).
 _INVERSION_PARTS = 4
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
@@ -139,6 +139,9 @@ def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
     if not sweeps:
         yield
         return
+    check_int(sweeps, "sweeps", minimum=0, what="sweeps over the scopes")
+    check_damp(damp)
+    check_callable(progress_fn, "progress_fn")
     check_refinable(scope, nnz)
     dense = scope_layout(scope).param.detach().clone()
     yield
@@ -207,6 +210,7 @@ def refine_mask(
     W_in = param.detach()[rows].to(f64)
     W0 = dense_weight.detach().to(device=dev, dtype=f64)[rows]
     C, _ = damped_inverse(hessian, damp, dtype=f64, what="refine_mask's H + damp*I")
+    C = (C + C.mT) * 0.5  # exactly symmetric (the sweep reads C[P, E] as C[E, P]); a no-op where it already is
     block_sets, elem_sets = block_subsets(G, num_prune, B, dev)  # (n_c, np), (n_c, q)
     slots = _slot_table(local_rows, elem_sets, R)  # (S, n_c, R, w)
     w = slots.shape[3]
@@ -216,7 +220,7 @@ def refine_mask(
         W0 = torch.cat([W0, W0.new_zeros(W0.shape[0], n_d)], dim=1)
     cand = _starting_candidates(W_in, cols, local_rows, R, block_sets, num_prune, G, B)  # (NG, S)
 
-    m = chunk_size or _default_chunk(dev, R * (S * w) ** 2 * 8)
+    m = chunk_size or _default_chunk(dev, R * _sweep_bytes(S * w, w, cols.shape[1]))
     m = check_int(m, "chunk_size", minimum=1, what="row groups held at once")
     changed = _run_sweeps(C, W0, cand, cols, slots, K, sweeps, m, min_change, progress_fn)
 
@@ -236,12 +240,19 @@ def refine_mask(
 
 
 def _default_chunk(dev: torch.device, group_bytes: int) -> int:
-    """Row groups a chunk holds: ``_CHUNK_BYTES`` of inverses, within half of the free memory on CUDA
-    (the inversion's transients add a half of the chunk's inverses, the panels a few percent)."""
+    """Row groups a chunk holds: ``_CHUNK_BYTES`` of sweep memory, within 3/4 of the free memory on CUDA."""
     budget = _CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
     if dev.type == "cuda":
-        budget = min(budget, free_memory_bytes(dev) // 2)
+        budget = min(budget, free_memory_bytes(dev) * 3 // 4)
     return max(1, budget // max(1, group_bytes))
+
+
+def _sweep_bytes(p: int, w: int, E: int) -> int:
+    """Bytes one row holds during a sweep: its p × p float64 inverse, half of that again for the
+    inversion's transients (a quarter of the rows at a time: C_PP and its factor), and the block's
+    panels (X and A⁻¹X, p × (1 + b·E) each; the factors U, U_D and UᵀX, 2w·b × p each)."""
+    b = _scope_block(p, w)
+    return 8 * (3 * p * p // 2 + 2 * p * (1 + b * E) + 6 * w * b * p)
 
 
 def _slot_table(local_rows: Tensor, elem_sets: Tensor, R: int) -> Tensor:
@@ -335,11 +346,10 @@ def _inverse_pp(C: Tensor, P: Tensor) -> Tensor:
     its factor (transients) add half of the result's memory, not twice it."""
     m, p = P.shape
     out = torch.empty(m, p, p, dtype=C.dtype, device=C.device)
-    step = -(-m // _INVERSION_PARTS)
+    step = max(1, -(-m // _INVERSION_PARTS))
     for lo in range(0, m, step):
-        Ps = P[lo : lo + step]
-        L = torch.linalg.cholesky(C[Ps[:, :, None], Ps[:, None, :]])
-        out[lo : lo + step] = torch.cholesky_inverse(L)
+        Ps = P[lo : lo + step]  # (one statement: no factor outlives its part)
+        out[lo : lo + step] = torch.cholesky_inverse(torch.linalg.cholesky(C[Ps[:, :, None], Ps[:, None, :]]))
     return out
 
 
@@ -432,7 +442,7 @@ def _sweep_chunk(
         # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps; a contiguous copy, as the
         # block's every scope multiplies it (a strided slice costs BLAS a copy each time).
         A_blk = Ainv[:, :, bsl].contiguous()
-        # Swap factors of the block, A⁻¹_cur = A⁻¹ + UDᵀ U (stored transposed, so that the first ``nf``
+        # Swap factors of the block, A⁻¹_cur = A⁻¹ + UDtᵀ Ut (stored transposed, so that the first ``nf``
         # factors in use are contiguous): 2w factors per scope with a swap (zero for rows that did not
         # swap there).
         Ut = Xs.new_zeros(n, 2 * w * (g1 - g0), p)
@@ -494,7 +504,7 @@ def _sweep_chunk(
             Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
             P[idx, sl] = Pn
             wP[idx, sl] = W0[idx].gather(1, Pn)
-        if nf:  # the block's swaps, added once (rows that swapped only)
+        if nf:  # the block's swaps, added once (all rows when most swapped: the others' factors are zero)
             if 2 * int(swapped.sum()) >= n:  # rows that did not swap have zero factors: adding them is exact
                 Ainv.baddbmm_(UDt[:, :nf].transpose(1, 2), Ut[:, :nf])
             else:
