@@ -89,6 +89,17 @@ def _prune_layer(pattern: str, W0, H, method: str, group, **options):
     return W.detach().clone()
 
 
+def _refine_layer(pattern: str, W0, H, pruned, group):
+    """(weight, changed per sweep) of refine_mask's 2 sweeps from ``pruned``, alone or split over ``group``."""
+    from s3sparse.llm import parse_pattern
+    from s3sparse.pruners import refine_mask
+
+    W = torch.nn.Parameter(pruned.clone())
+    scope, nnz = parse_pattern(pattern).build(W)
+    result = refine_mask(scope, H, nnz, W0, sweeps=2, chunk_size=3, process_group=group)
+    return W.detach().clone(), result.changed
+
+
 def layer_worker(rank: int) -> dict:
     """Sharded vs single-process pruning of one layer on the same H; row shards; failures on rank 1."""
     from s3sparse.llm import parse_pattern
@@ -99,7 +110,7 @@ def layer_worker(rank: int) -> dict:
     from s3sparse.pruners.sharding import RowShard
 
     group = dist.group.WORLD
-    out: dict = {"pruned": {}, "shards": {}, "failures": {}}
+    out: dict = {"pruned": {}, "shards": {}, "failures": {}, "refined": {}}
     for pattern, M, K in LAYER_CASES:
         W0, H = _layer(M, K)
         scope, _ = parse_pattern(pattern).build(torch.nn.Parameter(W0.clone()))
@@ -114,6 +125,11 @@ def layer_worker(rank: int) -> dict:
                 "alone": _prune_layer(pattern, W0, H, method, None),
                 "sharded": _prune_layer(pattern, W0, H, method, group),
             }
+        out["refined"][pattern] = {
+            "alone": _refine_layer(pattern, W0, H, out["pruned"][(pattern, "true-obs")]["alone"], None),
+            "sharded": _refine_layer(pattern, W0, H, out["pruned"][(pattern, "true-obs")]["alone"], group),
+            "option": _prune_layer(pattern, W0, H, "true-obs", group, refine=2),
+        }
 
     # Failures on rank 1 only: every rank must raise, and no rank may write its weight.
     W0, H = _layer(37, 64)

@@ -88,6 +88,25 @@ def test_sharded_layer_equals_the_single_process_result_on_every_rank(layer_runs
     assert torch.equal(layer_runs[0]["pruned"][(pattern, method)]["sharded"], layer_runs[1]["pruned"][(pattern, method)]["sharded"])
 
 
+@pytest.mark.parametrize("pattern", [case[0] for case in dist_workers.LAYER_CASES])
+def test_sharded_refine_mask_is_the_single_process_one_on_every_rank(layer_runs, pattern):
+    """refine_mask with a process group: each rank sweeps its row groups, the rows are gathered; the same
+    swaps per sweep (counts summed over the ranks) and weights as alone, identical on every rank; and
+    True OBS with refine=2 on the group ends with the same mask."""
+    for run in layer_runs:
+        result = run["refined"][pattern]
+        (alone, changed_alone), (sharded, changed_sharded) = result["alone"], result["sharded"]
+        assert changed_sharded == changed_alone
+        assert torch.equal(alone == 0, sharded == 0)
+        assert _max_relative_difference(alone, sharded) <= 1e-6
+        assert torch.equal(result["option"] == 0, alone == 0)
+    assert layer_runs[0]["refined"][pattern]["alone"][1][0] > 0 or pattern == "4:8"  # one row: maybe no swap
+    for key in ("sharded", "option"):
+        first, second = (run["refined"][pattern][key] for run in layer_runs)
+        first, second = (first[0], second[0]) if key == "sharded" else (first, second)
+        assert torch.equal(first, second), key
+
+
 @pytest.mark.parametrize("pattern, M, K", dist_workers.LAYER_CASES)
 def test_row_shards_are_whole_row_groups_covering_every_row_once(layer_runs, pattern, M, K):
     shards = layer_runs[0]["shards"][pattern]

@@ -64,6 +64,7 @@ from ..errors import ArgumentError
 from .hessian import check_hessian, damped_inverse
 from .layout import block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 from .obs_layer import MAX_SUBSETS
+from .sharding import AllRanks, RowShard, check_process_group
 from .true_obs_sweep import free_memory_bytes
 
 __all__ = ["RefineResult", "check_refinable", "refine_mask", "refining"]
@@ -127,15 +128,14 @@ def _check_subsets(blocks: int, num_prune: int) -> None:
 
 @contextlib.contextmanager
 def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
-             progress_fn: Optional[Callable[[str], None]] = None) -> Iterator[None]:
+             progress_fn: Optional[Callable[[str], None]] = None, process_group=None) -> Iterator[None]:
     """A pruning method's ``refine=N`` option, the one home of its plumbing: ``with refining(...):`` around
     the method's pruning of the weight behind ``scope``.
 
     With ``sweeps > 0`` the pattern is checked first (:func:`check_refinable`: a refusal leaves the
     weight unchanged) and the dense weight copied; when the block ends without an error,
-    :func:`refine_mask` runs ``sweeps`` sweeps from the pruned weight against that copy (every rank of
-    a process group refines every row: the result is deterministic, the same on all ranks). With
-    ``sweeps == 0`` it does nothing."""
+    :func:`refine_mask` runs ``sweeps`` sweeps from the pruned weight against that copy (with
+    ``process_group``, split over its ranks like the pruning). With ``sweeps == 0`` it does nothing."""
     if not sweeps:
         yield
         return
@@ -145,7 +145,8 @@ def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
     check_refinable(scope, nnz)
     dense = scope_layout(scope).param.detach().clone()
     yield
-    refine_mask(scope, hessian, nnz, dense, sweeps=sweeps, damp=damp, progress_fn=progress_fn)
+    refine_mask(scope, hessian, nnz, dense, sweeps=sweeps, damp=damp, progress_fn=progress_fn,
+                process_group=process_group)
 
 
 @torch.no_grad()
@@ -159,6 +160,7 @@ def refine_mask(
     min_change: float = 0.0,
     chunk_size: Optional[int] = None,
     progress_fn: Optional[Callable[[str], None]] = None,
+    process_group=None,
 ) -> RefineResult:
     """Refine the mask of an already pruned weight by exact swaps, in place.
 
@@ -179,11 +181,17 @@ def refine_mask(
         chunk_size: row groups held at once (default: 128 MiB of their float64 row inverses on the
             CPU, 8 GiB on CUDA, at most half the free memory).
         progress_fn: optional ``callable(str)`` for progress messages.
+        process_group: a torch.distributed ProcessGroup (every rank calls this with the same
+            arguments and H): each rank sweeps a contiguous run of whole row groups, the rows are
+            gathered, and every rank ends with the same whole weight, the one a single process
+            computes (rows are independent); the sweeps' counts are summed over the ranks, so every
+            rank stops after the same sweep. An error on one rank is raised on all.
 
     Returns:
         a :class:`RefineResult`. The weight is written once, at the end.
     """
     sweeps = check_int(sweeps, "sweeps", minimum=0, what="sweeps over the scopes")
+    group = check_process_group(process_group)
     damp = check_damp(damp)
     check_callable(progress_fn, "progress_fn")
     if not (0.0 <= float(min_change) <= 1.0):
@@ -222,21 +230,29 @@ def refine_mask(
 
     m = chunk_size or _default_chunk(dev, R * _sweep_bytes(S * w, w, cols.shape[1]))
     m = check_int(m, "chunk_size", minimum=1, what="row groups held at once")
-    changed = _run_sweeps(C, W0, cand, cols, slots, K, sweeps, m, min_change, progress_fn)
+    shard = RowShard.of_groups(groups.rows, group) if group is not None else None
+    g_lo, g_hi = (shard.group_bounds[shard.rank], shard.group_bounds[shard.rank + 1]) if shard else (0, NG)
+    mine = slice(g_lo * R, g_hi * R)  # this rank's row groups (all of them without a process group)
+    cand = cand[g_lo:g_hi]
+    changed = _run_sweeps(C, W0[mine], cand, cols, slots, K, sweeps, m, min_change, progress_fn, NG, group)
 
-    W_out = torch.empty_like(W_in)
-    for lo in range(0, NG, m):
-        sub = slice(lo * R, (lo + m) * R)
-        W_out[sub] = _optimal_weights(C, W0[sub], _pruned_cols(cand[lo : lo + m], cols, slots, K))[:, :K]
-    worse = _keep_better_groups(W_out, W_in, W0[:, :K], hessian, R)
-    if not torch.isfinite(W_out).all():
-        raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
+    with AllRanks(group, "setting refine_mask's weights") as sync:
+        W_out = torch.empty_like(W_in[mine])
+        for lo in range(0, g_hi - g_lo, m):
+            sub = slice(lo * R, (lo + m) * R)
+            W_out[sub] = _optimal_weights(C, W0[mine][sub], _pruned_cols(cand[lo : lo + m], cols, slots, K))[:, :K]
+        worse = _keep_better_groups(W_out, W_in[mine], W0[mine, :K], hessian, R)
+        if not torch.isfinite(W_out).all():
+            raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
+        sync.payload = int(worse.sum())
     result = param.detach().clone()
-    result[rows] = W_out.to(param.dtype)
+    result[rows[mine]] = W_out.to(param.dtype)
+    if shard is not None:
+        shard.gather(result, W_out.to(param.dtype))
     param.data.copy_(result)
     if progress_fn is not None:
         progress_fn("")
-    return RefineResult(tuple(changed), NG * S, int(worse.sum()))
+    return RefineResult(tuple(changed), NG * S, sum(sync.results))
 
 
 def _default_chunk(dev: torch.device, group_bytes: int) -> int:
@@ -298,21 +314,28 @@ def _run_sweeps(
     m: int,
     min_change: float,
     progress_fn: Optional[Callable[[str], None]],
+    num_groups: int,
+    group=None,
 ) -> list:
-    """Sweep the row groups ``m`` at a time, updating ``cand`` in place; the scopes changed per sweep run."""
+    """Sweep this rank's row groups (``cand``'s rows) ``m`` at a time, updating ``cand`` in place; the
+    scopes changed per sweep run, over all ``num_groups`` groups (summed over the ranks of ``group``:
+    one sync point a sweep, so every rank stops after the same sweep)."""
     NG, S = cand.shape
     R = slots.shape[2]
     changed = []
     for sweep in range(sweeps):
-        n = 0
-        for lo in range(0, NG, m):
-            n += _sweep_chunk(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
-            if progress_fn is not None and lo + m < NG:
-                progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: rows {(lo + m) * R} of {NG * R}")
+        with AllRanks(group, f"sweeping refine_mask's scopes (sweep {sweep + 1})") as sync:
+            n = 0
+            for lo in range(0, NG, m):
+                n += _sweep_chunk(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
+                if progress_fn is not None and lo + m < NG:
+                    progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: rows {(lo + m) * R} of {NG * R}")
+            sync.payload = n
+        n = sum(sync.results)
         changed.append(n)
         if progress_fn is not None:
-            progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {NG * S} scopes changed")
-        if n == 0 or n < min_change * NG * S:
+            progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {num_groups * S} scopes changed")
+        if n == 0 or n < min_change * num_groups * S:
             break
     return changed
 

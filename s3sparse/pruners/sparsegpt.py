@@ -239,7 +239,7 @@ class SparseGPT(PruningMethod):
         (on every rank: with a process group, an error on one rank is raised on all).
         """
         group = check_process_group(process_group)
-        with refining(scope, hessian, nnz, self.options.refine, progress_fn=progress_fn):  # its own damping
+        with refining(scope, hessian, nnz, self.options.refine, progress_fn=progress_fn, process_group=group):  # own damp
             self._prune_rows(scope, hessian, nnz, progress_fn, group)
 
     def _prune_rows(self, scope, hessian: Tensor, nnz: int, progress_fn: ProgressFn, group) -> None:

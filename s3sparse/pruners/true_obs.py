@@ -175,7 +175,7 @@ class TrueOBS(PruningMethod):
         a process group, an error on one rank is raised on all).
         """
         group = check_process_group(process_group)
-        with refining(layer.scope, layer.hessian, nnz, self.options.refine, self.options.damp, progress_fn):
+        with refining(layer.scope, layer.hessian, nnz, self.options.refine, self.options.damp, progress_fn, group):
             self._prune_rows(layer, nnz, progress_fn, group)
 
     def _prune_rows(self, layer: OBSLayer, nnz: int, progress_fn: ProgressFn, group) -> None:
