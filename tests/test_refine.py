@@ -419,3 +419,22 @@ def test_refining_runs_refine_mask_only_after_a_successful_prune(monkeypatch):
     with refine.refining(scope, H, nnz, 3):
         pass
     assert calls == [3]
+
+
+def test_a_failing_refinement_leaves_the_dense_weight(monkeypatch):
+    """True OBS / SparseGPT with refine=N promise an unchanged weight on any error: when the refinement
+    fails after the method pruned and wrote the weight, the dense weight is put back."""
+    import s3sparse.pruners.refine as refine
+    from s3sparse import SparseGPT, TrueOBS
+
+    def failing(*args, **kwargs):
+        raise MemoryError("injected: out of memory in the sweep")
+
+    monkeypatch.setattr(refine, "_run_sweeps", failing)
+    for cls in (TrueOBS, SparseGPT):
+        W0, _, H = make_layer(16, 64, 256, 9)
+        W = torch.nn.Parameter(W0.clone())
+        scope, nnz = pattern("24", W)
+        with pytest.raises(MemoryError, match="injected"):
+            cls(refine=1).prune(scope, H, nnz)
+        assert torch.equal(W.detach(), W0), cls.__name__

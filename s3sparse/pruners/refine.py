@@ -135,7 +135,8 @@ def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
     With ``sweeps > 0`` the pattern is checked first (:func:`check_refinable`: a refusal leaves the
     weight unchanged) and the dense weight copied; when the block ends without an error,
     :func:`refine_mask` runs ``sweeps`` sweeps from the pruned weight against that copy (with
-    ``process_group``, split over its ranks like the pruning). With ``sweeps == 0`` it does nothing."""
+    ``process_group``, split over its ranks like the pruning); if it raises, the dense weight is put
+    back, so the method leaves the weight unchanged on any error. With ``sweeps == 0`` it does nothing."""
     if not sweeps:
         yield
         return
@@ -143,10 +144,15 @@ def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
     check_damp(damp)
     check_callable(progress_fn, "progress_fn")
     check_refinable(scope, nnz)
-    dense = scope_layout(scope).param.detach().clone()
+    param = scope_layout(scope).param
+    dense = param.detach().clone()
     yield
-    refine_mask(scope, hessian, nnz, dense, sweeps=sweeps, damp=damp, progress_fn=progress_fn,
-                process_group=process_group)
+    try:
+        refine_mask(scope, hessian, nnz, dense, sweeps=sweeps, damp=damp, progress_fn=progress_fn,
+                    process_group=process_group)
+    except BaseException:
+        param.data.copy_(dense)  # the method's promise: on any error the weight is left unchanged
+        raise
 
 
 @torch.no_grad()
