@@ -438,3 +438,28 @@ def test_a_failing_refinement_leaves_the_dense_weight(monkeypatch):
         with pytest.raises(MemoryError, match="injected"):
             cls(refine=1).prune(scope, H, nnz)
         assert torch.equal(W.detach(), W0), cls.__name__
+
+
+def test_a_failed_candidate_is_skipped_and_the_others_still_compete(monkeypatch):
+    """Only candidate 0 of every 2:4 scope (pruning its first two elements) fails its factorisation: the
+    sweep still swaps, never into that candidate; a scope that starts there may stay."""
+    import s3sparse.pruners.refine as refine
+
+    W0, H, W, scope, nnz = _pruned("24", "magnitude", seed=4)
+    start = (W.detach() == 0).reshape(W.shape[0], -1, 4)
+    real = torch.linalg.cholesky_ex
+
+    def failing(A, *args, **kwargs):
+        L, info = real(A, *args, **kwargs)
+        if A.dim() == 4:  # (n, n_c, w, w): the candidates' S_RR
+            info = info.clone()
+            info[:, 0] = 1
+        return L, info
+
+    monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing)
+    res = refine_mask(scope, H, nnz, W0, sweeps=2)
+    end = (W.detach() == 0).reshape(W.shape[0], -1, 4)
+    moved = (start != end).any(-1)
+    assert res.changed[0] > 0 and bool(moved.any())
+    first_two = end[..., 0] & end[..., 1]
+    assert not bool((moved & first_two).any())
