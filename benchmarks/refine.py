@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS)[:3], choices=list(PATTERNS))
     ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
     ap.add_argument("--sweeps", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=None,
+                    help="only the first ROWS rows of every layer (rows are independent: a quick partial run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--progress", action="store_true", help="print refine_mask's progress with elapsed seconds")
@@ -75,6 +77,8 @@ def main(argv=None):
 
     for lname, (W0, H) in layers.items():
         W0, H = W0.to(a.device), H.to(a.device)
+        if a.rows:
+            W0, lname = W0[: a.rows].clone(), f"{lname}[:{a.rows}]"
         for pname in a.patterns:
             for start in a.starts:
                 W = torch.nn.Parameter(W0.clone())

@@ -256,3 +256,14 @@ def test_refine_benchmark_runs(tmp_path, capsys):
     assert row["errors"][1] <= row["errors"][0] and len(row["seconds"]) == 1
     assert row["start_seconds"] >= 0 and row["refine_peak_gib"] is None  # CPU: no CUDA peak
     assert result["environment"]["torch"] == torch.__version__
+
+
+def test_refine_benchmark_first_rows(tmp_path):
+    import refine
+
+    out = tmp_path / "r.json"
+    refine.main(["--synthetic", "32x64", "--rows", "16", "--sweeps", "1", "--patterns", "block16", "--starts",
+                 "magnitude", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == [16, 64] and row["layer"].endswith("[:16]")
+    assert row["errors"][1] <= row["errors"][0]
