@@ -489,15 +489,15 @@ def _sweep_chunk(
             X = _scope_panel(Xs, j, nE)
             X[:, bsl] = Xb
             # A⁻¹_cur X = A⁻¹ X_out + UD Uᵀ X_out + A⁻¹_cur[:, block slots] X_block  (X_out: rows outside the block)
-            Y = _scope_panel(T0, j, nE) + A_blk @ Xb
+            Y = torch.baddbmm(_scope_panel(T0, j, nE), A_blk, Xb)
             Aq = A_blk[:, :, sl_b]
             if nf:
                 Uf, UDf = Ut[:, :nf], UDt[:, :nf].transpose(1, 2)  # (n, nf, p), (n, p, nf)
-                Y = Y + UDf @ (_scope_panel(UtX[:, :nf], j, nE) + Uf[:, :, bsl] @ Xb)
-                Aq = Aq + UDf @ Uf[:, :, sl]
+                Y.baddbmm_(UDf, torch.baddbmm(_scope_panel(UtX[:, :nf], j, nE), Uf[:, :, bsl], Xb))
+                Aq = torch.baddbmm(Aq, UDf, Uf[:, :, sl])
             # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
             Aqq = Aq[:, sl]
-            Y = Y - Aq @ torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X)
+            Y.baddbmm_(Aq, torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X), alpha=-1)
             Y[:, sl] = 0
             V = Y[:, :, 1:]  # B C_P'E
             el = slots[g][:, loc].transpose(0, 1)  # (n, n_c, w): each row's slots under every candidate
