@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refine_block16_searches import BW, refined  # noqa: E402
-from s3sparse import StructuredOBS, output_error, patterns  # noqa: E402
+from refine_block16_searches import BW, refined, true_obs_start  # noqa: E402
+from s3sparse import output_error  # noqa: E402
 from s3sparse.pruners.hessian import damped_inverse  # noqa: E402
 
 
@@ -131,17 +130,8 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=16, help="how many row pairs (from the first)")
     ap.add_argument("--nodes", type=int, default=200_000, help="node limit per pair")
     a = ap.parse_args(argv)
-    import real_layers
-
-    name = real_layers.DEFAULT_LAYERS[a.layer]
-    W0, H = real_layers.minilm_layers(real_layers.DEFAULT_LAYERS)[name]
+    name, W0, H, Wt = true_obs_start(a.layer)
     M, K = W0.shape
-    W = torch.nn.Parameter(W0.clone())
-    scope, nnz = patterns.by_name("block16", W)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        StructuredOBS(scope, H).prune_true_obs(nnz)
-    Wt = W.detach().clone()
     Wr = refined(W0, H, Wt != 0, 2)
     C = damped_inverse(H.to(torch.float64), 1e-4, dtype=torch.float64, what="C")[0].numpy()
     w = W0.double().numpy()

@@ -51,6 +51,20 @@ def refined(W0, H, keep, sweeps):
     return W.detach().clone()
 
 
+def true_obs_start(layer: int):
+    """(name, W0, H, True OBS weight) of MiniLM default layer ``layer`` pruned to block16."""
+    import real_layers
+
+    name = real_layers.DEFAULT_LAYERS[layer]
+    W0, H = real_layers.minilm_layers(real_layers.DEFAULT_LAYERS)[name]
+    W = torch.nn.Parameter(W0.clone())
+    scope, nnz = patterns.by_name("block16", W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        StructuredOBS(scope, H).prune_true_obs(nnz)
+    return name, W0, H, W.detach().clone()
+
+
 def pair_errors(W, W0, H):
     """(M/2,) output error of every row pair (r, r+8)."""
     M = W.shape[0]
@@ -141,21 +155,13 @@ def main(argv=None):
     ap.add_argument("--flips", type=int, default=3)
     ap.add_argument("--nvar", type=int, default=8)
     a = ap.parse_args(argv)
-    import real_layers
-
-    name = real_layers.DEFAULT_LAYERS[a.layer]
-    W0, H = real_layers.minilm_layers(real_layers.DEFAULT_LAYERS)[name]
+    name, W0, H, W_tobs = true_obs_start(a.layer)
     M, K = W0.shape
-    W = torch.nn.Parameter(W0.clone())
-    scope, nnz = patterns.by_name("block16", W)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        StructuredOBS(scope, H).prune_true_obs(nnz)
-    e_tobs = output_error(W.detach(), W0, H)
+    e_tobs = output_error(W_tobs, W0, H)
     show = lambda tag, Wb: print(f"{name} block16 {tag}: {output_error(Wb, W0, H):.4f} "  # noqa: E731
                                  f"({100 * (1 - output_error(Wb, W0, H) / e_tobs):.2f}% below True OBS {e_tobs:.4f})",
                                  flush=True)
-    best = refined(W0, H, W.detach() != 0, 2)
+    best = refined(W0, H, W_tobs != 0, 2)
     show("True OBS + 2 sweeps", best)
     if a.search == "admm":
         for rho0, growth, steps in [(1e-2, 1.1, 100), (3e-3, 1.05, 250), (1e-3, 1.03, 400)]:

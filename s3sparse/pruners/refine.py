@@ -126,6 +126,12 @@ def _check_subsets(blocks: int, num_prune: int) -> None:
         )
 
 
+def _check_options(sweeps: int, damp: float, progress_fn) -> tuple:
+    """(sweeps, damp) checked and normalised; ``progress_fn`` checked."""
+    check_callable(progress_fn, "progress_fn")
+    return check_int(sweeps, "sweeps", minimum=0, what="sweeps over the scopes"), check_damp(damp)
+
+
 @contextlib.contextmanager
 def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
              progress_fn: Optional[Callable[[str], None]] = None, process_group=None) -> Iterator[None]:
@@ -140,9 +146,7 @@ def refining(scope, hessian: Tensor, nnz: int, sweeps: int, damp: float = 1e-4,
     if not sweeps:
         yield
         return
-    check_int(sweeps, "sweeps", minimum=0, what="sweeps over the scopes")
-    check_damp(damp)
-    check_callable(progress_fn, "progress_fn")
+    _check_options(sweeps, damp, progress_fn)
     check_refinable(scope, nnz)
     param = scope_layout(scope).param
     dense = param.detach().clone()
@@ -184,8 +188,8 @@ def refine_mask(
         damp: damping of ``C = (H + λI)⁻¹`` (as True OBS: relative to mean(diag H) when < 1).
         min_change: stop after a sweep that changes fewer than this fraction of
             the scopes (a sweep that changes none always stops).
-        chunk_size: row groups held at once (default: 128 MiB of their float64 row inverses on the
-            CPU, 8 GiB on CUDA, at most half the free memory).
+        chunk_size: row groups held at once (default: as many as fit 192 MiB of sweep memory on the
+            CPU, 12 GiB on CUDA within 3/4 of the free memory; see ``_sweep_bytes``).
         progress_fn: optional ``callable(str)`` for progress messages.
         process_group: a torch.distributed ProcessGroup (every rank calls this with the same
             arguments and H): each rank sweeps a contiguous run of whole row groups, the rows are
@@ -196,10 +200,8 @@ def refine_mask(
     Returns:
         a :class:`RefineResult`. The weight is written once, at the end.
     """
-    sweeps = check_int(sweeps, "sweeps", minimum=0, what="sweeps over the scopes")
+    sweeps, damp = _check_options(sweeps, damp, progress_fn)
     group = check_process_group(process_group)
-    damp = check_damp(damp)
-    check_callable(progress_fn, "progress_fn")
     if not (0.0 <= float(min_change) <= 1.0):
         raise ArgumentError(f"refine_mask: `min_change` must be a fraction in [0, 1], got {min_change!r}")
     layout, groups = _row_scopes(scope)
@@ -251,10 +253,11 @@ def refine_mask(
         if not torch.isfinite(W_out).all():
             raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
         sync.payload = int(worse.sum())
+    W_out = W_out.to(param.dtype)
     result = param.detach().clone()
-    result[rows[mine]] = W_out.to(param.dtype)
+    result[rows[mine]] = W_out
     if shard is not None:
-        shard.gather(result, W_out.to(param.dtype))
+        shard.gather(result, W_out)
     param.data.copy_(result)
     if progress_fn is not None:
         progress_fn("")
