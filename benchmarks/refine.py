@@ -54,7 +54,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--progress", action="store_true", help="print refine_mask's progress with elapsed seconds")
+    ap.add_argument("--sync-free", choices=("auto", "on", "off"), default="auto",
+                    help="the sweep without a host sync a scope (auto: the library's choice, on CUDA only)")
     a = ap.parse_args(argv)
+    if a.sync_free != "auto":
+        import s3sparse.pruners.refine as refine_module
+
+        refine_module._SYNC_FREE = {True: a.sync_free == "on", False: a.sync_free == "on"}
     if a.synthetic:
         import data
 
@@ -104,7 +110,7 @@ def main(argv=None):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(a.device).type == "cuda" else None
                 row = dict(layer=lname, shape=list(W0.shape), pattern=pname, start=start, errors=errors,
                            seconds=times, changed=changed, scopes=res.num_scopes, start_seconds=start_s,
-                           refine_peak_gib=peak)
+                           refine_peak_gib=peak, sync_free=a.sync_free)
                 rows.append(row)
                 print(f"{lname} {pname} {start} ({start_s:.1f} s): " + " -> ".join(f"{e:.4f}" for e in errors)
                       + f"  ({sum(times):.1f} s, changed {changed} of {res.num_scopes}"

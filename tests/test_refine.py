@@ -193,6 +193,31 @@ def test_blocked_sweep_is_the_one_scope_at_a_time_sweep(name, monkeypatch):
         torch.testing.assert_close(Wb, W1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", SINGLE_ROW + ROW_COUPLED)
+def test_sync_free_sweep_is_the_synced_sweep(name, monkeypatch):
+    """The sweep CUDA runs (no host sync a scope: every row computes a swap factor, zero where its
+    group keeps its set) takes the swaps of the CPU's (factors only for groups that swap): same counts
+    and masks, weights to round-off; blocks of 5 scopes and the library's, from magnitude."""
+    import s3sparse.pruners.refine as refine
+
+    results = {}
+    for sync_free, block in ((False, None), (True, 5), (True, None)):
+        W0, H, W, scope, nnz = _pruned(name, "magnitude", seed=4, M=32, K=160)
+        monkeypatch.setattr(refine, "_SYNC_FREE", {True: sync_free, False: sync_free})
+        if block is not None:
+            monkeypatch.setattr(refine, "_scope_block", lambda p, w, b=block: b)
+        res = refine_mask(scope, H, nnz, W0, sweeps=3, chunk_size=3)
+        monkeypatch.undo()
+        results[sync_free, block] = (W.detach().clone(), res.changed)
+    W1, changed1 = results[False, None]
+    assert changed1[0] > 0 and len(changed1) > 1
+    for key in ((True, 5), (True, None)):
+        Wb, changed = results[key]
+        assert changed == changed1, key
+        assert torch.equal(Wb == 0, W1 == 0), key
+        torch.testing.assert_close(Wb, W1, rtol=0, atol=1e-5)
+
+
 def test_zero_sweeps_keeps_the_mask():
     W0, H, W, scope, nnz = _pruned("48", "magnitude")
     mask = W.detach() == 0
@@ -348,11 +373,15 @@ def test_real_minilm_row_coupled_never_worse(start):
     assert after <= before + 1e-12 and res.changed[0] > 0
 
 
-def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(monkeypatch):
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(sync_free, monkeypatch):
     """Round-off can make a candidate's S_RR indefinite: that candidate costs +inf, so the sweep neither
     raises nor swaps to it. With every candidate's factorisation failing, no scope changes and the
-    weights are the exact optimum of the starting mask."""
+    weights are the exact optimum of the starting mask (also sync-free: the failed factors, NaN or
+    not, of rows that do not swap never reach their inverse)."""
     import s3sparse.pruners.refine as refine
+
+    monkeypatch.setattr(refine, "_SYNC_FREE", {True: sync_free, False: sync_free})
 
     W0, H, W, scope, nnz = _pruned("24", "magnitude")
     start_mask = W.detach() == 0
@@ -360,7 +389,9 @@ def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(mo
 
     def failing(A, *args, **kwargs):
         L, info = real(A, *args, **kwargs)
-        return L, torch.ones_like(info) if A.dim() == 4 else info  # (n, n_c, w, w): the candidates' S_RR
+        if A.dim() == 4:  # (n, n_c, w, w): the candidates' S_RR, failed with a NaN factor
+            return torch.full_like(L, float("nan")), torch.ones_like(info)
+        return L, info
 
     monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing)
     res = refine_mask(scope, H, nnz, W0, sweeps=2)
@@ -440,10 +471,13 @@ def test_a_failing_refinement_leaves_the_dense_weight(monkeypatch):
         assert torch.equal(W.detach(), W0), cls.__name__
 
 
-def test_a_failed_candidate_is_skipped_and_the_others_still_compete(monkeypatch):
-    """Only candidate 0 of every 2:4 scope (pruning its first two elements) fails its factorisation: the
-    sweep still swaps, never into that candidate; a scope that starts there may stay."""
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_failed_candidate_is_skipped_and_the_others_still_compete(sync_free, monkeypatch):
+    """Only candidate 0 of every 2:4 scope (pruning its first two elements) fails its factorisation (a
+    NaN factor): the sweep still swaps, never into that candidate; a scope that starts there may stay."""
     import s3sparse.pruners.refine as refine
+
+    monkeypatch.setattr(refine, "_SYNC_FREE", {True: sync_free, False: sync_free})
 
     W0, H, W, scope, nnz = _pruned("24", "magnitude", seed=4)
     start = (W.detach() == 0).reshape(W.shape[0], -1, 4)
@@ -452,8 +486,9 @@ def test_a_failed_candidate_is_skipped_and_the_others_still_compete(monkeypatch)
     def failing(A, *args, **kwargs):
         L, info = real(A, *args, **kwargs)
         if A.dim() == 4:  # (n, n_c, w, w): the candidates' S_RR
-            info = info.clone()
+            info, L = info.clone(), L.clone()
             info[:, 0] = 1
+            L[:, 0] = float("nan")
         return L, info
 
     monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing)

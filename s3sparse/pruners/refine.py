@@ -80,6 +80,10 @@ _CHUNK_BYTES = {"cuda": 12 << 30, "cpu": 192 << 20}
 _INVERSION_PARTS = 4
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
+# Sweep without a host sync per scope (every row computes a swap factor, zero where it keeps its set),
+# by device (CUDA?). The CPU is faster skipping the factors of scopes no row swaps (sync-free was 6-18%
+# slower there); on CUDA a sync a scope may idle the GPU (not yet measured: off).
+_SYNC_FREE = {True: False, False: False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,7 +444,8 @@ def _scope_panel(T: Tensor, j: int, nE: int) -> Tensor:
 
 
 def _sweep_chunk(
-    C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int, scope_block: Optional[int] = None
+    C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int, scope_block: Optional[int] = None,
+    sync_free: Optional[bool] = None,
 ) -> int:
     """One sweep over the scopes of a chunk of row groups; updates ``cand`` in place, returns the swaps.
 
@@ -465,6 +470,9 @@ def _sweep_chunk(
     Ainv = _inverse_pp(C, P)
     wP = W0.gather(1, P)
     swaps = 0
+    if sync_free is None:
+        sync_free = _SYNC_FREE[dev.type == "cuda"]
+    ar_n = torch.arange(n, device=dev)
     for g0 in range(0, S, b):
         g1 = min(S, g0 + b)
         bsl = slice(g0 * w, g1 * w)  # the block's slots
@@ -474,14 +482,7 @@ def _sweep_chunk(
         # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps; a contiguous copy, as the
         # block's every scope multiplies it (a strided slice costs BLAS a copy each time).
         A_blk = Ainv[:, :, bsl].contiguous()
-        # Swap factors of the block, A⁻¹_cur = A⁻¹ + UDtᵀ Ut (stored transposed, so that the first ``nf``
-        # factors in use are contiguous): 2w factors per scope with a swap (zero for rows that did not
-        # swap there).
-        Ut = Xs.new_zeros(n, 2 * w * (g1 - g0), p)
-        UDt = torch.zeros_like(Ut)
-        UtX = Xs.new_zeros(n, Ut.shape[1], Xs.shape[2])  # Uᵀ Xs
-        nf = 0
-        swapped = torch.zeros(n, dtype=torch.bool, device=dev)
+        fac = _BlockSwaps(n, 2 * w * (g1 - g0), p, Xs)
         for g in range(g0, g1):
             j = g - g0
             sl, sl_b = slice(g * w, (g + 1) * w), slice(j * w, (j + 1) * w)
@@ -494,9 +495,9 @@ def _sweep_chunk(
             # A⁻¹_cur X = A⁻¹ X_out + UD Uᵀ X_out + A⁻¹_cur[:, block slots] X_block  (X_out: rows outside the block)
             Y = torch.baddbmm(_scope_panel(T0, j, nE), A_blk, Xb)
             Aq = A_blk[:, :, sl_b]
-            if nf:
-                Uf, UDf = Ut[:, :nf], UDt[:, :nf].transpose(1, 2)  # (n, nf, p), (n, p, nf)
-                Y.baddbmm_(UDf, torch.baddbmm(_scope_panel(UtX[:, :nf], j, nE), Uf[:, :, bsl], Xb))
+            if fac.nf:
+                Uf, UDf = fac.Ut[:, : fac.nf], fac.UDt[:, : fac.nf].transpose(1, 2)  # (n, nf, p), (n, p, nf)
+                Y.baddbmm_(UDf, torch.baddbmm(_scope_panel(fac.UtX[:, : fac.nf], j, nE), Uf[:, :, bsl], Xb))
                 Aq = torch.baddbmm(Aq, UDf, Uf[:, :, sl])
             # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
             Aqq = Aq[:, sl]
@@ -508,38 +509,80 @@ def _sweep_chunk(
             cost_rows, L = _candidate_costs(C, W0, X, Y, E, el, valid)  # (n, n_c)
             cost = cost_rows.reshape(m, R, n_c).sum(1)  # exact cost of the row group per candidate
             cur = cand[:, g].long()
-            cur_cost = cost[torch.arange(m, device=dev), cur]
+            cur_cost = cost.gather(1, cur[:, None]).squeeze(1)
             best_cost, best = cost.min(dim=1)
             swap = best_cost < cur_cost - _REL_TOL * cur_cost.abs()
-            if not bool(swap.any()):
+            if sync_free:  # every row takes part (no host sync); rows that keep their set get zero factors
+                idx, rows, on = ar_n, slice(None), swap.repeat_interleave(R)
+                new = best.repeat_interleave(R)
+                swaps = swaps + swap.sum()
+            elif bool(swap.any()):
+                gi, on = swap.nonzero().squeeze(1), None
+                idx = (gi[:, None] * R + torch.arange(R, device=dev)).reshape(-1)  # the groups' row instances
+                rows, new = idx, best[gi].repeat_interleave(R)
+                swaps = swaps + gi.numel()
+            else:
                 continue
-            gi = swap.nonzero().squeeze(1)
-            swaps += gi.numel()
-            idx = (gi[:, None] * R + torch.arange(R, device=dev)).reshape(-1)  # the groups' row instances
-            new = best[gi].repeat_interleave(R)
+            take = (lambda t: t) if on is not None else (lambda t: t.index_select(0, idx))  # noqa: E731
             Rel, Rv = el[idx, new], valid[idx, new]  # (k, w)
             # The swap's factor (swapped groups' rows only; zero elsewhere): the new inverse over P' ∪ R is
             # A⁻¹_cur − A_q A_qq⁻¹ A_qᵀ + Ṽ S_R⁻¹ Ṽᵀ, with Ṽ = V_R − I at the slots (V_R zero there and at dummies).
-            VR = V.index_select(0, idx).gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), p, w)) * Rv[:, None, :]
+            VR = take(V).gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), p, w)) * Rv[:, None, :]
             VR[:, sl] = -eye
-            Aqi = Aq.index_select(0, idx)
+            Aqi = take(Aq)
             Un = torch.cat([Aqi, VR], dim=2)  # (k, p, 2w)
-            Ut[idx, nf : nf + 2 * w] = Un.transpose(1, 2)
-            UDt[idx, nf : nf + 2 * w] = torch.cat(
-                [-torch.linalg.solve(Aqq[idx], Aqi.transpose(1, 2)),
-                 torch.cholesky_inverse(L[idx, new]) @ VR.transpose(1, 2)], dim=1)
-            UtX[idx, nf : nf + 2 * w] = Un.transpose(1, 2) @ Xs.index_select(0, idx)
-            nf += 2 * w
-            swapped[idx] = True
-            cand[gi, g] = best[gi].to(cand.dtype)
+            UD = torch.cat([-torch.linalg.solve(take(Aqq), Aqi.transpose(1, 2)),
+                            torch.cholesky_inverse(L[idx, new]) @ VR.transpose(1, 2)], dim=1)
             dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
             Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
-            P[idx, sl] = Pn
-            wP[idx, sl] = W0[idx].gather(1, Pn)
-        if nf:  # the block's swaps, added once (all rows when most swapped: the others' factors are zero)
-            if 2 * int(swapped.sum()) >= n:  # rows that did not swap have zero factors: adding them is exact
-                Ainv.baddbmm_(UDt[:, :nf].transpose(1, 2), Ut[:, :nf])
+            if on is not None:  # (where, not a product: a failed candidate's factor may hold NaN)
+                Un = Un * on[:, None, None]
+                UD = torch.where(on[:, None, None], UD, 0.0)
+                Pn = torch.where(on[:, None], Pn, P[:, sl])
+                cand[:, g] = torch.where(swap, best, cur).to(cand.dtype)
             else:
-                ri = swapped.nonzero().squeeze(1)
-                Ainv.index_copy_(0, ri, torch.baddbmm(Ainv.index_select(0, ri), UDt[ri, :nf].transpose(1, 2), Ut[ri, :nf]))
-    return swaps
+                cand[gi, g] = best[gi].to(cand.dtype)
+            fac.add(rows, Un, UD, take(Xs), on)
+            P[rows, sl] = Pn
+            wP[rows, sl] = W0[rows].gather(1, Pn)
+        fac.fold_into(Ainv)
+    return int(swaps)
+
+
+class _BlockSwaps:
+    """A block's swaps as low-rank factors of its rows' inverses, ``A⁻¹_cur = A⁻¹ + UDtᵀ Ut``, stored
+    transposed (the first ``nf`` factors in use are contiguous): 2w factors per scope with a swap (zero
+    for rows that did not swap there), and ``UtX = Uᵀ Xs`` for the block's later scopes."""
+
+    def __init__(self, n: int, max_factors: int, p: int, Xs: Tensor):
+        self.Ut = Xs.new_zeros(n, max_factors, p)
+        self.UDt = torch.zeros_like(self.Ut)
+        self.UtX = Xs.new_zeros(n, max_factors, Xs.shape[2])
+        self.nf = 0
+        self.swapped = torch.zeros(n, dtype=torch.bool, device=Xs.device)
+
+    def add(self, rows, Un: Tensor, UD: Tensor, Xs_rows: Tensor, on: Optional[Tensor]) -> None:
+        """One scope's factors ``Un`` (k, p, 2w) and ``UD`` (k, 2w, p) for ``rows`` (an index, or every
+        row with ``on`` saying which swapped; the others' factors are zero); ``Xs_rows``: their panels."""
+        f = slice(self.nf, self.nf + Un.shape[2])
+        self.Ut[rows, f] = Un.transpose(1, 2)
+        self.UDt[rows, f] = UD
+        self.UtX[rows, f] = Un.transpose(1, 2) @ Xs_rows
+        self.nf = f.stop
+        if on is None:
+            self.swapped[rows] = True
+        else:
+            self.swapped |= on
+
+    def fold_into(self, Ainv: Tensor) -> None:
+        """Add the factors to ``A⁻¹`` (all rows when most swapped: the others' factors are zero)."""
+        if not self.nf:
+            return
+        k = int(self.swapped.sum())  # one sync a block
+        if 2 * k >= Ainv.shape[0]:  # rows that did not swap have zero factors: adding them is exact
+            Ainv.baddbmm_(self.UDt[:, : self.nf].transpose(1, 2), self.Ut[:, : self.nf])
+        elif k:
+            ri = self.swapped.nonzero().squeeze(1)
+            Ainv.index_copy_(
+                0, ri, torch.baddbmm(Ainv.index_select(0, ri), self.UDt[ri, : self.nf].transpose(1, 2), self.Ut[ri, : self.nf])
+            )
