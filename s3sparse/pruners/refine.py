@@ -397,12 +397,14 @@ def _optimal_weights(C: Tensor, W0: Tensor, P: Tensor) -> Tensor:
     return W.scatter_(1, P, 0.0)
 
 
-def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el: Tensor, valid: Tensor):
+def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el: Tensor, valid: Tensor,
+                     has_dummy: bool):
     """Exact cost of every candidate of one scope, per row: ``(n, n_c)``, and the Cholesky factors of
     the candidates' Schur complements ``S_RR`` (``(n, n_c, w, w)``, for the swap's update).
 
     ``X = [w_P', C_P'E]`` and ``Y = B X`` over the row's pruned set without the scope's slots (zero
-    there); ``el``/``valid``: each row's slots under every candidate (−1: dummy). A candidate whose
+    there); ``el``/``valid``: each row's slots under every candidate (−1: dummy; ``has_dummy``: any,
+    known on the host). A candidate whose
     ``S_RR`` is not numerically positive definite costs +inf: it is never taken, and when it is the
     current set the scope keeps it (the comparison with inf − inf is false)."""
     n, n_c, w = el.shape
@@ -414,13 +416,20 @@ def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el:
     ar = torch.arange(n, device=el.device)
     SR = SE[ar[:, None, None, None], e0[..., :, None], e0[..., None, :]]  # (n, n_c, w, w)
     rR = r.gather(1, e0.reshape(n, -1)).reshape(n, n_c, w)
-    if not bool(valid.all()):  # dummy slots: Schur complement 1, residual 0 (no cost, no coupling)
+    if has_dummy:  # dummy slots: Schur complement 1, residual 0 (no cost, no coupling)
         eye = torch.eye(w, dtype=SR.dtype, device=SR.device)
         SR = torch.where(valid[..., :, None] & valid[..., None, :], SR, eye)
         rR = rR * valid
     L, info = torch.linalg.cholesky_ex(SR)  # a candidate whose S_RR round-off made indefinite is never taken
-    cost = base[:, None] + (rR * torch.cholesky_solve(rR[..., None], L).squeeze(-1)).sum(-1)
+    z = torch.linalg.solve_triangular(L, rR[..., None], upper=False)  # r_Rᵀ S_RR⁻¹ r_R = |L⁻¹ r_R|²
+    cost = base[:, None] + z.square().sum((-2, -1))
     return torch.where(info == 0, cost, torch.inf), L
+
+
+def _chol_solve(L: Tensor, B: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ B`` by two triangular solves: no error check (torch's cholesky_solve and
+    cholesky_inverse check theirs, a host sync each on CUDA); a failed factor gives non-finite values."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
 def _scope_block(p: int, w: int) -> int:
@@ -473,6 +482,7 @@ def _sweep_chunk(
     if sync_free is None:
         sync_free = _SYNC_FREE[dev.type == "cuda"]
     ar_n = torch.arange(n, device=dev)
+    has_dummy = (slots < 0).flatten(1).any(1).tolist()  # per scope, once (not a host sync a scope)
     for g0 in range(0, S, b):
         g1 = min(S, g0 + b)
         bsl = slice(g0 * w, g1 * w)  # the block's slots
@@ -501,12 +511,15 @@ def _sweep_chunk(
                 Aq = torch.baddbmm(Aq, UDf, Uf[:, :, sl])
             # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
             Aqq = Aq[:, sl]
-            Y.baddbmm_(Aq, torch.linalg.solve(Aqq, Aq.transpose(1, 2) @ X), alpha=-1)
+            # (A_qq is a principal block of a positive definite inverse: Cholesky, and no error check,
+            # which would sync the host; the ``_ex`` info is not read, a failure comes out non-finite.)
+            Lq = torch.linalg.cholesky_ex(Aqq)[0]
+            Y.baddbmm_(Aq, _chol_solve(Lq, Aq.transpose(1, 2) @ X), alpha=-1)
             Y[:, sl] = 0
             V = Y[:, :, 1:]  # B C_P'E
             el = slots[g][:, loc].transpose(0, 1)  # (n, n_c, w): each row's slots under every candidate
             valid = el >= 0
-            cost_rows, L = _candidate_costs(C, W0, X, Y, E, el, valid)  # (n, n_c)
+            cost_rows, L = _candidate_costs(C, W0, X, Y, E, el, valid, has_dummy[g])  # (n, n_c)
             cost = cost_rows.reshape(m, R, n_c).sum(1)  # exact cost of the row group per candidate
             cur = cand[:, g].long()
             cur_cost = cost.gather(1, cur[:, None]).squeeze(1)
@@ -531,8 +544,8 @@ def _sweep_chunk(
             VR[:, sl] = -eye
             Aqi = take(Aq)
             Un = torch.cat([Aqi, VR], dim=2)  # (k, p, 2w)
-            UD = torch.cat([-torch.linalg.solve(take(Aqq), Aqi.transpose(1, 2)),
-                            torch.cholesky_inverse(L[idx, new]) @ VR.transpose(1, 2)], dim=1)
+            UD = torch.cat([-_chol_solve(take(Lq), Aqi.transpose(1, 2)), _chol_solve(L[idx, new], VR.transpose(1, 2))],
+                           dim=1)
             dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
             Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
             if on is not None:  # (where, not a product: a failed candidate's factor may hold NaN)
