@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|refineab|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -85,6 +85,16 @@ for step in "${@:-all}"; do
         --starts true_obs --sweeps 2 --progress --out "$OUT/refine-h200-256x9728.json" > "$OUT/refine-h200-256x9728.txt" 2>&1; tail -2 "$OUT/refine-h200-256x9728.txt")
       (cd /tmp && timeout 580 python3 "$repo/benchmarks/refine.py" --synthetic 2560x9728 --device cuda --patterns 2:4 \
         --starts true_obs --sweeps 2 --progress --out "$OUT/refine-h200-2560x9728.json" > "$OUT/refine-h200-2560x9728.txt" 2>&1; tail -4 "$OUT/refine-h200-2560x9728.txt")
+      ;;&
+    refineab)
+      # Issue 19: refine_mask's sweep forms on the first 256 rows of the 2560x9728 layer (2:4, 2 sweeps from
+      # True OBS), one run each: synced (the CPU's), sync-free, sync-free + CUDA-graph replay of the blocks.
+      for mode in ${REFINE_MODES:-off:off on:off on:on}; do
+        sf=${mode%%:*}; gr=${mode##*:}
+        (cd /tmp && timeout ${REFINE_TIMEOUT:-150} python3 "$repo/benchmarks/refine.py" --synthetic ${REFINE_SHAPE:-256x9728} --device cuda \
+          --patterns 2:4 --starts true_obs --sweeps 2 --sync-free $sf --graphs $gr --progress \
+          --out "$LOG/refine-$sf-$gr.json" > "$LOG/refine-$sf-$gr.txt" 2>&1; echo "# sync-free $sf, graphs $gr"; tail -2 "$LOG/refine-$sf-$gr.txt")
+      done | tee "$OUT/refine-forms.txt"
       ;;&
     model36)
       # Issue 16: the whole random Qwen3-4B-shaped model (36 blocks), SparseGPT and True OBS (about 7 min).

@@ -55,12 +55,16 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--progress", action="store_true", help="print refine_mask's progress with elapsed seconds")
     ap.add_argument("--sync-free", choices=("auto", "on", "off"), default="auto",
-                    help="the sweep without a host sync a scope (auto: the library's choice, on CUDA only)")
+                    help="the sweep without a host sync a scope (auto: the library's choice)")
+    ap.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                    help="CUDA: replay the sweep's scope blocks as CUDA graphs (needs the sync-free sweep)")
     a = ap.parse_args(argv)
-    if a.sync_free != "auto":
-        import s3sparse.pruners.refine as refine_module
+    import s3sparse.pruners.refine_sweep as refine_sweep
 
-        refine_module._SYNC_FREE = {True: a.sync_free == "on", False: a.sync_free == "on"}
+    if a.sync_free != "auto":
+        refine_sweep._SYNC_FREE = {True: a.sync_free == "on", False: a.sync_free == "on"}
+    if a.graphs != "auto":
+        refine_sweep._GRAPHS = a.graphs == "on"
     if a.synthetic:
         import data
 
@@ -110,7 +114,8 @@ def main(argv=None):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(a.device).type == "cuda" else None
                 row = dict(layer=lname, shape=list(W0.shape), pattern=pname, start=start, errors=errors,
                            seconds=times, changed=changed, scopes=res.num_scopes, start_seconds=start_s,
-                           refine_peak_gib=peak, sync_free=a.sync_free)
+                           refine_peak_gib=peak, sync_free=refine_sweep._SYNC_FREE[a.device.startswith("cuda")],
+                           graphs=refine_sweep.SweepGraphs.applies(H.double()))
                 rows.append(row)
                 print(f"{lname} {pname} {start} ({start_s:.1f} s): " + " -> ".join(f"{e:.4f}" for e in errors)
                       + f"  ({sum(times):.1f} s, changed {changed} of {res.num_scopes}"

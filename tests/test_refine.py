@@ -173,13 +173,13 @@ def test_blocked_sweep_is_the_one_scope_at_a_time_sweep(name, monkeypatch):
     low-rank factors) takes the same swaps as one scope at a time: same masks, weights to round-off.
     Blocks of 5 scopes (not dividing the row's scopes) and the library's choice, from magnitude
     (many swaps per block in sweep 1, few rows swapping in sweep 3)."""
-    import s3sparse.pruners.refine as refine
+    import s3sparse.pruners.refine_sweep as refine
 
     results = {}
     for block in (1, 5, None):
         W0, H, W, scope, nnz = _pruned(name, "magnitude", seed=3, M=32, K=160)
         if block is not None:
-            monkeypatch.setattr(refine, "_scope_block", lambda p, w, b=block: b)
+            monkeypatch.setattr(refine, "scopes_per_block", lambda p, w, b=block: b)
         else:
             monkeypatch.undo()
         res = refine_mask(scope, H, nnz, W0, sweeps=3)
@@ -195,23 +195,28 @@ def test_blocked_sweep_is_the_one_scope_at_a_time_sweep(name, monkeypatch):
 
 @pytest.mark.parametrize("name", SINGLE_ROW + ROW_COUPLED)
 def test_sync_free_sweep_is_the_synced_sweep(name, monkeypatch):
-    """The sweep CUDA runs (no host sync a scope: every row computes a swap factor, zero where its
-    group keeps its set) takes the swaps of the CPU's (factors only for groups that swap): same counts
-    and masks, weights to round-off; blocks of 5 scopes and the library's, from magnitude."""
-    import s3sparse.pruners.refine as refine
+    """The sync-free sweep (no host sync a scope: every row computes a swap factor, zero where its
+    group keeps its set), also in SweepGraphs' form (chunks refilled into one fixed state, one set of
+    factor buffers for every block), takes the swaps of the CPU's (factors only for groups that
+    swap): same counts and masks, weights to round-off; blocks of 5 scopes (a shorter last block) and
+    the library's, from magnitude, chunks of 3 groups (a shorter last chunk)."""
+    import s3sparse.pruners.refine_sweep as sweep
 
     results = {}
-    for sync_free, block in ((False, None), (True, 5), (True, None)):
+    runs = ((False, None, False), (True, 5, False), (True, None, False), (True, 5, True), (True, None, True))
+    for sync_free, block, replay in runs:
         W0, H, W, scope, nnz = _pruned(name, "magnitude", seed=4, M=32, K=160)
-        monkeypatch.setattr(refine, "_SYNC_FREE", {True: sync_free, False: sync_free})
+        monkeypatch.setattr(sweep, "_SYNC_FREE", {True: sync_free, False: sync_free})
         if block is not None:
-            monkeypatch.setattr(refine, "_scope_block", lambda p, w, b=block: b)
+            monkeypatch.setattr(sweep, "scopes_per_block", lambda p, w, b=block: b)
+        if replay:  # SweepGraphs' fixed state and shared factor buffers (on the CPU: eager blocks, no graphs)
+            monkeypatch.setattr(sweep.SweepGraphs, "applies", staticmethod(lambda C: True))
         res = refine_mask(scope, H, nnz, W0, sweeps=3, chunk_size=3)
         monkeypatch.undo()
-        results[sync_free, block] = (W.detach().clone(), res.changed)
-    W1, changed1 = results[False, None]
+        results[sync_free, block, replay] = (W.detach().clone(), res.changed)
+    W1, changed1 = results[runs[0]]
     assert changed1[0] > 0 and len(changed1) > 1
-    for key in ((True, 5), (True, None)):
+    for key in runs[1:]:
         Wb, changed = results[key]
         assert changed == changed1, key
         assert torch.equal(Wb == 0, W1 == 0), key
@@ -379,9 +384,9 @@ def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(sy
     raises nor swaps to it. With every candidate's factorisation failing, no scope changes and the
     weights are the exact optimum of the starting mask (also sync-free: the failed factors, NaN or
     not, of rows that do not swap never reach their inverse)."""
-    import s3sparse.pruners.refine as refine
+    import s3sparse.pruners.refine_sweep as refine_sweep
 
-    monkeypatch.setattr(refine, "_SYNC_FREE", {True: sync_free, False: sync_free})
+    monkeypatch.setattr(refine_sweep, "_SYNC_FREE", {True: sync_free, False: sync_free})
 
     W0, H, W, scope, nnz = _pruned("24", "magnitude")
     start_mask = W.detach() == 0
@@ -393,7 +398,7 @@ def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(sy
             return torch.full_like(L, float("nan")), torch.ones_like(info)
         return L, info
 
-    monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing)
+    monkeypatch.setattr(refine_sweep.torch.linalg, "cholesky_ex", failing)
     res = refine_mask(scope, H, nnz, W0, sweeps=2)
     assert res.changed == (0,)
     assert torch.equal(W.detach() == 0, start_mask)
@@ -475,9 +480,9 @@ def test_a_failing_refinement_leaves_the_dense_weight(monkeypatch):
 def test_a_failed_candidate_is_skipped_and_the_others_still_compete(sync_free, monkeypatch):
     """Only candidate 0 of every 2:4 scope (pruning its first two elements) fails its factorisation (a
     NaN factor): the sweep still swaps, never into that candidate; a scope that starts there may stay."""
-    import s3sparse.pruners.refine as refine
+    import s3sparse.pruners.refine_sweep as refine_sweep
 
-    monkeypatch.setattr(refine, "_SYNC_FREE", {True: sync_free, False: sync_free})
+    monkeypatch.setattr(refine_sweep, "_SYNC_FREE", {True: sync_free, False: sync_free})
 
     W0, H, W, scope, nnz = _pruned("24", "magnitude", seed=4)
     start = (W.detach() == 0).reshape(W.shape[0], -1, 4)
@@ -491,7 +496,7 @@ def test_a_failed_candidate_is_skipped_and_the_others_still_compete(sync_free, m
             L[:, 0] = float("nan")
         return L, info
 
-    monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing)
+    monkeypatch.setattr(refine_sweep.torch.linalg, "cholesky_ex", failing)
     res = refine_mask(scope, H, nnz, W0, sweeps=2)
     end = (W.detach() == 0).reshape(W.shape[0], -1, 4)
     moved = (start != end).any(-1)

@@ -64,26 +64,17 @@ from ..errors import ArgumentError
 from .hessian import check_hessian, damped_inverse
 from .layout import block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 from .obs_layer import MAX_SUBSETS
+from .refine_sweep import SweepGraphs, inverse_pp, pruned_cols, scopes_per_block, sweep_chunk
 from .sharding import AllRanks, RowShard, check_process_group
 from .true_obs_sweep import free_memory_bytes
 
 __all__ = ["RefineResult", "check_refinable", "refine_mask", "refining"]
 
-# Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
-_REL_TOL = 1e-10
 # Bytes a chunk's sweep holds when chunk_size is not given (the row inverses, the inversion's transients
 # and the block panels: _sweep_bytes): on CUDA large chunks keep the GPU busy (the sweep is a Python loop
 # over scopes, its host work paid once per chunk); on the CPU a chunk is as fast as all rows at once,
 # in a fraction of the memory.
 _CHUNK_BYTES = {"cuda": 12 << 30, "cpu": 192 << 20}
-# Rows inverted at once: a quarter of a chunk (the Cholesky factor and its inverse are transients).
-_INVERSION_PARTS = 4
-# Most scopes swept as one block (one GEMM pass over the row inverses per block).
-_MAX_SCOPE_BLOCK = 32
-# Sweep without a host sync per scope (every row computes a swap factor, zero where it keeps its set),
-# by device (CUDA?). The CPU is faster skipping the factors of scopes no row swaps (sync-free was 6-18%
-# slower there); on CUDA a sync a scope may idle the GPU (not yet measured: off).
-_SYNC_FREE = {True: False, False: False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +243,7 @@ def refine_mask(
         W_out = torch.empty_like(W_in[mine])
         for lo in range(0, g_hi - g_lo, m):
             sub = slice(lo * R, (lo + m) * R)
-            W_out[sub] = _optimal_weights(C, W0[mine][sub], _pruned_cols(cand[lo : lo + m], cols, slots, K))[:, :K]
+            W_out[sub] = _optimal_weights(C, W0[mine][sub], pruned_cols(cand[lo : lo + m], cols, slots, K))[:, :K]
         worse = _keep_better_groups(W_out, W_in[mine], W0[mine, :K], hessian, R)
         if not torch.isfinite(W_out).all():
             raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
@@ -280,7 +271,7 @@ def _sweep_bytes(p: int, w: int, E: int) -> int:
     """Bytes one row holds during a sweep: its p × p float64 inverse, half of that again for the
     inversion's transients (a quarter of the rows at a time: C_PP and its factor), and the block's
     panels (X and A⁻¹X, p × (1 + b·E) each; the factors U, U_D and UᵀX, 2w·b × p each)."""
-    b = _scope_block(p, w)
+    b = scopes_per_block(p, w)
     return 8 * (3 * p * p // 2 + 2 * p * (1 + b * E) + 6 * w * b * p)
 
 
@@ -336,11 +327,13 @@ def _run_sweeps(
     NG, S = cand.shape
     R = slots.shape[2]
     changed = []
+    graphs = SweepGraphs(m) if SweepGraphs.applies(C) else None
+    sweep_rows = graphs.sweep if graphs is not None else sweep_chunk
     for sweep in range(sweeps):
         with AllRanks(group, f"sweeping refine_mask's scopes (sweep {sweep + 1})") as sync:
             n = 0
             for lo in range(0, NG, m):
-                n += _sweep_chunk(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
+                n += sweep_rows(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
                 if progress_fn is not None and lo + m < NG:
                     progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: rows {(lo + m) * R} of {NG * R}")
             sync.payload = n
@@ -365,237 +358,9 @@ def _keep_better_groups(W_out: Tensor, W_in: Tensor, W0: Tensor, hessian: Tensor
     return worse
 
 
-def _pruned_cols(cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> Tensor:
-    """(m·R, S·w) pruned columns of every row instance, scope after scope (slot k of scope g: column, or the
-    dummy column K + g·w + k)."""
-    m, S = cand.shape
-    R, w = slots.shape[2], slots.shape[3]
-    g = torch.arange(S, device=cols.device)
-    el = slots[g[None, :], cand.long()].permute(0, 2, 1, 3)  # (m, R, S, w)
-    real = cols[g[None, None, :, None], el.clamp(min=0)]
-    dummy = K + torch.arange(S * w, device=cols.device).reshape(S, w)
-    return torch.where(el >= 0, real, dummy).reshape(m * R, S * w)
-
-
-def _inverse_pp(C: Tensor, P: Tensor) -> Tensor:
-    """(C_PP)⁻¹ of every row, (m, p, p); rows inverted a quarter at a time, so that the gathered C_PP and
-    its factor (transients) add half of the result's memory, not twice it."""
-    m, p = P.shape
-    out = torch.empty(m, p, p, dtype=C.dtype, device=C.device)
-    step = max(1, -(-m // _INVERSION_PARTS))
-    for lo in range(0, m, step):
-        Ps = P[lo : lo + step]  # (one statement: no factor outlives its part)
-        out[lo : lo + step] = torch.cholesky_inverse(torch.linalg.cholesky(C[Ps[:, :, None], Ps[:, None, :]]))
-    return out
-
-
 def _optimal_weights(C: Tensor, W0: Tensor, P: Tensor) -> Tensor:
     """``w − C_{:,P} (C_PP)⁻¹ w_P`` with the pruned columns zero, per row."""
-    u = (_inverse_pp(C, P) @ W0.gather(1, P)[..., None]).squeeze(-1)  # (m, p)
+    u = (inverse_pp(C, P) @ W0.gather(1, P)[..., None]).squeeze(-1)  # (m, p)
     z = torch.zeros_like(W0).scatter_(1, P, u)
     W = W0 - z @ C  # C symmetric: row i is Σ_j u_j C[P_j, :]
     return W.scatter_(1, P, 0.0)
-
-
-def _candidate_costs(C: Tensor, W0: Tensor, X: Tensor, Y: Tensor, E: Tensor, el: Tensor, valid: Tensor,
-                     has_dummy: bool):
-    """Exact cost of every candidate of one scope, per row: ``(n, n_c)``, and the Cholesky factors of
-    the candidates' Schur complements ``S_RR`` (``(n, n_c, w, w)``, for the swap's update).
-
-    ``X = [w_P', C_P'E]`` and ``Y = B X`` over the row's pruned set without the scope's slots (zero
-    there); ``el``/``valid``: each row's slots under every candidate (−1: dummy; ``has_dummy``: any,
-    known on the host). A candidate whose
-    ``S_RR`` is not numerically positive definite costs +inf: it is never taken, and when it is the
-    current set the scope keeps it (the comparison with inf − inf is false)."""
-    n, n_c, w = el.shape
-    u, V = Y[:, :, :1], Y[:, :, 1:]  # B w_P', B C_P'E
-    base = (X[:, :, 0][:, None, :] @ u).reshape(n)
-    r = W0[:, E] - (X[:, :, 1:].transpose(1, 2) @ u).squeeze(-1)  # (n, E)
-    SE = C[E[:, None], E[None, :]] - X[:, :, 1:].transpose(1, 2) @ V  # (n, E, E)
-    e0 = el.clamp(min=0)
-    ar = torch.arange(n, device=el.device)
-    SR = SE[ar[:, None, None, None], e0[..., :, None], e0[..., None, :]]  # (n, n_c, w, w)
-    rR = r.gather(1, e0.reshape(n, -1)).reshape(n, n_c, w)
-    if has_dummy:  # dummy slots: Schur complement 1, residual 0 (no cost, no coupling)
-        eye = torch.eye(w, dtype=SR.dtype, device=SR.device)
-        SR = torch.where(valid[..., :, None] & valid[..., None, :], SR, eye)
-        rR = rR * valid
-    L, info = torch.linalg.cholesky_ex(SR)  # a candidate whose S_RR round-off made indefinite is never taken
-    z = torch.linalg.solve_triangular(L, rR[..., None], upper=False)  # r_Rᵀ S_RR⁻¹ r_R = |L⁻¹ r_R|²
-    cost = base[:, None] + z.square().sum((-2, -1))
-    return torch.where(info == 0, cost, torch.inf), L
-
-
-def _chol_solve(L: Tensor, B: Tensor) -> Tensor:
-    """``(L Lᵀ)⁻¹ B`` by two triangular solves: no error check (torch's cholesky_solve and
-    cholesky_inverse check theirs, a host sync each on CUDA); a failed factor gives non-finite values."""
-    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
-
-
-def _scope_block(p: int, w: int) -> int:
-    """Scopes swept per block: their panel ``A⁻¹ X`` is one GEMM; the swaps' low-rank factors (2w
-    columns a scope) stay a small fraction of the p × p inverse."""
-    return max(1, min(_MAX_SCOPE_BLOCK, p // (16 * w)))
-
-
-def _gather(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``C[rows[i, j], cols[k]]`` of the symmetric ``C`` as (n, r, c), by row copies (index_select on dim 0,
-    which is fast; a 2-index gather or a dim-1 index_select is not, on the CPU)."""
-    n, r = rows.shape
-    C_cols = C.index_select(0, cols).t().contiguous()  # (K, c) = C[:, cols], C symmetric
-    return C_cols.index_select(0, rows.reshape(-1)).reshape(n, r, cols.numel())
-
-
-def _scope_panel(T: Tensor, j: int, nE: int) -> Tensor:
-    """Scope j's columns ``[w, its nE elements]`` of a block panel ``[w, E_0 …, E_{b−1}]`` (by slices: an
-    index tensor on the last dimension is a slow gather on the CPU)."""
-    return torch.cat([T[..., :1], T[..., 1 + j * nE : 1 + (j + 1) * nE]], dim=-1)
-
-
-def _sweep_chunk(
-    C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int, scope_block: Optional[int] = None,
-    sync_free: Optional[bool] = None,
-) -> int:
-    """One sweep over the scopes of a chunk of row groups; updates ``cand`` in place, returns the swaps.
-
-    Blocked: for ``scope_block`` consecutive scopes at a time, every row's ``A⁻¹`` is applied once, as
-    one GEMM, to the panel ``X = [w_P, C_{P,E_g} for g in the block]`` (rows at the block's own slots
-    zeroed); a swap inside the block is kept as a rank-2w factor ``A⁻¹ ← A⁻¹ + U_D Uᵀ`` (the
-    downdate ``−A_q A_qq⁻¹ A_qᵀ`` and the new slots' ``Ṽ S_R⁻¹ Ṽᵀ``, ``Ṽ = V_R − I_sl``) that
-    later scopes of the block apply to their thin panels, and all factors are added to ``A⁻¹`` at
-    the block's end. The result is the one-scope-at-a-time sweep's, to round-off; the inverse is
-    read twice per block instead of once per scope (memory-bound batched GEMVs become GEMMs).
-    """
-    m, S = cand.shape
-    n_c, R, w = slots.shape[1:]
-    nE = cols.shape[1]
-    n = m * R
-    dev, dt = C.device, C.dtype
-    loc = torch.arange(R, device=dev).repeat(m)  # local row of every row instance
-    eye = torch.eye(w, dtype=dt, device=dev)
-    P = _pruned_cols(cand, cols, slots, K)  # (n, p); scope g owns the slots g·w … g·w + w − 1
-    p = P.shape[1]
-    b = scope_block or _scope_block(p, w)
-    Ainv = _inverse_pp(C, P)
-    wP = W0.gather(1, P)
-    swaps = 0
-    if sync_free is None:
-        sync_free = _SYNC_FREE[dev.type == "cuda"]
-    ar_n = torch.arange(n, device=dev)
-    has_dummy = (slots < 0).flatten(1).any(1).tolist()  # per scope, once (not a host sync a scope)
-    for g0 in range(0, S, b):
-        g1 = min(S, g0 + b)
-        bsl = slice(g0 * w, g1 * w)  # the block's slots
-        Xs = torch.cat([wP[..., None], _gather(C, P, cols[g0:g1].reshape(-1))], dim=2)  # (n, p, 1 + b·E)
-        Xs[:, bsl] = 0  # the block's slots change during the block: their rows are applied separately
-        T0 = Ainv @ Xs  # the one full pass over A⁻¹ for these scopes
-        # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps; a contiguous copy, as the
-        # block's every scope multiplies it (a strided slice costs BLAS a copy each time).
-        A_blk = Ainv[:, :, bsl].contiguous()
-        fac = _BlockSwaps(n, 2 * w * (g1 - g0), p, Xs)
-        for g in range(g0, g1):
-            j = g - g0
-            sl, sl_b = slice(g * w, (g + 1) * w), slice(j * w, (j + 1) * w)
-            E = cols[g]
-            # X = [w_P, C_PE] over the current P, zero at this scope's slots.
-            Xb = torch.cat([wP[:, bsl, None], _gather(C, P[:, bsl], E)], dim=2)  # (n, b·w, 1 + E)
-            Xb[:, sl_b] = 0
-            X = _scope_panel(Xs, j, nE)
-            X[:, bsl] = Xb
-            # A⁻¹_cur X = A⁻¹ X_out + UD Uᵀ X_out + A⁻¹_cur[:, block slots] X_block  (X_out: rows outside the block)
-            Y = torch.baddbmm(_scope_panel(T0, j, nE), A_blk, Xb)
-            Aq = A_blk[:, :, sl_b]
-            if fac.nf:
-                Uf, UDf = fac.Ut[:, : fac.nf], fac.UDt[:, : fac.nf].transpose(1, 2)  # (n, nf, p), (n, p, nf)
-                Y.baddbmm_(UDf, torch.baddbmm(_scope_panel(fac.UtX[:, : fac.nf], j, nE), Uf[:, :, bsl], Xb))
-                Aq = torch.baddbmm(Aq, UDf, Uf[:, :, sl])
-            # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
-            Aqq = Aq[:, sl]
-            # (A_qq is a principal block of a positive definite inverse: Cholesky, and no error check,
-            # which would sync the host; the ``_ex`` info is not read, a failure comes out non-finite.)
-            Lq = torch.linalg.cholesky_ex(Aqq)[0]
-            Y.baddbmm_(Aq, _chol_solve(Lq, Aq.transpose(1, 2) @ X), alpha=-1)
-            Y[:, sl] = 0
-            V = Y[:, :, 1:]  # B C_P'E
-            el = slots[g][:, loc].transpose(0, 1)  # (n, n_c, w): each row's slots under every candidate
-            valid = el >= 0
-            cost_rows, L = _candidate_costs(C, W0, X, Y, E, el, valid, has_dummy[g])  # (n, n_c)
-            cost = cost_rows.reshape(m, R, n_c).sum(1)  # exact cost of the row group per candidate
-            cur = cand[:, g].long()
-            cur_cost = cost.gather(1, cur[:, None]).squeeze(1)
-            best_cost, best = cost.min(dim=1)
-            swap = best_cost < cur_cost - _REL_TOL * cur_cost.abs()
-            if sync_free:  # every row takes part (no host sync); rows that keep their set get zero factors
-                idx, rows, on = ar_n, slice(None), swap.repeat_interleave(R)
-                new = best.repeat_interleave(R)
-                swaps = swaps + swap.sum()
-            elif bool(swap.any()):
-                gi, on = swap.nonzero().squeeze(1), None
-                idx = (gi[:, None] * R + torch.arange(R, device=dev)).reshape(-1)  # the groups' row instances
-                rows, new = idx, best[gi].repeat_interleave(R)
-                swaps = swaps + gi.numel()
-            else:
-                continue
-            take = (lambda t: t) if on is not None else (lambda t: t.index_select(0, idx))  # noqa: E731
-            Rel, Rv = el[idx, new], valid[idx, new]  # (k, w)
-            # The swap's factor (swapped groups' rows only; zero elsewhere): the new inverse over P' ∪ R is
-            # A⁻¹_cur − A_q A_qq⁻¹ A_qᵀ + Ṽ S_R⁻¹ Ṽᵀ, with Ṽ = V_R − I at the slots (V_R zero there and at dummies).
-            VR = take(V).gather(2, Rel.clamp(min=0)[:, None, :].expand(idx.numel(), p, w)) * Rv[:, None, :]
-            VR[:, sl] = -eye
-            Aqi = take(Aq)
-            Un = torch.cat([Aqi, VR], dim=2)  # (k, p, 2w)
-            UD = torch.cat([-_chol_solve(take(Lq), Aqi.transpose(1, 2)), _chol_solve(L[idx, new], VR.transpose(1, 2))],
-                           dim=1)
-            dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
-            Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
-            if on is not None:  # (where, not a product: a failed candidate's factor may hold NaN)
-                Un = Un * on[:, None, None]
-                UD = torch.where(on[:, None, None], UD, 0.0)
-                Pn = torch.where(on[:, None], Pn, P[:, sl])
-                cand[:, g] = torch.where(swap, best, cur).to(cand.dtype)
-            else:
-                cand[gi, g] = best[gi].to(cand.dtype)
-            fac.add(rows, Un, UD, take(Xs), on)
-            P[rows, sl] = Pn
-            wP[rows, sl] = W0[rows].gather(1, Pn)
-        fac.fold_into(Ainv)
-    return int(swaps)
-
-
-class _BlockSwaps:
-    """A block's swaps as low-rank factors of its rows' inverses, ``A⁻¹_cur = A⁻¹ + UDtᵀ Ut``, stored
-    transposed (the first ``nf`` factors in use are contiguous): 2w factors per scope with a swap (zero
-    for rows that did not swap there), and ``UtX = Uᵀ Xs`` for the block's later scopes."""
-
-    def __init__(self, n: int, max_factors: int, p: int, Xs: Tensor):
-        self.Ut = Xs.new_zeros(n, max_factors, p)
-        self.UDt = torch.zeros_like(self.Ut)
-        self.UtX = Xs.new_zeros(n, max_factors, Xs.shape[2])
-        self.nf = 0
-        self.swapped = torch.zeros(n, dtype=torch.bool, device=Xs.device)
-
-    def add(self, rows, Un: Tensor, UD: Tensor, Xs_rows: Tensor, on: Optional[Tensor]) -> None:
-        """One scope's factors ``Un`` (k, p, 2w) and ``UD`` (k, 2w, p) for ``rows`` (an index, or every
-        row with ``on`` saying which swapped; the others' factors are zero); ``Xs_rows``: their panels."""
-        f = slice(self.nf, self.nf + Un.shape[2])
-        self.Ut[rows, f] = Un.transpose(1, 2)
-        self.UDt[rows, f] = UD
-        self.UtX[rows, f] = Un.transpose(1, 2) @ Xs_rows
-        self.nf = f.stop
-        if on is None:
-            self.swapped[rows] = True
-        else:
-            self.swapped |= on
-
-    def fold_into(self, Ainv: Tensor) -> None:
-        """Add the factors to ``A⁻¹`` (all rows when most swapped: the others' factors are zero)."""
-        if not self.nf:
-            return
-        k = int(self.swapped.sum())  # one sync a block
-        if 2 * k >= Ainv.shape[0]:  # rows that did not swap have zero factors: adding them is exact
-            Ainv.baddbmm_(self.UDt[:, : self.nf].transpose(1, 2), self.Ut[:, : self.nf])
-        elif k:
-            ri = self.swapped.nonzero().squeeze(1)
-            Ainv.index_copy_(
-                0, ri, torch.baddbmm(Ainv.index_select(0, ri), self.UDt[ri, : self.nf].transpose(1, 2), self.Ut[ri, : self.nf])
-            )
