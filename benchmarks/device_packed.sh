@@ -88,12 +88,13 @@ for step in "${@:-all}"; do
       ;;&
     refineab)
       # Issue 19: refine_mask's sweep forms on the first 256 rows of the 2560x9728 layer (2:4, 2 sweeps from
-      # True OBS), one run each: synced (the CPU's), sync-free, sync-free + CUDA-graph replay of the blocks.
+      # True OBS), one run each: synced (the CPU's), sync-free, sync-free + CUDA-graph replay of the blocks;
+      # chunks of 32 rows (8 full chunks: the first eager, the second captured, the rest replayed).
       for mode in ${REFINE_MODES:-off:off on:off on:on}; do
         sf=${mode%%:*}; gr=${mode##*:}
         (cd /tmp && timeout ${REFINE_TIMEOUT:-150} python3 "$repo/benchmarks/refine.py" --synthetic ${REFINE_SHAPE:-256x9728} --device cuda \
-          --patterns 2:4 --starts true_obs --sweeps 2 --sync-free $sf --graphs $gr --progress \
-          --out "$LOG/refine-$sf-$gr.json" > "$LOG/refine-$sf-$gr.txt" 2>&1; echo "# sync-free $sf, graphs $gr"; tail -2 "$LOG/refine-$sf-$gr.txt")
+          --patterns 2:4 --starts true_obs --sweeps 2 --sync-free $sf --graphs $gr --chunk-size ${REFINE_CHUNK:-32} --progress \
+          --out "$OUT/refine-$sf-$gr.json" > "$LOG/refine-$sf-$gr.txt" 2>&1; echo "# sync-free $sf, graphs $gr"; tail -2 "$LOG/refine-$sf-$gr.txt")
       done | tee "$OUT/refine-forms.txt"
       ;;&
     model36)

@@ -56,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--progress", action="store_true", help="print refine_mask's progress with elapsed seconds")
     ap.add_argument("--sync-free", choices=("auto", "on", "off"), default="auto",
                     help="the sweep without a host sync a scope (auto: the library's choice)")
+    ap.add_argument("--chunk-size", type=int, default=None, help="refine_mask's chunk_size (default: the library's)")
     ap.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
                     help="CUDA: replay the sweep's scope blocks as CUDA graphs (needs the sync-free sweep)")
     a = ap.parse_args(argv)
@@ -106,7 +107,7 @@ def main(argv=None):
                 for _ in range(a.sweeps):  # one sweep per call: the error after each
                     _sync(a.device)
                     t = time.perf_counter()
-                    res = refine_mask(scope, H, nnz, W0, sweeps=1, progress_fn=progress)
+                    res = refine_mask(scope, H, nnz, W0, sweeps=1, chunk_size=a.chunk_size, progress_fn=progress)
                     _sync(a.device)
                     times.append(time.perf_counter() - t)
                     errors.append(output_error(W.detach(), W0, H))
