@@ -409,6 +409,37 @@ def test_a_candidate_whose_schur_complement_fails_its_cholesky_is_never_taken(sy
     torch.testing.assert_close(W.detach(), W_opt.detach(), rtol=0, atol=1e-6)
 
 
+def test_a_failed_downdate_factor_stays_in_its_row(monkeypatch):
+    """When one row's A_qq factor fails (NaN) at one scope, that row keeps its set there; the sync-free
+    form (every row computes a factor, zero where it does not swap) must not carry the NaN into the
+    row's inverse either: the same counts and masks as the synced form under the same failure."""
+    import s3sparse.pruners.refine_sweep as refine_sweep
+
+    real = torch.linalg.cholesky_ex
+    results = {}
+    for sync_free in (False, True):
+        calls = [0]
+
+        def failing(A, *args, **kwargs):
+            L, info = real(A, *args, **kwargs)
+            if A.dim() == 3:  # (n, w, w): the rows' A_qq
+                calls[0] += 1
+                if calls[0] == 3:  # the third scope: row 0's factor fails
+                    L = L.clone()
+                    L[0] = float("nan")
+            return L, info
+
+        W0, H, W, scope, nnz = _pruned("24", "magnitude", seed=5, M=32, K=640)  # blocks of 10 scopes
+        monkeypatch.setattr(refine_sweep, "_SYNC_FREE", {True: sync_free, False: sync_free})
+        monkeypatch.setattr(refine_sweep.torch.linalg, "cholesky_ex", failing)
+        res = refine_mask(scope, H, nnz, W0, sweeps=2)
+        monkeypatch.undo()
+        results[sync_free] = (W.detach().clone(), res.changed)
+    (W_s, changed_s), (W_f, changed_f) = results[False], results[True]
+    assert changed_s[0] > 0 and changed_f == changed_s
+    assert torch.equal(W_f == 0, W_s == 0)
+
+
 def test_true_obs_refine_option_is_true_obs_then_refine_mask_with_its_damp():
     """TrueOBS(refine=N, damp=d) = True OBS, then N sweeps of refine_mask with the same damp, bit for bit
     (a wrong damping passed through would change the swaps)."""

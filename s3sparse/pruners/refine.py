@@ -327,7 +327,7 @@ def _run_sweeps(
     NG, S = cand.shape
     R = slots.shape[2]
     changed = []
-    graphs = SweepGraphs(m) if SweepGraphs.applies(C) else None
+    graphs = SweepGraphs(min(m, NG)) if SweepGraphs.applies(C) else None  # (full chunks: m groups, or all)
     sweep_rows = graphs.sweep if graphs is not None else sweep_chunk
     for sweep in range(sweeps):
         with AllRanks(group, f"sweeping refine_mask's scopes (sweep {sweep + 1})") as sync:

@@ -176,6 +176,7 @@ class SweepGraphs:
         if st.C.device.type != "cuda":  # (tests: the fixed state and the shared factors, without graphs)
             return _sweep_block(st, g0, self.fac)
         if g0 not in self.graphs:
+            stream = torch.cuda.current_stream()
             try:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
@@ -184,6 +185,8 @@ class SweepGraphs:
                     _sweep_block(st, g0, self.fac)
                 self.graphs[g0] = (graph, self.fac.nf)
             except RuntimeError:  # (a library that syncs or allocates on the host: run eagerly)
+                # A failed capture_end leaves the capture's side stream current: restore the caller's.
+                torch.cuda.set_stream(stream)
                 self.failed, self.graphs = True, {}
                 torch.cuda.synchronize()
                 return _sweep_block(st, g0)
@@ -329,8 +332,8 @@ def _sweep_block(st: _Chunk, g0: int, fac: Optional["_BlockSwaps"] = None) -> "_
                        dim=1)
         dummy = K + torch.arange(g * w, (g + 1) * w, device=dev)
         Pn = torch.where(Rv, E[Rel.clamp(min=0)], dummy)
-        if on is not None:  # (where, not a product: a failed candidate's factor may hold NaN)
-            Un = Un * on[:, None, None]
+        if on is not None:  # (where, not a product: a failed factor, Lq's or a candidate's, may hold NaN)
+            Un = torch.where(on[:, None, None], Un, 0.0)
             UD = torch.where(on[:, None, None], UD, 0.0)
             Pn = torch.where(on[:, None], Pn, P[:, sl])
             cand[:, g] = torch.where(swap, best, cur).to(cand.dtype)
