@@ -29,12 +29,11 @@ _INVERSION_PARTS = 4
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
 # Sweep without a host sync per scope, by device (CUDA?). The CPU is faster skipping the factors of
-# scopes no row swaps (the sync-free form is 10% slower on MiniLM L0's 2:4 there).
-# (Off on CUDA too until measured on a GPU: benchmarks/refine.py --sync-free on --graphs on.)
-_SYNC_FREE = {True: False, False: False}
-# Replay a chunk's blocks as CUDA graphs (CUDA, sync-free form, full chunks after the first; not yet
-# measured on a GPU: off).
-_GRAPHS = False
+# scopes no row swaps (the sync-free form is 10% slower on MiniLM L0's 2:4 there); on an H100 it is
+# 1.2x faster, and with graphs 2.1x (benchmarks/results/refine-forms-h100-256x9728.txt).
+_SYNC_FREE = {True: True, False: False}
+# Replay a chunk's blocks as CUDA graphs (CUDA, sync-free form, full chunks after the first).
+_GRAPHS = True
 
 
 def pruned_cols(cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> Tensor:
