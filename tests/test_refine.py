@@ -223,6 +223,29 @@ def test_sync_free_sweep_is_the_synced_sweep(name, monkeypatch):
         torch.testing.assert_close(Wb, W1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ("24", "block16"))
+def test_cuda_graph_sweep_is_the_cpu_sweep(name):
+    """On CUDA the default sweep (sync-free, scope blocks replayed as CUDA graphs from the third full
+    chunk of a sweep on) takes the CPU's swaps: same counts and masks, weights to round-off. Chunks of
+    3 groups (a shorter last one), blocks of the library's size, 3 sweeps."""
+    import s3sparse.pruners.refine_sweep as sweep
+
+    assert sweep.SweepGraphs.applies(torch.zeros(1, device="cuda"))
+    out = {}
+    for device in ("cpu", "cuda"):
+        W0, H, W, scope, nnz = _pruned(name, "magnitude", seed=6, M=32, K=320)
+        W0, H = W0.to(device), H.to(device)
+        W = torch.nn.Parameter(W.detach().to(device))
+        scope, nnz = pattern(name, W)
+        res = refine_mask(scope, H, nnz, W0, sweeps=3, chunk_size=3)
+        out[device] = (W.detach().cpu(), res.changed)
+    (W_cpu, changed_cpu), (W_cuda, changed_cuda) = out["cpu"], out["cuda"]
+    assert changed_cpu[0] > 0 and changed_cuda == changed_cpu
+    assert torch.equal(W_cuda == 0, W_cpu == 0)
+    torch.testing.assert_close(W_cuda, W_cpu, rtol=0, atol=1e-5)
+
+
 def test_zero_sweeps_keeps_the_mask():
     W0, H, W, scope, nnz = _pruned("48", "magnitude")
     mask = W.detach() == 0
