@@ -67,7 +67,7 @@ for step in "${@:-all}"; do
         diag_nox=-DS3_LAB_SPAN_NO_X diag_notable=-DS3_LAB_SPAN_NO_TABLE \
         diag_nox_notable=-DS3_LAB_SPAN_NO_X,-DS3_LAB_SPAN_NO_TABLE loads2=-DS3_LAB_SPAN_LOADS=2 \
         loads8=-DS3_LAB_SPAN_LOADS=8 warps32=-DS3_LAB_SPAN_WARPS_PER_SM=32 nm_off=-DS3_LAB_NM_OFF \
-        nm_pipe2=-DS3_LAB_NM_PIPELINE=2 nm_pipe3=-DS3_LAB_NM_PIPELINE=3 nm_pipe4=-DS3_LAB_NM_PIPELINE=4} > "$LOG/spanlab.txt" 2>&1
+        nm_pipe0=-DS3_LAB_NM_PIPELINE=0 nm_pipe3=-DS3_LAB_NM_PIPELINE=3 nm_pipe4=-DS3_LAB_NM_PIPELINE=4} > "$LOG/spanlab.txt" 2>&1
       tail -3 "$LOG/spanlab.txt"; cp "$LOG/spanlab.txt" "$OUT/packed-span-lab.txt"
       ;;&
     trueobs)

@@ -26,7 +26,8 @@ The span kernel's knobs (csrc/cuda/packed_stream.cuh, "Lab knobs of the span ker
 S3_LAB_SPAN_LOADS=n, S3_LAB_SPAN_WARPS_PER_SM=n, and the diagnostics S3_LAB_SPAN_NO_ROWS,
 S3_LAB_SPAN_NO_X, S3_LAB_SPAN_NO_TABLE; of its n:m path (2:4, 4:8, coupled 2:4 at 1-2
 tokens), S3_LAB_NM_OFF (the span path instead) and S3_LAB_NM_PIPELINE=U (batches of U
-loads, each issued before the previous batch is computed); it is timed at 1, 2, 4 and 8
+loads, each issued before the previous batch is computed; default 2, 0: a batch of
+kSpanLoads loads, then its compute); it is timed at 1, 2, 4 and 8
 tokens::
 
     PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py --kernel=span diag_norows=-DS3_LAB_SPAN_NO_ROWS ...

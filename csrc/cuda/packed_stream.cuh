@@ -885,12 +885,16 @@ __device__ __forceinline__ void nm_chunk(const uint32_t (&v)[4], uint32_t fields
 }
 
 // A warp's batch of the n:m path: lane l's chunks base + l + 32 u of row q
-// (u < U), their 16-byte values and meta words. As measured on the H200
-// (99077ae) a lane loads a batch of kSpanLoads chunks, then computes it. The
-// lab knob S3_LAB_NM_PIPELINE=U (benchmarks/lab/packed_mma_lab.py --kernel=span;
-// not yet measured) issues each batch of U chunks before the previous one is
-// computed, also across a warp's rows: twice U loads a lane in flight.
-#ifdef S3_LAB_NM_PIPELINE
+// (u < U), their 16-byte values and meta words. Each batch of U = 2 chunks is
+// issued before the previous one is computed, also across a warp's rows (two
+// batches a lane in flight). Measured on an H100 (ae2de13, the span lab,
+// benchmarks/results/packed-span-lab-nm-pipe-h100.*): at 1-2 tokens as fast
+// as or up to 8% faster than 99077ae's form (a batch of kSpanLoads loads, then
+// its compute; lab knob S3_LAB_NM_PIPELINE=0), U = 3 no better, U = 4 slower.
+#ifndef S3_LAB_NM_PIPELINE
+#define S3_LAB_NM_PIPELINE 2
+#endif
+#if S3_LAB_NM_PIPELINE > 0
 constexpr int kNmLoads = S3_LAB_NM_PIPELINE;
 constexpr bool kNmPrefetch = true;
 #else
