@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|refineab|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|refineab|refineprof|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -96,6 +96,13 @@ for step in "${@:-all}"; do
           --patterns 2:4 --starts true_obs --sweeps 2 --sync-free $sf --graphs $gr --chunk-size ${REFINE_CHUNK:-32} --progress \
           --out "$OUT/refine-$sf-$gr.json" > "$LOG/refine-$sf-$gr.txt" 2>&1; echo "# sync-free $sf, graphs $gr"; tail -2 "$LOG/refine-$sf-$gr.txt")
       done | tee "$OUT/refine-forms.txt"
+      ;;&
+    refineprof)
+      # Issue 19: where a refine sweep's time goes on the GPU: one eager sync-free sweep of one 32-row chunk of the
+      # 2560x9728 layer under torch.profiler (ops and kernels by device time, kernels a scope). refine_mask is plain
+      # torch: a CPU-only build is enough (SKBUILD_CMAKE_DEFINE="S3SPARSE_CUDA=OFF" python3 -m pip install ...).
+      (cd /tmp && timeout 300 python3 "$repo/benchmarks/lab/refine_forms.py" --shape ${REFINE_SHAPE:-32x9728} --device cuda \
+        --sweeps 1 --chunk-size 32 --forms graphs --profile "$OUT/refine-profile.txt" > "$LOG/refineprof.txt" 2>&1; head -45 "$OUT/refine-profile.txt")
       ;;&
     model36)
       # Issue 16: the whole random Qwen3-4B-shaped model (36 blocks), SparseGPT and True OBS (about 7 min).

@@ -7,6 +7,11 @@ a quick build on a GPU machine is enough. Each form: ``--sweeps`` sweeps of one 
 call from the same start; time, peak memory, scopes changed, output error. JSON to ``--out``.
 
     python benchmarks/lab/refine_forms.py --shape 256x9728 --device cuda --chunk-size 32
+
+``--profile PATH``: afterwards, one sweep of one chunk (its first ``--chunk-size`` rows) in the
+sync-free form, eagerly, under ``torch.profiler``: the ops and kernels by device time, and the
+kernels a scope, written to PATH (where a sweep's time goes on the GPU; graph replay runs the
+same kernels without the host's launch gaps).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--chunk-size", type=int, default=32)
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of one eager sync-free chunk sweep here")
     a = ap.parse_args(argv)
     M, K = (int(x) for x in a.shape.lower().split("x"))
     L = data.synthetic_layer(M, K, seed=0, device=a.device)
@@ -74,6 +80,34 @@ def main(argv=None):
               + (f"  peak {peak:.1f} GiB" if peak is not None else ""), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(dict(environment=environment(torch.device(a.device)), rows=rows), indent=1))
+    if a.profile:
+        profile_sweep(W0[: a.chunk_size], H, start[: a.chunk_size], torch.device(a.device), Path(a.profile))
+
+
+def profile_sweep(W0: torch.Tensor, H: torch.Tensor, start: torch.Tensor, device: torch.device, path: Path) -> None:
+    """One eager sync-free sweep of one chunk (the rows given) under torch.profiler; the table to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    refine_sweep._SYNC_FREE = {True: True, False: True}
+    refine_sweep._GRAPHS = False
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    W = torch.nn.Parameter(start.clone())
+    scope, nnz = patterns.nm(W)
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        res = refine_mask(scope, H, nnz, W0, sweeps=1, chunk_size=W0.shape[0])
+        if cuda:
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
+    kernels = sum(e.count for e in prof.key_averages() if cuda and e.device_type == torch.autograd.DeviceType.CUDA)
+    head = (f"# refine_mask, 1 sweep of {W0.shape[0]}x{W0.shape[1]} (one chunk), sync-free form, eager, under the profiler: "
+            f"{sec:.2f} s, {res.num_scopes} scopes, changed {list(res.changed)}; device kernels {kernels} "
+            f"({kernels / max(1, res.num_scopes // W0.shape[0]):.0f} a scope position: each runs every row of the chunk)\n")
+    path.write_text(head + table + "\n")
+    print(head + table, flush=True)
 
 
 if __name__ == "__main__":
