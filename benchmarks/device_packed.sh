@@ -99,10 +99,11 @@ for step in "${@:-all}"; do
       ;;&
     refineprof)
       # Issue 19: where a refine sweep's time goes on the GPU: one eager sync-free sweep of one 32-row chunk of the
-      # 2560x9728 layer under torch.profiler (ops and kernels by device time, kernels a scope). refine_mask is plain
-      # torch: a CPU-only build is enough (SKBUILD_CMAKE_DEFINE="S3SPARSE_CUDA=OFF" python3 -m pip install ...).
+      # 2560x9728 layer under torch.profiler (ops and kernels by device time, kernels a scope), after the same sweep
+      # unprofiled (the profiler's overhead). refine_mask is plain torch: a CPU-only build is enough
+      # (SKBUILD_CMAKE_DEFINE="S3SPARSE_CUDA=OFF" python3 -m pip install ...).
       (cd /tmp && timeout 300 python3 "$repo/benchmarks/lab/refine_forms.py" --shape ${REFINE_SHAPE:-32x9728} --device cuda \
-        --sweeps 1 --chunk-size 32 --forms graphs --profile "$OUT/refine-profile.txt" > "$LOG/refineprof.txt" 2>&1; head -45 "$OUT/refine-profile.txt")
+        --sweeps 1 --chunk-size 32 --forms sync-free --profile "$OUT/refine-profile.txt" > "$LOG/refineprof.txt" 2>&1; head -45 "$OUT/refine-profile.txt")
       ;;&
     model36)
       # Issue 16: the whole random Qwen3-4B-shaped model (36 blocks), SparseGPT and True OBS (about 7 min).

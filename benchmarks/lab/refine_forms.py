@@ -81,16 +81,16 @@ def main(argv=None):
     if a.out:
         Path(a.out).write_text(json.dumps(dict(environment=environment(torch.device(a.device)), rows=rows), indent=1))
     if a.profile:
-        profile_sweep(W0[: a.chunk_size], H, start[: a.chunk_size], torch.device(a.device), Path(a.profile))
+        profile_sweep(W0[: a.chunk_size], H, start[: a.chunk_size], Path(a.profile))
 
 
-def profile_sweep(W0: torch.Tensor, H: torch.Tensor, start: torch.Tensor, device: torch.device, path: Path) -> None:
+def profile_sweep(W0: torch.Tensor, H: torch.Tensor, start: torch.Tensor, path: Path) -> None:
     """One eager sync-free sweep of one chunk (the rows given) under torch.profiler; the table to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     refine_sweep._SYNC_FREE = {True: True, False: True}
     refine_sweep._GRAPHS = False
-    cuda = device.type == "cuda"
+    cuda = W0.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     W = torch.nn.Parameter(start.clone())
     scope, nnz = patterns.nm(W)
@@ -100,9 +100,10 @@ def profile_sweep(W0: torch.Tensor, H: torch.Tensor, start: torch.Tensor, device
         if cuda:
             torch.cuda.synchronize()
         sec = time.perf_counter() - t
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
-    kernels = sum(e.count for e in prof.key_averages() if cuda and e.device_type == torch.autograd.DeviceType.CUDA)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                         max_name_column_width=60)
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     head = (f"# refine_mask, 1 sweep of {W0.shape[0]}x{W0.shape[1]} (one chunk), sync-free form, eager, under the profiler: "
             f"{sec:.2f} s, {res.num_scopes} scopes, changed {list(res.changed)}; device kernels {kernels} "
             f"({kernels / max(1, res.num_scopes // W0.shape[0]):.0f} a scope position: each runs every row of the chunk)\n")
