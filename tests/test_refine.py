@@ -259,10 +259,38 @@ def test_progress_and_min_change():
     msgs = []
     res = refine_mask(scope, H, nnz, W0, sweeps=5, min_change=1.0, progress_fn=msgs.append)
     assert len(res.changed) == 1 and msgs[0].startswith("refine_mask: sweep 1/5")
-    msgs.clear()  # chunks of 4 rows: progress within a sweep
-    refine_mask(scope, H, nnz, W0, sweeps=1, chunk_size=4, progress_fn=msgs.append)
-    assert msgs[:3] == [f"refine_mask: sweep 1/1: rows {r} of 16" for r in (4, 8, 12)]
-    assert msgs[3].startswith("refine_mask: sweep 1/1:") and "scopes changed" in msgs[3]
+    msgs.clear()  # chunks of 4 rows: progress after each chunk (all its sweeps), then each sweep's total
+    res = refine_mask(scope, H, nnz, W0, sweeps=2, chunk_size=4, progress_fn=msgs.append)
+    assert [m.split(" refined")[0] for m in msgs[:3]] == [f"refine_mask: rows {r} of 16" for r in (4, 8, 12)]
+    assert msgs[3:-1] == [f"refine_mask: sweep {s + 1}/2: {n} of {res.num_scopes} scopes changed"
+                          for s, n in enumerate(res.changed)] and msgs[-1] == ""
+
+
+def test_a_chunk_is_inverted_once_for_all_its_sweeps(monkeypatch):
+    """Chunks are finished one after the other: each chunk's rows are inverted once (not once a sweep,
+    nor again for the weights), with the same masks and counts as chunks of every row, and weights
+    that are the exact optimum for the final mask (a fresh solve) to round-off."""
+    import s3sparse.pruners.refine_sweep as sweep
+
+    calls = []
+    inverse = sweep.inverse_pp
+    monkeypatch.setattr(sweep, "inverse_pp", lambda C, P, out=None: calls.append(P.shape[0]) or inverse(C, P, out))
+    out = {}
+    for chunk in (3, 16):
+        W0, H, W, scope, nnz = _pruned("24", "magnitude", seed=5)
+        calls.clear()
+        res = refine_mask(scope, H, nnz, W0, sweeps=3, chunk_size=chunk)
+        assert calls == [min(chunk, 16 - lo) for lo in range(0, 16, chunk)], chunk
+        out[chunk] = W.detach().clone(), res.changed
+    assert out[3][1] == out[16][1] and len(out[3][1]) > 1
+    assert torch.equal(out[3][0] == 0, out[16][0] == 0)
+    Wr, P = out[3][0].double(), out[3][0] == 0
+    C = torch.linalg.inv(H.double() + 1e-4 * H.double().diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64))
+    for i in range(Wr.shape[0]):
+        p = P[i].nonzero().squeeze(1)
+        best = W0[i].double() - C[:, p] @ torch.linalg.solve(C[p][:, p], W0[i].double()[p])
+        best[p] = 0
+        torch.testing.assert_close(Wr[i], best, rtol=0, atol=1e-5)
 
 
 def test_refusals():

@@ -46,7 +46,9 @@ def main(argv=None):
     ap.add_argument("--shape", default="256x9728")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sweeps", type=int, default=2)
-    ap.add_argument("--chunk-size", type=int, default=32)
+    ap.add_argument("--chunk-size", type=int, default=32, help="row groups a chunk (0: refine_mask's default)")
+    ap.add_argument("--inverse", nargs="+", default=["batched"], choices=["batched", "loop", "trinv", "loop_trinv"],
+                    help="how a chunk's C_PP are inverted (refine_sweep._INVERSE); each form runs with each")
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of one eager sync-free chunk sweep here")
@@ -57,7 +59,8 @@ def main(argv=None):
     start = magnitude_24(W0)
     cuda = torch.device(a.device).type == "cuda"
     rows = []
-    for form in a.forms:
+    for form, inverse in [(f, i) for f in a.forms for i in a.inverse]:
+        refine_sweep._INVERSE = inverse
         sync_free, graphs = FORMS[form]
         refine_sweep._SYNC_FREE = {True: sync_free, False: sync_free}
         refine_sweep._GRAPHS = graphs
@@ -67,16 +70,16 @@ def main(argv=None):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        res = refine_mask(scope, H, nnz, W0, sweeps=a.sweeps, chunk_size=a.chunk_size)
+        res = refine_mask(scope, H, nnz, W0, sweeps=a.sweeps, chunk_size=a.chunk_size or None)
         if cuda:
             torch.cuda.synchronize()
         sec = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         e0, e1 = output_error(start, W0, H), output_error(W.detach(), W0, H)
-        row = dict(form=form, seconds=sec, changed=list(res.changed), scopes=res.num_scopes, error_start=e0,
+        row = dict(form=form, inverse=inverse, seconds=sec, changed=list(res.changed), scopes=res.num_scopes, error_start=e0,
                    error=e1, peak_gib=peak, chunk_size=a.chunk_size, shape=[M, K], sweeps=a.sweeps)
         rows.append(row)
-        print(f"{form:9s} {sec:7.1f} s  changed {list(res.changed)} of {res.num_scopes}  error {e0:.5f} -> {e1:.5f}"
+        print(f"{form:9s} {inverse:10s} {sec:7.1f} s  changed {list(res.changed)} of {res.num_scopes}  error {e0:.5f} -> {e1:.5f}"
               + (f"  peak {peak:.1f} GiB" if peak is not None else ""), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(dict(environment=environment(torch.device(a.device)), rows=rows), indent=1))

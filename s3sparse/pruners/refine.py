@@ -20,8 +20,10 @@ P' = P \\ Q); adding a candidate R back costs, with ``V = B C_{P',E}`` for the
 scope's elements E, ``r = w_E − C_{E,P'} B w_{P'}`` and the Schur complement
 ``S = C_EE − C_{E,P'} V``: ``cost(P' ∪ R) = w_{P'}ᵀ B w_{P'} + r_Rᵀ (S_RR)⁻¹ r_R``
 (q × q solves only; B is applied, never formed). A swap updates ``A⁻¹`` of
-that row by the block-inverse formula (rank q). ``A⁻¹`` is recomputed from scratch at the start of every sweep, so
-round-off does not accumulate. Rows are independent and batched (in chunks). Scopes are swept in
+that row by the block-inverse formula (rank q). Rows are independent and batched (in chunks): a
+chunk's ``A⁻¹`` is computed once, carried through all its sweeps by these updates (float64), and
+gives the final weights after one step of iterative refinement against ``C_PP`` (the updates'
+round-off does not reach them; inverting is most of a chunk's cost on a GPU). Scopes are swept in
 blocks: one GEMM applies every row's ``A⁻¹`` to the panel of a block's scopes, and the block's swaps
 are carried as low-rank factors until its end (same swaps as one scope at a time; 3.6× faster on
 a 1536-column layer's 2:4 on the CPU).
@@ -64,7 +66,7 @@ from ..errors import ArgumentError
 from .hessian import check_hessian, damped_inverse
 from .layout import block_subsets, count_subsets, normalize_nnz, row_groups, scope_layout
 from .obs_layer import MAX_SUBSETS
-from .refine_sweep import SweepGraphs, inverse_pp, pruned_cols, scopes_per_block, sweep_chunk
+from .refine_sweep import ChunkSweeps, SweepGraphs, chunk_weights, scopes_per_block
 from .sharding import AllRanks, RowShard, check_process_group
 from .true_obs_sweep import free_memory_bytes
 
@@ -181,16 +183,19 @@ def refine_mask(
         sweeps: passes over every scope (0: only set the kept weights to the
             optimum for the starting mask).
         damp: damping of ``C = (H + λI)⁻¹`` (as True OBS: relative to mean(diag H) when < 1).
-        min_change: stop after a sweep that changes fewer than this fraction of
-            the scopes (a sweep that changes none always stops).
+        min_change: a chunk of rows stops after a sweep that changes fewer than
+            this fraction of its scopes (a sweep that changes none always stops;
+            rows are independent, and a chunk's rows are finished, all sweeps,
+            before the next chunk's are inverted).
         chunk_size: row groups held at once (default: as many as fit 192 MiB of sweep memory on the
             CPU, 12 GiB on CUDA within 3/4 of the free memory; see ``_sweep_bytes``).
         progress_fn: optional ``callable(str)`` for progress messages.
         process_group: a torch.distributed ProcessGroup (every rank calls this with the same
             arguments and H): each rank sweeps a contiguous run of whole row groups, the rows are
             gathered, and every rank ends with the same whole weight, the one a single process
-            computes (rows are independent); the sweeps' counts are summed over the ranks, so every
-            rank stops after the same sweep. An error on one rank is raised on all.
+            computes (rows are independent; with ``min_change`` > 0 a chunk's stop depends on its
+            rows, and the chunks differ); the sweeps' counts are summed over the ranks. An error on
+            one rank is raised on all.
 
     Returns:
         a :class:`RefineResult`. The weight is written once, at the end.
@@ -237,13 +242,9 @@ def refine_mask(
     g_lo, g_hi = (shard.group_bounds[shard.rank], shard.group_bounds[shard.rank + 1]) if shard else (0, NG)
     mine = slice(g_lo * R, g_hi * R)  # this rank's row groups (all of them without a process group)
     cand = cand[g_lo:g_hi]
-    changed = _run_sweeps(C, W0[mine], cand, cols, slots, K, sweeps, m, min_change, progress_fn, NG, group)
+    changed, W_out = _run_sweeps(C, W0[mine], cand, cols, slots, K, sweeps, m, min_change, progress_fn, NG, group)
 
     with AllRanks(group, "setting refine_mask's weights") as sync:
-        W_out = torch.empty_like(W_in[mine])
-        for lo in range(0, g_hi - g_lo, m):
-            sub = slice(lo * R, (lo + m) * R)
-            W_out[sub] = _optimal_weights(C, W0[mine][sub], pruned_cols(cand[lo : lo + m], cols, slots, K))[:, :K]
         worse = _keep_better_groups(W_out, W_in[mine], W0[mine, :K], hessian, R)
         if not torch.isfinite(W_out).all():
             raise ArgumentError("refine_mask produced non-finite weights; the weight was left unchanged. Raise `damp`")
@@ -320,30 +321,38 @@ def _run_sweeps(
     progress_fn: Optional[Callable[[str], None]],
     num_groups: int,
     group=None,
-) -> list:
-    """Sweep this rank's row groups (``cand``'s rows) ``m`` at a time, updating ``cand`` in place; the
-    scopes changed per sweep run, over all ``num_groups`` groups (summed over the ranks of ``group``:
-    one sync point a sweep, so every rank stops after the same sweep)."""
+) -> tuple:
+    """Refine this rank's row groups (``cand``'s rows, updated in place) ``m`` at a time: a chunk is
+    inverted once, swept up to ``sweeps`` times (it stops after a sweep that changes none of its scopes,
+    or fewer than ``min_change`` of them: its rows are independent of the others') and given the
+    optimal weights for its final mask. Returns the scopes changed per sweep, over all ``num_groups``
+    groups (summed over the chunks and the ranks of ``group``), and the weights (``W0``'s rows, K columns)."""
     NG, S = cand.shape
     R = slots.shape[2]
-    changed = []
-    graphs = SweepGraphs(min(m, NG)) if SweepGraphs.applies(C) else None  # (full chunks: m groups, or all)
-    sweep_rows = graphs.sweep if graphs is not None else sweep_chunk
-    for sweep in range(sweeps):
-        with AllRanks(group, f"sweeping refine_mask's scopes (sweep {sweep + 1})") as sync:
-            n = 0
-            for lo in range(0, NG, m):
-                n += sweep_rows(C, W0[lo * R : (lo + m) * R], cand[lo : lo + m], cols, slots, K)
-                if progress_fn is not None and lo + m < NG:
-                    progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: rows {(lo + m) * R} of {NG * R}")
-            sync.payload = n
-        n = sum(sync.results)
-        changed.append(n)
-        if progress_fn is not None:
+    m = max(1, min(m, NG))
+    sweeper = SweepGraphs(m) if SweepGraphs.applies(C) else ChunkSweeps(m)
+    W_out = W0.new_empty(W0.shape[0], K)
+    with AllRanks(group, "sweeping refine_mask's scopes") as sync:
+        mine = []  # this rank's scopes changed per sweep, over the sweeps any chunk ran
+        for lo in range(0, NG, m):
+            part, rows = cand[lo : lo + m], slice(lo * R, (lo + m) * R)
+            st = sweeper.load(C, W0[rows], part, cols, slots, K)
+            for sweep in range(sweeps):
+                n = sweeper.sweep(st)
+                mine += [0] * (sweep + 1 - len(mine))
+                mine[sweep] += n
+                if n == 0 or n < min_change * part.shape[0] * S:
+                    break
+            part.copy_(st.cand)
+            W_out[rows] = chunk_weights(st)[:, :K]
+            if progress_fn is not None and lo + m < NG:
+                progress_fn(f"refine_mask: rows {(lo + m) * R} of {NG * R} refined (scopes changed per sweep: {mine})")
+        sync.payload = mine
+    changed = [sum(r[i] for r in sync.results if i < len(r)) for i in range(max(len(r) for r in sync.results))]
+    if progress_fn is not None:
+        for sweep, n in enumerate(changed):
             progress_fn(f"refine_mask: sweep {sweep + 1}/{sweeps}: {n} of {num_groups * S} scopes changed")
-        if n == 0 or n < min_change * num_groups * S:
-            break
-    return changed
+    return changed, W_out
 
 
 def _keep_better_groups(W_out: Tensor, W_in: Tensor, W0: Tensor, hessian: Tensor, R: int) -> Tensor:
@@ -356,11 +365,3 @@ def _keep_better_groups(W_out: Tensor, W_in: Tensor, W0: Tensor, hessian: Tensor
     worse = (e_out > e_in).repeat_interleave(R)
     W_out[worse] = W_in[worse]
     return worse
-
-
-def _optimal_weights(C: Tensor, W0: Tensor, P: Tensor) -> Tensor:
-    """``w − C_{:,P} (C_PP)⁻¹ w_P`` with the pruned columns zero, per row."""
-    u = (inverse_pp(C, P) @ W0.gather(1, P)[..., None]).squeeze(-1)  # (m, p)
-    z = torch.zeros_like(W0).scatter_(1, P, u)
-    W = W0 - z @ C  # C symmetric: row i is Σ_j u_j C[P_j, :]
-    return W.scatter_(1, P, 0.0)

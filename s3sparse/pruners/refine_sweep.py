@@ -1,11 +1,12 @@
-"""One sweep of :func:`~.refine.refine_mask` over the scopes of a chunk of rows (issue 19).
+"""The sweeps of :func:`~.refine.refine_mask` over the scopes of a chunk of rows (issue 19).
 
 Every row holds ``A⁻¹ = (C_PP)⁻¹`` over its pruned columns P (float64). For each scope, in
 order, the row's cost of every candidate kept set comes from a rank-q downdate of ``A⁻¹`` and
 q × q solves (``refine``'s module docstring has the formulas); the scope takes the candidate of
 least cost when it is strictly lower, and ``A⁻¹`` follows by a rank-2q update. Scopes run in
 blocks: one GEMM applies every row's ``A⁻¹`` to the block's panel, the block's swaps are kept
-as low-rank factors (:class:`_BlockSwaps`) and added to ``A⁻¹`` at the block's end.
+as low-rank factors (:class:`_BlockSwaps`) and added to ``A⁻¹`` at the block's end. A chunk is
+inverted once (:class:`ChunkSweeps`: all its sweeps, then its weights from the held ``A⁻¹``).
 
 Two forms of a scope's swap, the same swaps: on the CPU only the row groups that swap compute a
 factor (a host sync a scope says which); the sync-free form (``_SYNC_FREE``) computes one for
@@ -26,6 +27,9 @@ from torch import Tensor
 _REL_TOL = 1e-10
 # Rows inverted at once: a quarter of a chunk (the Cholesky factor and its inverse are transients).
 _INVERSION_PARTS = 4
+# How the rows' C_PP are inverted when a chunk is loaded (inverse_pp): batched | loop | trinv | loop_trinv
+# (lab knob: benchmarks/lab/refine_forms.py --inverse).
+_INVERSE = "batched"
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
 # Sweep without a host sync per scope, by device (CUDA?). The CPU is faster skipping the factors of
@@ -48,16 +52,31 @@ def pruned_cols(cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> Tensor:
     return torch.where(el >= 0, real, dummy).reshape(m * R, S * w)
 
 
+def _spd_inverse(A: Tensor, form: str) -> Tensor:
+    """``A⁻¹`` of symmetric positive definite ``A`` (…, p, p) by Cholesky (raises when not positive definite):
+    ``cholesky_inverse`` of the factor, or (``trinv`` forms) ``L⁻ᵀ L⁻¹`` from a triangular solve and a GEMM."""
+    L = torch.linalg.cholesky(A)
+    if "trinv" not in form:
+        return torch.cholesky_inverse(L)
+    Li = torch.linalg.solve_triangular(L, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A), upper=False)
+    return Li.mT @ Li
+
+
 def inverse_pp(C: Tensor, P: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """(C_PP)⁻¹ of every row, (m, p, p) (into ``out`` if given); rows inverted a quarter at a time, so
-    that the gathered C_PP and its factor (transients) add half of the result's memory, not twice it."""
+    """(C_PP)⁻¹ of every row, (m, p, p) (into ``out`` if given). ``_INVERSE``: batched, rows inverted a
+    quarter at a time, so that the gathered C_PP and its factor (transients) add half of the result's
+    memory, not twice it; ``loop`` forms: one row at a time (single-matrix solver calls)."""
     m, p = P.shape
     if out is None:
         out = torch.empty(m, p, p, dtype=C.dtype, device=C.device)
-    step = max(1, -(-m // _INVERSION_PARTS))
+    loop = _INVERSE.startswith("loop")
+    step = 1 if loop else max(1, -(-m // _INVERSION_PARTS))
     for lo in range(0, m, step):
         Ps = P[lo : lo + step]  # (one statement: no factor outlives its part)
-        out[lo : lo + step] = torch.cholesky_inverse(torch.linalg.cholesky(C[Ps[:, :, None], Ps[:, None, :]]))
+        if loop:
+            out[lo] = _spd_inverse(C[Ps[0][:, None], Ps[0][None, :]], _INVERSE)
+        else:
+            out[lo : lo + step] = _spd_inverse(C[Ps[:, :, None], Ps[:, None, :]], _INVERSE)
     return out
 
 
@@ -107,41 +126,68 @@ def chunk_state(C, W0, cand, cols, slots, K, scope_block=None, sync_free=None, i
     )
 
 
-def sweep_chunk(
-    C: Tensor, W0: Tensor, cand: Tensor, cols: Tensor, slots: Tensor, K: int, scope_block: Optional[int] = None,
-    sync_free: Optional[bool] = None,
-) -> int:
-    """One sweep over the scopes of a chunk of row groups (eagerly); updates ``cand`` in place, returns
-    the scopes changed.
-
-    Blocked: for ``scope_block`` consecutive scopes at a time, every row's ``A⁻¹`` is applied once, as
-    one GEMM, to the panel ``X = [w_P, C_{P,E_g} for g in the block]`` (rows at the block's own slots
-    zeroed); a swap inside the block is kept as a rank-2w factor ``A⁻¹ ← A⁻¹ + U_D Uᵀ`` (the
-    downdate ``−A_q A_qq⁻¹ A_qᵀ`` and the new slots' ``Ṽ S_R⁻¹ Ṽᵀ``, ``Ṽ = V_R − I_sl``) that
-    later scopes of the block apply to their thin panels, and all factors are added to ``A⁻¹`` at
-    the block's end. The result is the one-scope-at-a-time sweep's, to round-off; the inverse is
-    read twice per block instead of once per scope (memory-bound batched GEMVs become GEMMs).
-    """
-    st = chunk_state(C, W0, cand, cols, slots, K, scope_block, sync_free)
-    for g0 in range(0, cols.shape[0], st.block):
-        _sweep_block(st, g0).fold_into(st.Ainv)
-    return int(st.swaps)
+def chunk_weights(st: _Chunk) -> Tensor:
+    """(n, K') weights of the chunk's rows optimal for their current mask, ``w − C_{:,P} (C_PP)⁻¹ w_P`` (zero
+    at P), from the held ``A⁻¹`` (folded: no factor pending) and one step of iterative refinement: the
+    sweeps' low-rank updates leave ``A⁻¹`` off by round-off, the residual of ``C_PP u = w_P`` corrects
+    ``u`` to a fresh solve's accuracy, with no new inversion."""
+    C, W0, P, wP, Ainv = st.C, st.W0, st.P, st.wP, st.Ainv
+    u = (Ainv @ wP[..., None]).squeeze(-1)  # (n, p)
+    z = torch.zeros_like(W0).scatter_(1, P, u)
+    r = wP - (z @ C).gather(1, P)  # C symmetric: (z C)_P = C_PP u
+    z.scatter_(1, P, u + (Ainv @ r[..., None]).squeeze(-1))
+    return (W0 - z @ C).scatter_(1, P, 0.0)
 
 
-class SweepGraphs:
-    """Sweeps of full chunks (``m`` row groups) on CUDA with each scope block replayed as a CUDA graph.
+class ChunkSweeps:
+    """Refines a chunk of row groups at a time, eagerly: :meth:`load` (the rows' inverses, once a chunk),
+    :meth:`sweep` (as often as wanted: a chunk's rows are finished before the next chunk's are loaded,
+    so no sweep inverts again), then :func:`chunk_weights`.
 
-    The first full chunk runs eagerly (it loads the kernels and libraries) and its state tensors become
-    the fixed ones, refilled per chunk; the second captures a graph per block position (all graphs share
-    one memory pool, as they replay in capture order, and one set of factor buffers) and replays it;
-    later chunks and sweeps only replay. A block's factors are folded into ``A⁻¹`` outside its graph
-    (one host sync a block picks the rows). Other chunks (the last, shorter one) run eagerly, and every
-    block does once a capture has failed.
+    A sweep is blocked: for ``scope_block`` consecutive scopes at a time, every row's ``A⁻¹`` is applied
+    once, as one GEMM, to the panel ``X = [w_P, C_{P,E_g} for g in the block]`` (rows at the block's own
+    slots zeroed); a swap inside the block is kept as a rank-2w factor ``A⁻¹ ← A⁻¹ + U_D Uᵀ`` (the
+    downdate ``−A_q A_qq⁻¹ A_qᵀ`` and the new slots' ``Ṽ S_R⁻¹ Ṽᵀ``, ``Ṽ = V_R − I_sl``) that later
+    scopes of the block apply to their thin panels, and all factors are added to ``A⁻¹`` at the block's
+    end. The result is the one-scope-at-a-time sweep's, to round-off; the inverse is read twice per
+    block instead of once per scope (memory-bound batched GEMVs become GEMMs).
     """
 
     def __init__(self, m: int, scope_block: Optional[int] = None):
         self.m, self.scope_block = m, scope_block
+
+    def load(self, C, W0, cand, cols, slots, K) -> _Chunk:
+        """The sweep state of a chunk (``cand`` (m', S) and ``W0`` its rows; the state's ``cand`` holds the
+        result: copy it back)."""
+        return chunk_state(C, W0, cand, cols, slots, K, self.scope_block)
+
+    def sweep(self, st: _Chunk) -> int:
+        """One sweep over the chunk's scopes (updates the state); the scopes changed (one host sync)."""
+        for g0 in range(0, st.cols.shape[0], st.block):
+            self._block(st, g0).fold_into(st.Ainv)
+        n = int(st.swaps)
+        st.swaps.zero_()
+        return n
+
+    def _block(self, st: _Chunk, g0: int) -> "_BlockSwaps":
+        return _sweep_block(st, g0)
+
+
+class SweepGraphs(ChunkSweeps):
+    """:class:`ChunkSweeps` on CUDA with each scope block replayed as a CUDA graph.
+
+    Full chunks (``m`` row groups) are loaded into one fixed state, refilled per chunk. The first sweep
+    of the first full chunk runs eagerly (it loads the kernels and libraries); from its second sweep on,
+    each block position is captured once as a graph (all graphs share one memory pool, as they replay
+    in capture order, and one set of factor buffers) and replayed. A block's factors are folded into
+    ``A⁻¹`` outside its graph (one host sync a block picks the rows). Other chunks (the last, shorter
+    one) run eagerly, and every block does once a capture has failed.
+    """
+
+    def __init__(self, m: int, scope_block: Optional[int] = None):
+        super().__init__(m, scope_block)
         self.state: Optional[_Chunk] = None
+        self.warm = False  # a sweep of the fixed state has run eagerly
         self.fac: Optional[_BlockSwaps] = None
         self.graphs: dict = {}  # block start -> (graph, factors in use at its end)
         self.pool = None
@@ -151,23 +197,23 @@ class SweepGraphs:
     def applies(C: Tensor) -> bool:
         return _GRAPHS and C.device.type == "cuda" and _SYNC_FREE[True]
 
-    def sweep(self, C, W0, cand, cols, slots, K) -> int:
-        """:func:`sweep_chunk` of this chunk (the same result), replaying graphs where it can."""
-        if cand.shape[0] != self.m or self.failed:
-            return sweep_chunk(C, W0, cand, cols, slots, K, self.scope_block)
-        first = self.state is None
-        if first:
+    def load(self, C, W0, cand, cols, slots, K) -> _Chunk:
+        if cand.shape[0] != self.m:
+            return super().load(C, W0, cand, cols, slots, K)
+        if self.state is None:
             self.state = chunk_state(C, W0.clone(), cand.clone(), cols, slots, K, self.scope_block, sync_free=True)
         else:
             chunk_state(C, W0, cand, cols, slots, K, into=self.state)
-        st = self.state
-        for g0 in range(0, cols.shape[0], st.block):
-            fac = _sweep_block(st, g0) if first or self.failed else self._replay(st, g0)
-            fac.fold_into(st.Ainv)
-        cand.copy_(st.cand)
-        return int(st.swaps)
+        return self.state
 
-    def _replay(self, st: _Chunk, g0: int) -> "_BlockSwaps":
+    def sweep(self, st: _Chunk) -> int:
+        n = super().sweep(st)
+        self.warm = self.warm or st is self.state
+        return n
+
+    def _block(self, st: _Chunk, g0: int) -> "_BlockSwaps":
+        if st is not self.state or not self.warm or self.failed:
+            return _sweep_block(st, g0)
         if self.fac is None:
             w = st.slots.shape[3]
             self.fac = _BlockSwaps(st.P.shape[0], 2 * w * st.block, st.P.shape[1], 1 + st.block * st.cols.shape[1],
