@@ -47,7 +47,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sweeps", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=32, help="row groups a chunk (0: refine_mask's default)")
-    ap.add_argument("--inverse", nargs="+", default=["batched"], choices=["batched", "loop", "trinv", "loop_trinv"],
+    ap.add_argument("--inverse", nargs="+", default=["loop"], choices=["loop", "loop_trinv", "batched", "trinv"],
                     help="how a chunk's C_PP are inverted (refine_sweep._INVERSE); each form runs with each")
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     ap.add_argument("--out", default=None)

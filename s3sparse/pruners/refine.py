@@ -72,8 +72,8 @@ from .true_obs_sweep import free_memory_bytes
 
 __all__ = ["RefineResult", "check_refinable", "refine_mask", "refining"]
 
-# Bytes a chunk's sweep holds when chunk_size is not given (the row inverses, the inversion's transients
-# and the block panels: _sweep_bytes): on CUDA large chunks keep the GPU busy (the sweep is a Python loop
+# Bytes a chunk's sweep holds when chunk_size is not given (the row inverses and the block panels:
+# _sweep_bytes): on CUDA large chunks keep the GPU busy (the sweep is a Python loop
 # over scopes, its host work paid once per chunk); on the CPU a chunk is as fast as all rows at once,
 # in a fraction of the memory.
 _CHUNK_BYTES = {"cuda": 12 << 30, "cpu": 192 << 20}
@@ -269,11 +269,11 @@ def _default_chunk(dev: torch.device, group_bytes: int) -> int:
 
 
 def _sweep_bytes(p: int, w: int, E: int) -> int:
-    """Bytes one row holds during a sweep: its p × p float64 inverse, half of that again for the
-    inversion's transients (a quarter of the rows at a time: C_PP and its factor), and the block's
-    panels (X and A⁻¹X, p × (1 + b·E) each; the factors U, U_D and UᵀX, 2w·b × p each)."""
+    """Bytes one row holds during a sweep: its p × p float64 inverse and the block's panels (X and A⁻¹X,
+    p × (1 + b·E) each; the factors U, U_D and UᵀX, 2w·b × p each). (Rows are inverted one at a time:
+    the inversion's transients, one row's C_PP and factor, are not per row.)"""
     b = scopes_per_block(p, w)
-    return 8 * (3 * p * p // 2 + 2 * p * (1 + b * E) + 6 * w * b * p)
+    return 8 * (p * p + 2 * p * (1 + b * E) + 6 * w * b * p)
 
 
 def _slot_table(local_rows: Tensor, elem_sets: Tensor, R: int) -> Tensor:

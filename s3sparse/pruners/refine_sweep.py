@@ -25,11 +25,14 @@ from torch import Tensor
 
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
-# Rows inverted at once: a quarter of a chunk (the Cholesky factor and its inverse are transients).
+# Rows inverted at once in the batched forms: a quarter of a chunk (C_PP and its factor are transients).
 _INVERSION_PARTS = 4
-# How the rows' C_PP are inverted when a chunk is loaded (inverse_pp): batched | loop | trinv | loop_trinv
-# (lab knob: benchmarks/lab/refine_forms.py --inverse).
-_INVERSE = "batched"
+# How the rows' C_PP are inverted when a chunk is loaded (inverse_pp): loop | loop_trinv (one row at a
+# time) | batched | trinv (a quarter of the chunk at a time). One row at a time: 2.0x faster than batched
+# on an H200 (8 x 4864², float64; benchmarks/results/spd-inverse-forms-h200.txt; the refine of 256 rows
+# of 2560x9728 1.1x faster), and the transients are one row's, not half the chunk's inverses (peak 7.9
+# against 12.9 GiB there). Lab knob: benchmarks/lab/refine_forms.py --inverse.
+_INVERSE = "loop"
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
 # Sweep without a host sync per scope, by device (CUDA?). The CPU is faster skipping the factors of
@@ -63,9 +66,9 @@ def _spd_inverse(A: Tensor, form: str) -> Tensor:
 
 
 def inverse_pp(C: Tensor, P: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """(C_PP)⁻¹ of every row, (m, p, p) (into ``out`` if given). ``_INVERSE``: batched, rows inverted a
-    quarter at a time, so that the gathered C_PP and its factor (transients) add half of the result's
-    memory, not twice it; ``loop`` forms: one row at a time (single-matrix solver calls)."""
+    """(C_PP)⁻¹ of every row, (m, p, p) (into ``out`` if given), in the form ``_INVERSE`` says: one row
+    at a time (single-matrix solver calls), or batched, a quarter of the rows at a time (so that the
+    gathered C_PP and its factor, transients, add half of the result's memory, not twice it)."""
     m, p = P.shape
     if out is None:
         out = torch.empty(m, p, p, dtype=C.dtype, device=C.device)
