@@ -106,7 +106,11 @@ class DecodeStep:
 
     def compile(self) -> None:
         """Run ``step`` through ``torch.compile(fullgraph=True)`` (inductor fuses the norms, the rotary
-        embedding and the other small kernels around the Linears; the packed op enters as one call)."""
+        embedding and the other small kernels around the Linears; the packed op enters as one call).
+        The packed layers' tables are checked first, so compiled calls launch without a host sync."""
+        for module in self.model.modules():
+            if hasattr(module, "check_tables"):
+                module.check_tables()
         self._decode = torch.compile(self._decode_eager, fullgraph=True, dynamic=False)
 
     def _decode_eager(self) -> torch.Tensor:

@@ -206,6 +206,7 @@ def test_load_packed_on_cuda_matches_the_pruned_dense_model(pruned_dir, packed_d
     _check_on(packed, "cuda", dtype)
     for layer in (m for m in packed.modules() if isinstance(m, PackedLinear)):
         assert layer.weight.device.type == "cuda"  # packed_to_dense on the GPU
+        assert layer._tables_ok  # checked at load: compiled calls launch without a sync
     name = next(n for n, m in packed.named_modules() if isinstance(m, PackedLinear))
     assert torch.equal(packed.get_submodule(name).weight, dense.get_submodule(name).weight)
     ids = _ids().cuda()

@@ -410,6 +410,48 @@ def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
         packed(x)
 
 
+def test_check_tables_raises_on_bad_data_and_loads_or_moves_reset_the_compiled_trust():
+    """check_tables() checks now (a ValueError for a bad code, on the CPU as on a GPU); the flag that
+    compiled calls trust (tables checked, not replaced since) drops on load_state_dict and on .to()."""
+    packed = PackedLinear.from_linear(pruned_linear("2:4", M=32, K=64), pattern="2:4")
+    assert packed.check_tables() is packed
+    state = copy.deepcopy(packed.state_dict())
+    packed._tables_ok = True
+    packed.load_state_dict(state)
+    assert packed._tables_ok is False
+    packed._tables_ok = True
+    packed.to(torch.float64)
+    assert packed._tables_ok is False
+    with torch.no_grad():
+        packed.meta[0] |= 7
+    with pytest.raises(ValueError, match="subset code"):
+        packed.check_tables()
+
+
+@pytest.mark.cuda
+def test_compiled_packed_linear_runs_without_a_host_sync_once_its_tables_are_checked():
+    """After check_tables(), a compiled call passes checked=True: no host sync (sync debug mode raises on
+    one); after a move the compiled module syncs again (checks) and still computes the layer."""
+    torch.manual_seed(0)
+    lin = pruned_linear("2:4", M=256, K=512, dtype=torch.float16).cuda()
+    packed = PackedLinear.from_linear(lin, pattern="2:4").check_tables()
+    assert packed._tables_ok
+    x = torch.randn(1, 512, dtype=torch.float16, device="cuda")
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    step = torch.compile(packed, fullgraph=True)
+    torch.testing.assert_close(step(x).float(), want, rtol=2e-3, atol=2e-3)  # (compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
+    packed.to("cuda")
+    assert not packed._tables_ok
+    torch.testing.assert_close(step(x).float(), want, rtol=2e-3, atol=2e-3)
+
+
 # ---------------------------------------------------------------- torch's 2:4 path for large batches
 def test_use_semi_structured_refusals_say_what_to_do():
     packed = PackedLinear.from_linear(pruned_linear("2:4", M=64, K=128), pattern="2:4")

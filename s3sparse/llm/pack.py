@@ -421,6 +421,8 @@ def load_packed(
     """
     from safetensors.torch import load_model
 
+    from ..sparse import PackedLinear
+
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise UsageError(f"`dtype` must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
     manifest = read_manifest(packed_dir)
@@ -443,4 +445,7 @@ def load_packed(
     model.eval()
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
+    for module in model.modules():  # bad tables raise here, and later calls (compiled too) need no sync
+        if isinstance(module, PackedLinear) and module.values.is_cuda:
+            module.check_tables()
     return model

@@ -72,8 +72,10 @@ class PackedLinear(nn.Module):
                 raise ArgumentError(f"`bias` must be a tensor of shape ({packed.out_features},), got {got}")
             bias = nn.Parameter(bias.detach().to(device=packed.device, dtype=packed.dtype).clone(), requires_grad=False)
         self.register_parameter("bias", bias)  # None too: forward reads _parameters["bias"]
-        # The tables (pointer, version) the CUDA op last accepted: see forward.
+        # The tables (pointer, version) the CUDA op last accepted, and whether no
+        # load or move has replaced them since (what compiled code reads): see forward.
         self._checked_tables: Optional[tuple] = None
+        self._tables_ok = False
         # use_semi_structured: the token count from which torch's 2:4 path runs,
         # and its weight with the key of the buffers it was built from.
         self._semi_min_tokens: Optional[int] = None
@@ -248,6 +250,12 @@ class PackedLinear(nn.Module):
         a ``ValueError`` for bad data); later calls with the same, unchanged
         tables pass ``checked=True`` and launch without any sync, which keeps
         them capturable in CUDA graphs and as cheap on the host as ``F.linear``.
+        Compiled code (``torch.compile``) cannot read the tables' identity: it
+        passes ``checked=True`` when an eager call (or :meth:`check_tables`)
+        checked them and no load or move (``load_state_dict``, ``.to()``) has
+        replaced them since, else it syncs on every call. (Tables changed in
+        place behind a compiled module are not re-checked; bad data there gives
+        NaN rows, never a read out of bounds.)
         """
         # The host cost of a call is the point at decode (the issue's eager
         # target): the buffers and the bias come straight from `_buffers` /
@@ -261,16 +269,37 @@ class PackedLinear(nn.Module):
         b = self._buffers
         meta, subsets, block_off, elem_off = b["meta"], b["subsets"], b["block_off"], b["elem_off"]
         checked, key = False, None
-        if x.is_cuda and not torch.compiler.is_compiling():
-            key = _tables_key(meta, subsets, block_off, elem_off)
-            checked = key == self._checked_tables
+        if x.is_cuda:
+            if torch.compiler.is_compiling():
+                checked = self._tables_ok  # (a guarded constant: a load or move recompiles)
+            else:
+                key = _tables_key(meta, subsets, block_off, elem_off)
+                checked = key == self._checked_tables
         y = ops.packed_linear(
             x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
             self.meta_bits, self.out_features, self.row_group, self._parameters["bias"], checked,
         )
         if key is not None and not checked and not torch.cuda.is_current_stream_capturing():
-            self._checked_tables = key  # the op returned: it checked these tables
+            self._checked_tables, self._tables_ok = key, True  # the op returned: it checked these tables
         return y
+
+    def check_tables(self) -> "PackedLinear":
+        """Check the index tables on the module's device now (a ``ValueError`` for bad data).
+
+        On CUDA this is one small call and one host sync; afterwards calls with
+        these tables launch without a sync, compiled ones too (see :meth:`forward`).
+        ``s3sparse.llm.load_packed`` calls it for every packed layer on a GPU.
+        On the CPU the kernel checks on every call anyway. Returns ``self``.
+        """
+        x = torch.zeros(1, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        with torch.no_grad():
+            self.forward(x)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # New tensors (a move, a cast): compiled calls must not trust the old check.
+        self._tables_ok = False
+        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The buffers' shapes and the op's integer arguments follow from `geometry`:
@@ -286,6 +315,7 @@ class PackedLinear(nn.Module):
                     "PackedLinear.from_state_dict(state, prefix) or PackedLinear.from_config(config)"
                 )
                 return
+        self._tables_ok = False  # (loaded in place: the version key alone would not tell compiled code)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
