@@ -12,6 +12,7 @@ import torch
 import s3sparse
 from s3sparse import ops
 from s3sparse.pruners import (
+    HessianAccumulator,
     StructuredOBS,
     compute_hessian,
     output_error,
@@ -630,3 +631,26 @@ def test_reference_readme_quick_example_runs_on_cpu():
     obs = StructuredOBS(scope, hessian)
     obs.prune_true_obs(nnz=2)  # keep 2 of 4, in-place
     assert_pattern_holds("24", W.detach(), 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hessian_sums_of_16_bit_inputs_match_float64(device, dtype, monkeypatch):
+    """A float64 accumulator fed float16 / bfloat16 inputs: on CUDA chunks of tokens go through the
+    float32-output tensor-core GEMM (exact products, float32 sums a chunk, float64 across chunks; chunks
+    of 100 here, so 2.5 of them), on the CPU through one float64 GEMM. Both equal the float64 sum of
+    the same values to float32 round-off of a chunk's sum."""
+    import s3sparse.pruners.hessian as hessian
+
+    monkeypatch.setattr(hessian, "_GRAM_CHUNK", 100)
+    x = (torch.randn(250, 48, dtype=torch.float64) * 3).to(dtype)
+    acc = HessianAccumulator(48, device=device, dtype=torch.float64)
+    acc.add(x[:120].to(device))
+    acc.add(x[120:].to(device), batch_size=64)
+    want = x.double().T @ x.double() / 250
+    got = acc.hessian.cpu()
+    assert got.dtype == torch.float64 and acc.num_samples == 250
+    scale = want.abs().max()
+    assert float((got - want).abs().max() / scale) < (2e-6 if device == "cuda" else 1e-14)
+    if device == "cuda":
+        assert hessian._MM_FP32_OUT is True  # the tensor-core path ran
