@@ -226,9 +226,9 @@ def test_sync_free_sweep_is_the_synced_sweep(name, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ("24", "block16"))
 def test_cuda_graph_sweep_is_the_cpu_sweep(name):
-    """On CUDA the default sweep (sync-free, scope blocks replayed as CUDA graphs from the third full
-    chunk of a sweep on) takes the CPU's swaps: same counts and masks, weights to round-off. Chunks of
-    3 groups (a shorter last one), blocks of the library's size, 3 sweeps."""
+    """On CUDA the default sweep (sync-free, scope blocks replayed as CUDA graphs from the first full
+    chunk's second sweep on) takes the CPU's swaps: same counts and masks, weights to round-off. Chunks
+    of 3 groups (a shorter last one), blocks of the library's size, 3 sweeps."""
     import s3sparse.pruners.refine_sweep as sweep
 
     assert sweep.SweepGraphs.applies(torch.zeros(1, device="cuda"))
