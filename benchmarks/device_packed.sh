@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|refineab|refineprof|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -78,13 +78,15 @@ for step in "${@:-all}"; do
       done | tee "$OUT/true-obs-panel-batches.txt"
       ;;&
     refine)
-      # Issue 19: refine_mask's 2 sweeps on the 2560x9728 layer after True OBS (2:4): time, peak, error per sweep.
-      # First 256 of its rows (rows are independent: a tenth of the time, a result even if the whole layer
-      # runs past the limit), then the whole layer.
-      (cd /tmp && timeout 200 python3 "$repo/benchmarks/refine.py" --synthetic 256x9728 --device cuda --patterns 2:4 \
-        --starts true_obs --sweeps 2 --progress --out "$OUT/refine-h200-256x9728.json" > "$OUT/refine-h200-256x9728.txt" 2>&1; tail -2 "$OUT/refine-h200-256x9728.txt")
-      (cd /tmp && timeout 580 python3 "$repo/benchmarks/refine.py" --synthetic 2560x9728 --device cuda --patterns 2:4 \
-        --starts true_obs --sweeps 2 --progress --out "$OUT/refine-h200-2560x9728.json" > "$OUT/refine-h200-2560x9728.txt" 2>&1; tail -4 "$OUT/refine-h200-2560x9728.txt")
+      # Issue 19: refine_mask's 2 sweeps on the 2560x9728 layer after True OBS (2:4): time, peak, error per sweep
+      # (REFINE_ROWS=256 for its first 256 rows: rows are independent, a tenth of the time).
+      rows=${REFINE_ROWS:-2560}
+      (cd /tmp && timeout ${REFINE_TIMEOUT:-560} python3 "$repo/benchmarks/refine.py" --synthetic ${rows}x9728 --device cuda --patterns 2:4 \
+        --starts true_obs --sweeps 2 --progress --out "$OUT/refine-${rows}x9728.json" > "$OUT/refine-${rows}x9728.txt" 2>&1; tail -4 "$OUT/refine-${rows}x9728.txt")
+      ;;&
+    host)
+      # Issue 17: an eager PackedLinear call's host time against F.linear's, on a layer too small for the GPU to matter.
+      (cd /tmp && timeout 120 python3 "$repo/benchmarks/lab/packed_host.py" --device cuda --out "$OUT/packed-host.json" 2>&1 | tee "$OUT/packed-host.txt")
       ;;&
     refineab)
       # Issue 19: refine_mask's sweep forms on the first 256 rows of the 2560x9728 layer (2:4, 2 sweeps from
@@ -115,7 +117,7 @@ for step in "${@:-all}"; do
       (cd /tmp && timeout 200 python3 "$repo/benchmarks/lab/bf16_bias_probe.py" 2>&1 | tail -20 | tee "$OUT/bf16-bias-probe.txt")
       ;;&
     model|all)
-      (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda \
+      (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda ${MODEL_ARGS:-} \
         --out "$OUT/packed-model-cuda.json" > "$OUT/packed-model-cuda.txt" 2>&1; tail -8 "$OUT/packed-model-cuda.txt")
       ;;
   esac
