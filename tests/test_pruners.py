@@ -635,22 +635,32 @@ def test_reference_readme_quick_example_runs_on_cpu():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_hessian_sums_of_16_bit_inputs_match_float64(device, dtype, monkeypatch):
-    """A float64 accumulator fed float16 / bfloat16 inputs: on CUDA chunks of tokens go through the
-    float32-output tensor-core GEMM (exact products, float32 sums a chunk, float64 across chunks; chunks
-    of 100 here, so 2.5 of them), on the CPU through one float64 GEMM. Both equal the float64 sum of
-    the same values to float32 round-off of a chunk's sum."""
+def test_hessian_sums_of_16_bit_windows_match_float64_and_ignore_the_batching(device, dtype, monkeypatch):
+    """A float64 accumulator fed float16 / bfloat16 windows (B, T, K): on CUDA each window's Gram matrix
+    goes through the float32-output tensor-core GEMM (exact products, float32 sums within the window),
+    windows summed in float64; on the CPU one float64 GEMM. Both equal the float64 sum to a window's
+    float32 round-off, and batching the same windows differently (calls of 1, 2 or 3 windows) gives
+    the same H to float64 round-off. Windows shorter than the threshold take the float64 GEMM."""
     import s3sparse.pruners.hessian as hessian
 
-    monkeypatch.setattr(hessian, "_GRAM_CHUNK", 100)
-    x = (torch.randn(250, 48, dtype=torch.float64) * 3).to(dtype)
-    acc = HessianAccumulator(48, device=device, dtype=torch.float64)
-    acc.add(x[:120].to(device))
-    acc.add(x[120:].to(device), batch_size=64)
-    want = x.double().T @ x.double() / 250
-    got = acc.hessian.cpu()
-    assert got.dtype == torch.float64 and acc.num_samples == 250
+    monkeypatch.setattr(hessian, "_GRAM_MIN_TOKENS", 32)
+    x = (torch.randn(6, 40, 48, dtype=torch.float64) * 3).to(dtype)
+    want = torch.einsum("btk,btl->kl", x.double(), x.double()) / 240
+    results = []
+    for calls in ((0, 1, 2, 3, 4, 5, 6), (0, 2, 4, 6), (0, 3, 6)):
+        acc = HessianAccumulator(48, device=device, dtype=torch.float64)
+        for lo, hi in zip(calls[:-1], calls[1:]):
+            acc.add(x[lo:hi].to(device))
+        assert acc.num_samples == 240
+        results.append(acc.hessian.cpu())
     scale = want.abs().max()
-    assert float((got - want).abs().max() / scale) < (2e-6 if device == "cuda" else 1e-14)
+    for got in results:
+        assert got.dtype == torch.float64
+        assert float((got - want).abs().max() / scale) < (2e-6 if device == "cuda" else 1e-14)
+        assert float((got - results[0]).abs().max() / scale) < 1e-14  # the batching does not matter
     if device == "cuda":
-        assert hessian._MM_FP32_OUT is True  # the tensor-core path ran
+        assert hessian._MM_FP32_OUT[(dtype, "cuda")] is True  # the tensor-core path ran
+    short = HessianAccumulator(48, device=device, dtype=torch.float64)
+    short.add(x[:, :20].to(device))  # 20 tokens a window: below the threshold, the float64 GEMM
+    torch.testing.assert_close(short.hessian.cpu(), torch.einsum("btk,btl->kl", x[:, :20].double(),
+                                                                   x[:, :20].double()) / 120, rtol=1e-12, atol=1e-12)

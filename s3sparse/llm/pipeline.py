@@ -528,7 +528,9 @@ def prune_model(
             same masks and weights; fp32 halves the memory of the accumulators and is
             faster on GPUs with slow fp64 arithmetic, but then the result depends on
             the number of ranks through the fp32 round-off of the sums (a few mask
-            entries of near-tied weights may flip).
+            entries of near-tied weights may flip). With fp64 on CUDA, 16-bit
+            activations take the tensor cores one window at a time (fp32 within a
+            window, fp64 across windows: the promise above holds).
         process_group: prune on several processes (see :mod:`s3sparse.llm.distributed`):
             ``'auto'`` (default) uses the default torch.distributed group when it is
             initialised with more than one rank, ``None`` prunes in this process

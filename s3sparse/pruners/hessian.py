@@ -55,43 +55,46 @@ def compute_hessian(
     return acc.hessian
 
 
-# Tokens a tensor-core Gram product sums in fp32 before the float64 accumulator takes it (_add_gram).
-_GRAM_CHUNK = 8192
-# Whether torch.mm(..., out_dtype=torch.float32) ran on this build (None: not tried yet).
-_MM_FP32_OUT: Optional[bool] = None
+# The shortest calibration window (tokens) whose Gram matrix goes through the float32-output GEMM
+# (_window_grams): a window's float64 add costs about 1500 / tokens of its GEMM's time, so shorter
+# windows are cheaper as one float64 GEMM.
+_GRAM_MIN_TOKENS = 512
+# Whether torch.mm(..., out_dtype=torch.float32) runs on this build, by (dtype, device type).
+_MM_FP32_OUT: dict = {}
 
 
 def _mm_fp32_out_runs(like: Tensor) -> bool:
-    """Whether this torch has the float32-output GEMM for ``like``'s dtype and device (tried once)."""
-    global _MM_FP32_OUT
-    if _MM_FP32_OUT is None:
+    """Whether this torch has the float32-output GEMM for ``like``'s dtype and device type (tried once)."""
+    key = (like.dtype, like.device.type)
+    if key not in _MM_FP32_OUT:
         a = torch.ones(2, 2, dtype=like.dtype, device=like.device)
         try:
-            _MM_FP32_OUT = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            _MM_FP32_OUT[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (RuntimeError, TypeError, NotImplementedError):
-            _MM_FP32_OUT = False
-    return _MM_FP32_OUT
+            _MM_FP32_OUT[key] = False
+    return _MM_FP32_OUT[key]
 
 
-def _add_gram(total: Tensor, rows: Tensor) -> None:
-    """``total += rowsᵀ rows`` (``total`` (K, K) float32 or float64, ``rows`` (n, K) on its device).
+def _window_grams(total: Tensor, x: Tensor) -> bool:
+    """``total += Σ xᵀx`` one calibration window (``x[..., t, :]``, all leading dims but the tokens') at
+    a time, each window's Gram matrix one tensor-core GEMM with float32 output, added to the float64
+    ``total``; returns False, having added nothing, where that path does not apply.
 
-    float16 / bfloat16 rows on CUDA into a float64 ``total``: the products of two such values are
-    exact in float32, so each chunk of ``_GRAM_CHUNK`` tokens is one tensor-core GEMM with float32
-    output (``torch.mm(..., out_dtype=torch.float32)``, float32 accumulation: relative round-off
-    about √n·2⁻²⁴ ≈ 5e-6 a chunk) and the chunks are summed in float64, instead of a float64 GEMM
-    at a small fraction of the tensor cores' rate (the Hessian sums were half of SparseGPT's
-    whole-model time on an H200). Elsewhere, and where this torch has no such GEMM: the rows in
-    ``total``'s dtype, one ``addmm``.
+    It applies to float16 / bfloat16 inputs of windows of at least ``_GRAM_MIN_TOKENS`` tokens, into a
+    float64 sum on CUDA, where ``torch.mm(..., out_dtype=torch.float32)`` runs. The products of two
+    such values are exact in float32; a window's sum carries float32 round-off (relative about
+    √tokens · 2⁻²⁴, 3e-6 at 2048 tokens) and is the same however the windows are batched into calls
+    or split over ranks, and the windows are summed in float64: so H stays independent of the
+    batching and of the ranks, as with a float64 GEMM, at the tensor cores' rate (the float64 Hessian
+    sums were half of SparseGPT's whole-model time on an H200).
     """
-    if (total.dtype == torch.float64 and rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16)
-            and _mm_fp32_out_runs(rows)):
-        for lo in range(0, rows.shape[0], _GRAM_CHUNK):
-            c = rows[lo : lo + _GRAM_CHUNK]
-            total.add_(torch.mm(c.T, c, out_dtype=torch.float32))
-        return
-    chunk = rows.to(dtype=total.dtype)
-    total.addmm_(chunk.T, chunk)
+    if not (total.dtype == torch.float64 and total.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and x.dim() >= 3 and x.shape[-2] >= _GRAM_MIN_TOKENS and _mm_fp32_out_runs(total)):
+        return False
+    for window in x.reshape(-1, x.shape[-2], x.shape[-1]):
+        w = window.to(device=total.device)
+        total.add_(torch.mm(w.T, w, out_dtype=torch.float32))
+    return True
 
 
 class HessianAccumulator:
@@ -109,7 +112,11 @@ class HessianAccumulator:
     Args:
         num_cols: K, the layer's number of input features.
         device: where H lives.
-        dtype: float32 (default) or float64 accumulation.
+        dtype: float32 (default) or float64 accumulation. float64 on CUDA with
+            float16 / bfloat16 inputs of windows of 512 tokens or more: each
+            window's ``xᵀx`` on tensor cores in float32 (exact products), the
+            windows summed in float64 (see ``_window_grams``): H is still the same
+            however the windows are batched or split over ranks.
     """
 
     def __init__(self, num_cols: int, device: DeviceLike = None, dtype: torch.dtype = torch.float32):
@@ -135,9 +142,11 @@ class HessianAccumulator:
             )
         check_finite(x, name, fix=INPUT_FIX)
         rows = x.reshape(-1, self.num_cols)
-        step = rows.shape[0] if not batch_size else int(batch_size)
-        for start in range(0, rows.shape[0], max(step, 1)):
-            _add_gram(self._sum, rows[start : start + step].to(device=self._sum.device))
+        if not _window_grams(self._sum, x):
+            step = rows.shape[0] if not batch_size else int(batch_size)
+            for start in range(0, rows.shape[0], max(step, 1)):
+                chunk = rows[start : start + step].to(device=self._sum.device, dtype=self.dtype)
+                self._sum.addmm_(chunk.T, chunk)
         self.num_samples += rows.shape[0]
 
     @torch.no_grad()
