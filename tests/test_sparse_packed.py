@@ -416,12 +416,10 @@ def test_check_tables_raises_on_bad_data_and_loads_or_moves_reset_the_compiled_t
     packed = PackedLinear.from_linear(pruned_linear("2:4", M=32, K=64), pattern="2:4")
     assert packed.check_tables() is packed
     state = copy.deepcopy(packed.state_dict())
-    packed._tables_ok = True
-    packed.load_state_dict(state)
-    assert packed._tables_ok is False
-    packed._tables_ok = True
-    packed.to(torch.float64)
-    assert packed._tables_ok is False
+    for change in (lambda: packed.load_state_dict(state), lambda: packed.to(torch.float64), lambda: packed.to("cpu")):
+        packed._tables_ok, packed._checked_tables = True, packed._tables_key()
+        change()  # (a cast or a no-op move keeps the index tables' storage: the key alone would still match)
+        assert packed._tables_ok is False and packed._checked_tables is None
     with torch.no_grad():
         packed.meta[0] |= 7
     with pytest.raises(ValueError, match="subset code"):
@@ -447,9 +445,18 @@ def test_compiled_packed_linear_runs_without_a_host_sync_once_its_tables_are_che
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
-    packed.to("cuda")
-    assert not packed._tables_ok
-    torch.testing.assert_close(step(x).float(), want, rtol=2e-3, atol=2e-3)
+    packed.to("cuda")  # a no-op move: the tables keep their storage, yet the check is forgotten
+    assert not packed._tables_ok and packed._checked_tables is None
+    torch.testing.assert_close(step(x).float(), want, rtol=2e-3, atol=2e-3)  # (recompiled: checked=False)
+    assert packed.check_tables()._tables_ok  # checked again: compiled calls trust the tables again
+    step(x)  # (recompiles: the flag is guarded)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------- torch's 2:4 path for large batches

@@ -291,14 +291,19 @@ class PackedLinear(nn.Module):
         ``s3sparse.llm.load_packed`` calls it for every packed layer on a GPU.
         On the CPU the kernel checks on every call anyway. Returns ``self``.
         """
+        self._forget_check()
         x = torch.zeros(1, self.in_features, dtype=self.values.dtype, device=self.values.device)
         with torch.no_grad():
             self.forward(x)
         return self
 
+    def _forget_check(self) -> None:
+        # Compiled calls must not trust the old check, and the next eager call (or
+        # check_tables) checks again even where the tables kept their storage.
+        self._checked_tables, self._tables_ok = None, False
+
     def _apply(self, fn, recurse=True):
-        # New tensors (a move, a cast): compiled calls must not trust the old check.
-        self._tables_ok = False
+        self._forget_check()  # a move or a cast (the index tables may keep their storage)
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -315,7 +320,7 @@ class PackedLinear(nn.Module):
                     "PackedLinear.from_state_dict(state, prefix) or PackedLinear.from_config(config)"
                 )
                 return
-        self._tables_ok = False  # (loaded in place: the version key alone would not tell compiled code)
+        self._forget_check()  # (loaded in place: the version key alone would not tell compiled code)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
