@@ -585,3 +585,33 @@ def test_a_failed_candidate_is_skipped_and_the_others_still_compete(sync_free, m
     assert res.changed[0] > 0 and bool(moved.any())
     first_two = end[..., 0] & end[..., 1]
     assert not bool((moved & first_two).any())
+
+
+def test_drifted_inverses_are_inverted_afresh_for_the_weights(monkeypatch):
+    """chunk_weights re-inverts a chunk when its refinement correction is not round-off sized (forced here
+    with a negative tolerance): one more inversion a chunk, the same masks and weights to round-off."""
+    import s3sparse.pruners.refine_sweep as sweep
+
+    calls = []
+    inverse = sweep.inverse_pp
+    monkeypatch.setattr(sweep, "inverse_pp", lambda C, P, out=None: calls.append(P.shape[0]) or inverse(C, P, out))
+    out = {}
+    for tol in (sweep._DRIFT_TOL, -1.0):
+        monkeypatch.setattr(sweep, "_DRIFT_TOL", tol)
+        W0, H, W, scope, nnz = _pruned("48", "magnitude", seed=7)
+        calls.clear()
+        res = refine_mask(scope, H, nnz, W0, sweeps=2, chunk_size=8)
+        out[tol] = W.detach().clone(), res.changed, len(calls)
+    (W1, ch1, n1), (W2, ch2, n2) = out.values()
+    assert ch1 == ch2 and n1 == 2 and n2 == 4
+    assert torch.equal(W1 == 0, W2 == 0)
+    torch.testing.assert_close(W2, W1, rtol=0, atol=1e-6)
+
+
+def test_a_c_pp_that_is_not_positive_definite_raises_a_numerical_error():
+    import s3sparse.pruners.refine_sweep as sweep
+    from s3sparse.errors import NumericalError
+
+    C = -torch.eye(6, dtype=torch.float64)
+    with pytest.raises(NumericalError, match="positive definite.*Raise `damp`"):
+        sweep.inverse_pp(C, torch.tensor([[0, 1, 2], [3, 4, 5]]))

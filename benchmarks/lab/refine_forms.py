@@ -84,7 +84,9 @@ def main(argv=None):
     if a.out:
         Path(a.out).write_text(json.dumps(dict(environment=environment(torch.device(a.device)), rows=rows), indent=1))
     if a.profile:
-        profile_sweep(W0[: a.chunk_size], H, start[: a.chunk_size], Path(a.profile))
+        rows = a.chunk_size or 32  # (chunk_size 0 means the library's default: profile 32 rows)
+        refine_sweep._INVERSE = a.inverse[0]
+        profile_sweep(W0[:rows], H, start[:rows], Path(a.profile))
 
 
 def profile_sweep(W0: torch.Tensor, H: torch.Tensor, start: torch.Tensor, path: Path) -> None:

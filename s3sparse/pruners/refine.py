@@ -345,6 +345,7 @@ def _run_sweeps(
                     break
             part.copy_(st.cand)
             W_out[rows] = chunk_weights(st)[:, :K]
+            del st  # (before the next chunk is loaded: one chunk's state in memory at a time)
             if progress_fn is not None and lo + m < NG:
                 progress_fn(f"refine_mask: rows {(lo + m) * R} of {NG * R} refined (scopes changed per sweep: {mine})")
         sync.payload = mine

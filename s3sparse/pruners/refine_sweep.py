@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import NumericalError
+
 # Relative decrease of the row's cost a swap must bring (round-off guard: no flip-flops).
 _REL_TOL = 1e-10
 # Rows inverted at once in the batched forms: a quarter of a chunk (C_PP and its factor are transients).
@@ -33,13 +35,19 @@ _INVERSION_PARTS = 4
 # of 2560x9728 1.1x faster), and the transients are one row's, not half the chunk's inverses (peak 7.9
 # against 12.9 GiB there). Lab knob: benchmarks/lab/refine_forms.py --inverse.
 _INVERSE = "loop"
+# Fewest pruned columns a row has for the loop forms (below, the batched form: many small single-matrix
+# calls; one row at a time was measured only at p = 4864).
+_LOOP_MIN_COLS = 1024
+# The largest refinement correction of a row's final weights, relative to them, taken as round-off
+# (chunk_weights; beyond it the sweeps' updates let A⁻¹ drift, and the rows are inverted afresh).
+_DRIFT_TOL = 1e-6
 # Most scopes swept as one block (one GEMM pass over the row inverses per block).
 _MAX_SCOPE_BLOCK = 32
 # Sweep without a host sync per scope, by device (CUDA?). The CPU is faster skipping the factors of
 # scopes no row swaps (the sync-free form is 10% slower on MiniLM L0's 2:4 there); on an H100 it is
 # 1.2x faster, and with graphs 2.1x (benchmarks/results/refine-forms-h100-256x9728.txt).
 _SYNC_FREE = {True: True, False: False}
-# Replay a chunk's blocks as CUDA graphs (CUDA, sync-free form, full chunks after the first).
+# Replay a chunk's blocks as CUDA graphs (CUDA, sync-free form: full chunks, from the first one's second sweep).
 _GRAPHS = True
 
 
@@ -55,31 +63,41 @@ def pruned_cols(cand: Tensor, cols: Tensor, slots: Tensor, K: int) -> Tensor:
     return torch.where(el >= 0, real, dummy).reshape(m * R, S * w)
 
 
-def _spd_inverse(A: Tensor, form: str) -> Tensor:
-    """``A⁻¹`` of symmetric positive definite ``A`` (…, p, p) by Cholesky (raises when not positive definite):
-    ``cholesky_inverse`` of the factor, or (``trinv`` forms) ``L⁻ᵀ L⁻¹`` from a triangular solve and a GEMM."""
-    L = torch.linalg.cholesky(A)
+def _spd_inverse(A: Tensor, form: str) -> tuple:
+    """``A⁻¹`` of symmetric positive definite ``A`` (…, p, p) by Cholesky, and the factorisation's info
+    (non-zero: not numerically positive definite; not checked here, so no host sync): ``cholesky_inverse``
+    of the factor, or (``trinv`` forms) ``L⁻ᵀ L⁻¹`` from a triangular solve and a GEMM."""
+    L, info = torch.linalg.cholesky_ex(A)
     if "trinv" not in form:
-        return torch.cholesky_inverse(L)
+        return torch.cholesky_inverse(L), info
     Li = torch.linalg.solve_triangular(L, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A), upper=False)
-    return Li.mT @ Li
+    return Li.mT @ Li, info
 
 
 def inverse_pp(C: Tensor, P: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """(C_PP)⁻¹ of every row, (m, p, p) (into ``out`` if given), in the form ``_INVERSE`` says: one row
-    at a time (single-matrix solver calls), or batched, a quarter of the rows at a time (so that the
-    gathered C_PP and its factor, transients, add half of the result's memory, not twice it)."""
+    at a time (single-matrix solver calls; rows of at least ``_LOOP_MIN_COLS`` pruned columns), or
+    batched, a quarter of the rows at a time (so that the gathered C_PP and its factor, transients, add
+    half of the result's memory, not twice it). One host sync a call: a C_PP that is not numerically
+    positive definite raises :class:`~s3sparse.errors.NumericalError`."""
     m, p = P.shape
     if out is None:
         out = torch.empty(m, p, p, dtype=C.dtype, device=C.device)
-    loop = _INVERSE.startswith("loop")
+    loop = _INVERSE.startswith("loop") and p >= _LOOP_MIN_COLS
     step = 1 if loop else max(1, -(-m // _INVERSION_PARTS))
+    failed = torch.zeros((), dtype=torch.bool, device=C.device)
     for lo in range(0, m, step):
         Ps = P[lo : lo + step]  # (one statement: no factor outlives its part)
         if loop:
-            out[lo] = _spd_inverse(C[Ps[0][:, None], Ps[0][None, :]], _INVERSE)
+            out[lo], info = _spd_inverse(C[Ps[0][:, None], Ps[0][None, :]], _INVERSE)
         else:
-            out[lo : lo + step] = _spd_inverse(C[Ps[:, :, None], Ps[:, None, :]], _INVERSE)
+            out[lo : lo + step], info = _spd_inverse(C[Ps[:, :, None], Ps[:, None, :]], _INVERSE)
+        failed |= (info != 0).any()
+    if bool(failed):
+        raise NumericalError(
+            "refine_mask: a row's C_PP (the damped inverse Hessian over its pruned columns) is not numerically "
+            "positive definite; the weight was left unchanged. Raise `damp`"
+        )
     return out
 
 
@@ -129,17 +147,29 @@ def chunk_state(C, W0, cand, cols, slots, K, scope_block=None, sync_free=None, i
     )
 
 
+def _refined_solution(st: _Chunk) -> tuple:
+    """``u = (C_PP)⁻¹ w_P`` of every row from the held ``A⁻¹`` and one step of iterative refinement
+    (the residual of ``C_PP u = w_P``), and that step's correction."""
+    C, W0, P, wP, Ainv = st.C, st.W0, st.P, st.wP, st.Ainv
+    u = (Ainv @ wP[..., None]).squeeze(-1)  # (n, p)
+    r = wP - (torch.zeros_like(W0).scatter_(1, P, u) @ C).gather(1, P)  # C symmetric: (z C)_P = C_PP u
+    d = (Ainv @ r[..., None]).squeeze(-1)
+    return u + d, d
+
+
 def chunk_weights(st: _Chunk) -> Tensor:
     """(n, K') weights of the chunk's rows optimal for their current mask, ``w − C_{:,P} (C_PP)⁻¹ w_P`` (zero
     at P), from the held ``A⁻¹`` (folded: no factor pending) and one step of iterative refinement: the
     sweeps' low-rank updates leave ``A⁻¹`` off by round-off, the residual of ``C_PP u = w_P`` corrects
-    ``u`` to a fresh solve's accuracy, with no new inversion."""
-    C, W0, P, wP, Ainv = st.C, st.W0, st.P, st.wP, st.Ainv
-    u = (Ainv @ wP[..., None]).squeeze(-1)  # (n, p)
-    z = torch.zeros_like(W0).scatter_(1, P, u)
-    r = wP - (z @ C).gather(1, P)  # C symmetric: (z C)_P = C_PP u
-    z.scatter_(1, P, u + (Ainv @ r[..., None]).squeeze(-1))
-    return (W0 - z @ C).scatter_(1, P, 0.0)
+    ``u`` to a fresh solve's accuracy, with no new inversion. Where that correction is not round-off
+    sized (``_DRIFT_TOL`` of ``u``, or not finite), the rows are inverted afresh first (one host sync)."""
+    u, d = _refined_solution(st)
+    small = d.abs().amax(1) <= _DRIFT_TOL * u.abs().amax(1)  # (False for NaN)
+    if not bool(small.all()):
+        inverse_pp(st.C, st.P, out=st.Ainv)
+        u, _ = _refined_solution(st)
+    z = torch.zeros_like(st.W0).scatter_(1, st.P, u)
+    return (st.W0 - z @ st.C).scatter_(1, st.P, 0.0)
 
 
 class ChunkSweeps:
@@ -202,7 +232,14 @@ class SweepGraphs(ChunkSweeps):
 
     def load(self, C, W0, cand, cols, slots, K) -> _Chunk:
         if cand.shape[0] != self.m:
-            return super().load(C, W0, cand, cols, slots, K)
+            if self.state is None:
+                return super().load(C, W0, cand, cols, slots, K)
+            # A shorter (last) chunk: into a prefix of the fixed state (not a second state beside it),
+            # swept eagerly.
+            st, n = self.state, W0.shape[0]
+            prefix = dataclasses.replace(st, W0=st.W0[:n], cand=st.cand[: cand.shape[0]], P=st.P[:n], wP=st.wP[:n],
+                                         Ainv=st.Ainv[:n])
+            return chunk_state(C, W0, cand, cols, slots, K, into=prefix)
         if self.state is None:
             self.state = chunk_state(C, W0.clone(), cand.clone(), cols, slots, K, self.scope_block, sync_free=True)
         else:
