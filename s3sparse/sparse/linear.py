@@ -254,8 +254,9 @@ class PackedLinear(nn.Module):
         passes ``checked=True`` when an eager call (or :meth:`check_tables`)
         checked them and no load or move (``load_state_dict``, ``.to()``) has
         replaced them since, else it syncs on every call. (Tables changed in
-        place behind a compiled module are not re-checked; bad data there gives
-        NaN rows, never a read out of bounds.)
+        place, or buffers replaced by assignment, behind a compiled module are
+        not re-checked: call :meth:`check_tables` after such a change; bad data
+        there gives NaN rows, never a read out of bounds.)
         """
         # The host cost of a call is the point at decode (the issue's eager
         # target): the buffers and the bias come straight from `_buffers` /
