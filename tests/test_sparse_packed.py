@@ -426,6 +426,16 @@ def test_check_tables_raises_on_bad_data_and_loads_or_moves_reset_the_compiled_t
         packed.check_tables()
 
 
+def _without_a_host_sync(fn, x):
+    """``fn(x)`` with CUDA's sync debug mode raising on any host sync."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.cuda
 def test_compiled_packed_linear_runs_without_a_host_sync_once_its_tables_are_checked():
     """After check_tables(), a compiled call passes checked=True: no host sync (sync debug mode raises on
@@ -438,25 +448,13 @@ def test_compiled_packed_linear_runs_without_a_host_sync_once_its_tables_are_che
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     step = torch.compile(packed, fullgraph=True)
     torch.testing.assert_close(step(x).float(), want, rtol=2e-3, atol=2e-3)  # (compiles)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        y = step(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(_without_a_host_sync(step, x).float(), want, rtol=2e-3, atol=2e-3)
     packed.to("cuda")  # a no-op move: the tables keep their storage, yet the check is forgotten
     assert not packed._tables_ok and packed._checked_tables is None
     torch.testing.assert_close(step(x).float(), want, rtol=2e-3, atol=2e-3)  # (recompiled: checked=False)
     assert packed.check_tables()._tables_ok  # checked again: compiled calls trust the tables again
     step(x)  # (recompiles: the flag is guarded)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        y = step(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(_without_a_host_sync(step, x).float(), want, rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------- torch's 2:4 path for large batches

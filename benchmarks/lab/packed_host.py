@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,25 +21,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment  # noqa: E402
+from common import environment, time_eager  # noqa: E402
 from s3sparse import ops  # noqa: E402
 from s3sparse.sparse import PackedLinear  # noqa: E402
 
 
-def per_call(fn, calls: int, repeat: int, cuda: bool) -> float:
+def per_call(fn, device: torch.device, calls: int, repeat: int) -> float:
     for _ in range(20):
         fn()
-    samples = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t) / calls)
-    return statistics.median(samples)
+    return time_eager([fn], device, calls, repeat)["seconds"]
 
 
 def main(argv=None):
@@ -82,7 +71,7 @@ def main(argv=None):
         rows = []
         print(f"{'case':42s} {'µs/call':>8s}", flush=True)
         for name, fn in cases.items():
-            us = per_call(fn, a.calls, a.repeat, cuda) * 1e6
+            us = per_call(fn, dev, a.calls, a.repeat) * 1e6
             rows.append(dict(case=name, us_per_call=us))
             print(f"{name:42s} {us:8.2f}", flush=True)
     if a.out:

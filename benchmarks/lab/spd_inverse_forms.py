@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment  # noqa: E402
+from common import environment, time_eager  # noqa: E402
 
 
 def chol_inv(A):
@@ -67,20 +65,12 @@ def spd(batch: int, n: int, dtype, device) -> torch.Tensor:
     return A.to(dtype)
 
 
-def timed(fn, A, reps: int, cuda: bool):
+def timed(fn, A, reps: int, device: torch.device):
     out = fn(A)  # warm-up (kernels, libraries, workspaces)
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn(A)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    sec = time_eager([lambda: fn(A)], device, 1, reps)["seconds"]
     eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
     resid = float((A.double() @ out.double() - eye).abs().amax())
-    return statistics.median(times), resid
+    return sec, resid
 
 
 def main(argv=None):
@@ -106,7 +96,7 @@ def main(argv=None):
             if form.startswith("loop") and b == 1:
                 continue
             try:
-                sec, resid = timed(FORMS[form], A, a.reps, cuda)
+                sec, resid = timed(FORMS[form], A, a.reps, dev)
             except RuntimeError as e:  # (out of memory, a missing kernel: say so and go on)
                 print(f"{case:18s} {form:16s} failed: {str(e).splitlines()[0][:80]}", flush=True)
                 continue

@@ -87,11 +87,10 @@ def inverse_pp(C: Tensor, P: Tensor, out: Optional[Tensor] = None) -> Tensor:
     step = 1 if loop else max(1, -(-m // _INVERSION_PARTS))
     failed = torch.zeros((), dtype=torch.bool, device=C.device)
     for lo in range(0, m, step):
-        Ps = P[lo : lo + step]  # (one statement: no factor outlives its part)
-        if loop:
-            out[lo], info = _spd_inverse(C[Ps[0][:, None], Ps[0][None, :]], _INVERSE)
-        else:
-            out[lo : lo + step], info = _spd_inverse(C[Ps[:, :, None], Ps[:, None, :]], _INVERSE)
+        Ps = P[lo : lo + step]
+        A = C[Ps[:, :, None], Ps[:, None, :]]
+        out[lo : lo + step], info = _spd_inverse(A[0] if loop else A, _INVERSE)  # (loop: a single-matrix call)
+        del A  # (no gathered part outlives its inversion)
         failed |= (info != 0).any()
     if bool(failed):
         raise NumericalError(
