@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the library registers the operators)
+from . import _C  # (loading the library registers the operators)
 from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _ops = torch.ops.s3sparse
+# packed_linear's eager call (csrc/module.cpp): the same op, without torch.ops' boxing.
+_packed_linear_call = _C._packed_linear_call
 
 
 def _ints(name: str, values: Sequence[int]) -> list[int]:
@@ -436,6 +438,13 @@ def packed_linear(
     no promise always the latter (docs/packed.md). For large 2:4 batches,
     ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead.
     """
+    if type(x) is Tensor and not torch.compiler.is_compiling():
+        # Eager: the typed C++ call, about 2 µs less host time than torch.ops (csrc/module.cpp);
+        # NotImplemented for arguments it leaves to torch.ops (subclasses, numpy ints, modes).
+        y = _packed_linear_call(x, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride,
+                                meta_bits, out_features, row_group, bias, checked)
+        if y is not NotImplemented:
+            return y
     return _ops.packed_linear.default(
         x, values, meta, subsets, block_off, elem_off, _ints("scope_shape", scope_shape),
         _ints("scope_stride", scope_stride), int(meta_bits), int(out_features), int(row_group), bias, bool(checked),

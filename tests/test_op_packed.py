@@ -15,6 +15,7 @@ import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,7 @@ def device(request, monkeypatch):
     if request.param == "emu":
         torch.ops.load_library(EMU_LIB)
         monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        monkeypatch.setattr(ops, "_packed_linear_call", lambda *args: NotImplemented)  # (the real op's fast call)
         return "cpu"
     if request.param == "cuda":
         # The large-batch path ends in a cuBLAS GEMM, which by torch's default may
@@ -571,6 +573,82 @@ def test_checked_bad_rows_of_later_row_tiles_are_nan(device):
     nan_rows = torch.isnan(y).all(0).nonzero().flatten().tolist()
     assert nan_rows == bad_rows, nan_rows
     assert not bool(torch.isnan(y[:, [r for r in range(M) if r not in bad_rows]]).any())
+
+
+# ---------------------------------------------------------------- the eager call (csrc/module.cpp)
+def _linear_call_args(p: PackedWeight, x, bias=None, checked=False) -> list:
+    return [x, p.values, p.meta, p.subsets, p.block_off, p.elem_off, list(p.scope_shape), list(p.scope_stride),
+            p.meta_bits, p.out_features, p.row_group, bias, checked]
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(device, seed):
+    """``ops.packed_linear``'s typed C++ call gives torch.ops' result bit for bit; arguments that need Python-level
+    semantics (subclasses, numpy or float ints, a non-bool ``checked``, an overflowing int) give NotImplemented,
+    and the wrapper's result through torch.ops is the same."""
+    _, p = packed_case(random.Random(seed), device=device)
+    x = torch.randn(5, p.in_features, device=device)
+    bias = torch.randn(p.out_features, device=device)
+    for args in (_linear_call_args(p, x), _linear_call_args(p, x[:2], bias, True)):
+        want = torch.ops.s3sparse.packed_linear.default(*args)
+        got = ops._packed_linear_call(*args)
+        assert got is not NotImplemented and torch.equal(got, want), f"seed {seed}"
+        args[6], args[7] = tuple(args[6]), tuple(args[7])
+        assert torch.equal(ops._packed_linear_call(*args), want)
+    want = ops.packed_linear(*_linear_call_args(p, x))
+    left = [(0, x.as_subclass(_Sub)), (1, p.values.as_subclass(_Sub)), (3, torch.ones(1).as_subclass(_Sub)),
+            (8, np.int64(p.meta_bits)), (9, float(p.out_features)), (6, [float(v) for v in p.scope_shape]),
+            (6, range(len(p.scope_shape))), (10, 2**70), (12, 0)]
+    for i, value in left:
+        args = _linear_call_args(p, x)
+        args[i] = value
+        assert ops._packed_linear_call(*args) is NotImplemented, (i, value)
+    for i, value in [(8, np.int64(p.meta_bits)), (9, np.int32(p.out_features)), (12, 0)]:
+        args = _linear_call_args(p, x)
+        args[i] = value
+        assert torch.equal(ops.packed_linear(*args), want), (i, value)
+    with pytest.raises(TypeError, match="13 arguments"):
+        ops._packed_linear_call(*_linear_call_args(p, x)[:12])
+    with pytest.raises(TypeError, match="`x` must have the dtype of `values`"):  # the kernel's errors, as torch.ops'
+        ops._packed_linear_call(*_linear_call_args(p, x.double()))
+
+
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_eager_call_is_seen_by_torch_function_and_dispatch_modes(device):
+    """A __torch_function__ mode sees ``ops.packed_linear`` as torch.ops' op (the fast call steps aside); a
+    __torch_dispatch__ mode sees the op through the fast call's dispatcher entry."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen:
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def _record(self, func, args, kwargs):
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    class FunctionSeen(Seen, TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return self._record(func, args, kwargs)
+
+    class DispatchSeen(Seen, TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return self._record(func, args, kwargs)
+
+    p = _good(device)
+    x = torch.randn(3, p.in_features, device=device)
+    want = ops.packed_linear(*_linear_call_args(p, x))
+    for mode in (FunctionSeen(), DispatchSeen()):
+        with mode:
+            got = ops.packed_linear(*_linear_call_args(p, x))
+        assert torch.ops.s3sparse.packed_linear.default in mode.funcs, (type(mode).__name__, mode.funcs)
+        assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile

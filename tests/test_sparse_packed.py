@@ -18,6 +18,7 @@ from s3sparse import reference as ref
 from s3sparse.llm import parse_pattern
 from s3sparse.errors import ArgumentError
 from s3sparse.sparse import PackedLinear, PackedWeight
+from s3sparse.sparse.linear import _versions
 from spec_utils import prune_randomly, random_covering_scope
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -390,7 +391,7 @@ def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
         return torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
 
     torch.testing.assert_close(packed(x).float(), want(x), rtol=2e-3, atol=2e-3)
-    assert packed._checked_tables == packed._tables_key()  # the first call checked the tables
+    assert packed._holds_checked_tables()  # the first call checked the tables
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -403,7 +404,16 @@ def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y.float(), want(x), rtol=2e-3, atol=2e-3)
-    # Tables changed in place are checked again: a bad code raises, it is not NaN.
+    # A table replaced by another tensor is checked again: a bad code raises, it is not NaN.
+    good = packed.meta
+    bad = good.clone()
+    bad[0] |= 7
+    packed.meta = bad
+    with pytest.raises(ValueError, match="subset code"):
+        packed(x)
+    packed.meta = good
+    torch.testing.assert_close(packed(x).float(), want(x), rtol=2e-3, atol=2e-3)
+    # So are tables changed in place.
     with torch.no_grad():
         packed.meta[0] |= 7
     with pytest.raises(ValueError, match="subset code"):
@@ -417,7 +427,9 @@ def test_check_tables_raises_on_bad_data_and_loads_or_moves_reset_the_compiled_t
     assert packed.check_tables() is packed
     state = copy.deepcopy(packed.state_dict())
     for change in (lambda: packed.load_state_dict(state), lambda: packed.to(torch.float64), lambda: packed.to("cpu")):
-        packed._tables_ok, packed._checked_tables = True, packed._tables_key()
+        b = packed._buffers
+        tables = (b["meta"], b["subsets"], b["block_off"], b["elem_off"])
+        packed._tables_ok, packed._checked_tables = True, (*tables, _versions(*tables))
         change()  # (a cast or a no-op move keeps the index tables' storage: the key alone would still match)
         assert packed._tables_ok is False and packed._checked_tables is None
     with torch.no_grad():

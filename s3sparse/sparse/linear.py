@@ -17,6 +17,11 @@ __all__ = ["PackedLinear"]
 _BUFFERS = ("values", "meta", "subsets", "block_off", "elem_off", "geometry")
 
 
+def _versions(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
+    """The index tables' version counters (an in-place change bumps one)."""
+    return meta._version, -1 if subsets is None else subsets._version, block_off._version, elem_off._version
+
+
 def _tables_key(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
     """Storage and version of every index table: a new tensor or an in-place
     change (``load_state_dict``, ``.to()``, ...) makes a new key."""
@@ -72,8 +77,9 @@ class PackedLinear(nn.Module):
                 raise ArgumentError(f"`bias` must be a tensor of shape ({packed.out_features},), got {got}")
             bias = nn.Parameter(bias.detach().to(device=packed.device, dtype=packed.dtype).clone(), requires_grad=False)
         self.register_parameter("bias", bias)  # None too: forward reads _parameters["bias"]
-        # The tables (pointer, version) the CUDA op last accepted, and whether no
-        # load or move has replaced them since (what compiled code reads): see forward.
+        # The tables the CUDA op last accepted (the tensors themselves, held so
+        # that identity means the same tables, and their versions), and whether
+        # no load or move has replaced them since (what compiled code reads): see forward.
         self._checked_tables: Optional[tuple] = None
         self._tables_ok = False
         # use_semi_structured: the token count from which torch's 2:4 path runs,
@@ -269,20 +275,30 @@ class PackedLinear(nn.Module):
                 return y.reshape(*x.shape[:-1], self.out_features)
         b = self._buffers
         meta, subsets, block_off, elem_off = b["meta"], b["subsets"], b["block_off"], b["elem_off"]
-        checked, key = False, None
+        checked = eager_cuda = False
         if x.is_cuda:
             if torch.compiler.is_compiling():
                 checked = self._tables_ok  # (a guarded constant: a load or move recompiles)
             else:
-                key = _tables_key(meta, subsets, block_off, elem_off)
-                checked = key == self._checked_tables
+                eager_cuda, c = True, self._checked_tables
+                # (identity and versions: 0.3 µs a call; storage pointers too would double it)
+                checked = (c is not None and c[0] is meta and c[1] is subsets and c[2] is block_off
+                           and c[3] is elem_off and c[4] == _versions(meta, subsets, block_off, elem_off))
         y = ops.packed_linear(
             x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
             self.meta_bits, self.out_features, self.row_group, self._parameters["bias"], checked,
         )
-        if key is not None and not checked and not torch.cuda.is_current_stream_capturing():
-            self._checked_tables, self._tables_ok = key, True  # the op returned: it checked these tables
+        if eager_cuda and not checked and not torch.cuda.is_current_stream_capturing():
+            # The op returned: it checked these tables.
+            self._checked_tables = (meta, subsets, block_off, elem_off, _versions(meta, subsets, block_off, elem_off))
+            self._tables_ok = True
         return y
+
+    def _holds_checked_tables(self) -> bool:
+        """Whether the module's index tables are the ones the CUDA op last accepted, unchanged since."""
+        b, c = self._buffers, self._checked_tables
+        tables = (b["meta"], b["subsets"], b["block_off"], b["elem_off"])
+        return c is not None and all(a is t for a, t in zip(c[:4], tables)) and c[4] == _versions(*tables)
 
     def check_tables(self) -> "PackedLinear":
         """Check the index tables on the module's device now (a ``ValueError`` for bad data).
