@@ -1019,18 +1019,24 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // or a graph is being captured.
   const bool check = !checked && !stream_capturing(stream);
   if (check) check_subsets_on_host(g, subsets, op);
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
-  out_sizes.push_back(g.M);
-  const int64_t N = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  if (N == 0 || g.M == 0) return at::empty(out_sizes, x.options());
+  // (A decode call's host time is the point: no view is made that a 2-D x does not need.)
+  const bool x_2d = x.dim() == 2;
+  const int64_t N = x_2d ? x.size(0) : c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const auto shaped_like_x = [&](const at::Tensor& y2) {  // (N, M) -> (..., M)
+    if (x_2d) return y2;
+    std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
+    out_sizes.push_back(g.M);
+    return y2.view(out_sizes);
+  };
+  if (N == 0 || g.M == 0) return shaped_like_x(at::empty({N, g.M}, x.options()));
   const bool no_terms = g.S == 0 || g.nnz == 0 || g.B == 0 || g.K == 0;
   if (no_terms) {
     at::Tensor y = bias.has_value() ? bias->expand({N, g.M}).contiguous() : at::zeros({N, g.M}, x.options());
-    return y.view(out_sizes);
+    return shaped_like_x(y);
   }
   at::Tensor status = check ? at::zeros({}, values.options().dtype(at::kInt)) : at::Tensor();
   int* st = check ? status_ptr(status) : nullptr;
-  const at::Tensor x2 = x.reshape({N, g.K}).contiguous();
+  const at::Tensor x2 = x_2d && x.is_contiguous() ? x : x.reshape({N, g.K}).contiguous();
 
   // Up to kStreamTokens tokens on every reference pattern: the stream kernel
   // (packed_stream.cuh). S3SPARSE_PACKED_CUDA_PATH=stream|expand overrides the
@@ -1046,13 +1052,16 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // nothing when `launch` (a slice's x and y) says the kernel does not apply.
   auto sliced = [&](int64_t per_launch, auto&& launch) -> std::optional<at::Tensor> {
     at::Tensor y = at::empty({N, g.M}, x.options());
-    for (int64_t n0 = 0; n0 < N; n0 += per_launch) {
+    if (N <= per_launch) {  // (one launch: no slices)
+      if (!launch(x2, y)) return std::nullopt;
+    }
+    for (int64_t n0 = 0; N > per_launch && n0 < N; n0 += per_launch) {
       const int64_t n = std::min<int64_t>(per_launch, N - n0);
       at::Tensor ys = y.narrow(0, n0, n);
       if (!launch(x2.narrow(0, n0, n), ys)) return std::nullopt;
     }
     if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
-    return y.view(out_sizes);
+    return shaped_like_x(y);
   };
   if (mma_first) {
     auto y = sliced(kMmaMaxTokens, [&](const at::Tensor& xs, at::Tensor& ys) {
@@ -1096,7 +1105,7 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
     if (check) raise_on_bad_data(status, g, op);
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
     if (!check) poison_on_bad_data(ws_status, y);
-    return y.view(out_sizes);
+    return shaped_like_x(y);
   };
 
   // More tokens on those patterns: W written out by the expansion kernel, then cuBLAS.
@@ -1121,7 +1130,7 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
       }
     });
     if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
-    return y.view(out_sizes);
+    return shaped_like_x(y);
   }
 
   // Large batches (and fp64, no row_group promise, very large W): W expanded
