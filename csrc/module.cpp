@@ -54,6 +54,8 @@ PyObject* build_info(PyObject* /*self*/, PyObject* /*args*/) {
 // Python-level semantics: plain tensors (or Parameters), Python ints, lists or
 // tuples of them, bools, no __torch_function__ mode; anything else returns
 // NotImplemented and the caller (s3sparse.ops.packed_linear) takes torch.ops.
+// (A default device, torch.set_default_device or `with torch.device(...)`, is a
+// __torch_function__ mode: such calls take torch.ops too.)
 using PackedLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                    at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, int64_t,
@@ -110,6 +112,10 @@ PyObject* packed_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize
     PyErr_Clear();  // (an overflowing int: torch.ops raises its own error)
     return not_implemented();
   }
+  // Owned copies, taken with the GIL held (another thread may swap a Python tensor's contents).
+  const at::Tensor x = THPVariable_Unpack(args[0]), values = THPVariable_Unpack(args[1]),
+                   meta = THPVariable_Unpack(args[2]), block_off = THPVariable_Unpack(args[4]),
+                   elem_off = THPVariable_Unpack(args[5]);
   std::optional<at::Tensor> subsets, bias;
   if (args[3] != Py_None) subsets = THPVariable_Unpack(args[3]);
   if (args[11] != Py_None) bias = THPVariable_Unpack(args[11]);
@@ -118,8 +124,7 @@ PyObject* packed_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize
   at::Tensor y;
   {
     ReleasedGil released;
-    y = op.call(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]), subsets,
-                THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]), at::IntArrayRef(shape.data(), n_shape),
+    y = op.call(x, values, meta, subsets, block_off, elem_off, at::IntArrayRef(shape.data(), n_shape),
                 at::IntArrayRef(stride.data(), n_stride), meta_bits, out_features, row_group, bias,
                 args[12] == Py_True);
   }

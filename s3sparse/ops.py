@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 _ops = torch.ops.s3sparse
-# packed_linear's eager call (csrc/module.cpp): the same op, without torch.ops' boxing.
+# packed_linear's eager call (csrc/module.cpp): the same op, without torch.ops' boxing. It is bound to
+# s3sparse::packed_linear: code that swaps `_ops` (the tests' host emulator) must swap this too.
 _packed_linear_call = _C._packed_linear_call
 
 

@@ -377,6 +377,8 @@ def test_packed_linear_empty_and_degenerate(device):
     bias = torch.randn(3, device=device)
     x = torch.randn(2, 5, device=device)
     torch.testing.assert_close(ops.packed_linear(x, *empty, 3, 0, bias), bias.expand(2, 3))
+    y1 = ops.packed_linear(x[:1], *empty, 3, 0, bias)  # one token: a new tensor, not the bias itself
+    assert torch.equal(y1, bias[None]) and y1.untyped_storage().data_ptr() != bias.untyped_storage().data_ptr()
     # nnz = 0: every scope keeps nothing.
     Wp = torch.nn.Parameter(torch.zeros(4, 8, device=device))
     scope, _ = patterns.nm(Wp)
@@ -601,7 +603,7 @@ def test_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(device, seed):
         assert torch.equal(ops._packed_linear_call(*args), want)
     want = ops.packed_linear(*_linear_call_args(p, x))
     left = [(0, x.as_subclass(_Sub)), (1, p.values.as_subclass(_Sub)), (3, torch.ones(1).as_subclass(_Sub)),
-            (8, np.int64(p.meta_bits)), (9, float(p.out_features)), (6, [float(v) for v in p.scope_shape]),
+            (8, np.int64(p.meta_bits)), (9, float(p.out_features)), (6, [float(v) for v in p.scope_shape] + [1.0]),
             (6, range(len(p.scope_shape))), (10, 2**70), (12, 0)]
     for i, value in left:
         args = _linear_call_args(p, x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import random
 
 import pytest
@@ -432,6 +433,13 @@ def test_check_tables_raises_on_bad_data_and_loads_or_moves_reset_the_compiled_t
         packed._tables_ok, packed._checked_tables = True, (*tables, _versions(*tables))
         change()  # (a cast or a no-op move keeps the index tables' storage: the key alone would still match)
         assert packed._tables_ok is False and packed._checked_tables is None
+    # A pickled or deep-copied module checks its tables again (the tensors keep their identity and versions).
+    b = packed._buffers
+    tables = (b["meta"], b["subsets"], b["block_off"], b["elem_off"])
+    packed._tables_ok, packed._checked_tables = True, (*tables, _versions(*tables))
+    assert packed._holds_checked_tables()
+    for copied in (pickle.loads(pickle.dumps(packed)), copy.deepcopy(packed)):
+        assert copied._tables_ok is False and copied._checked_tables is None and not copied._holds_checked_tables()
     with torch.no_grad():
         packed.meta[0] |= 7
     with pytest.raises(ValueError, match="subset code"):

@@ -1031,7 +1031,9 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   if (N == 0 || g.M == 0) return shaped_like_x(at::empty({N, g.M}, x.options()));
   const bool no_terms = g.S == 0 || g.nnz == 0 || g.B == 0 || g.K == 0;
   if (no_terms) {
-    at::Tensor y = bias.has_value() ? bias->expand({N, g.M}).contiguous() : at::zeros({N, g.M}, x.options());
+    // (clone: for one token, contiguous() would hand back the bias itself, an output aliasing an input)
+    at::Tensor y = bias.has_value() ? bias->expand({N, g.M}).clone(at::MemoryFormat::Contiguous)
+                                    : at::zeros({N, g.M}, x.options());
     return shaped_like_x(y);
   }
   at::Tensor status = check ? at::zeros({}, values.options().dtype(at::kInt)) : at::Tensor();

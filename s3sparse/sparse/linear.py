@@ -294,6 +294,12 @@ class PackedLinear(nn.Module):
             self._tables_ok = True
         return y
 
+    def __getstate__(self):
+        # A pickled module's tables come back from a file: check them again (identity survives pickling).
+        state = super().__getstate__()
+        state["_checked_tables"], state["_tables_ok"] = None, False
+        return state
+
     def _holds_checked_tables(self) -> bool:
         """Whether the module's index tables are the ones the CUDA op last accepted, unchanged since."""
         b, c = self._buffers, self._checked_tables
