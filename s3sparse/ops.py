@@ -35,7 +35,8 @@ __all__ = [
 _ops = torch.ops.s3sparse
 # packed_linear's eager call (csrc/module.cpp): the same op, without torch.ops' boxing. It is bound to
 # s3sparse::packed_linear: code that swaps `_ops` (the tests' host emulator) must swap this too.
-_packed_linear_call = _C._packed_linear_call
+# (None with a library built before it: torch.ops then.)
+_packed_linear_call = getattr(_C, "_packed_linear_call", None)
 
 
 def _ints(name: str, values: Sequence[int]) -> list[int]:
@@ -439,7 +440,7 @@ def packed_linear(
     no promise always the latter (docs/packed.md). For large 2:4 batches,
     ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead.
     """
-    if type(x) is Tensor and not torch.compiler.is_compiling():
+    if type(x) is Tensor and _packed_linear_call is not None and not torch.compiler.is_compiling():
         # Eager: the typed C++ call, about 2 µs less host time than torch.ops (csrc/module.cpp);
         # NotImplemented for arguments it leaves to torch.ops (subclasses, numpy ints, modes).
         y = _packed_linear_call(x, values, meta, subsets, block_off, elem_off, scope_shape, scope_stride,

@@ -592,6 +592,7 @@ def test_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(device, seed):
     """``ops.packed_linear``'s typed C++ call gives torch.ops' result bit for bit; arguments that need Python-level
     semantics (subclasses, numpy or float ints, a non-bool ``checked``, an overflowing int) give NotImplemented,
     and the wrapper's result through torch.ops is the same."""
+    assert ops._packed_linear_call is not None, "s3sparse._C was built without _packed_linear_call: rebuild"
     _, p = packed_case(random.Random(seed), device=device)
     x = torch.randn(5, p.in_features, device=device)
     bias = torch.randn(p.out_features, device=device)
