@@ -333,10 +333,11 @@ def _gather(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return C_cols.index_select(0, rows.reshape(-1)).reshape(n, r, cols.numel())
 
 
-def _scope_panel(T: Tensor, j: int, nE: int) -> Tensor:
-    """Scope j's columns ``[w, its nE elements]`` of a block panel ``[w, E_0 …, E_{b−1}]`` (by slices: an
-    index tensor on the last dimension is a slow gather on the CPU)."""
-    return torch.cat([T[..., :1], T[..., 1 + j * nE : 1 + (j + 1) * nE]], dim=-1)
+def _scope_panel(T: Tensor, j: int, nE: int, wc: int) -> Tensor:
+    """Scope j's columns ``[w, its nE elements]`` of a block panel ``[E_0 …, E_{b−1}, w]``, w at column
+    ``wc = b·nE`` (by slices: an index tensor on the last dimension is a slow gather on the CPU). w comes
+    last so that the columns a scope's factors need, the later scopes' and w, are one slice."""
+    return torch.cat([T[..., wc : wc + 1], T[..., j * nE : (j + 1) * nE]], dim=-1)
 
 
 def _sweep_block(st: _Chunk, g0: int, fac: Optional["_BlockSwaps"] = None) -> "_BlockSwaps":
@@ -352,7 +353,8 @@ def _sweep_block(st: _Chunk, g0: int, fac: Optional["_BlockSwaps"] = None) -> "_
     eye = torch.eye(w, dtype=dt, device=dev)
     g1 = min(S, g0 + st.block)
     bsl = slice(g0 * w, g1 * w)  # the block's slots
-    Xs = torch.cat([wP[..., None], _gather(C, P, cols[g0:g1].reshape(-1))], dim=2)  # (n, p, 1 + b·E)
+    wc = (g1 - g0) * nE  # the panel's w column
+    Xs = torch.cat([_gather(C, P, cols[g0:g1].reshape(-1)), wP[..., None]], dim=2)  # (n, p, b·E + 1)
     Xs[:, bsl] = 0  # the block's slots change during the block: their rows are applied separately
     T0 = Ainv @ Xs  # the one full pass over A⁻¹ for these scopes
     # (n, p, b·w) A⁻¹'s columns at the block's slots, before its swaps; a contiguous copy, as the
@@ -369,14 +371,14 @@ def _sweep_block(st: _Chunk, g0: int, fac: Optional["_BlockSwaps"] = None) -> "_
         # X = [w_P, C_PE] over the current P, zero at this scope's slots.
         Xb = torch.cat([wP[:, bsl, None], _gather(C, P[:, bsl], E)], dim=2)  # (n, b·w, 1 + E)
         Xb[:, sl_b] = 0
-        X = _scope_panel(Xs, j, nE)
+        X = _scope_panel(Xs, j, nE, wc)
         X[:, bsl] = Xb
         # A⁻¹_cur X = A⁻¹ X_out + UD Uᵀ X_out + A⁻¹_cur[:, block slots] X_block  (X_out: rows outside the block)
-        Y = torch.baddbmm(_scope_panel(T0, j, nE), A_blk, Xb)
+        Y = torch.baddbmm(_scope_panel(T0, j, nE, wc), A_blk, Xb)
         Aq = A_blk[:, :, sl_b]
         if fac.nf:
             Uf, UDf = fac.Ut[:, : fac.nf], fac.UDt[:, : fac.nf].transpose(1, 2)  # (n, nf, p), (n, p, nf)
-            Y.baddbmm_(UDf, torch.baddbmm(_scope_panel(fac.UtX[:, : fac.nf], j, nE), Uf[:, :, bsl], Xb))
+            Y.baddbmm_(UDf, torch.baddbmm(_scope_panel(fac.UtX[:, : fac.nf], j, nE, wc), Uf[:, :, bsl], Xb))
             Aq = torch.baddbmm(Aq, UDf, Uf[:, :, sl])
         # Downdate: B = the inverse over P' = P without this scope's slots (zero there), applied to X.
         # (A_qq is a principal block of a positive definite inverse: Cholesky, and no error check,
@@ -423,7 +425,8 @@ def _sweep_block(st: _Chunk, g0: int, fac: Optional["_BlockSwaps"] = None) -> "_
             cand[:, g] = torch.where(swap, best, cur).to(cand.dtype)
         else:
             cand[gi, g] = best[gi].to(cand.dtype)
-        fac.add(rows, Un, UD, take(Xs), on)
+        later = (j + 1) * nE  # (the later scopes' columns and w: all the block reads of this factor)
+        fac.add(rows, Un, UD, take(Xs[:, :, later:]), later, on)
         P[rows, sl] = Pn
         wP[rows, sl] = W0[rows].gather(1, Pn)
     return fac
@@ -447,13 +450,14 @@ class _BlockSwaps:
         self.nf = 0
         self.swapped.zero_()
 
-    def add(self, rows, Un: Tensor, UD: Tensor, Xs_rows: Tensor, on: Optional[Tensor]) -> None:
+    def add(self, rows, Un: Tensor, UD: Tensor, Xs_rows: Tensor, col0: int, on: Optional[Tensor]) -> None:
         """One scope's factors ``Un`` (k, p, 2w) and ``UD`` (k, 2w, p) for ``rows`` (an index, or every
-        row with ``on`` saying which swapped; the others' factors are zero); ``Xs_rows``: their panels."""
+        row with ``on`` saying which swapped; the others' factors are zero); ``Xs_rows``: their panels from
+        column ``col0`` on (the later scopes' and w: the columns of ``UtX`` the block reads)."""
         f = slice(self.nf, self.nf + Un.shape[2])
         self.Ut[rows, f] = Un.transpose(1, 2)
         self.UDt[rows, f] = UD
-        self.UtX[rows, f, : Xs_rows.shape[2]] = Un.transpose(1, 2) @ Xs_rows  # (a shorter last block)
+        self.UtX[rows, f, col0 : col0 + Xs_rows.shape[2]] = Un.transpose(1, 2) @ Xs_rows  # (a shorter last block)
         self.nf = f.stop
         if on is None:
             self.swapped[rows] = True
