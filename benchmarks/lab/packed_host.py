@@ -2,8 +2,9 @@
 
 On a layer so small that the GPU time is a few µs, a plain loop of eager calls (synchronised at
 the end) is bound by the host: its time per call is the host cost of a call. Timed, per call:
-``F.linear``; ``PackedLinear``; ``s3sparse.ops.packed_linear`` (the Python wrapper); the op through
-``torch.ops`` directly (the dispatcher and the C++ host path); and, for scale, two cheap aten ops.
+``F.linear``; ``nn.Linear`` (for the module call's own cost); ``PackedLinear``;
+``s3sparse.ops.packed_linear`` (the Python wrapper, its eager C++ call); the op through ``torch.ops``
+directly (the boxed dispatcher path and the C++ host path); and, for scale, two cheap aten ops.
 The median of ``--repeat`` loops of ``--calls`` calls each.
 
     python benchmarks/lab/packed_host.py --device cuda [--shape 256x256] [--tokens 1]
@@ -61,6 +62,7 @@ def main(argv=None):
         packed(x)  # (the first call checks the tables: later ones pass checked=True)
         cases = {
             "F.linear": lambda: F.linear(x, W),
+            "nn.Linear (the dense module)": lambda: lin(x),
             "PackedLinear": lambda: packed(x),
             "ops.packed_linear (checked)": lambda: ops.packed_linear(*args, True),
             "torch.ops packed_linear (checked)": lambda: torch.ops.s3sparse.packed_linear.default(*args, True),
