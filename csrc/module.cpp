@@ -63,8 +63,6 @@ using PackedLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const a
 constexpr Py_ssize_t kPackedLinearArgs = 13;
 constexpr Py_ssize_t kMaxIntList = 16;  // longer lists take torch.ops (the kernel allows fewer dims anyway)
 
-bool plain_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
-
 bool plain_int(PyObject* o, int64_t* out) {
   if (!PyLong_CheckExact(o)) return false;
   int overflow = 0;
@@ -98,10 +96,10 @@ PyObject* packed_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize
   const auto not_implemented = [] { Py_RETURN_NOTIMPLEMENTED; };
   if (at::impl::torch_function_mode_enabled()) return not_implemented();
   for (int i : {0, 1, 2, 4, 5}) {
-    if (!plain_tensor(args[i])) return not_implemented();
+    if (!THPVariable_CheckExact(args[i])) return not_implemented();  // (a Parameter is exact too)
   }
   for (int i : {3, 11}) {
-    if (args[i] != Py_None && !plain_tensor(args[i])) return not_implemented();
+    if (args[i] != Py_None && !THPVariable_CheckExact(args[i])) return not_implemented();
   }
   std::array<int64_t, kMaxIntList> shape{}, stride{};
   Py_ssize_t n_shape = 0, n_stride = 0;

@@ -1056,11 +1056,12 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
     at::Tensor y = at::empty({N, g.M}, x.options());
     if (N <= per_launch) {  // (one launch: no slices)
       if (!launch(x2, y)) return std::nullopt;
-    }
-    for (int64_t n0 = 0; N > per_launch && n0 < N; n0 += per_launch) {
-      const int64_t n = std::min<int64_t>(per_launch, N - n0);
-      at::Tensor ys = y.narrow(0, n0, n);
-      if (!launch(x2.narrow(0, n0, n), ys)) return std::nullopt;
+    } else {
+      for (int64_t n0 = 0; n0 < N; n0 += per_launch) {
+        const int64_t n = std::min<int64_t>(per_launch, N - n0);
+        at::Tensor ys = y.narrow(0, n0, n);
+        if (!launch(x2.narrow(0, n0, n), ys)) return std::nullopt;
+      }
     }
     if (check) raise_on_bad_data(status, g, op);  // (without: the kernel wrote NaN)
     return shaped_like_x(y);

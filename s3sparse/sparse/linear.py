@@ -22,6 +22,16 @@ def _versions(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_o
     return meta._version, -1 if subsets is None else subsets._version, block_off._version, elem_off._version
 
 
+def _is_checked(checked: Optional[tuple], meta: Tensor, subsets: Optional[Tensor], block_off: Tensor,
+                elem_off: Tensor) -> bool:
+    """Whether ``checked`` (``(meta, subsets, block_off, elem_off, versions)`` the CUDA op accepted, or None)
+    holds these very tables, unchanged since (identity and versions: 0.3 µs a call; storage pointers too
+    would double it)."""
+    c = checked
+    return (c is not None and c[0] is meta and c[1] is subsets and c[2] is block_off and c[3] is elem_off
+            and c[4] == _versions(meta, subsets, block_off, elem_off))
+
+
 def _tables_key(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
     """Storage and version of every index table: a new tensor or an in-place
     change (``load_state_dict``, ``.to()``, ...) makes a new key."""
@@ -280,10 +290,8 @@ class PackedLinear(nn.Module):
             if torch.compiler.is_compiling():
                 checked = self._tables_ok  # (a guarded constant: a load or move recompiles)
             else:
-                eager_cuda, c = True, self._checked_tables
-                # (identity and versions: 0.3 µs a call; storage pointers too would double it)
-                checked = (c is not None and c[0] is meta and c[1] is subsets and c[2] is block_off
-                           and c[3] is elem_off and c[4] == _versions(meta, subsets, block_off, elem_off))
+                eager_cuda = True
+                checked = _is_checked(self._checked_tables, meta, subsets, block_off, elem_off)
         y = ops.packed_linear(
             x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
             self.meta_bits, self.out_features, self.row_group, self._parameters["bias"], checked,
@@ -302,9 +310,8 @@ class PackedLinear(nn.Module):
 
     def _holds_checked_tables(self) -> bool:
         """Whether the module's index tables are the ones the CUDA op last accepted, unchanged since."""
-        b, c = self._buffers, self._checked_tables
-        tables = (b["meta"], b["subsets"], b["block_off"], b["elem_off"])
-        return c is not None and all(a is t for a, t in zip(c[:4], tables)) and c[4] == _versions(*tables)
+        b = self._buffers
+        return _is_checked(self._checked_tables, b["meta"], b["subsets"], b["block_off"], b["elem_off"])
 
     def check_tables(self) -> "PackedLinear":
         """Check the index tables on the module's device now (a ``ValueError`` for bad data).
