@@ -63,11 +63,11 @@ _GRAM_MIN_TOKENS = 512
 _MM_FP32_OUT: dict = {}
 
 
-def _mm_fp32_out_runs(like: Tensor) -> bool:
-    """Whether this torch has the float32-output GEMM for ``like``'s dtype and device type (tried once)."""
-    key = (like.dtype, like.device.type)
+def _mm_fp32_out_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch has the float32-output GEMM for inputs of ``dtype`` on ``device``'s type (tried once)."""
+    key = (dtype, device.type)
     if key not in _MM_FP32_OUT:
-        a = torch.ones(2, 2, dtype=like.dtype, device=like.device)
+        a = torch.ones(2, 2, dtype=dtype, device=device)
         try:
             _MM_FP32_OUT[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (RuntimeError, TypeError, NotImplementedError):
@@ -89,7 +89,7 @@ def _window_grams(total: Tensor, x: Tensor) -> bool:
     sums were half of SparseGPT's whole-model time on an H200).
     """
     if not (total.dtype == torch.float64 and total.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and x.dim() >= 3 and x.shape[-2] >= _GRAM_MIN_TOKENS and _mm_fp32_out_runs(total)):
+            and x.dim() >= 3 and x.shape[-2] >= _GRAM_MIN_TOKENS and _mm_fp32_out_runs(x.dtype, total.device)):
         return False
     for window in x.reshape(-1, x.shape[-2], x.shape[-1]):
         w = window.to(device=total.device)
