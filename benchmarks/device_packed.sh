@@ -110,7 +110,7 @@ for step in "${@:-all}"; do
     model36)
       # Issue 16: the whole random Qwen3-4B-shaped model (36 blocks), SparseGPT and True OBS (about 7 min).
       (cd /tmp && timeout 580 python3 "$repo/benchmarks/model.py" --device cuda --methods ${MODEL_METHODS:-sparsegpt true-obs} \
-        --out "$OUT/model-h200-qwen3-4b-36blocks.json" > "$OUT/model-h200-qwen3-4b-36blocks.txt" 2>&1; tail -12 "$OUT/model-h200-qwen3-4b-36blocks.txt")
+        --out "$OUT/model-qwen3-4b-36blocks.json" > "$OUT/model-qwen3-4b-36blocks.txt" 2>&1; tail -12 "$OUT/model-qwen3-4b-36blocks.txt")
       ;;&
     bf16probe)
       # The bf16 packed_linear case an H200 once computed double-rounded, through each kernel path.
