@@ -217,6 +217,27 @@ def test_packed_linear_tensor_core_kernel_odd_shapes(device, seed, dtype):
                 _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} M={M} K={K} tokens={n}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
+def test_packed_linear_rounds_once_when_the_bias_cancels(device, dtype):
+    """x Wᵀ + b rounded once to the output dtype, on every path (token counts for the decode, tensor-core
+    and expansion paths; row_group 0 for the per-value path): each row's x Wᵀ is 1 + 2⁻¹², which
+    neither 16-bit type holds, and b = -1, so the exact output is 2⁻¹²; rounding x Wᵀ first gives 0.
+    (On an H200 and an H100, cuBLAS's 16-bit addmm of the expansion path gave 0 at 1 token.)"""
+    M, K = 24, 64
+    W = torch.zeros(M, K, dtype=dtype)
+    W[:, 0], W[:, 1] = 1.0, 2.0**-12
+    scope, nnz = patterns.by_name("24", torch.nn.Parameter(W.to(device)))
+    scope.hard_threshold(nnz=nnz)
+    p = PackedWeight.from_scope(scope, nnz)
+    bias = torch.full((M,), -1.0, dtype=dtype, device=device)
+    for row_group in (p.row_group, 0):
+        for n in (1, 2, 4, 8, 9, 16, 17, 64):
+            x = torch.ones(n, K, dtype=dtype, device=device)
+            got = ops.packed_linear(x, *_args(p), M, row_group, bias)
+            assert torch.equal(got.cpu(), torch.full((n, M), 2.0**-12, dtype=dtype)), (
+                f"row_group={row_group} tokens={n}: {sorted(set(got.double().cpu().flatten().tolist()))}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_id)
 def test_packed_linear_spans_that_do_not_tile(device, dtype):
     """2:4-shaped formats whose chunks do not tile their 16 columns: every host check of the

@@ -1106,7 +1106,19 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   };
   auto workspace_linear = [&](const at::Tensor& w) {
     if (check) raise_on_bad_data(status, g, op);
-    at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    at::Tensor y;
+    if (bias.has_value() && (x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16)) {
+      // One rounding, as the kernels: cuBLAS's 16-bit addmm can round x Wᵀ to the output dtype before
+      // adding the bias (seen at 1 token in bf16 on an H100 and an H200: round(round(x Wᵀ) + b), far
+      // off where the bias cancels x Wᵀ), so the sum is taken in fp32 and rounded once.
+#ifdef S3SPARSE_EMULATE_CUDA  // (the CPU has no mm.dtype: the same fp32 products and sums)
+      y = at::mm(x2.to(at::kFloat), w.t().to(at::kFloat)).add_(*bias).to(x2.scalar_type());
+#else
+      y = at::mm(x2, w.t(), at::kFloat).add_(*bias).to(x2.scalar_type());
+#endif
+    } else {
+      y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    }
     if (!check) poison_on_bad_data(ws_status, y);
     return shaped_like_x(y);
   };
