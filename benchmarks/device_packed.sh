@@ -38,7 +38,13 @@ for step in "${@:-all}"; do
         "$repo/tests/test_op_packed.py" 2>&1 | tail -5 | tee -a "$OUT/pytest-packed-cuda.txt")
       ;;&
     cuda)
-      (cd /tmp && timeout 500 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests" 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt")  # the whole suite's cuda tests
+      # The whole suite's cuda tests: the summary comes back, and on a failure each failing test's
+      # seed, replay line and error lines (a tail alone cut them off once).
+      (cd /tmp && timeout 500 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests" > "$LOG/pytest-cuda-full.txt" 2>&1)
+      tail -25 "$LOG/pytest-cuda-full.txt" | tee "$OUT/pytest-cuda.txt"
+      if grep -q "failed" "$OUT/pytest-cuda.txt"; then
+        grep -E "^(_{3,} test|E  |FAILED|replay:|S3SPARSE_TEST_SEED=)" "$LOG/pytest-cuda-full.txt" | head -300 > "$OUT/pytest-cuda-failures.txt"
+      fi
       ;;&
     crossover)
       # The same calls through each path forced (stream decode kernel / tensor-core kernel / expansion + cuBLAS).
