@@ -220,9 +220,9 @@ def test_packed_linear_tensor_core_kernel_odd_shapes(device, seed, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
 def test_packed_linear_rounds_once_when_the_bias_cancels(device, dtype):
     """x Wᵀ + b rounded once to the output dtype, on every path (token counts for the decode, tensor-core
-    and expansion paths; row_group 0 for the per-value path): each row's x Wᵀ is 1 + 2⁻¹², which
+    and expansion paths; row_group 0 for the scattered workspace): each row's x Wᵀ is 1 + 2⁻¹², which
     neither 16-bit type holds, and b = -1, so the exact output is 2⁻¹²; rounding x Wᵀ first gives 0.
-    (On an H200 and an H100, cuBLAS's 16-bit addmm of the expansion path gave 0 at 1 token.)"""
+    (On an H100, cuBLAS's 16-bit addmm behind the workspace paths rounded x Wᵀ first at 1 token.)"""
     M, K = 24, 64
     W = torch.zeros(M, K, dtype=dtype)
     W[:, 0], W[:, 1] = 1.0, 2.0**-12
