@@ -6,6 +6,9 @@ The kernel reads the package's canonical 2:4 values as they are and a metadata t
 the order ``mma.sp`` reads it. Which bits of which lane's metadata word the instruction reads for
 which (row, column) is spelled out in ``LAYOUTS``; every layout is checked against fp32 ``F.linear``
 (a wrong layout gives errors of order 1) and only the layouts that pass are timed.
+The package's builder of the same words is ``s3sparse.sparse.sp24.sp24_meta_words`` (equal to
+``meta_words(kept_index(W), "halves", True)`` here; tests/test_sp24.py checks it through a model of
+the fragments).
 Run from the repository root on the GPU machine, with s3sparse importable::
 
     PYTHONPATH=$PWD python3 benchmarks/lab/sp24_lab.py [NAME=-DFLAG,-DFLAG ...]

@@ -1,0 +1,78 @@
+"""The sparse tensor cores' metadata of a 2:4 weight (s3sparse.sparse.sp24), checked through a pure-torch
+model of what the lab kernel (benchmarks/lab/sp24_lab.cu) hands ``mma.sp`` m16n8k32: its A registers
+(the packed values as stored), its metadata words and its B registers (x at the permuted k). The model
+follows the PTX ISA fragment layouts; the metadata layout it decodes is the one measured correct on an
+H100 (docs/performance.md)."""
+
+import pytest
+import torch
+
+from s3sparse import patterns
+from s3sparse.sparse import PackedWeight
+from s3sparse.sparse.sp24 import sp24_meta_words
+
+_X_OFFSETS = (0, 32, 4, 36)  # a lane's B registers 0-3 in step 0 (step 1: + 8), after 16 (t // 2) + 2 (t % 2)
+
+
+def _pruned(M: int, K: int, seed: int, dtype=torch.float16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(M, K, generator=g).to(dtype))
+    scope, nnz = patterns.by_name("24", W)
+    scope.hard_threshold(nnz=nnz)
+    return W.detach()
+
+
+def _model_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, M: int) -> torch.Tensor:
+    """y = x Wᵀ as the kernel computes it, in float64: each step's dense 16×32 A from the values and the
+    metadata the instruction reads (selector s: lanes t = 2 s, 2 s + 1), times its 32×N B."""
+    N, K = x.shape
+    tiles, iters = M // 16, K // 64
+    vals = values.double().view(M, K // 2)
+    x = x.double()
+    y = torch.zeros(N, M, dtype=torch.float64)
+    for T in range(tiles):
+        for i in range(iters):
+            for s in range(2):
+                A = torch.zeros(16, 32, dtype=torch.float64)
+                for g in range(8):
+                    for half in range(2):  # the lane pair's first (columns 0-7) and second (8-15) word
+                        word = int(words[T, i, 4 * g + 2 * s + half]) & 0xFFFFFFFF
+                        for r, bits in ((g, word & 0xFFFF), (g + 8, word >> 16)):
+                            for jj in range(8):
+                                j = 8 * half + jj  # compressed column
+                                t, e = (j % 8) // 2, j % 2
+                                v = vals[16 * T + r, 32 * i + 8 * t + 4 * s + 2 * (j // 8) + e]
+                                A[r, 4 * (j // 2) + ((bits >> (2 * jj)) & 3)] = v
+                B = torch.zeros(32, N, dtype=torch.float64)
+                for t in range(4):
+                    for reg in range(4):
+                        for e in range(2):
+                            col = 64 * i + 16 * (t // 2) + 2 * (t % 2) + 8 * s + _X_OFFSETS[reg] + e
+                            B[8 * reg + 2 * t + e] = x[:, col]
+                y[:, 16 * T : 16 * T + 16] += (A @ B).T
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sp24_meta_words_give_x_wt_through_the_fragment_model(seed, dtype):
+    M, K = 32, 128
+    W = _pruned(M, K, seed, dtype)
+    p = PackedWeight.from_pattern(W, "2:4")
+    words = sp24_meta_words(p)
+    assert words.shape == (M // 16, K // 64, 32) and words.dtype == torch.int32
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    got = _model_linear(x, p.values, words, M)
+    want = x.double() @ W.double().T
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), float((got - want).abs().max())
+
+
+def test_sp24_meta_words_refuse_what_the_layout_cannot_hold(seed):
+    with pytest.raises(ValueError, match="out_features % 16 == 0 and in_features % 64 == 0, got 32x96"):
+        sp24_meta_words(PackedWeight.from_pattern(_pruned(32, 96, seed), "2:4"))
+    with pytest.raises(ValueError, match="out_features % 16 == 0 and in_features % 64 == 0, got 24x128"):
+        sp24_meta_words(PackedWeight.from_pattern(_pruned(24, 128, seed), "2:4"))
+    W = torch.nn.Parameter(torch.randn(32, 128, generator=torch.Generator().manual_seed(seed)).half())
+    scope, nnz = patterns.by_name("48", W)
+    scope.hard_threshold(nnz=nnz)
+    with pytest.raises(ValueError, match="keeps M\\*K/2|not 2:4"):
+        sp24_meta_words(PackedWeight.from_scope(scope, nnz))
