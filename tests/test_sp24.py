@@ -76,3 +76,18 @@ def test_sp24_meta_words_refuse_what_the_layout_cannot_hold(seed):
     scope.hard_threshold(nnz=nnz)
     with pytest.raises(ValueError, match="keeps M\\*K/2|not 2:4"):
         sp24_meta_words(PackedWeight.from_scope(scope, nnz))
+    p = PackedWeight.from_pattern(_pruned(32, 128, seed), "2:4")
+    with pytest.raises(ValueError, match="float16 or bfloat16 values, got torch.float32"):
+        sp24_meta_words(p.to(torch.float32))
+    # A valid format whose values run down the columns of each group (block_off reversed): the kernel would
+    # misread it, so it is refused.
+    sub = torch.tensor([sorted(3 - v for v in s) for s in p.subsets.tolist()], dtype=p.subsets.dtype)
+    flipped = PackedWeight(p.values.flip(1).contiguous(), p.meta.clone(), sub, p.block_off.flip(0).contiguous(),
+                           p.elem_off.clone(), p.scope_shape, p.scope_stride, p.meta_bits, 32, 128, p.row_group)
+    assert torch.equal(flipped.to_dense(), p.to_dense())
+    with pytest.raises(ValueError, match="not each row's kept values in column order"):
+        sp24_meta_words(flipped)
+    strided = p.values.transpose(0, 2).contiguous().transpose(0, 2)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        sp24_meta_words(PackedWeight(strided, p.meta, p.subsets, p.block_off, p.elem_off, p.scope_shape,
+                                     p.scope_stride, p.meta_bits, 32, 128, p.row_group))

@@ -149,10 +149,13 @@ __global__ void __launch_bounds__(SP_WARPS * 32)
     __threadfence();
     __syncwarp();
     int old = 0;
-    if (lane == 0) old = atomicAdd(cnt + tile, 1);
+    if (lane == 0) {
+      old = atomicAdd(cnt + tile, 1);
+      __threadfence();  // (acquire: the other slices' partials before this warp reads them)
+    }
     old = __shfl_sync(0xffffffffu, old, 0);
     if (old != S - 1) return;
-    __threadfence();
+    __syncwarp();
     s[0] = s[1] = s[2] = s[3] = 0.f;
     for (int sl = 0; sl < S; ++sl) {
       const float* p = ws + (static_cast<int64_t>(sl) * M + tile * 16) * 8;
@@ -178,12 +181,29 @@ __global__ void __launch_bounds__(SP_WARPS * 32)
 }  // namespace
 
 // y (N, M) = x (N, K) W^T (+ bias); vals (M, K/2) fp16, meta from sp24_lab.py's builder;
-// ws (S, M, 8) fp32 and cnt (M/16) int32 zeros (cnt is left zero).
+// ws (S, M, 8) fp32 and cnt (M/16) int32 zeros (cnt is left zero; a launch that aborts leaves it
+// non-zero, and one cnt must not serve two streams at once: a lab simplification).
 at::Tensor sp24_linear(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& ws, const at::Tensor& cnt, int64_t S) {
   const int64_t N = x.size(0), K = x.size(1), M = vals.size(0);
   TORCH_CHECK(N >= 1 && N <= 8, "sp24 lab: 1-8 tokens");
   TORCH_CHECK(M % 16 == 0 && K % 64 == 0, "sp24 lab: M % 16, K % 64");
+  TORCH_CHECK(x.is_cuda() && vals.device() == x.device() && meta.device() == x.device() && ws.device() == x.device() &&
+                  cnt.device() == x.device(), "sp24 lab: every tensor on x's CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf && vals.scalar_type() == at::kHalf, "sp24 lab: fp16 x and values");
+  TORCH_CHECK(x.is_contiguous() && vals.is_contiguous() && meta.is_contiguous() && ws.is_contiguous(),
+              "sp24 lab: contiguous tensors");
+  TORCH_CHECK(vals.dim() == 2 && vals.size(1) == K / 2, "sp24 lab: values (M, K/2)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(vals.data_ptr()) % 16 == 0, "sp24 lab: 16-byte aligned values");
+  TORCH_CHECK(meta.scalar_type() == at::kInt &&
+                  meta.numel() >= (SP_OWNMETA ? (M * K / 4 + 9) / 10 : M / 16 * (K / 64) * 32 * kMetaWords),
+              "sp24 lab: int32 meta of the layout built for this variant");
+  TORCH_CHECK(S >= 1 && S <= K / 64, "sp24 lab: 1 <= S <= K/64");
+  TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() >= S * M * 8, "sp24 lab: fp32 ws of S*M*8");
+  TORCH_CHECK(cnt.scalar_type() == at::kInt && cnt.numel() >= M / 16, "sp24 lab: int32 cnt of M/16");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kHalf && bias->numel() == M && bias->is_contiguous() &&
+                                    bias->device() == x.device()),
+              "sp24 lab: fp16 bias of M");
   at::Tensor y = at::empty({N, M}, x.options());
   const int64_t warps = M / 16 * S;
   const int blocks = static_cast<int>((warps + SP_WARPS - 1) / SP_WARPS);

@@ -140,7 +140,7 @@ def main() -> None:
         vals = Wd[Wd != 0].view(M, K // 2)
         assert torch.equal(vals, packed.packed.values.view(M, K // 2)), "the canonical values are row-major kept values"
         idx = kept_index(Wd)
-        n_sp = max(1, math.ceil(rotate / (vals.numel() * 2.5)))
+        n_sp = max(1, math.ceil(rotate / (vals.numel() * 2 * 1.125)))  # values + metadata
         n_dense = max(1, math.ceil(rotate / (Wd.numel() * 2)))
         dense_ws = [Wd] + [Wd.clone() for _ in range(n_dense - 1)]
         packs = [packed] + [PackedLinear(PackedWeight.from_pattern(Wd.clone(), "2:4")) for _ in range(n_sp - 1)]
@@ -178,7 +178,7 @@ def main() -> None:
                         row[f"{key}_us"] = timed(fns)
                         row[f"{key}_S"] = S
                         del copies
-            nbytes = vals.numel() * 2 * 1.0625  # values + 2 bits a kept value
+            nbytes = vals.numel() * 2 * 1.125  # values + 2 bits a 16-bit kept value (1/8 of the value bytes)
             best = min((v for k, v in row.items() if k.endswith("_us") and k not in ("dense_us", "packed_us")),
                        default=None)
             if best:

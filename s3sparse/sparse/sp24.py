@@ -1,10 +1,10 @@
 """The metadata of the sparse tensor cores (``mma.sp`` m16n8k32, 16-bit inputs) for a 2:4 weight.
 
-A 2:4 decode kernel on the sparse tensor cores (measured in ``benchmarks/lab/sp24_lab.cu``: 1.4-1.65×
+A 2:4 decode kernel on the sparse tensor cores (measured in ``benchmarks/lab/sp24_lab.cu``: 1.29-1.65×
 dense ``F.linear`` at 1-8 tokens on an H100; docs/performance.md) reads the packed values as they are
-and needs, beside them, the 2-bit position of every kept value in the order the instruction reads it.
-Built in the kernel from the 3-bit codes it costs 40-60 % more time, so it is derived once a weight,
-here. The order, for the kernel's permuted k (see the lab kernel's header):
+(fp16 or bf16, contiguous) and needs, beside them, the 2-bit position of every kept value in the order
+the instruction reads it. Built in the kernel from the 3-bit codes it costs 50-70 % more time, so it is
+derived once a weight, here. The order, for the kernel's permuted k (see the lab kernel's header):
 
 * iteration ``i`` covers columns ``64 i`` to ``64 i + 63``, in two m16n8k32 steps; in step ``s``,
   virtual group ``q`` (4 columns) is original group ``16 i + 4 (q % 4) + 2 s + q // 4``;
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from s3sparse import ops
+from s3sparse.errors import ArgumentError
 from s3sparse.sparse.packed import PackedWeight
 
 # Virtual group q of step s -> original group within an iteration: 4 (q % 4) + 2 s + q // 4.
@@ -33,32 +34,41 @@ def _kept_positions(packed: PackedWeight) -> Tensor:
     M, K = packed.shape
     numel = packed.values.numel()
     if numel != M * K // 2:
-        raise ValueError(f"packed: a 2:4 weight keeps M*K/2 = {M * K // 2} values, this one {numel}; "
-                         f"pack a 2:4-pruned weight (PackedWeight.from_pattern(W, '2:4'))")
-    # Each packed value numbered 1.. (exact in fp32), unpacked: where each one lands says its column.
-    rank = torch.arange(1, numel + 1, dtype=torch.float32, device=packed.device).view_as(packed.values)
+        raise ArgumentError(f"packed: a 2:4 weight keeps M*K/2 = {M * K // 2} values, this one {numel}; "
+                            f"prune to 2:4 and pack it with PackedWeight.from_pattern(W, '2:4')")
+    # Each packed value numbered 1.. (exact in float64), unpacked: where each one lands says its column.
+    rank = torch.arange(1, numel + 1, dtype=torch.float64, device=packed.device).view_as(packed.values)
     dense = ops.packed_to_dense(rank, packed.meta, packed.subsets, packed.block_off, packed.elem_off,
                                 list(packed.scope_shape), list(packed.scope_stride), packed.meta_bits, M, K)
     groups = dense.view(M, K // 4, 4)
     kept = groups != 0
-    pos = torch.arange(4, device=dense.device).expand(M, K // 4, 4)
     if not bool((kept.sum(-1) == 2).all()):
-        raise ValueError("packed: not 2:4 (every group of 4 columns must keep exactly 2 values)")
+        raise ArgumentError("packed: not 2:4 (every group of 4 columns must keep exactly 2 values); "
+                            "prune to 2:4 first, or keep this layer on PackedLinear's other paths")
     order = groups[kept].view(M, K // 2)
-    want = torch.arange(1, numel + 1, dtype=torch.float32, device=dense.device).view(M, K // 2)
-    if not torch.equal(order, want):
-        raise ValueError("packed: its values are not each row's kept values in column order")
+    if not torch.equal(order, rank.reshape(M, K // 2)):
+        raise ArgumentError("packed: its values are not each row's kept values in column order; repack it "
+                            "with PackedWeight.from_pattern(packed.to_dense(), '2:4')")
+    pos = torch.arange(4, device=dense.device).expand(M, K // 4, 4)
     return pos[kept].view(M, K // 4, 2)
 
 
 def sp24_meta_words(packed: PackedWeight) -> Tensor:
     """The ``mma.sp`` metadata of a 2:4 ``packed`` weight: (M/16, K/64, 32) int32, one word a lane an
-    iteration, in the order the module docstring gives. M must be a multiple of 16 and K of 64 (the
-    kernel's tile); raises ValueError naming what does not fit."""
+    iteration, in the order the module docstring gives. The weight must be fp16 or bf16 with contiguous
+    values, M a multiple of 16 and K of 64 (the kernel's tile); raises ArgumentError (a ValueError)
+    naming what does not fit."""
     M, K = packed.shape
+    if packed.dtype not in (torch.float16, torch.bfloat16):
+        raise ArgumentError(f"packed: the 16-bit sparse tensor cores take float16 or bfloat16 values, got "
+                            f"{packed.dtype}; convert with packed.to(torch.float16)")
+    if not packed.values.is_contiguous():
+        raise ArgumentError("packed: its values must be contiguous (the kernel reads them as stored); "
+                            "repack with PackedWeight.from_pattern(packed.to_dense(), '2:4')")
     if M % 16 or K % 64:
-        raise ValueError(f"packed: the sparse tensor-core layout needs out_features % 16 == 0 and "
-                         f"in_features % 64 == 0, got {M}x{K}")
+        raise ArgumentError(f"packed: the sparse tensor-core layout needs out_features % 16 == 0 and "
+                            f"in_features % 64 == 0, got {M}x{K}; keep this layer on PackedLinear's other "
+                            f"paths, or pad it to those multiples")
     pos = _kept_positions(packed)  # (M, K/4, 2)
     tiles, iters = M // 16, K // 64
     groups = torch.tensor(_STEP_GROUPS, device=pos.device)  # (2 steps, 8)
