@@ -1,6 +1,6 @@
 // A 2:4 decode kernel on the sparse tensor cores (mma.sp m16n8k32), for
 // benchmarks/lab/sp24_lab.py: built there with torch.utils.cpp_extension, not part
-// of the package. fp16, 1-8 tokens, M a multiple of 16, K a multiple of 64.
+// of the package. fp16, 1-32 tokens (tiles of 8), M a multiple of 16, K a multiple of 64.
 //
 // The values are the package's canonical 2:4 packed values (a row's kept values
 // in column order, K/2 a row) read as they are: lane (g, t) of a warp loads 16
@@ -80,7 +80,8 @@ __device__ __forceinline__ constexpr int x_off(int j) {
   return 8 * (j / 4) + ((j % 4) & 1 ? 32 : 0) + ((j % 4) >= 2 ? 4 : 0);
 }
 
-template <int U>
+// NT tiles of 8 tokens (1-8, 9-16, 17-32 tokens: NT = 1, 2, 4).
+template <int U, int NT>
 __global__ void __launch_bounds__(SP_WARPS * 32)
     sp24_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const __half* __restrict__ x,
                 const __half* __restrict__ bias, __half* __restrict__ y, float* __restrict__ ws,
@@ -98,12 +99,18 @@ __global__ void __launch_bounds__(SP_WARPS * 32)
   const uint4* v0p = vals + static_cast<int64_t>(tile * 16 + g) * rc + t;
   const uint4* v1p = v0p + static_cast<int64_t>(8) * rc;
   [[maybe_unused]] const uint32_t* mp = meta + static_cast<int64_t>(tile) * iters * 32 * kMetaWords + lane * kMetaWords;
-  const bool xon = g < N;
-  const __half* xp = x + static_cast<int64_t>(xon ? g : 0) * K + 16 * (t >> 1) + 2 * (t & 1);
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  bool xon[NT];
+  const __half* xp[NT];
+  float d[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    xon[nt] = 8 * nt + g < N;
+    xp[nt] = x + static_cast<int64_t>(xon[nt] ? 8 * nt + g : 0) * K + 16 * (t >> 1) + 2 * (t & 1);
+    d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+  }
   for (int it = it0; it < it1; it += U) {
     uint4 a[U], b[U];
-    uint32_t e[U][kMetaWords], xb[U][8];
+    uint32_t e[U][kMetaWords], xb[U][NT][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = it + u;
@@ -121,31 +128,45 @@ __global__ void __launch_bounds__(SP_WARPS * 32)
 #endif
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        xb[u][j] = on && xon ? __ldg(reinterpret_cast<const uint32_t*>(xp + 64 * i + x_off(j))) : 0u;
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          xb[u][nt][j] = on && xon[nt] ? __ldg(reinterpret_cast<const uint32_t*>(xp[nt] + 64 * i + x_off(j))) : 0u;
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      mma_sp<0>(d, a[u].x, b[u].x, a[u].y, b[u].y, xb[u][0], xb[u][1], xb[u][2], xb[u][3], e[u][0]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t* xq = xb[u][nt];
+        mma_sp<0>(d[nt], a[u].x, b[u].x, a[u].y, b[u].y, xq[0], xq[1], xq[2], xq[3], e[u][0]);
 #if SP_SELSPLIT
-      mma_sp<1>(d, a[u].z, b[u].z, a[u].w, b[u].w, xb[u][4], xb[u][5], xb[u][6], xb[u][7], e[u][0]);
+        mma_sp<1>(d[nt], a[u].z, b[u].z, a[u].w, b[u].w, xq[4], xq[5], xq[6], xq[7], e[u][0]);
 #else
-      mma_sp<0>(d, a[u].z, b[u].z, a[u].w, b[u].w, xb[u][4], xb[u][5], xb[u][6], xb[u][7], e[u][kMetaWords - 1]);
+        mma_sp<0>(d[nt], a[u].z, b[u].z, a[u].w, b[u].w, xq[4], xq[5], xq[6], xq[7], e[u][kMetaWords - 1]);
 #endif
+      }
     }
   }
   const int r0 = tile * 16 + g, r1 = r0 + 8;
-  float s[4];
+  constexpr int W = 8 * NT;  // workspace columns a row: the token slots
+  float sum[NT][4];
   if (S == 1) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) s[c] = d[c];
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sum[nt][c] = d[nt][c];
   } else {
-    // d: (row g, token 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1); workspace [S][M][8].
-    float* wp = ws + (static_cast<int64_t>(slice) * M + tile * 16) * 8;
-    wp[g * 8 + 2 * t] = d[0];
-    wp[g * 8 + 2 * t + 1] = d[1];
-    wp[(g + 8) * 8 + 2 * t] = d[2];
-    wp[(g + 8) * 8 + 2 * t + 1] = d[3];
+    // d[nt]: (row g, token 8 nt + 2t), (g, + 1), (g + 8, 8 nt + 2t), (g + 8, + 1); workspace [S][M][W].
+    float* wp = ws + (static_cast<int64_t>(slice) * M + tile * 16) * W;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = 8 * nt + 2 * t;
+      wp[g * W + n] = d[nt][0];
+      wp[g * W + n + 1] = d[nt][1];
+      wp[(g + 8) * W + n] = d[nt][2];
+      wp[(g + 8) * W + n + 1] = d[nt][3];
+    }
     __threadfence();
     __syncwarp();
     int old = 0;
@@ -156,37 +177,46 @@ __global__ void __launch_bounds__(SP_WARPS * 32)
     old = __shfl_sync(0xffffffffu, old, 0);
     if (old != S - 1) return;
     __syncwarp();
-    s[0] = s[1] = s[2] = s[3] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sum[nt][0] = sum[nt][1] = sum[nt][2] = sum[nt][3] = 0.f;
     for (int sl = 0; sl < S; ++sl) {
-      const float* p = ws + (static_cast<int64_t>(sl) * M + tile * 16) * 8;
-      s[0] += __ldcg(p + g * 8 + 2 * t);
-      s[1] += __ldcg(p + g * 8 + 2 * t + 1);
-      s[2] += __ldcg(p + (g + 8) * 8 + 2 * t);
-      s[3] += __ldcg(p + (g + 8) * 8 + 2 * t + 1);
+      const float* p = ws + (static_cast<int64_t>(sl) * M + tile * 16) * W;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = 8 * nt + 2 * t;
+        sum[nt][0] += __ldcg(p + g * W + n);
+        sum[nt][1] += __ldcg(p + g * W + n + 1);
+        sum[nt][2] += __ldcg(p + (g + 8) * W + n);
+        sum[nt][3] += __ldcg(p + (g + 8) * W + n + 1);
+      }
     }
     if (lane == 0) cnt[tile] = 0;  // ready for the next call (a graph replays it)
   }
   const float b0 = bias ? __half2float(bias[r0]) : 0.f, b1 = bias ? __half2float(bias[r1]) : 0.f;
-  const int n0 = 2 * t, n1 = 2 * t + 1;
-  if (n0 < N) {
-    y[static_cast<int64_t>(n0) * M + r0] = __float2half_rn(s[0] + b0);
-    y[static_cast<int64_t>(n0) * M + r1] = __float2half_rn(s[2] + b1);
-  }
-  if (n1 < N) {
-    y[static_cast<int64_t>(n1) * M + r0] = __float2half_rn(s[1] + b0);
-    y[static_cast<int64_t>(n1) * M + r1] = __float2half_rn(s[3] + b1);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int n0 = 8 * nt + 2 * t, n1 = n0 + 1;
+    if (n0 < N) {
+      y[static_cast<int64_t>(n0) * M + r0] = __float2half_rn(sum[nt][0] + b0);
+      y[static_cast<int64_t>(n0) * M + r1] = __float2half_rn(sum[nt][2] + b1);
+    }
+    if (n1 < N) {
+      y[static_cast<int64_t>(n1) * M + r0] = __float2half_rn(sum[nt][1] + b0);
+      y[static_cast<int64_t>(n1) * M + r1] = __float2half_rn(sum[nt][3] + b1);
+    }
   }
 }
 
 }  // namespace
 
-// y (N, M) = x (N, K) W^T (+ bias); vals (M, K/2) fp16, meta from sp24_lab.py's builder;
-// ws (S, M, 8) fp32 and cnt (M/16) int32 zeros (cnt is left zero; a launch that aborts leaves it
+// y (N, M) = x (N, K) W^T (+ bias), N <= 32; vals (M, K/2) fp16, meta from sp24_lab.py's builder;
+// ws (S, M, 8 ceil(N/8)) fp32 and cnt (M/16) int32 zeros (cnt is left zero; a launch that aborts leaves it
 // non-zero, and one cnt must not serve two streams at once: a lab simplification).
 at::Tensor sp24_linear(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& ws, const at::Tensor& cnt, int64_t S) {
   const int64_t N = x.size(0), K = x.size(1), M = vals.size(0);
-  TORCH_CHECK(N >= 1 && N <= 8, "sp24 lab: 1-8 tokens");
+  TORCH_CHECK(N >= 1 && N <= 32, "sp24 lab: 1-32 tokens");
+  const int64_t nt = N <= 8 ? 1 : N <= 16 ? 2 : 4;
   TORCH_CHECK(M % 16 == 0 && K % 64 == 0, "sp24 lab: M % 16, K % 64");
   TORCH_CHECK(x.is_cuda() && vals.device() == x.device() && meta.device() == x.device() && ws.device() == x.device() &&
                   cnt.device() == x.device(), "sp24 lab: every tensor on x's CUDA device");
@@ -199,7 +229,7 @@ at::Tensor sp24_linear(const at::Tensor& x, const at::Tensor& vals, const at::Te
                   meta.numel() >= (SP_OWNMETA ? (M * K / 4 + 9) / 10 : M / 16 * (K / 64) * 32 * kMetaWords),
               "sp24 lab: int32 meta of the layout built for this variant");
   TORCH_CHECK(S >= 1 && S <= K / 64, "sp24 lab: 1 <= S <= K/64");
-  TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() >= S * M * 8, "sp24 lab: fp32 ws of S*M*8");
+  TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() >= S * M * 8 * nt, "sp24 lab: fp32 ws of S*M*8*ceil(N/8) (N <= 32: 8, 16 or 32 a row)");
   TORCH_CHECK(cnt.scalar_type() == at::kInt && cnt.numel() >= M / 16, "sp24 lab: int32 cnt of M/16");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kHalf && bias->numel() == M && bias->is_contiguous() &&
                                     bias->device() == x.device()),
@@ -207,12 +237,21 @@ at::Tensor sp24_linear(const at::Tensor& x, const at::Tensor& vals, const at::Te
   at::Tensor y = at::empty({N, M}, x.options());
   const int64_t warps = M / 16 * S;
   const int blocks = static_cast<int>((warps + SP_WARPS - 1) / SP_WARPS);
-  sp24_kernel<SP_U><<<blocks, SP_WARPS * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint4*>(vals.data_ptr<at::Half>()), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
-      reinterpret_cast<const __half*>(x.data_ptr<at::Half>()),
-      bias.has_value() ? reinterpret_cast<const __half*>(bias->data_ptr<at::Half>()) : nullptr,
-      reinterpret_cast<__half*>(y.data_ptr<at::Half>()), ws.data_ptr<float>(), cnt.data_ptr<int32_t>(),
-      static_cast<int>(M), static_cast<int>(K), static_cast<int>(N), static_cast<int>(S));
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, SP_WARPS * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const uint4*>(vals.data_ptr<at::Half>()), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
+        reinterpret_cast<const __half*>(x.data_ptr<at::Half>()),
+        bias.has_value() ? reinterpret_cast<const __half*>(bias->data_ptr<at::Half>()) : nullptr,
+        reinterpret_cast<__half*>(y.data_ptr<at::Half>()), ws.data_ptr<float>(), cnt.data_ptr<int32_t>(),
+        static_cast<int>(M), static_cast<int>(K), static_cast<int>(N), static_cast<int>(S));
+  };
+  if (nt == 1) {
+    launch(sp24_kernel<SP_U, 1>);
+  } else if (nt == 2) {
+    launch(sp24_kernel<2, 2>);
+  } else {
+    launch(sp24_kernel<1, 4>);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }

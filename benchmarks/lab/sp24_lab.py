@@ -1,5 +1,5 @@
 """A 2:4 decode kernel on the sparse tensor cores (benchmarks/lab/sp24_lab.cu), timed against dense
-``F.linear`` and the package's ``PackedLinear`` in one run: fp16, 1-8 tokens, CUDA-graph replay,
+``F.linear`` and the package's ``PackedLinear`` in one run: fp16, 1-32 tokens, CUDA-graph replay,
 each call on its own copy of the weight (copies spanning 4x the L2 cache, as benchmarks/packed.py).
 
 The kernel reads the package's canonical 2:4 values as they are and a metadata tensor built here, in
@@ -17,7 +17,7 @@ Knobs of the kernel: SP_U (iterations a batch of loads), SP_OWNMETA=1 (the kerne
 own 3-bit meta and builds the metadata words itself; layout "own"), SP_SELSPLIT (1: one metadata word a lane,
 the two steps through selectors 0 and 1; 0: two words, selector 0), SP_WARPS (warps a block).
 Environment: SP_WARPS_PER_SM (the K split is chosen so the grid has about this many warps an SM;
-default "16"; a list times each), SP_TOKENS (default "1 2 4 8").
+default "16"; a list times each), SP_TOKENS (default "1 2 4 8 16 32"; at most 32: tiles of 8 tokens).
 Writes $OUT/sp24_lab.json (else /tmp).
 """
 
@@ -128,7 +128,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy_bps / 1e9:.0f} GB/s, weights rotate over "
           f"{rotate / 2**20:.0f} MiB", flush=True)
     targets = [int(v) for v in os.environ.get("SP_WARPS_PER_SM", "16").split()]
-    tokens = [int(v) for v in os.environ.get("SP_TOKENS", "1 2 4 8").split()]
+    tokens = [int(v) for v in os.environ.get("SP_TOKENS", "1 2 4 8 16 32").split()]
     rows = []
     for M, K in [(2560, 9728), (9728, 2560), (4096, 4096)]:
         W = torch.randn(M, K, device=dev, dtype=torch.float16)
@@ -162,7 +162,7 @@ def main() -> None:
                 own = "-DSP_OWNMETA=1" in variants[name]  # the kernel reads the package's own meta
                 for target in targets:
                     S = max(1, min(K // 64, round(sms * target / (M // 16))))
-                    ws = torch.zeros(S, M, 8, device=dev, dtype=torch.float32)
+                    ws = torch.zeros(S, M, 8 * (1 if N <= 8 else 2 if N <= 16 else 4), device=dev, dtype=torch.float32)
                     cnt = torch.zeros(M // 16, device=dev, dtype=torch.int32)
                     for lay in (["own"] if own else LAYOUTS):
                         meta = packed.packed.meta if own else metas[(lay, selsplit)]
