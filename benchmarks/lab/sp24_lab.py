@@ -27,7 +27,6 @@ import concurrent.futures as cf
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -38,7 +37,7 @@ from torch.utils.cpp_extension import load
 REPO = os.getcwd()
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from common import copy_bandwidth, l2_cache_bytes, time_graph, warm_up  # noqa: E402
+from common import copy_bandwidth, git_commit, l2_cache_bytes, time_graph, warm_up  # noqa: E402
 from s3sparse import patterns  # noqa: E402
 from s3sparse.sparse import PackedLinear, PackedWeight  # noqa: E402
 
@@ -189,9 +188,7 @@ def main() -> None:
             rows.append(row)
         del dense_ws, packs, metas
         torch.cuda.empty_cache()
-    commit = os.environ.get("S3SPARSE_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit, variants=variants,
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(), variants=variants,
                copy_GBps=copy_bps / 1e9, timing="GPU time a call, CUDA-graph replay, weights rotated over 4x L2",
                rows=rows)
     path = os.path.join(os.environ.get("OUT", "/tmp"), "sp24_lab.json")
