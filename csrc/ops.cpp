@@ -83,4 +83,14 @@ TORCH_LIBRARY(s3sparse, m) {
   m.def("packed_linear(Tensor x, Tensor values, Tensor meta, Tensor? subsets, Tensor block_off, Tensor elem_off, "
         "int[] scope_shape, int[] scope_stride, int meta_bits, int out_features, int row_group, Tensor? bias, "
         "bool checked=False) -> Tensor");
+
+  // y = x @ W^T + bias for a 2:4 W as the sparse tensor cores read it (mma.sp
+  // m16n8k32): values, W's kept values (two a group of 4 columns, each row's in
+  // column order: M * K / 2 elements, contiguous), and sp_meta (M/16, K/64, 32)
+  // int32, the kept columns in the instruction's order (csrc/sp24.h; built by
+  // s3sparse.sparse.sp24.sp24_meta_words). x (..., K) float16 / bfloat16 of the
+  // dtype of values, M % 16 == 0, K % 64 == 0; fp32 accumulation, one rounding
+  // (after the bias). The CPU kernel checks sp_meta; the CUDA kernel trusts it
+  // (a bad word gives wrong numbers for its group, never a read out of bounds).
+  m.def("sp24_linear(Tensor x, Tensor values, Tensor sp_meta, int out_features, Tensor? bias) -> Tensor");
 }

@@ -30,6 +30,7 @@ __all__ = [
     "sparsegpt_block_",
     "packed_to_dense",
     "packed_linear",
+    "sp24_linear",
 ]
 
 _ops = torch.ops.s3sparse
@@ -499,3 +500,52 @@ def _packed_linear_fake(x, values, meta, subsets, block_off, elem_off, scope_sha
         torch._check(bias.dim() == 1 and bias.shape[0] == out_features,
                      lambda: f"{op}: `bias` must be (out_features,) = ({out_features},), got shape {tuple(bias.shape)}")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ---------------------------------------------------------------- 2:4 on the sparse tensor cores
+def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, W, bias)`` for a 2:4 ``W`` on the GPU's sparse tensor cores (``mma.sp``), W never built.
+
+    Args:
+        x: (..., K) float16 or bfloat16, K a positive multiple of 64.
+        values: W's kept values, two a group of 4 columns, each row's in column order: the
+            ``values`` of a 2:4 :class:`~s3sparse.sparse.PackedWeight` as stored (M K / 2 elements,
+            contiguous, the dtype of ``x``).
+        sp_meta: (M/16, K/64, 32) int32, the kept columns in the order the instruction reads them:
+            built once a weight by :func:`s3sparse.sparse.sp24.sp24_meta_words`.
+        out_features: M, a positive multiple of 16.
+        bias: optional (M,) of the dtype of ``x``.
+
+    Returns:
+        (..., M) of the dtype of ``x``: products summed in fp32, the bias added, rounded once.
+
+    The CUDA kernel streams the values once (1.3-1.6x dense ``F.linear`` at 1-8 tokens on an H100 in the
+    lab, docs/performance.md), 16 tokens a launch; :class:`~s3sparse.sparse.PackedLinear` takes it for
+    2:4 layers at decode. It trusts ``sp_meta`` (a bad word gives wrong numbers in its group, never a
+    read out of bounds); the CPU kernel decodes W, checks ``sp_meta`` (``ValueError``) and multiplies.
+    """
+    return _ops.sp24_linear.default(x, values, sp_meta, int(out_features), bias)
+
+
+@torch.library.register_fake("s3sparse::sp24_linear")
+def _sp24_linear_fake(x, values, sp_meta, out_features, bias):
+    op = "s3sparse.sp24_linear"
+    torch._check(x.dtype in (torch.float16, torch.bfloat16), lambda: f"{op}: `x` must be float16 or bfloat16, got {x.dtype}")
+    torch._check(values.dtype == x.dtype, lambda: f"{op}: `values` must have the dtype of `x` ({x.dtype}), got {values.dtype}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: `x` must be (..., in_features), got a scalar")
+    K = x.shape[-1]
+    torch._check(out_features > 0 and out_features % 16 == 0,
+                 lambda: f"{op}: `out_features` must be a positive multiple of 16, got {out_features}")
+    torch._check(K % 64 == 0, lambda: f"{op}: in_features must be a positive multiple of 64, got {K}")
+    torch._check(sp_meta.dtype == torch.int32, lambda: f"{op}: `sp_meta` must be int32, got {sp_meta.dtype}")
+    torch._check(sp_meta.dim() == 3 and sp_meta.shape[0] == out_features // 16 and sp_meta.shape[1] == K // 64
+                 and sp_meta.shape[2] == 32,
+                 lambda: f"{op}: `sp_meta` must be ({out_features // 16}, {K // 64}, 32), got {tuple(sp_meta.shape)}")
+    torch._check(values.numel() == out_features * K // 2,
+                 lambda: f"{op}: `values` must hold {out_features * K // 2} elements, got {values.numel()}")
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: `bias` must have the dtype of `x` ({x.dtype}), got {bias.dtype}")
+        torch._check(bias.dim() == 1 and bias.shape[0] == out_features,
+                     lambda: f"{op}: `bias` must be (out_features,) = ({out_features},), got shape {tuple(bias.shape)}")
+    return x.new_empty((*x.shape[:-1], out_features))
+

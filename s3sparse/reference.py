@@ -29,6 +29,8 @@ __all__ = [
     "packed_fields",
     "packed_to_dense",
     "packed_linear",
+    "sp24_to_dense",
+    "sp24_linear",
 ]
 
 
@@ -315,3 +317,40 @@ def packed_linear(
     acc = opmath_dtype(x.dtype)
     b = None if bias is None else bias.to(acc)
     return torch.nn.functional.linear(x.to(acc), W.to(acc), b).to(x.dtype)
+
+
+def sp24_to_dense(values: Tensor, sp_meta: Tensor, out_features: int, in_features: int) -> Tensor:
+    """W (M, K) from a 2:4 weight as the sparse tensor cores read it (the layout of csrc/sp24.h).
+
+    values: M K / 2 kept values, each row's in column order (two a group of 4 columns); sp_meta
+    (M/16, K/64, 32) int32: the word of tile T, iteration i, lane 4 g + 2 s + h holds in nibble j
+    (row 16 T + g) and nibble 4 + j (row 16 T + g + 8) the columns p0 | p1 << 2 (p0 < p1) of the
+    two kept values of column group 16 i + 4 (q % 4) + 2 s + q // 4, q = 4 h + j.
+    """
+    M, K = out_features, in_features
+    tiles, iters = M // 16, K // 64
+    dev = values.device
+    word = sp_meta.to(torch.int64).view(tiles, iters, 8, 2, 2) & 0xFFFFFFFF  # (T, i, g, s, h)
+    shift = 16 * torch.arange(2, device=dev)[:, None] + 4 * torch.arange(4, device=dev)  # (half, j)
+    nib = (word[..., None, None] >> shift) & 0xF  # (T, i, g, s, h, half, j)
+    nib = nib.permute(0, 5, 2, 1, 3, 4, 6).reshape(M, iters, 2, 2, 4)  # row 16 T + 8 half + g: (M, i, s, h, j)
+    p0, p1 = nib & 3, nib >> 2
+    if bool((p0 >= p1).any()):
+        raise ValueError("sp24_to_dense: `sp_meta` holds a group whose two kept columns are not p0 < p1")
+    i = torch.arange(iters, device=dev)[:, None, None, None]
+    s = torch.arange(2, device=dev)[:, None, None]
+    q = 4 * torch.arange(2, device=dev)[:, None] + torch.arange(4, device=dev)  # (h, j)
+    group = (16 * i + 4 * (q % 4) + 2 * s + q // 4).expand(M, iters, 2, 2, 4)  # (M, i, s, h, j)
+    rows = torch.arange(M, device=dev)[:, None, None, None, None].expand_as(group)
+    kept = values.reshape(M, K // 4, 2)
+    W = torch.zeros(M, K, dtype=values.dtype, device=dev)
+    W[rows, 4 * group + p0] = kept[rows, group, 0]
+    W[rows, 4 * group + p1] = kept[rows, group, 1]
+    return W
+
+
+def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, W, bias)`` for the W of :func:`sp24_to_dense` (fp32 math, one rounding), dtype of ``x``."""
+    W = sp24_to_dense(values, sp_meta, out_features, x.shape[-1])
+    b = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), W.float(), b).to(x.dtype)

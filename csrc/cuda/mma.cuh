@@ -3,10 +3,18 @@
 //   cp_async16 / cp_async4   global -> shared copies that bypass registers
 //   ldmatrix_x2 / x4         8x8 b16 tiles from shared memory into fragments
 //   mma_16816                D (16x8, fp32) += A (16x16) B (16x8), fp16 or bf16
+//   mma_sp_16832             D (16x8, fp32) += A (16x32, 2:4, given as 16x16 kept
+//                            values + metadata) B (32x8), fp16 or bf16 (sp24.cu)
 // Fragment layouts (PTX ISA, "mma.m16n8k16"): with g = lane / 4, t = lane % 4,
 //   A regs a0..a3 = A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]
 //   B regs b0, b1 = B[2t..2t+1][g], B[2t+8..2t+9][g]
 //   D regs d0..d3 = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
+// mma.sp m16n8k32 (16-bit): A's regs as above for the 16 kept columns j of
+// each row (kept value j of row r lies in column group j / 2), B regs b0..b3 =
+// B[2t + 8 i .. 2t + 8 i + 1][g], i = 0..3; metadata: with selector SEL, row r's
+// kept value j sits at column 4 (j / 2) + the 2-bit field j % 8 of bits
+// 16 (r / 8) .. of the word of lane 4 (r % 8) + 2 SEL + j / 8 (the layout
+// measured on an H100: docs/performance.md).
 // Under the host emulator (tools/cuda_emu) the same calls run as warp
 // collectives in C++ (s3emu_* in runtime.h), so the kernels' indexing is
 // checked without a GPU; the layouts themselves are checked on the device by
@@ -43,6 +51,10 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
 template <bool BF16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   s3emu_mma_16816(d, a, b, BF16);
+}
+template <bool BF16, int SEL>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
+  s3emu_mma_sp_16832(d, a, b, e, SEL, BF16);
 }
 
 #else
@@ -114,6 +126,28 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// Sparse A (2:4 along k), selector SEL (0 or 1: which lane pair of each 4 gives the metadata).
+template <bool BF16, int SEL>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
+  } else {
+    asm volatile(
+        "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
   }
 #elif defined(__CUDA_ARCH__)
   __trap();

@@ -80,6 +80,7 @@ inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* 
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 struct alignas(8) uint2 {
   unsigned x, y;
 };
@@ -296,6 +297,21 @@ T __shfl_down_sync(unsigned, T v, int delta) {
   warp_barrier().arrive_and_wait();
   return out;
 }
+template <typename T>
+T __shfl_sync(unsigned, T v, int src_lane) {
+  using namespace ::s3emu_rt;
+  static_assert(sizeof(T) <= 16, "s3emu: shuffle of a type above 16 bytes");
+  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
+  check_warp_not_divergent();
+  std::memcpy(&g_blk->slot[16 * t], &v, sizeof(T));
+  warp_barrier().arrive_and_wait();
+  T out = v;
+  const unsigned src = static_cast<unsigned>(src_lane) % 32;
+  if (w0 + src < g_blk->nthreads) std::memcpy(&out, &g_blk->slot[16 * (w0 + src)], sizeof(T));
+  warp_barrier().arrive_and_wait();
+  return out;
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int __popc(unsigned x) { return std::popcount(x); }
 // Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes (y:x).
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
@@ -364,6 +380,46 @@ inline void s3emu_mma_16816(float* d, const uint32_t* a, const uint32_t* b, bool
     const int r = g + 8 * (i / 2), n = 2 * q + (i % 2);
     float acc = d[i];
     for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+    d[i] = acc;
+  }
+  warp_barrier().arrive_and_wait();
+}
+
+// mma.sp.m16n8k32.row.col, fp32 accumulators, fp16 or bf16 inputs, A 2:4 along k
+// (its 16 kept columns a row in the registers of mma.m16n8k16's A, the metadata
+// word e of lane 4 (r % 8) + 2 sel + j / 8 placing row r's kept value j: bits
+// 16 (r / 8) + 2 (j % 8), a column in group j / 2; layouts in csrc/cuda/mma.cuh).
+inline void s3emu_mma_sp_16832(float* d, const uint32_t* a, const uint32_t* b, uint32_t e, int sel, bool bf16) {
+  using namespace ::s3emu_rt;
+  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
+  check_warp_not_divergent();
+  std::memcpy(&g_blk->wide[64 * t], a, 16);
+  std::memcpy(&g_blk->wide[64 * t + 16], b, 16);
+  std::memcpy(&g_blk->wide[64 * t + 32], &e, 4);
+  warp_barrier().arrive_and_wait();
+  auto half_at = [&](unsigned src_lane, int byte) {
+    uint16_t bits = 0;
+    std::memcpy(&bits, &g_blk->wide[64 * (w0 + src_lane) + byte], 2);
+    return bf16 ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  };
+  float A[16][32] = {};
+  for (int r = 0; r < 16; ++r) {
+    for (int j = 0; j < 16; ++j) {
+      uint32_t word = 0;
+      std::memcpy(&word, &g_blk->wide[64 * (w0 + 4 * (r % 8) + 2 * sel + j / 8) + 32], 4);
+      const int col = 4 * (j / 2) + static_cast<int>((word >> (16 * (r / 8) + 2 * (j % 8))) & 3u);
+      // kept value j of row r: mma.m16n8k16's A[r][j] (lane (r % 8) * 4 + (j % 8) / 2, register r / 8 + 2 (j / 8))
+      A[r][col] += half_at((r % 8) * 4 + (j % 8) / 2, 4 * ((r / 8) + 2 * (j / 8)) + 2 * (j % 2));
+    }
+  }
+  // B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8, half k % 2.
+  auto B = [&](int k, int n) { return half_at(n * 4 + (k % 8) / 2, 16 + 4 * (k / 8) + 2 * (k % 2)); };
+  const int g = static_cast<int>(lane / 4), q = static_cast<int>(lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i / 2), n = 2 * q + (i % 2);
+    float acc = d[i];
+    for (int k = 0; k < 32; ++k) acc += A[r][k] * B(k, n);
     d[i] = acc;
   }
   warp_barrier().arrive_and_wait();

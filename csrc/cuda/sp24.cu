@@ -1,0 +1,279 @@
+// sp24_linear on the GPU: y = x Wᵀ + bias for a 2:4 W on the sparse tensor
+// cores (mma.sp m16n8k32, fp16 / bf16 in, fp32 accumulation), 1-16 tokens a
+// launch (more: launches of 16). Measured first in benchmarks/lab/sp24_lab.cu
+// (1.29-1.65x dense F.linear at 1-8 tokens on an H100; docs/performance.md).
+//
+// The values are read as stored (each row's kept values in column order): lane
+// (g, t) of a warp loads 16 bytes of row g and of row g + 8 an iteration, the 8
+// kept values of columns [64 i + 16 t, 64 i + 16 t + 16). A sum over k does not
+// depend on the order of k, so the tensor cores get a permuted k: in iteration
+// i, step s (two m16n8k32 steps an iteration), virtual group q (4 columns) is
+// column group 16 i + 4 (q % 4) + 2 s + q / 4 (sp24_group, csrc/sp24.h). In that
+// order a lane's A registers are words of its two loads, its B registers 4-byte
+// loads of x at fixed offsets, and its metadata one word an iteration
+// (sp_meta, built once a weight by s3sparse.sparse.sp24.sp24_meta_words).
+//
+// A warp computes one 16-row tile over a slice of K (S slices a tile, chosen so
+// that the grid holds about kWarpsPerSm warps an SM: the weight streams from
+// memory once, and a decode call is bound by how many loads are in flight).
+// The last warp of a tile to finish sums the slices' partial tiles (an fp32
+// workspace, in slice order: the result does not depend on which warp finishes
+// last), adds the bias and rounds once. The per-tile counters reset themselves
+// (the last warp writes 0), so consecutive launches on a stream share one
+// zeroed buffer; a launch under graph capture gets its own (a memset node).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+
+#include "cuda/launch.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/packed_common.cuh"
+#include "sp24.h"
+
+namespace s3sparse {
+namespace packed_cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kWarpsPerSm = 16;     // lab, H100: 8 an SM 7-49 % slower, 24 slower too
+constexpr int64_t kLaunchTokens = 16;  // two tiles of 8 tokens a launch
+
+// 16 bytes streamed (read once: no L1 allocation).
+__device__ __forceinline__ uint4 ld_stream16(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+#else
+  return *p;
+#endif
+}
+
+// A partial written by another warp of the grid (L2, not a stale L1 line).
+__device__ __forceinline__ float ld_partial(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// x offset (elements) of a lane's B register j (step j / 4, register j % 4) from
+// its base 64 i + 16 (t / 2) + 2 (t % 2): virtual k 2 t + 8 (j % 4) of step j / 4.
+__device__ __forceinline__ constexpr int x_offset(int j) {
+  return 8 * (j / 4) + ((j % 4) & 1 ? 32 : 0) + ((j % 4) >= 2 ? 4 : 0);
+}
+
+// NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp.
+template <typename T, int NT, int U>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
+                       const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
+                       int M, int K, int N, int S) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int gw = static_cast<int>(blockIdx.x) * kWarpsPerBlock + static_cast<int>(threadIdx.x) / 32;
+  const int tiles = M / 16;
+  if (gw >= tiles * S) return;
+  const int tile = gw / S, slice = gw % S;
+  const int iters = K / 64;
+  const int it0 = static_cast<int>(static_cast<int64_t>(iters) * slice / S);
+  const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t row_vecs = K / 16;  // 16-byte vectors a row of values
+  const uint4* v0 = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + t;
+  const uint4* v1 = v0 + 8 * row_vecs;
+  const uint32_t* mp = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
+  bool x_on[NT];
+  const T* xp[NT];
+  float d[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    x_on[nt] = 8 * nt + g < N;
+    xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + 16 * (t >> 1) + 2 * (t & 1);
+    d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+  }
+  for (int it = it0; it < it1; it += U) {
+    uint4 a[U], b[U];
+    uint32_t e[U], xb[U][NT][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // (all loads of U iterations first: they are what the time is)
+      const int i = it + u;
+      const bool on = i < it1;
+      a[u] = on ? ld_stream16(v0 + 4 * static_cast<int64_t>(i)) : make_uint4(0, 0, 0, 0);
+      b[u] = on ? ld_stream16(v1 + 4 * static_cast<int64_t>(i)) : make_uint4(0, 0, 0, 0);
+      e[u] = on ? ldg(mp + static_cast<int64_t>(i) * 32) : 0u;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          xb[u][nt][j] = on && x_on[nt] ? ldg(reinterpret_cast<const uint32_t*>(xp[nt] + 64 * i + x_offset(j))) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint32_t a0[4] = {a[u].x, b[u].x, a[u].y, b[u].y};
+      const uint32_t a1[4] = {a[u].z, b[u].z, a[u].w, b[u].w};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t b0[4] = {xb[u][nt][0], xb[u][nt][1], xb[u][nt][2], xb[u][nt][3]};
+        const uint32_t b1[4] = {xb[u][nt][4], xb[u][nt][5], xb[u][nt][6], xb[u][nt][7]};
+        mma_sp_16832<kBf16, 0>(d[nt], a0, b0, e[u]);
+        mma_sp_16832<kBf16, 1>(d[nt], a1, b1, e[u]);
+      }
+    }
+  }
+  // d[nt]: (row g, token 8 nt + 2t), (g, + 1), (g + 8, 8 nt + 2t), (g + 8, + 1).
+  const int r0 = tile * 16 + g, r1 = r0 + 8;
+  if (S > 1) {
+    constexpr int W = 8 * NT;  // workspace columns a row: the token slots; workspace [S][M][W]
+    float* wp = ws + (static_cast<int64_t>(slice) * M + tile * 16) * W;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = 8 * nt + 2 * t;
+      wp[g * W + n] = d[nt][0];
+      wp[g * W + n + 1] = d[nt][1];
+      wp[(g + 8) * W + n] = d[nt][2];
+      wp[(g + 8) * W + n + 1] = d[nt][3];
+    }
+    __threadfence();  // (release: this slice's partial before the count)
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) {
+      arrived = atomicAdd(cnt + tile, 1);
+      __threadfence();  // (acquire: the other slices' partials after the count)
+    }
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != S - 1) return;
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+    for (int sl = 0; sl < S; ++sl) {
+      const float* p = ws + (static_cast<int64_t>(sl) * M + tile * 16) * W;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = 8 * nt + 2 * t;
+        d[nt][0] += ld_partial(p + g * W + n);
+        d[nt][1] += ld_partial(p + g * W + n + 1);
+        d[nt][2] += ld_partial(p + (g + 8) * W + n);
+        d[nt][3] += ld_partial(p + (g + 8) * W + n + 1);
+      }
+    }
+    if (lane == 0) cnt[tile] = 0;  // ready for the next launch on this stream
+  }
+  const float b0 = bias != nullptr ? to_float(bias[r0]) : 0.f;
+  const float b1 = bias != nullptr ? to_float(bias[r1]) : 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int n0 = 8 * nt + 2 * t, n1 = n0 + 1;
+    if (n0 < N) {
+      y[static_cast<int64_t>(n0) * M + r0] = static_cast<T>(d[nt][0] + b0);
+      y[static_cast<int64_t>(n0) * M + r1] = static_cast<T>(d[nt][2] + b1);
+    }
+    if (n1 < N) {
+      y[static_cast<int64_t>(n1) * M + r0] = static_cast<T>(d[nt][1] + b0);
+      y[static_cast<int64_t>(n1) * M + r1] = static_cast<T>(d[nt][3] + b1);
+    }
+  }
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// At least `tiles` zeroed int32 counters for a launch on `stream`. Launches on
+// one stream run one after another and each leaves its counters zero, so a
+// stream keeps one buffer (never shared between streams, which may run at
+// once); a captured launch gets a fresh zeroed one that the graph owns.
+at::Tensor tile_counters(int64_t tiles, const at::Tensor& like, cudaStream_t stream) {
+  const auto opts = like.options().dtype(at::kInt);
+  if (capturing(stream)) return at::zeros({tiles}, opts);
+  static std::mutex mu;
+  static auto* per_stream = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // (never destroyed:
+  // freeing CUDA memory at exit, after the driver, would crash)
+  const std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& c = (*per_stream)[{static_cast<int>(like.get_device()), stream}];
+  if (!c.defined() || c.numel() < tiles) c = at::zeros({std::max<int64_t>(tiles, 64)}, opts);
+  return c;
+}
+
+template <typename T>
+void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tensor& sp_meta,
+                 const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, cudaStream_t stream) {
+  const int64_t n = xs.size(0);
+  const int nt = n <= 8 ? 1 : 2;
+  const int64_t tiles = M / 16, iters = K / 64;
+  const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kWarpsPerSm / static_cast<double>(tiles));
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(iters, want));
+  at::Tensor ws = S > 1 ? at::empty({S, M, 8 * nt}, values.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor cnt = S > 1 ? tile_counters(tiles, values, stream) : at::Tensor();
+  const int64_t warps = tiles * S;
+  const int blocks = static_cast<int>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const auto* vp = reinterpret_cast<const uint4*>(values.const_data_ptr());
+  const auto* mp = reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>());
+  const T* xp = xs.const_data_ptr<T>();
+  const T* bp = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
+  T* yp = ys.mutable_data_ptr<T>();
+  float* wsp = S > 1 ? ws.mutable_data_ptr<float>() : nullptr;
+  int* cp = S > 1 ? cnt.mutable_data_ptr<int>() : nullptr;
+  const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
+  if (nt == 1) {
+    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 1, 4>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
+                                                                                    Ki, Ni, Si);
+  } else {
+    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 2, 2>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
+                                                                                    Ki, Ni, Si);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
+                            int64_t out_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "s3sparse.sp24_linear";
+  const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, op);
+  S3_CHECK_VALUE(g.M * g.K / 2 < kInt32Safe && g.K < kInt32Safe, op, ": a weight of ", g.M, "x", g.K,
+                 " is beyond this kernel's 32-bit indexing; use packed_linear");
+  S3_CHECK_VALUE(reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0, op,
+                 ": `values` must start on a 16-byte boundary (the kernel reads 16-byte vectors); pass "
+                 "values.clone()");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
+  out_sizes.push_back(g.M);
+  at::Tensor y = at::empty({g.N, g.M}, x.options());
+  if (g.N == 0) return y.view(out_sizes);
+  at::Tensor x2 = x.reshape({g.N, g.K}).contiguous();
+  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 4 != 0) x2 = x2.clone();  // (4-byte loads of x)
+  for (int64_t n0 = 0; n0 < g.N; n0 += kLaunchTokens) {
+    const int64_t n = std::min<int64_t>(kLaunchTokens, g.N - n0);
+    const at::Tensor xs = g.N <= kLaunchTokens ? x2 : x2.narrow(0, n0, n);
+    at::Tensor ys = g.N <= kLaunchTokens ? y : y.narrow(0, n0, n);
+    if (x.scalar_type() == at::kHalf) {
+      launch_sp24<at::Half>(xs, values, sp_meta, bias, ys, g.M, g.K, stream);
+    } else {
+      launch_sp24<at::BFloat16>(xs, values, sp_meta, bias, ys, g.M, g.K, stream);
+    }
+  }
+  return y.view(out_sizes);
+}
+
+}  // namespace
+}  // namespace packed_cuda
+
+TORCH_LIBRARY_IMPL(s3sparse, CUDA, m) { m.impl("sp24_linear", &packed_cuda::sp24_linear_cuda); }
+
+}  // namespace s3sparse

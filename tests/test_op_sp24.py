@@ -1,0 +1,174 @@
+"""sp24_linear (a 2:4 weight on the sparse tensor cores) against its oracle in s3sparse.reference.
+
+The weights are random 2:4 prunes packed by ``PackedWeight.from_pattern``, their metadata built by
+``sp24_meta_words``. Tests run on the CPU kernel, on CUDA where a GPU is present (the `cuda` marker)
+and, with S3SPARSE_CUDA_EMU=<library> (tools/cuda_emu/build.sh), on the host emulation of the CUDA
+kernel (`-k cuda_emu`), whose ``mma.sp`` follows the layout measured on an H100.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from s3sparse import ops, patterns
+from s3sparse import reference as ref
+from s3sparse.sparse import PackedWeight
+from s3sparse.sparse.sp24 import sp24_meta_words
+
+EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
+HALVES = [torch.float16, torch.bfloat16]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+if EMU_LIB:
+    DEVICES.append(pytest.param("emu", id="cuda_emu"))
+REAL_DEVICES = DEVICES[:2]
+OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """The torch device of the inputs ("cpu" for the emulator, whose kernels run on CPU tensors)."""
+    if request.param == "emu":
+        torch.ops.load_library(EMU_LIB)
+        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        return "cpu"
+    return request.param
+
+
+def _id(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def sp24_case(M: int, K: int, dtype, device, gen: torch.Generator):
+    """(W, values, sp_meta) of a random 2:4 prune of an M×K Gaussian weight."""
+    W = torch.nn.Parameter(torch.randn(M, K, generator=gen).to(dtype=dtype, device=device))
+    scope, nnz = patterns.by_name("24", W)
+    scope.hard_threshold(nnz=nnz)
+    packed = PackedWeight.from_pattern(W.detach(), "2:4")
+    return W.detach(), packed.values, sp24_meta_words(packed)
+
+
+def _assert_close(got, want, x, W, dtype, msg):
+    """Within fp32 accumulation error of sum |x||w| plus one output rounding."""
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{msg}: {got.dtype}{tuple(got.shape)}"
+    scale = x.double().abs().cpu().reshape(-1, x.shape[-1]) @ W.double().abs().cpu().T
+    err = (got.double().cpu() - want.double().cpu()).abs().reshape(scale.shape)
+    bound = 2e-5 * scale + OUT_RTOL[dtype] * want.double().cpu().abs().reshape(scale.shape) + 1e-30
+    bad = err > bound
+    assert not bool(bad.any()), f"{msg}: {int(bad.sum())} outputs off, max error {float(err.max())}"
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=_id)
+def test_sp24_linear_matches_oracle(device, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(16, 64), (32, 128), (48, 192), (32, 320)]
+    tokens = [(1,), (3,), (8,), (9,), (2, 8), (17,), (33,)]  # 17 and 33: launches of 16 tokens
+    for M, K in shapes:
+        W, values, sp_meta = sp24_case(M, K, dtype, device, gen)
+        assert torch.equal(ref.sp24_to_dense(values, sp_meta, M, K), W), f"{M}x{K}: the oracle's W"
+        for lead in tokens:
+            x = torch.randn(*lead, K, generator=gen).to(dtype=dtype, device=device)
+            for bias in (None, torch.randn(M, generator=gen).to(dtype=dtype, device=device)):
+                got = ops.sp24_linear(x, values, sp_meta, M, bias)
+                want = ref.sp24_linear(x, values, sp_meta, M, bias)
+                _assert_close(got, want, x, W, dtype, f"{M}x{K} x{tuple(x.shape)} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=_id)
+def test_sp24_linear_rounds_once_when_the_bias_cancels(device, dtype):
+    """Each row's x Wᵀ is 1 + 2⁻¹² (not a 16-bit number) and b = -1: the exact output, 2⁻¹², comes back
+    only if the bias is added before the one rounding (also across the kernel's K slices)."""
+    M, K = 32, 256
+    W = torch.zeros(M, K, dtype=dtype)
+    W[:, 0], W[:, 200] = 1.0, 2.0**-12
+    packed = PackedWeight.from_pattern(W.to(device), "2:4")
+    sp_meta = sp24_meta_words(packed)
+    bias = torch.full((M,), -1.0, dtype=dtype, device=device)
+    for n in (1, 8, 16):
+        x = torch.ones(n, K, dtype=dtype, device=device)
+        got = ops.sp24_linear(x, packed.values, sp_meta, M, bias)
+        assert torch.equal(got.cpu(), torch.full((n, M), 2.0**-12, dtype=dtype)), f"tokens={n}"
+
+
+def test_sp24_linear_empty_and_unaligned_x(device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    M, K = 32, 128
+    W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen)
+    assert ops.sp24_linear(torch.empty(0, K, dtype=torch.float16, device=device), values, sp_meta, M).shape == (0, M)
+    assert ops.sp24_linear(torch.empty(2, 0, K, dtype=torch.float16, device=device), values, sp_meta, M).shape == (2, 0, M)
+    # x starting 2 bytes into its storage (the kernel reads x in 4-byte words), and a transposed x.
+    base = torch.randn(3 * K + 1, generator=gen).to(dtype=torch.float16, device=device)
+    x = base[1:].view(3, K)
+    want = ref.sp24_linear(x, values, sp_meta, M, None)
+    _assert_close(ops.sp24_linear(x, values, sp_meta, M), want, x, W, torch.float16, "offset x")
+    xt = torch.randn(K, 5, generator=gen).to(dtype=torch.float16, device=device).T
+    want = ref.sp24_linear(xt, values, sp_meta, M, None)
+    _assert_close(ops.sp24_linear(xt, values, sp_meta, M), want, xt, W, torch.float16, "transposed x")
+
+
+def test_sp24_linear_bad_arguments_raise_clear_errors(device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    M, K = 32, 128
+    _, values, sp_meta = sp24_case(M, K, torch.float16, device, gen)
+    x = torch.randn(2, K, generator=gen).to(dtype=torch.float16, device=device)
+    cases = [
+        (dict(x=x.float()), TypeError, "`x` must be float16 or bfloat16"),
+        (dict(values=values.bfloat16()), TypeError, "`values` must have the dtype of `x`"),
+        (dict(x=torch.tensor(1.0, dtype=torch.float16, device=device)), ValueError, "`x` must be"),
+        (dict(out_features=24), ValueError, "`out_features` must be a positive multiple of 16"),
+        (dict(x=x[:, :96]), ValueError, "multiple of 64"),
+        (dict(sp_meta=sp_meta.long()), TypeError, "`sp_meta` must be Int"),
+        (dict(sp_meta=sp_meta[:1]), ValueError, "`sp_meta` must be"),
+        (dict(values=values.reshape(-1)[:-2]), ValueError, "`values` must hold"),
+        (dict(values=values.reshape(M, K // 2).T.contiguous().T), ValueError, "`values` must be contiguous"),
+        (dict(bias=torch.zeros(M - 1, dtype=torch.float16, device=device)), ValueError, r"`bias` must be \(out_features,\)"),
+        (dict(bias=torch.zeros(M, device=device)), TypeError, "`bias` must have the dtype of `x`"),
+    ]
+    for over, exc, match in cases:
+        args = dict(x=x, values=values, sp_meta=sp_meta, out_features=M, bias=None) | over
+        with pytest.raises(exc, match=match):
+            ops.sp24_linear(**args)
+
+
+def test_sp24_linear_cpu_refuses_metadata_it_cannot_read():
+    gen = torch.Generator().manual_seed(0)
+    M, K = 16, 64
+    _, values, sp_meta = sp24_case(M, K, torch.float16, "cpu", gen)
+    bad = sp_meta.clone()
+    bad[0, 0, 5] = 0  # every nibble p0 = p1 = 0
+    x = torch.randn(1, K, generator=gen).half()
+    with pytest.raises(ValueError, match=r"`sp_meta`\[0, 0, 5\].*sp24_meta_words"):
+        ops.sp24_linear(x, values, bad, M)
+    with pytest.raises(ValueError, match="p0 < p1"):
+        ref.sp24_linear(x, values, bad, M, None)
+
+
+# ---------------------------------------------------------------- opcheck and torch.compile
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_sp24_linear_opcheck(device):
+    gen = torch.Generator().manual_seed(0)
+    for dtype in HALVES:
+        _, values, sp_meta = sp24_case(32, 128, dtype, device, gen)
+        x = torch.randn(2, 3, 128, generator=gen).to(dtype=dtype, device=device)
+        bias = torch.randn(32, generator=gen).to(dtype=dtype, device=device)
+        torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x, values, sp_meta, 32, bias))
+        torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x[0], values, sp_meta, 32, None))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_sp24_linear_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    W, values, sp_meta = sp24_case(32, 128, torch.float16, device, gen)
+    bias = torch.randn(32, generator=gen).to(dtype=torch.float16, device=device)
+
+    def fn(x, v, m, b):
+        return torch.relu(ops.sp24_linear(x, v, m, 32, b)) + x.sum(-1, keepdim=True)
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    for lead in [(4,), (2, 5)]:
+        x = torch.randn(*lead, 128, generator=gen).to(dtype=torch.float16, device=device)
+        torch.testing.assert_close(compiled(x, values, sp_meta, bias), fn(x, values, sp_meta, bias))
