@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from s3sparse import patterns
-from s3sparse.sparse import PackedWeight
+from s3sparse.sparse import PackedLinear, PackedWeight
 from s3sparse.sparse.sp24 import sp24_meta_words
 
 _X_OFFSETS = (0, 32, 4, 36)  # a lane's B registers 0-3 in step 0 (step 1: + 8), after 16 (t // 2) + 2 (t % 2)
@@ -91,3 +91,65 @@ def test_sp24_meta_words_refuse_what_the_layout_cannot_hold(seed):
     with pytest.raises(ValueError, match="must be contiguous"):
         sp24_meta_words(PackedWeight(strided, p.meta, p.subsets, p.block_off, p.elem_off, p.scope_shape,
                                      p.scope_stride, p.meta_bits, 32, 128, p.row_group))
+
+
+# ---------------------------------------------------------------- PackedLinear's sparse tensor-core path
+def _module(M: int, K: int, seed: int, pattern: str = "2:4", dtype=torch.float16, device="cpu") -> PackedLinear:
+    from s3sparse.patterns import parse_pattern
+
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(M, K, generator=g).to(dtype))
+    scope, nnz = parse_pattern(pattern).build(W)
+    scope.hard_threshold(nnz=nnz)
+    bias = torch.randn(M, generator=g).to(dtype)
+    return PackedLinear(PackedWeight.from_pattern(W.detach(), pattern), bias).to(device)
+
+
+def test_packed_linear_builds_the_metadata_only_for_canonical_2_4(seed):
+    """_setup_sp24 (run when the CUDA op accepts the tables) builds sp24_meta for a 2:4 fp16 / bf16 weight
+    of a fitting shape, and for nothing else; a reload or a move drops it (rebuilt at the next check)."""
+    m = _module(32, 128, seed)
+    m._checked_tables = ("tables",)  # (what the CUDA op's acceptance records)
+    m._setup_sp24()
+    assert m._sp24_ok and torch.equal(m.sp24_meta, sp24_meta_words(m.packed))
+    assert "sp24_meta" not in m.state_dict()
+    m.load_state_dict(m.state_dict())
+    assert not m._sp24_ok
+    for other in (_module(32, 128, seed, "4:8"), _module(32, 128, seed, "coupled-2:4"), _module(32, 96, seed),
+                  _module(32, 128, seed, dtype=torch.float32), _module(32, 128, seed).use_sp24(None)):
+        other._checked_tables = ("tables",)
+        other._setup_sp24()
+        assert not other._sp24_ok and other.sp24_meta is None, other.extra_repr()
+    with pytest.raises(ValueError, match="`max_tokens` must be a non-negative int"):
+        m.use_sp24(-1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monkeypatch):
+    from s3sparse import ops
+
+    calls = []
+    real = ops.sp24_linear
+    monkeypatch.setattr(ops, "sp24_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    m = _module(64, 256, seed, dtype=dtype, device="cuda")
+    W, b = m.weight.float(), m.bias.float()
+    for n in (1, 1, 5, 16, 17, 64):  # the first call checks the tables (the packed op) and builds the metadata
+        x = torch.randn(n, 256, device="cuda", dtype=dtype)
+        want = torch.nn.functional.linear(x.float(), W, b)
+        torch.testing.assert_close(m(x).float(), want, rtol=1e-2, atol=2e-2)
+    assert calls == [(1, 256), (5, 256), (16, 256)], calls
+    # Graph capture and replay through the same path.
+    x = torch.randn(4, 256, device="cuda", dtype=dtype)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = m(x)
+    x.copy_(torch.randn(4, 256, device="cuda", dtype=dtype))
+    graph.replay()
+    torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.float(), W, b), rtol=1e-2, atol=2e-2)
+    # A 4:8 weight stays on the packed kernels.
+    calls.clear()
+    m48 = _module(64, 256, seed, "4:8", dtype=dtype, device="cuda")
+    m48(torch.randn(2, 256, device="cuda", dtype=dtype))
+    m48(torch.randn(2, 256, device="cuda", dtype=dtype))
+    assert calls == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -11,10 +12,15 @@ from .. import ops
 from ..errors import ArgumentError, ArgumentTypeError
 from ..scope import ScopeSpec
 from .packed import PackedWeight
+from .sp24 import sp24_meta_words
 
 __all__ = ["PackedLinear"]
 
 _BUFFERS = ("values", "meta", "subsets", "block_off", "elem_off", "geometry")
+# The 2:4 kernel on the sparse tensor cores (ops.sp24_linear) up to this many tokens a call: above, the
+# packed kernels (measured on an H100: docs/performance.md). S3SPARSE_PACKED_SP24=0 turns it off for
+# every new module (benchmarks compare the paths).
+SP24_MAX_TOKENS = 0 if os.environ.get("S3SPARSE_PACKED_SP24", "1").lower() in ("0", "off", "false") else 16
 
 
 def _versions(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
@@ -96,6 +102,14 @@ class PackedLinear(nn.Module):
         # and its weight with the key of the buffers it was built from.
         self._semi_min_tokens: Optional[int] = None
         self._semi: Optional[tuple] = None
+        # The sparse tensor cores' metadata of a 2:4 weight (a derived, non-persistent buffer), built
+        # when the CUDA op accepts the tables; valid for the checked tables and values it was built
+        # with (identity), and compiled code reads `_sp24_ok` (see forward and _setup_sp24).
+        self.register_buffer("sp24_meta", None, persistent=False)
+        self._sp24_max_tokens = SP24_MAX_TOKENS
+        self._sp24_for: Optional[tuple] = None
+        self._sp24_values: Optional[Tensor] = None
+        self._sp24_ok = False
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -285,13 +299,18 @@ class PackedLinear(nn.Module):
                 return y.reshape(*x.shape[:-1], self.out_features)
         b = self._buffers
         meta, subsets, block_off, elem_off = b["meta"], b["subsets"], b["block_off"], b["elem_off"]
-        checked = eager_cuda = False
+        checked = eager_cuda = sp24 = False
         if x.is_cuda:
             if torch.compiler.is_compiling():
                 checked = self._tables_ok  # (a guarded constant: a load or move recompiles)
+                sp24 = checked and self._sp24_ok
             else:
                 eager_cuda = True
                 checked = _is_checked(self._checked_tables, meta, subsets, block_off, elem_off)
+                sp24 = (checked and self._sp24_ok and self._sp24_for is self._checked_tables
+                        and self._sp24_values is b["values"])
+            if sp24 and x.numel() <= self._sp24_max_tokens * self.in_features:
+                return ops.sp24_linear(x, b["values"], b["sp24_meta"], self.out_features, self._parameters["bias"])
         y = ops.packed_linear(
             x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
             self.meta_bits, self.out_features, self.row_group, self._parameters["bias"], checked,
@@ -300,12 +319,47 @@ class PackedLinear(nn.Module):
             # The op returned: it checked these tables.
             self._checked_tables = (meta, subsets, block_off, elem_off, _versions(meta, subsets, block_off, elem_off))
             self._tables_ok = True
+            self._setup_sp24()
         return y
+
+    def _setup_sp24(self) -> None:
+        """Build the sparse tensor cores' metadata for the tables just checked, when the weight is 2:4 in
+        the canonical layout (fp16 / bf16, out_features % 16 == 0, in_features % 64 == 0); else leave
+        the packed kernels in charge. One host sync, once per checked set of tables."""
+        self._sp24_for, self._sp24_values = self._checked_tables, self._buffers["values"]
+        self._buffers["sp24_meta"], self._sp24_ok = None, False
+        name = (self.pattern or {}).get("registry_name")
+        if (not self._sp24_max_tokens or (name is not None and name != "2:4")
+                or self.values.dtype not in (torch.float16, torch.bfloat16)
+                or self.out_features % 16 or self.in_features % 64 or not self.in_features
+                or self.values.numel() * 2 != self.out_features * self.in_features):
+            return
+        try:
+            self._buffers["sp24_meta"] = sp24_meta_words(self.packed)
+        except ArgumentError:  # not 2:4 in the canonical order: the packed kernels take it
+            return
+        self._sp24_ok = True
+
+    def use_sp24(self, max_tokens: Optional[int] = 16) -> "PackedLinear":
+        """Run calls of up to ``max_tokens`` tokens of a 2:4 weight on the sparse tensor cores (the default,
+        16; ``None`` or 0 turns it off and frees the metadata).
+
+        On CUDA, for fp16 / bf16 2:4 weights with ``out_features % 16 == 0`` and ``in_features % 64 == 0``,
+        the first call that checks the tables also builds the instruction's metadata
+        (:func:`s3sparse.sparse.sp24.sp24_meta_words`, 1/8 byte a weight element, not in ``state_dict``),
+        and decode calls then take :func:`s3sparse.ops.sp24_linear`. Returns the module.
+        """
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+            raise ArgumentError(f"`max_tokens` must be a non-negative int (or None to turn it off), got {max_tokens!r}")
+        self._sp24_max_tokens = max_tokens or 0
+        self._forget_check()
+        self._buffers["sp24_meta"] = None
+        return self
 
     def __getstate__(self):
         # A pickled module's tables come back from a file: check them again (identity survives pickling).
         state = super().__getstate__()
-        state["_checked_tables"], state["_tables_ok"] = None, False
+        state["_checked_tables"], state["_tables_ok"], state["_sp24_ok"] = None, False, False
         return state
 
     def _holds_checked_tables(self) -> bool:
@@ -330,7 +384,7 @@ class PackedLinear(nn.Module):
     def _forget_check(self) -> None:
         # Compiled calls must not trust the old check, and the next eager call (or
         # check_tables) checks again even where the tables kept their storage.
-        self._checked_tables, self._tables_ok = None, False
+        self._checked_tables, self._tables_ok, self._sp24_ok = None, False, False
 
     def _apply(self, fn, recurse=True):
         self._forget_check()  # a move or a cast (the index tables may keep their storage)
