@@ -50,9 +50,20 @@ __device__ __forceinline__ void mma_sp(float (&d)[4], uint32_t a0, uint32_t a1, 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(b2), "r"(b3), "r"(e), "n"(SEL));
 }
 
+// SP_L2PF=128 / 256: the load asks L2 to fetch the whole 128 / 256-byte span around it (prefetch).
+#ifndef SP_L2PF
+#define SP_L2PF 0
+#endif
+#if SP_L2PF == 256
+#define SP_LD "ld.global.nc.L1::no_allocate.L2::256B.v4.u32"
+#elif SP_L2PF == 128
+#define SP_LD "ld.global.nc.L1::no_allocate.L2::128B.v4.u32"
+#else
+#define SP_LD "ld.global.nc.L1::no_allocate.v4.u32"
+#endif
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm volatile(SP_LD " {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
