@@ -77,8 +77,10 @@ __device__ __forceinline__ constexpr int x_offset(int j) {
 }
 
 // NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp.
+// (2 blocks an SM: kWarpsPerSm; U = 8 at one tile of tokens was 6-18 % faster than 4 on an H100, at 124
+// registers: benchmarks/results/sp24-lab-variants-h100.txt.)
 template <typename T, int NT, int U>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
                        int M, int K, int N, int S) {
@@ -232,7 +234,7 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   int* cp = S > 1 ? cnt.mutable_data_ptr<int>() : nullptr;
   const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
   if (nt == 1) {
-    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 1, 4>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
+    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 1, 8>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
                                                                                     Ki, Ni, Si);
   } else {
     S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 2, 2>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
