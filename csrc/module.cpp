@@ -1,7 +1,8 @@
 // The Python module s3sparse._C. Importing it loads the shared library, whose
 // static initialisers register every operator (csrc/ops.cpp and the kernels).
 // It also exposes build_info(): what this binary was compiled with, and
-// _packed_linear_call: the eager fast call of s3sparse::packed_linear.
+// _packed_linear_call / _sp24_linear_call: the eager fast calls of s3sparse::packed_linear and
+// s3sparse::sp24_linear.
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -130,10 +131,50 @@ PyObject* packed_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize
   END_HANDLE_TH_ERRORS
 }
 
+// ------------------------------------------------------------ sp24_linear's eager call
+// The same for s3sparse::sp24_linear (PackedLinear's 2:4 decode path): x, values, sp_meta plain tensors,
+// out_features a Python int, bias None or a plain tensor; anything else NotImplemented (ops.sp24_linear).
+using Sp24LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                 const std::optional<at::Tensor>&);
+
+PyObject* sp24_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "_sp24_linear_call takes sp24_linear's 5 arguments, positionally");
+    return nullptr;
+  }
+  const auto not_implemented = [] { Py_RETURN_NOTIMPLEMENTED; };
+  if (at::impl::torch_function_mode_enabled()) return not_implemented();
+  for (int i : {0, 1, 2}) {
+    if (!THPVariable_CheckExact(args[i])) return not_implemented();
+  }
+  if (args[4] != Py_None && !THPVariable_CheckExact(args[4])) return not_implemented();
+  int64_t out_features = 0;
+  if (!plain_int(args[3], &out_features)) {
+    PyErr_Clear();
+    return not_implemented();
+  }
+  const at::Tensor x = THPVariable_Unpack(args[0]), values = THPVariable_Unpack(args[1]),
+                   sp_meta = THPVariable_Unpack(args[2]);
+  std::optional<at::Tensor> bias;
+  if (args[4] != Py_None) bias = THPVariable_Unpack(args[4]);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("s3sparse::sp24_linear", "").typed<Sp24LinearSig>();
+  at::Tensor y;
+  {
+    ReleasedGil released;
+    y = op.call(x, values, sp_meta, out_features, bias);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What the compiled extension contains."},
     {"_packed_linear_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(packed_linear_call)),
      METH_FASTCALL, "s3sparse::packed_linear through the dispatcher's typed call, or NotImplemented (ops.packed_linear)."},
+    {"_sp24_linear_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sp24_linear_call)),
+     METH_FASTCALL, "s3sparse::sp24_linear through the dispatcher's typed call, or NotImplemented (ops.sp24_linear)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -38,6 +38,7 @@ _ops = torch.ops.s3sparse
 # s3sparse::packed_linear: code that swaps `_ops` (the tests' host emulator) must swap this too.
 # (None with a library built before it: torch.ops then.)
 _packed_linear_call = getattr(_C, "_packed_linear_call", None)
+_sp24_linear_call = getattr(_C, "_sp24_linear_call", None)  # (the same for s3sparse::sp24_linear)
 
 
 def _ints(name: str, values: Sequence[int]) -> list[int]:
@@ -524,6 +525,10 @@ def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, b
     2:4 layers at decode. It trusts ``sp_meta`` (a bad word gives wrong numbers in its group, never a
     read out of bounds); the CPU kernel decodes W, checks ``sp_meta`` (``ValueError``) and multiplies.
     """
+    if type(x) is Tensor and _sp24_linear_call is not None and not torch.compiler.is_compiling():
+        y = _sp24_linear_call(x, values, sp_meta, out_features, bias)  # (eager: the typed C++ call, as packed_linear)
+        if y is not NotImplemented:
+            return y
     return _ops.sp24_linear.default(x, values, sp_meta, int(out_features), bias)
 
 

@@ -33,6 +33,7 @@ def device(request, monkeypatch):
     if request.param == "emu":
         torch.ops.load_library(EMU_LIB)
         monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        monkeypatch.setattr(ops, "_sp24_linear_call", lambda *args: NotImplemented)  # (the real op's fast call)
         return "cpu"
     return request.param
 
@@ -172,3 +173,25 @@ def test_sp24_linear_compile_fullgraph(device, backend):
     for lead in [(4,), (2, 5)]:
         x = torch.randn(*lead, 128, generator=gen).to(dtype=torch.float16, device=device)
         torch.testing.assert_close(compiled(x, values, sp_meta, bias), fn(x, values, sp_meta, bias))
+
+
+@pytest.mark.parametrize("device", REAL_DEVICES)
+def test_sp24_linear_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(device):
+    """ops.sp24_linear's eager fast call (csrc/module.cpp) gives torch.ops' result, returns NotImplemented
+    for what it leaves to torch.ops (a numpy int, a tensor subclass), and raises the op's errors."""
+    import numpy as np
+
+    assert ops._sp24_linear_call is not None, "s3sparse._C was built without _sp24_linear_call: rebuild"
+    gen = torch.Generator().manual_seed(0)
+    _, values, sp_meta = sp24_case(32, 128, torch.float16, device, gen)
+    x = torch.randn(3, 128, generator=gen).to(dtype=torch.float16, device=device)
+    bias = torch.randn(32, generator=gen).to(dtype=torch.float16, device=device)
+    for b in (None, bias):
+        want = torch.ops.s3sparse.sp24_linear.default(x, values, sp_meta, 32, b)
+        assert torch.equal(ops._sp24_linear_call(x, values, sp_meta, 32, b), want)
+    assert ops._sp24_linear_call(x, values, sp_meta, np.int64(32), None) is NotImplemented
+    assert ops._sp24_linear_call(x.as_subclass(torch.nn.Parameter), values, sp_meta, 32, None) is not NotImplemented
+    with pytest.raises(ValueError, match="`out_features` must be a positive multiple of 16"):
+        ops._sp24_linear_call(x, values, sp_meta, 24, None)
+    with pytest.raises(TypeError, match="5 arguments"):
+        ops._sp24_linear_call(x, values, sp_meta, 32)
