@@ -54,7 +54,12 @@ class PackedLinear(nn.Module):
 
     ``forward`` is one call of the custom op ``s3sparse::packed_linear`` (CPU and
     CUDA kernels, a fake for ``torch.compile(fullgraph=True)``), accumulating in
-    fp32 (fp64 for fp64) for any leading batch shape of ``x``.
+    fp32 (fp64 for fp64) for any leading batch shape of ``x``. On CUDA, a 2:4
+    weight (fp16 / bf16, ``out_features % 16 == 0``, ``in_features % 64 == 0``)
+    runs calls of up to 16 tokens on the sparse tensor cores instead
+    (``s3sparse::sp24_linear``, :meth:`use_sp24`), with the instruction's
+    metadata derived once when the tables are checked (a non-persistent
+    ``sp24_meta`` buffer, 1/8 byte a weight element).
 
     The packed tensors are buffers (``values``, ``meta``, ``subsets`` when the
     format uses codes, ``block_off``, ``elem_off``, and ``geometry``, the
