@@ -90,7 +90,11 @@ TORCH_LIBRARY(s3sparse, m) {
   // int32, the kept columns in the instruction's order (csrc/sp24.h; built by
   // s3sparse.sparse.sp24.sp24_meta_words). x (..., K) float16 / bfloat16 of the
   // dtype of values, M % 16 == 0, K % 64 == 0; fp32 accumulation, one rounding
-  // (after the bias). The CPU kernel checks sp_meta; the CUDA kernel trusts it
-  // (a bad word gives wrong numbers for its group, never a read out of bounds).
-  m.def("sp24_linear(Tensor x, Tensor values, Tensor sp_meta, int out_features, Tensor? bias) -> Tensor");
+  // (after the bias). The CPU kernel checks sp_meta (ValueError); the CUDA
+  // kernel checks it without a host sync, a bad word making its 16-row tile's
+  // outputs NaN, unless checked = true: the caller vouches for sp_meta (built
+  // by sp24_meta_words and unchanged since), and the kernel skips the check
+  // (faster: more loads in flight). It never reads out of bounds either way.
+  m.def("sp24_linear(Tensor x, Tensor values, Tensor sp_meta, int out_features, Tensor? bias, "
+        "bool checked=False) -> Tensor");
 }

@@ -504,7 +504,9 @@ def _packed_linear_fake(x, values, meta, subsets, block_off, elem_off, scope_sha
 
 
 # ---------------------------------------------------------------- 2:4 on the sparse tensor cores
-def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
+def sp24_linear(
+    x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor] = None, checked: bool = False,
+) -> Tensor:
     """``F.linear(x, W, bias)`` for a 2:4 ``W`` on the GPU's sparse tensor cores (``mma.sp``), W never built.
 
     Args:
@@ -516,24 +518,28 @@ def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, b
             built once a weight by :func:`s3sparse.sparse.sp24.sp24_meta_words`.
         out_features: M, a positive multiple of 16.
         bias: optional (M,) of the dtype of ``x``.
+        checked: the caller vouches for ``sp_meta`` (built by ``sp24_meta_words`` and unchanged since):
+            the CUDA kernel then skips its check of every metadata word and keeps more loads in flight.
 
     Returns:
         (..., M) of the dtype of ``x``: products summed in fp32, the bias added, rounded once.
 
     The CUDA kernel streams the values once (1.3-1.6x dense ``F.linear`` at 1-8 tokens on an H100 in the
     lab, docs/performance.md), 16 tokens a launch; :class:`~s3sparse.sparse.PackedLinear` takes it for
-    2:4 layers at decode. It trusts ``sp_meta`` (a bad word gives wrong numbers in its group, never a
-    read out of bounds); the CPU kernel decodes W, checks ``sp_meta`` (``ValueError``) and multiplies.
+    2:4 layers at decode. Unless ``checked``, it checks ``sp_meta`` on the device without a host sync: a
+    word that is not valid metadata makes its 16-row tile's outputs NaN. It never reads out of bounds
+    (the metadata only picks columns inside a group). The CPU kernel decodes W, always checks
+    ``sp_meta`` (``ValueError``) and multiplies.
     """
     if type(x) is Tensor and _sp24_linear_call is not None and not torch.compiler.is_compiling():
-        y = _sp24_linear_call(x, values, sp_meta, out_features, bias)  # (eager: the typed C++ call, as packed_linear)
+        y = _sp24_linear_call(x, values, sp_meta, out_features, bias, checked)  # (eager: the typed C++ call)
         if y is not NotImplemented:
             return y
-    return _ops.sp24_linear.default(x, values, sp_meta, int(out_features), bias)
+    return _ops.sp24_linear.default(x, values, sp_meta, int(out_features), bias, bool(checked))
 
 
 @torch.library.register_fake("s3sparse::sp24_linear")
-def _sp24_linear_fake(x, values, sp_meta, out_features, bias):
+def _sp24_linear_fake(x, values, sp_meta, out_features, bias, checked=False):
     op = "s3sparse.sp24_linear"
     torch._check(x.dtype in (torch.float16, torch.bfloat16), lambda: f"{op}: `x` must be float16 or bfloat16, got {x.dtype}")
     torch._check(values.dtype == x.dtype, lambda: f"{op}: `values` must have the dtype of `x` ({x.dtype}), got {values.dtype}")

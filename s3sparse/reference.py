@@ -349,8 +349,10 @@ def sp24_to_dense(values: Tensor, sp_meta: Tensor, out_features: int, in_feature
     return W
 
 
-def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear(x, W, bias)`` for the W of :func:`sp24_to_dense` (fp32 math, one rounding), dtype of ``x``."""
+def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor],
+                checked: bool = False) -> Tensor:
+    """``F.linear(x, W, bias)`` for the W of :func:`sp24_to_dense` (fp32 math, one rounding), dtype of ``x``.
+    (``checked`` lets the CUDA kernel skip its metadata check; ignored here.)"""
     W = sp24_to_dense(values, sp_meta, out_features, x.shape[-1])
     b = None if bias is None else bias.float()
     return torch.nn.functional.linear(x.float(), W.float(), b).to(x.dtype)

@@ -38,6 +38,10 @@ def device(request, monkeypatch):
     return request.param
 
 
+def _is_emu() -> bool:
+    return ops._ops is not torch.ops.s3sparse
+
+
 def _id(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
@@ -72,9 +76,11 @@ def test_sp24_linear_matches_oracle(device, seed, dtype):
         for lead in tokens:
             x = torch.randn(*lead, K, generator=gen).to(dtype=dtype, device=device)
             for bias in (None, torch.randn(M, generator=gen).to(dtype=dtype, device=device)):
-                got = ops.sp24_linear(x, values, sp_meta, M, bias)
                 want = ref.sp24_linear(x, values, sp_meta, M, bias)
-                _assert_close(got, want, x, W, dtype, f"{M}x{K} x{tuple(x.shape)} bias={bias is not None}")
+                for checked in (False, True):  # (the CUDA kernel's two forms: with and without its metadata check)
+                    got = ops.sp24_linear(x, values, sp_meta, M, bias, checked)
+                    _assert_close(got, want, x, W, dtype,
+                                  f"{M}x{K} x{tuple(x.shape)} bias={bias is not None} checked={checked}")
 
 
 @pytest.mark.parametrize("dtype", HALVES, ids=_id)
@@ -133,17 +139,27 @@ def test_sp24_linear_bad_arguments_raise_clear_errors(device, seed):
             ops.sp24_linear(**args)
 
 
-def test_sp24_linear_cpu_refuses_metadata_it_cannot_read():
+@pytest.mark.parametrize("word", [0, 0x44444447, 0x4444F444, 0x64444444])  # p0 = p1 = 0; then one nibble 3|1<<2, F, 6
+def test_sp24_linear_corrupt_metadata_never_passes_as_numbers(device, word):
+    """A metadata word that is not two columns p0 < p1 in every nibble: the CPU kernel raises naming it;
+    the CUDA kernel (unchecked) makes that 16-row tile's outputs NaN and leaves the other tiles right."""
     gen = torch.Generator().manual_seed(0)
-    M, K = 16, 64
-    _, values, sp_meta = sp24_case(M, K, torch.float16, "cpu", gen)
+    M, K = 48, 192
+    W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen)
     bad = sp_meta.clone()
-    bad[0, 0, 5] = 0  # every nibble p0 = p1 = 0
-    x = torch.randn(1, K, generator=gen).half()
-    with pytest.raises(ValueError, match=r"`sp_meta`\[0, 0, 5\].*sp24_meta_words"):
-        ops.sp24_linear(x, values, bad, M)
+    bad[1, 2, 5] = torch.tensor(word, dtype=torch.int64).to(torch.int32)  # tile 1: rows 16-31
+    x = torch.randn(3, K, generator=gen).to(dtype=torch.float16, device=device)
     with pytest.raises(ValueError, match="p0 < p1"):
         ref.sp24_linear(x, values, bad, M, None)
+    if device == "cpu" and not _is_emu():
+        with pytest.raises(ValueError, match=r"`sp_meta`\[1, 2, 5\].*sp24_meta_words"):
+            ops.sp24_linear(x, values, bad, M)
+        return
+    got = ops.sp24_linear(x, values, bad, M).cpu()
+    assert bool(got[:, 16:32].isnan().all()), "the bad tile's outputs must all be NaN"
+    want = ref.sp24_linear(x, values, sp_meta, M, None).cpu()
+    _assert_close(got[:, list(range(16)) + list(range(32, 48))], want[:, list(range(16)) + list(range(32, 48))],
+                  x, W[list(range(16)) + list(range(32, 48))], torch.float16, "the other tiles")
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile
@@ -155,7 +171,7 @@ def test_sp24_linear_opcheck(device):
         x = torch.randn(2, 3, 128, generator=gen).to(dtype=dtype, device=device)
         bias = torch.randn(32, generator=gen).to(dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x, values, sp_meta, 32, bias))
-        torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x[0], values, sp_meta, 32, None))
+        torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x[0], values, sp_meta, 32, None, True))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
@@ -187,11 +203,13 @@ def test_sp24_linear_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(devic
     x = torch.randn(3, 128, generator=gen).to(dtype=torch.float16, device=device)
     bias = torch.randn(32, generator=gen).to(dtype=torch.float16, device=device)
     for b in (None, bias):
-        want = torch.ops.s3sparse.sp24_linear.default(x, values, sp_meta, 32, b)
-        assert torch.equal(ops._sp24_linear_call(x, values, sp_meta, 32, b), want)
-    assert ops._sp24_linear_call(x, values, sp_meta, np.int64(32), None) is NotImplemented
-    assert ops._sp24_linear_call(x.as_subclass(torch.nn.Parameter), values, sp_meta, 32, None) is not NotImplemented
+        for checked in (False, True):
+            want = torch.ops.s3sparse.sp24_linear.default(x, values, sp_meta, 32, b, checked)
+            assert torch.equal(ops._sp24_linear_call(x, values, sp_meta, 32, b, checked), want)
+    assert ops._sp24_linear_call(x, values, sp_meta, np.int64(32), None, False) is NotImplemented
+    assert ops._sp24_linear_call(x, values, sp_meta, 32, None, 1) is NotImplemented  # (a bool, not an int)
+    assert ops._sp24_linear_call(x.as_subclass(torch.nn.Parameter), values, sp_meta, 32, None, False) is not NotImplemented
     with pytest.raises(ValueError, match="`out_features` must be a positive multiple of 16"):
-        ops._sp24_linear_call(x, values, sp_meta, 24, None)
-    with pytest.raises(TypeError, match="5 arguments"):
-        ops._sp24_linear_call(x, values, sp_meta, 32)
+        ops._sp24_linear_call(x, values, sp_meta, 24, None, False)
+    with pytest.raises(TypeError, match="6 arguments"):
+        ops._sp24_linear_call(x, values, sp_meta, 32, None)

@@ -131,7 +131,8 @@ def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monk
 
     calls = []
     real = ops.sp24_linear
-    monkeypatch.setattr(ops, "sp24_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    vouched = []
+    monkeypatch.setattr(ops, "sp24_linear", lambda *a: calls.append(a[0].shape) or vouched.append(a[5]) or real(*a))
     m = _module(64, 256, seed, dtype=dtype, device="cuda")
     W, b = m.weight.float(), m.bias.float()
     for n in (1, 1, 5, 16, 17, 64):  # the first call checks the tables (the packed op) and builds the metadata
@@ -139,6 +140,10 @@ def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monk
         want = torch.nn.functional.linear(x.float(), W, b)
         torch.testing.assert_close(m(x).float(), want, rtol=1e-2, atol=2e-2)
     assert calls == [(1, 256), (5, 256), (16, 256)], calls
+    assert vouched == [True] * 3  # (its own metadata: the kernel skips the check)
+    m.sp24_meta.add_(0)  # an in-place change: no longer vouched for, checked by the kernel
+    m(torch.randn(2, 256, device="cuda", dtype=dtype))
+    assert vouched[-1] is False
     # Graph capture and replay through the same path.
     x = torch.randn(4, 256, device="cuda", dtype=dtype)
     graph = torch.cuda.CUDAGraph()

@@ -57,8 +57,8 @@ at::Tensor sp24_dense_fp32(const at::Tensor& values, const at::Tensor& sp_meta, 
 }
 
 at::Tensor sp24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
-                           int64_t out_features, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "s3sparse.sp24_linear";
+                           int64_t out_features, const std::optional<at::Tensor>& bias, bool /*checked*/) {
+  constexpr const char* op = "s3sparse.sp24_linear";  // (checks sp_meta whatever `checked` says)
   const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, op);
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
   out_sizes.push_back(g.M);

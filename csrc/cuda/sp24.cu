@@ -11,7 +11,10 @@
 // column group 16 i + 4 (q % 4) + 2 s + q / 4 (sp24_group, csrc/sp24.h). In that
 // order a lane's A registers are words of its two loads, its B registers 4-byte
 // loads of x at fixed offsets, and its metadata one word an iteration
-// (sp_meta, built once a weight by s3sparse.sparse.sp24.sp24_meta_words).
+// (sp_meta, built once a weight by s3sparse.sparse.sp24.sp24_meta_words). Unless the caller vouches
+// for sp_meta (checked: PackedLinear, for the metadata it built), every word is checked and one that is
+// not valid metadata (a group's two columns not p0 < p1) turns its tile's outputs into NaN. Either way
+// a corrupt sp_meta never reads out of bounds: it only picks columns inside a group.
 //
 // A warp computes one 16-row tile over a slice of K (S slices a tile, chosen so
 // that the grid holds about kWarpsPerSm warps an SM: the weight streams from
@@ -70,16 +73,26 @@ __device__ __forceinline__ float ld_partial(const float* p) {
 #endif
 }
 
+// Nonzero iff a nibble of the metadata word e is not two columns p0 < p1 (a corrupt sp_meta: the
+// instruction's result would be undefined). Per nibble d = (p1 + 4) - p0 lies in 1..7, so no borrow
+// crosses nibbles, and p0 < p1 iff d >= 5: bit 2 and one of bits 0, 1.
+__device__ __forceinline__ uint32_t bad_nibbles(uint32_t e) {
+  const uint32_t p0 = e & 0x33333333u, p1 = (e >> 2) & 0x33333333u;
+  const uint32_t d = (p1 | 0x44444444u) - p0;
+  return ((d >> 2) & (d | (d >> 1)) & 0x11111111u) ^ 0x11111111u;
+}
+
 // x offset (elements) of a lane's B register j (step j / 4, register j % 4) from
 // its base 64 i + 16 (t / 2) + 2 (t % 2): virtual k 2 t + 8 (j % 4) of step j / 4.
 __device__ __forceinline__ constexpr int x_offset(int j) {
   return 8 * (j / 4) + ((j % 4) & 1 ? 32 : 0) + ((j % 4) >= 2 ? 4 : 0);
 }
 
-// NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp.
-// (2 blocks an SM: kWarpsPerSm; U = 8 at one tile of tokens was 6-18 % faster than 4 on an H100, at 124
-// registers: benchmarks/results/sp24-lab-variants-h100.txt.)
-template <typename T, int NT, int U>
+// NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp, kCheck: check every
+// metadata word (a bad one makes the tile's outputs NaN). (2 blocks an SM: kWarpsPerSm; U = 8 at one
+// tile of tokens was 6-18 % faster than 4 on an H100, at 124 registers:
+// benchmarks/results/sp24-lab-variants-h100.txt; with the check it spills, so checked calls get U = 4.)
+template <typename T, int NT, int U, bool kCheck>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
@@ -107,6 +120,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
     xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + 16 * (t >> 1) + 2 * (t & 1);
     d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
   }
+  [[maybe_unused]] uint32_t bad = 0;  // kCheck: a corrupt metadata word seen: this warp's partial becomes NaN
   for (int it = it0; it < it1; it += U) {
     uint4 a[U], b[U];
     uint32_t e[U], xb[U][NT][8];
@@ -116,7 +130,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
       const bool on = i < it1;
       a[u] = on ? ld_stream16(v0 + 4 * static_cast<int64_t>(i)) : make_uint4(0, 0, 0, 0);
       b[u] = on ? ld_stream16(v1 + 4 * static_cast<int64_t>(i)) : make_uint4(0, 0, 0, 0);
-      e[u] = on ? ldg(mp + static_cast<int64_t>(i) * 32) : 0u;
+      e[u] = on ? ldg(mp + static_cast<int64_t>(i) * 32) : 0x44444444u;  // (off: valid words, zero values)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -128,6 +142,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
     for (int u = 0; u < U; ++u) {
       const uint32_t a0[4] = {a[u].x, b[u].x, a[u].y, b[u].y};
       const uint32_t a1[4] = {a[u].z, b[u].z, a[u].w, b[u].w};
+      if constexpr (kCheck) bad |= bad_nibbles(e[u]);  // (here, not beside the loads: no registers to spare there)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint32_t b0[4] = {xb[u][nt][0], xb[u][nt][1], xb[u][nt][2], xb[u][nt][3]};
@@ -136,6 +151,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
         mma_sp_16832<kBf16, 1>(d[nt], a1, b1, e[u]);
       }
     }
+  }
+  if (kCheck && __ballot_sync(0xffffffffu, bad != 0u) != 0u) {  // (the whole tile: a lane's word covers rows g and g + 8)
+    const float nan = __uint_as_float(0x7fc00000u);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = nan;
   }
   // d[nt]: (row g, token 8 nt + 2t), (g, + 1), (g + 8, 8 nt + 2t), (g + 8, + 1).
   const int r0 = tile * 16 + g, r1 = r0 + 8;
@@ -215,7 +235,8 @@ at::Tensor tile_counters(int64_t tiles, const at::Tensor& like, cudaStream_t str
 
 template <typename T>
 void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tensor& sp_meta,
-                 const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, cudaStream_t stream) {
+                 const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, bool checked,
+                 cudaStream_t stream) {
   const int64_t n = xs.size(0);
   const int nt = n <= 8 ? 1 : 2;
   const int64_t tiles = M / 16, iters = K / 64;
@@ -233,18 +254,19 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   float* wsp = S > 1 ? ws.mutable_data_ptr<float>() : nullptr;
   int* cp = S > 1 ? cnt.mutable_data_ptr<int>() : nullptr;
   const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
+  const auto launch = [&](auto kernel) {
+    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
+  };
   if (nt == 1) {
-    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 1, 8>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
-                                                                                    Ki, Ni, Si);
+    checked ? launch(sp24_linear_kernel<T, 1, 8, false>) : launch(sp24_linear_kernel<T, 1, 4, true>);
   } else {
-    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, sp24_linear_kernel<T, 2, 2>)(vp, mp, xp, bp, yp, wsp, cp, Mi,
-                                                                                    Ki, Ni, Si);
+    checked ? launch(sp24_linear_kernel<T, 2, 2, false>) : launch(sp24_linear_kernel<T, 2, 2, true>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
-                            int64_t out_features, const std::optional<at::Tensor>& bias) {
+                            int64_t out_features, const std::optional<at::Tensor>& bias, bool checked) {
   constexpr const char* op = "s3sparse.sp24_linear";
   const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, op);
   S3_CHECK_VALUE(g.M * g.K / 2 < kInt32Safe && g.K < kInt32Safe, op, ": a weight of ", g.M, "x", g.K,
@@ -265,9 +287,9 @@ at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const
     const at::Tensor xs = g.N <= kLaunchTokens ? x2 : x2.narrow(0, n0, n);
     at::Tensor ys = g.N <= kLaunchTokens ? y : y.narrow(0, n0, n);
     if (x.scalar_type() == at::kHalf) {
-      launch_sp24<at::Half>(xs, values, sp_meta, bias, ys, g.M, g.K, stream);
+      launch_sp24<at::Half>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, stream);
     } else {
-      launch_sp24<at::BFloat16>(xs, values, sp_meta, bias, ys, g.M, g.K, stream);
+      launch_sp24<at::BFloat16>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, stream);
     }
   }
   return y.view(out_sizes);

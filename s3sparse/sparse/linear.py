@@ -114,6 +114,7 @@ class PackedLinear(nn.Module):
         self._sp24_max_tokens = SP24_MAX_TOKENS
         self._sp24_for: Optional[tuple] = None
         self._sp24_values: Optional[Tensor] = None
+        self._sp24_meta_key: tuple = (None, -1)  # (the sp24_meta built, its version then)
         self._sp24_ok = False
 
     # ------------------------------------------------------------ construction
@@ -308,14 +309,18 @@ class PackedLinear(nn.Module):
         if x.is_cuda:
             if torch.compiler.is_compiling():
                 checked = self._tables_ok  # (a guarded constant: a load or move recompiles)
-                sp24 = checked and self._sp24_ok
+                sp24 = vouched = checked and self._sp24_ok
             else:
                 eager_cuda = True
                 checked = _is_checked(self._checked_tables, meta, subsets, block_off, elem_off)
                 sp24 = (checked and self._sp24_ok and self._sp24_for is self._checked_tables
                         and self._sp24_values is b["values"])
+                # The metadata this module built, unchanged: the kernel may skip its check of every word.
+                m = b["sp24_meta"]
+                vouched = sp24 and m is self._sp24_meta_key[0] and m._version == self._sp24_meta_key[1]
             if sp24 and x.numel() <= self._sp24_max_tokens * self.in_features:
-                return ops.sp24_linear(x, b["values"], b["sp24_meta"], self.out_features, self._parameters["bias"])
+                return ops.sp24_linear(x, b["values"], b["sp24_meta"], self.out_features, self._parameters["bias"],
+                                       vouched)
         y = ops.packed_linear(
             x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
             self.meta_bits, self.out_features, self.row_group, self._parameters["bias"], checked,
@@ -340,10 +345,10 @@ class PackedLinear(nn.Module):
                 or self.values.numel() * 2 != self.out_features * self.in_features):
             return
         try:
-            self._buffers["sp24_meta"] = sp24_meta_words(self.packed)
+            meta = sp24_meta_words(self.packed)
         except ArgumentError:  # not 2:4 in the canonical order: the packed kernels take it
             return
-        self._sp24_ok = True
+        self._buffers["sp24_meta"], self._sp24_meta_key, self._sp24_ok = meta, (meta, meta._version), True
 
     def use_sp24(self, max_tokens: Optional[int] = 16) -> "PackedLinear":
         """Run calls of up to ``max_tokens`` tokens of a 2:4 weight on the sparse tensor cores (the default,

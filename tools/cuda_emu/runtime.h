@@ -321,6 +321,7 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+inline float __uint_as_float(unsigned u) { return std::bit_cast<float>(u); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 template <typename T>
 T atomicAdd(T* p, T v) {
