@@ -133,15 +133,15 @@ PyObject* packed_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize
 
 // ------------------------------------------------------------ sp24_linear's eager call
 // The same for s3sparse::sp24_linear (PackedLinear's 2:4 decode path): x, values, sp_meta plain tensors,
-// out_features a Python int, bias None or a plain tensor, checked a bool; anything else NotImplemented
+// out_features and column_order Python ints, bias None or a plain tensor, checked a bool; anything else NotImplemented
 // (ops.sp24_linear).
 using Sp24LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                 const std::optional<at::Tensor>&, bool);
+                                 const std::optional<at::Tensor>&, bool, int64_t);
 
 PyObject* sp24_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 6) {
-    PyErr_SetString(PyExc_TypeError, "_sp24_linear_call takes sp24_linear's 6 arguments, positionally");
+  if (nargs != 7) {
+    PyErr_SetString(PyExc_TypeError, "_sp24_linear_call takes sp24_linear's 7 arguments, positionally");
     return nullptr;
   }
   const auto not_implemented = [] { Py_RETURN_NOTIMPLEMENTED; };
@@ -150,8 +150,8 @@ PyObject* sp24_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     if (!THPVariable_CheckExact(args[i])) return not_implemented();
   }
   if (args[4] != Py_None && !THPVariable_CheckExact(args[4])) return not_implemented();
-  int64_t out_features = 0;
-  if (!plain_int(args[3], &out_features) || !PyBool_Check(args[5])) {
+  int64_t out_features = 0, column_order = 0;
+  if (!plain_int(args[3], &out_features) || !PyBool_Check(args[5]) || !plain_int(args[6], &column_order)) {
     PyErr_Clear();
     return not_implemented();
   }
@@ -164,7 +164,7 @@ PyObject* sp24_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   at::Tensor y;
   {
     ReleasedGil released;
-    y = op.call(x, values, sp_meta, out_features, bias, args[5] == Py_True);
+    y = op.call(x, values, sp_meta, out_features, bias, args[5] == Py_True, column_order);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS

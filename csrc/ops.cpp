@@ -95,6 +95,8 @@ TORCH_LIBRARY(s3sparse, m) {
   // outputs NaN, unless checked = true: the caller vouches for sp_meta (built
   // by sp24_meta_words and unchanged since), and the kernel skips the check
   // (faster: more loads in flight). It never reads out of bounds either way.
+  // column_order 1 (4:8) / 2 (coupled 2:4): the groups of 4 are fixed column
+  // permutations of W and the values stored a kept pair at a time (csrc/sp24.h).
   m.def("sp24_linear(Tensor x, Tensor values, Tensor sp_meta, int out_features, Tensor? bias, "
-        "bool checked=False) -> Tensor");
+        "bool checked=False, int column_order=0) -> Tensor");
 }

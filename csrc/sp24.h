@@ -12,6 +12,17 @@
 // for the column group (4 columns) G = 16 i + 4 (q % 4) + 2 s + q / 4 with
 // q = 4 h + j; a nibble is p0 | p1 << 2, the columns (0-3, p0 < p1) of the
 // group's two kept values.
+//
+// column_order: which columns form those groups of 4 ("virtual" columns v, in
+// 16-column chunks, v % 16 = 4 k + p: slot k, position p):
+//   0  2:4: the column itself;
+//   1  4:8 (pairs kept, 2 of the 4 pairs of each 8 columns): slot k is the even
+//      (k % 2 = 0) or odd columns of the chunk's 8-column half k / 2, column
+//      8 (k / 2) + 2 p + k % 2: both hold one value of each kept pair;
+//   2  coupled 2:4 (columns c and c + 8 of each 16 kept together): slots 0-3
+//      are the chunk's 4-column groups 0, 2, 1, 3, column 4 [0, 2, 1, 3][k] + p.
+// With orders 1 and 2 the values are stored a kept block (2 values) at a time,
+// [a0 a1 b0 b1] for a group pair: the virtual order takes them as a0 b0, a1 b1.
 #pragma once
 
 #include "common.h"
@@ -29,8 +40,26 @@ C10_HOST_DEVICE inline int64_t sp24_group(int64_t i, int s, int q) {
   return 16 * i + 4 * (q % 4) + 2 * s + q / 4;
 }
 
+// Original column of virtual column v (see column_order above).
+C10_HOST_DEVICE inline int64_t sp24_column(int64_t order, int64_t v) {
+  const int64_t chunk = v - v % 16, k = (v % 16) / 4, p = v % 4;
+  if (order == 1) return chunk + 8 * (k / 2) + 2 * p + k % 2;
+  if (order == 2) return chunk + 4 * ((k % 2) * 2 + k / 2) + p;
+  return v;
+}
+
+// Index in a row's stored values of the row's j-th value in virtual order.
+C10_HOST_DEVICE inline int64_t sp24_stored(int64_t order, int64_t j) {
+  if (order == 0) return j;
+  const int64_t r = j % 4;
+  return j - r + (r % 2) * 2 + r / 2;  // (a0 b0 a1 b1 <- a0 a1 b0 b1)
+}
+
 inline Sp24Geometry check_sp24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
-                                      int64_t out_features, const std::optional<at::Tensor>& bias, const char* op) {
+                                      int64_t out_features, const std::optional<at::Tensor>& bias,
+                                      int64_t column_order, const char* op) {
+  S3_CHECK_VALUE(column_order >= 0 && column_order <= 2, op,
+                 ": `column_order` must be 0 (2:4), 1 (4:8) or 2 (coupled 2:4), got ", column_order);
   const auto t = x.scalar_type();
   S3_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16, op,
                 ": `x` must be float16 or bfloat16 (the 16-bit sparse tensor cores), got ", t,

@@ -506,6 +506,7 @@ def _packed_linear_fake(x, values, meta, subsets, block_off, elem_off, scope_sha
 # ---------------------------------------------------------------- 2:4 on the sparse tensor cores
 def sp24_linear(
     x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor] = None, checked: bool = False,
+    column_order: int = 0,
 ) -> Tensor:
     """``F.linear(x, W, bias)`` for a 2:4 ``W`` on the GPU's sparse tensor cores (``mma.sp``), W never built.
 
@@ -520,6 +521,9 @@ def sp24_linear(
         bias: optional (M,) of the dtype of ``x``.
         checked: the caller vouches for ``sp_meta`` (built by ``sp24_meta_words`` and unchanged since):
             the CUDA kernel then skips its check of every metadata word and keeps more loads in flight.
+        column_order: 0 for 2:4; 1 for 4:8 (pairs) and 2 for coupled 2:4, whose weights are 2:4 in a fixed
+            column permutation (the even / odd columns of each 8; the 4-column groups 0, 2, 1, 3 of each
+            16) with their values stored a kept pair at a time (``sp24_meta_words(packed, order)``).
 
     Returns:
         (..., M) of the dtype of ``x``: products summed in fp32, the bias added, rounded once.
@@ -532,15 +536,16 @@ def sp24_linear(
     ``sp_meta`` (``ValueError``) and multiplies.
     """
     if type(x) is Tensor and _sp24_linear_call is not None and not torch.compiler.is_compiling():
-        y = _sp24_linear_call(x, values, sp_meta, out_features, bias, checked)  # (eager: the typed C++ call)
+        y = _sp24_linear_call(x, values, sp_meta, out_features, bias, checked, column_order)  # (eager: typed C++)
         if y is not NotImplemented:
             return y
-    return _ops.sp24_linear.default(x, values, sp_meta, int(out_features), bias, bool(checked))
+    return _ops.sp24_linear.default(x, values, sp_meta, int(out_features), bias, bool(checked), int(column_order))
 
 
 @torch.library.register_fake("s3sparse::sp24_linear")
-def _sp24_linear_fake(x, values, sp_meta, out_features, bias, checked=False):
+def _sp24_linear_fake(x, values, sp_meta, out_features, bias, checked=False, column_order=0):
     op = "s3sparse.sp24_linear"
+    torch._check(column_order in (0, 1, 2), lambda: f"{op}: `column_order` must be 0, 1 or 2, got {column_order}")
     torch._check(x.dtype in (torch.float16, torch.bfloat16), lambda: f"{op}: `x` must be float16 or bfloat16, got {x.dtype}")
     torch._check(values.dtype == x.dtype, lambda: f"{op}: `values` must have the dtype of `x` ({x.dtype}), got {values.dtype}")
     torch._check(x.dim() >= 1, lambda: f"{op}: `x` must be (..., in_features), got a scalar")

@@ -29,6 +29,8 @@ __all__ = [
     "packed_fields",
     "packed_to_dense",
     "packed_linear",
+    "sp24_columns",
+    "sp24_stored",
     "sp24_to_dense",
     "sp24_linear",
 ]
@@ -319,13 +321,37 @@ def packed_linear(
     return torch.nn.functional.linear(x.to(acc), W.to(acc), b).to(x.dtype)
 
 
-def sp24_to_dense(values: Tensor, sp_meta: Tensor, out_features: int, in_features: int) -> Tensor:
+def sp24_columns(in_features: int, column_order: int, device=None) -> Tensor:
+    """(K,) int64: the original column of each virtual column (csrc/sp24.h): identity for 2:4 (order 0);
+    in each 16-column chunk, slot k (4 virtual columns) is, for 4:8 (1), the even (k % 2 = 0) or odd
+    columns of half k // 2, and for coupled 2:4 (2), the 4-column group [0, 2, 1, 3][k]."""
+    v = torch.arange(in_features, device=device)
+    chunk, k, p = v - v % 16, (v % 16) // 4, v % 4
+    if column_order == 1:
+        return chunk + 8 * (k // 2) + 2 * p + k % 2
+    if column_order == 2:
+        return chunk + 4 * ((k % 2) * 2 + k // 2) + p
+    return v
+
+
+def sp24_stored(half_features: int, column_order: int, device=None) -> Tensor:
+    """(K/2,) int64: where a row's j-th value in virtual order is stored (orders 1, 2: a kept pair at a
+    time, a0 a1 b0 b1, taken as a0 b0 a1 b1)."""
+    j = torch.arange(half_features, device=device)
+    if column_order == 0:
+        return j
+    r = j % 4
+    return j - r + (r % 2) * 2 + r // 2
+
+
+def sp24_to_dense(values: Tensor, sp_meta: Tensor, out_features: int, in_features: int, column_order: int = 0) -> Tensor:
     """W (M, K) from a 2:4 weight as the sparse tensor cores read it (the layout of csrc/sp24.h).
 
-    values: M K / 2 kept values, each row's in column order (two a group of 4 columns); sp_meta
-    (M/16, K/64, 32) int32: the word of tile T, iteration i, lane 4 g + 2 s + h holds in nibble j
-    (row 16 T + g) and nibble 4 + j (row 16 T + g + 8) the columns p0 | p1 << 2 (p0 < p1) of the
-    two kept values of column group 16 i + 4 (q % 4) + 2 s + q // 4, q = 4 h + j.
+    values: M K / 2 kept values, each row's in column order (two a group of 4 columns; orders 1 and 2:
+    see :func:`sp24_columns`, :func:`sp24_stored`); sp_meta (M/16, K/64, 32) int32: the word of tile T,
+    iteration i, lane 4 g + 2 s + h holds in nibble j (row 16 T + g) and nibble 4 + j (row
+    16 T + g + 8) the columns p0 | p1 << 2 (p0 < p1) of the two kept values of virtual column group
+    16 i + 4 (q % 4) + 2 s + q // 4, q = 4 h + j.
     """
     M, K = out_features, in_features
     tiles, iters = M // 16, K // 64
@@ -342,17 +368,19 @@ def sp24_to_dense(values: Tensor, sp_meta: Tensor, out_features: int, in_feature
     q = 4 * torch.arange(2, device=dev)[:, None] + torch.arange(4, device=dev)  # (h, j)
     group = (16 * i + 4 * (q % 4) + 2 * s + q // 4).expand(M, iters, 2, 2, 4)  # (M, i, s, h, j)
     rows = torch.arange(M, device=dev)[:, None, None, None, None].expand_as(group)
-    kept = values.reshape(M, K // 4, 2)
-    W = torch.zeros(M, K, dtype=values.dtype, device=dev)
-    W[rows, 4 * group + p0] = kept[rows, group, 0]
-    W[rows, 4 * group + p1] = kept[rows, group, 1]
+    kept = values.reshape(M, K // 2)[:, sp24_stored(K // 2, column_order, dev)].reshape(M, K // 4, 2)
+    virtual = torch.zeros(M, K, dtype=values.dtype, device=dev)
+    virtual[rows, 4 * group + p0] = kept[rows, group, 0]
+    virtual[rows, 4 * group + p1] = kept[rows, group, 1]
+    W = torch.zeros_like(virtual)
+    W[:, sp24_columns(K, column_order, dev)] = virtual
     return W
 
 
 def sp24_linear(x: Tensor, values: Tensor, sp_meta: Tensor, out_features: int, bias: Optional[Tensor],
-                checked: bool = False) -> Tensor:
+                checked: bool = False, column_order: int = 0) -> Tensor:
     """``F.linear(x, W, bias)`` for the W of :func:`sp24_to_dense` (fp32 math, one rounding), dtype of ``x``.
     (``checked`` lets the CUDA kernel skip its metadata check; ignored here.)"""
-    W = sp24_to_dense(values, sp_meta, out_features, x.shape[-1])
+    W = sp24_to_dense(values, sp_meta, out_features, x.shape[-1], column_order)
     b = None if bias is None else bias.float()
     return torch.nn.functional.linear(x.float(), W.float(), b).to(x.dtype)

@@ -13,10 +13,11 @@ import os
 import pytest
 import torch
 
-from s3sparse import ops, patterns
+from s3sparse import ops
 from s3sparse import reference as ref
+from s3sparse.patterns import parse_pattern
 from s3sparse.sparse import PackedWeight
-from s3sparse.sparse.sp24 import sp24_meta_words
+from s3sparse.sparse.sp24 import sp24_column_order, sp24_meta_words
 
 EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
 HALVES = [torch.float16, torch.bfloat16]
@@ -46,13 +47,17 @@ def _id(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
-def sp24_case(M: int, K: int, dtype, device, gen: torch.Generator):
-    """(W, values, sp_meta) of a random 2:4 prune of an M×K Gaussian weight."""
+PATTERNS = {"2:4": 0, "4:8": 1, "coupled-2:4": 2}  # pattern -> column order
+
+
+def sp24_case(M: int, K: int, dtype, device, gen: torch.Generator, pattern: str = "2:4"):
+    """(W, values, sp_meta) of a random prune of an M×K Gaussian weight to ``pattern``."""
     W = torch.nn.Parameter(torch.randn(M, K, generator=gen).to(dtype=dtype, device=device))
-    scope, nnz = patterns.by_name("24", W)
+    scope, nnz = parse_pattern(pattern).build(W)
     scope.hard_threshold(nnz=nnz)
-    packed = PackedWeight.from_pattern(W.detach(), "2:4")
-    return W.detach(), packed.values, sp24_meta_words(packed)
+    packed = PackedWeight.from_pattern(W.detach(), pattern)
+    assert sp24_column_order(packed) == PATTERNS[pattern]
+    return W.detach(), packed.values, sp24_meta_words(packed, PATTERNS[pattern])
 
 
 def _assert_close(got, want, x, W, dtype, msg):
@@ -65,22 +70,40 @@ def _assert_close(got, want, x, W, dtype, msg):
     assert not bool(bad.any()), f"{msg}: {int(bad.sum())} outputs off, max error {float(err.max())}"
 
 
+@pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("dtype", HALVES, ids=_id)
-def test_sp24_linear_matches_oracle(device, seed, dtype):
+def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
     gen = torch.Generator().manual_seed(seed)
+    order = PATTERNS[pattern]
     shapes = [(16, 64), (32, 128), (48, 192), (32, 320)]
     tokens = [(1,), (3,), (8,), (9,), (2, 8), (17,), (33,)]  # 17 and 33: launches of 16 tokens
     for M, K in shapes:
-        W, values, sp_meta = sp24_case(M, K, dtype, device, gen)
-        assert torch.equal(ref.sp24_to_dense(values, sp_meta, M, K), W), f"{M}x{K}: the oracle's W"
+        W, values, sp_meta = sp24_case(M, K, dtype, device, gen, pattern)
+        assert torch.equal(ref.sp24_to_dense(values, sp_meta, M, K, order), W), f"{M}x{K}: the oracle's W"
         for lead in tokens:
             x = torch.randn(*lead, K, generator=gen).to(dtype=dtype, device=device)
             for bias in (None, torch.randn(M, generator=gen).to(dtype=dtype, device=device)):
-                want = ref.sp24_linear(x, values, sp_meta, M, bias)
+                want = ref.sp24_linear(x, values, sp_meta, M, bias, False, order)
                 for checked in (False, True):  # (the CUDA kernel's two forms: with and without its metadata check)
-                    got = ops.sp24_linear(x, values, sp_meta, M, bias, checked)
+                    got = ops.sp24_linear(x, values, sp_meta, M, bias, checked, order)
                     _assert_close(got, want, x, W, dtype,
                                   f"{M}x{K} x{tuple(x.shape)} bias={bias is not None} checked={checked}")
+
+
+def test_sp24_column_orders_are_the_oracles():
+    """The builder's column tables (s3sparse.sparse.sp24) and the oracle's formulas (reference.sp24_columns,
+    sp24_stored) agree, and each order makes its pattern 2:4: every virtual group of 4 keeps 2."""
+    from s3sparse.sparse import sp24 as sp
+
+    for order in (0, 1, 2):
+        cols = ref.sp24_columns(64, order)
+        assert cols.tolist() == [16 * c + v for c in range(4) for v in sp._CHUNK_COLUMNS[order]]
+        assert ref.sp24_stored(32, order).tolist() == [4 * c + v for c in range(8) for v in sp._QUAD_STORED[order]]
+    gen = torch.Generator().manual_seed(0)
+    for pattern, order in PATTERNS.items():
+        W, _, _ = sp24_case(16, 128, torch.float16, "cpu", gen, pattern)
+        kept = (W[:, ref.sp24_columns(128, order)] != 0).view(16, 32, 4).sum(-1)
+        assert bool((kept == 2).all()), pattern
 
 
 @pytest.mark.parametrize("dtype", HALVES, ids=_id)
@@ -172,6 +195,8 @@ def test_sp24_linear_opcheck(device):
         bias = torch.randn(32, generator=gen).to(dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x, values, sp_meta, 32, bias))
         torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x[0], values, sp_meta, 32, None, True))
+        _, values, sp_meta = sp24_case(32, 128, dtype, device, gen, "4:8")
+        torch.library.opcheck(torch.ops.s3sparse.sp24_linear.default, (x, values, sp_meta, 32, bias, False, 1))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
@@ -204,12 +229,14 @@ def test_sp24_linear_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(devic
     bias = torch.randn(32, generator=gen).to(dtype=torch.float16, device=device)
     for b in (None, bias):
         for checked in (False, True):
-            want = torch.ops.s3sparse.sp24_linear.default(x, values, sp_meta, 32, b, checked)
-            assert torch.equal(ops._sp24_linear_call(x, values, sp_meta, 32, b, checked), want)
-    assert ops._sp24_linear_call(x, values, sp_meta, np.int64(32), None, False) is NotImplemented
-    assert ops._sp24_linear_call(x, values, sp_meta, 32, None, 1) is NotImplemented  # (a bool, not an int)
-    assert ops._sp24_linear_call(x.as_subclass(torch.nn.Parameter), values, sp_meta, 32, None, False) is not NotImplemented
+            want = torch.ops.s3sparse.sp24_linear.default(x, values, sp_meta, 32, b, checked, 0)
+            assert torch.equal(ops._sp24_linear_call(x, values, sp_meta, 32, b, checked, 0), want)
+    assert ops._sp24_linear_call(x, values, sp_meta, np.int64(32), None, False, 0) is NotImplemented
+    assert ops._sp24_linear_call(x, values, sp_meta, 32, None, 1, 0) is NotImplemented  # (a bool, not an int)
+    assert ops._sp24_linear_call(x.as_subclass(torch.nn.Parameter), values, sp_meta, 32, None, False, 0) is not NotImplemented
     with pytest.raises(ValueError, match="`out_features` must be a positive multiple of 16"):
-        ops._sp24_linear_call(x, values, sp_meta, 24, None, False)
-    with pytest.raises(TypeError, match="6 arguments"):
-        ops._sp24_linear_call(x, values, sp_meta, 32, None)
+        ops._sp24_linear_call(x, values, sp_meta, 24, None, False, 0)
+    with pytest.raises(ValueError, match="`column_order` must be 0"):
+        ops._sp24_linear_call(x, values, sp_meta, 32, None, False, 3)
+    with pytest.raises(TypeError, match="7 arguments"):
+        ops._sp24_linear_call(x, values, sp_meta, 32, None, False)

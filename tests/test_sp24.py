@@ -85,7 +85,7 @@ def test_sp24_meta_words_refuse_what_the_layout_cannot_hold(seed):
     flipped = PackedWeight(p.values.flip(1).contiguous(), p.meta.clone(), sub, p.block_off.flip(0).contiguous(),
                            p.elem_off.clone(), p.scope_shape, p.scope_stride, p.meta_bits, 32, 128, p.row_group)
     assert torch.equal(flipped.to_dense(), p.to_dense())
-    with pytest.raises(ValueError, match="not each row's kept values in column order"):
+    with pytest.raises(ValueError, match="not stored in the order this column order reads them"):
         sp24_meta_words(flipped)
     strided = p.values.transpose(0, 2).contiguous().transpose(0, 2)
     with pytest.raises(ValueError, match="must be contiguous"):
@@ -105,17 +105,20 @@ def _module(M: int, K: int, seed: int, pattern: str = "2:4", dtype=torch.float16
     return PackedLinear(PackedWeight.from_pattern(W.detach(), pattern), bias).to(device)
 
 
-def test_packed_linear_builds_the_metadata_only_for_canonical_2_4(seed):
-    """_setup_sp24 (run when the CUDA op accepts the tables) builds sp24_meta for a 2:4 fp16 / bf16 weight
-    of a fitting shape, and for nothing else; a reload or a move drops it (rebuilt at the next check)."""
-    m = _module(32, 128, seed)
-    m._checked_tables = ("tables",)  # (what the CUDA op's acceptance records)
-    m._setup_sp24()
-    assert m._sp24_ok and torch.equal(m.sp24_meta, sp24_meta_words(m.packed))
+def test_packed_linear_builds_the_metadata_for_2_4_4_8_and_coupled(seed):
+    """_setup_sp24 (run when the CUDA op accepts the tables) builds sp24_meta for 2:4, 4:8 and coupled 2:4
+    fp16 / bf16 weights of a fitting shape, and for nothing else; a reload or a move drops it (rebuilt
+    at the next check)."""
+    for pattern, order in (("2:4", 0), ("4:8", 1), ("coupled-2:4", 2)):
+        m = _module(32, 128, seed, pattern)
+        m._checked_tables = ("tables",)  # (what the CUDA op's acceptance records)
+        m._setup_sp24()
+        assert m._sp24_ok and m._sp24_order == order, pattern
+        assert torch.equal(m.sp24_meta, sp24_meta_words(m.packed, order)), pattern
     assert "sp24_meta" not in m.state_dict()
     m.load_state_dict(m.state_dict())
     assert not m._sp24_ok
-    for other in (_module(32, 128, seed, "4:8"), _module(32, 128, seed, "coupled-2:4"), _module(32, 96, seed),
+    for other in (_module(32, 128, seed, "block16-rows"), _module(32, 96, seed),
                   _module(32, 128, seed, dtype=torch.float32), _module(32, 128, seed).use_sp24(None)):
         other._checked_tables = ("tables",)
         other._setup_sp24()
@@ -152,9 +155,12 @@ def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monk
     x.copy_(torch.randn(4, 256, device="cuda", dtype=dtype))
     graph.replay()
     torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.float(), W, b), rtol=1e-2, atol=2e-2)
-    # A 4:8 weight stays on the packed kernels.
-    calls.clear()
-    m48 = _module(64, 256, seed, "4:8", dtype=dtype, device="cuda")
-    m48(torch.randn(2, 256, device="cuda", dtype=dtype))
-    m48(torch.randn(2, 256, device="cuda", dtype=dtype))
-    assert calls == []
+    # 4:8 and coupled 2:4 take it too; a 16-column block pattern stays on the packed kernels.
+    for pattern, want_calls in (("4:8", 1), ("coupled-2:4", 1), ("block16-rows", 0)):
+        calls.clear()
+        mp = _module(64, 256, seed, pattern, dtype=dtype, device="cuda")
+        Wp, bp = mp.weight.float(), mp.bias.float()
+        for _ in range(2):
+            x = torch.randn(2, 256, device="cuda", dtype=dtype)
+            torch.testing.assert_close(mp(x).float(), torch.nn.functional.linear(x.float(), Wp, bp), rtol=1e-2, atol=2e-2)
+        assert len(calls) == want_calls, pattern

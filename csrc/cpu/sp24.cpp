@@ -16,7 +16,7 @@ namespace {
 // W (M, K) fp32 from values (M * K / 2) and sp_meta (M/16, K/64, 32); raises on a nibble that is not
 // two columns p0 < p1.
 at::Tensor sp24_dense_fp32(const at::Tensor& values, const at::Tensor& sp_meta, int64_t M, int64_t K,
-                           const char* op) {
+                           int64_t order, const char* op) {
   const at::Tensor v = values.reshape({M, K / 2}).to(at::kFloat);
   at::Tensor w = at::zeros({M, K}, v.options());
   const float* vp = v.const_data_ptr<float>();
@@ -41,8 +41,8 @@ at::Tensor sp24_dense_fp32(const at::Tensor& values, const at::Tensor& sp_meta, 
                 bad.compare_exchange_strong(none, (T * iters + i) * 32 + lane);
                 continue;
               }
-              wp[row * K + 4 * G + p0] = vp[row * (K / 2) + 2 * G];
-              wp[row * K + 4 * G + p1] = vp[row * (K / 2) + 2 * G + 1];
+              wp[row * K + sp24_column(order, 4 * G + p0)] = vp[row * (K / 2) + sp24_stored(order, 2 * G)];
+              wp[row * K + sp24_column(order, 4 * G + p1)] = vp[row * (K / 2) + sp24_stored(order, 2 * G + 1)];
             }
           }
         }
@@ -57,12 +57,13 @@ at::Tensor sp24_dense_fp32(const at::Tensor& values, const at::Tensor& sp_meta, 
 }
 
 at::Tensor sp24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
-                           int64_t out_features, const std::optional<at::Tensor>& bias, bool /*checked*/) {
+                           int64_t out_features, const std::optional<at::Tensor>& bias, bool /*checked*/,
+                           int64_t column_order) {
   constexpr const char* op = "s3sparse.sp24_linear";  // (checks sp_meta whatever `checked` says)
-  const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, op);
+  const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, column_order, op);
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
   out_sizes.push_back(g.M);
-  const at::Tensor w = sp24_dense_fp32(values, sp_meta, g.M, g.K, op);
+  const at::Tensor w = sp24_dense_fp32(values, sp_meta, g.M, g.K, column_order, op);
   if (g.N == 0) return at::empty(out_sizes, x.options());
   at::Tensor y = at::mm(x.reshape({g.N, g.K}).to(at::kFloat), w.t());
   if (bias.has_value()) y.add_(bias->to(at::kFloat));  // (fp32 sum, one rounding below)

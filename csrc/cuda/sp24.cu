@@ -82,17 +82,55 @@ __device__ __forceinline__ uint32_t bad_nibbles(uint32_t e) {
   return ((d >> 2) & (d | (d >> 1)) & 0x11111111u) ^ 0x11111111u;
 }
 
-// x offset (elements) of a lane's B register j (step j / 4, register j % 4) from
-// its base 64 i + 16 (t / 2) + 2 (t % 2): virtual k 2 t + 8 (j % 4) of step j / 4.
+// x offset (elements) of a lane's raw x word j (step j / 4) from its base, by column order (csrc/sp24.h):
+//  0 (2:4): B register j % 4 itself, virtual k 2 t + 8 (j % 4) of the step (base 16 (t / 2) + 2 (t % 2));
+//  2 (coupled 2:4): the same registers, the 4-column groups of each 16 taken in the order 0, 2, 1, 3;
+//  1 (4:8, pairs): virtual groups are the even and the odd columns of each 8; words (j % 4) / 2 = 0, 1 are
+//    8 bytes of x 32 columns apart (base 16 (t / 2) + 4 (t % 2)), which give the even and the odd
+//    registers by byte permutes (x_registers).
+template <int kOrder>
 __device__ __forceinline__ constexpr int x_offset(int j) {
-  return 8 * (j / 4) + ((j % 4) & 1 ? 32 : 0) + ((j % 4) >= 2 ? 4 : 0);
+  const int s = j / 4, r = j % 4;
+  if constexpr (kOrder == 1) return 8 * s + (r >= 2 ? 32 : 0) + 2 * (r % 2);
+  if constexpr (kOrder == 2) return 4 * s + (r & 1 ? 32 : 0) + (r >= 2 ? 8 : 0);
+  return 8 * s + (r & 1 ? 32 : 0) + (r >= 2 ? 4 : 0);
+}
+template <int kOrder>
+__device__ __forceinline__ constexpr int x_base(int t) {
+  return 16 * (t >> 1) + (kOrder == 1 ? 4 : 2) * (t & 1);
+}
+
+// A step's 4 B registers from its 4 raw x words (order 1: even columns from the low halves, odd from
+// the high halves of the two 4-byte words of each 8-byte span).
+template <int kOrder>
+__device__ __forceinline__ void x_registers(uint32_t (&b)[4], const uint32_t* raw) {
+  if constexpr (kOrder == 1) {
+    b[0] = __byte_perm(raw[0], raw[1], 0x5410);
+    b[1] = __byte_perm(raw[2], raw[3], 0x5410);
+    b[2] = __byte_perm(raw[0], raw[1], 0x7632);
+    b[3] = __byte_perm(raw[2], raw[3], 0x7632);
+  } else {
+    b[0] = raw[0], b[1] = raw[1], b[2] = raw[2], b[3] = raw[3];
+  }
+}
+
+// A lane's 16 bytes of a row, as the 4 words of virtual groups 4 t' .. 4 t' + 3: as stored for 2:4; for
+// orders 1 and 2 the stored quads (kept blocks of 2) [a0 a1 b0 b1] become [a0 b0], [a1 b1].
+template <int kOrder>
+__device__ __forceinline__ uint4 value_words(uint4 v) {
+  if constexpr (kOrder == 0) {
+    return v;
+  } else {
+    return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x5410),
+                      __byte_perm(v.z, v.w, 0x7632));
+  }
 }
 
 // NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp, kCheck: check every
 // metadata word (a bad one makes the tile's outputs NaN). (2 blocks an SM: kWarpsPerSm; U = 8 at one
 // tile of tokens was 6-18 % faster than 4 on an H100, at 124 registers:
 // benchmarks/results/sp24-lab-variants-h100.txt; with the check it spills, so checked calls get U = 4.)
-template <typename T, int NT, int U, bool kCheck>
+template <typename T, int NT, int U, bool kCheck, int kOrder>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
@@ -117,7 +155,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     x_on[nt] = 8 * nt + g < N;
-    xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + 16 * (t >> 1) + 2 * (t & 1);
+    xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + x_base<kOrder>(t);
     d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
   }
   [[maybe_unused]] uint32_t bad = 0;  // kCheck: a corrupt metadata word seen: this warp's partial becomes NaN
@@ -135,18 +173,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int j = 0; j < 8; ++j)
-          xb[u][nt][j] = on && x_on[nt] ? ldg(reinterpret_cast<const uint32_t*>(xp[nt] + 64 * i + x_offset(j))) : 0u;
+          xb[u][nt][j] = on && x_on[nt] ? ldg(reinterpret_cast<const uint32_t*>(xp[nt] + 64 * i + x_offset<kOrder>(j))) : 0u;
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint32_t a0[4] = {a[u].x, b[u].x, a[u].y, b[u].y};
-      const uint32_t a1[4] = {a[u].z, b[u].z, a[u].w, b[u].w};
+      const uint4 va = value_words<kOrder>(a[u]), vb = value_words<kOrder>(b[u]);
+      const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};
+      const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};
       if constexpr (kCheck) bad |= bad_nibbles(e[u]);  // (here, not beside the loads: no registers to spare there)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint32_t b0[4] = {xb[u][nt][0], xb[u][nt][1], xb[u][nt][2], xb[u][nt][3]};
-        const uint32_t b1[4] = {xb[u][nt][4], xb[u][nt][5], xb[u][nt][6], xb[u][nt][7]};
+        uint32_t b0[4], b1[4];
+        x_registers<kOrder>(b0, xb[u][nt]);
+        x_registers<kOrder>(b1, xb[u][nt] + 4);
         mma_sp_16832<kBf16, 0>(d[nt], a0, b0, e[u]);
         mma_sp_16832<kBf16, 1>(d[nt], a1, b1, e[u]);
       }
@@ -236,7 +276,7 @@ at::Tensor tile_counters(int64_t tiles, const at::Tensor& like, cudaStream_t str
 template <typename T>
 void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tensor& sp_meta,
                  const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, bool checked,
-                 cudaStream_t stream) {
+                 int64_t order, cudaStream_t stream) {
   const int64_t n = xs.size(0);
   const int nt = n <= 8 ? 1 : 2;
   const int64_t tiles = M / 16, iters = K / 64;
@@ -257,18 +297,31 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const auto launch = [&](auto kernel) {
     S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
   };
-  if (nt == 1) {
-    checked ? launch(sp24_linear_kernel<T, 1, 8, false>) : launch(sp24_linear_kernel<T, 1, 4, true>);
+  const auto by_tokens = [&](auto order_tag) {
+    constexpr int O = decltype(order_tag)::value;
+    if (nt == 1) {
+      // (the byte permutes of orders 1 and 2 take registers: from 6 iterations in flight they spill)
+      checked ? launch(sp24_linear_kernel<T, 1, O == 0 ? 8 : 5, false, O>)
+              : launch(sp24_linear_kernel<T, 1, 4, true, O>);
+    } else {
+      checked ? launch(sp24_linear_kernel<T, 2, 2, false, O>) : launch(sp24_linear_kernel<T, 2, 2, true, O>);
+    }
+  };
+  if (order == 0) {
+    by_tokens(std::integral_constant<int, 0>{});
+  } else if (order == 1) {
+    by_tokens(std::integral_constant<int, 1>{});
   } else {
-    checked ? launch(sp24_linear_kernel<T, 2, 2, false>) : launch(sp24_linear_kernel<T, 2, 2, true>);
+    by_tokens(std::integral_constant<int, 2>{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
-                            int64_t out_features, const std::optional<at::Tensor>& bias, bool checked) {
+                            int64_t out_features, const std::optional<at::Tensor>& bias, bool checked,
+                            int64_t column_order) {
   constexpr const char* op = "s3sparse.sp24_linear";
-  const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, op);
+  const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias, column_order, op);
   S3_CHECK_VALUE(g.M * g.K / 2 < kInt32Safe && g.K < kInt32Safe, op, ": a weight of ", g.M, "x", g.K,
                  " is beyond this kernel's 32-bit indexing; use packed_linear");
   S3_CHECK_VALUE(reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0, op,
@@ -287,9 +340,9 @@ at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const
     const at::Tensor xs = g.N <= kLaunchTokens ? x2 : x2.narrow(0, n0, n);
     at::Tensor ys = g.N <= kLaunchTokens ? y : y.narrow(0, n0, n);
     if (x.scalar_type() == at::kHalf) {
-      launch_sp24<at::Half>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, stream);
+      launch_sp24<at::Half>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, column_order, stream);
     } else {
-      launch_sp24<at::BFloat16>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, stream);
+      launch_sp24<at::BFloat16>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, column_order, stream);
     }
   }
   return y.view(out_sizes);

@@ -12,7 +12,7 @@ from .. import ops
 from ..errors import ArgumentError, ArgumentTypeError
 from ..scope import ScopeSpec
 from .packed import PackedWeight
-from .sp24 import sp24_meta_words
+from .sp24 import COLUMN_ORDERS, sp24_column_order, sp24_meta_words
 
 __all__ = ["PackedLinear"]
 
@@ -54,8 +54,8 @@ class PackedLinear(nn.Module):
 
     ``forward`` is one call of the custom op ``s3sparse::packed_linear`` (CPU and
     CUDA kernels, a fake for ``torch.compile(fullgraph=True)``), accumulating in
-    fp32 (fp64 for fp64) for any leading batch shape of ``x``. On CUDA, a 2:4
-    weight (fp16 / bf16, ``out_features % 16 == 0``, ``in_features % 64 == 0``)
+    fp32 (fp64 for fp64) for any leading batch shape of ``x``. On CUDA, a 2:4,
+    4:8 or coupled 2:4 weight (fp16 / bf16, ``out_features % 16 == 0``, ``in_features % 64 == 0``)
     runs calls of up to 16 tokens on the sparse tensor cores instead
     (``s3sparse::sp24_linear``, :meth:`use_sp24`), with the instruction's
     metadata derived once when the tables are checked (a non-persistent
@@ -115,6 +115,7 @@ class PackedLinear(nn.Module):
         self._sp24_for: Optional[tuple] = None
         self._sp24_values: Optional[Tensor] = None
         self._sp24_meta_key: tuple = (None, -1)  # (the sp24_meta built, its version then)
+        self._sp24_order = 0  # its column order (0: 2:4, 1: 4:8, 2: coupled 2:4)
         self._sp24_ok = False
 
     # ------------------------------------------------------------ construction
@@ -320,7 +321,7 @@ class PackedLinear(nn.Module):
                 vouched = sp24 and m is self._sp24_meta_key[0] and m._version == self._sp24_meta_key[1]
             if sp24 and x.numel() <= self._sp24_max_tokens * self.in_features:
                 return ops.sp24_linear(x, b["values"], b["sp24_meta"], self.out_features, self._parameters["bias"],
-                                       vouched)
+                                       vouched, self._sp24_order)
         y = ops.packed_linear(
             x, b["values"], meta, subsets, block_off, elem_off, self.scope_shape, self.scope_stride,
             self.meta_bits, self.out_features, self.row_group, self._parameters["bias"], checked,
@@ -333,29 +334,31 @@ class PackedLinear(nn.Module):
         return y
 
     def _setup_sp24(self) -> None:
-        """Build the sparse tensor cores' metadata for the tables just checked, when the weight is 2:4 in
-        the canonical layout (fp16 / bf16, out_features % 16 == 0, in_features % 64 == 0); else leave
+        """Build the sparse tensor cores' metadata for the tables just checked, when the weight is 2:4, 4:8
+        or coupled 2:4 as packed (fp16 / bf16, out_features % 16 == 0, in_features % 64 == 0); else leave
         the packed kernels in charge. One host sync, once per checked set of tables."""
         self._sp24_for, self._sp24_values = self._checked_tables, self._buffers["values"]
         self._buffers["sp24_meta"], self._sp24_ok = None, False
         name = (self.pattern or {}).get("registry_name")
-        if (not self._sp24_max_tokens or (name is not None and name != "2:4")
+        if (not self._sp24_max_tokens or (name is not None and name not in COLUMN_ORDERS)
                 or self.values.dtype not in (torch.float16, torch.bfloat16)
                 or self.out_features % 16 or self.in_features % 64 or not self.in_features
                 or self.values.numel() * 2 != self.out_features * self.in_features):
             return
         try:
-            meta = sp24_meta_words(self.packed)
-        except ArgumentError:  # not 2:4 in the canonical order: the packed kernels take it
+            order = COLUMN_ORDERS[name] if name is not None else sp24_column_order(self.packed)
+            meta = sp24_meta_words(self.packed, order)
+        except ArgumentError:  # not 2:4 (4:8, coupled 2:4) as the kernel reads it: the packed kernels take it
             return
         self._buffers["sp24_meta"], self._sp24_meta_key, self._sp24_ok = meta, (meta, meta._version), True
+        self._sp24_order = order
 
     def use_sp24(self, max_tokens: Optional[int] = 16) -> "PackedLinear":
-        """Run calls of up to ``max_tokens`` tokens of a 2:4 weight on the sparse tensor cores (the default,
-        16; ``None`` or 0 turns it off and frees the metadata).
+        """Run calls of up to ``max_tokens`` tokens on the sparse tensor cores (the default, 16; ``None`` or
+        0 turns it off and frees the metadata).
 
-        On CUDA, for fp16 / bf16 2:4 weights with ``out_features % 16 == 0`` and ``in_features % 64 == 0``,
-        the first call that checks the tables also builds the instruction's metadata
+        On CUDA, for fp16 / bf16 2:4, 4:8 and coupled 2:4 weights with ``out_features % 16 == 0`` and
+        ``in_features % 64 == 0``, the first call that checks the tables also builds the instruction's metadata
         (:func:`s3sparse.sparse.sp24.sp24_meta_words`, 1/8 byte a weight element, not in ``state_dict``),
         and decode calls then take :func:`s3sparse.ops.sp24_linear`. Returns the module.
         """

@@ -13,6 +13,10 @@ derived once a weight, here. The order, for the kernel's permuted k (see the lab
   ``4 j .. 4 j + 3`` for row ``16 T + g`` and bits ``16 + 4 j ..`` for row ``16 T + g + 8``, each
   group's first kept position in its low 2 bits (the layout measured correct on an H100; the other
   reading, a whole row a lane, gave errors of order 1).
+
+4:8 and coupled 2:4 weights are 2:4 in a fixed permutation of the columns (``column_order`` 1 and 2,
+``_CHUNK_COLUMNS``), and the kernel reads their values, stored a kept pair at a time, in that order by
+byte permutes: the same metadata, built here on the permuted columns, serves them.
 """
 
 from __future__ import annotations
@@ -27,49 +31,94 @@ from s3sparse.sparse.packed import PackedWeight
 # Virtual group q of step s -> original group within an iteration: 4 (q % 4) + 2 s + q // 4.
 _STEP_GROUPS = [[4 * (q % 4) + 2 * s + q // 4 for q in range(8)] for s in range(2)]
 
+# Column orders (csrc/sp24.h): in each 16-column chunk, the original column of each virtual column, and
+# in each 4 stored values, the one at each virtual place. 0: 2:4; 1: 4:8 (pairs kept: the even then the
+# odd columns of each 8); 2: coupled 2:4 (columns c and c + 8 kept together: 4-column groups 0, 2, 1, 3).
+COLUMN_ORDERS = {"2:4": 0, "4:8": 1, "coupled-2:4": 2}
+_CHUNK_COLUMNS = {
+    0: list(range(16)),
+    1: [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15],
+    2: [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15],
+}
+_QUAD_STORED = {0: [0, 1, 2, 3], 1: [0, 2, 1, 3], 2: [0, 2, 1, 3]}
 
-def _kept_positions(packed: PackedWeight) -> Tensor:
-    """(M, K/4, 2) int64: the columns (0-3 in the group) of packed values 2 j and 2 j + 1 of each row,
-    after checking that the values are each row's kept values in column order, two a group of 4."""
+
+def _numbered_dense(packed: PackedWeight) -> Tensor:
+    """W's shape with each packed value's number (1.., exact in float64) where it lands, 0 elsewhere."""
     M, K = packed.shape
     numel = packed.values.numel()
     if numel != M * K // 2:
-        raise ArgumentError(f"packed: a 2:4 weight keeps M*K/2 = {M * K // 2} values, this one {numel}; "
-                            f"prune to 2:4 and pack it with PackedWeight.from_pattern(W, '2:4')")
-    # Each packed value numbered 1.. (exact in float64), unpacked: where each one lands says its column.
+        raise ArgumentError(f"packed: a 2:4-type weight keeps M*K/2 = {M * K // 2} values, this one {numel}; "
+                            f"prune to 2:4 (4:8, coupled 2:4) and pack it with PackedWeight.from_pattern")
     rank = torch.arange(1, numel + 1, dtype=torch.float64, device=packed.device).view_as(packed.values)
-    dense = ops.packed_to_dense(rank, packed.meta, packed.subsets, packed.block_off, packed.elem_off,
-                                list(packed.scope_shape), list(packed.scope_stride), packed.meta_bits, M, K)
-    groups = dense.view(M, K // 4, 4)
+    return ops.packed_to_dense(rank, packed.meta, packed.subsets, packed.block_off, packed.elem_off,
+                               list(packed.scope_shape), list(packed.scope_stride), packed.meta_bits, M, K)
+
+
+def _kept_positions(dense: Tensor, column_order: int) -> Tensor:
+    """(M, K/4, 2) int64: in each virtual group of 4 columns (``column_order``), the positions (0-3) of
+    its two kept values, after checking that every group keeps exactly 2 and that the values, stored
+    in the order the kernel reads them, are the kept values in virtual column order."""
+    M, K = dense.shape
+    dev = dense.device
+    chunk = torch.tensor(_CHUNK_COLUMNS[column_order], device=dev)
+    columns = (torch.arange(0, K, 16, device=dev)[:, None] + chunk).reshape(-1)
+    groups = dense[:, columns].view(M, K // 4, 4)
     kept = groups != 0
     if not bool((kept.sum(-1) == 2).all()):
-        raise ArgumentError("packed: not 2:4 (every group of 4 columns must keep exactly 2 values); "
-                            "prune to 2:4 first, or keep this layer on PackedLinear's other paths")
-    order = groups[kept].view(M, K // 2)
-    if not torch.equal(order, rank.reshape(M, K // 2)):
-        raise ArgumentError("packed: its values are not each row's kept values in column order; repack it "
-                            "with PackedWeight.from_pattern(packed.to_dense(), '2:4')")
-    pos = torch.arange(4, device=dense.device).expand(M, K // 4, 4)
+        raise ArgumentError("packed: not 2:4 in this column order (every group of 4 must keep exactly 2 "
+                            "values); prune to 2:4, 4:8 or coupled 2:4, or keep this layer on PackedLinear's "
+                            "other paths")
+    quad = torch.tensor(_QUAD_STORED[column_order], device=dev)
+    stored = (torch.arange(0, K // 2, 4, device=dev)[:, None] + quad).reshape(-1)
+    want = torch.arange(1, M * K // 2 + 1, dtype=dense.dtype, device=dev).view(M, K // 2)[:, stored]
+    if not torch.equal(groups[kept].view(M, K // 2), want):
+        raise ArgumentError("packed: its values are not stored in the order this column order reads them; "
+                            "repack it with PackedWeight.from_pattern(packed.to_dense(), pattern)")
+    pos = torch.arange(4, device=dev).expand(M, K // 4, 4)
     return pos[kept].view(M, K // 4, 2)
 
 
-def sp24_meta_words(packed: PackedWeight) -> Tensor:
-    """The ``mma.sp`` metadata of a 2:4 ``packed`` weight: (M/16, K/64, 32) int32, one word a lane an
-    iteration, in the order the module docstring gives. The weight must be fp16 or bf16 with contiguous
-    values, M a multiple of 16 and K of 64 (the kernel's tile); raises ArgumentError (a ValueError)
-    naming what does not fit."""
+def sp24_column_order(packed: PackedWeight) -> int:
+    """The column order (0: 2:4, 1: 4:8, 2: coupled 2:4) in which ``packed`` is 2:4 with its values stored
+    as the kernel reads them; raises ArgumentError (a ValueError) when there is none."""
+    _check_fits(packed)
+    dense = _numbered_dense(packed)
+    for order in (0, 1, 2):
+        try:
+            _kept_positions(dense, order)
+            return order
+        except ArgumentError:
+            continue
+    raise ArgumentError("packed: not 2:4, 4:8 or coupled 2:4 with its values in the packed order; keep this "
+                        "layer on PackedLinear's other paths")
+
+
+def _check_fits(packed: PackedWeight) -> None:
     M, K = packed.shape
     if packed.dtype not in (torch.float16, torch.bfloat16):
         raise ArgumentError(f"packed: the 16-bit sparse tensor cores take float16 or bfloat16 values, got "
                             f"{packed.dtype}; convert with packed.to(torch.float16)")
     if not packed.values.is_contiguous():
         raise ArgumentError("packed: its values must be contiguous (the kernel reads them as stored); "
-                            "repack with PackedWeight.from_pattern(packed.to_dense(), '2:4')")
+                            "repack with PackedWeight.from_pattern(packed.to_dense(), pattern)")
     if M % 16 or K % 64:
         raise ArgumentError(f"packed: the sparse tensor-core layout needs out_features % 16 == 0 and "
                             f"in_features % 64 == 0, got {M}x{K}; keep this layer on PackedLinear's other "
                             f"paths, or pad it to those multiples")
-    pos = _kept_positions(packed)  # (M, K/4, 2)
+
+
+def sp24_meta_words(packed: PackedWeight, column_order: int = 0) -> Tensor:
+    """The ``mma.sp`` metadata of a ``packed`` weight that is 2:4 in ``column_order`` (0: 2:4, 1: 4:8,
+    2: coupled 2:4; :func:`sp24_column_order` finds it): (M/16, K/64, 32) int32, one word a lane an
+    iteration, in the order the module docstring gives. The weight must be fp16 or bf16 with contiguous
+    values, M a multiple of 16 and K of 64 (the kernel's tile); raises ArgumentError (a ValueError)
+    naming what does not fit."""
+    if column_order not in _CHUNK_COLUMNS:
+        raise ArgumentError(f"`column_order` must be 0 (2:4), 1 (4:8) or 2 (coupled 2:4), got {column_order!r}")
+    M, K = packed.shape
+    _check_fits(packed)
+    pos = _kept_positions(_numbered_dense(packed), column_order)  # (M, K/4, 2)
     tiles, iters = M // 16, K // 64
     groups = torch.tensor(_STEP_GROUPS, device=pos.device)  # (2 steps, 8)
     # (tiles, 16 rows, iters, 2 steps, 8 virtual groups, 2) -> nibble p0 | p1 << 2 a group.
