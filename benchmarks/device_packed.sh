@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|tests|cuda|bench|crossover|lab|spanlab|sp24ext|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -75,6 +75,12 @@ for step in "${@:-all}"; do
         loads8=-DS3_LAB_SPAN_LOADS=8 warps32=-DS3_LAB_SPAN_WARPS_PER_SM=32 nm_off=-DS3_LAB_NM_OFF \
         nm_pipe0=-DS3_LAB_NM_PIPELINE=0 nm_pipe3=-DS3_LAB_NM_PIPELINE=3 nm_pipe4=-DS3_LAB_NM_PIPELINE=4} > "$LOG/spanlab.txt" 2>&1
       tail -3 "$LOG/spanlab.txt"; cp "$LOG/spanlab.txt" "$OUT/packed-span-lab.txt"
+      ;;&
+    sp24ext)
+      # The package's sp24_linear kernel built alone (about a minute) and checked + timed: every column
+      # order, both kernel forms, a corrupt word (benchmarks/lab/sp24_ext.py).
+      timeout 400 python3 benchmarks/lab/sp24_ext.py > "$LOG/sp24ext.txt" 2>&1
+      tail -5 "$LOG/sp24ext.txt"; cp "$LOG/sp24ext.txt" "$OUT/sp24-ext.txt"
       ;;&
     trueobs)
       # Issue 16: True OBS's blocked form on the 16-column pattern, panel_batches G (one timed call each).

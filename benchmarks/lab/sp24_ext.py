@@ -1,0 +1,141 @@
+"""The package's sp24_linear kernel (csrc/cuda/sp24.cu, the CPU kernel and the schemas) built alone as a
+torch extension (about a minute, against a full wheel's seven), registered as ``torch.ops.s3lab.*``,
+then checked and timed on a GPU: a quick way to verify a change of that kernel on the device.
+
+    PYTHONPATH=$PWD python benchmarks/lab/sp24_ext.py      (after benchmarks/device_packed.sh build)
+
+1. Against fp32 ``F.linear`` of the pruned weight: 2:4, 4:8 and coupled 2:4 (column orders 0-2), fp16
+   and bf16, 1 / 5 / 16 / 17 tokens, with a bias, both kernel forms (``checked`` False and True); and a
+   corrupt metadata word (unchecked: its tile NaN, the rest right).
+2. GPU time a call by CUDA-graph replay, every call on its own copy of the weight (over 4x L2), dense
+   against sp24 (vouched form), shapes 2560x9728, 9728x2560, 4096x4096, tokens SP_TOKENS (default
+   "1 4 8 16"). Writes $OUT/sp24_ext.json (else /tmp).
+The weights are pruned and their metadata built by the installed s3sparse (any build with packed_to_dense).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.cpp_extension import load
+
+REPO = os.getcwd()
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from common import copy_bandwidth, git_commit, l2_cache_bytes, time_graph, warm_up  # noqa: E402
+from s3sparse.patterns import parse_pattern  # noqa: E402
+from s3sparse.sparse import PackedWeight  # noqa: E402
+from s3sparse.sparse.sp24 import COLUMN_ORDERS, sp24_meta_words  # noqa: E402
+
+
+def build() -> None:
+    flags = ["-Ds3sparse=s3lab", f"-I{REPO}/csrc"]
+    load(name="s3lab_sp24", sources=[f"{REPO}/csrc/ops.cpp", f"{REPO}/csrc/cpu/sp24.cpp", f"{REPO}/csrc/cuda/sp24.cu"],
+         extra_cflags=["-O2", "-std=c++20", *flags],
+         extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", *flags],
+         build_directory=_build_dir(), is_python_module=False, verbose=False)
+
+
+def _build_dir() -> str:
+    path = "/tmp/s3lab_sp24"
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def pruned(M: int, K: int, pattern: str, dtype, dev) -> tuple:
+    W = torch.nn.Parameter(torch.randn(M, K, device=dev).to(dtype))
+    with torch.no_grad():
+        scope, nnz = parse_pattern(pattern).build(W)
+        scope.hard_threshold(nnz=nnz)
+    packed = PackedWeight.from_pattern(W.detach(), pattern)
+    return W.detach(), packed.values, sp24_meta_words(packed, COLUMN_ORDERS[pattern])
+
+
+def check(dev) -> list:
+    op = torch.ops.s3lab.sp24_linear.default
+    failures = []
+    for pattern, order in COLUMN_ORDERS.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            W, values, meta = pruned(96, 320, pattern, dtype, dev)
+            bias = torch.randn(96, device=dev).to(dtype)
+            for n in (1, 5, 16, 17):
+                x = torch.randn(n, 320, device=dev).to(dtype)
+                want = F.linear(x.float(), W.float(), bias.float())
+                for checked in (False, True):
+                    err = float((op(x, values, meta, 96, bias, checked, order).float() - want).abs().max() / want.abs().max())
+                    ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+                    print(f"check {pattern:12} {str(dtype)[6:]:9} tokens {n:2} checked {checked!s:5}: rel err {err:.2e}"
+                          f"{'' if ok else '  FAILED'}", flush=True)
+                    if not ok:
+                        failures.append((pattern, str(dtype), n, checked, err))
+            bad = meta.clone()
+            bad[2, 1, 7] = 0  # tile 2: rows 32-47
+            x = torch.randn(3, 320, device=dev).to(dtype)
+            got = op(x, values, bad, 96, None, False, order).float()
+            want = F.linear(x.float(), W.float())
+            rest = torch.cat([got[:, :32], got[:, 48:]], 1) - torch.cat([want[:, :32], want[:, 48:]], 1)
+            ok = bool(got[:, 32:48].isnan().all()) and float(rest.abs().max() / want.abs().max()) < 1e-2
+            print(f"check {pattern:12} {str(dtype)[6:]:9} corrupt word: {'its tile NaN, the rest right' if ok else 'FAILED'}")
+            if not ok:
+                failures.append((pattern, str(dtype), "corrupt"))
+    return failures
+
+
+def timings(dev) -> list:
+    op = torch.ops.s3lab.sp24_linear.default
+    rotate = 4 * l2_cache_bytes(dev)
+    tokens = [int(v) for v in os.environ.get("SP_TOKENS", "1 4 8 16").split()]
+    rows = []
+    for M, K in [(2560, 9728), (9728, 2560), (4096, 4096)]:
+        for pattern, order in COLUMN_ORDERS.items():
+            W, values, meta = pruned(M, K, pattern, torch.float16, dev)
+            n_sp = max(1, math.ceil(rotate / (values.numel() * 2 * 1.125)))
+            n_dense = max(1, math.ceil(rotate / (W.numel() * 2)))
+            dense = [W] + [W.clone() for _ in range(n_dense - 1)]
+            sp = [(values, meta)] + [(values.clone(), meta.clone()) for _ in range(n_sp - 1)]
+            for N in tokens:
+                x = torch.randn(N, K, device=dev, dtype=torch.float16)
+
+                def timed(fns):
+                    warm_up(fns, dev)
+                    calls = max(len(fns), 200 - 200 % len(fns))
+                    return time_graph(fns, dev, calls, 5)["seconds"] * 1e6
+
+                row = dict(shape=f"{M}x{K}", pattern=pattern, tokens=N)
+                row["dense_us"] = timed([lambda w=w: F.linear(x, w) for w in dense])
+                row["sp24_us"] = timed([lambda v=v, m=m: op(x, v, m, M, None, True, order) for v, m in sp])
+                row["x_dense"] = row["dense_us"] / row["sp24_us"]
+                print(f"{row['shape']:>10} {pattern:12} {N:3} tokens: dense {row['dense_us']:6.2f} us, sp24 "
+                      f"{row['sp24_us']:6.2f} us ({row['x_dense']:.2f}x)", flush=True)
+                rows.append(row)
+            del dense, sp
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    t0 = time.time()
+    build()
+    print(f"built in {time.time() - t0:.0f} s", flush=True)
+    dev = torch.device("cuda")
+    failures = check(dev)
+    rows = timings(dev)
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(),
+               copy_GBps=copy_bandwidth(dev, 1 << 30, 5) / 1e9, failures=failures,
+               timing="GPU time a call, CUDA-graph replay, weights rotated over 4x L2; sp24 vouched (checked=True)",
+               rows=rows)
+    path = os.path.join(os.environ.get("OUT", "/tmp"), "sp24_ext.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}; {len(failures)} check failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
