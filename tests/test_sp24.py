@@ -127,6 +127,23 @@ def test_packed_linear_builds_the_metadata_for_2_4_4_8_and_coupled(seed):
         m.use_sp24(-1)
 
 
+def test_packed_linear_builds_the_metadata_on_the_cpu_when_the_device_runs_out(seed, monkeypatch):
+    """The metadata's transient (a numbered copy of W) runs out of GPU memory: built on the CPU instead."""
+    m = _module(32, 128, seed)
+    real, devices = PackedLinear._sp24_form, []
+
+    def form(packed, name):
+        devices.append(packed.device.type)
+        if len(devices) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(packed, name)
+
+    monkeypatch.setattr(PackedLinear, "_sp24_form", staticmethod(form))
+    m._checked_tables = ("tables",)
+    m._setup_sp24()
+    assert devices == ["cpu", "cpu"] and m._sp24_ok and torch.equal(m.sp24_meta, sp24_meta_words(m.packed))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monkeypatch):
@@ -144,6 +161,8 @@ def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monk
         torch.testing.assert_close(m(x).float(), want, rtol=1e-2, atol=2e-2)
     assert calls == [(1, 256), (5, 256), (16, 256)], calls
     assert vouched == [True] * 3  # (its own metadata: the kernel skips the check)
+    with pytest.raises(TypeError, match="`x` must have the dtype of `values`"):  # (packed_linear's error, not sp24's)
+        m(torch.randn(1, 256, device="cuda"))
     m.sp24_meta.add_(0)  # an in-place change: no longer vouched for, checked by the kernel
     m(torch.randn(2, 256, device="cuda", dtype=dtype))
     assert vouched[-1] is False

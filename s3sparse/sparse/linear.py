@@ -319,7 +319,7 @@ class PackedLinear(nn.Module):
                 # The metadata this module built, unchanged: the kernel may skip its check of every word.
                 m = b["sp24_meta"]
                 vouched = sp24 and m is self._sp24_meta_key[0] and m._version == self._sp24_meta_key[1]
-            if sp24 and x.numel() <= self._sp24_max_tokens * self.in_features:
+            if sp24 and x.numel() <= self._sp24_max_tokens * self.in_features and x.dtype == b["values"].dtype:
                 return ops.sp24_linear(x, b["values"], b["sp24_meta"], self.out_features, self._parameters["bias"],
                                        vouched, self._sp24_order)
         y = ops.packed_linear(
@@ -346,12 +346,21 @@ class PackedLinear(nn.Module):
                 or self.values.numel() * 2 != self.out_features * self.in_features):
             return
         try:
-            order = COLUMN_ORDERS[name] if name is not None else sp24_column_order(self.packed)
-            meta = sp24_meta_words(self.packed, order)
+            try:
+                order, meta = self._sp24_form(self.packed, name)
+            except torch.cuda.OutOfMemoryError:  # (its transient, 4-8 bytes a weight element: on the CPU then)
+                order, meta = self._sp24_form(self.packed.to("cpu"), name)
+                meta = meta.to(self.values.device)
         except ArgumentError:  # not 2:4 (4:8, coupled 2:4) as the kernel reads it: the packed kernels take it
             return
         self._buffers["sp24_meta"], self._sp24_meta_key, self._sp24_ok = meta, (meta, meta._version), True
         self._sp24_order = order
+
+    @staticmethod
+    def _sp24_form(packed: PackedWeight, name: Optional[str]) -> tuple:
+        """(column order, sp24 metadata) of ``packed``, its pattern ``name`` (or None: found out)."""
+        order = COLUMN_ORDERS[name] if name is not None else sp24_column_order(packed)
+        return order, sp24_meta_words(packed, order)
 
     def use_sp24(self, max_tokens: Optional[int] = 16) -> "PackedLinear":
         """Run calls of up to ``max_tokens`` tokens on the sparse tensor cores (the default, 16; ``None`` or

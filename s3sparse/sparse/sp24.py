@@ -44,13 +44,15 @@ _QUAD_STORED = {0: [0, 1, 2, 3], 1: [0, 2, 1, 3], 2: [0, 2, 1, 3]}
 
 
 def _numbered_dense(packed: PackedWeight) -> Tensor:
-    """W's shape with each packed value's number (1.., exact in float64) where it lands, 0 elsewhere."""
+    """W's shape with each packed value's number (1..) where it lands, 0 elsewhere: float32 where every
+    number is exact in it (below 2^24 values), else float64 (the transient is 4 or 8 bytes a weight)."""
     M, K = packed.shape
     numel = packed.values.numel()
     if numel != M * K // 2:
         raise ArgumentError(f"packed: a 2:4-type weight keeps M*K/2 = {M * K // 2} values, this one {numel}; "
                             f"prune to 2:4 (4:8, coupled 2:4) and pack it with PackedWeight.from_pattern")
-    rank = torch.arange(1, numel + 1, dtype=torch.float64, device=packed.device).view_as(packed.values)
+    dtype = torch.float32 if numel < 2**24 else torch.float64
+    rank = torch.arange(1, numel + 1, dtype=dtype, device=packed.device).view_as(packed.values)
     return ops.packed_to_dense(rank, packed.meta, packed.subsets, packed.block_off, packed.elem_off,
                                list(packed.scope_shape), list(packed.scope_stride), packed.meta_bits, M, K)
 
