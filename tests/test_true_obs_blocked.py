@@ -61,4 +61,9 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
 def test_panel_batches_is_checked():
     with pytest.raises(ArgumentError, match="panel_batches"):
         TrueOBSOptions(panel_batches=0)
-    assert TrueOBSOptions().panel_batches == 1
+    assert TrueOBSOptions().panel_batches is None  # (resolved per layer:)
+    o = TrueOBSOptions()
+    assert o.batches_per_panel(8, torch.device("cuda")) == 4  # row-coupled on CUDA (measured on an H100)
+    assert o.batches_per_panel(1, torch.device("cuda")) == 1
+    assert o.batches_per_panel(8, torch.device("cpu")) == 1
+    assert TrueOBSOptions(panel_batches=2).batches_per_panel(1, torch.device("cpu")) == 2

@@ -91,7 +91,7 @@ class StructuredOBS:
         progress_fn: Optional[Callable[[str], None]] = None,
         process_group=None,
         refine: int = 0,
-        panel_batches: int = TrueOBSOptions.panel_batches,
+        panel_batches: Optional[int] = TrueOBSOptions.panel_batches,
     ) -> None:
         """Per-row True OBS with Schur-complement updates, in place.
 
@@ -108,7 +108,7 @@ class StructuredOBS:
         ``refine=N``: then N sweeps of exact swap refinement of the mask
         (:func:`~s3sparse.pruners.refine_mask`), any regular pattern, row-coupled included;
         ``panel_batches=G``: the blocked form, the factors read once per G batches (the
-        same result to round-off).
+        same result to round-off; None: 4 on CUDA for row-coupled patterns, else 1).
         """
         options = TrueOBSOptions(**_given(damp=self._damp, ng=ng, chunk_size=chunk_size, order=order,
                                           scoring=scoring, c_dtype=c_dtype, refine=refine,

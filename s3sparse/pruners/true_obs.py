@@ -81,6 +81,8 @@ class TrueOBSOptions(MethodOptions):
             the same result as 1 to round-off, fewer bytes read where batches are
             small, e.g. row-coupled patterns at ``ng=1``; the block panel holds
             G batches' candidate rows). 1: a read of the factors per batch.
+            None (default): 4 on CUDA for row-coupled patterns (16-col on an H100:
+            27.6 s against 31.7 at 1 and 35.9 at 16, one run), else 1.
         refine: sweeps of exact swap refinement of the mask after pruning
             (:func:`~s3sparse.pruners.refine_mask`, with this ``damp``); 0: off.
             Patterns whose scopes each lie in one row only (not row-coupled ones).
@@ -95,7 +97,7 @@ class TrueOBSOptions(MethodOptions):
     scoring: str = dataclasses.field(default="independent", metadata={"choices": SCORINGS})
     c_dtype: torch.dtype = dataclasses.field(default=torch.float16, metadata={"choices": C_DTYPES})
     refine: int = 0
-    panel_batches: int = 1
+    panel_batches: Optional[int] = None
 
     def __post_init__(self):
         self._set("damp", check_damp(self.damp))
@@ -108,8 +110,9 @@ class TrueOBSOptions(MethodOptions):
                                               what="rows held at once, or None"))
         check_dtype(self.c_dtype, "c_dtype", C_DTYPES)
         self._set("refine", check_int(self.refine, "refine", minimum=0, what="sweeps of mask refinement (0: off)"))
-        self._set("panel_batches", check_int(self.panel_batches, "panel_batches", minimum=1,
-                                             what="batches a read of the factors serves"))
+        if self.panel_batches is not None:
+            self._set("panel_batches", check_int(self.panel_batches, "panel_batches", minimum=1,
+                                                 what="batches a read of the factors serves, or None"))
 
     @property
     def enumerates_subsets(self) -> bool:
@@ -120,6 +123,13 @@ class TrueOBSOptions(MethodOptions):
         if self.ng is not None:
             return self.ng
         return 1 if rows_per_group > 1 else 64
+
+    def batches_per_panel(self, rows_per_group: int, device: torch.device) -> int:
+        """``panel_batches``, or when None its default: 4 on CUDA where rows compete for a scope (batches
+        of one scope: the factor reads dominate), else 1."""
+        if self.panel_batches is not None:
+            return self.panel_batches
+        return 4 if device.type == "cuda" and rows_per_group > 1 else 1
 
 
 class TrueOBS(PruningMethod):
@@ -242,7 +252,7 @@ def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> 
     batches = list(positions.split(ng_eff))
     plan = lazy_plan(layer, batches, ng_eff * pruned_per_scope)
     device_plan = DevicePlan.for_device(layer.W.device, o.c_dtype)
-    G = max(1, min(int(o.panel_batches), len(batches)))
+    G = max(1, min(o.batches_per_panel(g.rows_per_group, layer.W.device), len(batches)))
     # The block panel's rows per group, twice: a run's panel and the temporaries of
     # its formation / updates (the factor gather, an update's out-of-place result).
     block_rows = 2 * G * ng_eff * layer.layout.elems_per_scope if G > 1 else 0
