@@ -23,7 +23,7 @@
 // workspace, in slice order: the result does not depend on which warp finishes
 // last), adds the bias and rounds once. The per-tile counters reset themselves
 // (the last warp writes 0), so consecutive launches on a stream share one
-// zeroed buffer; a launch under graph capture gets its own (a memset node).
+// zeroed buffer; a launch under graph capture gets its own (tile_counters).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -257,18 +257,45 @@ bool capturing(cudaStream_t stream) {
   return st != cudaStreamCaptureStatusNone;
 }
 
+// Zeroed counters for launches under graph capture: one arena a device, made (and synced, once) by an
+// eager launch, handed out in slices that are never handed out again: a graph may be replayed at any
+// time, and its launches leave their slice zero. Without an arena, or once it is spent, a captured
+// launch gets a fresh zeroed buffer (a memset node in the graph: about a microsecond a launch).
+constexpr int64_t kArenaCounters = int64_t(1) << 20;  // 4 MiB: the launches of several decode graphs
+struct CounterArena {
+  at::Tensor counters;
+  int64_t used = 0;
+};
+std::mutex& arena_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<int, CounterArena>& arenas() {
+  static auto* a = new std::map<int, CounterArena>();  // (never destroyed: freeing CUDA memory at exit crashes)
+  return *a;
+}
+
 // At least `tiles` zeroed int32 counters for a launch on `stream`. Launches on
 // one stream run one after another and each leaves its counters zero, so a
 // stream keeps one buffer (never shared between streams, which may run at
-// once); a captured launch gets a fresh zeroed one that the graph owns.
+// once); a captured launch gets counters of its own (above).
 at::Tensor tile_counters(int64_t tiles, const at::Tensor& like, cudaStream_t stream) {
   const auto opts = like.options().dtype(at::kInt);
-  if (capturing(stream)) return at::zeros({tiles}, opts);
-  static std::mutex mu;
-  static auto* per_stream = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // (never destroyed:
-  // freeing CUDA memory at exit, after the driver, would crash)
-  const std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& c = (*per_stream)[{static_cast<int>(like.get_device()), stream}];
+  const int device = static_cast<int>(like.get_device());
+  const std::lock_guard<std::mutex> lock(arena_mutex());
+  if (capturing(stream)) {
+    auto it = arenas().find(device);
+    if (it == arenas().end() || it->second.used + tiles > it->second.counters.numel()) return at::zeros({tiles}, opts);
+    at::Tensor slice = it->second.counters.narrow(0, it->second.used, tiles);
+    it->second.used += tiles;
+    return slice;
+  }
+  if (arenas().find(device) == arenas().end()) {
+    arenas()[device].counters = at::zeros({kArenaCounters}, opts);
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // (zero before any graph, whatever its stream, uses it)
+  }
+  static auto* per_stream = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  at::Tensor& c = (*per_stream)[{device, stream}];
   if (!c.defined() || c.numel() < tiles) c = at::zeros({std::max<int64_t>(tiles, 64)}, opts);
   return c;
 }

@@ -73,6 +73,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
 };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return 0; }  // (launches run to the end when made)
 inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* st) {
   *st = cudaStreamCaptureStatusNone;  // the emulator has no graphs
   return 0;
