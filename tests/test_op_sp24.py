@@ -240,3 +240,33 @@ def test_sp24_linear_eager_call_is_the_op_and_leaves_the_rest_to_torch_ops(devic
         ops._sp24_linear_call(x, values, sp_meta, 32, None, False, 3)
     with pytest.raises(TypeError, match="7 arguments"):
         ops._sp24_linear_call(x, values, sp_meta, 32, None, False)
+
+
+@pytest.mark.skipif(not EMU_LIB, reason="the host emulator's stand-in for graph capture (S3SPARSE_CUDA_EMU)")
+def test_sp24_linear_captured_launches_cuda_emu(seed, monkeypatch):
+    """Launches made while the stream reports a capture take their tile counters from the arena an eager
+    launch made (or a fresh zeroed buffer): the emulator's stream reports one on request, and every such
+    launch, one or several a call, computes the layer; eager launches after them still do."""
+    import ctypes
+
+    torch.ops.load_library(EMU_LIB)
+    monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+    monkeypatch.setattr(ops, "_sp24_linear_call", lambda *args: NotImplemented)
+    lib = ctypes.CDLL(EMU_LIB)
+    gen = torch.Generator().manual_seed(seed)
+    W, values, sp_meta = sp24_case(48, 192, torch.float16, "cpu", gen)
+    xs = [torch.randn(n, 192, generator=gen).half() for n in (1, 17, 3)]
+
+    def check(what):
+        for x in xs:
+            _assert_close(ops.sp24_linear(x, values, sp_meta, 48), ref.sp24_linear(x, values, sp_meta, 48, None),
+                          x, W, torch.float16, f"{what}, {x.shape[0]} tokens")
+
+    check("eager")  # (makes the arena)
+    lib.s3emu_set_capturing(1)
+    try:
+        check("captured")
+        check("captured again")
+    finally:
+        lib.s3emu_set_capturing(0)
+    check("eager after")

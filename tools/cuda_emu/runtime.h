@@ -74,8 +74,14 @@ enum cudaDeviceAttr {
 };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return 0; }  // (launches run to the end when made)
+namespace s3emu_rt {
+inline std::atomic<bool> g_capturing{false};
+}
+// The emulator has no graphs; a test may make the stream report a capture (s3emu_set_capturing, through
+// ctypes) to run the host code's capture paths, whose launches then run at once as any other.
+extern "C" __attribute__((used)) inline void s3emu_set_capturing(int on) { s3emu_rt::g_capturing.store(on != 0); }
 inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* st) {
-  *st = cudaStreamCaptureStatusNone;  // the emulator has no graphs
+  *st = s3emu_rt::g_capturing.load() ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
   return 0;
 }
 struct alignas(16) uint4 {
