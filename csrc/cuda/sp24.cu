@@ -129,7 +129,8 @@ __device__ __forceinline__ uint4 value_words(uint4 v) {
 // NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp, kCheck: check every
 // metadata word (a bad one makes the tile's outputs NaN). (2 blocks an SM: kWarpsPerSm; U = 8 at one
 // tile of tokens was 6-18 % faster than 4 on an H100, at 124 registers:
-// benchmarks/results/sp24-lab-variants-h100.txt; with the check it spills, so checked calls get U = 4.)
+// benchmarks/results/sp24-lab-variants-h100.txt; with the check it spills, so calls that check, checked =
+// false, get U = 4, and the byte permutes of orders 1 and 2 U = 5.)
 template <typename T, int NT, int U, bool kCheck, int kOrder>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
