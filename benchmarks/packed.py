@@ -11,7 +11,10 @@ magnitude-pruned to the pattern (``scope.hard_threshold``), packed once, and for
 (default 1, 4, 16, 64, 512, 4096) multiplied by a random (N, K) input three ways:
 
 * ``dense``  — ``F.linear(x, W)`` with the pruned weight stored dense (cuBLAS on a GPU);
-* ``packed`` — ``PackedLinear`` (the ``s3sparse::packed_linear`` op on the packed weight);
+* ``packed`` — ``PackedLinear`` (the ``s3sparse::packed_linear`` op on the packed weight, or on CUDA for
+  2:4 / 4:8 / coupled 2:4 at up to 16 tokens ``s3sparse::sp24_linear``: then ``packed_path`` says
+  ``sp24`` and GB/s count the bytes that path reads, the values and ``sp24_meta``;
+  ``S3SPARSE_PACKED_SP24=0`` turns that path off);
 * ``semi``   — ``F.linear(x, torch.sparse.to_sparse_semi_structured(W))``, torch's 2:4 semi-structured
   sparsity (cuSPARSELt or CUTLASS), where it runs: only a weight that is 2:4 (2:4 and coupled 2:4 are),
   fp16 / bf16 on a GPU that supports it; otherwise the row says why not (``semi_status``).
@@ -136,6 +139,12 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
+def sp24_taken(packed: PackedLinear, x: torch.Tensor) -> bool:
+    """Whether ``packed(x)`` (after a first, checking call) takes the sparse tensor cores' path."""
+    return (x.is_cuda and packed._sp24_ok and packed.sp24_meta is not None and x.dtype == packed.values.dtype
+            and x.numel() <= packed._sp24_max_tokens * packed.in_features)
+
+
 def n_copies(nbytes: int, rotate_bytes: int) -> int:
     """Copies of a weight of ``nbytes`` that span ``rotate_bytes`` (at least 1, at most MAX_COPIES)."""
     if rotate_bytes <= 0 or not nbytes:
@@ -220,6 +229,10 @@ class Bench:
                         if method == "packed":
                             traceback.print_exc(limit=3)
                         sync(self.device)
+                    if method == "packed" and sp24_taken(packed, x):
+                        # The sparse tensor cores' path reads the values and its own metadata, not the format's meta.
+                        nbytes = packed.values.nbytes + packed.sp24_meta.nbytes
+                        row["packed_path"], row["packed_read_bytes"] = "sp24", nbytes
                     for mode in self.modes:
                         t = row.get(f"{method}_{mode}_s")
                         if t:
@@ -280,6 +293,8 @@ class Bench:
                       if r.get(f"{m}_{mode}_status")]
             if "packed_rel_err" in r and mode == self.modes[0]:
                 notes.append(f"err {r['packed_rel_err']:.1e}")
+            if r.get("packed_path") and mode == self.modes[0]:
+                notes.append(f"packed: {r['packed_path']} (GB/s of its {r['packed_read_bytes'] / 2**20:.1f} MiB)")
             print(f"{r['M']:>4}x{r['K']:<5} {r['pattern']:<17} {r['tokens']:>5} {mode:<6} {us(f'dense_{mode}_s')} "
                   f"{us(f'packed_{mode}_s')} {num(f'packed_{mode}_speedup', 6, '.2f')} "
                   f"{num(f'packed_{mode}_GB/s', 7, '.1f')} {num(f'packed_{mode}_of_copy', 7, '.0%')} "
