@@ -4,15 +4,13 @@ tensors, whose BLAS has no fp16 GEMM with fp32 output) the CUDA host emulator.""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from s3sparse import ops
 from s3sparse import reference as ref
+from emu_utils import EMU_LIB, use_emulator
 
-EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 if EMU_LIB:
     DEVICES.append(pytest.param("emu", id="cuda_emu"))
@@ -21,8 +19,7 @@ if EMU_LIB:
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
     if request.param == "emu":
-        torch.ops.load_library(EMU_LIB)
-        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        use_emulator(monkeypatch)
         return "emu"
     return request.param
 

@@ -23,9 +23,9 @@ from s3sparse import ops, patterns
 from s3sparse import reference as ref
 from s3sparse.sparse import PackedWeight
 from s3sparse.sparse.format import MAX_SUBSET_TABLE, pack_fields
+from emu_utils import EMU_LIB, use_emulator
 from spec_utils import prune_randomly, random_covering_scope
 
-EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 if EMU_LIB:
@@ -40,9 +40,7 @@ OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torc
 def device(request, monkeypatch):
     """The torch device of the inputs ("cpu" for the emulator, whose kernels run on CPU tensors)."""
     if request.param == "emu":
-        torch.ops.load_library(EMU_LIB)
-        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
-        monkeypatch.setattr(ops, "_packed_linear_call", lambda *args: NotImplemented)  # (the real op's fast call)
+        use_emulator(monkeypatch)
         return "cpu"
     if request.param == "cuda":
         # The large-batch path ends in a cuBLAS GEMM, which by torch's default may

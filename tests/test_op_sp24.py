@@ -8,7 +8,6 @@ kernel (`-k cuda_emu`), whose ``mma.sp`` follows the layout measured on an H100.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from s3sparse import reference as ref
 from s3sparse.patterns import parse_pattern
 from s3sparse.sparse import PackedWeight
 from s3sparse.sparse.sp24 import sp24_column_order, sp24_meta_words
+from emu_utils import EMU_LIB, use_emulator
 
-EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
 HALVES = [torch.float16, torch.bfloat16]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 if EMU_LIB:
@@ -32,9 +31,7 @@ OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 def device(request, monkeypatch):
     """The torch device of the inputs ("cpu" for the emulator, whose kernels run on CPU tensors)."""
     if request.param == "emu":
-        torch.ops.load_library(EMU_LIB)
-        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
-        monkeypatch.setattr(ops, "_sp24_linear_call", lambda *args: NotImplemented)  # (the real op's fast call)
+        use_emulator(monkeypatch)
         return "cpu"
     return request.param
 
@@ -249,9 +246,7 @@ def test_sp24_linear_captured_launches_cuda_emu(seed, monkeypatch):
     launch, one or several a call, computes the layer; eager launches after them still do."""
     import ctypes
 
-    torch.ops.load_library(EMU_LIB)
-    monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
-    monkeypatch.setattr(ops, "_sp24_linear_call", lambda *args: NotImplemented)
+    use_emulator(monkeypatch)
     lib = ctypes.CDLL(EMU_LIB)
     gen = torch.Generator().manual_seed(seed)
     W, values, sp_meta = sp24_case(48, 192, torch.float16, "cpu", gen)

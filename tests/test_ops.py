@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
 
 import pytest
@@ -24,9 +23,9 @@ import torch
 import s3sparse
 from s3sparse import ops
 from s3sparse import reference as ref
+from emu_utils import EMU_LIB, use_emulator
 
 HAS_CUDA = torch.cuda.is_available()
-EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 ACC_FLOATS = [torch.float32, torch.float64]
@@ -46,8 +45,7 @@ def _dtype_id(d: torch.dtype) -> str:
 def device(request, monkeypatch):
     """The torch device of the inputs ("cpu" for the emulator)."""
     if request.param == "emu":
-        torch.ops.load_library(EMU_LIB)
-        monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
+        use_emulator(monkeypatch)
         return "cpu"
     return request.param
 

@@ -754,12 +754,6 @@ packed_scatter_kernel(const ScatterPlan p, const T* __restrict__ values, const i
 }
 
 // ------------------------------------------------------------------ host side
-bool stream_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
-  return st != cudaStreamCaptureStatusNone;
-}
-
 // Raise the CPU kernel's error for nonzero status bits (one host sync).
 void raise_on_bad_data(const at::Tensor& status, const PackedGeometry& g, const char* op) {
   const int bad = status.item<int>();

@@ -89,6 +89,13 @@ int device_attribute() {
 
 inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
+// Whether `stream` is capturing a CUDA graph (no host sync, no per-call state may be made then).
+inline bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
 // Let Kernel take `bytes` of dynamic shared memory. The limit each kernel was
 // given is remembered per device (the call would otherwise be made on every
 // launch); it only ever grows. The kernel is a template argument so that every

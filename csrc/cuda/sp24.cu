@@ -252,12 +252,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
   }
 }
 
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
-  return st != cudaStreamCaptureStatusNone;
-}
-
 // Zeroed counters for launches under graph capture: one arena a device, made (and synced, once) by an
 // eager launch, handed out in slices that are never handed out again: a graph may be replayed at any
 // time, and its launches leave their slice zero. Without an arena, or once it is spent, a captured
@@ -284,7 +278,7 @@ at::Tensor tile_counters(int64_t tiles, const at::Tensor& like, cudaStream_t str
   const auto opts = like.options().dtype(at::kInt);
   const int device = static_cast<int>(like.get_device());
   const std::lock_guard<std::mutex> lock(arena_mutex());
-  if (capturing(stream)) {
+  if (stream_capturing(stream)) {
     auto it = arenas().find(device);
     if (it == arenas().end() || it->second.used + tiles > it->second.counters.numel()) return at::zeros({tiles}, opts);
     at::Tensor slice = it->second.counters.narrow(0, it->second.used, tiles);

@@ -12,7 +12,7 @@ from .. import ops
 from ..errors import ArgumentError, ArgumentTypeError
 from ..scope import ScopeSpec
 from .packed import PackedWeight
-from .sp24 import COLUMN_ORDERS, sp24_column_order, sp24_meta_words
+from .sp24 import COLUMN_ORDERS, sp24_form
 
 __all__ = ["PackedLinear"]
 
@@ -359,8 +359,7 @@ class PackedLinear(nn.Module):
     @staticmethod
     def _sp24_form(packed: PackedWeight, name: Optional[str]) -> tuple:
         """(column order, sp24 metadata) of ``packed``, its pattern ``name`` (or None: found out)."""
-        order = COLUMN_ORDERS[name] if name is not None else sp24_column_order(packed)
-        return order, sp24_meta_words(packed, order)
+        return sp24_form(packed, None if name is None else COLUMN_ORDERS[name])
 
     def use_sp24(self, max_tokens: Optional[int] = 16) -> "PackedLinear":
         """Run calls of up to ``max_tokens`` tokens on the sparse tensor cores (the default, 16; ``None`` or

@@ -21,6 +21,8 @@ byte permutes: the same metadata, built here on the permuted columns, serves the
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -84,12 +86,21 @@ def _kept_positions(dense: Tensor, column_order: int) -> Tensor:
 def sp24_column_order(packed: PackedWeight) -> int:
     """The column order (0: 2:4, 1: 4:8, 2: coupled 2:4) in which ``packed`` is 2:4 with its values stored
     as the kernel reads them; raises ArgumentError (a ValueError) when there is none."""
+    return sp24_form(packed)[0]
+
+
+def sp24_form(packed: PackedWeight, column_order: Optional[int] = None) -> tuple[int, Tensor]:
+    """``(column_order, sp24_meta_words(packed, column_order))`` from one unpacking of the weight; with
+    ``column_order`` None, the first order (0, 1, 2) in which ``packed`` is 2:4 as the kernel reads it."""
+    if column_order is not None and column_order not in _CHUNK_COLUMNS:
+        raise ArgumentError(f"`column_order` must be 0 (2:4), 1 (4:8) or 2 (coupled 2:4), got {column_order!r}")
     _check_fits(packed)
     dense = _numbered_dense(packed)
+    if column_order is not None:
+        return column_order, _meta_words(_kept_positions(dense, column_order))
     for order in (0, 1, 2):
         try:
-            _kept_positions(dense, order)
-            return order
+            return order, _meta_words(_kept_positions(dense, order))
         except ArgumentError:
             continue
     raise ArgumentError("packed: not 2:4, 4:8 or coupled 2:4 with its values in the packed order; keep this "
@@ -116,11 +127,12 @@ def sp24_meta_words(packed: PackedWeight, column_order: int = 0) -> Tensor:
     iteration, in the order the module docstring gives. The weight must be fp16 or bf16 with contiguous
     values, M a multiple of 16 and K of 64 (the kernel's tile); raises ArgumentError (a ValueError)
     naming what does not fit."""
-    if column_order not in _CHUNK_COLUMNS:
-        raise ArgumentError(f"`column_order` must be 0 (2:4), 1 (4:8) or 2 (coupled 2:4), got {column_order!r}")
-    M, K = packed.shape
-    _check_fits(packed)
-    pos = _kept_positions(_numbered_dense(packed), column_order)  # (M, K/4, 2)
+    return sp24_form(packed, column_order)[1]
+
+
+def _meta_words(pos: Tensor) -> Tensor:
+    """The metadata words of the kept positions ``pos`` (M, K/4, 2) of the virtual groups."""
+    M, K = pos.shape[0], 4 * pos.shape[1]
     tiles, iters = M // 16, K // 64
     groups = torch.tensor(_STEP_GROUPS, device=pos.device)  # (2 steps, 8)
     # (tiles, 16 rows, iters, 2 steps, 8 virtual groups, 2) -> nibble p0 | p1 << 2 a group.

@@ -290,33 +290,28 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   warp_barrier().arrive_and_wait();
   return r;
 }
+namespace s3emu_rt {
+// Every lane of the warp offers v; returns the value of lane `src` of the warp (v when src is past its end).
 template <typename T>
-T __shfl_down_sync(unsigned, T v, int delta) {
-  using namespace ::s3emu_rt;
+T warp_exchange(T v, unsigned src) {
   static_assert(sizeof(T) <= 16, "s3emu: shuffle of a type above 16 bytes");
-  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
+  const unsigned t = flat_tid(), w0 = t - t % 32;
   check_warp_not_divergent();
   std::memcpy(&g_blk->slot[16 * t], &v, sizeof(T));
   warp_barrier().arrive_and_wait();
   T out = v;
-  const unsigned src = lane + static_cast<unsigned>(delta);
   if (src < 32 && w0 + src < g_blk->nthreads) std::memcpy(&out, &g_blk->slot[16 * (w0 + src)], sizeof(T));
   warp_barrier().arrive_and_wait();
   return out;
 }
+}  // namespace s3emu_rt
+template <typename T>
+T __shfl_down_sync(unsigned, T v, int delta) {
+  return ::s3emu_rt::warp_exchange(v, ::s3emu_rt::flat_tid() % 32 + static_cast<unsigned>(delta));
+}
 template <typename T>
 T __shfl_sync(unsigned, T v, int src_lane) {
-  using namespace ::s3emu_rt;
-  static_assert(sizeof(T) <= 16, "s3emu: shuffle of a type above 16 bytes");
-  const unsigned t = flat_tid(), lane = t % 32, w0 = t - lane;
-  check_warp_not_divergent();
-  std::memcpy(&g_blk->slot[16 * t], &v, sizeof(T));
-  warp_barrier().arrive_and_wait();
-  T out = v;
-  const unsigned src = static_cast<unsigned>(src_lane) % 32;
-  if (w0 + src < g_blk->nthreads) std::memcpy(&out, &g_blk->slot[16 * (w0 + src)], sizeof(T));
-  warp_barrier().arrive_and_wait();
-  return out;
+  return ::s3emu_rt::warp_exchange(v, static_cast<unsigned>(src_lane) % 32);
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int __popc(unsigned x) { return std::popcount(x); }
