@@ -126,6 +126,8 @@ class DecodeStep:
         self.keys[i].index_copy_(2, positions, k)
         self.values[i].index_copy_(2, positions, v)
         # A prefill attends causally (kv length = q length); a decode step's one query sees every cached position.
+        # (enable_gqa, not the query heads of a KV head folded into its queries: on an H100 the folded call took
+        # cuDNN's sm90 kernel, 12 us a layer, against 6 us: benchmarks/results/packed-model-profile-h100-*.txt.)
         out = F.scaled_dot_product_attention(q, self.keys[i, :, :, :length], self.values[i, :, :, :length],
                                              is_causal=T > 1, scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -218,6 +220,26 @@ def time_step(step: DecodeStep, device: torch.device, repeat: int) -> dict:
     return out
 
 
+def profile_step(step: DecodeStep, device: torch.device, steps: int = 5) -> str:
+    """Device time per step by kernel: ``steps`` eager steps under torch.profiler, top 25 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step.step()
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step.step()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / steps
+    lines = [f"GPU time a step {total:.1f} us in {sum(e.count for e in events) // steps} kernels "
+             f"(eager steps; {steps} steps averaged)", f"{'us/step':>9} {'calls':>6}  kernel"]
+    lines += [f"{e.self_device_time_total / steps:9.1f} {e.count // steps:6d}  {e.key[:110]}" for e in events[:25]]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; cpu with --quick)")
@@ -229,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--repeat", type=int, default=None, help="timed samples (default 10; 3 with --quick)")
     ap.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inductor, "
                     "fullgraph) before timing it, dense and packed alike")
+    ap.add_argument("--profile", default=None, help="also write here each model's GPU time per step by kernel "
+                    "(torch.profiler over a few eager steps, kernels sorted by device time)")
     ap.add_argument("--quick", action="store_true", help="a tiny Qwen3 (hidden 64, 2 layers, vocabulary 512) on the CPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -270,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ids = torch.randint(0, config.vocab_size, (1, prefix + 1), generator=generator).to(device)
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * (prefix + 1) * \
         config.head_dim * torch.finfo(dtype).bits // 8
-    results, logits = {}, {}
+    results, logits, profiles = {}, {}, {}
     for name, model in (("dense", dense), ("packed", packed)):
         if model is None:
             continue
@@ -284,6 +308,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             logits[name] = step.step().clone()
             res = dict(weight_bytes=state_bytes(model), kv_cache_bytes=kv_bytes)
             res.update(time_step(step, device, repeat))
+            if args.profile:
+                profiles[name] = profile_step(step, device)
             for mode in ("graph", "eager"):
                 if f"{mode}_s" in res:
                     bps = (res["weight_bytes"] + kv_bytes) / res[f"{mode}_s"]
@@ -331,6 +357,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for failure in failures:
         print(f"failed: {failure['stage']}: {failure['detail'].splitlines()[0]}")
 
+    if args.profile:
+        Path(args.profile).write_text("\n\n".join(f"# {name}\n{table}" for name, table in profiles.items()))
+        print(f"wrote {args.profile}")
     out = Path(args.out) if args.out else \
         HERE / "results" / f"packed-model-{device.type}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ then checked and timed on a GPU: a quick way to verify a change of that kernel o
    corrupt metadata word (unchecked: its tile NaN, the rest right).
 2. GPU time a call by CUDA-graph replay, every call on its own copy of the weight (over 4x L2), dense
    against sp24 (vouched form), shapes 2560x9728, 9728x2560, 4096x4096, tokens SP_TOKENS (default
-   "1 4 8 16"). Writes $OUT/sp24_ext.json (else /tmp).
+   "1 4 8 16"), patterns SP_PATTERNS (default all three), shapes SP_SHAPES (default those three). Writes $OUT/sp24_ext.json (else /tmp).
+3. Variants: SP24_VARIANTS="a=-DS3_SP24_TILES_PER_BLOCK=0 b=" builds the source once a variant (with its
+   defines, as torch.ops.s3lab_<name>), checks each and times them side by side.
 The weights are pruned and their metadata built by the installed s3sparse (any build with packed_to_dense).
 """
 
@@ -34,18 +36,37 @@ from s3sparse.sparse import PackedWeight  # noqa: E402
 from s3sparse.sparse.sp24 import COLUMN_ORDERS, sp24_meta_words  # noqa: E402
 
 
-def build() -> None:
-    flags = ["-Ds3sparse=s3lab", f"-I{REPO}/csrc"]
-    load(name="s3lab_sp24", sources=[f"{REPO}/csrc/ops.cpp", f"{REPO}/csrc/cpu/sp24.cpp", f"{REPO}/csrc/cuda/sp24.cu"],
+def variants() -> dict:
+    """SP24_VARIANTS="name=-DFLAG,-DFLAG2 other=" -> {name: [flags]}; default one build of the source as is."""
+    spec = os.environ.get("SP24_VARIANTS", "").split()
+    if not spec:
+        return {"": []}
+    return {name: [f for f in flags.split(",") if f] for name, _, flags in (v.partition("=") for v in spec)}
+
+
+def namespace(variant: str) -> str:
+    return f"s3lab_{variant}" if variant else "s3lab"
+
+
+def build(variant: str, defines: list) -> None:
+    ns = namespace(variant)
+    flags = [f"-Ds3sparse={ns}", f"-I{REPO}/csrc", *defines]
+    path = f"/tmp/{ns}_sp24"
+    os.makedirs(path, exist_ok=True)
+    load(name=f"{ns}_sp24", sources=[f"{REPO}/csrc/ops.cpp", f"{REPO}/csrc/cpu/sp24.cpp", f"{REPO}/csrc/cuda/sp24.cu"],
          extra_cflags=["-O2", "-std=c++20", *flags],
          extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", *flags],
-         build_directory=_build_dir(), is_python_module=False, verbose=False)
+         build_directory=path, is_python_module=False, verbose=False)
 
 
-def _build_dir() -> str:
-    path = "/tmp/s3lab_sp24"
-    os.makedirs(path, exist_ok=True)
-    return path
+def build_all(vs: dict) -> None:
+    """Compiles the variants at once (one process each), then loads them here (no rebuild)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(vs)) as pool:
+        list(pool.map(build, vs.keys(), vs.values()))
+    for name, defines in vs.items():
+        build(name, defines)
 
 
 def pruned(M: int, K: int, pattern: str, dtype, dev) -> tuple:
@@ -57,8 +78,8 @@ def pruned(M: int, K: int, pattern: str, dtype, dev) -> tuple:
     return W.detach(), packed.values, sp24_meta_words(packed, COLUMN_ORDERS[pattern])
 
 
-def check(dev) -> list:
-    op = torch.ops.s3lab.sp24_linear.default
+def check(dev, variant: str) -> list:
+    op = getattr(torch.ops, namespace(variant)).sp24_linear.default
     failures = []
     for pattern, order in COLUMN_ORDERS.items():
         for dtype in (torch.float16, torch.bfloat16):
@@ -70,10 +91,10 @@ def check(dev) -> list:
                 for checked in (False, True):
                     err = float((op(x, values, meta, 96, bias, checked, order).float() - want).abs().max() / want.abs().max())
                     ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-                    print(f"check {pattern:12} {str(dtype)[6:]:9} tokens {n:2} checked {checked!s:5}: rel err {err:.2e}"
+                    print(f"check {variant:8} {pattern:12} {str(dtype)[6:]:9} tokens {n:2} checked {checked!s:5}: rel err {err:.2e}"
                           f"{'' if ok else '  FAILED'}", flush=True)
                     if not ok:
-                        failures.append((pattern, str(dtype), n, checked, err))
+                        failures.append((variant, pattern, str(dtype), n, checked, err))
             bad = meta.clone()
             bad[2, 1, 7] = 0  # tile 2: rows 32-47
             x = torch.randn(3, 320, device=dev).to(dtype)
@@ -81,19 +102,22 @@ def check(dev) -> list:
             want = F.linear(x.float(), W.float())
             rest = torch.cat([got[:, :32], got[:, 48:]], 1) - torch.cat([want[:, :32], want[:, 48:]], 1)
             ok = bool(got[:, 32:48].isnan().all()) and float(rest.abs().max() / want.abs().max()) < 1e-2
-            print(f"check {pattern:12} {str(dtype)[6:]:9} corrupt word: {'its tile NaN, the rest right' if ok else 'FAILED'}")
+            print(f"check {variant:8} {pattern:12} {str(dtype)[6:]:9} corrupt word: {'its tile NaN, the rest right' if ok else 'FAILED'}")
             if not ok:
-                failures.append((pattern, str(dtype), "corrupt"))
+                failures.append((variant, pattern, str(dtype), "corrupt"))
     return failures
 
 
-def timings(dev) -> list:
-    op = torch.ops.s3lab.sp24_linear.default
+def timings(dev, vs: dict) -> list:
+    ops = {v: getattr(torch.ops, namespace(v)).sp24_linear.default for v in vs}
     rotate = 4 * l2_cache_bytes(dev)
     tokens = [int(v) for v in os.environ.get("SP_TOKENS", "1 4 8 16").split()]
+    patterns = os.environ.get("SP_PATTERNS", " ".join(COLUMN_ORDERS)).split()
     rows = []
-    for M, K in [(2560, 9728), (9728, 2560), (4096, 4096)]:
-        for pattern, order in COLUMN_ORDERS.items():
+    shapes = os.environ.get("SP_SHAPES", "2560x9728 9728x2560 4096x4096").split()
+    for M, K in [tuple(int(v) for v in shape.split("x")) for shape in shapes]:
+        for pattern in patterns:
+            order = COLUMN_ORDERS[pattern]
             W, values, meta = pruned(M, K, pattern, torch.float16, dev)
             n_sp = max(1, math.ceil(rotate / (values.numel() * 2 * 1.125)))
             n_dense = max(1, math.ceil(rotate / (W.numel() * 2)))
@@ -109,10 +133,12 @@ def timings(dev) -> list:
 
                 row = dict(shape=f"{M}x{K}", pattern=pattern, tokens=N)
                 row["dense_us"] = timed([lambda w=w: F.linear(x, w) for w in dense])
-                row["sp24_us"] = timed([lambda v=v, m=m: op(x, v, m, M, None, True, order) for v, m in sp])
-                row["x_dense"] = row["dense_us"] / row["sp24_us"]
-                print(f"{row['shape']:>10} {pattern:12} {N:3} tokens: dense {row['dense_us']:6.2f} us, sp24 "
-                      f"{row['sp24_us']:6.2f} us ({row['x_dense']:.2f}x)", flush=True)
+                line = f"{row['shape']:>10} {pattern:12} {N:3} tokens: dense {row['dense_us']:6.2f} us"
+                for v, op in ops.items():
+                    us = timed([lambda v=v, m=m, op=op: op(x, v, m, M, None, True, order) for v, m in sp])
+                    row[f"sp24{'_' + v if v else ''}_us"] = us
+                    line += f", {v or 'sp24'} {us:6.2f} us ({row['dense_us'] / us:.2f}x)"
+                print(line, flush=True)
                 rows.append(row)
             del dense, sp
             torch.cuda.empty_cache()
@@ -121,12 +147,13 @@ def timings(dev) -> list:
 
 def main() -> None:
     t0 = time.time()
-    build()
-    print(f"built in {time.time() - t0:.0f} s", flush=True)
+    vs = variants()
+    build_all(vs)
+    print(f"built {len(vs)} in {time.time() - t0:.0f} s: {vs}", flush=True)
     dev = torch.device("cuda")
-    failures = check(dev)
-    rows = timings(dev)
-    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(),
+    failures = [f for v in vs for f in check(dev, v)]
+    rows = timings(dev, vs)
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(), variants=vs,
                copy_GBps=copy_bandwidth(dev, 1 << 30, 5) / 1e9, failures=failures,
                timing="GPU time a call, CUDA-graph replay, weights rotated over 4x L2; sp24 vouched (checked=True)",
                rows=rows)

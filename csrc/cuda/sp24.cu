@@ -9,8 +9,8 @@
 // depend on the order of k, so the tensor cores get a permuted k: in iteration
 // i, step s (two m16n8k32 steps an iteration), virtual group q (4 columns) is
 // column group 16 i + 4 (q % 4) + 2 s + q / 4 (sp24_group, csrc/sp24.h). In that
-// order a lane's A registers are words of its two loads, its B registers 4-byte
-// loads of x at fixed offsets, and its metadata one word an iteration
+// order a lane's A registers are words of its two loads, its B registers words of
+// two 16-byte loads of x (shared with the next lane: x_words), and its metadata one word an iteration
 // (sp_meta, built once a weight by s3sparse.sparse.sp24.sp24_meta_words). Unless the caller vouches
 // for sp_meta (checked: PackedLinear, for the metadata it built), every word is checked and one that is
 // not valid metadata (a group's two columns not p0 < p1) turns its tile's outputs into NaN. Either way
@@ -50,6 +50,15 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kWarpsPerSm = 16;     // lab, H100: 8 an SM 7-49 % slower, 24 slower too
 constexpr int64_t kLaunchTokens = 16;  // two tiles of 8 tokens a launch
+// From this many tokens x is read by 16-byte loads (x_words): at 5-8 tokens 3-20 % faster than 4-byte loads,
+// at 1 token 0-3 % slower (they take registers: U = 5 iterations in flight, not 8). Lab, H100:
+// benchmarks/results/sp24-ext-variants-h100.txt.
+constexpr int64_t kWideXTokens = 5;
+// Slices of K a tile are at most K / (64 kMinIters): a warp takes at least kMinIters iterations. On the
+// small layers of a 0.6B model (K = 1024) one iteration a warp (S = 16) spent more on the split-K
+// reduction than it saved: 4 iterations a warp were 10-28 % faster (8 slower again); larger layers
+// keep their S (same lab run).
+constexpr int64_t kMinIters = 4;
 
 // 16 bytes streamed (read once: no L1 allocation).
 __device__ __forceinline__ uint4 ld_stream16(const uint4* p) {
@@ -82,6 +91,14 @@ __device__ __forceinline__ uint32_t bad_nibbles(uint32_t e) {
   return ((d >> 2) & (d | (d >> 1)) & 0x11111111u) ^ 0x11111111u;
 }
 
+// x of an iteration (64 columns), for one tile of 8 tokens. Whatever the column order, lanes t = 2p, 2p + 1
+// (the two halves of a 4-column group of each step's B registers) need, of token g, the columns
+// [16 p, 16 p + 16) and [16 p + 32, 16 p + 48): each loads 16 bytes of each span (the even lane the first
+// 8 columns, the odd lane the last 8; one 16-byte load, where 4-byte loads of each word took 4 times as many
+// L1 wavefronts, which bound the 16-token calls), then the pair swap the words the other needs.
+__device__ __forceinline__ int x_base_wide(int t) { return 16 * (t >> 1) + 8 * (t & 1); }
+
+// The 4-byte form (one tile of tokens: fewer registers, and with one token only the lanes of token 0 load):
 // x offset (elements) of a lane's raw x word j (step j / 4) from its base, by column order (csrc/sp24.h):
 //  0 (2:4): B register j % 4 itself, virtual k 2 t + 8 (j % 4) of the step (base 16 (t / 2) + 2 (t % 2));
 //  2 (coupled 2:4): the same registers, the 4-column groups of each 16 taken in the order 0, 2, 1, 3;
@@ -96,8 +113,42 @@ __device__ __forceinline__ constexpr int x_offset(int j) {
   return 8 * s + (r & 1 ? 32 : 0) + (r >= 2 ? 4 : 0);
 }
 template <int kOrder>
-__device__ __forceinline__ constexpr int x_base(int t) {
+__device__ __forceinline__ constexpr int x_base_words(int t) {
   return 16 * (t >> 1) + (kOrder == 1 ? 4 : 2) * (t & 1);
+}
+
+// A lane's 8 raw x words of a step pair from its two 16-byte loads (span A: columns [0, 16) of its pair's,
+// span B: [32, 48)), by column order (csrc/sp24.h). Words of a span: w0..w7, 2 columns each; the even lane
+// loaded w0..w3, the odd w4..w7.
+//  0 (2:4) and 2 (coupled): a lane takes word t % 2 of each 4-column group (w0 w2 w4 w6 / w1 w3 w5 w7);
+//    in the step order, 0: groups A0 B0 A1 B1 | A2 B2 A3 B3; 2: A0 B0 A2 B2 | A1 B1 A3 B3.
+//  1 (4:8): the even lane takes w0 w1 w4 w5, the odd w2 w3 w6 w7; step order A0 A1 B0 B1 | A2 A3 B2 B3 (then
+//    byte permutes, x_registers).
+template <int kOrder>
+__device__ __forceinline__ void x_words(uint32_t (&xb)[8], const uint32_t (&loaded)[8], bool odd) {
+  uint32_t mine[2][4];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const uint4 v = make_uint4(loaded[4 * c], loaded[4 * c + 1], loaded[4 * c + 2], loaded[4 * c + 3]);
+    uint32_t keep0, keep1, send0, send1;
+    if constexpr (kOrder == 1) {
+      keep0 = odd ? v.z : v.x, keep1 = odd ? v.w : v.y, send0 = odd ? v.x : v.z, send1 = odd ? v.y : v.w;
+    } else {
+      keep0 = odd ? v.y : v.x, keep1 = odd ? v.w : v.z, send0 = odd ? v.x : v.y, send1 = odd ? v.z : v.w;
+    }
+    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+    mine[c][0] = odd ? got0 : keep0, mine[c][1] = odd ? got1 : keep1;
+    mine[c][2] = odd ? keep0 : got0, mine[c][3] = odd ? keep1 : got1;
+  }
+  const uint32_t(&A)[4] = mine[0];
+  const uint32_t(&B)[4] = mine[1];
+  if constexpr (kOrder == 0) {
+    xb[0] = A[0], xb[1] = B[0], xb[2] = A[1], xb[3] = B[1], xb[4] = A[2], xb[5] = B[2], xb[6] = A[3], xb[7] = B[3];
+  } else if constexpr (kOrder == 2) {
+    xb[0] = A[0], xb[1] = B[0], xb[2] = A[2], xb[3] = B[2], xb[4] = A[1], xb[5] = B[1], xb[6] = A[3], xb[7] = B[3];
+  } else {
+    xb[0] = A[0], xb[1] = A[1], xb[2] = B[0], xb[3] = B[1], xb[4] = A[2], xb[5] = A[3], xb[6] = B[2], xb[7] = B[3];
+  }
 }
 
 // A step's 4 B registers from its 4 raw x words (order 1: even columns from the low halves, odd from
@@ -130,8 +181,9 @@ __device__ __forceinline__ uint4 value_words(uint4 v) {
 // metadata word (a bad one makes the tile's outputs NaN). (2 blocks an SM: kWarpsPerSm; U = 8 at one
 // tile of tokens was 6-18 % faster than 4 on an H100, at 124 registers:
 // benchmarks/results/sp24-lab-variants-h100.txt; with the check it spills, so calls that check, checked =
-// false, get U = 4, and the byte permutes of orders 1 and 2 U = 5.)
-template <typename T, int NT, int U, bool kCheck, int kOrder>
+// false, get U = 4, and the byte permutes of orders 1 and 2 U = 5.) kWideX: x by 16-byte loads shared with
+// the next lane (x_words), else by 4-byte loads (x_offset).
+template <typename T, int NT, int U, bool kCheck, int kOrder, bool kWideX>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
@@ -156,13 +208,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     x_on[nt] = 8 * nt + g < N;
-    xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + x_base<kOrder>(t);
+    xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + (kWideX ? x_base_wide(t) : x_base_words<kOrder>(t));
     d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
   }
   [[maybe_unused]] uint32_t bad = 0;  // kCheck: a corrupt metadata word seen: this warp's partial becomes NaN
   for (int it = it0; it < it1; it += U) {
     uint4 a[U], b[U];
-    uint32_t e[U], xb[U][NT][8];
+    uint32_t e[U], xr[U][NT][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // (all loads of U iterations first: they are what the time is)
       const int i = it + u;
@@ -172,9 +224,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
       e[u] = on ? ldg(mp + static_cast<int64_t>(i) * 32) : 0x44444444u;  // (off: valid words, zero values)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
+        if constexpr (kWideX) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          xb[u][nt][j] = on && x_on[nt] ? ldg(reinterpret_cast<const uint32_t*>(xp[nt] + 64 * i + x_offset<kOrder>(j))) : 0u;
+          for (int c = 0; c < 2; ++c) {
+            const uint4 v = on && x_on[nt] ? ldg(reinterpret_cast<const uint4*>(xp[nt] + 64 * i + 32 * c))
+                                           : make_uint4(0, 0, 0, 0);
+            xr[u][nt][4 * c] = v.x, xr[u][nt][4 * c + 1] = v.y, xr[u][nt][4 * c + 2] = v.z, xr[u][nt][4 * c + 3] = v.w;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            xr[u][nt][j] = on && x_on[nt] ? ldg(reinterpret_cast<const uint32_t*>(xp[nt] + 64 * i + x_offset<kOrder>(j))) : 0u;
+        }
       }
     }
 #pragma unroll
@@ -185,9 +246,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
       if constexpr (kCheck) bad |= bad_nibbles(e[u]);  // (here, not beside the loads: no registers to spare there)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint32_t b0[4], b1[4];
-        x_registers<kOrder>(b0, xb[u][nt]);
-        x_registers<kOrder>(b1, xb[u][nt] + 4);
+        uint32_t xb[8], b0[4], b1[4];
+        if constexpr (kWideX) {
+          x_words<kOrder>(xb, xr[u][nt], (t & 1) != 0);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xb[j] = xr[u][nt][j];
+        }
+        x_registers<kOrder>(b0, xb);
+        x_registers<kOrder>(b1, xb + 4);
         mma_sp_16832<kBf16, 0>(d[nt], a0, b0, e[u]);
         mma_sp_16832<kBf16, 1>(d[nt], a1, b1, e[u]);
       }
@@ -303,7 +370,7 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int nt = n <= 8 ? 1 : 2;
   const int64_t tiles = M / 16, iters = K / 64;
   const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kWarpsPerSm / static_cast<double>(tiles));
-  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(iters, want));
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (iters + kMinIters - 1) / kMinIters));
   at::Tensor ws = S > 1 ? at::empty({S, M, 8 * nt}, values.options().dtype(at::kFloat)) : at::Tensor();
   at::Tensor cnt = S > 1 ? tile_counters(tiles, values, stream) : at::Tensor();
   const int64_t warps = tiles * S;
@@ -323,10 +390,14 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
     constexpr int O = decltype(order_tag)::value;
     if (nt == 1) {
       // (the byte permutes of orders 1 and 2 take registers: from 6 iterations in flight they spill)
-      checked ? launch(sp24_linear_kernel<T, 1, O == 0 ? 8 : 5, false, O>)
-              : launch(sp24_linear_kernel<T, 1, 4, true, O>);
+      if (n < kWideXTokens) {
+        checked ? launch(sp24_linear_kernel<T, 1, O == 0 ? 8 : 5, false, O, false>)
+                : launch(sp24_linear_kernel<T, 1, 4, true, O, false>);
+      } else {
+        checked ? launch(sp24_linear_kernel<T, 1, 5, false, O, true>) : launch(sp24_linear_kernel<T, 1, 4, true, O, true>);
+      }
     } else {
-      checked ? launch(sp24_linear_kernel<T, 2, 2, false, O>) : launch(sp24_linear_kernel<T, 2, 2, true, O>);
+      checked ? launch(sp24_linear_kernel<T, 2, 2, false, O, true>) : launch(sp24_linear_kernel<T, 2, 2, true, O, true>);
     }
   };
   if (order == 0) {
@@ -356,7 +427,7 @@ at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const
   at::Tensor y = at::empty({g.N, g.M}, x.options());
   if (g.N == 0) return y.view(out_sizes);
   at::Tensor x2 = x.reshape({g.N, g.K}).contiguous();
-  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 4 != 0) x2 = x2.clone();  // (4-byte loads of x)
+  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();  // (16-byte loads of x)
   for (int64_t n0 = 0; n0 < g.N; n0 += kLaunchTokens) {
     const int64_t n = std::min<int64_t>(kLaunchTokens, g.N - n0);
     const at::Tensor xs = g.N <= kLaunchTokens ? x2 : x2.narrow(0, n0, n);

@@ -310,6 +310,10 @@ T __shfl_down_sync(unsigned, T v, int delta) {
   return ::s3emu_rt::warp_exchange(v, ::s3emu_rt::flat_tid() % 32 + static_cast<unsigned>(delta));
 }
 template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  return ::s3emu_rt::warp_exchange(v, (::s3emu_rt::flat_tid() % 32) ^ static_cast<unsigned>(lane_mask));
+}
+template <typename T>
 T __shfl_sync(unsigned, T v, int src_lane) {
   return ::s3emu_rt::warp_exchange(v, static_cast<unsigned>(src_lane) % 32);
 }
