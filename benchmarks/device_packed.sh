@@ -129,8 +129,10 @@ for step in "${@:-all}"; do
       (cd /tmp && timeout 200 python3 "$repo/benchmarks/lab/bf16_bias_probe.py" 2>&1 | tail -20 | tee "$OUT/bf16-bias-probe.txt")
       ;;&
     model|all)
+      # (MODEL_ARGS="--compile" for the compiled step; the profile: GPU time a step by kernel, eager steps)
       (cd /tmp && timeout 300 python3 "$repo/benchmarks/packed_model.py" --device cuda ${MODEL_ARGS:-} \
-        --out "$OUT/packed-model-cuda.json" > "$OUT/packed-model-cuda.txt" 2>&1; tail -8 "$OUT/packed-model-cuda.txt")
+        --profile "$OUT/packed-model-profile.txt" --out "$OUT/packed-model-cuda.json" > "$OUT/packed-model-cuda.txt" 2>&1
+        tail -8 "$OUT/packed-model-cuda.txt")
       ;;
   esac
 done

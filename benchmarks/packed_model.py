@@ -221,22 +221,25 @@ def time_step(step: DecodeStep, device: torch.device, repeat: int) -> dict:
 
 
 def profile_step(step: DecodeStep, device: torch.device, steps: int = 5) -> str:
-    """Device time per step by kernel: ``steps`` eager steps under torch.profiler, top 25 kernels."""
+    """Time a step by kernel (CUDA: GPU kernels by device time) or by op (CPU: self CPU time): ``steps``
+    eager steps under torch.profiler, the top 25."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
     step.step()
     sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             step.step()
         sync(device)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
-    events.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events) / steps
-    lines = [f"GPU time a step {total:.1f} us in {sum(e.count for e in events) // steps} kernels "
-             f"(eager steps; {steps} steps averaged)", f"{'us/step':>9} {'calls':>6}  kernel"]
-    lines += [f"{e.self_device_time_total / steps:9.1f} {e.count // steps:6d}  {e.key[:110]}" for e in events[:25]]
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
+    spent = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events.sort(key=lambda e: -spent(e))
+    what = "GPU kernels" if cuda else "CPU ops (self time)"
+    lines = [f"{what}: {sum(spent(e) for e in events) / steps:.1f} us a step in "
+             f"{sum(e.count for e in events) // steps} calls (eager steps; {steps} steps averaged)",
+             f"{'us/step':>9} {'calls':>6}  {'kernel' if cuda else 'op'}"]
+    lines += [f"{spent(e) / steps:9.1f} {e.count // steps:6d}  {e.key[:110]}" for e in events[:25]]
     return "\n".join(lines)
 
 

@@ -213,6 +213,20 @@ def test_packed_model_benchmark_runs(tmp_path):
     assert checks["step_vs_model_rel_err"] < 1e-5 and checks["packed_vs_dense_rel_err"] < 1e-5
 
 
+def test_packed_model_profile_names_what_each_model_runs(tmp_path):
+    pytest.importorskip("transformers")
+    import packed_model
+
+    prof = tmp_path / "profile.txt"
+    packed_model.main(["--quick", "--repeat", "1", "--prefix", "8", "--profile", str(prof),
+                       "--out", str(tmp_path / "model.json")])
+    dense, packed = prof.read_text().split("# packed\n")
+    assert dense.startswith("# dense\nCPU ops (self time): ")
+    # The dense step's Linears are aten's; the packed step's go through the packed op instead.
+    assert "aten::addmm" in dense or "aten::mm" in dense
+    assert "s3sparse::packed_linear" in packed and "s3sparse::packed_linear" not in dense
+
+
 def test_decode_step_matches_the_model_token_after_token():
     """DecodeStep at several prefix lengths, on a model whose layers are not pruned: model.forward's last logits."""
     pytest.importorskip("transformers")
