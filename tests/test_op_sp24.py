@@ -125,11 +125,13 @@ def test_sp24_linear_empty_and_unaligned_x(device, seed):
     W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen)
     assert ops.sp24_linear(torch.empty(0, K, dtype=torch.float16, device=device), values, sp_meta, M).shape == (0, M)
     assert ops.sp24_linear(torch.empty(2, 0, K, dtype=torch.float16, device=device), values, sp_meta, M).shape == (2, 0, M)
-    # x starting 2 bytes into its storage (the kernel reads x in 4-byte words), and a transposed x.
-    base = torch.randn(3 * K + 1, generator=gen).to(dtype=torch.float16, device=device)
-    x = base[1:].view(3, K)
-    want = ref.sp24_linear(x, values, sp_meta, M, None)
-    _assert_close(ops.sp24_linear(x, values, sp_meta, M), want, x, W, torch.float16, "offset x")
+    # x starting 2 or 8 bytes into its storage (the kernel reads x in 4-byte words below 5 tokens, in
+    # 16-byte vectors from 5), and a transposed x.
+    for n, offset in ((3, 1), (6, 4), (12, 1)):
+        base = torch.randn(n * K + offset, generator=gen).to(dtype=torch.float16, device=device)
+        x = base[offset:].view(n, K)
+        want = ref.sp24_linear(x, values, sp_meta, M, None)
+        _assert_close(ops.sp24_linear(x, values, sp_meta, M), want, x, W, torch.float16, f"x offset {2 * offset} bytes, {n} tokens")
     xt = torch.randn(K, 5, generator=gen).to(dtype=torch.float16, device=device).T
     want = ref.sp24_linear(xt, values, sp_meta, M, None)
     _assert_close(ops.sp24_linear(xt, values, sp_meta, M), want, xt, W, torch.float16, "transposed x")

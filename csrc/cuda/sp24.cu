@@ -54,7 +54,7 @@ constexpr int64_t kLaunchTokens = 16;  // two tiles of 8 tokens a launch
 // at 1 token 0-3 % slower (they take registers: U = 5 iterations in flight, not 8). Lab, H100:
 // benchmarks/results/sp24-ext-variants-h100.txt.
 constexpr int64_t kWideXTokens = 5;
-// Slices of K a tile are at most K / (64 kMinIters): a warp takes at least kMinIters iterations. On the
+// Slices of K a tile are at most ceil(K / (64 kMinIters)): a warp takes about kMinIters iterations or more. On the
 // small layers of a 0.6B model (K = 1024) one iteration a warp (S = 16) spent more on the split-K
 // reduction than it saved: 4 iterations a warp were 10-28 % faster (8 slower again); larger layers
 // keep their S (same lab run).
