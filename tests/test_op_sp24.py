@@ -87,6 +87,23 @@ def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
                                   f"{M}x{K} x{tuple(x.shape)} bias={bias is not None} checked={checked}")
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sp24_linear_many_slices_of_k(device, seed, pattern):
+    """A long K split over many slices of one tile (on the emulator's 2 SMs, 17 slices for K = 4352): the last
+    warp sums more slices than it loads at once, in slice order."""
+    gen = torch.Generator().manual_seed(seed)
+    M, K, order = 16, 4352, PATTERNS[pattern]
+    W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen, pattern)
+    for n in (1, 6, 16):
+        x = torch.randn(n, K, generator=gen).to(dtype=torch.float16, device=device)
+        bias = torch.randn(M, generator=gen).to(dtype=torch.float16, device=device)
+        want = ref.sp24_linear(x, values, sp_meta, M, bias, False, order)
+        for checked in (False, True):
+            got = ops.sp24_linear(x, values, sp_meta, M, bias, checked, order)
+            _assert_close(got, want, x, W, torch.float16, f"{n} tokens checked={checked}")
+            assert torch.equal(ops.sp24_linear(x, values, sp_meta, M, bias, checked, order), got), "not deterministic"
+
+
 def test_sp24_column_orders_are_the_oracles():
     """The builder's column tables (s3sparse.sparse.sp24) and the oracle's formulas (reference.sp24_columns,
     sp24_stored) agree, and each order makes its pattern 2:4: every virtual group of 4 keeps 2."""

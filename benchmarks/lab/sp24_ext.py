@@ -37,7 +37,9 @@ from s3sparse.sparse.sp24 import COLUMN_ORDERS, sp24_meta_words  # noqa: E402
 
 
 def variants() -> dict:
-    """SP24_VARIANTS="name=-DFLAG,-DFLAG2 other=" -> {name: [flags]}; default one build of the source as is."""
+    """SP24_VARIANTS="name=-DFLAG,-DFLAG2 other= cand=@benchmarks/lab/x.patch" -> {name: [flags]}; default one
+    build of the source as is. An item "@file" is a patch (git diff of csrc/) applied to a copy of csrc/ for that
+    variant alone."""
     spec = os.environ.get("SP24_VARIANTS", "").split()
     if not spec:
         return {"": []}
@@ -48,12 +50,28 @@ def namespace(variant: str) -> str:
     return f"s3lab_{variant}" if variant else "s3lab"
 
 
+def source_root(ns: str, patches: list) -> str:
+    """The repository, or a copy of its csrc/ with the patches applied (a candidate change, timed beside the source)."""
+    if not patches:
+        return REPO
+    import shutil
+    import subprocess
+
+    root = f"/tmp/{ns}_src"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(f"{REPO}/csrc", f"{root}/csrc")
+    for patch in patches:
+        subprocess.run(["git", "apply", os.path.join(REPO, patch)], cwd=root, check=True)
+    return root
+
+
 def build(variant: str, defines: list) -> None:
     ns = namespace(variant)
-    flags = [f"-Ds3sparse={ns}", f"-I{REPO}/csrc", *defines]
+    root = source_root(ns, [d[1:] for d in defines if d.startswith("@")])
+    flags = [f"-Ds3sparse={ns}", f"-I{root}/csrc", *[d for d in defines if not d.startswith("@")]]
     path = f"/tmp/{ns}_sp24"
     os.makedirs(path, exist_ok=True)
-    load(name=f"{ns}_sp24", sources=[f"{REPO}/csrc/ops.cpp", f"{REPO}/csrc/cpu/sp24.cpp", f"{REPO}/csrc/cuda/sp24.cu"],
+    load(name=f"{ns}_sp24", sources=[f"{root}/csrc/ops.cpp", f"{root}/csrc/cpu/sp24.cpp", f"{root}/csrc/cuda/sp24.cu"],
          extra_cflags=["-O2", "-std=c++20", *flags],
          extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", *flags],
          build_directory=path, is_python_module=False, verbose=False)
