@@ -89,18 +89,18 @@ def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_sp24_linear_many_slices_of_k(device, seed, pattern):
-    """A long K split over many slices of one tile (on the emulator's 2 SMs, 17 slices for K = 4352): the last
-    warp sums more slices than it loads at once, in slice order."""
+    """K split over many slices of a tile (on the emulator's 2 SMs: 3, 6 and 17 slices for K = 768, 1536, 4352):
+    the slices' partials summed in slice order, whatever their number, deterministically."""
     gen = torch.Generator().manual_seed(seed)
-    M, K, order = 16, 4352, PATTERNS[pattern]
-    W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen, pattern)
-    for n in (1, 6, 16):
+    order = PATTERNS[pattern]
+    for M, K, n in ((48, 768, 6), (16, 1536, 16), (16, 4352, 1), (16, 4352, 16)):
+        W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen, pattern)
         x = torch.randn(n, K, generator=gen).to(dtype=torch.float16, device=device)
         bias = torch.randn(M, generator=gen).to(dtype=torch.float16, device=device)
         want = ref.sp24_linear(x, values, sp_meta, M, bias, False, order)
         for checked in (False, True):
             got = ops.sp24_linear(x, values, sp_meta, M, bias, checked, order)
-            _assert_close(got, want, x, W, torch.float16, f"{n} tokens checked={checked}")
+            _assert_close(got, want, x, W, torch.float16, f"{M}x{K}, {n} tokens, checked={checked}")
             assert torch.equal(ops.sp24_linear(x, values, sp_meta, M, bias, checked, order), got), "not deterministic"
 
 
