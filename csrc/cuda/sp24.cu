@@ -19,9 +19,13 @@
 // A warp computes one 16-row tile over a slice of K (S slices a tile, chosen so
 // that the grid holds about kWarpsPerSm warps an SM: the weight streams from
 // memory once, and a decode call is bound by how many loads are in flight).
-// The last warp of a tile to finish sums the slices' partial tiles (an fp32
+// With 2-8 slices a tile (K up to about 4096), all of a tile's slices run in one
+// block and the warp of slice 0 sums them from shared memory (lab, H100: the
+// 1024-wide layers of a 0.6B model 0.8-1.0x -> 1.0-1.37x dense, 4096x4096 at one
+// token 1.65 -> 1.97x; benchmarks/results/sp24-ext-patches-h100.txt). With more,
+// the last warp of a tile to finish sums the slices' partial tiles (an fp32
 // workspace, in slice order: the result does not depend on which warp finishes
-// last), adds the bias and rounds once. The per-tile counters reset themselves
+// last). Either way it adds the bias and rounds once. The per-tile counters reset themselves
 // (the last warp writes 0), so consecutive launches on a stream share one
 // zeroed buffer; a launch under graph capture gets its own (tile_counters).
 #include <ATen/ATen.h>
@@ -187,16 +191,25 @@ template <typename T, int NT, int U, bool kCheck, int kOrder, bool kWideX>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
-                       int M, int K, int N, int S) {
+                       int M, int K, int N, int S, int block_slices) {
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int gw = static_cast<int>(blockIdx.x) * kWarpsPerBlock + static_cast<int>(threadIdx.x) / 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
   const int tiles = M / 16;
-  if (gw >= tiles * S) return;
-  const int tile = gw / S, slice = gw % S;
+  int tile, slice;
+  bool active = true;
+  if (block_slices > 0) {  // (the S = block_slices slices of a tile in one block: S a power of 2 <= 8)
+    tile = static_cast<int>(blockIdx.x) * (kWarpsPerBlock / S) + warp / S, slice = warp % S;
+    active = tile < tiles;  // (inactive warps still meet the block's barrier)
+    if (!active) tile = 0;
+  } else {
+    const int gw = static_cast<int>(blockIdx.x) * kWarpsPerBlock + warp;
+    if (gw >= tiles * S) return;
+    tile = gw / S, slice = gw % S;
+  }
   const int iters = K / 64;
   const int it0 = static_cast<int>(static_cast<int64_t>(iters) * slice / S);
-  const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
+  const int it1 = active ? static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S) : it0;
   const int g = lane >> 2, t = lane & 3;
   const int64_t row_vecs = K / 16;  // 16-byte vectors a row of values
   const uint4* v0 = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + t;
@@ -267,7 +280,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
   }
   // d[nt]: (row g, token 8 nt + 2t), (g, + 1), (g + 8, 8 nt + 2t), (g + 8, + 1).
   const int r0 = tile * 16 + g, r1 = r0 + 8;
-  if (S > 1) {
+  if (block_slices > 0) {
+    // The tile's slices sum in shared memory, in slice order, by the warp of slice 0.
+    __shared__ float4 red[kWarpsPerBlock][32][NT];
+    if (S > 1) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) red[warp][lane][nt] = make_float4(d[nt][0], d[nt][1], d[nt][2], d[nt][3]);
+      __syncthreads();
+      if (!active || slice != 0) return;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+      for (int sl = 0; sl < S; ++sl) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const float4 p = red[warp + sl][lane][nt];
+          d[nt][0] += p.x, d[nt][1] += p.y, d[nt][2] += p.z, d[nt][3] += p.w;
+        }
+      }
+    } else if (!active) {
+      return;
+    }
+  } else if (S > 1) {
     constexpr int W = 8 * NT;  // workspace columns a row: the token slots; workspace [S][M][W]
     float* wp = ws + (static_cast<int64_t>(slice) * M + tile * 16) * W;
 #pragma unroll
@@ -370,21 +403,33 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int nt = n <= 8 ? 1 : 2;
   const int64_t tiles = M / 16, iters = K / 64;
   const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kWarpsPerSm / static_cast<double>(tiles));
-  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (iters + kMinIters - 1) / kMinIters));
-  at::Tensor ws = S > 1 ? at::empty({S, M, 8 * nt}, values.options().dtype(at::kFloat)) : at::Tensor();
-  at::Tensor cnt = S > 1 ? tile_counters(tiles, values, stream) : at::Tensor();
-  const int64_t warps = tiles * S;
-  const int blocks = static_cast<int>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (iters + kMinIters - 1) / kMinIters));
+  // 2-8 slices: all of a tile's in one block (S up to the next power of 2), summed in shared memory: no
+  // workspace, no counters, no fences. More: the global split-K epilogue.
+  const bool in_block = S > 1 && S <= kWarpsPerBlock;
+  if (in_block) {
+    int64_t p = 2;
+    while (p < S) p *= 2;
+    S = std::min<int64_t>(p, iters);
+    while (kWarpsPerBlock % S != 0) --S;  // (iters < the power of 2: a divisor of 8 at most iters)
+  }
+  const bool global = S > 1 && !in_block;
+  at::Tensor ws = global ? at::empty({S, M, 8 * nt}, values.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor cnt = global ? tile_counters(tiles, values, stream) : at::Tensor();
+  const int64_t blocks_wide = in_block ? (tiles + kWarpsPerBlock / S - 1) / (kWarpsPerBlock / S)
+                                       : (tiles * S + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int blocks = static_cast<int>(blocks_wide);
+  const int block_slices = in_block ? static_cast<int>(S) : 0;
   const auto* vp = reinterpret_cast<const uint4*>(values.const_data_ptr());
   const auto* mp = reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>());
   const T* xp = xs.const_data_ptr<T>();
   const T* bp = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
   T* yp = ys.mutable_data_ptr<T>();
-  float* wsp = S > 1 ? ws.mutable_data_ptr<float>() : nullptr;
-  int* cp = S > 1 ? cnt.mutable_data_ptr<int>() : nullptr;
+  float* wsp = global ? ws.mutable_data_ptr<float>() : nullptr;
+  int* cp = global ? cnt.mutable_data_ptr<int>() : nullptr;
   const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
   const auto launch = [&](auto kernel) {
-    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
+    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si, block_slices);
   };
   const auto by_tokens = [&](auto order_tag) {
     constexpr int O = decltype(order_tag)::value;
