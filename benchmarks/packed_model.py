@@ -254,8 +254,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--repeat", type=int, default=None, help="timed samples (default 10; 3 with --quick)")
     ap.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inductor, "
                     "fullgraph) before timing it, dense and packed alike")
-    ap.add_argument("--profile", default=None, help="also write here each model's GPU time per step by kernel "
-                    "(torch.profiler over a few eager steps, kernels sorted by device time)")
+    ap.add_argument("--profile", default=None, help="also write here each model's time per step: by kernel on a GPU, "
+                    "by op on the CPU (torch.profiler over a few eager steps, sorted by time)")
     ap.add_argument("--quick", action="store_true", help="a tiny Qwen3 (hidden 64, 2 layers, vocabulary 512) on the CPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

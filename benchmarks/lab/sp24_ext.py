@@ -10,7 +10,7 @@ then checked and timed on a GPU: a quick way to verify a change of that kernel o
 2. GPU time a call by CUDA-graph replay, every call on its own copy of the weight (over 4x L2), dense
    against sp24 (vouched form), shapes 2560x9728, 9728x2560, 4096x4096, tokens SP_TOKENS (default
    "1 4 8 16"), patterns SP_PATTERNS (default all three), shapes SP_SHAPES (default those three). Writes $OUT/sp24_ext.json (else /tmp).
-3. Variants: SP24_VARIANTS="a=-DS3_SP24_TILES_PER_BLOCK=0 b=" builds the source once a variant (with its
+3. Variants: SP24_VARIANTS="base= cand=@benchmarks/lab/x.patch" builds the source once a variant (with its
    defines, as torch.ops.s3lab_<name>), checks each and times them side by side.
 The weights are pruned and their metadata built by the installed s3sparse (any build with packed_to_dense).
 """
