@@ -89,11 +89,13 @@ def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_sp24_linear_many_slices_of_k(device, seed, pattern):
-    """K split over many slices of a tile (on the emulator's 2 SMs: 3, 6 and 17 slices for K = 768, 1536, 4352):
-    the slices' partials summed in slice order, whatever their number, deterministically."""
+    """K split over many slices of a tile, on the emulator's 2 SMs: 3, 6 and 17 slices (K = 768, 1536, 4352:
+    the global epilogue) and 2, 4 and 8 (K = 512, 1024, 2048: summed in one block; 48 rows, 3 tiles, leave
+    an inactive tile in a block): the slices' partials summed in slice order, deterministically."""
     gen = torch.Generator().manual_seed(seed)
     order = PATTERNS[pattern]
-    for M, K, n in ((48, 768, 6), (16, 1536, 16), (16, 4352, 1), (16, 4352, 16)):
+    for M, K, n in ((48, 768, 6), (16, 1536, 16), (16, 4352, 1), (16, 4352, 16), (48, 512, 1), (48, 1024, 6),
+                    (16, 2048, 16)):
         W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen, pattern)
         x = torch.randn(n, K, generator=gen).to(dtype=torch.float16, device=device)
         bias = torch.randn(M, generator=gen).to(dtype=torch.float16, device=device)

@@ -19,7 +19,7 @@
 // A warp computes one 16-row tile over a slice of K (S slices a tile, chosen so
 // that the grid holds about kWarpsPerSm warps an SM: the weight streams from
 // memory once, and a decode call is bound by how many loads are in flight).
-// With 2-8 slices a tile (K up to about 4096), all of a tile's slices run in one
+// With 2, 4 or 8 slices a tile (K up to about 4096), all of a tile's slices run in one
 // block and the warp of slice 0 sums them from shared memory (lab, H100: the
 // 1024-wide layers of a 0.6B model 0.8-1.0x -> 1.0-1.37x dense, 4096x4096 at one
 // token 1.65 -> 1.97x; benchmarks/results/sp24-ext-patches-h100.txt). With more,
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
   const int tiles = M / 16;
   int tile, slice;
   bool active = true;
-  if (block_slices > 0) {  // (the S = block_slices slices of a tile in one block: S a power of 2 <= 8)
+  if (block_slices > 0) {  // (the S = block_slices slices of a tile in one block: S = 2, 4 or 8)
     tile = static_cast<int>(blockIdx.x) * (kWarpsPerBlock / S) + warp / S, slice = warp % S;
     active = tile < tiles;  // (inactive warps still meet the block's barrier)
     if (!active) tile = 0;
@@ -404,15 +404,10 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int64_t tiles = M / 16, iters = K / 64;
   const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kWarpsPerSm / static_cast<double>(tiles));
   int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (iters + kMinIters - 1) / kMinIters));
-  // 2-8 slices: all of a tile's in one block (S up to the next power of 2), summed in shared memory: no
-  // workspace, no counters, no fences. More: the global split-K epilogue.
-  const bool in_block = S > 1 && S <= kWarpsPerBlock;
-  if (in_block) {
-    int64_t p = 2;
-    while (p < S) p *= 2;
-    S = std::min<int64_t>(p, iters);
-    while (kWarpsPerBlock % S != 0) --S;  // (iters < the power of 2: a divisor of 8 at most iters)
-  }
+  // 2, 4 or 8 slices: all of a tile's in one block, summed in shared memory: no workspace, no counters,
+  // no fences. Other counts keep the global split-K epilogue (rounding 3 up to 4 on 9728x2560 measured
+  // 1.29-1.16x dense against 1.41-1.30x at 1-16 tokens on an H100: packed-sp24-on-h100-5934764.txt).
+  const bool in_block = S > 1 && S <= kWarpsPerBlock && kWarpsPerBlock % S == 0;
   const bool global = S > 1 && !in_block;
   at::Tensor ws = global ? at::empty({S, M, 8 * nt}, values.options().dtype(at::kFloat)) : at::Tensor();
   at::Tensor cnt = global ? tile_counters(tiles, values, stream) : at::Tensor();
