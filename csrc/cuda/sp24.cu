@@ -191,14 +191,14 @@ template <typename T, int NT, int U, bool kCheck, int kOrder, bool kWideX>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
-                       int M, int K, int N, int S, int block_slices) {
+                       int M, int K, int N, int S, bool in_block) {
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int tiles = M / 16;
   int tile, slice;
   bool active = true;
-  if (block_slices > 0) {  // (the S = block_slices slices of a tile in one block: S = 2, 4 or 8)
+  if (in_block) {  // (the S slices of a tile in one block: S = 2, 4 or 8)
     tile = static_cast<int>(blockIdx.x) * (kWarpsPerBlock / S) + warp / S, slice = warp % S;
     active = tile < tiles;  // (inactive warps still meet the block's barrier)
     if (!active) tile = 0;
@@ -280,25 +280,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
   }
   // d[nt]: (row g, token 8 nt + 2t), (g, + 1), (g + 8, 8 nt + 2t), (g + 8, + 1).
   const int r0 = tile * 16 + g, r1 = r0 + 8;
-  if (block_slices > 0) {
+  if (in_block) {
     // The tile's slices sum in shared memory, in slice order, by the warp of slice 0.
     __shared__ float4 red[kWarpsPerBlock][32][NT];
-    if (S > 1) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) red[warp][lane][nt] = make_float4(d[nt][0], d[nt][1], d[nt][2], d[nt][3]);
-      __syncthreads();
-      if (!active || slice != 0) return;
+    for (int nt = 0; nt < NT; ++nt) red[warp][lane][nt] = make_float4(d[nt][0], d[nt][1], d[nt][2], d[nt][3]);
+    __syncthreads();
+    if (!active || slice != 0) return;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
-      for (int sl = 0; sl < S; ++sl) {
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+    for (int sl = 0; sl < S; ++sl) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const float4 p = red[warp + sl][lane][nt];
-          d[nt][0] += p.x, d[nt][1] += p.y, d[nt][2] += p.z, d[nt][3] += p.w;
-        }
+      for (int nt = 0; nt < NT; ++nt) {
+        const float4 p = red[warp + sl][lane][nt];
+        d[nt][0] += p.x, d[nt][1] += p.y, d[nt][2] += p.z, d[nt][3] += p.w;
       }
-    } else if (!active) {
-      return;
     }
   } else if (S > 1) {
     constexpr int W = 8 * NT;  // workspace columns a row: the token slots; workspace [S][M][W]
@@ -403,7 +399,7 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int nt = n <= 8 ? 1 : 2;
   const int64_t tiles = M / 16, iters = K / 64;
   const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kWarpsPerSm / static_cast<double>(tiles));
-  int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (iters + kMinIters - 1) / kMinIters));
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (iters + kMinIters - 1) / kMinIters));
   // 2, 4 or 8 slices: all of a tile's in one block, summed in shared memory: no workspace, no counters,
   // no fences. Other counts keep the global split-K epilogue (rounding 3 up to 4 on 9728x2560 measured
   // 1.29-1.16x dense against 1.41-1.30x at 1-16 tokens on an H100: packed-sp24-on-h100-5934764.txt).
@@ -414,7 +410,6 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int64_t blocks_wide = in_block ? (tiles + kWarpsPerBlock / S - 1) / (kWarpsPerBlock / S)
                                        : (tiles * S + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int blocks = static_cast<int>(blocks_wide);
-  const int block_slices = in_block ? static_cast<int>(S) : 0;
   const auto* vp = reinterpret_cast<const uint4*>(values.const_data_ptr());
   const auto* mp = reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>());
   const T* xp = xs.const_data_ptr<T>();
@@ -424,7 +419,7 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   int* cp = global ? cnt.mutable_data_ptr<int>() : nullptr;
   const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
   const auto launch = [&](auto kernel) {
-    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si, block_slices);
+    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si, in_block);
   };
   const auto by_tokens = [&](auto order_tag) {
     constexpr int O = decltype(order_tag)::value;
