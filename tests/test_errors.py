@@ -468,6 +468,8 @@ def _option_cases():
         ("obs_prune", {"block_size": 0}, ArgumentError, "`block_size`"),
         ("true_obs", {"order": "random"}, ArgumentError, "`order`"),
         ("true_obs", {"scoring": "best"}, ArgumentError, "`scoring`"),
+        ("true_obs", {"scoring": "hybrid", "hybrid_tau": 0.5}, ArgumentError, "`hybrid_tau`"),
+        ("true_obs", {"hybrid_tau": "4"}, ArgumentTypeError, "`hybrid_tau`"),
         ("true_obs", {"ng": 0}, ArgumentError, "`ng`"),
         ("true_obs", {"ng": 1.5}, ArgumentTypeError, "`ng`"),
         ("true_obs", {"chunk_size": 0}, ArgumentError, "`chunk_size`"),

@@ -77,7 +77,8 @@ def test_only_methods_that_need_h_prune_without_it(cls, seed):
 
 
 @pytest.mark.parametrize(
-    "method", [Magnitude(), OBD(), SparseGPT(), SharedOBS(), TrueOBS(), TrueOBS(scoring="joint")], ids=repr
+    "method", [Magnitude(), OBD(), SparseGPT(), SharedOBS(), TrueOBS(), TrueOBS(scoring="joint"),
+               TrueOBS(scoring="hybrid")], ids=repr
 )
 def test_methods_that_enumerate_subsets_refuse_a_scope_with_too_many(method, seed):
     """8 of 32 kept: C(32, 24) ≈ 1e7 candidate subsets per scope."""

@@ -14,7 +14,8 @@ name                    class (options fixed by the name)                  optio
 ``obs-interleaved``     the same, ``compensate='interleaved'``             ``damp``, ``block_size``, ``n_splits`` (4)
 ``true-obs``            :class:`~s3sparse.pruners.TrueOBS`                 ``damp`` (1e-4), ``ng`` (64; 1 on row-coupled
                                                                            patterns), ``chunk_size`` (auto), ``order``
-                                                                           (left_to_right), ``scoring`` (independent),
+                                                                           (left_to_right), ``scoring`` (independent;
+                                                                           joint, hybrid), ``hybrid_tau`` (4),
                                                                            ``c_dtype`` (float16), ``refine`` (0: off;
                                                                            N: sweeps of :func:`~s3sparse.pruners.refine_mask`)
 ======================  =================================================  ===============================================
@@ -176,7 +177,8 @@ class MethodChoice:
         if count > MAX_SUBSETS:
             raise UsageError(
                 f"{where}: method {self.name} scores all {count} subsets of a {blocks_per_scope}-block scope "
-                f"(limit {MAX_SUBSETS}); use sparsegpt or true-obs with scoring=independent for this pattern"
+                f"(limit {MAX_SUBSETS}); use sparsegpt or true-obs with scoring=independent (or hybrid, which "
+                "runs as independent there) for this pattern"
             )
 
     def __str__(self) -> str:

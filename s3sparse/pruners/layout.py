@@ -372,6 +372,17 @@ def block_subsets(blocks_per_scope: int, num_prune: int, block_numel: int, devic
     return block_sets, elems.reshape(len(combos), num_prune * block_numel)
 
 
+def subset_ranks(block_sets: Tensor, blocks_per_scope: int) -> Tensor:
+    """The index in :func:`block_subsets`' order (lexicographic) of each set of blocks:
+    ``block_sets`` (N, k) ascending block indices → (N,) int64. The rank of
+    ``c_0 < … < c_{k-1}`` among the k-subsets of n blocks is ``C(n, k) - 1 - Σ_i C(n-1-c_i, k-i)``."""
+    n, k = blocks_per_scope, block_sets.shape[1]
+    binom = torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(n)], dtype=torch.long,
+                         device=block_sets.device)  # binom[a, b] = C(a, b), a < n
+    taken = binom[n - 1 - block_sets, torch.arange(k, 0, -1, device=block_sets.device)]  # (N, k)
+    return math.comb(n, k) - 1 - taken.sum(dim=1)
+
+
 def count_subsets(blocks_per_scope: int, num_prune: int) -> int:
     return math.comb(blocks_per_scope, num_prune)
 

@@ -92,6 +92,7 @@ class StructuredOBS:
         process_group=None,
         refine: int = 0,
         panel_batches: Optional[int] = TrueOBSOptions.panel_batches,
+        hybrid_tau: float = TrueOBSOptions.hybrid_tau,
     ) -> None:
         """Per-row True OBS with Schur-complement updates, in place.
 
@@ -108,9 +109,10 @@ class StructuredOBS:
         ``refine=N``: then N sweeps of exact swap refinement of the mask
         (:func:`~s3sparse.pruners.refine_mask`), any regular pattern, row-coupled included;
         ``panel_batches=G``: the blocked form, the factors read once per G batches (the
-        same result to round-off; None: 4 on CUDA for row-coupled patterns, else 1).
+        same result to round-off; None: 4 on CUDA for row-coupled patterns, else 1);
+        ``scoring`` / ``hybrid_tau``: how a batch's blocks are chosen (see :class:`TrueOBSOptions`).
         """
         options = TrueOBSOptions(**_given(damp=self._damp, ng=ng, chunk_size=chunk_size, order=order,
                                           scoring=scoring, c_dtype=c_dtype, refine=refine,
-                                          panel_batches=panel_batches))
+                                          panel_batches=panel_batches, hybrid_tau=hybrid_tau))
         TrueOBS(options).prune_layer(self.layer, nnz, progress_fn, process_group)

@@ -4,8 +4,10 @@ Notation as in :mod:`.obs`. Mathematically every row has its own ``C``: after ea
 batch of ``ng`` scopes its pruned set S is removed with ``w ← w − C_{:,S} (C_SS)⁻¹ w_S``
 and ``C ← C − C_{:,S} (C_SS)⁻¹ C_{S,:}`` (Schur complement). A batch's blocks are
 chosen by ``independent`` (Σ w²/diag C per block, exact block costs where rows
-compete) or ``joint`` (exact subset cost, op ``score_subsets``) scoring and
-compensated jointly on all remaining weights of the row.
+compete), ``joint`` (exact subset cost, op ``score_subsets``) or ``hybrid``
+(the independent choice unless its exact cost is above ``hybrid_tau`` times the
+least subset cost, then that subset) scoring and compensated jointly on all
+remaining weights of the row.
 
 No per-row C is stored or updated. Each row group keeps the factors U of its
 updates (``C = C0 − U Uᵀ``, ``C0 = (H + λI)⁻¹``), and each batch forms only the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from typing import ClassVar, Optional
 
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from ..checks import check_callable, check_choice, check_damp, check_dtype, check_int
 from ..dtypes import opmath_dtype
-from ..errors import NumericalError
+from ..errors import ArgumentError, ArgumentTypeError, NumericalError
 from .hessian import damped_inverse
 from .layout import count_subsets
 from .method import MethodOptions, ProgressFn, PruningMethod
@@ -51,7 +54,7 @@ __all__ = ["TrueOBS", "TrueOBSOptions"]
 MAX_PRUNED_PER_STEP = 256
 
 ORDERS = ("left_to_right", "largest_first")
-SCORINGS = ("independent", "joint")
+SCORINGS = ("independent", "joint", "hybrid")
 C_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -71,7 +74,20 @@ class TrueOBSOptions(MethodOptions):
             factors on CUDA, 256 MiB on CPU; at least 32 rows).
         order: ``'left_to_right'`` or ``'largest_first'`` (scopes by descending
             pre-scored cost under the shared C).
-        scoring: ``'independent'`` or ``'joint'``.
+        scoring: ``'independent'`` (each block scored alone, the cheapest pruned),
+            ``'joint'`` (the candidate subset of a scope of least exact OBS cost
+            ``w_Pᵀ (C_PP)⁻¹ w_P``) or ``'hybrid'`` (per row and scope the independent
+            choice, unless its exact cost is above ``hybrid_tau`` × the least subset
+            cost: then that subset). Independent can prune both columns of a
+            duplicated channel (each cheap alone, the other compensating); joint
+            fixes that but is slightly worse on some real layers; hybrid keeps
+            independent's choice except where it is that far off. Patterns with
+            more than ``MAX_SUBSETS`` (20000) candidate subsets per scope: ``'joint'``
+            is refused, ``'hybrid'`` runs as ``'independent'``. ``order='largest_first'``
+            ranks scopes for ``'hybrid'`` as for ``'independent'``.
+        hybrid_tau: the threshold of ``'hybrid'`` scoring, a number >= 1 (inf:
+            never switch, i.e. independent; 1: the least-cost subset wherever it
+            is cheaper than the independent choice, i.e. joint up to ties).
         c_dtype: precision of the per-row factors U of C (math is fp32, fp64 for fp64):
             they are rounded to it, and stored in it on CUDA (on CPU, whose BLAS
             has no fp16 GEMM, the same values are held in fp32).
@@ -95,6 +111,7 @@ class TrueOBSOptions(MethodOptions):
     chunk_size: Optional[int] = None
     order: str = dataclasses.field(default="left_to_right", metadata={"choices": ORDERS})
     scoring: str = dataclasses.field(default="independent", metadata={"choices": SCORINGS})
+    hybrid_tau: float = 4.0
     c_dtype: torch.dtype = dataclasses.field(default=torch.float16, metadata={"choices": C_DTYPES})
     refine: int = 0
     panel_batches: Optional[int] = None
@@ -103,6 +120,7 @@ class TrueOBSOptions(MethodOptions):
         self._set("damp", check_damp(self.damp))
         check_choice(self.order, "order", ORDERS)
         check_choice(self.scoring, "scoring", SCORINGS)
+        self._set("hybrid_tau", check_hybrid_tau(self.hybrid_tau))
         if self.ng is not None:
             self._set("ng", check_int(self.ng, "ng", minimum=1, what="scopes per batch"))
         if self.chunk_size is not None:
@@ -130,6 +148,19 @@ class TrueOBSOptions(MethodOptions):
         if self.panel_batches is not None:
             return self.panel_batches
         return 4 if device.type == "cuda" and rows_per_group > 1 else 1
+
+
+def check_hybrid_tau(tau, name: str = "hybrid_tau") -> float:
+    """``hybrid_tau``: a real number >= 1 (inf allowed: hybrid scoring never switches)."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise ArgumentTypeError(f"`{name}` must be a real number >= 1, got {type(tau).__name__} {tau!r}")
+    value = float(tau)
+    if not value >= 1.0:  # NaN too
+        raise ArgumentError(
+            f"`{name}` must be a number >= 1 (the factor by which the independent choice's exact cost may "
+            f"exceed the least subset cost; 4 by default, inf: never switch), got {tau!r}"
+        )
+    return value
 
 
 class TrueOBS(PruningMethod):
@@ -231,16 +262,20 @@ class _Schedule:
     device_plan: DevicePlan
     groups_per_chunk: int
     nnz: int
-    scoring: str
-    subsets: Optional[Tensor]  # the candidate subsets of a scope ('joint' only)
+    scoring: str  # as asked, but 'independent' for 'hybrid' where a scope has too many subsets to cost
+    subsets: Optional[Tensor]  # the candidate subsets of a scope ('joint' and 'hybrid' only)
     panel_batches: int = 1
+    hybrid_tau: float = 4.0
 
 
 def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> _Schedule:
     """Batches (in ``o.order``, ``ng`` scopes each), their plan, and the chunk size."""
     g = layer.groups
     pruned_per_scope = num_prune * layer.bk
-    subsets = layer.subsets(num_prune) if o.scoring == "joint" else None
+    scoring = o.scoring
+    if scoring == "hybrid" and count_subsets(layer.blocks_per_scope, num_prune) > MAX_SUBSETS:
+        scoring = "independent"  # too many subsets to cost exactly: hybrid is independent here (documented)
+    subsets = layer.subsets(num_prune) if scoring in ("joint", "hybrid") else None
     positions = (
         _prescore_order(layer, W, num_prune, o.scoring, o.damp)
         if o.order == "largest_first"
@@ -259,8 +294,8 @@ def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> 
     rows_per_chunk = (int(o.chunk_size) if o.chunk_size is not None
                       else _auto_chunk_rows(layer, plan, device_plan, block_rows))
     groups_per_chunk = max(1, rows_per_chunk // g.rows_per_group)
-    return _Schedule(batches, plan, device_plan, groups_per_chunk, layer.blocks_per_scope - num_prune, o.scoring,
-                     subsets, G)
+    return _Schedule(batches, plan, device_plan, groups_per_chunk, layer.blocks_per_scope - num_prune, scoring,
+                     subsets, G, o.hybrid_tau)
 
 
 def _retry_levels(c_dtype: torch.dtype, damp: float) -> list[tuple[torch.dtype, float]]:
@@ -309,22 +344,22 @@ def _prune_level(layer: OBSLayer, W: Tensor, todo: Tensor, s: _Schedule, level: 
     failed_all = []
     n_chunks = math.ceil(todo.numel() / s.groups_per_chunk)
     # Every full chunk runs the same kernels: record them once (CUDA), replay per
-    # chunk. score_subsets checks its subsets on the host, so 'joint' runs eagerly.
+    # chunk. score_subsets checks its subsets on the host, so 'joint' and 'hybrid' run eagerly.
     inv = ScaledInverse.of(C0, opmath_dtype(dtype), s.plan.order)
     device_plan = DevicePlan.for_device(layer.W.device, dtype)  # a retry level's precision may differ
 
     def sweep(w_rows):
         return ChunkSweep(layer, w_rows, s.batches, s.nnz, s.scoring, s.subsets, inv, dtype, s.plan,
-                          device_plan, s.panel_batches).run()
+                          device_plan, s.panel_batches, hybrid_tau=s.hybrid_tau).run()
 
     def warmup():
         mini = s.batches[:2]
         mini_plan = lazy_plan(layer, mini, s.plan.p)
         mini_inv = ScaledInverse.of(C0, opmath_dtype(dtype), mini_plan.order)
         ChunkSweep(layer, W[g.rows[todo[:1]].reshape(-1)], mini, s.nnz, s.scoring, s.subsets, mini_inv, dtype,
-                   mini_plan, device_plan).run()
+                   mini_plan, device_plan, hybrid_tau=s.hybrid_tau).run()
 
-    replay = GraphReplay(sweep, warmup=warmup, enabled=s.scoring != "joint" and len(s.batches) > 1)
+    replay = GraphReplay(sweep, warmup=warmup, enabled=s.subsets is None and len(s.batches) > 1)
     for ci, group_index in enumerate(todo.split(s.groups_per_chunk)):
         if progress_fn is not None:
             progress_fn(
@@ -341,7 +376,8 @@ def _prune_level(layer: OBSLayer, W: Tensor, todo: Tensor, s: _Schedule, level: 
 
 
 def _prescore_order(layer: OBSLayer, W: Tensor, num_prune: int, scoring: str, damp: float) -> Tensor:
-    """Scope positions by descending OBS cost under the shared C (summed over groups)."""
+    """Scope positions by descending OBS cost under the shared C (summed over groups); 'hybrid'
+    ranks them as 'independent' does."""
     g = layer.groups
     C = layer.inverse(damp)
     positions = torch.arange(g.scopes_per_group, device=W.device)

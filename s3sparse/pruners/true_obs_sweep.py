@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .. import ops
 from ..dtypes import opmath_dtype
+from .layout import subset_ranks
 from .obs_layer import OBSLayer
 
 __all__ = ["ChunkSweep", "DevicePlan", "LazyPlan", "ScaledInverse", "lazy_plan"]
@@ -178,7 +179,8 @@ class ChunkSweep:
     ``ChunkSweep(layer, w_rows, batches, nnz, scoring, subsets, inv, c_dtype, plan, device_plan).run()``
     returns their new rows (B, K) fp32 and a failed-group mask (Rc,). ``inv`` is
     C0 = (H + λI)⁻¹ in Jacobi-scaled coordinates, for ``plan``; ``subsets`` the
-    candidate subsets of a scope (``scoring='joint'`` only); ``device_plan`` how the
+    candidate subsets of a scope (``scoring='joint'`` or ``'hybrid'``, whose threshold is
+    ``hybrid_tau``); ``device_plan`` how the
     factors are held (None: :meth:`DevicePlan.for_device`). Each batch of scopes
     is :meth:`_choose` (its blocks), :meth:`_pruned_positions` (the group's pruned
     columns), :meth:`_pivot_inverse` (``L⁻¹`` of their C block) and :meth:`_eliminate`
@@ -188,8 +190,9 @@ class ChunkSweep:
 
     def __init__(self, layer: OBSLayer, w_rows: Tensor, batches: list[Tensor], nnz: int, scoring: str,
                  subsets: Optional[Tensor], inv: ScaledInverse, c_dtype: torch.dtype, plan: LazyPlan,
-                 device_plan: Optional[DevicePlan] = None, panel_batches: int = 1):
+                 device_plan: Optional[DevicePlan] = None, panel_batches: int = 1, hybrid_tau: float = 4.0):
         g = layer.groups
+        self.hybrid_tau = float(hybrid_tau)
         self.G = max(1, int(panel_batches))  # batches whose panels one read of the factors forms
         self.bp: Optional[Tensor] = None  # the block panel of the current run of G batches (see _block_panel)
         self.g, self.batches, self.nnz, self.scoring, self.subsets, self.plan = g, batches, nnz, scoring, subsets, plan
@@ -206,7 +209,8 @@ class ChunkSweep:
         # Rows whose scopes lie in one row score blocks by diag C alone: keep each row's
         # diag C = C0 - Σ U² up to date (one pass over each new U_b) instead of
         # re-reading every factor of the scored columns each batch (38× the bytes at 2:4).
-        self.track_diag = scoring == "independent" and self.rpc == 1
+        # ('hybrid' makes the independent choice the same way, then reads the scope blocks too.)
+        self.track_diag = scoring in ("independent", "hybrid") and self.rpc == 1
         self.diag = torch.diagonal(self.C0p).expand(Rc, Kc).clone() if self.track_diag else None  # (Rc, Kc)
         self.w0 = (w_rows.to(self.col_scale.dtype) / self.col_scale).to(self.math_dtype)  # (B, K), scaled
         self.w_cur = self.w0[:, plan.order].contiguous()  # (B, Kc): current weights, plan order
@@ -290,32 +294,52 @@ class ChunkSweep:
         where scopes lie in one row; its exact OBS cost w_bᵀ (C_bb)⁻¹ w_b where rows
         compete for a scope (measured better there on real layers, and worse for
         row-local blocks of 2 under batches of 64 scopes). 'joint' scores whole
-        subsets of a scope exactly.
+        subsets of a scope exactly. 'hybrid' makes the independent choice, and takes
+        the least-cost subset instead where the choice's exact cost is above
+        ``hybrid_tau`` times it (:meth:`_hybrid`).
         """
         Rc, E, bk = self.Rc, self.E, self.bk
         n = pcols.shape[0]
         w = self.w_cur[self.local_base + lr, pcols]  # (Rc, n, E)
+        blocks = None
         if self.track_diag:
             d = self.diag[:, pcols]  # (Rc, n, E)
             cost = w * w / d.clamp(min=torch.finfo(d.dtype).tiny)
             block_cost = cost.view(Rc, n, self.blocks_per_scope, bk).sum(-1)
+            if self.scoring == "hybrid":
+                blocks = self._scope_blocks(bi, pcols, lr)  # (Rc·n, E, E)
         else:
             blocks = self._scope_blocks(bi, pcols, lr)  # (Rc·n, E, E)
             d = torch.diagonal(blocks, dim1=1, dim2=2).reshape(Rc, n, E)
-            if self.scoring == "independent":
+            if self.scoring != "joint":
                 block_cost = _block_costs(w.reshape(-1, E), blocks, self.blocks_per_scope).view(Rc, n, -1)
-            else:
-                _, best = ops.score_subsets(w.reshape(-1, E).to(self.math_dtype), blocks, self.subsets)
+        if self.scoring != "independent":
+            costs, best = ops.score_subsets(w.reshape(-1, E).to(self.math_dtype), blocks, self.subsets)
         # A visited coordinate's conditional variance (diag of C~, 1 at the start)
         # at or below the storage's noise level means the group's factors no longer
         # describe its C: the group is redone in higher precision.
         self.failed |= ((d <= self.health_tol) | ~torch.isfinite(d)).reshape(Rc, -1).any(dim=1)
-        if self.scoring == "independent":
+        if self.scoring != "joint":
             _, keep = ops.kth_largest(block_cost, self.nnz)
-            return (~keep).repeat_interleave(bk, dim=-1)
+            if self.scoring == "independent":
+                return (~keep).repeat_interleave(bk, dim=-1)
+            best = self._hybrid(~keep, costs, best)
         pruned = torch.zeros(Rc * n, E, dtype=torch.bool, device=self.device)
         pruned.scatter_(1, self.subsets[best], True)
         return pruned.view(Rc, n, E)
+
+    def _hybrid(self, pruned_blocks: Tensor, costs: Tensor, best: Tensor) -> Tensor:
+        """'hybrid': per scope of each row, the subset index of the independent choice
+        ``pruned_blocks`` (Rc, n, blocks_per_scope), or ``best`` (the least-cost subset)
+        where the choice's exact cost ``costs`` (Rc·n, subsets) is above ``hybrid_tau`` × the
+        least cost (never with an infinite tau): (Rc·n,) int64."""
+        k = self.blocks_per_scope - self.nnz
+        flags = pruned_blocks.reshape(-1, self.blocks_per_scope).to(torch.uint8)
+        chosen = torch.sort(flags, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+        ind = subset_ranks(chosen, self.blocks_per_scope)  # (Rc·n,) the independent choice's subset
+        ind_cost = costs.gather(1, ind.unsqueeze(1)).squeeze(1)
+        best_cost = costs.gather(1, best.unsqueeze(1)).squeeze(1)
+        return torch.where(ind_cost > self.hybrid_tau * best_cost, best, ind)
 
     def _scope_blocks(self, bi: int, pcols: Tensor, lr: Tensor) -> Tensor:
         """Current C of each row on each scope's elements, block-diagonal by row: (Rc·n, E, E).
