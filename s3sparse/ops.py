@@ -528,9 +528,10 @@ def sp24_linear(
     Returns:
         (..., M) of the dtype of ``x``: products summed in fp32, the bias added, rounded once.
 
-    The CUDA kernel streams the values once (1.3-1.6x dense ``F.linear`` at 1-8 tokens on an H100 in the
-    lab, docs/performance.md), 16 tokens a launch; :class:`~s3sparse.sparse.PackedLinear` takes it for
-    2:4 layers at decode. Unless ``checked``, it checks ``sp_meta`` on the device without a host sync: a
+    The CUDA kernel streams the values once (1.3-1.9x dense ``F.linear`` at 1-16 tokens on an H100,
+    docs/performance.md); from 17 tokens a block-tiled kernel stages x in shared memory for 8 row tiles
+    (``csrc/cuda/sp24_tiled.cuh``), one launch for all tokens. :class:`~s3sparse.sparse.PackedLinear` takes
+    the op for its layers at decode (:meth:`~s3sparse.sparse.PackedLinear.use_sp24` sets how many tokens). Unless ``checked``, it checks ``sp_meta`` on the device without a host sync: a
     word that is not valid metadata makes its 16-row tile's outputs NaN. It never reads out of bounds
     (the metadata only picks columns inside a group). The CPU kernel decodes W, always checks
     ``sp_meta`` (``ValueError``) and multiplies.

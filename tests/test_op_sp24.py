@@ -73,7 +73,8 @@ def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
     gen = torch.Generator().manual_seed(seed)
     order = PATTERNS[pattern]
     shapes = [(16, 64), (32, 128), (48, 192), (32, 320)]
-    tokens = [(1,), (3,), (5,), (8,), (9,), (2, 8), (17,), (33,)]  # 5: 16-byte x loads from there; 17 and 33: launches of 16
+    # 5: 16-byte x loads from there; from 17 the tiled kernel (tiles of 32 tokens; from 33 of 64)
+    tokens = [(1,), (3,), (5,), (8,), (9,), (2, 8), (17,), (2, 10), (33,), (65,)]
     for M, K in shapes:
         W, values, sp_meta = sp24_case(M, K, dtype, device, gen, pattern)
         assert torch.equal(ref.sp24_to_dense(values, sp_meta, M, K, order), W), f"{M}x{K}: the oracle's W"
@@ -91,11 +92,12 @@ def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
 def test_sp24_linear_many_slices_of_k(device, seed, pattern):
     """K split over many slices of a tile, on the emulator's 2 SMs: 3, 6 and 17 slices (K = 768, 1536, 4352:
     the global epilogue) and 2, 4 and 8 (K = 512, 1024, 2048: summed in one block; 48 rows, 3 tiles, leave
-    an inactive tile in a block): the slices' partials summed in slice order, deterministically."""
+    an inactive tile in a block); from 17 tokens the tiled kernel's 2 slices (one or two token tiles; 144
+    rows: a second block of one active warp): the slices' partials summed in slice order, deterministically."""
     gen = torch.Generator().manual_seed(seed)
     order = PATTERNS[pattern]
     for M, K, n in ((48, 768, 6), (16, 1536, 16), (16, 4352, 1), (16, 4352, 16), (48, 512, 1), (48, 1024, 6),
-                    (16, 2048, 16)):
+                    (16, 2048, 16), (16, 1024, 40), (48, 2048, 70), (144, 1024, 20)):
         W, values, sp_meta = sp24_case(M, K, torch.float16, device, gen, pattern)
         x = torch.randn(n, K, generator=gen).to(dtype=torch.float16, device=device)
         bias = torch.randn(M, generator=gen).to(dtype=torch.float16, device=device)

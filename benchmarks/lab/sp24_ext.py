@@ -5,7 +5,7 @@ then checked and timed on a GPU: a quick way to verify a change of that kernel o
     PYTHONPATH=$PWD python benchmarks/lab/sp24_ext.py      (after benchmarks/device_packed.sh build)
 
 1. Against fp32 ``F.linear`` of the pruned weight: 2:4, 4:8 and coupled 2:4 (column orders 0-2), fp16
-   and bf16, 1 / 5 / 16 / 17 tokens, with a bias, both kernel forms (``checked`` False and True); and a
+   and bf16, 96x320 and 128x2048, 1 / 5 / 16 / 17 / 33 / 64 / 65 / 130 tokens (SP_CHECK_TOKENS), with a bias, both kernel forms (``checked`` False and True); and a
    corrupt metadata word (unchecked: its tile NaN, the rest right).
 2. GPU time a call by CUDA-graph replay, every call on its own copy of the weight (over 4x L2), dense
    against sp24 (vouched form), shapes 2560x9728, 9728x2560, 4096x4096, tokens SP_TOKENS (default
@@ -98,31 +98,37 @@ def pruned(M: int, K: int, pattern: str, dtype, dev) -> tuple:
 
 def check(dev, variant: str) -> list:
     op = getattr(torch.ops, namespace(variant)).sp24_linear.default
+    tokens = [int(v) for v in os.environ.get("SP_CHECK_TOKENS", "1 5 16 17 33 64 65 130").split()]
     failures = []
     for pattern, order in COLUMN_ORDERS.items():
         for dtype in (torch.float16, torch.bfloat16):
+            for M, K in ((96, 320), (128, 2048)):  # (2048: the tiled kernel's slices of K)
+                W, values, meta = pruned(M, K, pattern, dtype, dev)
+                bias = torch.randn(M, device=dev).to(dtype)
+                for n in tokens:
+                    x = torch.randn(n, K, device=dev).to(dtype)
+                    want = F.linear(x.float(), W.float(), bias.float())
+                    for checked in (False, True):
+                        got = op(x, values, meta, M, bias, checked, order).float()
+                        err = float((got - want).abs().max() / want.abs().max())
+                        ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+                        print(f"check {variant:8} {pattern:12} {str(dtype)[6:]:9} {M}x{K} tokens {n:3} checked {checked!s:5}: "
+                              f"rel err {err:.2e}{'' if ok else '  FAILED'}", flush=True)
+                        if not ok:
+                            failures.append((variant, pattern, str(dtype), M, K, n, checked, err))
             W, values, meta = pruned(96, 320, pattern, dtype, dev)
-            bias = torch.randn(96, device=dev).to(dtype)
-            for n in (1, 5, 16, 17):
-                x = torch.randn(n, 320, device=dev).to(dtype)
-                want = F.linear(x.float(), W.float(), bias.float())
-                for checked in (False, True):
-                    err = float((op(x, values, meta, 96, bias, checked, order).float() - want).abs().max() / want.abs().max())
-                    ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-                    print(f"check {variant:8} {pattern:12} {str(dtype)[6:]:9} tokens {n:2} checked {checked!s:5}: rel err {err:.2e}"
-                          f"{'' if ok else '  FAILED'}", flush=True)
-                    if not ok:
-                        failures.append((variant, pattern, str(dtype), n, checked, err))
             bad = meta.clone()
             bad[2, 1, 7] = 0  # tile 2: rows 32-47
-            x = torch.randn(3, 320, device=dev).to(dtype)
-            got = op(x, values, bad, 96, None, False, order).float()
-            want = F.linear(x.float(), W.float())
-            rest = torch.cat([got[:, :32], got[:, 48:]], 1) - torch.cat([want[:, :32], want[:, 48:]], 1)
-            ok = bool(got[:, 32:48].isnan().all()) and float(rest.abs().max() / want.abs().max()) < 1e-2
-            print(f"check {variant:8} {pattern:12} {str(dtype)[6:]:9} corrupt word: {'its tile NaN, the rest right' if ok else 'FAILED'}")
-            if not ok:
-                failures.append((variant, pattern, str(dtype), "corrupt"))
+            for n in (3, 40):  # (the decode and the tiled kernel)
+                x = torch.randn(n, 320, device=dev).to(dtype)
+                got = op(x, values, bad, 96, None, False, order).float()
+                want = F.linear(x.float(), W.float())
+                rest = torch.cat([got[:, :32], got[:, 48:]], 1) - torch.cat([want[:, :32], want[:, 48:]], 1)
+                ok = bool(got[:, 32:48].isnan().all()) and float(rest.abs().max() / want.abs().max()) < 1e-2
+                print(f"check {variant:8} {pattern:12} {str(dtype)[6:]:9} corrupt word, {n} tokens: "
+                      f"{'its tile NaN, the rest right' if ok else 'FAILED'}")
+                if not ok:
+                    failures.append((variant, pattern, str(dtype), n, "corrupt"))
     return failures
 
 

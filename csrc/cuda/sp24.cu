@@ -1,6 +1,6 @@
 // sp24_linear on the GPU: y = x Wᵀ + bias for a 2:4 W on the sparse tensor
 // cores (mma.sp m16n8k32, fp16 / bf16 in, fp32 accumulation), 1-16 tokens a
-// launch (more: launches of 16). Measured first in benchmarks/lab/sp24_lab.cu
+// launch (from 17: the block-tiled kernel of sp24_tiled.cuh, one launch). Measured first in benchmarks/lab/sp24_lab.cu
 // (1.29-1.65x dense F.linear at 1-8 tokens on an H100; docs/performance.md).
 //
 // The values are read as stored (each row's kept values in column order): lane
@@ -53,7 +53,7 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kWarpsPerSm = 16;     // lab, H100: 8 an SM 7-49 % slower, 24 slower too
-constexpr int64_t kLaunchTokens = 16;  // two tiles of 8 tokens a launch
+constexpr int64_t kLaunchTokens = 16;  // two tiles of 8 tokens a launch; more: sp24_tiled.cuh
 // From this many tokens x is read by 16-byte loads (x_words): at 5-8 tokens 3-20 % faster than 4-byte loads,
 // at 1 token 0-3 % slower (they take registers: U = 5 iterations in flight, not 8). Lab, H100:
 // benchmarks/results/sp24-ext-variants-h100.txt.
@@ -445,6 +445,16 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+}  // namespace packed_cuda
+}  // namespace s3sparse
+
+#include "cuda/sp24_tiled.cuh"
+
+namespace s3sparse {
+namespace packed_cuda {
+namespace {
+
 at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& sp_meta,
                             int64_t out_features, const std::optional<at::Tensor>& bias, bool checked,
                             int64_t column_order) {
@@ -463,15 +473,13 @@ at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const
   if (g.N == 0) return y.view(out_sizes);
   at::Tensor x2 = x.reshape({g.N, g.K}).contiguous();
   if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();  // (16-byte loads of x)
-  for (int64_t n0 = 0; n0 < g.N; n0 += kLaunchTokens) {
-    const int64_t n = std::min<int64_t>(kLaunchTokens, g.N - n0);
-    const at::Tensor xs = g.N <= kLaunchTokens ? x2 : x2.narrow(0, n0, n);
-    at::Tensor ys = g.N <= kLaunchTokens ? y : y.narrow(0, n0, n);
-    if (x.scalar_type() == at::kHalf) {
-      launch_sp24<at::Half>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, column_order, stream);
-    } else {
-      launch_sp24<at::BFloat16>(xs, values, sp_meta, bias, ys, g.M, g.K, checked, column_order, stream);
-    }
+  const bool half = x.scalar_type() == at::kHalf;
+  if (g.N > kLaunchTokens) {  // (x staged in shared memory, one launch: sp24_tiled.cuh)
+    half ? launch_sp24_tiled<at::Half>(x2, values, sp_meta, bias, y, g.M, g.K, checked, column_order, stream)
+         : launch_sp24_tiled<at::BFloat16>(x2, values, sp_meta, bias, y, g.M, g.K, checked, column_order, stream);
+  } else {
+    half ? launch_sp24<at::Half>(x2, values, sp_meta, bias, y, g.M, g.K, checked, column_order, stream)
+         : launch_sp24<at::BFloat16>(x2, values, sp_meta, bias, y, g.M, g.K, checked, column_order, stream);
   }
   return y.view(out_sizes);
 }

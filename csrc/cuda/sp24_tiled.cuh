@@ -1,0 +1,334 @@
+// sp24_linear from 17 tokens a call: the block-tiled form of sp24.cu's kernel (included there, after
+// its helpers). One launch covers every token.
+//
+// Why another kernel: the decode kernel gives each warp its own x (loaded from L1/L2 by every warp of
+// every tile), which is cheap for 1-16 tokens but at 32 tokens moves 2-4 times the weight's bytes
+// through L1 a call (0.31-0.47x dense F.linear at 32-512 tokens on an H100,
+// benchmarks/results/packed-32-512-paths-h100-5934764.txt). Here a block of 8 warps takes 8 row tiles
+// (128 rows) over one slice of K for one tile of 32 or 64 tokens: the block stages x once a chunk of
+// iterations in shared memory, already in the tensor cores' virtual column order (sp24.h), so each
+// warp's B registers are two ldmatrix.x4 a tile of 8 tokens and an iteration, while its A registers
+// and metadata are read from global memory exactly as in the decode kernel. x and A of the next
+// chunk load while the tensor cores work on this one (registers, then shared memory: double
+// buffered, one barrier a chunk).
+//
+// The grid is (row blocks, token tiles, slices of K). Slices are chosen so the grid holds about
+// kTiledBlocksPerSm blocks an SM; with more than one slice the last warp of a tile to finish sums the
+// slices' fp32 partial tiles in slice order (deterministic), as the decode kernel's global epilogue.
+#pragma once
+
+namespace s3sparse {
+namespace packed_cuda {
+namespace {
+
+// (S3_LAB_TILED_*: knobs for benchmarks/lab/sp24_ext.py variants; the package builds the defaults.)
+#ifndef S3_LAB_TILED_U
+#define S3_LAB_TILED_U 2
+#endif
+#ifndef S3_LAB_TILED_BLOCKS_PER_SM
+#define S3_LAB_TILED_BLOCKS_PER_SM 2
+#endif
+#ifndef S3_LAB_TILED_MIN_ITERS
+#define S3_LAB_TILED_MIN_ITERS 8
+#endif
+#ifndef S3_LAB_TILED_WM
+#define S3_LAB_TILED_WM 1  // row tiles a warp
+#endif
+#ifndef S3_LAB_TILED_NT32
+#define S3_LAB_TILED_NT32 4  // token tile (/ 8) for 17-32 tokens
+#endif
+constexpr int kTiledWarps = 8;  // a block: 8 row tiles of 16 (128 rows)
+constexpr int kTiledBlocksPerSm = S3_LAB_TILED_BLOCKS_PER_SM;  // (256 threads, at most 128 registers each)
+constexpr int kTiledU = S3_LAB_TILED_U;                        // 64-column iterations a chunk
+constexpr int kTiledWm = S3_LAB_TILED_WM;                      // row tiles a warp
+constexpr int kTiledRow = 72;  // a staged x row: 64 columns + 8, 144 bytes (ldmatrix's 8 rows on distinct banks)
+constexpr int64_t kTiledMinIters = S3_LAB_TILED_MIN_ITERS;  // slices of K a tile take at least this many iterations
+
+// The staged column (elements) of virtual group G (0-15) of an iteration: step s = (G >> 1) & 1 and the
+// step's group q = (G >> 2) + 4 (G & 1) (sp24_group inverted), so each step's 32 virtual columns lie in
+// order and B register r of a lane is the 8r-th pair onwards: ldmatrix's matrix r.
+__device__ __forceinline__ int staged_col(int G) { return 32 * ((G >> 1) & 1) + 4 * ((G >> 2) + 4 * (G & 1)); }
+
+// 16 bytes of x (columns 8 p .. 8 p + 7 of an iteration) into the staged row, as the two virtual groups
+// (4 virtual columns each, sp24_column) they hold, by column order:
+//  0 (2:4): groups 2p and 2p + 1 as they are;
+//  2 (coupled): chunk c = p / 2's slots hf and hf + 2 (hf = p % 2; slots 0-3 are groups 0, 2, 1, 3);
+//  1 (4:8): chunk c's slots 2 hf (even columns) and 2 hf + 1 (odd columns), by byte permutes.
+template <int kOrder>
+__device__ __forceinline__ void stage_x(uint16_t* row, int p, uint4 v) {
+  const int c = p >> 1, hf = p & 1;
+  uint2 lo, hi;
+  int ga, gb;
+  if constexpr (kOrder == 1) {
+    lo = make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.z, v.w, 0x5410));
+    hi = make_uint2(__byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x7632));
+    ga = 4 * c + 2 * hf, gb = ga + 1;
+  } else {
+    lo = make_uint2(v.x, v.y), hi = make_uint2(v.z, v.w);
+    if constexpr (kOrder == 2) {
+      ga = 4 * c + hf, gb = ga + 2;
+    } else {
+      ga = 2 * p, gb = ga + 1;
+    }
+  }
+  *reinterpret_cast<uint2*>(row + staged_col(ga)) = lo;
+  *reinterpret_cast<uint2*>(row + staged_col(gb)) = hi;
+}
+
+// A warp's finished 16 x BN tile d (row g, token n0 + 8 nt + 2t; (g, + 1); (g + 8, ...); (g + 8, + 1)): with
+// S > 1 slices of K its partial goes to the workspace [S][token tiles][M][BN] and the last warp of the tile to
+// arrive (counters [token tiles][tiles]) sums the S partials in slice order; then the bias, one rounding, y.
+template <typename T, int NT>
+__device__ __forceinline__ void tiled_epilogue(float (&d)[NT][4], int tile, int lane, const T* __restrict__ bias,
+                                               T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
+                                               int M, int N, int S, int slice, int n0) {
+  constexpr int BN = 8 * NT;
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = tile * 16 + g, r1 = r0 + 8;
+  if (S > 1) {
+    const int tt = static_cast<int>(blockIdx.y), ntt = static_cast<int>(gridDim.y);
+    const auto part = [&](int sl) { return ws + ((static_cast<int64_t>(sl) * ntt + tt) * M + tile * 16) * BN; };
+    float* wp = part(slice);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = 8 * nt + 2 * t;
+      wp[g * BN + n] = d[nt][0];
+      wp[g * BN + n + 1] = d[nt][1];
+      wp[(g + 8) * BN + n] = d[nt][2];
+      wp[(g + 8) * BN + n + 1] = d[nt][3];
+    }
+    int* c = cnt + static_cast<int64_t>(tt) * (M / 16) + tile;
+    __threadfence();  // (release: this slice's partial before the count)
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) {
+      arrived = atomicAdd(c, 1);
+      __threadfence();  // (acquire: the other slices' partials after the count)
+    }
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != S - 1) return;
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+    for (int sl = 0; sl < S; ++sl) {
+      const float* p = part(sl);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = 8 * nt + 2 * t;
+        d[nt][0] += ld_partial(p + g * BN + n);
+        d[nt][1] += ld_partial(p + g * BN + n + 1);
+        d[nt][2] += ld_partial(p + (g + 8) * BN + n);
+        d[nt][3] += ld_partial(p + (g + 8) * BN + n + 1);
+      }
+    }
+    if (lane == 0) *c = 0;  // ready for the next launch on this stream
+  }
+  const float b0 = bias != nullptr ? to_float(bias[r0]) : 0.f;
+  const float b1 = bias != nullptr ? to_float(bias[r1]) : 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int na = n0 + 8 * nt + 2 * t, nb = na + 1;
+    if (na < N) {
+      y[static_cast<int64_t>(na) * M + r0] = static_cast<T>(d[nt][0] + b0);
+      y[static_cast<int64_t>(na) * M + r1] = static_cast<T>(d[nt][2] + b1);
+    }
+    if (nb < N) {
+      y[static_cast<int64_t>(nb) * M + r0] = static_cast<T>(d[nt][1] + b0);
+      y[static_cast<int64_t>(nb) * M + r1] = static_cast<T>(d[nt][3] + b1);
+    }
+  }
+}
+
+// NT tiles of 8 tokens a block (BN = 8 NT tokens), WM row tiles a warp (each B fragment feeds WM mma's: half
+// the shared-memory reads a token at WM = 2), U iterations a chunk, kCheck: check every metadata word.
+template <typename T, int NT, int WM, int U, bool kCheck, int kOrder>
+__global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
+    sp24_tiled_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
+                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
+                      int M, int K, int N, int S) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  constexpr int BN = 8 * NT;
+  constexpr int kThreads = kTiledWarps * 32;
+  constexpr int kPieces = U * BN * 8;  // 16-byte pieces of x a chunk
+  static_assert(kPieces % kThreads == 0, "a chunk's x must split evenly over the block");
+  constexpr int kPer = kPieces / kThreads;
+  constexpr int kBuf = U * BN * kTiledRow;  // elements of one staged chunk
+  S3_DYNAMIC_SHARED(uint16_t, xs);          // [2][U][BN][kTiledRow]
+
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int tiles = M / 16;
+  const int tile0 = (static_cast<int>(blockIdx.x) * kTiledWarps + warp) * WM;  // this warp's tiles tile0 .. + WM - 1
+  const int n0 = static_cast<int>(blockIdx.y) * BN;
+  const int slice = static_cast<int>(blockIdx.z);
+  const int iters = K / 64;
+  const int it0 = static_cast<int>(static_cast<int64_t>(iters) * slice / S);
+  const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t row_vecs = K / 16;
+  bool active[WM];  // (inactive tiles still stage x and meet the barriers)
+  const uint4* v0[WM];
+  const uint32_t* mp[WM];
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+    active[m] = tile0 + m < tiles;
+    const int tile = active[m] ? tile0 + m : 0;
+    v0[m] = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + t;
+    mp[m] = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
+  }
+
+  // This thread's pieces of a chunk: piece j = threadIdx + kThreads r: p = j % 8, token j / 8 % BN, iteration j / 8 BN.
+  const auto load_x = [&](uint4(&xr)[kPer], int it) {
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int j = static_cast<int>(threadIdx.x) + kThreads * r;
+      const int p = j & 7, n = (j >> 3) % BN, i = it + j / (8 * BN);
+      const bool on = i < it1 && n0 + n < N;
+      xr[r] = on ? ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n0 + n) * K + 64 * i + 8 * p))
+                 : make_uint4(0, 0, 0, 0);
+    }
+  };
+  const auto store_x = [&](const uint4(&xr)[kPer], int buf) {
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int j = static_cast<int>(threadIdx.x) + kThreads * r;
+      const int p = j & 7, n = (j >> 3) % BN, u = j / (8 * BN);
+      stage_x<kOrder>(xs + buf * kBuf + (u * BN + n) * kTiledRow, p, xr[r]);
+    }
+  };
+  // A of a chunk: a lane's 16 bytes of rows g and g + 8 of each tile, and its metadata word, an iteration.
+  const auto load_a = [&](uint4(&a)[WM][U][2], uint32_t(&e)[WM][U], int it) {
+#pragma unroll
+    for (int m = 0; m < WM; ++m) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = it + u;
+        const bool on = active[m] && i < it1;
+        a[m][u][0] = on ? ld_stream16(v0[m] + 4 * static_cast<int64_t>(i)) : make_uint4(0, 0, 0, 0);
+        a[m][u][1] = on ? ld_stream16(v0[m] + 8 * row_vecs + 4 * static_cast<int64_t>(i)) : make_uint4(0, 0, 0, 0);
+        e[m][u] = on ? ldg(mp[m] + static_cast<int64_t>(i) * 32) : 0x44444444u;  // (off: valid words, zero values)
+      }
+    }
+  };
+
+  float d[WM][NT][4];
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[m][nt][0] = d[m][nt][1] = d[m][nt][2] = d[m][nt][3] = 0.f;
+  }
+  [[maybe_unused]] uint32_t bad[WM] = {};
+  uint4 xr[kPer], a[WM][U][2];
+  uint32_t e[WM][U];
+  load_a(a, e, it0);
+  load_x(xr, it0);
+  store_x(xr, 0);
+  __syncthreads();
+  int buf = 0;
+  for (int it = it0; it < it1; it += U) {
+    const bool more = it + U < it1;
+    uint4 na[WM][U][2];
+    uint32_t ne[WM][U];
+    if (more) {  // (the next chunk's loads, in flight while this one computes)
+      load_a(na, ne, it + U);
+      load_x(xr, it + U);
+    }
+    const uint16_t* xc = xs + buf * kBuf + (lane & 7) * kTiledRow + 8 * (lane >> 3);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      uint32_t a0[WM][4], a1[WM][4];
+#pragma unroll
+      for (int m = 0; m < WM; ++m) {
+        const uint4 va = value_words<kOrder>(a[m][u][0]), vb = value_words<kOrder>(a[m][u][1]);
+        a0[m][0] = va.x, a0[m][1] = vb.x, a0[m][2] = va.y, a0[m][3] = vb.y;
+        a1[m][0] = va.z, a1[m][1] = vb.z, a1[m][2] = va.w, a1[m][3] = vb.w;
+        if constexpr (kCheck) bad[m] |= bad_nibbles(e[m][u]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t b0[4], b1[4];
+        const uint16_t* row = xc + (u * BN + 8 * nt) * kTiledRow;
+        ldmatrix_x4(b0, row);
+        ldmatrix_x4(b1, row + 32);
+#pragma unroll
+        for (int m = 0; m < WM; ++m) {
+          mma_sp_16832<kBf16, 0>(d[m][nt], a0[m], b0, e[m][u]);
+          mma_sp_16832<kBf16, 1>(d[m][nt], a1[m], b1, e[m][u]);
+        }
+      }
+    }
+    if (more) {
+      store_x(xr, buf ^ 1);
+#pragma unroll
+      for (int m = 0; m < WM; ++m) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) a[m][u][0] = na[m][u][0], a[m][u][1] = na[m][u][1], e[m][u] = ne[m][u];
+      }
+    }
+    __syncthreads();  // (this chunk read by every warp before the next store; the next one stored before it is read)
+    buf ^= 1;
+  }
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+    if (kCheck && __ballot_sync(0xffffffffu, bad[m] != 0u) != 0u) {  // (the whole tile: a word covers rows g, g + 8)
+      const float nan = __uint_as_float(0x7fc00000u);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) d[m][nt][0] = d[m][nt][1] = d[m][nt][2] = d[m][nt][3] = nan;
+    }
+    if (active[m]) tiled_epilogue<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0);
+  }
+}
+
+// One launch of the tiled kernel for all n tokens of xs (n > kLaunchTokens).
+template <typename T>
+void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at::Tensor& sp_meta,
+                       const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, bool checked,
+                       int64_t order, cudaStream_t stream) {
+  const int64_t n = xs.size(0);
+  const int nt = n <= 32 ? S3_LAB_TILED_NT32 : 8;
+  const int64_t bn = 8 * nt, token_tiles = ceil_div(n, bn);
+  const int64_t tiles = M / 16, iters = K / 64, row_blocks = ceil_div(tiles, kTiledWarps * kTiledWm);
+  const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kTiledBlocksPerSm /
+                                    static_cast<double>(row_blocks * token_tiles));
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, iters / kTiledMinIters));
+  S3_CHECK_VALUE(token_tiles <= 65535, "s3sparse.sp24_linear: ", std::to_string(n),
+                 " tokens are beyond one launch's grid; pass at most ", std::to_string(65535 * bn), " a call");
+  at::Tensor ws = S > 1 ? at::empty({S, token_tiles, M, bn}, values.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor cnt = S > 1 ? tile_counters(tiles * token_tiles, values, stream) : at::Tensor();
+  const auto* vp = reinterpret_cast<const uint4*>(values.const_data_ptr());
+  const auto* mp = reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>());
+  const T* xp = xs.const_data_ptr<T>();
+  const T* bp = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
+  T* yp = ys.mutable_data_ptr<T>();
+  float* wsp = S > 1 ? ws.mutable_data_ptr<float>() : nullptr;
+  int* cp = S > 1 ? cnt.mutable_data_ptr<int>() : nullptr;
+  const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(token_tiles), static_cast<unsigned>(S));
+  const auto launch = [&](auto nt_tag, auto order_tag, auto check_tag) {
+    constexpr int NT = decltype(nt_tag)::value, O = decltype(order_tag)::value;
+    constexpr bool C = decltype(check_tag)::value;
+    constexpr int U = kTiledU;
+    constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
+    const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
+    allow_shared<kernel>(smem);
+    S3_LAUNCH(grid, kTiledWarps * 32, smem, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
+  };
+  const auto by_check = [&](auto nt_tag, auto order_tag) {
+    checked ? launch(nt_tag, order_tag, std::false_type{}) : launch(nt_tag, order_tag, std::true_type{});
+  };
+  const auto by_order = [&](auto nt_tag) {
+    if (order == 0) {
+      by_check(nt_tag, std::integral_constant<int, 0>{});
+    } else if (order == 1) {
+      by_check(nt_tag, std::integral_constant<int, 1>{});
+    } else {
+      by_check(nt_tag, std::integral_constant<int, 2>{});
+    }
+  };
+  nt == 8 ? by_order(std::integral_constant<int, 8>{}) : by_order(std::integral_constant<int, 4>{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace packed_cuda
+}  // namespace s3sparse
