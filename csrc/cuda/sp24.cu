@@ -181,6 +181,72 @@ __device__ __forceinline__ uint4 value_words(uint4 v) {
   }
 }
 
+// A warp's finished 16-row tile d over a tile of 8 NT tokens from n0 (d[nt]: (row g, token n0 + 8 nt + 2t),
+// (g, + 1), (g + 8, n0 + 8 nt + 2t), (g + 8, + 1)). With S > 1 slices of K its partial goes to the workspace
+// [S][token tiles][M][8 NT] and the last warp of the tile to arrive (counters [token tiles][tiles]) sums the S
+// partials in slice order, so the result does not depend on which warp finishes last, and resets its counter
+// for the next launch on the stream; then the bias, one rounding, y. tt / ntt: this token tile / their number
+// (the decode kernel has one, from token 0).
+template <typename T, int NT>
+__device__ __forceinline__ void sp24_finish_tile(float (&d)[NT][4], int tile, int lane, const T* __restrict__ bias,
+                                            T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt, int M,
+                                            int N, int S, int slice, int n0, int tt, int ntt) {
+  constexpr int BN = 8 * NT;
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = tile * 16 + g, r1 = r0 + 8;
+  if (S > 1) {
+    const auto part = [&](int sl) { return ws + ((static_cast<int64_t>(sl) * ntt + tt) * M + tile * 16) * BN; };
+    float* wp = part(slice);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = 8 * nt + 2 * t;
+      wp[g * BN + n] = d[nt][0];
+      wp[g * BN + n + 1] = d[nt][1];
+      wp[(g + 8) * BN + n] = d[nt][2];
+      wp[(g + 8) * BN + n + 1] = d[nt][3];
+    }
+    int* c = cnt + static_cast<int64_t>(tt) * (M / 16) + tile;
+    __threadfence();  // (release: this slice's partial before the count)
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) {
+      arrived = atomicAdd(c, 1);
+      __threadfence();  // (acquire: the other slices' partials after the count)
+    }
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != S - 1) return;
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+    for (int sl = 0; sl < S; ++sl) {
+      const float* p = part(sl);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = 8 * nt + 2 * t;
+        d[nt][0] += ld_partial(p + g * BN + n);
+        d[nt][1] += ld_partial(p + g * BN + n + 1);
+        d[nt][2] += ld_partial(p + (g + 8) * BN + n);
+        d[nt][3] += ld_partial(p + (g + 8) * BN + n + 1);
+      }
+    }
+    if (lane == 0) *c = 0;  // ready for the next launch on this stream
+  }
+  const float b0 = bias != nullptr ? to_float(bias[r0]) : 0.f;
+  const float b1 = bias != nullptr ? to_float(bias[r1]) : 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int na = n0 + 8 * nt + 2 * t, nb = na + 1;
+    if (na < N) {
+      y[static_cast<int64_t>(na) * M + r0] = static_cast<T>(d[nt][0] + b0);
+      y[static_cast<int64_t>(na) * M + r1] = static_cast<T>(d[nt][2] + b1);
+    }
+    if (nb < N) {
+      y[static_cast<int64_t>(nb) * M + r0] = static_cast<T>(d[nt][1] + b0);
+      y[static_cast<int64_t>(nb) * M + r1] = static_cast<T>(d[nt][3] + b1);
+    }
+  }
+}
+
 // NT tiles of 8 tokens (N <= 8 NT), U iterations of loads in flight a warp, kCheck: check every
 // metadata word (a bad one makes the tile's outputs NaN). (2 blocks an SM: kWarpsPerSm; U = 8 at one
 // tile of tokens was 6-18 % faster than 4 on an H100, at 124 registers:
@@ -278,8 +344,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = nan;
   }
-  // d[nt]: (row g, token 8 nt + 2t), (g, + 1), (g + 8, 8 nt + 2t), (g + 8, + 1).
-  const int r0 = tile * 16 + g, r1 = r0 + 8;
   if (in_block) {
     // The tile's slices sum in shared memory, in slice order, by the warp of slice 0.
     __shared__ float4 red[kWarpsPerBlock][32][NT];
@@ -296,56 +360,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
         d[nt][0] += p.x, d[nt][1] += p.y, d[nt][2] += p.z, d[nt][3] += p.w;
       }
     }
-  } else if (S > 1) {
-    constexpr int W = 8 * NT;  // workspace columns a row: the token slots; workspace [S][M][W]
-    float* wp = ws + (static_cast<int64_t>(slice) * M + tile * 16) * W;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int n = 8 * nt + 2 * t;
-      wp[g * W + n] = d[nt][0];
-      wp[g * W + n + 1] = d[nt][1];
-      wp[(g + 8) * W + n] = d[nt][2];
-      wp[(g + 8) * W + n + 1] = d[nt][3];
-    }
-    __threadfence();  // (release: this slice's partial before the count)
-    __syncwarp();
-    int arrived = 0;
-    if (lane == 0) {
-      arrived = atomicAdd(cnt + tile, 1);
-      __threadfence();  // (acquire: the other slices' partials after the count)
-    }
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != S - 1) return;
-    __syncwarp();
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
-    for (int sl = 0; sl < S; ++sl) {
-      const float* p = ws + (static_cast<int64_t>(sl) * M + tile * 16) * W;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int n = 8 * nt + 2 * t;
-        d[nt][0] += ld_partial(p + g * W + n);
-        d[nt][1] += ld_partial(p + g * W + n + 1);
-        d[nt][2] += ld_partial(p + (g + 8) * W + n);
-        d[nt][3] += ld_partial(p + (g + 8) * W + n + 1);
-      }
-    }
-    if (lane == 0) cnt[tile] = 0;  // ready for the next launch on this stream
   }
-  const float b0 = bias != nullptr ? to_float(bias[r0]) : 0.f;
-  const float b1 = bias != nullptr ? to_float(bias[r1]) : 0.f;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int n0 = 8 * nt + 2 * t, n1 = n0 + 1;
-    if (n0 < N) {
-      y[static_cast<int64_t>(n0) * M + r0] = static_cast<T>(d[nt][0] + b0);
-      y[static_cast<int64_t>(n0) * M + r1] = static_cast<T>(d[nt][2] + b1);
-    }
-    if (n1 < N) {
-      y[static_cast<int64_t>(n1) * M + r0] = static_cast<T>(d[nt][1] + b0);
-      y[static_cast<int64_t>(n1) * M + r1] = static_cast<T>(d[nt][3] + b1);
-    }
-  }
+  sp24_finish_tile<T, NT>(d, tile, lane, bias, y, ws, cnt, M, N, in_block ? 1 : S, slice, 0, 0, 1);
 }
 
 // Zeroed counters for launches under graph capture: one arena a device, made (and synced, once) by an

@@ -14,7 +14,7 @@
 //
 // The grid is (row blocks, token tiles, slices of K). Slices are chosen so the grid holds about
 // kTiledBlocksPerSm blocks an SM; with more than one slice the last warp of a tile to finish sums the
-// slices' fp32 partial tiles in slice order (deterministic), as the decode kernel's global epilogue.
+// slices' fp32 partial tiles in slice order (deterministic): the decode kernel's epilogue, sp24_finish_tile.
 #pragma once
 
 namespace s3sparse {
@@ -73,70 +73,6 @@ __device__ __forceinline__ void stage_x(uint16_t* row, int p, uint4 v) {
   }
   *reinterpret_cast<uint2*>(row + staged_col(ga)) = lo;
   *reinterpret_cast<uint2*>(row + staged_col(gb)) = hi;
-}
-
-// A warp's finished 16 x BN tile d (row g, token n0 + 8 nt + 2t; (g, + 1); (g + 8, ...); (g + 8, + 1)): with
-// S > 1 slices of K its partial goes to the workspace [S][token tiles][M][BN] and the last warp of the tile to
-// arrive (counters [token tiles][tiles]) sums the S partials in slice order; then the bias, one rounding, y.
-template <typename T, int NT>
-__device__ __forceinline__ void tiled_epilogue(float (&d)[NT][4], int tile, int lane, const T* __restrict__ bias,
-                                               T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
-                                               int M, int N, int S, int slice, int n0) {
-  constexpr int BN = 8 * NT;
-  const int g = lane >> 2, t = lane & 3;
-  const int r0 = tile * 16 + g, r1 = r0 + 8;
-  if (S > 1) {
-    const int tt = static_cast<int>(blockIdx.y), ntt = static_cast<int>(gridDim.y);
-    const auto part = [&](int sl) { return ws + ((static_cast<int64_t>(sl) * ntt + tt) * M + tile * 16) * BN; };
-    float* wp = part(slice);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int n = 8 * nt + 2 * t;
-      wp[g * BN + n] = d[nt][0];
-      wp[g * BN + n + 1] = d[nt][1];
-      wp[(g + 8) * BN + n] = d[nt][2];
-      wp[(g + 8) * BN + n + 1] = d[nt][3];
-    }
-    int* c = cnt + static_cast<int64_t>(tt) * (M / 16) + tile;
-    __threadfence();  // (release: this slice's partial before the count)
-    __syncwarp();
-    int arrived = 0;
-    if (lane == 0) {
-      arrived = atomicAdd(c, 1);
-      __threadfence();  // (acquire: the other slices' partials after the count)
-    }
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != S - 1) return;
-    __syncwarp();
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
-    for (int sl = 0; sl < S; ++sl) {
-      const float* p = part(sl);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int n = 8 * nt + 2 * t;
-        d[nt][0] += ld_partial(p + g * BN + n);
-        d[nt][1] += ld_partial(p + g * BN + n + 1);
-        d[nt][2] += ld_partial(p + (g + 8) * BN + n);
-        d[nt][3] += ld_partial(p + (g + 8) * BN + n + 1);
-      }
-    }
-    if (lane == 0) *c = 0;  // ready for the next launch on this stream
-  }
-  const float b0 = bias != nullptr ? to_float(bias[r0]) : 0.f;
-  const float b1 = bias != nullptr ? to_float(bias[r1]) : 0.f;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int na = n0 + 8 * nt + 2 * t, nb = na + 1;
-    if (na < N) {
-      y[static_cast<int64_t>(na) * M + r0] = static_cast<T>(d[nt][0] + b0);
-      y[static_cast<int64_t>(na) * M + r1] = static_cast<T>(d[nt][2] + b1);
-    }
-    if (nb < N) {
-      y[static_cast<int64_t>(nb) * M + r0] = static_cast<T>(d[nt][1] + b0);
-      y[static_cast<int64_t>(nb) * M + r1] = static_cast<T>(d[nt][3] + b1);
-    }
-  }
 }
 
 // NT tiles of 8 tokens a block (BN = 8 NT tokens), WM row tiles a warp (each B fragment feeds WM mma's: half
@@ -275,7 +211,10 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) d[m][nt][0] = d[m][nt][1] = d[m][nt][2] = d[m][nt][3] = nan;
     }
-    if (active[m]) tiled_epilogue<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0);
+    if (active[m]) {
+      sp24_finish_tile<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
+                         static_cast<int>(gridDim.y));
+    }
   }
 }
 

@@ -21,7 +21,8 @@ _BUFFERS = ("values", "meta", "subsets", "block_off", "elem_off", "geometry")
 # packed kernels. Measured on an H100 (docs/performance.md), 4096x4096 2:4: at 32 / 64 tokens the op's tiled
 # kernel takes 20.0 / 35.3 us against 42.4 / 42.6 us for the packed kernels' path; at 512, 73 against 59.5.
 # S3SPARSE_PACKED_SP24=0 turns it off for every new module (benchmarks compare the paths).
-SP24_MAX_TOKENS = 0 if os.environ.get("S3SPARSE_PACKED_SP24", "1").lower() in ("0", "off", "false") else 64
+SP24_DEFAULT_TOKENS = 64
+SP24_MAX_TOKENS = 0 if os.environ.get("S3SPARSE_PACKED_SP24", "1").lower() in ("0", "off", "false") else SP24_DEFAULT_TOKENS
 
 
 def _versions(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
@@ -362,7 +363,7 @@ class PackedLinear(nn.Module):
         """(column order, sp24 metadata) of ``packed``, its pattern ``name`` (or None: found out)."""
         return sp24_form(packed, None if name is None else COLUMN_ORDERS[name])
 
-    def use_sp24(self, max_tokens: Optional[int] = 64) -> "PackedLinear":
+    def use_sp24(self, max_tokens: Optional[int] = SP24_DEFAULT_TOKENS) -> "PackedLinear":
         """Run calls of up to ``max_tokens`` tokens on the sparse tensor cores (the default, 64; ``None`` or
         0 turns it off and frees the metadata).
 
