@@ -3,6 +3,7 @@ adds a `cuda_emu` device whose ops are torch.ops.s3emu.* on CPU tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from s3sparse import ops
 
 EMU_LIB = os.environ.get("S3SPARSE_CUDA_EMU")
+_HOST = (ops._ops, ops._packed_linear_call, ops._sp24_linear_call)  # (before any test patches them)
 
 
 def use_emulator(monkeypatch) -> None:
@@ -19,3 +21,16 @@ def use_emulator(monkeypatch) -> None:
     monkeypatch.setattr(ops, "_ops", torch.ops.s3emu)
     monkeypatch.setattr(ops, "_packed_linear_call", lambda *args: NotImplemented)
     monkeypatch.setattr(ops, "_sp24_linear_call", lambda *args: NotImplemented)
+
+
+@contextlib.contextmanager
+def host_ops():
+    """s3sparse.ops on the compiled CPU kernels for a block of test setup (pruning and packing a case),
+    also while the emulator is in use: through the emulated kernels that setup costs seconds a case (most
+    of the emulator job's time) and checks nothing the op tests do not."""
+    saved = (ops._ops, ops._packed_linear_call, ops._sp24_linear_call)
+    ops._ops, ops._packed_linear_call, ops._sp24_linear_call = _HOST
+    try:
+        yield
+    finally:
+        ops._ops, ops._packed_linear_call, ops._sp24_linear_call = saved
