@@ -15,5 +15,8 @@ for src in "$root/csrc/ops.cpp" "$root"/csrc/cuda/*.cu; do
   echo "g++ $flags -x c++ -c $src -o $tmp/$(basename "$src").o"
 done | xargs -P "$(nproc)" -I{} sh -c {}
 g++ -shared -pthread "$@" "$tmp"/*.o -o "$out" -L"$tlib" -Wl,-rpath,"$tlib" -ltorch -ltorch_cpu -lc10
+# The runtime's own checks (barriers, shuffles, divergence, exceptions, stacks): tools/cuda_emu/selftest.cpp.
+g++ $flags "$root/tools/cuda_emu/selftest.cpp" -o "$tmp/selftest" -L"$tlib" -Wl,-rpath,"$tlib" -ltorch -ltorch_cpu -lc10
+"$tmp/selftest"
 rm -rf "$tmp"
 echo "built $out"

@@ -1,10 +1,11 @@
 // A host emulator of the small part of CUDA the s3sparse kernels use, to run
 // csrc/cuda/*.cu as plain C++ on a machine without a GPU (a development check
 // of the kernels' logic: indexing, barriers, warp collectives; not of speed,
-// and not of the CUDA memory model beyond what std::barrier orders).
+// and not of the CUDA memory model: a thread runs until it waits at a barrier).
 //
-// Every CUDA thread of a thread block is a std::thread; blocks run one after
-// the other. __syncthreads / __syncwarp are std::barrier waits, warp shuffles
+// Every CUDA thread of a thread block is a fiber (ucontext) on the calling
+// thread, switched at barriers; blocks run one after the other.
+// __syncthreads / __syncwarp are barrier waits, warp shuffles
 // and ballots go through per-warp slots between two barrier waits, __shared__
 // variables are function statics (one block at a time), atomicAdd is
 // std::atomic_ref. A barrier reached after a thread of the block has exited is
@@ -28,7 +29,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <barrier>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -38,7 +38,9 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
+#include <functional>
+#include <sys/mman.h>
+#include <ucontext.h>
 #include <vector>
 
 // Register the "CUDA" kernels for CPU tensors (their data pointers are host memory).
@@ -150,48 +152,160 @@ namespace s3emu_rt {
 
 constexpr unsigned kMaxThreads = 1024;
 constexpr size_t kMaxDefaultSmem = 48 * 1024;
+constexpr size_t kFiberStack = 256 * 1024;  // a CUDA thread's stack (the kernels' locals and the collectives')
 
-struct Block {
-  unsigned nthreads;
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
-  std::vector<unsigned char> slot;  // 16 bytes per thread, for warp collectives
-  std::vector<unsigned char> wide;  // 64 bytes per thread, for the tensor-core collectives
-  std::vector<unsigned char> dyn_smem;
-  std::atomic<unsigned> exited{0};                 // threads of the block that returned
-  std::unique_ptr<std::atomic<unsigned>[]> warp_exited;  // the same, per warp
-  std::atomic<bool> divergent{false};
-  std::mutex err_mu;
-  std::string error;
+// The threads of a block are fibers (ucontext) on the calling thread, switched only where a thread
+// waits at a barrier: no OS threads, no futexes (the threads-and-std::barrier form spent nearly all
+// its time in the kernel). A fiber waiting at a barrier is resumed only once its phase has moved on.
+struct Fiber {
+  ucontext_t ctx{};
+  bool done = false;
+  const uint64_t* wait_on = nullptr;  // the barrier phase this fiber waits to see change
+  uint64_t wait_phase = 0;
+};
 
-  Block(unsigned n, size_t smem)
-      : nthreads(n), bar(n), warp_exited(new std::atomic<unsigned>[(n + 31) / 32]), slot(16 * n),
-        wide(64 * n), dyn_smem(smem + 16) {
-    for (unsigned w = 0; w < (n + 31) / 32; ++w) warp_exited[w] = 0;
-    for (unsigned w = 0; w < (n + 31) / 32; ++w) {
-      const unsigned lanes = std::min(32u, n - 32 * w);
-      warp_bar.push_back(std::make_unique<std::barrier<>>(lanes));
+struct Fibers {
+  ucontext_t sched{};
+  std::vector<Fiber> fibers;
+  unsigned current = 0;
+  char* stacks = nullptr;
+  size_t capacity = 0;  // fibers whose stacks are mapped
+  ~Fibers() {
+    if (stacks != nullptr) munmap(stacks, capacity * (kFiberStack + kPage));
+  }
+  static constexpr size_t kPage = 4096;
+  // Stacks for n fibers, each below a guard page (an overflow faults instead of corrupting its neighbour).
+  char* stack(unsigned t, unsigned n) {
+    if (n > capacity) {
+      if (stacks != nullptr) munmap(stacks, capacity * (kFiberStack + kPage));
+      const size_t bytes = n * (kFiberStack + kPage);
+      void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("s3emu: cannot map the fibers' stacks");
+      stacks = static_cast<char*>(p);
+      capacity = n;
+      for (unsigned i = 0; i < n; ++i) mprotect(stacks + i * (kFiberStack + kPage), kPage, PROT_NONE);
     }
+    return stacks + t * (kFiberStack + kPage) + kPage;
+  }
+};
+inline Fibers g_fibers;
+
+// Wait (the calling fiber) until *phase differs from `seen`.
+inline void wait_phase_change(const uint64_t* phase, uint64_t seen) {
+  Fiber& f = g_fibers.fibers[g_fibers.current];
+  f.wait_on = phase;
+  f.wait_phase = seen;
+  swapcontext(&f.ctx, &g_fibers.sched);
+  f.wait_on = nullptr;
+}
+
+// std::barrier's arrive_and_wait / arrive_and_drop for fibers.
+struct Barrier {
+  unsigned expected;
+  unsigned arrived = 0;
+  uint64_t phase = 0;
+  explicit Barrier(unsigned n) : expected(n) {}
+  void complete_if_full() {
+    if (expected > 0 && arrived == expected) arrived = 0, ++phase;
+  }
+  void arrive_and_wait() {
+    const uint64_t seen = phase;
+    ++arrived;
+    complete_if_full();
+    if (phase == seen) wait_phase_change(&phase, seen);
+  }
+  void arrive_and_drop() {
+    --expected;
+    complete_if_full();
   }
 };
 
-inline thread_local dim3 tl_thread, tl_block;
+struct Block {
+  unsigned nthreads;
+  Barrier bar;
+  std::vector<Barrier> warp_bar;
+  std::vector<unsigned char> slot;  // 16 bytes per thread, for warp collectives
+  std::vector<unsigned char> wide;  // 64 bytes per thread, for the tensor-core collectives
+  std::vector<unsigned char> dyn_smem;
+  unsigned exited = 0;                     // threads of the block that returned
+  std::vector<unsigned> warp_exited;        // the same, per warp
+  bool divergent = false;
+  std::string error;
+
+  Block(unsigned n, size_t smem)
+      : nthreads(n), bar(n), slot(16 * n), wide(64 * n), dyn_smem(smem + 16), warp_exited((n + 31) / 32, 0) {
+    for (unsigned w = 0; w < (n + 31) / 32; ++w) warp_bar.emplace_back(std::min(32u, n - 32 * w));
+  }
+};
+
+inline dim3 tl_thread, tl_block;
 inline dim3 g_block_dim, g_grid_dim;
 inline Block* g_blk = nullptr;
 inline std::atomic<long> g_divergences{0};
+inline const std::function<void()>* g_body = nullptr;
 
 inline unsigned flat_tid() {
   return tl_thread.x + g_block_dim.x * (tl_thread.y + g_block_dim.y * tl_thread.z);
 }
-inline std::barrier<>& warp_barrier() { return *g_blk->warp_bar[flat_tid() / 32]; }
+inline Barrier& warp_barrier() { return g_blk->warp_bar[flat_tid() / 32]; }
 
 // A block barrier after any thread of the block returned, or a warp barrier
 // after a thread of the same warp returned, is divergent code.
 inline void check_block_not_divergent() {
-  if (g_blk->exited.load() != 0) g_blk->divergent.store(true);
+  if (g_blk->exited != 0) g_blk->divergent = true;
 }
 inline void check_warp_not_divergent() {
-  if (g_blk->warp_exited[flat_tid() / 32].load() != 0) g_blk->divergent.store(true);
+  if (g_blk->warp_exited[flat_tid() / 32] != 0) g_blk->divergent = true;
+}
+
+// A fiber's whole life: the kernel body, then leaving its barriers (returns to the scheduler through uc_link).
+inline void fiber_main() {
+  const unsigned t = g_fibers.current;
+  Block& blk = *g_blk;
+  try {
+    (*g_body)();
+  } catch (const std::exception& e) {
+    blk.error = e.what();
+  } catch (...) {
+    blk.error = "an exception that is not a std::exception";
+  }
+  ++blk.exited;
+  ++blk.warp_exited[t / 32];
+  // Let the others pass any later barrier (recorded as divergence).
+  blk.warp_bar[t / 32].arrive_and_drop();
+  blk.bar.arrive_and_drop();
+  g_fibers.fibers[t].done = true;
+}
+
+// Run the n threads of one block to their ends.
+inline void run_block(unsigned n, dim3 block, dim3 index) {
+  Fibers& fs = g_fibers;
+  fs.fibers.assign(n, Fiber{});
+  for (unsigned t = 0; t < n; ++t) {
+    Fiber& f = fs.fibers[t];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = fs.stack(t, n);
+    f.ctx.uc_stack.ss_size = kFiberStack;
+    f.ctx.uc_link = &fs.sched;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  tl_block = index;
+  for (unsigned alive = n; alive > 0;) {
+    bool resumed = false;
+    alive = 0;
+    for (unsigned t = 0; t < n; ++t) {
+      Fiber& f = fs.fibers[t];
+      if (f.done) continue;
+      if (f.wait_on == nullptr || *f.wait_on != f.wait_phase) {
+        fs.current = t;
+        tl_thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        swapcontext(&fs.sched, &f.ctx);
+        resumed = true;
+      }
+      alive += f.done ? 0 : 1;
+    }
+    if (alive > 0 && !resumed) throw std::runtime_error("s3emu: every live thread of a block waits at a barrier");
+  }
 }
 
 template <typename Fn>
@@ -208,36 +322,21 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, Fn&& body) {
   if (n == 0 || n > kMaxThreads) throw std::runtime_error("s3emu: bad block size " + std::to_string(n));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("s3emu: empty grid");
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("s3emu: grid.y / grid.z above 65535");
+  static std::mutex launch_mu;  // (one launch at a time: the fibers and the block are globals)
+  std::lock_guard<std::mutex> launch_lock(launch_mu);
   g_block_dim = block;
   g_grid_dim = grid;
+  const std::function<void()> fn = [&] { body(); };
+  g_body = &fn;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block blk(n, smem);
         g_blk = &blk;
-        std::vector<std::thread> threads;
-        threads.reserve(n);
-        for (unsigned t = 0; t < n; ++t) {
-          threads.emplace_back([&, t] {
-            tl_block = dim3(bx, by, bz);
-            tl_thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            try {
-              body();
-            } catch (const std::exception& e) {
-              std::lock_guard<std::mutex> lock(blk.err_mu);
-              blk.error = e.what();
-            }
-            blk.exited.fetch_add(1);
-            blk.warp_exited[t / 32].fetch_add(1);
-            // Let the others pass any later barrier (recorded as divergence).
-            blk.warp_bar[t / 32]->arrive_and_drop();
-            blk.bar.arrive_and_drop();
-          });
-        }
-        for (auto& th : threads) th.join();
+        run_block(n, block, dim3(bx, by, bz));
         g_blk = nullptr;
         if (!blk.error.empty()) throw std::runtime_error("s3emu: kernel threw: " + blk.error);
-        if (blk.divergent.load()) {
+        if (blk.divergent) {
           g_divergences.fetch_add(1);
           throw std::runtime_error("s3emu: a barrier was reached after a thread of its block had exited");
         }
