@@ -1,6 +1,6 @@
 // Warp-level tensor-core and async-copy primitives (sm_80 and later) used by
 // the tensor-core kernel of packed_linear (packed_mma.cuh):
-//   cp_async16 / cp_async4   global -> shared copies that bypass registers
+//   cp_async16 / cp_async8 / cp_async4   global -> shared copies that bypass registers
 //   ldmatrix_x2 / x4         8x8 b16 tiles from shared memory into fragments
 //   mma_16816                D (16x8, fp32) += A (16x16) B (16x8), fp16 or bf16
 //   mma_sp_16832             D (16x8, fp32) += A (16x32, 2:4, given as 16x16 kept
@@ -43,6 +43,13 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid
     std::memset(dst, 0, 4);
   }
 }
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+  if (valid) {
+    std::memcpy(dst, src, 8);
+  } else {
+    std::memset(dst, 0, 8);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}
@@ -76,6 +83,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+// 8 bytes through L1 (x: re-read by every block of a row of the grid), or 8 zero bytes when !valid.
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 8 : 0));
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif

@@ -8,9 +8,14 @@
 // (128 rows) over one slice of K for one tile of 32 or 64 tokens: the block stages x once a chunk of
 // iterations in shared memory, already in the tensor cores' virtual column order (sp24.h), so each
 // warp's B registers are two ldmatrix.x4 a tile of 8 tokens and an iteration, while its A registers
-// and metadata are read from global memory exactly as in the decode kernel. x and A of the next
-// chunk load while the tensor cores work on this one (registers, then shared memory: double
-// buffered, one barrier a chunk).
+// and metadata are read from global memory exactly as in the decode kernel.
+//
+// Two forms of the loads (S3_LAB_TILED_SYNC picks the first; the package builds the second):
+//  - sp24_tiled_kernel: x and A of the next chunk load into registers while the tensor cores work on
+//    this one, then x is stored to shared memory (double buffered, one barrier a chunk): one chunk
+//    ahead, which left the kernel latency-bound (docs/performance.md);
+//  - sp24_tiled_async_kernel: x, A and the metadata go global -> shared by cp.async, P - 1 iterations
+//    ahead (P = 4 stages), one barrier an iteration.
 //
 // The grid is (row blocks, token tiles, slices of K). Slices are chosen so the grid holds about
 // kTiledBlocksPerSm blocks an SM; with more than one slice the last warp of a tile to finish sums the
@@ -36,6 +41,12 @@ namespace {
 #endif
 #ifndef S3_LAB_TILED_NT32
 #define S3_LAB_TILED_NT32 4  // token tile (/ 8) for 17-32 tokens
+#endif
+#ifndef S3_LAB_TILED_P
+#define S3_LAB_TILED_P 4  // stages of the cp.async pipeline
+#endif
+#ifndef S3_LAB_TILED_SYNC
+#define S3_LAB_TILED_SYNC 0  // 1: the register-staged kernel (sp24_tiled_kernel) for every order
 #endif
 constexpr int kTiledWarps = 8;  // a block: 8 row tiles of 16 (128 rows)
 constexpr int kTiledBlocksPerSm = S3_LAB_TILED_BLOCKS_PER_SM;  // (256 threads, at most 128 registers each)
@@ -218,6 +229,123 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   }
 }
 
+// The tiled kernel with a P-stage cp.async pipeline: x, A and the metadata go global -> shared
+// without registers, P - 1 iterations ahead; one barrier an iteration. Orders 0 and 2: each virtual group
+// of x is 4 contiguous columns, one 8-byte copy straight into the staged rows. Order 1 (its groups are
+// the even / odd columns of 8): x lands raw, 16-byte pieces; after the wait each thread permutes the
+// pieces it copied itself (visible to it without a barrier) into a double-buffered staged tile.
+template <typename T, int NT, int P, bool kCheck, int kOrder>
+__global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
+    sp24_tiled_async_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
+                            const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
+                            int* __restrict__ cnt, int M, int K, int N, int S) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  constexpr int BN = 8 * NT;
+  constexpr int kThreads = kTiledWarps * 32;
+  constexpr bool kRaw = kOrder == 1;
+  constexpr int kPer = BN * 16 / kThreads;   // 8-byte pieces (virtual groups) of x a thread an iteration
+  constexpr int kPer16 = BN * 8 / kThreads;  // (order 1) 16-byte pieces
+  static_assert(BN * 8 % kThreads == 0, "an iteration's x must split evenly over the block");
+  constexpr int kXStage = kRaw ? BN * 64 : BN * kTiledRow;  // elements of x a pipeline stage
+  S3_DYNAMIC_SHARED(uint16_t, smem);
+  uint16_t* xs = smem;                         // [P][kXStage]
+  uint16_t* xd = smem + P * kXStage;           // (order 1) [2][BN][kTiledRow]
+  uint4* as = reinterpret_cast<uint4*>(xd + (kRaw ? 2 * BN * kTiledRow : 0));  // [P][warps][2][32]
+  uint32_t* es = reinterpret_cast<uint32_t*>(as + P * kTiledWarps * 64);        // [P][warps][32]
+
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int tiles = M / 16;
+  const int tile = static_cast<int>(blockIdx.x) * kTiledWarps + warp;
+  const bool active = tile < tiles;
+  const int n0 = static_cast<int>(blockIdx.y) * BN;
+  const int slice = static_cast<int>(blockIdx.z);
+  const int iters = K / 64;
+  const int it0 = static_cast<int>(static_cast<int64_t>(iters) * slice / S);
+  const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
+  const int g = lane >> 2;
+  const int64_t row_vecs = K / 16;
+  const uint4* v0 = vals + static_cast<int64_t>((active ? tile : 0) * 16 + g) * row_vecs + (lane & 3);
+  const uint32_t* mp = meta + static_cast<int64_t>(active ? tile : 0) * iters * 32 + lane;
+
+  const auto issue = [&](int i, int slot) {  // iteration i's x, A and metadata into stage `slot`; one commit group
+    if (i < it1) {
+      if constexpr (kRaw) {
+#pragma unroll
+        for (int r = 0; r < kPer16; ++r) {
+          const int j = static_cast<int>(threadIdx.x) + kThreads * r;
+          const int p = j & 7, n = j >> 3;
+          const bool on = n0 + n < N;
+          cp_async16(xs + slot * kXStage + n * 64 + 8 * p, x + static_cast<int64_t>(on ? n0 + n : 0) * K + 64 * i + 8 * p,
+                     on);
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < kPer; ++r) {
+          const int j = static_cast<int>(threadIdx.x) + kThreads * r;
+          const int G = j & 15, n = j >> 4;
+          const int col = kOrder == 2 ? 16 * (G >> 2) + 4 * (((G & 1) << 1) | ((G >> 1) & 1)) : 4 * G;
+          const bool on = n0 + n < N;
+          cp_async8(xs + slot * kXStage + n * kTiledRow + staged_col(G),
+                    x + static_cast<int64_t>(on ? n0 + n : 0) * K + 64 * i + col, on);
+        }
+      }
+      uint4* a = as + (slot * kTiledWarps + warp) * 64;
+      cp_async16(a + lane, v0 + 4 * static_cast<int64_t>(i), active);
+      cp_async16(a + 32 + lane, v0 + 8 * row_vecs + 4 * static_cast<int64_t>(i), active);
+      cp_async4(es + (slot * kTiledWarps + warp) * 32 + lane, mp + static_cast<int64_t>(i) * 32, active);
+    }
+    cp_async_commit();
+  };
+
+  float d[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+  [[maybe_unused]] uint32_t bad = 0;
+#pragma unroll
+  for (int s = 0; s < P - 1; ++s) issue(it0 + s, s);
+  for (int i = it0; i < it1; ++i) {
+    cp_async_wait<P - 2>();
+    const int slot = (i - it0) % P;
+    uint16_t* xt = kRaw ? xd + ((i - it0) & 1) * BN * kTiledRow : xs + slot * kXStage;  // iteration i's staged x
+    if constexpr (kRaw) {  // (this thread's own copies: visible to it after the wait)
+#pragma unroll
+      for (int r = 0; r < kPer16; ++r) {
+        const int j = static_cast<int>(threadIdx.x) + kThreads * r;
+        const int p = j & 7, n = j >> 3;
+        stage_x<1>(xt + n * kTiledRow, p, *reinterpret_cast<const uint4*>(xs + slot * kXStage + n * 64 + 8 * p));
+      }
+    }
+    __syncthreads();  // (iteration i landed / staged for every thread; the stages of i - 1 and i - 2 read by every warp)
+    issue(i + P - 1, (i - it0 + P - 1) % P);
+    const uint4* a = as + (slot * kTiledWarps + warp) * 64;
+    const uint4 va = value_words<kOrder>(a[lane]), vb = value_words<kOrder>(a[32 + lane]);
+    const uint32_t e = active ? es[(slot * kTiledWarps + warp) * 32 + lane] : 0x44444444u;
+    const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};
+    const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};
+    if constexpr (kCheck) bad |= bad_nibbles(e);
+    const uint16_t* xc = xt + (lane & 7) * kTiledRow + 8 * (lane >> 3);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b0[4], b1[4];
+      ldmatrix_x4(b0, xc + 8 * nt * kTiledRow);
+      ldmatrix_x4(b1, xc + 8 * nt * kTiledRow + 32);
+      mma_sp_16832<kBf16, 0>(d[nt], a0, b0, e);
+      mma_sp_16832<kBf16, 1>(d[nt], a1, b1, e);
+    }
+  }
+  cp_async_wait<0>();
+  if (kCheck && __ballot_sync(0xffffffffu, bad != 0u) != 0u) {
+    const float nan = __uint_as_float(0x7fc00000u);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = nan;
+  }
+  if (active) {
+    sp24_finish_tile<T, NT>(d, tile, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
+                            static_cast<int>(gridDim.y));
+  }
+}
+
 // One launch of the tiled kernel for all n tokens of xs (n > kLaunchTokens).
 template <typename T>
 void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at::Tensor& sp_meta,
@@ -247,6 +375,15 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
     constexpr int NT = decltype(nt_tag)::value, O = decltype(order_tag)::value;
     constexpr bool C = decltype(check_tag)::value;
     constexpr int U = kTiledU;
+    if constexpr (kTiledWm == 1 && !S3_LAB_TILED_SYNC) {  // (the lab's WM = 2 variants: the register-staged form)
+      constexpr int P = S3_LAB_TILED_P;
+      constexpr auto kernel = sp24_tiled_async_kernel<T, NT, P, C, O>;
+      constexpr int64_t tn = 8 * NT, x_stage = O == 1 ? tn * 64 * 2 : tn * kTiledRow * 2;
+      const int64_t smem = int64_t(P) * (x_stage + kTiledWarps * (64 * 16 + 32 * 4)) + (O == 1 ? 2 * tn * kTiledRow * 2 : 0);
+      allow_shared<kernel>(smem);
+      S3_LAUNCH(grid, kTiledWarps * 32, smem, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
+      return;
+    }
     constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
     const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
     allow_shared<kernel>(smem);
