@@ -46,7 +46,8 @@ from .obs_layer import MAX_SUBSETS, OBSLayer
 from .refine import refining
 from .replay import GraphReplay
 from .sharding import AllRanks, RowShard, check_process_group
-from .true_obs_sweep import ChunkSweep, DevicePlan, LazyPlan, ScaledInverse, free_memory_bytes, lazy_plan
+from .true_obs_sweep import (DEFAULT_HYBRID_TAU, ChunkSweep, DevicePlan, LazyPlan, ScaledInverse, free_memory_bytes,
+                             lazy_plan)
 
 __all__ = ["TrueOBS", "TrueOBSOptions"]
 
@@ -111,7 +112,7 @@ class TrueOBSOptions(MethodOptions):
     chunk_size: Optional[int] = None
     order: str = dataclasses.field(default="left_to_right", metadata={"choices": ORDERS})
     scoring: str = dataclasses.field(default="independent", metadata={"choices": SCORINGS})
-    hybrid_tau: float = 4.0
+    hybrid_tau: float = DEFAULT_HYBRID_TAU
     c_dtype: torch.dtype = dataclasses.field(default=torch.float16, metadata={"choices": C_DTYPES})
     refine: int = 0
     panel_batches: Optional[int] = None
@@ -265,7 +266,7 @@ class _Schedule:
     scoring: str  # as asked, but 'independent' for 'hybrid' where a scope has too many subsets to cost
     subsets: Optional[Tensor]  # the candidate subsets of a scope ('joint' and 'hybrid' only)
     panel_batches: int = 1
-    hybrid_tau: float = 4.0
+    hybrid_tau: float = DEFAULT_HYBRID_TAU
 
 
 def _schedule(layer: OBSLayer, W: Tensor, num_prune: int, o: TrueOBSOptions) -> _Schedule:

@@ -50,6 +50,9 @@ __all__ = ["ChunkSweep", "DevicePlan", "LazyPlan", "ScaledInverse", "lazy_plan"]
 _HEALTH_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 0.0, torch.float64: 0.0}
 
 
+DEFAULT_HYBRID_TAU = 4.0  # hybrid scoring: the independent choice unless its exact cost is above this × the best
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """How one device holds the factors U: the sweep's only device-dependent choices.
@@ -190,7 +193,8 @@ class ChunkSweep:
 
     def __init__(self, layer: OBSLayer, w_rows: Tensor, batches: list[Tensor], nnz: int, scoring: str,
                  subsets: Optional[Tensor], inv: ScaledInverse, c_dtype: torch.dtype, plan: LazyPlan,
-                 device_plan: Optional[DevicePlan] = None, panel_batches: int = 1, hybrid_tau: float = 4.0):
+                 device_plan: Optional[DevicePlan] = None, panel_batches: int = 1,
+                 hybrid_tau: float = DEFAULT_HYBRID_TAU):
         g = layer.groups
         self.hybrid_tau = float(hybrid_tau)
         self.G = max(1, int(panel_batches))  # batches whose panels one read of the factors forms
