@@ -100,11 +100,12 @@ __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
-// Wait until at most N of this thread's committed groups are still in flight.
+// Wait until at most N of this thread's committed groups are still in flight. ("memory": no shared-memory
+// read is moved above the wait; sp24_tiled_async_kernel reads its own copies right after it, no barrier between.)
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // Lanes 8i..8i+7 give the row addresses of tile i.

@@ -242,6 +242,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   constexpr int BN = 8 * NT;
   constexpr int kThreads = kTiledWarps * 32;
+  static_assert(P >= 2, "a pipeline of at least 2 stages");
   constexpr bool kRaw = kOrder == 1;
   constexpr int kPer = BN * 16 / kThreads;   // 8-byte pieces (virtual groups) of x a thread an iteration
   constexpr int kPer16 = BN * 8 / kThreads;  // (order 1) 16-byte pieces
