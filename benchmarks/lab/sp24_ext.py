@@ -12,7 +12,8 @@ then checked and timed on a GPU: a quick way to verify a change of that kernel o
    "1 4 8 16"), patterns SP_PATTERNS (default all three), shapes SP_SHAPES (default those three). Writes $OUT/sp24_ext.json (else /tmp).
 3. Variants: SP24_VARIANTS="base= cand=@benchmarks/lab/x.patch" builds the source once a variant (with its
    defines, as torch.ops.s3lab_<name>), checks each and times them side by side.
-The weights are pruned and their metadata built by the installed s3sparse (any build with packed_to_dense).
+The weights are pruned and their metadata built on the CPU by the installed s3sparse (a CPU-only build will do:
+``SKBUILD_CMAKE_DEFINE=S3SPARSE_CUDA=OFF``, about a minute on 16 cores, against the full wheel's four).
 """
 
 from __future__ import annotations
@@ -88,12 +89,14 @@ def build_all(vs: dict) -> None:
 
 
 def pruned(M: int, K: int, pattern: str, dtype, dev) -> tuple:
-    W = torch.nn.Parameter(torch.randn(M, K, device=dev).to(dtype))
+    """(W, values, metadata) on ``dev``, pruned and packed on the CPU (a CPU-only build of the package will do)."""
+    W = torch.nn.Parameter(torch.randn(M, K, device=dev).to(dtype).cpu())
     with torch.no_grad():
         scope, nnz = parse_pattern(pattern).build(W)
         scope.hard_threshold(nnz=nnz)
     packed = PackedWeight.from_pattern(W.detach(), pattern)
-    return W.detach(), packed.values, sp24_meta_words(packed, COLUMN_ORDERS[pattern])
+    meta = sp24_meta_words(packed, COLUMN_ORDERS[pattern])
+    return W.detach().to(dev), packed.values.to(dev), meta.to(dev)
 
 
 def check(dev, variant: str) -> list:
