@@ -10,7 +10,8 @@
 // warp's B registers are two ldmatrix.x4 a tile of 8 tokens and an iteration, while its A registers
 // and metadata are read from global memory exactly as in the decode kernel.
 //
-// Two forms of the loads (S3_LAB_TILED_SYNC picks the first; the package builds the second):
+// Two forms of the loads (the package builds the first, checked on an H100; -DS3_LAB_TILED_ASYNC=1 the second,
+// which no GPU has run yet: benchmarks/lab/sp24_ext.py checks and times it beside the first):
 //  - sp24_tiled_kernel: x and A of the next chunk load into registers while the tensor cores work on
 //    this one, then x is stored to shared memory (double buffered, one barrier a chunk): one chunk
 //    ahead, which left the kernel latency-bound (docs/performance.md);
@@ -45,8 +46,8 @@ namespace {
 #ifndef S3_LAB_TILED_P
 #define S3_LAB_TILED_P 4  // stages of the cp.async pipeline
 #endif
-#ifndef S3_LAB_TILED_SYNC
-#define S3_LAB_TILED_SYNC 0  // 1: the register-staged kernel (sp24_tiled_kernel) for every order
+#ifndef S3_LAB_TILED_ASYNC
+#define S3_LAB_TILED_ASYNC 0  // 1: the cp.async pipeline (sp24_tiled_async_kernel) where WM = 1
 #endif
 constexpr int kTiledWarps = 8;  // a block: 8 row tiles of 16 (128 rows)
 constexpr int kTiledBlocksPerSm = S3_LAB_TILED_BLOCKS_PER_SM;  // (256 threads, at most 128 registers each)
@@ -376,7 +377,7 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
     constexpr int NT = decltype(nt_tag)::value, O = decltype(order_tag)::value;
     constexpr bool C = decltype(check_tag)::value;
     constexpr int U = kTiledU;
-    if constexpr (kTiledWm == 1 && !S3_LAB_TILED_SYNC) {  // (the lab's WM = 2 variants: the register-staged form)
+    if constexpr (kTiledWm == 1 && S3_LAB_TILED_ASYNC) {
       constexpr int P = S3_LAB_TILED_P;
       constexpr auto kernel = sp24_tiled_async_kernel<T, NT, P, C, O>;
       constexpr int64_t tn = 8 * NT, x_stage = O == 1 ? tn * 64 * 2 : tn * kTiledRow * 2;
