@@ -1,6 +1,6 @@
 // Warp-level tensor-core and async-copy primitives (sm_80 and later) used by
 // the tensor-core kernel of packed_linear (packed_mma.cuh):
-//   cp_async16 / cp_async8 / cp_async4   global -> shared copies that bypass registers
+//   cp_async16 / cp_async_ca<B>   global -> shared copies that bypass registers (B = 4 or 8 bytes)
 //   ldmatrix_x2 / x4         8x8 b16 tiles from shared memory into fragments
 //   mma_16816                D (16x8, fp32) += A (16x16) B (16x8), fp16 or bf16
 //   mma_sp_16832             D (16x8, fp32) += A (16x32, 2:4, given as 16x16 kept
@@ -29,27 +29,15 @@ namespace packed_cuda {
 
 #if defined(S3SPARSE_EMULATE_CUDA)
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+template <int B>
+__device__ __forceinline__ void cp_async_ca(void* dst, const void* src, bool valid) {
   if (valid) {
-    std::memcpy(dst, src, 16);
+    std::memcpy(dst, src, B);
   } else {
-    std::memset(dst, 0, 16);
+    std::memset(dst, 0, B);
   }
 }
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-  if (valid) {
-    std::memcpy(dst, src, 4);
-  } else {
-    std::memset(dst, 0, 4);
-  }
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
-  if (valid) {
-    std::memcpy(dst, src, 8);
-  } else {
-    std::memset(dst, 0, 8);
-  }
-}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { cp_async_ca<16>(dst, src, valid); }
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}
@@ -79,18 +67,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   __trap();
 #endif
 }
-// 4 bytes (through L1: neighbouring lanes read the same meta words).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+// B = 4 or 8 bytes through L1 (data re-read nearby: neighbouring lanes' metadata words, x rows every block
+// of a grid row reads), or B zero bytes when !valid.
+template <int B>
+__device__ __forceinline__ void cp_async_ca(void* dst, const void* src, bool valid) {
+  static_assert(B == 4 || B == 8, "cp.async.ca copies 4, 8 or 16 bytes (16: cp_async16, through L2)");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
-#elif defined(__CUDA_ARCH__)
-  __trap();
-#endif
-}
-// 8 bytes through L1 (x: re-read by every block of a row of the grid), or 8 zero bytes when !valid.
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 8 : 0));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(B),
+               "r"(valid ? B : 0));
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif

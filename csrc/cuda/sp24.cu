@@ -181,6 +181,17 @@ __device__ __forceinline__ uint4 value_words(uint4 v) {
   }
 }
 
+// kCheck: a tile any of whose lanes saw a bad metadata word becomes NaN, whole (a lane's word covers rows g and
+// g + 8), so corrupt metadata never passes as numbers. A warp collective.
+template <bool kCheck, int NT>
+__device__ __forceinline__ void poison_bad_tile(float (&d)[NT][4], uint32_t bad) {
+  if (kCheck && __ballot_sync(0xffffffffu, bad != 0u) != 0u) {
+    const float nan = __uint_as_float(0x7fc00000u);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = nan;
+  }
+}
+
 // A warp's finished 16-row tile d over a tile of 8 NT tokens from n0 (d[nt]: (row g, token n0 + 8 nt + 2t),
 // (g, + 1), (g + 8, n0 + 8 nt + 2t), (g + 8, + 1)). With S > 1 slices of K its partial goes to the workspace
 // [S][token tiles][M][8 NT] and the last warp of the tile to arrive (counters [token tiles][tiles]) sums the S
@@ -290,7 +301,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
     xp[nt] = x + static_cast<int64_t>(x_on[nt] ? 8 * nt + g : 0) * K + (kWideX ? x_base_wide(t) : x_base_words<kOrder>(t));
     d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
   }
-  [[maybe_unused]] uint32_t bad = 0;  // kCheck: a corrupt metadata word seen: this warp's partial becomes NaN
+  uint32_t bad = 0;  // kCheck: a corrupt metadata word seen: this warp's partial becomes NaN
   for (int it = it0; it < it1; it += U) {
     uint4 a[U], b[U];
     uint32_t e[U], xr[U][NT][8];
@@ -339,11 +350,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
       }
     }
   }
-  if (kCheck && __ballot_sync(0xffffffffu, bad != 0u) != 0u) {  // (the whole tile: a lane's word covers rows g and g + 8)
-    const float nan = __uint_as_float(0x7fc00000u);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = nan;
-  }
+  poison_bad_tile<kCheck, NT>(d, bad);
   if (in_block) {
     // The tile's slices sum in shared memory, in slice order, by the warp of slice 0.
     __shared__ float4 red[kWarpsPerBlock][32][NT];

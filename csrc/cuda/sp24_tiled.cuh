@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) d[m][nt][0] = d[m][nt][1] = d[m][nt][2] = d[m][nt][3] = 0.f;
   }
-  [[maybe_unused]] uint32_t bad[WM] = {};
+  uint32_t bad[WM] = {};
   uint4 xr[kPer], a[WM][U][2];
   uint32_t e[WM][U];
   load_a(a, e, it0);
@@ -218,11 +218,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   }
 #pragma unroll
   for (int m = 0; m < WM; ++m) {
-    if (kCheck && __ballot_sync(0xffffffffu, bad[m] != 0u) != 0u) {  // (the whole tile: a word covers rows g, g + 8)
-      const float nan = __uint_as_float(0x7fc00000u);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) d[m][nt][0] = d[m][nt][1] = d[m][nt][2] = d[m][nt][3] = nan;
-    }
+    poison_bad_tile<kCheck, NT>(d[m], bad[m]);
     if (active[m]) {
       sp24_finish_tile<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
                          static_cast<int>(gridDim.y));
@@ -288,14 +284,14 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
           const int G = j & 15, n = j >> 4;
           const int col = kOrder == 2 ? 16 * (G >> 2) + 4 * (((G & 1) << 1) | ((G >> 1) & 1)) : 4 * G;
           const bool on = n0 + n < N;
-          cp_async8(xs + slot * kXStage + n * kTiledRow + staged_col(G),
-                    x + static_cast<int64_t>(on ? n0 + n : 0) * K + 64 * i + col, on);
+          cp_async_ca<8>(xs + slot * kXStage + n * kTiledRow + staged_col(G),
+                         x + static_cast<int64_t>(on ? n0 + n : 0) * K + 64 * i + col, on);
         }
       }
       uint4* a = as + (slot * kTiledWarps + warp) * 64;
       cp_async16(a + lane, v0 + 4 * static_cast<int64_t>(i), active);
       cp_async16(a + 32 + lane, v0 + 8 * row_vecs + 4 * static_cast<int64_t>(i), active);
-      cp_async4(es + (slot * kTiledWarps + warp) * 32 + lane, mp + static_cast<int64_t>(i) * 32, active);
+      cp_async_ca<4>(es + (slot * kTiledWarps + warp) * 32 + lane, mp + static_cast<int64_t>(i) * 32, active);
     }
     cp_async_commit();
   };
@@ -303,7 +299,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   float d[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
-  [[maybe_unused]] uint32_t bad = 0;
+  uint32_t bad = 0;
 #pragma unroll
   for (int s = 0; s < P - 1; ++s) issue(it0 + s, s);
   for (int i = it0; i < it1; ++i) {
@@ -337,11 +333,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     }
   }
   cp_async_wait<0>();
-  if (kCheck && __ballot_sync(0xffffffffu, bad != 0u) != 0u) {
-    const float nan = __uint_as_float(0x7fc00000u);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = nan;
-  }
+  poison_bad_tile<kCheck, NT>(d, bad);
   if (active) {
     sp24_finish_tile<T, NT>(d, tile, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
                             static_cast<int>(gridDim.y));
