@@ -414,6 +414,40 @@ at::Tensor tile_counters(int64_t tiles, const at::Tensor& like, cudaStream_t str
   return c;
 }
 
+// The operands every sp24 kernel takes, as raw pointers (the workspace and counters null without a
+// global split-K epilogue); `launch(kernel, extra...)` passes them in the kernels' order.
+template <typename T>
+struct Sp24Operands {
+  const uint4* values;
+  const uint32_t* meta;
+  const T* x;
+  const T* bias;
+  T* y;
+  float* ws;
+  int* counters;
+  int M, K, N, S;
+
+  Sp24Operands(const at::Tensor& xs, const at::Tensor& vals, const at::Tensor& sp_meta,
+               const std::optional<at::Tensor>& b, at::Tensor& ys, int64_t m, int64_t k, int64_t s,
+               const at::Tensor& workspace, const at::Tensor& cnt)
+      : values(reinterpret_cast<const uint4*>(vals.const_data_ptr())),
+        meta(reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>())),
+        x(xs.const_data_ptr<T>()),
+        bias(b.has_value() ? b->const_data_ptr<T>() : nullptr),
+        y(ys.mutable_data_ptr<T>()),
+        ws(workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr),
+        counters(cnt.defined() ? cnt.mutable_data_ptr<int>() : nullptr),
+        M(static_cast<int>(m)),
+        K(static_cast<int>(k)),
+        N(static_cast<int>(xs.size(0))),
+        S(static_cast<int>(s)) {}
+
+  template <typename Kernel, typename... Extra>
+  void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, cudaStream_t stream, Extra... extra) const {
+    S3_LAUNCH(grid, threads, smem, stream, kernel)(values, meta, x, bias, y, ws, counters, M, K, N, S, extra...);
+  }
+};
+
 template <typename T>
 void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tensor& sp_meta,
                  const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, bool checked,
@@ -433,17 +467,8 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int64_t blocks_wide = in_block ? (tiles + kWarpsPerBlock / S - 1) / (kWarpsPerBlock / S)
                                        : (tiles * S + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int blocks = static_cast<int>(blocks_wide);
-  const auto* vp = reinterpret_cast<const uint4*>(values.const_data_ptr());
-  const auto* mp = reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>());
-  const T* xp = xs.const_data_ptr<T>();
-  const T* bp = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-  T* yp = ys.mutable_data_ptr<T>();
-  float* wsp = global ? ws.mutable_data_ptr<float>() : nullptr;
-  int* cp = global ? cnt.mutable_data_ptr<int>() : nullptr;
-  const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
-  const auto launch = [&](auto kernel) {
-    S3_LAUNCH(blocks, kWarpsPerBlock * 32, 0, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si, in_block);
-  };
+  const Sp24Operands<T> args(xs, values, sp_meta, bias, ys, M, K, S, ws, cnt);
+  const auto launch = [&](auto kernel) { args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, in_block); };
   const auto by_tokens = [&](auto order_tag) {
     constexpr int O = decltype(order_tag)::value;
     if (nt == 1) {

@@ -356,14 +356,7 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
                  " tokens are beyond one launch's grid; pass at most ", std::to_string(65535 * bn), " a call");
   at::Tensor ws = S > 1 ? at::empty({S, token_tiles, M, bn}, values.options().dtype(at::kFloat)) : at::Tensor();
   at::Tensor cnt = S > 1 ? tile_counters(tiles * token_tiles, values, stream) : at::Tensor();
-  const auto* vp = reinterpret_cast<const uint4*>(values.const_data_ptr());
-  const auto* mp = reinterpret_cast<const uint32_t*>(sp_meta.const_data_ptr<int32_t>());
-  const T* xp = xs.const_data_ptr<T>();
-  const T* bp = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-  T* yp = ys.mutable_data_ptr<T>();
-  float* wsp = S > 1 ? ws.mutable_data_ptr<float>() : nullptr;
-  int* cp = S > 1 ? cnt.mutable_data_ptr<int>() : nullptr;
-  const int Mi = static_cast<int>(M), Ki = static_cast<int>(K), Ni = static_cast<int>(n), Si = static_cast<int>(S);
+  const Sp24Operands<T> args(xs, values, sp_meta, bias, ys, M, K, S, ws, cnt);
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(token_tiles), static_cast<unsigned>(S));
   const auto launch = [&](auto nt_tag, auto order_tag, auto check_tag) {
     constexpr int NT = decltype(nt_tag)::value, O = decltype(order_tag)::value;
@@ -375,13 +368,13 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
       constexpr int64_t tn = 8 * NT, x_stage = O == 1 ? tn * 64 * 2 : tn * kTiledRow * 2;
       const int64_t smem = int64_t(P) * (x_stage + kTiledWarps * (64 * 16 + 32 * 4)) + (O == 1 ? 2 * tn * kTiledRow * 2 : 0);
       allow_shared<kernel>(smem);
-      S3_LAUNCH(grid, kTiledWarps * 32, smem, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
+      args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
       return;
     }
     constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
     const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
     allow_shared<kernel>(smem);
-    S3_LAUNCH(grid, kTiledWarps * 32, smem, stream, kernel)(vp, mp, xp, bp, yp, wsp, cp, Mi, Ki, Ni, Si);
+    args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
   };
   const auto by_check = [&](auto nt_tag, auto order_tag) {
     checked ? launch(nt_tag, order_tag, std::false_type{}) : launch(nt_tag, order_tag, std::true_type{});
