@@ -47,7 +47,7 @@ namespace {
 #define S3_LAB_TILED_P 4  // stages of the cp.async pipeline
 #endif
 #ifndef S3_LAB_TILED_ASYNC
-#define S3_LAB_TILED_ASYNC 0  // 1: the cp.async pipeline (sp24_tiled_async_kernel) where WM = 1
+#define S3_LAB_TILED_ASYNC 0  // 1: the cp.async pipeline (sp24_tiled_async_kernel), WM row tiles a warp
 #endif
 constexpr int kTiledWarps = 8;  // a block: 8 row tiles of 16 (128 rows)
 constexpr int kTiledBlocksPerSm = S3_LAB_TILED_BLOCKS_PER_SM;  // (256 threads, at most 128 registers each)
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
 // of x is 4 contiguous columns, one 8-byte copy straight into the staged rows. Order 1 (its groups are
 // the even / odd columns of 8): x lands raw, 16-byte pieces; after the wait each thread permutes the
 // pieces it copied itself (visible to it without a barrier) into a double-buffered staged tile.
-template <typename T, int NT, int P, bool kCheck, int kOrder>
+template <typename T, int NT, int WM, int P, bool kCheck, int kOrder>
 __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     sp24_tiled_async_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                             const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
@@ -248,14 +248,13 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   S3_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* xs = smem;                         // [P][kXStage]
   uint16_t* xd = smem + P * kXStage;           // (order 1) [2][BN][kTiledRow]
-  uint4* as = reinterpret_cast<uint4*>(xd + (kRaw ? 2 * BN * kTiledRow : 0));  // [P][warps][2][32]
-  uint32_t* es = reinterpret_cast<uint32_t*>(as + P * kTiledWarps * 64);        // [P][warps][32]
+  uint4* as = reinterpret_cast<uint4*>(xd + (kRaw ? 2 * BN * kTiledRow : 0));  // [P][warps][WM][2][32]
+  uint32_t* es = reinterpret_cast<uint32_t*>(as + P * kTiledWarps * WM * 64);   // [P][warps][WM][32]
 
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int tiles = M / 16;
-  const int tile = static_cast<int>(blockIdx.x) * kTiledWarps + warp;
-  const bool active = tile < tiles;
+  const int tile0 = (static_cast<int>(blockIdx.x) * kTiledWarps + warp) * WM;  // this warp's tiles tile0 .. + WM - 1
   const int n0 = static_cast<int>(blockIdx.y) * BN;
   const int slice = static_cast<int>(blockIdx.z);
   const int iters = K / 64;
@@ -263,8 +262,16 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
   const int g = lane >> 2;
   const int64_t row_vecs = K / 16;
-  const uint4* v0 = vals + static_cast<int64_t>((active ? tile : 0) * 16 + g) * row_vecs + (lane & 3);
-  const uint32_t* mp = meta + static_cast<int64_t>(active ? tile : 0) * iters * 32 + lane;
+  bool active[WM];  // (inactive tiles still copy x and meet the barriers)
+  const uint4* v0[WM];
+  const uint32_t* mp[WM];
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+    active[m] = tile0 + m < tiles;
+    const int tile = active[m] ? tile0 + m : 0;
+    v0[m] = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + (lane & 3);
+    mp[m] = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
+  }
 
   const auto issue = [&](int i, int slot) {  // iteration i's x, A and metadata into stage `slot`; one commit group
     if (i < it1) {
@@ -288,18 +295,24 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
                          x + static_cast<int64_t>(on ? n0 + n : 0) * K + 64 * i + col, on);
         }
       }
-      uint4* a = as + (slot * kTiledWarps + warp) * 64;
-      cp_async16(a + lane, v0 + 4 * static_cast<int64_t>(i), active);
-      cp_async16(a + 32 + lane, v0 + 8 * row_vecs + 4 * static_cast<int64_t>(i), active);
-      cp_async_ca<4>(es + (slot * kTiledWarps + warp) * 32 + lane, mp + static_cast<int64_t>(i) * 32, active);
+#pragma unroll
+      for (int m = 0; m < WM; ++m) {
+        const int at = (slot * kTiledWarps + warp) * WM + m;
+        cp_async16(as + at * 64 + lane, v0[m] + 4 * static_cast<int64_t>(i), active[m]);
+        cp_async16(as + at * 64 + 32 + lane, v0[m] + 8 * row_vecs + 4 * static_cast<int64_t>(i), active[m]);
+        cp_async_ca<4>(es + at * 32 + lane, mp[m] + static_cast<int64_t>(i) * 32, active[m]);
+      }
     }
     cp_async_commit();
   };
 
-  float d[NT][4];
+  float d[WM][NT][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
-  uint32_t bad = 0;
+  for (int m = 0; m < WM; ++m) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) d[m][nt][0] = d[m][nt][1] = d[m][nt][2] = d[m][nt][3] = 0.f;
+  }
+  uint32_t bad[WM] = {};
 #pragma unroll
   for (int s = 0; s < P - 1; ++s) issue(it0 + s, s);
   for (int i = it0; i < it1; ++i) {
@@ -316,27 +329,37 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     }
     __syncthreads();  // (iteration i landed / staged for every thread; the stages of i - 1 and i - 2 read by every warp)
     issue(i + P - 1, (i - it0 + P - 1) % P);
-    const uint4* a = as + (slot * kTiledWarps + warp) * 64;
-    const uint4 va = value_words<kOrder>(a[lane]), vb = value_words<kOrder>(a[32 + lane]);
-    const uint32_t e = active ? es[(slot * kTiledWarps + warp) * 32 + lane] : 0x44444444u;
-    const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};
-    const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};
-    if constexpr (kCheck) bad |= bad_nibbles(e);
+    uint32_t a0[WM][4], a1[WM][4], e[WM];
+#pragma unroll
+    for (int m = 0; m < WM; ++m) {
+      const int at = (slot * kTiledWarps + warp) * WM + m;
+      const uint4 va = value_words<kOrder>(as[at * 64 + lane]), vb = value_words<kOrder>(as[at * 64 + 32 + lane]);
+      e[m] = active[m] ? es[at * 32 + lane] : 0x44444444u;
+      a0[m][0] = va.x, a0[m][1] = vb.x, a0[m][2] = va.y, a0[m][3] = vb.y;
+      a1[m][0] = va.z, a1[m][1] = vb.z, a1[m][2] = va.w, a1[m][3] = vb.w;
+      if constexpr (kCheck) bad[m] |= bad_nibbles(e[m]);
+    }
     const uint16_t* xc = xt + (lane & 7) * kTiledRow + 8 * (lane >> 3);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       uint32_t b0[4], b1[4];
       ldmatrix_x4(b0, xc + 8 * nt * kTiledRow);
       ldmatrix_x4(b1, xc + 8 * nt * kTiledRow + 32);
-      mma_sp_16832<kBf16, 0>(d[nt], a0, b0, e);
-      mma_sp_16832<kBf16, 1>(d[nt], a1, b1, e);
+#pragma unroll
+      for (int m = 0; m < WM; ++m) {  // (WM > 1: each B fragment feeds WM tiles, 1 / WM of the shared-memory reads)
+        mma_sp_16832<kBf16, 0>(d[m][nt], a0[m], b0, e[m]);
+        mma_sp_16832<kBf16, 1>(d[m][nt], a1[m], b1, e[m]);
+      }
     }
   }
   cp_async_wait<0>();
-  poison_bad_tile<kCheck, NT>(d, bad);
-  if (active) {
-    sp24_finish_tile<T, NT>(d, tile, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
-                            static_cast<int>(gridDim.y));
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+    poison_bad_tile<kCheck, NT>(d[m], bad[m]);
+    if (active[m]) {
+      sp24_finish_tile<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
+                              static_cast<int>(gridDim.y));
+    }
   }
 }
 
@@ -362,19 +385,20 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
     constexpr int NT = decltype(nt_tag)::value, O = decltype(order_tag)::value;
     constexpr bool C = decltype(check_tag)::value;
     constexpr int U = kTiledU;
-    if constexpr (kTiledWm == 1 && S3_LAB_TILED_ASYNC) {
+    if constexpr (S3_LAB_TILED_ASYNC) {
       constexpr int P = S3_LAB_TILED_P;
-      constexpr auto kernel = sp24_tiled_async_kernel<T, NT, P, C, O>;
+      constexpr auto kernel = sp24_tiled_async_kernel<T, NT, kTiledWm, P, C, O>;
       constexpr int64_t tn = 8 * NT, x_stage = O == 1 ? tn * 64 * 2 : tn * kTiledRow * 2;
-      const int64_t smem = int64_t(P) * (x_stage + kTiledWarps * (64 * 16 + 32 * 4)) + (O == 1 ? 2 * tn * kTiledRow * 2 : 0);
+      const int64_t smem = int64_t(P) * (x_stage + kTiledWarps * kTiledWm * (64 * 16 + 32 * 4)) +
+                           (O == 1 ? 2 * tn * kTiledRow * 2 : 0);
       allow_shared<kernel>(smem);
       args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
-      return;
+    } else {
+      constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
+      const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
+      allow_shared<kernel>(smem);
+      args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
     }
-    constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
-    const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
-    allow_shared<kernel>(smem);
-    args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
   };
   const auto by_check = [&](auto nt_tag, auto order_tag) {
     checked ? launch(nt_tag, order_tag, std::false_type{}) : launch(nt_tag, order_tag, std::true_type{});
