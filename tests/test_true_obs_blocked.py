@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pruner_utils import make_layer, pattern
+from s3sparse import output_error
 from s3sparse.errors import ArgumentError
 from s3sparse.pruners.true_obs import TrueOBS, TrueOBSOptions
 from s3sparse.pruners import true_obs_sweep
@@ -51,11 +52,19 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
         formed.clear()
         got = _prune(name, ng, G, c_dtype, seed, **options)
         assert formed and formed[0] == 0  # the blocked form ran
-        assert torch.equal(got == 0, want == 0), f"G={G}: the mask differs"
         # fp16 factors: a factor's rounding can tip where the block panel's fp32 sums
-        # (accumulated batch by batch) differ from one product's in the last bit.
+        # (accumulated batch by batch) differ from one product's in the last bit: a near-tie
+        # of two candidates may go the other way (seed 2129377685, 24 largest_first: one scope
+        # of one row, the layer error 3e-6 higher relative). fp64 factors: the same mask.
+        rows = ((got == 0) != (want == 0)).any(1)
+        if c_dtype == torch.float64:
+            assert not rows.any(), f"G={G}: the mask differs"
+        else:
+            assert int(rows.sum()) <= max(1, rows.numel() // 16), f"G={G}: the mask differs in {int(rows.sum())} rows"
+            W, _, H = make_layer(32, 256, 512, seed)
+            assert output_error(got, W, H) == pytest.approx(output_error(want, W, H), rel=1e-4)
         tol = 1e-4 if c_dtype == torch.float16 else 1e-6
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+        torch.testing.assert_close(got[~rows], want[~rows], rtol=tol, atol=tol * float(want.abs().max()))
 
 
 def test_panel_batches_is_checked():
