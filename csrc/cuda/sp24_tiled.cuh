@@ -10,13 +10,13 @@
 // warp's B registers are two ldmatrix.x4 a tile of 8 tokens and an iteration, while its A registers
 // and metadata are read from global memory exactly as in the decode kernel.
 //
-// Two forms of the loads (the package builds the first, checked on an H100; -DS3_LAB_TILED_ASYNC=1 the second,
-// which no GPU has run yet: benchmarks/lab/sp24_ext.py checks and times it beside the first):
-//  - sp24_tiled_kernel: x and A of the next chunk load into registers while the tensor cores work on
-//    this one, then x is stored to shared memory (double buffered, one barrier a chunk): one chunk
-//    ahead, which left the kernel latency-bound (docs/performance.md);
-//  - sp24_tiled_async_kernel: x, A and the metadata go global -> shared by cp.async, P - 1 iterations
-//    ahead (P = 4 stages), one barrier an iteration.
+// Two forms of the loads, both checked on an H100 (benchmarks/lab/sp24_ext.py times them side by side):
+//  - sp24_tiled_async_kernel, the package's: x, A and the metadata go global -> shared by cp.async,
+//    P - 1 iterations ahead (P = 4 stages), one barrier an iteration. 4096x4096 at 64 tokens 1.14-1.29x
+//    faster than the other form, at 32 tokens 0.94x (2:4) to 1.11x (4:8), at 512 the same;
+//  - sp24_tiled_kernel (-DS3_LAB_TILED_ASYNC=0): x and A of the next chunk load into registers while the
+//    tensor cores work on this one, then x is stored to shared memory (double buffered, one barrier a
+//    chunk): one chunk ahead, latency-bound (docs/performance.md).
 //
 // The grid is (row blocks, token tiles, slices of K). Slices are chosen so the grid holds about
 // kTiledBlocksPerSm blocks an SM; with more than one slice the last warp of a tile to finish sums the
@@ -47,7 +47,7 @@ namespace {
 #define S3_LAB_TILED_P 4  // stages of the cp.async pipeline
 #endif
 #ifndef S3_LAB_TILED_ASYNC
-#define S3_LAB_TILED_ASYNC 0  // 1: the cp.async pipeline (sp24_tiled_async_kernel), WM row tiles a warp
+#define S3_LAB_TILED_ASYNC 1  // 1: the cp.async pipeline (sp24_tiled_async_kernel), WM row tiles a warp; 0: registers
 #endif
 constexpr int kTiledWarps = 8;  // a block: 8 row tiles of 16 (128 rows)
 constexpr int kTiledBlocksPerSm = S3_LAB_TILED_BLOCKS_PER_SM;  // (256 threads, at most 128 registers each)
