@@ -384,7 +384,6 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
   const auto launch = [&](auto nt_tag, auto order_tag, auto check_tag) {
     constexpr int NT = decltype(nt_tag)::value, O = decltype(order_tag)::value;
     constexpr bool C = decltype(check_tag)::value;
-    constexpr int U = kTiledU;
     if constexpr (S3_LAB_TILED_ASYNC) {
       constexpr int P = S3_LAB_TILED_P;
       constexpr auto kernel = sp24_tiled_async_kernel<T, NT, kTiledWm, P, C, O>;
@@ -394,6 +393,7 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
       allow_shared<kernel>(smem);
       args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
     } else {
+      constexpr int U = kTiledU;
       constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
       const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
       allow_shared<kernel>(smem);
