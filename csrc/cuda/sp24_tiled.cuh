@@ -89,6 +89,22 @@ __device__ __forceinline__ void stage_x(uint16_t* row, int p, uint4 v) {
 
 // NT tiles of 8 tokens a block (BN = 8 NT tokens), WM row tiles a warp (each B fragment feeds WM mma's: half
 // the shared-memory reads a token at WM = 2), U iterations a chunk, kCheck: check every metadata word.
+// A warp's WM row tiles tile0 .. tile0 + WM - 1: which exist (the others still copy x and meet the barriers;
+// their pointers are tile 0's), and where a lane's A values (rows g and g + 8 of the tile, 16-byte column
+// lane % 4) and metadata words start.
+template <int WM>
+__device__ __forceinline__ void warp_tiles(const uint4* vals, const uint32_t* meta, int tile0, int tiles, int iters,
+                                           int64_t row_vecs, int lane, bool (&active)[WM], const uint4* (&v0)[WM],
+                                           const uint32_t* (&mp)[WM]) {
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+    active[m] = tile0 + m < tiles;
+    const int tile = active[m] ? tile0 + m : 0;
+    v0[m] = vals + static_cast<int64_t>(tile * 16 + (lane >> 2)) * row_vecs + (lane & 3);
+    mp[m] = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
+  }
+}
+
 template <typename T, int NT, int WM, int U, bool kCheck, int kOrder>
 __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     sp24_tiled_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
@@ -112,18 +128,11 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   const int iters = K / 64;
   const int it0 = static_cast<int>(static_cast<int64_t>(iters) * slice / S);
   const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
-  const int g = lane >> 2, t = lane & 3;
   const int64_t row_vecs = K / 16;
-  bool active[WM];  // (inactive tiles still stage x and meet the barriers)
+  bool active[WM];
   const uint4* v0[WM];
   const uint32_t* mp[WM];
-#pragma unroll
-  for (int m = 0; m < WM; ++m) {
-    active[m] = tile0 + m < tiles;
-    const int tile = active[m] ? tile0 + m : 0;
-    v0[m] = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + t;
-    mp[m] = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
-  }
+  warp_tiles<WM>(vals, meta, tile0, tiles, iters, row_vecs, lane, active, v0, mp);
 
   // This thread's pieces of a chunk: piece j = threadIdx + kThreads r: p = j % 8, token j / 8 % BN, iteration j / 8 BN.
   const auto load_x = [&](uint4(&xr)[kPer], int it) {
@@ -260,18 +269,11 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   const int iters = K / 64;
   const int it0 = static_cast<int>(static_cast<int64_t>(iters) * slice / S);
   const int it1 = static_cast<int>(static_cast<int64_t>(iters) * (slice + 1) / S);
-  const int g = lane >> 2;
   const int64_t row_vecs = K / 16;
-  bool active[WM];  // (inactive tiles still copy x and meet the barriers)
+  bool active[WM];
   const uint4* v0[WM];
   const uint32_t* mp[WM];
-#pragma unroll
-  for (int m = 0; m < WM; ++m) {
-    active[m] = tile0 + m < tiles;
-    const int tile = active[m] ? tile0 + m : 0;
-    v0[m] = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + (lane & 3);
-    mp[m] = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
-  }
+  warp_tiles<WM>(vals, meta, tile0, tiles, iters, row_vecs, lane, active, v0, mp);
 
   const auto issue = [&](int i, int slot) {  // iteration i's x, A and metadata into stage `slot`; one commit group
     if (i < it1) {
