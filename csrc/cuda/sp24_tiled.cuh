@@ -105,6 +105,23 @@ __device__ __forceinline__ void warp_tiles(const uint4* vals, const uint32_t* me
   }
 }
 
+// The end of both tiled kernels: each of a warp's WM row tiles NaN where its metadata was corrupt,
+// then (if it exists) finished: bias and store, or its slice's partial through the workspace.
+template <typename T, int NT, int WM, bool kCheck>
+__device__ __forceinline__ void finish_warp_tiles(float (&d)[WM][NT][4], const uint32_t (&bad)[WM],
+                                                  const bool (&active)[WM], int tile0, int lane,
+                                                  const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
+                                                  int* __restrict__ cnt, int M, int N, int S, int slice, int n0) {
+#pragma unroll
+  for (int m = 0; m < WM; ++m) {
+    poison_bad_tile<kCheck, NT>(d[m], bad[m]);
+    if (active[m]) {
+      sp24_finish_tile<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
+                              static_cast<int>(gridDim.y));
+    }
+  }
+}
+
 template <typename T, int NT, int WM, int U, bool kCheck, int kOrder>
 __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     sp24_tiled_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
@@ -225,14 +242,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     __syncthreads();  // (this chunk read by every warp before the next store; the next one stored before it is read)
     buf ^= 1;
   }
-#pragma unroll
-  for (int m = 0; m < WM; ++m) {
-    poison_bad_tile<kCheck, NT>(d[m], bad[m]);
-    if (active[m]) {
-      sp24_finish_tile<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
-                         static_cast<int>(gridDim.y));
-    }
-  }
+  finish_warp_tiles<T, NT, WM, kCheck>(d, bad, active, tile0, lane, bias, y, ws, cnt, M, N, S, slice, n0);
 }
 
 // The tiled kernel with a P-stage cp.async pipeline: x, A and the metadata go global -> shared
@@ -355,14 +365,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
     }
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int m = 0; m < WM; ++m) {
-    poison_bad_tile<kCheck, NT>(d[m], bad[m]);
-    if (active[m]) {
-      sp24_finish_tile<T, NT>(d[m], tile0 + m, lane, bias, y, ws, cnt, M, N, S, slice, n0, static_cast<int>(blockIdx.y),
-                              static_cast<int>(gridDim.y));
-    }
-  }
+  finish_warp_tiles<T, NT, WM, kCheck>(d, bad, active, tile0, lane, bias, y, ws, cnt, M, N, S, slice, n0);
 }
 
 // One launch of the tiled kernel for all n tokens of xs (n > kLaunchTokens).
