@@ -1,6 +1,7 @@
 """One sp24_linear call a token count on a 2560x9728 fp16 2:4 weight (after a warm-up), for a profiler
-(ncu -k regex:sp24 python benchmarks/lab/sp24_one.py 1 16)."""
+(ncu -k regex:sp24 python benchmarks/lab/sp24_one.py 1 16). SP_SHAPE=4096x4096 picks another shape."""
 
+import os
 import sys
 
 import torch
@@ -10,7 +11,7 @@ from s3sparse.patterns import parse_pattern
 from s3sparse.sparse import PackedWeight
 from s3sparse.sparse.sp24 import sp24_meta_words
 
-M, K = 2560, 9728
+M, K = (int(v) for v in os.environ.get("SP_SHAPE", "2560x9728").split("x"))
 W = torch.nn.Parameter(torch.randn(M, K, device="cuda", dtype=torch.float16))
 with torch.no_grad():
     scope, nnz = parse_pattern("2:4").build(W)

@@ -133,18 +133,26 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // Sparse A (2:4 along k), selector SEL (0 or 1: which lane pair of each 4 gives the metadata).
+// S3_LAB_ORDERED_META=1 (lab, PTX 8.5+): the .sp::ordered_metadata form, which promises each group's
+// two positions increasing (our metadata always is: sp24.py builds p0 < p1 and the kernels' check
+// refuses others); ptxas advises it for later architectures.
+#if defined(S3_LAB_ORDERED_META) && S3_LAB_ORDERED_META
+#define S3_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define S3_MMA_SP "mma.sp"
+#endif
 template <bool BF16, int SEL>
 __device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (BF16) {
     asm volatile(
-        "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        S3_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
   } else {
     asm volatile(
-        "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        S3_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
