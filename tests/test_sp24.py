@@ -155,12 +155,12 @@ def test_packed_linear_takes_the_sparse_tensor_cores_at_decode(seed, dtype, monk
     monkeypatch.setattr(ops, "sp24_linear", lambda *a: calls.append(a[0].shape) or vouched.append(a[5]) or real(*a))
     m = _module(64, 256, seed, dtype=dtype, device="cuda")
     W, b = m.weight.float(), m.bias.float()
-    for n in (1, 1, 5, 16, 17, 64, 65):  # the first call checks the tables (the packed op) and builds the metadata
+    for n in (1, 1, 5, 16, 17, 65, 128, 129):  # the first call checks the tables (the packed op) and builds the metadata
         x = torch.randn(n, 256, device="cuda", dtype=dtype)
         want = torch.nn.functional.linear(x.float(), W, b)
         torch.testing.assert_close(m(x).float(), want, rtol=1e-2, atol=2e-2)
-    assert calls == [(1, 256), (5, 256), (16, 256), (17, 256), (64, 256)], calls  # (65: the packed kernels)
-    assert vouched == [True] * 5  # (its own metadata: the kernel skips the check)
+    assert calls == [(1, 256), (5, 256), (16, 256), (17, 256), (65, 256), (128, 256)], calls  # (129: packed kernels)
+    assert vouched == [True] * 6  # (its own metadata: the kernel skips the check)
     with pytest.raises(TypeError, match="`x` must have the dtype of `values`"):  # (packed_linear's error, not sp24's)
         m(torch.randn(1, 256, device="cuda"))
     m.sp24_meta.add_(0)  # an in-place change: no longer vouched for, checked by the kernel

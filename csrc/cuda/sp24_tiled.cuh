@@ -18,9 +18,12 @@
 //    tensor cores work on this one, then x is stored to shared memory (double buffered, one barrier a
 //    chunk): one chunk ahead, latency-bound (docs/performance.md).
 //
-// The grid is (row blocks, token tiles, slices of K). Slices are chosen so the grid holds about
-// kTiledBlocksPerSm blocks an SM; with more than one slice the last warp of a tile to finish sums the
-// slices' fp32 partial tiles in slice order (deterministic): the decode kernel's epilogue, sp24_finish_tile.
+// The grid is (row blocks, token tiles, slices of K). Slices are chosen so the grid holds at most one
+// block an SM (kTiledFill): on an H100 that beat filling both of an SM's block slots by up to 1.4x at
+// 32-128 tokens (fewer slices: less split-K work, and no SM running two blocks while others run one) and
+// was equal elsewhere (docs/performance.md, 2026-12-07). With more than one slice the last warp of a tile
+// to finish sums the slices' fp32 partial tiles in slice order (deterministic): the decode kernel's
+// epilogue, sp24_finish_tile.
 #pragma once
 
 namespace s3sparse {
@@ -33,6 +36,13 @@ namespace {
 #endif
 #ifndef S3_LAB_TILED_BLOCKS_PER_SM
 #define S3_LAB_TILED_BLOCKS_PER_SM 2
+#endif
+#ifndef S3_LAB_TILED_FILL  // blocks an SM the slices of K are chosen to fill (2 until 2026-12-07)
+#if defined(S3SPARSE_EMULATE_CUDA)
+#define S3_LAB_TILED_FILL 2  // (the emulator has 2 SMs: so two row blocks or token tiles still split K in the tests)
+#else
+#define S3_LAB_TILED_FILL 1
+#endif
 #endif
 #ifndef S3_LAB_TILED_MIN_ITERS
 #define S3_LAB_TILED_MIN_ITERS 8
@@ -55,6 +65,7 @@ constexpr int kTiledU = S3_LAB_TILED_U;                        // 64-column iter
 constexpr int kTiledWm = S3_LAB_TILED_WM;                      // row tiles a warp
 constexpr int kTiledRow = 72;  // a staged x row: 64 columns + 8, 144 bytes (ldmatrix's 8 rows on distinct banks)
 constexpr int64_t kTiledMinIters = S3_LAB_TILED_MIN_ITERS;  // slices of K a tile take at least this many iterations
+constexpr int64_t kTiledFill = S3_LAB_TILED_FILL;
 
 // The staged column (elements) of virtual group G (0-15) of an iteration: step s = (G >> 1) & 1 and the
 // step's group q = (G >> 2) + 4 (G & 1) (sp24_group inverted), so each step's 32 virtual columns lie in
@@ -377,8 +388,7 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
   const int nt = n <= 32 ? S3_LAB_TILED_NT32 : 8;
   const int64_t bn = 8 * nt, token_tiles = ceil_div(n, bn);
   const int64_t tiles = M / 16, iters = K / 64, row_blocks = ceil_div(tiles, kTiledWarps * kTiledWm);
-  const int64_t want = std::llround(static_cast<double>(multiprocessors()) * kTiledBlocksPerSm /
-                                    static_cast<double>(row_blocks * token_tiles));
+  const int64_t want = multiprocessors() * kTiledFill / (row_blocks * token_tiles);  // (rounded down)
   const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, iters / kTiledMinIters));
   S3_CHECK_VALUE(token_tiles <= 65535, "s3sparse.sp24_linear: ", std::to_string(n),
                  " tokens are beyond one launch's grid; pass at most ", std::to_string(65535 * bn), " a call");

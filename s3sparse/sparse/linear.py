@@ -18,10 +18,11 @@ __all__ = ["PackedLinear"]
 
 _BUFFERS = ("values", "meta", "subsets", "block_off", "elem_off", "geometry")
 # The 2:4 kernel on the sparse tensor cores (ops.sp24_linear) up to this many tokens a call: above, the
-# packed kernels. Measured on an H100 (docs/performance.md), 4096x4096 2:4: at 32 / 64 tokens the op's tiled
-# kernel takes 20.0 / 35.3 us against 42.4 / 42.6 us for the packed kernels' path; at 512, 73 against 59.5.
+# packed kernels. Measured on an H100 (docs/performance.md, 2026-12-07), 4096x4096 / 9728x2560 2:4: at 128
+# tokens the op's tiled kernel takes 30.5 / 45.3 us against 43.7 / 63.6 us for the packed kernels' path
+# (expansion + cuBLAS); at 512, 70 / 111 against 59 / 88.
 # S3SPARSE_PACKED_SP24=0 turns it off for every new module (benchmarks compare the paths).
-SP24_DEFAULT_TOKENS = 64
+SP24_DEFAULT_TOKENS = 128
 SP24_MAX_TOKENS = 0 if os.environ.get("S3SPARSE_PACKED_SP24", "1").lower() in ("0", "off", "false") else SP24_DEFAULT_TOKENS
 
 
@@ -58,7 +59,7 @@ class PackedLinear(nn.Module):
     CUDA kernels, a fake for ``torch.compile(fullgraph=True)``), accumulating in
     fp32 (fp64 for fp64) for any leading batch shape of ``x``. On CUDA, a 2:4,
     4:8 or coupled 2:4 weight (fp16 / bf16, ``out_features % 16 == 0``, ``in_features % 64 == 0``)
-    runs calls of up to 64 tokens on the sparse tensor cores instead
+    runs calls of up to 128 tokens on the sparse tensor cores instead
     (``s3sparse::sp24_linear``, :meth:`use_sp24`), with the instruction's
     metadata derived once when the tables are checked (a non-persistent
     ``sp24_meta`` buffer, 1/8 byte a weight element).
@@ -364,15 +365,15 @@ class PackedLinear(nn.Module):
         return sp24_form(packed, None if name is None else COLUMN_ORDERS[name])
 
     def use_sp24(self, max_tokens: Optional[int] = SP24_DEFAULT_TOKENS) -> "PackedLinear":
-        """Run calls of up to ``max_tokens`` tokens on the sparse tensor cores (the default, 64; ``None`` or
-        0 turns it off and frees the metadata).
+        """Run calls of up to ``max_tokens`` tokens on the sparse tensor cores (the default, 128; ``None``
+        or 0 turns it off and frees the metadata).
 
         On CUDA, for fp16 / bf16 2:4, 4:8 and coupled 2:4 weights with ``out_features % 16 == 0`` and
         ``in_features % 64 == 0``, the first call that checks the tables also builds the instruction's metadata
         (:func:`s3sparse.sparse.sp24.sp24_meta_words`, 1/8 byte a weight element, not in ``state_dict``),
         and such calls then take :func:`s3sparse.ops.sp24_linear`. From 17 tokens the op runs its block-tiled
         kernel (x staged in shared memory, one launch for all tokens): on an H100 faster than the packed
-        kernels at 32 and 64 tokens (still below dense ``F.linear``), slower at 512, hence 64
+        kernels from 32 to 128 tokens (still below dense ``F.linear``), slower at 512, hence 128
         (docs/performance.md). Returns the module.
         """
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
