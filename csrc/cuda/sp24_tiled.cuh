@@ -53,6 +53,9 @@ namespace {
 #ifndef S3_LAB_TILED_NT32
 #define S3_LAB_TILED_NT32 4  // token tile (/ 8) for 17-32 tokens
 #endif
+#ifndef S3_LAB_TILED_NT_LARGE
+#define S3_LAB_TILED_NT_LARGE 8  // token tile (/ 8) above 64 tokens (lab: 16, with S3_LAB_TILED_BLOCKS_PER_SM=1)
+#endif
 #ifndef S3_LAB_TILED_P
 #define S3_LAB_TILED_P 4  // stages of the cp.async pipeline
 #endif
@@ -385,7 +388,7 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
                        const std::optional<at::Tensor>& bias, at::Tensor& ys, int64_t M, int64_t K, bool checked,
                        int64_t order, cudaStream_t stream) {
   const int64_t n = xs.size(0);
-  const int nt = n <= 32 ? S3_LAB_TILED_NT32 : 8;
+  const int nt = n <= 32 ? S3_LAB_TILED_NT32 : n <= 64 ? 8 : S3_LAB_TILED_NT_LARGE;
   const int64_t bn = 8 * nt, token_tiles = ceil_div(n, bn);
   const int64_t tiles = M / 16, iters = K / 64, row_blocks = ceil_div(tiles, kTiledWarps * kTiledWm);
   const int64_t want = multiprocessors() * kTiledFill / (row_blocks * token_tiles);  // (rounded down)
@@ -427,7 +430,14 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
       by_check(nt_tag, std::integral_constant<int, 2>{});
     }
   };
-  nt == 8 ? by_order(std::integral_constant<int, 8>{}) : by_order(std::integral_constant<int, 4>{});
+  if constexpr (S3_LAB_TILED_NT_LARGE == 16) {  // (a lab build alone compiles the 128-token tile)
+    if (nt == 16) by_order(std::integral_constant<int, 16>{});
+  }
+  if (nt == 8) {
+    by_order(std::integral_constant<int, 8>{});
+  } else if (nt == 4) {
+    by_order(std::integral_constant<int, 4>{});
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
