@@ -94,8 +94,9 @@ def test_sp24_linear_many_slices_of_k(device, seed, pattern):
     """K split over many slices of a tile, on the emulator's 2 SMs: 3, 6 and 17 slices (K = 768, 1536, 4352:
     the global epilogue) and 2, 4 and 8 (K = 512, 1024, 2048: summed in one block; 48 rows, 3 tiles, leave
     an inactive tile in a block); from 17 tokens the tiled kernel's 2 slices (one or two token tiles; 144
-    rows: a second block of one active warp; 200 tokens: several token tiles, two of 128 in a lab build with
-    S3_LAB_TILED_NT_LARGE=16): the slices' partials summed in slice order, deterministically."""
+    rows: a second block of one active warp): the slices' partials summed in slice order, deterministically.
+    200 tokens: four token tiles, one slice (two tiles of 128 and two slices in a lab build with
+    S3_LAB_TILED_NT_LARGE=16)."""
     gen = torch.Generator().manual_seed(seed)
     order = PATTERNS[pattern]
     for M, K, n in ((48, 768, 6), (16, 1536, 16), (16, 4352, 1), (16, 4352, 16), (48, 512, 1), (48, 1024, 6),

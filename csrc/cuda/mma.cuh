@@ -134,8 +134,10 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 // Sparse A (2:4 along k), selector SEL (0 or 1: which lane pair of each 4 gives the metadata).
 // S3_LAB_ORDERED_META=1 (lab, PTX 8.5+): the .sp::ordered_metadata form, which promises each group's
-// two positions increasing (our metadata always is: sp24.py builds p0 < p1 and the kernels' check
-// refuses others); ptxas advises it for later architectures.
+// two positions increasing. sp24.py always builds p0 < p1; a corrupt word still reaches the instruction
+// before the checked kernels turn its tile into NaN, so a checked build would feed it words outside that
+// promise (its result is discarded either way). ptxas advises the form for later architectures; on an
+// H100 it issues at the same rate (benchmarks/lab/mma_rate.cu), so the package keeps mma.sp.
 #if defined(S3_LAB_ORDERED_META) && S3_LAB_ORDERED_META
 #define S3_MMA_SP "mma.sp::ordered_metadata"
 #else

@@ -5,7 +5,8 @@
 // every tile), which is cheap for 1-16 tokens but at 32 tokens moves 2-4 times the weight's bytes
 // through L1 a call (0.31-0.47x dense F.linear at 32-512 tokens on an H100,
 // benchmarks/results/packed-32-512-paths-h100-5934764.txt). Here a block of 8 warps takes 8 row tiles
-// (128 rows) over one slice of K for one tile of 32 or 64 tokens: the block stages x once a chunk of
+// (128 rows) over one slice of K for one tile of 32 or 64 tokens (128 in a lab build with
+// S3_LAB_TILED_NT_LARGE=16): the block stages x once a chunk of
 // iterations in shared memory, already in the tensor cores' virtual column order (sp24.h), so each
 // warp's B registers are two ldmatrix.x4 a tile of 8 tokens and an iteration, while its A registers
 // and metadata are read from global memory exactly as in the decode kernel.
@@ -62,6 +63,10 @@ namespace {
 #ifndef S3_LAB_TILED_ASYNC
 #define S3_LAB_TILED_ASYNC 1  // 1: the cp.async pipeline (sp24_tiled_async_kernel), WM row tiles a warp; 0: registers
 #endif
+static_assert(S3_LAB_TILED_NT32 == 4 || S3_LAB_TILED_NT32 == 8, "S3_LAB_TILED_NT32: 4 or 8 (the launcher's tiles)");
+static_assert(S3_LAB_TILED_NT_LARGE == 8 || S3_LAB_TILED_NT_LARGE == 16, "S3_LAB_TILED_NT_LARGE: 8 or 16");
+static_assert(S3_LAB_TILED_NT_LARGE == 8 || S3_LAB_TILED_BLOCKS_PER_SM == 1,
+              "S3_LAB_TILED_NT_LARGE=16 needs S3_LAB_TILED_BLOCKS_PER_SM=1 (its 64 accumulators spill under 128 registers)");
 constexpr int kTiledWarps = 8;  // a block: 8 row tiles of 16 (128 rows)
 constexpr int kTiledBlocksPerSm = S3_LAB_TILED_BLOCKS_PER_SM;  // (256 threads, at most 128 registers each)
 constexpr int kTiledU = S3_LAB_TILED_U;                        // 64-column iterations a chunk
