@@ -48,6 +48,8 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
                         lambda self, b0: (formed.append(b0), real(self, b0))[1])
     want = _prune(name, ng, 1, c_dtype, seed, **options)
     assert not formed  # G = 1: no block panel
+    W, _, H = make_layer(32, 256, 512, seed)  # (_prune's layer)
+    want_error = output_error(want, W, H)
     for G in (3, 8, 1000):  # G not dividing the batches; G past the last batch
         formed.clear()
         got = _prune(name, ng, G, c_dtype, seed, **options)
@@ -61,8 +63,7 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
             assert not rows.any(), f"G={G}: the mask differs"
         else:
             assert int(rows.sum()) <= max(1, rows.numel() // 16), f"G={G}: the mask differs in {int(rows.sum())} rows"
-            W, _, H = make_layer(32, 256, 512, seed)
-            assert output_error(got, W, H) == pytest.approx(output_error(want, W, H), rel=1e-4)
+            assert output_error(got, W, H) == pytest.approx(want_error, rel=1e-4)
         tol = 1e-4 if c_dtype == torch.float16 else 1e-6
         torch.testing.assert_close(got[~rows], want[~rows], rtol=tol, atol=tol * float(want.abs().max()))
 

@@ -30,6 +30,14 @@ __global__ void dense_loop(float* out, int iters) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = s;
 }
 
+// One mma.sp m16n8k32 of accumulator c, the mnemonic OP ("mma.sp" or its ordered-metadata form).
+#define SPARSE_MMA(OP)                                                                                 \
+  asm volatile(OP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "     \
+                  "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"                                       \
+               : "+f"(d[c][0]), "+f"(d[c][1]), "+f"(d[c][2]), "+f"(d[c][3])                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), \
+                 "r"(e))
+
 template <int C, bool kOrdered>
 __global__ void sparse_loop(float* out, int iters) {
   float d[C][4] = {};
@@ -39,20 +47,11 @@ __global__ void sparse_loop(float* out, int iters) {
   for (int i = 0; i < iters; ++i) {
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      if constexpr (kOrdered)  // the same op with the kept indices promised increasing (PTX 8.5)
-        asm volatile(
-            "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
-            : "+f"(d[c][0]), "+f"(d[c][1]), "+f"(d[c][2]), "+f"(d[c][3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
-              "r"(e));
-      else
-        asm volatile(
-            "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
-            : "+f"(d[c][0]), "+f"(d[c][1]), "+f"(d[c][2]), "+f"(d[c][3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
-              "r"(e));
+      if constexpr (kOrdered) {  // the same op with the kept indices promised increasing (PTX 8.5)
+        SPARSE_MMA("mma.sp::ordered_metadata");
+      } else {
+        SPARSE_MMA("mma.sp");
+      }
     }
   }
   float s = 0.f;
