@@ -60,6 +60,9 @@ namespace {
 #ifndef S3_LAB_TILED_P
 #define S3_LAB_TILED_P 4  // stages of the cp.async pipeline
 #endif
+#ifndef S3_LAB_TILED_ROTATE
+#define S3_LAB_TILED_ROTATE 0  // (cp.async form) row block b starts its slice ROTATE b iterations in
+#endif
 #ifndef S3_LAB_TILED_ASYNC
 #define S3_LAB_TILED_ASYNC 1  // 1: the cp.async pipeline (sp24_tiled_async_kernel), WM row tiles a warp; 0: registers
 #endif
@@ -304,8 +307,13 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   const uint32_t* mp[WM];
   warp_tiles<WM>(vals, meta, tile0, tiles, iters, row_vecs, lane, active, v0, mp);
 
-  const auto issue = [&](int i, int slot) {  // iteration i's x, A and metadata into stage `slot`; one commit group
-    if (i < it1) {
+  // Step q (0 .. it1 - it0 - 1) of this slice takes iteration it0 + (q + rot) % steps: with S3_LAB_TILED_ROTATE = r,
+  // row block b starts r b steps in, so the blocks of a slice do not all read the same columns of their rows at once.
+  const int steps = it1 - it0;
+  const int rot = S3_LAB_TILED_ROTATE && steps > 0 ? static_cast<int>(blockIdx.x * S3_LAB_TILED_ROTATE % steps) : 0;
+  const auto issue = [&](int q, int slot) {  // step q's x, A and metadata into stage `slot`; one commit group
+    if (q < steps) {
+      const int i = it0 + (q + rot < steps ? q + rot : q + rot - steps);
       if constexpr (kRaw) {
 #pragma unroll
         for (int r = 0; r < kPer16; ++r) {
@@ -345,11 +353,11 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
   }
   uint32_t bad[WM] = {};
 #pragma unroll
-  for (int s = 0; s < P - 1; ++s) issue(it0 + s, s);
-  for (int i = it0; i < it1; ++i) {
+  for (int s = 0; s < P - 1; ++s) issue(s, s);
+  for (int q = 0; q < steps; ++q) {
     cp_async_wait<P - 2>();
-    const int slot = (i - it0) % P;
-    uint16_t* xt = kRaw ? xd + ((i - it0) & 1) * BN * kTiledRow : xs + slot * kXStage;  // iteration i's staged x
+    const int slot = q % P;
+    uint16_t* xt = kRaw ? xd + (q & 1) * BN * kTiledRow : xs + slot * kXStage;  // step q's staged x
     if constexpr (kRaw) {  // (this thread's own copies: visible to it after the wait)
 #pragma unroll
       for (int r = 0; r < kPer16; ++r) {
@@ -358,8 +366,8 @@ __global__ void __launch_bounds__(kTiledWarps * 32, kTiledBlocksPerSm)
         stage_x<1>(xt + n * kTiledRow, p, *reinterpret_cast<const uint4*>(xs + slot * kXStage + n * 64 + 8 * p));
       }
     }
-    __syncthreads();  // (iteration i landed / staged for every thread; the stages of i - 1 and i - 2 read by every warp)
-    issue(i + P - 1, (i - it0 + P - 1) % P);
+    __syncthreads();  // (step q landed / staged for every thread; the stages of q - 1 and q - 2 read by every warp)
+    issue(q + P - 1, (q + P - 1) % P);
     uint32_t a0[WM][4], a1[WM][4], e[WM];
 #pragma unroll
     for (int m = 0; m < WM; ++m) {
