@@ -64,7 +64,9 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
         else:
             assert int(rows.sum()) <= max(1, rows.numel() // 16), f"G={G}: the mask differs in {int(rows.sum())} rows"
             assert output_error(got, W, H) == pytest.approx(want_error, rel=1e-4)
-        tol = 1e-4 if c_dtype == torch.float16 else 1e-6
+        # (fp16 factors: a kept weight may move by a fraction of fp16's unit roundoff of the layer's largest
+        # weight; seed 210 with 2 threads, coupled 2:4: 1.07e-4 of it, one element)
+        tol = torch.finfo(torch.float16).eps / 4 if c_dtype == torch.float16 else 1e-6
         torch.testing.assert_close(got[~rows], want[~rows], rtol=tol, atol=tol * float(want.abs().max()))
 
 
