@@ -15,6 +15,13 @@ mkdir -p "$OUT" "$LOG"
 commit=${S3SPARSE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export S3SPARSE_GIT_COMMIT=$commit
 repo=$PWD
+# The installed package's compiled library, copied into this checkout, which PYTHONPATH then points at.
+use_installed_library() {
+  local site
+  site=$(cd /tmp && python3 -c "import os, s3sparse; print(os.path.dirname(s3sparse.__file__))")
+  cp "$site"/_C*.so "$repo/s3sparse/"
+  export PYTHONPATH=$repo
+}
 for step in "${@:-all}"; do
   case $step in
     build|all)
@@ -26,9 +33,7 @@ for step in "${@:-all}"; do
         cp .whl/*.whl "$OUT/"
       fi
       python3 -m pip install -q --no-deps --force-reinstall .whl/*.whl > "$LOG/install.log" 2>&1 || { cp "$LOG/install.log" "$OUT/"; tail -20 "$LOG/install.log"; exit 1; }
-      site=$(cd /tmp && python3 -c "import os, s3sparse; print(os.path.dirname(s3sparse.__file__))")
-      cp "$site"/_C*.so "$repo/s3sparse/"
-      export PYTHONPATH=$repo
+      use_installed_library
       ;;&
     cpubuild)
       # A CPU-only install (about a minute on 16 cores, against the wheel's five): enough for the lab steps that
@@ -37,9 +42,7 @@ for step in "${@:-all}"; do
       SKBUILD_CMAKE_DEFINE="S3SPARSE_CUDA=OFF" MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps . \
         > "$LOG/cpubuild.log" 2>&1 || { cp "$LOG/cpubuild.log" "$OUT/"; tail -30 "$LOG/cpubuild.log"; exit 1; }
       echo "CPU-only install in $((SECONDS - t0)) s"
-      site=$(cd /tmp && python3 -c "import os, s3sparse; print(os.path.dirname(s3sparse.__file__))")
-      cp "$site"/_C*.so "$repo/s3sparse/"
-      export PYTHONPATH=$repo
+      use_installed_library
       ;;&
     tests|all)
       (cd /tmp && timeout 400 python3 -m pytest -q -m cuda -p no:cacheprovider "$repo/tests/test_op_packed.py" \
@@ -127,7 +130,7 @@ for step in "${@:-all}"; do
       # Issue 19: where a refine sweep's time goes on the GPU: one eager sync-free sweep of one 32-row chunk of the
       # 2560x9728 layer under torch.profiler (ops and kernels by device time, kernels a scope), after the same sweep
       # unprofiled (the profiler's overhead). refine_mask is plain torch: a CPU-only build is enough
-      # (SKBUILD_CMAKE_DEFINE="S3SPARSE_CUDA=OFF" python3 -m pip install ...).
+      # (the cpubuild step).
       (cd /tmp && timeout 300 python3 "$repo/benchmarks/lab/refine_forms.py" --shape ${REFINE_SHAPE:-32x9728} --device cuda \
         --sweeps 1 --chunk-size 32 --forms sync-free --profile "$OUT/refine-profile.txt" > "$LOG/refineprof.txt" 2>&1; head -45 "$OUT/refine-profile.txt")
       ;;&
