@@ -14,7 +14,9 @@ magnitude-pruned to the pattern (``scope.hard_threshold``), packed once, and for
 * ``packed`` — ``PackedLinear`` (the ``s3sparse::packed_linear`` op on the packed weight, or on CUDA for
   2:4 / 4:8 / coupled 2:4 at up to 16 tokens ``s3sparse::sp24_linear``: then ``packed_path`` says
   ``sp24`` and GB/s count the bytes that path reads, the values and ``sp24_meta``;
-  ``S3SPARSE_PACKED_SP24=0`` turns that path off);
+  ``S3SPARSE_PACKED_SP24=0`` turns that path off; with ``--dense-cache-tokens T``, calls of T tokens or more
+  run as dense ``F.linear`` on the module's cached decoded W, ``PackedLinear.use_dense_cache(T)``: then
+  ``packed_path`` says ``dense cache`` and GB/s count the dense bytes);
 * ``semi``   — ``F.linear(x, torch.sparse.to_sparse_semi_structured(W))``, torch's 2:4 semi-structured
   sparsity (cuSPARSELt or CUTLASS), where it runs: only a weight that is 2:4 (2:4 and coupled 2:4 are),
   fp16 / bf16 on a GPU that supports it; otherwise the row says why not (``semi_status``).
@@ -156,8 +158,9 @@ class Bench:
     """One run: the device, dtype, timing settings, copy bandwidth, and the rows so far."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, methods: Sequence[str], repeat: int,
-                 rotate_bytes: int, copy_bps: float, check: bool):
+                 rotate_bytes: int, copy_bps: float, check: bool, dense_cache_tokens: Optional[int] = None):
         self.device, self.dtype, self.methods, self.repeat = device, dtype, list(methods), repeat
+        self.dense_cache_tokens = dense_cache_tokens
         self.rotate_bytes, self.copy_bps, self.check = rotate_bytes, copy_bps, check
         self.modes = ["graph", "eager"] if device.type == "cuda" else ["eager"]
         self.rows: List[dict] = []
@@ -177,6 +180,8 @@ class Bench:
         W = self.pruned_weight(M, K, pattern)
         esize = W.element_size()
         packed = PackedLinear(PackedWeight.from_pattern(W, pattern))
+        if self.dense_cache_tokens:
+            packed.use_dense_cache(self.dense_cache_tokens)
         info = dict(M=M, K=K, pattern=pattern, dtype=str(self.dtype).replace("torch.", ""),
                     ratio=packed.nbytes / (M * K * esize), row_group=packed.row_group,
                     index_format=packed.packed.index_format, meta_bits=packed.meta_bits)
@@ -233,6 +238,9 @@ class Bench:
                         # The sparse tensor cores' path reads the values and its own metadata, not the format's meta.
                         nbytes = packed.values.nbytes + packed.sp24_meta.nbytes
                         row["packed_path"], row["packed_read_bytes"] = "sp24", nbytes
+                    if method == "packed" and self.dense_cache_tokens and N >= self.dense_cache_tokens:
+                        nbytes = M * K * esize  # F.linear on the cached dense W
+                        row["packed_path"], row["packed_read_bytes"] = "dense cache", nbytes
                     for mode in self.modes:
                         t = row.get(f"{method}_{mode}_s")
                         if t:
@@ -317,6 +325,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--check", action="store_true", help="check the packed weight and every output against the "
                     "pruned dense weight (see above)")
     ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, tokens {QUICK_TOKENS} on the CPU")
+    ap.add_argument("--dense-cache-tokens", type=int, default=None, metavar="T",
+                    help="PackedLinear.use_dense_cache(T): calls of T tokens or more run dense on a cached W")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -338,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f"device-to-device copy: {copy_bps / 1e9:.1f} GB/s (read + write, {copy_bytes / 2**20:.0f} MiB); "
           f"weights rotate over {rotate_bytes / 2**20:.0f} MiB")
     print("timing: 'graph' = GPU time per call by CUDA-graph replay; 'eager' = wall time per call of a plain loop")
-    bench = Bench(device, dtype, args.methods, repeat, rotate_bytes, copy_bps, args.check)
+    bench = Bench(device, dtype, args.methods, repeat, rotate_bytes, copy_bps, args.check, args.dense_cache_tokens)
     print(bench.header())
     failures = []
     for M, K in shapes:
@@ -357,6 +367,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(benchmark="packed", **env, dtype=args.dtype, shapes=[f"{m}x{k}" for m, k in shapes], tokens=tokens,
                 patterns=pattern_names, methods=args.methods, repeat=repeat, check=args.check,
+                dense_cache_tokens=args.dense_cache_tokens,
                 **{"copy_GB/s": copy_bps / 1e9}, l2_cache_bytes=l2_cache_bytes(device), rotate_bytes=rotate_bytes,
                 timings={"graph": "GPU time per call: CUDA events around replays of a CUDA graph of `*_graph_calls` "
                                   "calls, about 2 ms (median replay / calls)",

@@ -511,6 +511,79 @@ def test_use_semi_structured_large_batches_equal_the_dense_layer(name):
     torch.testing.assert_close(packed(x).double(), want, rtol=2e-3, atol=4e-2)
 
 
+# ---------------------------------------------------------------- the dense cache for large batches
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["2:4", "block16-rows", "channels:0.5"])
+def test_use_dense_cache_runs_large_batches_dense_and_small_ones_packed(name, device):
+    lin = pruned_linear(name, M=64, K=128, device=device)
+    packed = PackedLinear.from_linear(lin, pattern=name)
+    x_small = torch.randn(2, 3, 128, device=device)  # 6 tokens: below the threshold
+    y_small = packed(x_small)
+    keys = set(packed.state_dict())
+    assert packed.use_dense_cache(min_tokens=16) is packed
+    cached = packed._dense[1]
+    assert torch.equal(cached, lin.weight.detach())  # the decoded W, exactly
+    assert set(packed.state_dict()) == keys  # never saved
+    assert torch.equal(packed(x_small), y_small)  # small calls: still the packed op
+    for lead in [(16,), (2, 20), (40,)]:
+        x = torch.randn(*lead, 128, device=device)
+        got = packed(x)
+        assert got.shape == (*lead, 64)
+        # a large call is F.linear on the cached W, bit for bit
+        assert torch.equal(got, torch.nn.functional.linear(x, cached, packed.bias))
+        want = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert packed._dense[1] is cached  # built once
+    # The values change in place: the copy follows.
+    with torch.no_grad():
+        packed.values.mul_(2)
+    x = torch.randn(32, 128, device=device)
+    want = torch.nn.functional.linear(x.double(), 2 * lin.weight.double(), lin.bias.double())
+    torch.testing.assert_close(packed(x).double(), want, rtol=1e-5, atol=1e-5)
+    assert packed._dense[1] is not cached
+    # A cast frees the copy at once; the next large call rebuilds it in the new dtype.
+    packed.double()
+    assert packed._dense is None and packed._dense_min_tokens == 16
+    torch.testing.assert_close(packed(x.double()), want, rtol=1e-12, atol=1e-12)
+    assert packed._dense[1].dtype == torch.float64
+    # Pickled without the copy; the copy comes back on the next large call.
+    again = pickle.loads(pickle.dumps(packed))
+    assert again._dense is None
+    torch.testing.assert_close(again(x.double()), want, rtol=1e-12, atol=1e-12)
+    assert packed.use_dense_cache(None)._dense is None  # off frees it
+    torch.testing.assert_close(packed(x.double()), want, rtol=1e-12, atol=1e-12)
+
+
+def test_use_dense_cache_refusals_and_compiled_calls():
+    packed = PackedLinear.from_linear(pruned_linear("4:8", M=32, K=64), pattern="4:8")
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ArgumentError, match="`min_tokens` must be a positive int"):
+            packed.use_dense_cache(bad)
+    assert packed._dense is None and packed._dense_min_tokens is None  # nothing half-set
+    packed.use_dense_cache(8)
+    x = torch.randn(16, 64)
+    # Compiled code runs the packed op (no graph break: fullgraph), with the same result to fp32 round-off.
+    got = torch.compile(packed, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, packed(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_use_dense_cache_in_a_cuda_graph():
+    lin = pruned_linear("coupled-2:4", M=256, K=512, dtype=torch.float16, device="cuda")
+    packed = PackedLinear.from_linear(lin, pattern="coupled-2:4").use_dense_cache(64)
+    x = torch.randn(128, 512, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        packed(x)  # (checks the tables, outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = packed(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, torch.nn.functional.linear(x, packed._dense[1], packed.bias))
+
+
 @pytest.mark.cuda
 def test_use_semi_structured_refuses_a_weight_that_is_not_2_4():
     lin = pruned_linear("4:8", M=256, K=512, dtype=torch.float16).cuda()

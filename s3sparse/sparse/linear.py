@@ -62,7 +62,10 @@ class PackedLinear(nn.Module):
     runs calls of up to 128 tokens on the sparse tensor cores instead
     (``s3sparse::sp24_linear``, :meth:`use_sp24`), with the instruction's
     metadata derived once when the tables are checked (a non-persistent
-    ``sp24_meta`` buffer, 1/8 byte a weight element).
+    ``sp24_meta`` buffer, 1/8 byte a weight element). Large batches (prefill)
+    can trade memory for speed: :meth:`use_dense_cache` runs them as dense
+    ``F.linear`` on a cached decoded W (any pattern, CPU and CUDA),
+    :meth:`use_semi_structured` on torch's 2:4 path.
 
     The packed tensors are buffers (``values``, ``meta``, ``subsets`` when the
     format uses codes, ``block_off``, ``elem_off``, and ``geometry``, the
@@ -79,6 +82,10 @@ class PackedLinear(nn.Module):
         bias: optional (out_features,) bias (kept as a parameter, in the dtype
             of the values).
     """
+
+    # (class defaults: modules pickled before use_dense_cache existed still load)
+    _dense_min_tokens: Optional[int] = None
+    _dense: Optional[tuple] = None
 
     def __init__(self, packed: PackedWeight, bias: Optional[Tensor] = None) -> None:
         super().__init__()
@@ -110,6 +117,9 @@ class PackedLinear(nn.Module):
         # and its weight with the key of the buffers it was built from.
         self._semi_min_tokens: Optional[int] = None
         self._semi: Optional[tuple] = None
+        # use_dense_cache: the token count from which the cached dense W runs, and (key, W).
+        self._dense_min_tokens: Optional[int] = None
+        self._dense: Optional[tuple] = None
         # The sparse tensor cores' metadata of a 2:4 weight (a derived, non-persistent buffer), built
         # when the CUDA op accepts the tables; valid for the checked tables and values it was built
         # with (identity), and compiled code reads `_sp24_ok` (see forward and _setup_sp24).
@@ -247,7 +257,47 @@ class PackedLinear(nn.Module):
         self._semi_min_tokens = min_tokens
         return self
 
-    def _semi_key(self) -> tuple:
+    def use_dense_cache(self, min_tokens: Optional[int] = 64) -> "PackedLinear":
+        """Run calls of at least ``min_tokens`` tokens as dense ``F.linear`` on a cached, decoded copy of W.
+
+        From a few dozen tokens a layer stops being memory-bound, and dense
+        cuBLAS (or MKL on the CPU) multiplies faster than the packed kernels:
+        on an H100 at 512 tokens the packed path runs at 0.4-0.5x of dense
+        (docs/performance.md). This trades memory for that speed: the dense W
+        (``out_features * in_features`` elements, about 1.8x the packed bytes
+        for 2:4 fp16) is kept beside the packed buffers, built now, rebuilt
+        when the values or tables change (a load, a move, an in-place edit),
+        and never saved (not in ``state_dict``, not pickled). Calls below
+        ``min_tokens`` (decode) still stream the packed weight. ``None`` turns
+        it off and frees the copy. Returns the module.
+
+        :meth:`use_semi_structured`, when on, takes precedence from its own
+        ``min_tokens``. Under ``torch.compile``, and during CUDA-graph capture
+        before the copy exists, the packed op runs instead (eager calls and
+        CUDA graphs captured after the copy is built use it).
+        """
+        if min_tokens is None:
+            self._dense_min_tokens, self._dense = None, None
+            return self
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+            raise ArgumentError(f"`min_tokens` must be a positive int (or None to turn it off), got {min_tokens!r}")
+        self._dense = (self._weight_key(), self.weight)
+        self._dense_min_tokens = min_tokens
+        return self
+
+    def _dense_weight(self, x: Tensor) -> Optional[Tensor]:
+        """The cached dense weight when this call should use it, else None."""
+        if self._dense_min_tokens is None or torch.compiler.is_compiling():
+            return None
+        if x.numel() // max(self.in_features, 1) < self._dense_min_tokens:
+            return None
+        if self._dense is None or self._dense[0] != self._weight_key():
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            self._dense = (self._weight_key(), self.weight)
+        return self._dense[1]
+
+    def _weight_key(self) -> tuple:
         return (self.values.data_ptr(), self.values._version, self.values.device, self._tables_key())
 
     def _build_semi(self) -> tuple:
@@ -269,7 +319,7 @@ class PackedLinear(nn.Module):
                 f"torch's semi-structured sparsity cannot take this weight ({self.pattern}, "
                 f"{self.out_features}x{self.in_features}, {self.values.dtype}): {err}"
             ) from err
-        return self._semi_key(), weight
+        return self._weight_key(), weight
 
     def _semi_weight(self, x: Tensor) -> Optional[Tensor]:
         """The semi-structured weight when this call should use it, else None."""
@@ -277,7 +327,7 @@ class PackedLinear(nn.Module):
             return None
         if x.numel() // max(self.in_features, 1) < self._semi_min_tokens:
             return None
-        if self._semi is None or self._semi[0] != self._semi_key():
+        if self._semi is None or self._semi[0] != self._weight_key():
             if torch.cuda.is_current_stream_capturing():
                 return None
             self._semi = self._build_semi()
@@ -302,10 +352,12 @@ class PackedLinear(nn.Module):
         # target): the buffers and the bias come straight from `_buffers` /
         # `_parameters` (nn.Module's __getattr__ costs ~0.6 µs a lookup), and
         # torch's 2:4 path is looked at only when on.
-        if self._semi_min_tokens is not None:
-            semi = self._semi_weight(x)
-            if semi is not None:
-                y = torch.nn.functional.linear(x.reshape(-1, self.in_features), semi, self.bias)
+        if self._semi_min_tokens is not None or self._dense_min_tokens is not None:
+            w = self._semi_weight(x)
+            if w is None:
+                w = self._dense_weight(x)
+            if w is not None:
+                y = torch.nn.functional.linear(x.reshape(-1, self.in_features), w, self.bias)
                 return y.reshape(*x.shape[:-1], self.out_features)
         b = self._buffers
         meta, subsets, block_off, elem_off = b["meta"], b["subsets"], b["block_off"], b["elem_off"]
@@ -387,6 +439,7 @@ class PackedLinear(nn.Module):
         # A pickled module's tables come back from a file: check them again (identity survives pickling).
         state = super().__getstate__()
         state["_checked_tables"], state["_tables_ok"], state["_sp24_ok"] = None, False, False
+        state["_dense"] = None  # a derived copy: rebuilt on the next large call
         return state
 
     def _holds_checked_tables(self) -> bool:
@@ -415,6 +468,7 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._forget_check()  # a move or a cast (the index tables may keep their storage)
+        self._dense = None  # (its key would no longer match: free it now, not at the next large call)
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
