@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|bench|crossover|lab|spanlab|sp24ext|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|bench|crossover|lab|spanlab|sp24ext|rowblock|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -80,6 +80,11 @@ for step in "${@:-all}"; do
         diag_noexpand=-DS3_LAB_NO_EXPAND diag_nomma=-DS3_LAB_NO_MMA diag_bare=-DS3_LAB_NO_EXPAND,-DS3_LAB_NO_MMA \
         diag_nobarrier=-DS3_LAB_NO_BARRIER depth2=-DS3_LAB_DEPTH=2 depth4=-DS3_LAB_DEPTH=4 min1=-DS3_LAB_MIN_BLOCKS=1 > "$LOG/lab.txt" 2>&1
       tail -3 "$LOG/lab.txt"; cp "$LOG/lab.txt" "$OUT/packed-mma-lab.txt"
+      ;;&
+    rowblock)
+      # The row-block kernel alone (block16-rows, 1-8 tokens) against dense and the installed package's path.
+      (cd "$repo" && timeout ${ROWBLOCK_TIMEOUT:-240} python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock \
+        > "$OUT/rowblock-lab.txt" 2>&1; tail -15 "$OUT/rowblock-lab.txt")
       ;;&
     spanlab)
       # The span decode kernel alone, in variants (benchmarks/lab/packed_mma_lab.py --kernel=span).

@@ -435,12 +435,14 @@ def packed_linear(
     row groups of several rows) run the stream decode kernel, which streams the
     packed values once and never builds W; for fp16 / bf16 2:4, 4:8 and coupled
     2:4, 5 to 16 tokens run a tensor-core kernel instead (it too never builds
-    W); more tokens expand W into a temporary
+    W); the row-coupled block patterns (block16-rows, block8-rows4) run 1 to 8
+    tokens through the row-block kernel instead; more tokens expand W into a temporary
     workspace with the expansion kernel and call cuBLAS (the crossover measured on
     an H200, docs/performance.md). Other layouts: 1 to 16 tokens a general decode
     kernel, more tokens the general scatter into a workspace and cuBLAS; fp64 or
     no promise always the latter (docs/packed.md). For large 2:4 batches,
-    ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead.
+    ``PackedLinear.use_semi_structured`` uses torch's sparse tensor cores instead, and
+    ``PackedLinear.use_dense_cache`` a cached dense W (any pattern).
     """
     if type(x) is Tensor and _packed_linear_call is not None and not torch.compiler.is_compiling():
         # Eager: the typed C++ call, about 2 µs less host time than torch.ops (csrc/module.cpp);

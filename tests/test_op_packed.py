@@ -167,6 +167,67 @@ def test_packed_linear_reference_patterns(device, seed, dtype):
             _assert_linear_close(got, want, x, W, dtype, f"seed={seed} {name} lead={lead}")
 
 
+def _row_block_case(name: str, M: int, K: int, dtype, device):
+    """(W, PackedWeight) of a row-coupled block pattern (block16-rows, block8-rows4), pruned by magnitude."""
+    W = torch.nn.Parameter(torch.randn(M, K, dtype=torch.float64).to(dtype=dtype, device=device))
+    scope, nnz = patterns.parse_pattern(name).build(W)
+    scope.hard_threshold(nnz=nnz)
+    return W.detach(), PackedWeight.from_scope(scope, nnz)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_packed_linear_row_block_kernel(device, seed, dtype):
+    """Row-coupled runs (on CUDA the row-block kernel, 1-8 tokens; fp64 and more tokens
+    take the other paths): several row groups, sets of several warps (K = 1152: 72 runs a row),
+    every token slot, 3-D x, bias or not; then the same W with elem_off reversed (and each run's
+    values with it), which the kernel's fast form does not take: its general form, same result."""
+    rng = random.Random(seed)
+    cases = [("block16-rows", 48, 1152), ("block8-rows4", 24, 256), ("block16-rows", 16, 48)]
+    for name, M, K in cases:
+        W, p = _row_block_case(name, M, K, dtype, device)
+        flipped = (p.values.flip(-1).contiguous(), p.meta, p.subsets, p.block_off, p.elem_off.flip(0).contiguous(),
+                   list(p.scope_shape), list(p.scope_stride), p.meta_bits)
+        for lead in [(1,), (2,), (3,), (5,), (8,), (2, 6), (16,), (17,)]:
+            x = torch.randn(*lead, K, dtype=torch.float64).to(dtype=dtype, device=device)
+            bias = torch.randn(M, dtype=torch.float64).to(dtype=dtype, device=device) if rng.random() < 0.5 else None
+            want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double(),
+                                              None if bias is None else bias.cpu().double()).to(dtype)
+            msg = f"seed={seed} {name} {M}x{K} lead={lead} bias={bias is not None}"
+            _assert_linear_close(ops.packed_linear(x, *_args(p), M, p.row_group, bias), want, x, W, dtype, msg)
+            _assert_linear_close(ops.packed_linear(x, *flipped, M, p.row_group, bias), want, x, W, dtype,
+                                 msg + " elem_off reversed")
+
+
+def test_packed_linear_row_block_bad_data(device):
+    """Bad data on the row-block patterns: a block offset outside W raises (unchecked) or gives NaN in
+    the rows of its group only (checked); a meta field >= G (2-bit fields, G = 2) likewise."""
+    M, K = 32, 256
+    W, p = _row_block_case("block16-rows", M, K, torch.float16, device)
+    x = torch.randn(4, K, dtype=torch.float16, device=device)
+    far = p.block_off.clone()
+    far[1] = M * K  # outside W
+    args = (p.values, p.meta, None, far, p.elem_off, list(p.scope_shape), list(p.scope_stride), p.meta_bits)
+    with pytest.raises(ValueError, match="falls outside W"):
+        ops.packed_linear(x, *args, M, p.row_group, None)
+    if device != "cpu":  # (the CPU kernel checks on every call)
+        y = ops.packed_linear(x, *args, M, p.row_group, None, checked=True).cpu()
+        assert bool(y.isnan().all()), "every group has a scope keeping block 1: every row is NaN"
+    # The same weight with 2-bit fields, then field 3 (no block of G = 2) in scope 5, of group 0.
+    fields = ref.packed_fields(p.meta.cpu(), 1, p.num_scopes).to(torch.int64)
+    args = (p.values, pack_fields(fields, 2).to(device), None, p.block_off, p.elem_off, list(p.scope_shape),
+            list(p.scope_stride), 2)
+    want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double()).to(torch.float16)
+    _assert_linear_close(ops.packed_linear(x, *args, M, p.row_group, None), want, x, W, torch.float16, "2-bit fields")
+    fields[5] = 3
+    args = (args[0], pack_fields(fields, 2).to(device), *args[2:])
+    with pytest.raises(ValueError, match="in-scope block index >= G=2"):
+        ops.packed_linear(x, *args, M, p.row_group, None)
+    if device != "cpu":
+        y = ops.packed_linear(x, *args, M, p.row_group, None, checked=True).cpu()
+        assert bool(y[:, :16].isnan().all()) and not bool(y[:, 16:].isnan().any()), "NaN in group 0's rows only"
+        _assert_linear_close(y[:, 16:], want[:, 16:], x, W[16:], torch.float16, "the other group")
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=_id)
 def test_packed_linear_expansion_odd_chunk_counts(device, dtype):
     """Weights whose chunks (16-byte value loads) are no multiple of a warp's 32, through the expansion path.

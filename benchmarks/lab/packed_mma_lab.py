@@ -1,5 +1,7 @@
 """Time a packed_linear kernel alone, in variants: the tensor-core kernel (csrc/cuda/packed_mma.cuh,
-the default) or, with --kernel=span, the decode kernels of csrc/cuda/packed_stream.cuh (span path).
+the default), with --kernel=span the decode kernels of csrc/cuda/packed_stream.cuh (span path), or
+with --kernel=rowblock the row-block kernel of csrc/cuda/packed_rowblock.cuh on block16-rows (beside the
+installed package's packed_linear, ``package_us``).
 
 A wheel build takes about 5 minutes on the GPU machine; this builds only the
 kernel (benchmarks/lab/packed_lab.cu, one extension a variant, in
@@ -52,12 +54,13 @@ sys.path.insert(0, REPO)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from graph_timing import graph_us  # noqa: E402
-from s3sparse import patterns  # noqa: E402
+from s3sparse import ops, patterns  # noqa: E402
 from s3sparse.sparse import PackedWeight  # noqa: E402
 
 
 # kernel -> (nvcc flags of benchmarks/lab/packed_lab.cu, token counts timed)
-KERNELS = {"mma": ([], [1, 4, 8, 16]), "span": (["-DS3_LAB_SPAN"], [1, 2, 4, 8])}
+KERNELS = {"mma": ([], [1, 4, 8, 16]), "span": (["-DS3_LAB_SPAN"], [1, 2, 4, 8]),
+           "rowblock": (["-DS3_LAB_ROWBLOCK"], [1, 2, 4, 8])}
 
 
 def build(kernel: str, name: str, flags: list[str]):
@@ -88,7 +91,7 @@ def main() -> None:
     print(f"built {len(mods)} variants in {time.time() - t0:.0f} s", flush=True)
     rows = []
     for M, K in [(2560, 9728), (4096, 4096), (9728, 2560)]:
-        for pattern in ["24", "48", "coupled24"]:
+        for pattern in ["block16"] if kernel == "rowblock" else ["24", "48", "coupled24"]:
             W = torch.nn.Parameter(torch.randn(M, K, device="cuda", dtype=torch.float16))
             scope, nnz = patterns.by_name(pattern, W)
             scope.hard_threshold(nnz=nnz)
@@ -99,7 +102,9 @@ def main() -> None:
                 row = dict(shape=f"{M}x{K}", pattern=pattern, tokens=N,
                            dense_us=round(graph_us(lambda: torch.nn.functional.linear(x, Wd)), 1))
                 args = (x, p.values, p.meta, p.subsets, p.block_off, p.elem_off, list(p.scope_shape),
-                        list(p.scope_stride), p.meta_bits, M)
+                        list(p.scope_stride), p.meta_bits, M, p.row_group)
+                if kernel == "rowblock":  # the installed package's packed_linear: the path it replaces
+                    row["package_us"] = round(graph_us(lambda: ops.packed_linear(*args, None, True)), 1)
                 want = torch.nn.functional.linear(x.float(), Wd.float())
                 for name, mod in mods.items():
                     got = mod.linear(*args).float()
