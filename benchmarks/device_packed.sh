@@ -83,8 +83,9 @@ for step in "${@:-all}"; do
       ;;&
     rowblock)
       # The row-block kernel alone (block16-rows, 1-8 tokens) against dense and the installed package's path.
+      # ROWBLOCK_VARIANTS="cvt=-DS3_LAB_ROWBLOCK_CVT_ONCE=1" adds variants beside the package's form (base).
       (cd "$repo" && timeout ${ROWBLOCK_TIMEOUT:-240} python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock \
-        > "$OUT/rowblock-lab.txt" 2>&1; tail -15 "$OUT/rowblock-lab.txt")
+        ${ROWBLOCK_VARIANTS:-} > "$OUT/rowblock-lab.txt" 2>&1; tail -15 "$OUT/rowblock-lab.txt")
       ;;&
     spanlab)
       # The span decode kernel alone, in variants (benchmarks/lab/packed_mma_lab.py --kernel=span).

@@ -46,6 +46,10 @@ namespace s3sparse {
 namespace packed_cuda {
 namespace rowblock {
 
+#ifndef S3_LAB_ROWBLOCK_CVT_ONCE
+#define S3_LAB_ROWBLOCK_CVT_ONCE 0  // lab knob (benchmarks/lab/packed_mma_lab.py --kernel=rowblock); the package: 0
+#endif
+
 constexpr int kMaxG = 4;          // rows a set
 constexpr int kMaxR = 16;         // sets a row group (a warp each, at least)
 constexpr int kMaxThreads = 512;  // a block (so 128 registers a thread: no spills at 8 tokens)
@@ -78,6 +82,22 @@ __device__ __forceinline__ float run_dot(const uint4 (&v)[run_words<T, B>()], co
     const T* b = reinterpret_cast<const T*>(&xv);
 #pragma unroll
     for (int e = 0; e < kPer; ++e) s = fmaf(to_float(a[e]), to_float(b[e]), s);
+  }
+  return s;
+}
+
+// The same with the run's values already in fp32 (lab knob S3_LAB_ROWBLOCK_CVT_ONCE: each value
+// converted once a run instead of once a token; not yet timed).
+template <typename T, int B>
+__device__ __forceinline__ float run_dot_f(const float (&vf)[B], const uint4* __restrict__ xw) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < run_words<T, B>(); ++w) {
+    const uint4 xv = ldg(xw + w);
+    const T* b = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) s = fmaf(vf[w * kPer + e], to_float(b[e]), s);
   }
   return s;
 }
@@ -120,10 +140,24 @@ __device__ bool fast_set(const RowblockPlan& p, const T* __restrict__ values, co
         bad = true;
         continue;
       }
+#if S3_LAB_ROWBLOCK_CVT_ONCE
+      float vf[B];
+#pragma unroll
+      for (int w = 0; w < kW; ++w) {
+        const T* a = reinterpret_cast<const T*>(&v[u][w]);
+#pragma unroll
+        for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) vf[w * (16 / static_cast<int>(sizeof(T))) + e] = to_float(a[e]);
+      }
+#endif
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         if (t >= p.N) break;
-        const float d = run_dot<T, B>(v[u], reinterpret_cast<const uint4*>(x + int64_t(t) * p.K + int64_t(c) * B));
+        const uint4* xw = reinterpret_cast<const uint4*>(x + int64_t(t) * p.K + int64_t(c) * B);
+#if S3_LAB_ROWBLOCK_CVT_ONCE
+        const float d = run_dot_f<T, B>(vf, xw);
+#else
+        const float d = run_dot<T, B>(v[u], xw);
+#endif
 #pragma unroll
         for (int k = 0; k < kMaxG; ++k) acc[k][t] += field[u] == static_cast<uint32_t>(k) ? d : 0.f;
       }
