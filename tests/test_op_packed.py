@@ -175,26 +175,48 @@ def _row_block_case(name: str, M: int, K: int, dtype, device):
     return W.detach(), PackedWeight.from_scope(scope, nnz)
 
 
+def _raw_row_blocks(rng: random.Random, G: int, R: int, B: int, groups: int, K: int, dtype, device):
+    """(W, op arguments after x, M, row_group) of a random row-coupled block weight of any G (rows a
+    scope, R apart), written directly in the format: fields uniform in [0, G), values random."""
+    S = groups * R * (K // B)
+    bits = max(1, (G - 1).bit_length())
+    fields = torch.tensor([rng.randrange(G) for _ in range(S)], dtype=torch.int64)
+    values = torch.randn(S, 1, B, dtype=torch.float64).to(dtype=dtype, device=device)
+    args = (values, pack_fields(fields, bits).to(device), None,
+            torch.tensor([k * R * K for k in range(G)], dtype=torch.int64, device=device),
+            torch.arange(B, dtype=torch.int64, device=device), [groups, R * K // B], [G * R * K, B], bits)
+    M = groups * G * R
+    W = ref.packed_to_dense(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args), M, K)
+    return W, args, M, G * R
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=_id)
 def test_packed_linear_row_block_kernel(device, seed, dtype):
-    """Row-coupled runs (on CUDA the row-block kernel, 1-8 tokens; fp64 and more tokens
-    take the other paths): several row groups, sets of several warps (K = 1152: 72 runs a row),
-    every token slot, 3-D x, bias or not; then the same W with elem_off reversed (and each run's
-    values with it), which the kernel's fast form does not take: its general form, same result."""
+    """Row-coupled runs (on CUDA the row-block kernel, 1-8 tokens; fp64 and more tokens take the
+    other paths): several row groups, sets of two warps (block16-rows, K = 4096: 256 runs a row),
+    block8-rows4, G = 3 and 4 rows a scope (2-bit fields), every token slot, 3-D x, a bias or not,
+    a strided bias; then the same W with elem_off reversed (and each run's values with it), which
+    the kernel's fast form does not take: its general form, same result."""
     rng = random.Random(seed)
-    cases = [("block16-rows", 48, 1152), ("block8-rows4", 24, 256), ("block16-rows", 16, 48)]
-    for name, M, K in cases:
+    cases = []
+    for name, M, K in [("block16-rows", 32, 4096), ("block8-rows4", 24, 256), ("block16-rows", 32, 48)]:
         W, p = _row_block_case(name, M, K, dtype, device)
-        flipped = (p.values.flip(-1).contiguous(), p.meta, p.subsets, p.block_off, p.elem_off.flip(0).contiguous(),
-                   list(p.scope_shape), list(p.scope_stride), p.meta_bits)
-        for lead in [(1,), (2,), (3,), (5,), (8,), (2, 6), (16,), (17,)]:
+        cases.append((name, W, _args(p), M, p.row_group))
+    for G, R, B in [(3, 2, 16), (4, 4, 8)]:
+        cases.append((f"G={G} R={R} B={B}", *_raw_row_blocks(rng, G, R, B, 2, 128, dtype, device)))
+    for name, W, args, M, row_group in cases:
+        K = W.shape[1]
+        flipped = (args[0].flip(-1).contiguous(), *args[1:4], args[4].flip(0).contiguous(), *args[5:])
+        for lead in [(1,), (2,), (3,), (5,), (8,), (2, 3), (16,), (17,)]:
             x = torch.randn(*lead, K, dtype=torch.float64).to(dtype=dtype, device=device)
-            bias = torch.randn(M, dtype=torch.float64).to(dtype=dtype, device=device) if rng.random() < 0.5 else None
+            kind = rng.choice(["none", "bias", "strided"])
+            bias = None if kind == "none" else torch.randn(2 * M, dtype=torch.float64).to(dtype=dtype, device=device)
+            bias = bias[::2] if kind == "strided" else None if bias is None else bias[:M]
             want = torch.nn.functional.linear(x.cpu().double(), W.cpu().double(),
                                               None if bias is None else bias.cpu().double()).to(dtype)
-            msg = f"seed={seed} {name} {M}x{K} lead={lead} bias={bias is not None}"
-            _assert_linear_close(ops.packed_linear(x, *_args(p), M, p.row_group, bias), want, x, W, dtype, msg)
-            _assert_linear_close(ops.packed_linear(x, *flipped, M, p.row_group, bias), want, x, W, dtype,
+            msg = f"seed={seed} {name} {M}x{K} lead={lead} bias={kind}"
+            _assert_linear_close(ops.packed_linear(x, *args, M, row_group, bias), want, x, W, dtype, msg)
+            _assert_linear_close(ops.packed_linear(x, *flipped, M, row_group, bias), want, x, W, dtype,
                                  msg + " elem_off reversed")
 
 

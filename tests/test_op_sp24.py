@@ -81,7 +81,10 @@ def test_sp24_linear_matches_oracle(device, seed, dtype, pattern):
         assert torch.equal(ref.sp24_to_dense(values, sp_meta, M, K, order), W), f"{M}x{K}: the oracle's W"
         for lead in tokens:
             x = torch.randn(*lead, K, generator=gen).to(dtype=dtype, device=device)
-            for bias in (None, torch.randn(M, generator=gen).to(dtype=dtype, device=device)):
+            biases = [None, torch.randn(M, generator=gen).to(dtype=dtype, device=device)]
+            if K == 128:  # a strided bias (the kernels index bias[row]: made contiguous first)
+                biases.append(torch.randn(2 * M, generator=gen).to(dtype=dtype, device=device)[::2])
+            for bias in biases:
                 want = ref.sp24_linear(x, values, sp_meta, M, bias, False, order)
                 for checked in (False, True):  # (the CUDA kernel's two forms: with and without its metadata check)
                     got = ops.sp24_linear(x, values, sp_meta, M, bias, checked, order)

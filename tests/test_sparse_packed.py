@@ -540,7 +540,14 @@ def test_use_dense_cache_runs_large_batches_dense_and_small_ones_packed(name, de
     x = torch.randn(32, 128, device=device)
     want = torch.nn.functional.linear(x.double(), 2 * lin.weight.double(), lin.bias.double())
     torch.testing.assert_close(packed(x).double(), want, rtol=1e-5, atol=1e-5)
-    assert packed._dense[1] is not cached
+    assert packed._dense[1] is cached  # refreshed in place (CUDA graphs captured with it see the new W)
+    # Values replaced by assignment, the old ones freed, again and again (a freed buffer's address can
+    # come back): the copy follows the tensor itself, not its address.
+    twice = packed.values.clone()
+    for k in (3, 4, 5, 2):
+        packed.values = twice / 2 * k
+        want = torch.nn.functional.linear(x.double(), k * lin.weight.double(), lin.bias.double())
+        torch.testing.assert_close(packed(x).double(), want, rtol=1e-5, atol=1e-5)
     # A cast frees the copy at once; the next large call rebuilds it in the new dtype.
     packed.double()
     assert packed._dense is None and packed._dense_min_tokens == 16
@@ -573,7 +580,7 @@ def test_use_dense_cache_in_a_cuda_graph():
     packed = PackedLinear.from_linear(lin, pattern="coupled-2:4").use_dense_cache(64)
     x = torch.randn(128, 512, dtype=torch.float16, device="cuda")
     with torch.no_grad():
-        packed(x)  # (checks the tables, outside the capture)
+        packed(x)  # (a large call: the copy exists before the capture)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

@@ -1,7 +1,7 @@
 // One packed_linear kernel alone, for benchmarks/lab/packed_mma_lab.py (built there with
 // torch.utils.cpp_extension; not part of the package build): the tensor-core kernel, or
 // with -DS3_LAB_SPAN the decode kernels of packed_stream.cuh (fp16, one row a group), or with
-// -DS3_LAB_ROWBLOCK the row-block kernel of packed_rowblock.cuh (fp16, row groups: benchmarks/lab/rowblock_lab.py).
+// -DS3_LAB_ROWBLOCK the row-block kernel of packed_rowblock.cuh (fp16, row groups: packed_mma_lab.py --kernel=rowblock).
 #define S3SPARSE_PACKED_STREAM_IMPL
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1005,10 +1005,13 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
                               const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
                               const at::Tensor& elem_off, at::IntArrayRef scope_shape, at::IntArrayRef scope_stride,
                               int64_t meta_bits, int64_t out_features, int64_t row_group,
-                              const std::optional<at::Tensor>& bias, bool checked) {
+                              const std::optional<at::Tensor>& bias_arg, bool checked) {
   constexpr const char* op = "s3sparse.packed_linear";
   const PackedGeometry g = check_packed_linear(x, values, meta, subsets, block_off, elem_off, scope_shape,
-                                               scope_stride, meta_bits, out_features, row_group, bias, op);
+                                               scope_stride, meta_bits, out_features, row_group, bias_arg, op);
+  // The kernels index bias[row]: a strided bias (an expand, a slice) is made contiguous first.
+  const std::optional<at::Tensor> bias =
+      bias_arg.has_value() && !bias_arg->is_contiguous() ? std::optional<at::Tensor>(bias_arg->contiguous()) : bias_arg;
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Host-side checks (one sync) unless the caller checked these tables before,
@@ -1081,7 +1084,8 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // 2560x9728 / 9728x2560): 10.5 / 12.3 us at 1 token, 54.1 / 40.2 at 8, against
   // 47.1 / 35.2 and 73.9 / 57.2 for the paths below; 16 tokens (two launches)
   // would be slower than the expansion's 58-73 us.
-  if (path == PathChoice::kAuto && N <= kRowblockTokens) {
+  if (path == PathChoice::kAuto && N <= kRowblockTokens && !subsets.has_value() &&
+      values.scalar_type() != at::kDouble && rowblock_sets(g) > 0) {
     auto y = sliced(rowblock::kMaxTokens, [&](const at::Tensor& xs, at::Tensor& ys) {
       bool launched = false;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_rowblock_cuda", [&] {

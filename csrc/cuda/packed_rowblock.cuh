@@ -267,6 +267,20 @@ inline bool rowblock_enabled() {
   return enabled;
 }
 
+// The sets a row group (R) when the geometry's integers are the kernel's (see the top), else 0. Host
+// only and cheap: packed_linear asks before it allocates anything for this path.
+inline int64_t rowblock_sets(const PackedGeometry& g) {
+  using namespace rowblock;
+  if (!rowblock_enabled() || g.nnz != 1 || g.ndim != 2 || g.G < 2 || g.G > kMaxG || !(g.B == 8 || g.B == 16))
+    return 0;
+  if (g.K == 0 || g.M == 0 || g.K % g.B != 0 || (g.scope_shape[1] * g.B) % g.K != 0) return 0;
+  const int64_t R = g.scope_shape[1] * g.B / g.K;
+  const int64_t rows = g.G * R;
+  if (R < 1 || R > kMaxR || g.row_group != rows || g.scope_shape[0] * rows != g.M) return 0;
+  if (g.scope_stride[0] != rows * g.K || g.scope_stride[1] != g.B || g.M * g.K >= kInt32Safe) return 0;
+  return R;
+}
+
 // Launches the row-block kernel for y (N, M) = x2 (N, K) W^T (+ bias), 1 <= N
 // <= kMaxTokens, or returns false without launching when the geometry is not
 // one it takes (the caller then takes another path). x2 contiguous.
@@ -279,14 +293,9 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
-    if (!rowblock_enabled() || N < 1 || N > kMaxTokens || subsets.has_value() || g.nnz != 1 || g.ndim != 2) return false;
-    if (g.G < 2 || g.G > kMaxG || !(g.B == 8 || g.B == 16) || (g.B * int64_t(sizeof(T))) % 16 != 0) return false;
-    if (g.K == 0 || g.M == 0 || g.K % g.B != 0 || (g.scope_shape[1] * g.B) % g.K != 0) return false;
-    const int64_t R = g.scope_shape[1] * g.B / g.K;
+    const int64_t R = rowblock_sets(g);
     const int64_t rows = g.G * R;
-    if (R < 1 || R > kMaxR || g.row_group != rows || g.scope_shape[0] * rows != g.M) return false;
-    if (g.scope_stride[0] != rows * g.K || g.scope_stride[1] != g.B) return false;
-    if (g.M * g.K >= kInt32Safe) return false;
+    if (R == 0 || N < 1 || N > kMaxTokens || subsets.has_value() || (g.B * int64_t(sizeof(T))) % 16 != 0) return false;
     if (reinterpret_cast<uintptr_t>(values.const_data_ptr<T>()) % 16 != 0 ||
         reinterpret_cast<uintptr_t>(x2.const_data_ptr<T>()) % 16 != 0 || !x2.is_contiguous())
       return false;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -274,14 +275,22 @@ class PackedLinear(nn.Module):
         :meth:`use_semi_structured`, when on, takes precedence from its own
         ``min_tokens``. Under ``torch.compile``, and during CUDA-graph capture
         before the copy exists, the packed op runs instead (eager calls and
-        CUDA graphs captured after the copy is built use it).
+        CUDA graphs captured after the copy is built use it). A graph reads the
+        copy, not the packed buffers: after changing the weights, make one
+        eager large call (or call this method again) before replaying; it
+        refreshes the copy in place. Do not replay such a graph after a move or
+        cast of the module or ``use_dense_cache(None)``, which free the copy.
+        Large calls round as ``F.linear`` on the dense layer does (for fp16 /
+        bf16 with a bias, cuBLAS may round ``x Wᵀ`` before adding it; the
+        packed op rounds once). In-place edits through ``.data`` bypass the
+        version counters the cache is keyed on: call this method again after one.
         """
         if min_tokens is None:
             self._dense_min_tokens, self._dense = None, None
             return self
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
             raise ArgumentError(f"`min_tokens` must be a positive int (or None to turn it off), got {min_tokens!r}")
-        self._dense = (self._weight_key(), self.weight)
+        self._refresh_dense()
         self._dense_min_tokens = min_tokens
         return self
 
@@ -291,14 +300,40 @@ class PackedLinear(nn.Module):
             return None
         if x.numel() // max(self.in_features, 1) < self._dense_min_tokens:
             return None
-        if self._dense is None or self._dense[0] != self._weight_key():
+        if self._dense is None or not self._holds_weights(self._dense[0]):
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return None
-            self._dense = (self._weight_key(), self.weight)
+            self._refresh_dense()
         return self._dense[1]
 
+    def _refresh_dense(self) -> None:
+        """Decode W into the cache: into the same tensor when one of its shape, dtype and device is
+        there (so CUDA graphs captured with it read the new W), else a new one."""
+        dense = self.weight
+        old = None if self._dense is None else self._dense[1]
+        if old is not None and old.shape == dense.shape and old.dtype == dense.dtype and old.device == dense.device:
+            old.copy_(dense)
+            dense = old
+        self._dense = (self._weight_key(), dense)
+
     def _weight_key(self) -> tuple:
-        return (self.values.data_ptr(), self.values._version, self.values.device, self._tables_key())
+        """The values and index tables themselves (weak references: the key keeps nothing alive) and their
+        versions. Identity, not storage address: a replaced, freed buffer's address can come back."""
+        b = self._buffers
+        tensors = (b["values"], b["meta"], b["subsets"], b["block_off"], b["elem_off"])
+        return tuple((None, -1) if t is None else (weakref.ref(t), t._version) for t in tensors)
+
+    def _holds_weights(self, key: tuple) -> bool:
+        """Whether ``key`` (:meth:`_weight_key`) names this module's current values and tables, unchanged."""
+        b = self._buffers
+        tensors = (b["values"], b["meta"], b["subsets"], b["block_off"], b["elem_off"])
+        for (ref, version), t in zip(key, tensors):
+            if t is None:
+                if ref is not None:
+                    return False
+            elif ref is None or ref() is not t or t._version != version:
+                return False
+        return True
 
     def _build_semi(self) -> tuple:
         from torch.sparse import to_sparse_semi_structured
@@ -327,7 +362,7 @@ class PackedLinear(nn.Module):
             return None
         if x.numel() // max(self.in_features, 1) < self._semi_min_tokens:
             return None
-        if self._semi is None or self._semi[0] != self._weight_key():
+        if self._semi is None or not self._holds_weights(self._semi[0]):
             if torch.cuda.is_current_stream_capturing():
                 return None
             self._semi = self._build_semi()
@@ -439,7 +474,7 @@ class PackedLinear(nn.Module):
         # A pickled module's tables come back from a file: check them again (identity survives pickling).
         state = super().__getstate__()
         state["_checked_tables"], state["_tables_ok"], state["_sp24_ok"] = None, False, False
-        state["_dense"] = None  # a derived copy: rebuilt on the next large call
+        state["_dense"] = state["_semi"] = None  # derived copies (keyed by weak references): rebuilt when next used
         return state
 
     def _holds_checked_tables(self) -> bool:
