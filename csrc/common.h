@@ -99,6 +99,11 @@ inline void check_dim(const at::Tensor& t, int64_t ndim, const char* op, const c
                  ", got shape ", t.sizes());
 }
 
+// A bias for kernels that index bias[row]: strided ones (an expand, a slice) made contiguous.
+inline std::optional<at::Tensor> contiguous_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && !bias->is_contiguous() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
+}
+
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
   S3_CHECK_VALUE(t.is_contiguous(), op, ": `", arg,
                  "` must be contiguous (call .contiguous() first), got strides ", t.strides());

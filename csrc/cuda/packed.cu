@@ -1009,9 +1009,7 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   constexpr const char* op = "s3sparse.packed_linear";
   const PackedGeometry g = check_packed_linear(x, values, meta, subsets, block_off, elem_off, scope_shape,
                                                scope_stride, meta_bits, out_features, row_group, bias_arg, op);
-  // The kernels index bias[row]: a strided bias (an expand, a slice) is made contiguous first.
-  const std::optional<at::Tensor> bias =
-      bias_arg.has_value() && !bias_arg->is_contiguous() ? std::optional<at::Tensor>(bias_arg->contiguous()) : bias_arg;
+  const std::optional<at::Tensor> bias = contiguous_bias(bias_arg);  // (the kernels index bias[row])
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Host-side checks (one sync) unless the caller checked these tables before,

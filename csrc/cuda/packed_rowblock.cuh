@@ -190,7 +190,7 @@ __device__ int general_group(const RowblockPlan& p, const T* __restrict__ values
   for (int64_t i = threadIdx.x; i < scopes * B; i += blockDim.x) {
     const int64_t s = s_first + i / B;
     const int e = static_cast<int>(i % B);
-    const uint32_t k = (static_cast<uint32_t>(ldg(meta + s / p.per_word)) >> ((s % p.per_word) * p.bits)) & p.field_mask;
+    const uint32_t k = packed_field(meta, s, p.bits, p.per_word);
     if (k >= static_cast<uint32_t>(p.G)) {
       bad |= kPackedBadIndex;
       continue;

@@ -508,9 +508,7 @@ at::Tensor sp24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const
                             int64_t column_order) {
   constexpr const char* op = "s3sparse.sp24_linear";
   const Sp24Geometry g = check_sp24_linear(x, values, sp_meta, out_features, bias_arg, column_order, op);
-  // The kernels index bias[row]: a strided bias (an expand, a slice) is made contiguous first.
-  const std::optional<at::Tensor> bias =
-      bias_arg.has_value() && !bias_arg->is_contiguous() ? std::optional<at::Tensor>(bias_arg->contiguous()) : bias_arg;
+  const std::optional<at::Tensor> bias = contiguous_bias(bias_arg);  // (the kernels index bias[row])
   S3_CHECK_VALUE(g.M * g.K / 2 < kInt32Safe && g.K < kInt32Safe, op, ": a weight of ", g.M, "x", g.K,
                  " is beyond this kernel's 32-bit indexing; use packed_linear");
   S3_CHECK_VALUE(reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0, op,

@@ -42,17 +42,6 @@ def _is_checked(checked: Optional[tuple], meta: Tensor, subsets: Optional[Tensor
             and c[4] == _versions(meta, subsets, block_off, elem_off))
 
 
-def _tables_key(meta: Tensor, subsets: Optional[Tensor], block_off: Tensor, elem_off: Tensor) -> tuple:
-    """Storage and version of every index table: a new tensor or an in-place
-    change (``load_state_dict``, ``.to()``, ...) makes a new key."""
-    return (
-        (meta.data_ptr(), meta._version),
-        (subsets.data_ptr(), subsets._version) if subsets is not None else None,
-        (block_off.data_ptr(), block_off._version),
-        (elem_off.data_ptr(), elem_off._version),
-    )
-
-
 class PackedLinear(nn.Module):
     """``y = x Wᵀ + b`` with a packed structured-sparse ``W`` (:class:`PackedWeight`).
 
@@ -222,10 +211,6 @@ class PackedLinear(nn.Module):
         """Bytes of the packed weight (without the bias)."""
         return self.packed.nbytes
 
-    def _tables_key(self) -> tuple:
-        b = self._buffers
-        return _tables_key(b["meta"], b["subsets"], b["block_off"], b["elem_off"])
-
     def use_semi_structured(self, min_tokens: Optional[int] = 1024) -> "PackedLinear":
         """Run batches of at least ``min_tokens`` tokens through torch's 2:4 semi-structured path.
 
@@ -316,18 +301,19 @@ class PackedLinear(nn.Module):
             dense = old
         self._dense = (self._weight_key(), dense)
 
+    def _weight_tensors(self) -> tuple:
+        """The buffers W is decoded from: the values and the index tables (``subsets`` may be None)."""
+        b = self._buffers
+        return b["values"], b["meta"], b["subsets"], b["block_off"], b["elem_off"]
+
     def _weight_key(self) -> tuple:
         """The values and index tables themselves (weak references: the key keeps nothing alive) and their
         versions. Identity, not storage address: a replaced, freed buffer's address can come back."""
-        b = self._buffers
-        tensors = (b["values"], b["meta"], b["subsets"], b["block_off"], b["elem_off"])
-        return tuple((None, -1) if t is None else (weakref.ref(t), t._version) for t in tensors)
+        return tuple((None, -1) if t is None else (weakref.ref(t), t._version) for t in self._weight_tensors())
 
     def _holds_weights(self, key: tuple) -> bool:
         """Whether ``key`` (:meth:`_weight_key`) names this module's current values and tables, unchanged."""
-        b = self._buffers
-        tensors = (b["values"], b["meta"], b["subsets"], b["block_off"], b["elem_off"])
-        for (ref, version), t in zip(key, tensors):
+        for (ref, version), t in zip(key, self._weight_tensors()):
             if t is None:
                 if ref is not None:
                     return False
