@@ -192,9 +192,11 @@ def _raw_row_blocks(rng: random.Random, G: int, R: int, B: int, groups: int, K: 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_id)
 def test_packed_linear_row_block_kernel(device, seed, dtype):
-    """Row-coupled runs (on CUDA the row-block kernel, 1-8 tokens; fp64 and more tokens take the
-    other paths): several row groups, sets of two warps (block16-rows, K = 4096: 256 runs a row),
-    block8-rows4, G = 3 and 4 rows a scope (2-bit fields), every token slot, 3-D x, a bias or not,
+    """Row-coupled runs (on CUDA the row-block kernel: its FMA form at 1-2 tokens and for fp32 or
+    runs of 8, up to 8 tokens; its tensor-core form at 3-16 tokens, fp16/bf16 runs of 16; fp64 and
+    more tokens take the other paths): several row groups, sets of two warps (block16-rows, K =
+    4096: 256 runs a row), block8-rows4, G = 3 and 4 rows a scope (2-bit fields), 16 sets a group
+    (two tiles of the tensor-core form), 5 (a part tile), every token slot, 3-D x, a bias or not,
     a strided bias; then the same W with elem_off reversed (and each run's values with it), which
     the kernel's fast form does not take: its general form, same result."""
     rng = random.Random(seed)
@@ -202,7 +204,7 @@ def test_packed_linear_row_block_kernel(device, seed, dtype):
     for name, M, K in [("block16-rows", 32, 4096), ("block8-rows4", 24, 256), ("block16-rows", 32, 48)]:
         W, p = _row_block_case(name, M, K, dtype, device)
         cases.append((name, W, _args(p), M, p.row_group))
-    for G, R, B in [(3, 2, 16), (4, 4, 8)]:
+    for G, R, B in [(3, 2, 16), (4, 4, 8), (2, 16, 16), (4, 5, 16)]:
         cases.append((f"G={G} R={R} B={B}", *_raw_row_blocks(rng, G, R, B, 2, 128, dtype, device)))
     for name, W, args, M, row_group in cases:
         K = W.shape[1]

@@ -60,7 +60,7 @@ from s3sparse.sparse import PackedWeight  # noqa: E402
 
 # kernel -> (nvcc flags of benchmarks/lab/packed_lab.cu, token counts timed)
 KERNELS = {"mma": ([], [1, 4, 8, 16]), "span": (["-DS3_LAB_SPAN"], [1, 2, 4, 8]),
-           "rowblock": (["-DS3_LAB_ROWBLOCK"], [1, 2, 4, 8])}
+           "rowblock": (["-DS3_LAB_ROWBLOCK"], [1, 2, 4, 8, 16])}
 
 
 def build(kernel: str, name: str, flags: list[str]):

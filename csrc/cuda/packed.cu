@@ -56,7 +56,6 @@ constexpr int kThreads = 256;
 constexpr int kMaxTokens = 16;     // the gemv path: up to this many tokens (rows of x)
 constexpr int kStreamTokens = 8;   // the stream kernel up to this many tokens; above, expand + cuBLAS
 constexpr int kStreamTokensGrouped = 2;
-constexpr int64_t kRowblockTokens = 8;  // the row-block kernel (block16-rows): up to this many tokens (one launch)
 // The tensor-core kernel (packed_mma.cuh) from kMmaMinTokens to kMmaTokens
 // tokens on the patterns it takes (fp16/bf16 2:4, 4:8, coupled 2:4). Measured
 // on the H200 at 813a766 (2560x9728 / 9728x2560, 2:4, each path forced): 8
@@ -1077,14 +1076,15 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
     if (y) return *y;
   }
   // Row-coupled runs (block16-rows: a scope of G rows sharing B columns, one kept):
-  // the row-block kernel (packed_rowblock.cuh), up to 8 tokens. Measured on an
-  // H100 (benchmarks/results/packed-rowblock-lab-h100.txt, fp16 block16-rows,
-  // 2560x9728 / 9728x2560): 10.5 / 12.3 us at 1 token, 54.1 / 40.2 at 8, against
-  // 47.1 / 35.2 and 73.9 / 57.2 for the paths below; 16 tokens (two launches)
-  // would be slower than the expansion's 58-73 us.
-  if (path == PathChoice::kAuto && N <= kRowblockTokens && !subsets.has_value() &&
+  // the row-block kernel (packed_rowblock.cuh), up to 16 tokens (fp16/bf16 runs of
+  // 16: its tensor-core form from 3 tokens) or 8 (its FMA form: fp32, runs of 8).
+  // Measured on an H100 (benchmarks/results/packed-rowblock-lab-h100.txt, fp16
+  // block16-rows, 2560x9728 / 9728x2560): the FMA form 10.5 / 12.3 us at 1 token,
+  // 54.1 / 40.2 at 8, against 47.1 / 35.2 and 73.9 / 57.2 for the paths below.
+  const int64_t rowblock_max = rowblock_tokens(g, values.scalar_type());
+  if (path == PathChoice::kAuto && N <= rowblock_max && !subsets.has_value() &&
       values.scalar_type() != at::kDouble && rowblock_sets(g) > 0) {
-    auto y = sliced(rowblock::kMaxTokens, [&](const at::Tensor& xs, at::Tensor& ys) {
+    auto y = sliced(rowblock_max, [&](const at::Tensor& xs, at::Tensor& ys) {
       bool launched = false;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_rowblock_cuda", [&] {
         launched = launch_packed_rowblock<scalar_t>(g, xs.size(0), values, meta, subsets, block_off, elem_off, xs,

@@ -31,6 +31,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -39,6 +40,7 @@
 #include <type_traits>
 
 #include "cuda/launch.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/packed_common.cuh"
 #include "packed.h"
 
@@ -46,14 +48,22 @@ namespace s3sparse {
 namespace packed_cuda {
 namespace rowblock {
 
-#ifndef S3_LAB_ROWBLOCK_CVT_ONCE
-#define S3_LAB_ROWBLOCK_CVT_ONCE 0  // lab knob (benchmarks/lab/packed_mma_lab.py --kernel=rowblock); the package: 0
+// Lab knobs (benchmarks/lab/packed_mma_lab.py --kernel=rowblock); the package takes the defaults.
+#ifndef S3_LAB_ROWBLOCK_MMA_MIN
+#define S3_LAB_ROWBLOCK_MMA_MIN 3  // the tensor-core form from this many tokens
+#endif
+#ifndef S3_LAB_ROWBLOCK_MMA_WARPS
+#define S3_LAB_ROWBLOCK_MMA_WARPS 16  // its warps a block, at most
+#endif
+#ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
+#define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
 #endif
 
 constexpr int kMaxG = 4;          // rows a set
 constexpr int kMaxR = 16;         // sets a row group (a warp each, at least)
 constexpr int kMaxThreads = 512;  // a block (so 128 registers a thread: no spills at 8 tokens)
-constexpr int kMaxTokens = 8;     // tokens a launch (the caller slices larger batches)
+constexpr int kMaxTokens = 8;     // tokens a launch of the FMA form (the caller slices larger batches)
+constexpr int kMmaTokens = 16;    // of the tensor-core form (16-bit values, B = 16)
 constexpr int kUnroll = 2;        // runs a lane has in flight
 
 struct RowblockPlan {
@@ -64,6 +74,7 @@ struct RowblockPlan {
   int bits = 0, per_word = 0;     // meta fields
   uint32_t field_mask = 0;
   int32_t scope_cols = 0;         // scope_shape[1]: scopes a group (R K / B)
+  FastDivmod word_div;            // by per_word (the tensor-core form's field reads)
 };
 
 // 16-byte words of T a run of B elements spans.
@@ -82,22 +93,6 @@ __device__ __forceinline__ float run_dot(const uint4 (&v)[run_words<T, B>()], co
     const T* b = reinterpret_cast<const T*>(&xv);
 #pragma unroll
     for (int e = 0; e < kPer; ++e) s = fmaf(to_float(a[e]), to_float(b[e]), s);
-  }
-  return s;
-}
-
-// The same with the run's values already in fp32 (lab knob S3_LAB_ROWBLOCK_CVT_ONCE: each value
-// converted once a run instead of once a token; not yet timed).
-template <typename T, int B>
-__device__ __forceinline__ float run_dot_f(const float (&vf)[B], const uint4* __restrict__ xw) {
-  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
-  float s = 0.f;
-#pragma unroll
-  for (int w = 0; w < run_words<T, B>(); ++w) {
-    const uint4 xv = ldg(xw + w);
-    const T* b = reinterpret_cast<const T*>(&xv);
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) s = fmaf(vf[w * kPer + e], to_float(b[e]), s);
   }
   return s;
 }
@@ -140,24 +135,11 @@ __device__ bool fast_set(const RowblockPlan& p, const T* __restrict__ values, co
         bad = true;
         continue;
       }
-#if S3_LAB_ROWBLOCK_CVT_ONCE
-      float vf[B];
-#pragma unroll
-      for (int w = 0; w < kW; ++w) {
-        const T* a = reinterpret_cast<const T*>(&v[u][w]);
-#pragma unroll
-        for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) vf[w * (16 / static_cast<int>(sizeof(T))) + e] = to_float(a[e]);
-      }
-#endif
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         if (t >= p.N) break;
         const uint4* xw = reinterpret_cast<const uint4*>(x + int64_t(t) * p.K + int64_t(c) * B);
-#if S3_LAB_ROWBLOCK_CVT_ONCE
-        const float d = run_dot_f<T, B>(vf, xw);
-#else
         const float d = run_dot<T, B>(v[u], xw);
-#endif
 #pragma unroll
         for (int k = 0; k < kMaxG; ++k) acc[k][t] += field[u] == static_cast<uint32_t>(k) ? d : 0.f;
       }
@@ -171,6 +153,96 @@ __device__ bool fast_set(const RowblockPlan& p, const T* __restrict__ values, co
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
       if (lane == 0 && k < p.G && t < p.N) atomicAdd(&sums[(k * p.R + r) * NT + t], s);
+    }
+  }
+  return bad;
+}
+
+// The tensor-core form of the fast form (16-bit T, B = 16, up to 16 tokens): the
+// warp takes one run column c of 8 sets a step as an mma, D (tokens x 8 sets) +=
+// A (x: 16 tokens x the run's 16 columns) B (the 8 sets' runs at c), once for each
+// row k of the sets with B masked to the sets whose run c goes to row k, so D_k
+// sums row k's dot products on the tensor cores (the per-token FMAs of fast_set
+// are what made its time grow with the tokens). A run's 16 columns enter the mma
+// in the order that gives lane (g, t) elements 4t..4t+3 as its k = 2t, 2t+1,
+// 2t+8, 2t+9 (mma.cuh's layouts): one 8-byte load of the set's run and one of
+// each token's x. Warp w of nwarps takes run columns w, w + nwarps, ...; its sums
+// are added into sums[(k R + r) 16 + token]. Returns whether a meta field was >= G.
+template <typename T, int TILES>
+__device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, const int32_t* __restrict__ meta,
+                          const T* __restrict__ x, int64_t grp, int warp, int nwarps, int lane, float* sums) {
+  constexpr bool kBF16 = std::is_same_v<T, at::BFloat16>;
+  constexpr int kU = S3_LAB_ROWBLOCK_MMA_UNROLL;
+  const int g = lane / 4, t = lane % 4;
+  float acc[kMaxG][TILES][4];
+#pragma unroll
+  for (int k = 0; k < kMaxG; ++k)
+#pragma unroll
+    for (int i = 0; i < TILES; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[k][i][j] = 0.f;
+  // A's rows g and g + 8: tokens g and g + 8 (zero past N). B's column g of tile i: set 8 i + g (zero past R).
+  const bool lo = g < p.N, hi = g + 8 < p.N;
+  const T* x_lo = x + int64_t(lo ? g : 0) * p.K + 4 * t;
+  const T* x_hi = x + int64_t(hi ? g + 8 : 0) * p.K + 4 * t;
+  int64_t scope0[TILES];
+  bool has_set[TILES];
+#pragma unroll
+  for (int i = 0; i < TILES; ++i) {
+    has_set[i] = 8 * i + g < p.R;
+    scope0[i] = (grp * p.R + (has_set[i] ? 8 * i + g : 0)) * p.per_row;
+  }
+  bool bad = false;
+  for (int c0 = warp; c0 < p.per_row; c0 += kU * nwarps) {
+    uint2 xa[kU][2], w[kU][TILES];
+    uint32_t field[kU][TILES];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {  // the loads first, so kU steps are in flight
+      const int c = c0 + u * nwarps;
+      const bool live = c < p.per_row;
+      xa[u][0] = live && lo ? ldg(reinterpret_cast<const uint2*>(x_lo + int64_t(c) * 16)) : make_uint2(0, 0);
+      xa[u][1] = live && hi ? ldg(reinterpret_cast<const uint2*>(x_hi + int64_t(c) * 16)) : make_uint2(0, 0);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        w[u][i] = make_uint2(0, 0);
+        field[u][i] = 0;
+        if (live && has_set[i]) {
+          const int64_t s = scope0[i] + c;
+          w[u][i] = ldg(reinterpret_cast<const uint2*>(values + s * 16 + 4 * t));
+          const uint32_t word_index = p.word_div.div(static_cast<uint32_t>(s));
+          const int shift = static_cast<int>(static_cast<uint32_t>(s) - word_index * p.per_word) * p.bits;
+          field[u][i] = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (c0 + u * nwarps >= p.per_row) break;  // (warp-uniform)
+      const uint32_t a[4] = {xa[u][0].x, xa[u][1].x, xa[u][0].y, xa[u][1].y};
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        bad |= field[u][i] >= static_cast<uint32_t>(p.G);  // (masked out of every row below)
+#pragma unroll
+        for (int k = 0; k < kMaxG; ++k) {
+          if (k >= p.G) break;  // (uniform)
+          const bool mine = field[u][i] == static_cast<uint32_t>(k);
+          const uint32_t b[2] = {mine ? w[u][i].x : 0u, mine ? w[u][i].y : 0u};
+          mma_16816<kBF16>(acc[k][i], a, b);
+        }
+      }
+    }
+  }
+  // acc[k][i] = D_k[g][2t], D_k[g][2t + 1], D_k[g + 8][2t], D_k[g + 8][2t + 1]: token g / g + 8, set 8 i + 2t (+ 1).
+#pragma unroll
+  for (int k = 0; k < kMaxG; ++k) {
+    if (k >= p.G) break;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = 8 * i + 2 * t + (j & 1), token = g + 8 * (j >> 1);
+        if (r < p.R && token < p.N) atomicAdd(&sums[(k * p.R + r) * 16 + token], acc[k][i][j]);
+      }
     }
   }
   return bad;
@@ -215,8 +287,10 @@ __device__ int general_group(const RowblockPlan& p, const T* __restrict__ values
   return bad;
 }
 
-// One block a row group: R sets of warps_per_set warps each.
-template <typename T, int B, int NT>
+// One block a row group: R sets of warps_per_set warps each (the FMA form), or
+// warps sharing the group's run columns (TILES > 0: the tensor-core form, TILES
+// tiles of 8 sets, NT = 16).
+template <typename T, int B, int NT, int TILES>
 __global__ void __launch_bounds__(kMaxThreads)
 packed_rowblock_kernel(const RowblockPlan p, const T* __restrict__ values, const int32_t* __restrict__ meta,
                        const int64_t* __restrict__ block_off, const int64_t* __restrict__ elem_off,
@@ -237,8 +311,12 @@ packed_rowblock_kernel(const RowblockPlan p, const T* __restrict__ values, const
   int my_bad = 0;
   if (fast) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int r = warp / p.warps_per_set, share = warp % p.warps_per_set;
-    if (fast_set<T, B, NT>(p, values, meta, x, grp * p.R + r, r, share, lane, sums)) my_bad = kPackedBadIndex;
+    if constexpr (TILES > 0) {
+      if (mma_group<T, TILES>(p, values, meta, x, grp, warp, blockDim.x / 32, lane, sums)) my_bad = kPackedBadIndex;
+    } else {
+      const int r = warp / p.warps_per_set, share = warp % p.warps_per_set;
+      if (fast_set<T, B, NT>(p, values, meta, x, grp * p.R + r, r, share, lane, sums)) my_bad = kPackedBadIndex;
+    }
   } else {
     my_bad = general_group<T, B, NT>(p, values, meta, block_off, elem_off, x, grp, sums);
   }
@@ -281,9 +359,16 @@ inline int64_t rowblock_sets(const PackedGeometry& g) {
   return R;
 }
 
+// The most tokens one launch takes: the tensor-core form's 16 for 16-bit values
+// in runs of 16, else the FMA form's 8.
+inline int64_t rowblock_tokens(const PackedGeometry& g, at::ScalarType dtype) {
+  const bool mma = (dtype == at::kHalf || dtype == at::kBFloat16) && g.B == 16;
+  return mma ? rowblock::kMmaTokens : rowblock::kMaxTokens;
+}
+
 // Launches the row-block kernel for y (N, M) = x2 (N, K) W^T (+ bias), 1 <= N
-// <= kMaxTokens, or returns false without launching when the geometry is not
-// one it takes (the caller then takes another path). x2 contiguous.
+// <= rowblock_tokens, or returns false without launching when the geometry is
+// not one it takes (the caller then takes another path). x2 contiguous.
 template <typename T>
 bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor& values, const at::Tensor& meta,
                             const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
@@ -293,9 +378,13 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
+    constexpr bool k16bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
     const int64_t R = rowblock_sets(g);
     const int64_t rows = g.G * R;
-    if (R == 0 || N < 1 || N > kMaxTokens || subsets.has_value() || (g.B * int64_t(sizeof(T))) % 16 != 0) return false;
+    const bool mma = k16bit && g.B == 16 && N >= S3_LAB_ROWBLOCK_MMA_MIN;
+    if (R == 0 || N < 1 || N > (mma ? kMmaTokens : kMaxTokens) || subsets.has_value() ||
+        (g.B * int64_t(sizeof(T))) % 16 != 0)
+      return false;
     if (reinterpret_cast<uintptr_t>(values.const_data_ptr<T>()) % 16 != 0 ||
         reinterpret_cast<uintptr_t>(x2.const_data_ptr<T>()) % 16 != 0 || !x2.is_contiguous())
       return false;
@@ -309,13 +398,21 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
     p.scope_cols = static_cast<int32_t>(g.scope_shape[1]);
     p.bits = g.meta_bits;
     p.per_word = g.per_word;
+    p.word_div = FastDivmod(static_cast<uint32_t>(g.per_word));
     p.field_mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
-    // Warps a set: enough that a lane has a few runs of a long row, at most kMaxThreads a block.
-    int64_t wps = 1;
-    while (wps * 2 * 32 * R <= kMaxThreads && p.per_row >= wps * 2 * 32 * 4) wps *= 2;
-    p.warps_per_set = static_cast<int32_t>(wps);
+    int threads = 0;
+    if (mma) {
+      // Warps sharing the group's run columns: enough that each has two steps of runs in flight.
+      const int64_t per_warp = 2 * S3_LAB_ROWBLOCK_MMA_UNROLL;
+      threads = static_cast<int>(32 * std::clamp<int64_t>(p.per_row / per_warp, 1, S3_LAB_ROWBLOCK_MMA_WARPS));
+    } else {
+      // Warps a set: enough that a lane has a few runs of a long row, at most kMaxThreads a block.
+      int64_t wps = 1;
+      while (wps * 2 * 32 * R <= kMaxThreads && p.per_row >= wps * 2 * 32 * 4) wps *= 2;
+      p.warps_per_set = static_cast<int32_t>(wps);
+      threads = static_cast<int>(R * wps * 32);
+    }
     const unsigned blocks = static_cast<unsigned>(g.M / rows);
-    const int threads = static_cast<int>(R * wps * 32);
     const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
     auto go = [&](auto kernel) {
       S3_LAUNCH(blocks, threads, 0, stream, kernel)(p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
@@ -324,20 +421,27 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
                                                       y.mutable_data_ptr<T>(), status);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
+    if constexpr (k16bit) {
+      if (mma) {
+        if (R <= 8) go(packed_rowblock_kernel<T, 16, kMmaTokens, 1>);
+        else go(packed_rowblock_kernel<T, 16, kMmaTokens, 2>);
+        return true;
+      }
+    }
     const int nt = N == 1 ? 1 : N == 2 ? 2 : N <= 4 ? 4 : 8;
     if (g.B == 16) {
       if constexpr (16 * sizeof(T) % 16 == 0) {
-        if (nt == 1) go(packed_rowblock_kernel<T, 16, 1>);
-        else if (nt == 2) go(packed_rowblock_kernel<T, 16, 2>);
-        else if (nt == 4) go(packed_rowblock_kernel<T, 16, 4>);
-        else go(packed_rowblock_kernel<T, 16, 8>);
+        if (nt == 1) go(packed_rowblock_kernel<T, 16, 1, 0>);
+        else if (nt == 2) go(packed_rowblock_kernel<T, 16, 2, 0>);
+        else if (nt == 4) go(packed_rowblock_kernel<T, 16, 4, 0>);
+        else go(packed_rowblock_kernel<T, 16, 8, 0>);
       }
     } else {
       if constexpr (8 * sizeof(T) % 16 == 0) {
-        if (nt == 1) go(packed_rowblock_kernel<T, 8, 1>);
-        else if (nt == 2) go(packed_rowblock_kernel<T, 8, 2>);
-        else if (nt == 4) go(packed_rowblock_kernel<T, 8, 4>);
-        else go(packed_rowblock_kernel<T, 8, 8>);
+        if (nt == 1) go(packed_rowblock_kernel<T, 8, 1, 0>);
+        else if (nt == 2) go(packed_rowblock_kernel<T, 8, 2, 0>);
+        else if (nt == 4) go(packed_rowblock_kernel<T, 8, 4, 0>);
+        else go(packed_rowblock_kernel<T, 8, 8, 0>);
       }
     }
     return true;
