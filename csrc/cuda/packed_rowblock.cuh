@@ -55,6 +55,9 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_MMA_WARPS
 #define S3_LAB_ROWBLOCK_MMA_WARPS 16  // its warps a block, at most
 #endif
+#ifndef S3_LAB_ROWBLOCK_MMA_PAIRS
+#define S3_LAB_ROWBLOCK_MMA_PAIRS 0  // two runs a step by 16-byte loads and a lane exchange
+#endif
 #ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
 #define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
 #endif
@@ -193,6 +196,71 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
     scope0[i] = (grp * p.R + (has_set[i] ? 8 * i + g : 0)) * p.per_row;
   }
   bool bad = false;
+#if S3_LAB_ROWBLOCK_MMA_PAIRS
+  // Two run columns (c, c + 1) a step: lane (g, t) loads 16 bytes, half t & 1 of run c + (t >> 1), so
+  // a set's 4 lanes read 64 contiguous bytes; one exchange with lane t ^ 2 gives every lane 4 elements
+  // of each run, elements o..o+3 with o = 8 (t & 1) + 4 (t >> 1) (the same offsets for x).
+  const int o = 8 * (t & 1) + 4 * (t >> 1);
+  const bool first = t < 2;
+  for (int c0 = 2 * warp; c0 < p.per_row; c0 += 2 * kU * nwarps) {
+    uint2 xa[kU][2][2];  // [step][run][token lo / hi]
+    uint4 w[kU][TILES];
+    uint32_t field[kU][TILES][2];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int c = c0 + 2 * u * nwarps;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool live = c + h < p.per_row;
+        xa[u][h][0] = live && lo ? ldg(reinterpret_cast<const uint2*>(x_lo - 4 * t + int64_t(c + h) * 16 + o)) : make_uint2(0, 0);
+        xa[u][h][1] = live && hi ? ldg(reinterpret_cast<const uint2*>(x_hi - 4 * t + int64_t(c + h) * 16 + o)) : make_uint2(0, 0);
+      }
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        w[u][i] = make_uint4(0, 0, 0, 0);
+        field[u][i][0] = field[u][i][1] = 0;
+        if (has_set[i] && c < p.per_row) {
+          const int64_t s = scope0[i] + c;
+          if (c + (t >> 1) < p.per_row)
+            w[u][i] = ldg(reinterpret_cast<const uint4*>(values + (s + (t >> 1)) * 16 + 8 * (t & 1)));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (c + h >= p.per_row) break;
+            const uint32_t f = static_cast<uint32_t>(s + h);
+            const uint32_t word_index = p.word_div.div(f);
+            const int shift = static_cast<int>(f - word_index * p.per_word) * p.bits;
+            field[u][i][h] = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int c = c0 + 2 * u * nwarps;
+      if (c >= p.per_row) break;  // (warp-uniform)
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        const uint32_t send0 = first ? w[u][i].z : w[u][i].x, send1 = first ? w[u][i].w : w[u][i].y;
+        const uint32_t got0 = __shfl_xor_sync(0xFFFFFFFFu, send0, 2), got1 = __shfl_xor_sync(0xFFFFFFFFu, send1, 2);
+        const uint2 run_w[2] = {first ? make_uint2(w[u][i].x, w[u][i].y) : make_uint2(got0, got1),
+                                first ? make_uint2(got0, got1) : make_uint2(w[u][i].z, w[u][i].w)};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (c + h >= p.per_row) break;  // (warp-uniform)
+          const uint32_t a[4] = {xa[u][h][0].x, xa[u][h][1].x, xa[u][h][0].y, xa[u][h][1].y};
+          bad |= field[u][i][h] >= static_cast<uint32_t>(p.G);
+#pragma unroll
+          for (int k = 0; k < kMaxG; ++k) {
+            if (k >= p.G) break;  // (uniform)
+            const bool mine = field[u][i][h] == static_cast<uint32_t>(k);
+            const uint32_t b[2] = {mine ? run_w[h].x : 0u, mine ? run_w[h].y : 0u};
+            mma_16816<kBF16>(acc[k][i], a, b);
+          }
+        }
+      }
+    }
+  }
+#else
   for (int c0 = warp; c0 < p.per_row; c0 += kU * nwarps) {
     uint2 xa[kU][2], w[kU][TILES];
     uint32_t field[kU][TILES];
@@ -232,6 +300,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
       }
     }
   }
+#endif
   // acc[k][i] = D_k[g][2t], D_k[g][2t + 1], D_k[g + 8][2t], D_k[g + 8][2t + 1]: token g / g + 8, set 8 i + 2t (+ 1).
 #pragma unroll
   for (int k = 0; k < kMaxG; ++k) {
