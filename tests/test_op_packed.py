@@ -175,11 +175,13 @@ def _row_block_case(name: str, M: int, K: int, dtype, device):
     return W.detach(), PackedWeight.from_scope(scope, nnz)
 
 
-def _raw_row_blocks(rng: random.Random, G: int, R: int, B: int, groups: int, K: int, dtype, device):
+def _raw_row_blocks(rng: random.Random, G: int, R: int, B: int, groups: int, K: int, dtype, device,
+                    bits: int | None = None):
     """(W, op arguments after x, M, row_group) of a random row-coupled block weight of any G (rows a
-    scope, R apart), written directly in the format: fields uniform in [0, G), values random."""
+    scope, R apart), written directly in the format: fields uniform in [0, G) of `bits` bits (default:
+    the fewest), values random."""
     S = groups * R * (K // B)
-    bits = max(1, (G - 1).bit_length())
+    bits = bits or max(1, (G - 1).bit_length())
     fields = torch.tensor([rng.randrange(G) for _ in range(S)], dtype=torch.int64)
     values = torch.randn(S, 1, B, dtype=torch.float64).to(dtype=dtype, device=device)
     args = (values, pack_fields(fields, bits).to(device), None,
@@ -196,7 +198,8 @@ def test_packed_linear_row_block_kernel(device, seed, dtype):
     runs of 8, up to 8 tokens; its tensor-core form at 3-16 tokens, fp16/bf16 runs of 16; fp64 and
     more tokens take the other paths): several row groups, sets of two warps (block16-rows, K =
     4096: 256 runs a row), block8-rows4, G = 3 and 4 rows a scope (2-bit fields), 16 sets a group
-    (two tiles of the tensor-core form), 5 (a part tile), every token slot, 3-D x, a bias or not,
+    (two tiles of the tensor-core form; over several warps with 3-bit fields), 5 and 9 (part tiles),
+    every token slot, 3-D x, a bias or not,
     a strided bias; then the same W with elem_off reversed (and each run's values with it), which
     the kernel's fast form does not take: its general form, same result."""
     rng = random.Random(seed)
@@ -204,8 +207,11 @@ def test_packed_linear_row_block_kernel(device, seed, dtype):
     for name, M, K in [("block16-rows", 32, 4096), ("block8-rows4", 24, 256), ("block16-rows", 32, 48)]:
         W, p = _row_block_case(name, M, K, dtype, device)
         cases.append((name, W, _args(p), M, p.row_group))
-    for G, R, B in [(3, 2, 16), (4, 4, 8), (2, 16, 16), (4, 5, 16)]:
-        cases.append((f"G={G} R={R} B={B}", *_raw_row_blocks(rng, G, R, B, 2, 128, dtype, device)))
+    # (K, bits): 16 sets of several warps with 3-bit fields (10 a word), an odd run count over warps.
+    for G, R, B, K, bits in [(3, 2, 16, 128, None), (4, 4, 8, 128, None), (2, 16, 16, 128, None),
+                             (4, 5, 16, 128, None), (4, 16, 16, 272, 3), (2, 9, 16, 48, 5)]:
+        cases.append((f"G={G} R={R} B={B} K={K} bits={bits}",
+                      *_raw_row_blocks(rng, G, R, B, 2, K, dtype, device, bits)))
     for name, W, args, M, row_group in cases:
         K = W.shape[1]
         flipped = (args[0].flip(-1).contiguous(), *args[1:4], args[4].flip(0).contiguous(), *args[5:])

@@ -89,6 +89,10 @@ int device_attribute() {
 
 inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
+// Whether the current device has the mma.sync instructions (sm_80 and later): on older cards the
+// tensor-core kernels are compiled to a trap, so their launchers decline there.
+inline bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
+
 // Whether `stream` is capturing a CUDA graph (no host sync, no per-call state may be made then).
 inline bool stream_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;

@@ -574,8 +574,6 @@ void launch_mma_kernel(const MmaPlan& m, const at::Tensor& values, const at::Ten
 }
 
 // Tensor cores with mma.m16n8k16: sm_80 and later.
-inline bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
-
 }  // namespace mma
 
 template <typename T>

@@ -1,4 +1,4 @@
-// The row-block decode kernel of packed_linear: 1 to 8 tokens a launch on
+// The row-block decode kernel of packed_linear: 1 to 16 tokens a launch on
 // patterns whose scope is G rows, R apart, sharing one run of B consecutive
 // columns, of which one row keeps the run (block16-rows: G = 2, R = 8,
 // B = 16; any G <= 4, R <= 16, B = 8 or 16). Format: csrc/packed.h;
@@ -13,9 +13,15 @@
 // consecutive runs, 1 KiB at B = 16, fp16), takes a run's dot products with
 // the tokens' x (16-byte loads from L1/L2: x is a few KiB and read by every
 // warp), and adds them into the G rows' fp32 sums in registers, selected by
-// the meta field; warp shuffles reduce them at the end. A block owns one row
-// group (R sets, G R rows), so bad data or a layout the fast form does not
-// take stays inside the block.
+// the meta field; warp shuffles reduce them at the end (the FMA form: 1-2
+// tokens, and fp32 or runs of 8 up to 8 tokens). From 3 tokens, 16-bit values in
+// runs of 16 take the tensor-core form (mma_group): the same stream, but the dot
+// products of 8 sets x 16 tokens an mma, so the time no longer grows with the
+// tokens (H100, 2560x9728: 26-32 us at 4-16 tokens against the FMA form's 31-54
+// at 4-8; benchmarks/results/packed-rowblock-lab-mma-h100-*). A block owns one
+// row group (R sets, G R rows), so bad data or a layout the fast form does not
+// take stays inside the block. Its warps' sums meet in shared memory by atomic
+// adds, so the last bits of a result may differ from call to call.
 //
 // The host sees only the integers (scope grid, strides, G, B, row_group); it
 // cannot read block_off and elem_off without a sync. So every block checks
@@ -68,6 +74,7 @@ constexpr int kMaxThreads = 512;  // a block (so 128 registers a thread: no spil
 constexpr int kMaxTokens = 8;     // tokens a launch of the FMA form (the caller slices larger batches)
 constexpr int kMmaTokens = 16;    // of the tensor-core form (16-bit values, B = 16)
 constexpr int kUnroll = 2;        // runs a lane has in flight
+static_assert(32 * S3_LAB_ROWBLOCK_MMA_WARPS <= kMaxThreads, "S3_LAB_ROWBLOCK_MMA_WARPS: at most kMaxThreads / 32");
 
 struct RowblockPlan {
   int32_t M = 0, K = 0, N = 0;    // W (M, K), x (N, K)
@@ -431,7 +438,7 @@ inline int64_t rowblock_sets(const PackedGeometry& g) {
 // The most tokens one launch takes: the tensor-core form's 16 for 16-bit values
 // in runs of 16, else the FMA form's 8.
 inline int64_t rowblock_tokens(const PackedGeometry& g, at::ScalarType dtype) {
-  const bool mma = (dtype == at::kHalf || dtype == at::kBFloat16) && g.B == 16;
+  const bool mma = (dtype == at::kHalf || dtype == at::kBFloat16) && g.B == 16 && device_has_mma();
   return mma ? rowblock::kMmaTokens : rowblock::kMaxTokens;
 }
 
@@ -450,7 +457,7 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
     constexpr bool k16bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
     const int64_t R = rowblock_sets(g);
     const int64_t rows = g.G * R;
-    const bool mma = k16bit && g.B == 16 && N >= S3_LAB_ROWBLOCK_MMA_MIN;
+    const bool mma = k16bit && g.B == 16 && N >= S3_LAB_ROWBLOCK_MMA_MIN && device_has_mma();
     if (R == 0 || N < 1 || N > (mma ? kMmaTokens : kMaxTokens) || subsets.has_value() ||
         (g.B * int64_t(sizeof(T))) % 16 != 0)
       return false;
@@ -471,7 +478,7 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
     p.field_mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
     int threads = 0;
     if (mma) {
-      // Warps sharing the group's run columns: enough that each has two steps of runs in flight.
+      // Warps sharing the group's run columns: enough that each has 2 kU runs (default form; PAIRS: 4 kU).
       const int64_t per_warp = 2 * S3_LAB_ROWBLOCK_MMA_UNROLL;
       threads = static_cast<int>(32 * std::clamp<int64_t>(p.per_row / per_warp, 1, S3_LAB_ROWBLOCK_MMA_WARPS));
     } else {
