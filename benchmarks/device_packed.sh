@@ -83,7 +83,8 @@ for step in "${@:-all}"; do
       ;;&
     rowblock)
       # The row-block kernel alone (block16-rows, 1-8 tokens) against dense and the installed package's path.
-      # ROWBLOCK_VARIANTS="cvt=-DS3_LAB_ROWBLOCK_CVT_ONCE=1" adds variants beside the package's form (base).
+      # ROWBLOCK_VARIANTS="pairs=-DS3_LAB_ROWBLOCK_MMA_PAIRS=1,-DS3_LAB_ROWBLOCK_MMA_UNROLL=2 diag_nox=-DS3_LAB_ROWBLOCK_DIAG=1"
+      # adds variants beside the package's form (base); the knobs are at the top of csrc/cuda/packed_rowblock.cuh.
       (cd "$repo" && timeout ${ROWBLOCK_TIMEOUT:-240} python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock \
         ${ROWBLOCK_VARIANTS:-} > "$OUT/rowblock-lab.txt" 2>&1; tail -15 "$OUT/rowblock-lab.txt")
       ;;&

@@ -209,7 +209,7 @@ def test_packed_linear_row_block_kernel(device, seed, dtype):
         cases.append((name, W, _args(p), M, p.row_group))
     # (K, bits): 16 sets of several warps with 3-bit fields (10 a word), an odd run count over warps.
     for G, R, B, K, bits in [(3, 2, 16, 128, None), (4, 4, 8, 128, None), (2, 16, 16, 128, None),
-                             (4, 5, 16, 128, None), (4, 16, 16, 272, 3), (2, 9, 16, 48, 5)]:
+                             (4, 5, 16, 128, None), (4, 16, 16, 656, 3), (2, 9, 16, 48, 5)]:
         cases.append((f"G={G} R={R} B={B} K={K} bits={bits}",
                       *_raw_row_blocks(rng, G, R, B, 2, K, dtype, device, bits)))
     for name, W, args, M, row_group in cases:

@@ -34,6 +34,15 @@ tokens::
 
     PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py --kernel=span diag_norows=-DS3_LAB_SPAN_NO_ROWS ...
 
+The row-block kernel's knobs (csrc/cuda/packed_rowblock.cuh, top): S3_LAB_ROWBLOCK_MMA_MIN=n (its
+tensor-core form from n tokens; 1 times that form at 1-2 tokens too), S3_LAB_ROWBLOCK_MMA_WARPS=n,
+S3_LAB_ROWBLOCK_MMA_UNROLL=n, S3_LAB_ROWBLOCK_MMA_PAIRS=1 (two runs a step by 16-byte loads), and the
+diagnostics S3_LAB_ROWBLOCK_DIAG=bits (1 no x loads, 2 no meta loads, 4 no mmas); it is timed at 1, 2,
+4, 8 and 16 tokens beside ``package_us``, the installed package's packed_linear (whatever path that
+wheel takes)::
+
+    PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock u2=-DS3_LAB_ROWBLOCK_MMA_UNROLL=2 ...
+
 Prints one line a case and writes $OUT/packed_<kernel>_lab.json (else /tmp).
 """
 
@@ -103,7 +112,7 @@ def main() -> None:
                            dense_us=round(graph_us(lambda: torch.nn.functional.linear(x, Wd)), 1))
                 args = (x, p.values, p.meta, p.subsets, p.block_off, p.elem_off, list(p.scope_shape),
                         list(p.scope_stride), p.meta_bits, M, p.row_group)
-                if kernel == "rowblock":  # the installed package's packed_linear: the path it replaces
+                if kernel == "rowblock":  # the installed package's packed_linear (the wheel's own path)
                     row["package_us"] = round(graph_us(lambda: ops.packed_linear(*args, None, True)), 1)
                 want = torch.nn.functional.linear(x.float(), Wd.float())
                 for name, mod in mods.items():

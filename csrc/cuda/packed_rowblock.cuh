@@ -64,6 +64,9 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_MMA_PAIRS
 #define S3_LAB_ROWBLOCK_MMA_PAIRS 0  // two runs a step by 16-byte loads and a lane exchange
 #endif
+#ifndef S3_LAB_ROWBLOCK_DIAG  // the default tensor-core form with steps left out (wrong results; lab variants
+#define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 integer ops for the mmas
+#endif
 #ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
 #define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
 #endif
@@ -277,6 +280,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
       const bool live = c < p.per_row;
       xa[u][0] = live && lo ? ldg(reinterpret_cast<const uint2*>(x_lo + int64_t(c) * 16)) : make_uint2(0, 0);
       xa[u][1] = live && hi ? ldg(reinterpret_cast<const uint2*>(x_hi + int64_t(c) * 16)) : make_uint2(0, 0);
+      if constexpr ((S3_LAB_ROWBLOCK_DIAG & 1) != 0) xa[u][0] = xa[u][1] = make_uint2(c, c);
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
         w[u][i] = make_uint2(0, 0);
@@ -286,7 +290,11 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
           w[u][i] = ldg(reinterpret_cast<const uint2*>(values + s * 16 + 4 * t));
           const uint32_t word_index = p.word_div.div(static_cast<uint32_t>(s));
           const int shift = static_cast<int>(static_cast<uint32_t>(s) - word_index * p.per_word) * p.bits;
-          field[u][i] = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
+          if constexpr ((S3_LAB_ROWBLOCK_DIAG & 2) != 0) {
+            field[u][i] = (word_index >> shift) & p.field_mask;
+          } else {
+            field[u][i] = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
+          }
         }
       }
     }
@@ -302,7 +310,11 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
           if (k >= p.G) break;  // (uniform)
           const bool mine = field[u][i] == static_cast<uint32_t>(k);
           const uint32_t b[2] = {mine ? w[u][i].x : 0u, mine ? w[u][i].y : 0u};
-          mma_16816<kBF16>(acc[k][i], a, b);
+          if constexpr ((S3_LAB_ROWBLOCK_DIAG & 4) != 0) {
+            acc[k][i][0] += static_cast<float>(a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1]);
+          } else {
+            mma_16816<kBF16>(acc[k][i], a, b);
+          }
         }
       }
     }
@@ -478,8 +490,10 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
     p.field_mask = g.meta_bits >= 32 ? 0xFFFFFFFFu : ((1u << g.meta_bits) - 1u);
     int threads = 0;
     if (mma) {
-      // Warps sharing the group's run columns: enough that each has 2 kU runs (default form; PAIRS: 4 kU).
-      const int64_t per_warp = 2 * S3_LAB_ROWBLOCK_MMA_UNROLL;
+      // Warps sharing the group's run columns, each with at least 20 runs: on an H100 (fp16 block16-rows,
+      // 4-16 tokens) 9728x2560 (160 runs a set) ran 8-14 % faster with 8 warps than with 16, 2560x9728
+      // (608) 10-12 % slower, 4096x4096 (256) the same (benchmarks/results/packed-rowblock-lab-mma-h100-*).
+      const int64_t per_warp = 20;
       threads = static_cast<int>(32 * std::clamp<int64_t>(p.per_row / per_warp, 1, S3_LAB_ROWBLOCK_MMA_WARPS));
     } else {
       // Warps a set: enough that a lane has a few runs of a long row, at most kMaxThreads a block.
