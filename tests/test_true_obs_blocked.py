@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from pruner_utils import make_layer, pattern
-from s3sparse import output_error
 from s3sparse.errors import ArgumentError
 from s3sparse.pruners.true_obs import TrueOBS, TrueOBSOptions
 from s3sparse.pruners import true_obs_sweep
@@ -49,7 +48,6 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
     want = _prune(name, ng, 1, c_dtype, seed, **options)
     assert not formed  # G = 1: no block panel
     W, _, H = make_layer(32, 256, 512, seed)  # (_prune's layer)
-    want_error = output_error(want, W, H)
     for G in (3, 8, 1000):  # G not dividing the batches; G past the last batch
         formed.clear()
         got = _prune(name, ng, G, c_dtype, seed, **options)
@@ -63,7 +61,12 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
             assert not rows.any(), f"G={G}: the mask differs"
         else:
             assert int(rows.sum()) <= max(1, rows.numel() // 16), f"G={G}: the mask differs in {int(rows.sum())} rows"
-            assert output_error(got, W, H) == pytest.approx(want_error, rel=1e-4)
+            # A tipped row then follows the other branch of its greedy path, so its error may differ by more than
+            # round-off, not by much (seed 1605420522, coupled 2:4: row 15 2.0 % higher, the layer 2.2e-4 relative).
+            # The other rows' weights are checked below, so their errors agree.
+            row_cost = lambda V: torch.einsum("ij,jk,ik->i", (V - W).double(), H.double(), (V - W).double())  # noqa: E731
+            tipped = rows.nonzero().flatten()
+            torch.testing.assert_close(row_cost(got)[tipped], row_cost(want)[tipped], rtol=0.05, atol=0.0)
         # (fp16 factors: a kept weight may move by a fraction of fp16's unit roundoff of the layer's largest
         # weight; seed 210 with 2 threads, coupled 2:4: 1.07e-4 of it, one element)
         tol = torch.finfo(torch.float16).eps / 4 if c_dtype == torch.float16 else 1e-6
