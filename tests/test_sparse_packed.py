@@ -380,6 +380,17 @@ def test_packed_linear_cuda_matches_cpu():
             torch.testing.assert_close(on_gpu(xt.cuda()).cpu(), packed(xt), rtol=2e-3, atol=2e-3)
 
 
+def _graph_replayed(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) captured in a CUDA graph, x then refilled in place and the graph replayed: the output."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = module(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    return y
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 16, 40])  # the decode kernel and the expanded-workspace GEMM
 def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
@@ -398,12 +409,7 @@ def test_packed_linear_cuda_graph_replay_and_the_tables_check(tokens):
     with torch.cuda.stream(side):
         packed(x)  # warm-up outside the capture, as CUDA graphs require
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = packed(x)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
+    y = _graph_replayed(packed, x)
     torch.testing.assert_close(y.float(), want(x), rtol=2e-3, atol=2e-3)
     # A table replaced by another tensor is checked again: a bad code raises, it is not NaN.
     good = packed.meta
@@ -582,12 +588,7 @@ def test_use_dense_cache_in_a_cuda_graph():
     with torch.no_grad():
         packed(x)  # (a large call: the copy exists before the capture)
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = packed(x)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
+        y = _graph_replayed(packed, x)
         assert torch.equal(y, torch.nn.functional.linear(x, packed._dense[1], packed.bias))
 
 

@@ -70,7 +70,7 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_STAGED_WARPS
 #define S3_LAB_ROWBLOCK_STAGED_WARPS 8  // its warps a block
 #endif
-#ifndef S3_LAB_ROWBLOCK_DIAG  // the default tensor-core form with steps left out (wrong results; lab variants
+#ifndef S3_LAB_ROWBLOCK_DIAG  // the tensor-core forms with steps left out (wrong results; lab variants
 #define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 integer ops for the mmas
 #endif
 #ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
@@ -96,6 +96,14 @@ struct RowblockPlan {
   int32_t scope_cols = 0;         // scope_shape[1]: scopes a group (R K / B)
   FastDivmod word_div;            // by per_word (the tensor-core form's field reads)
 };
+
+// Meta field s (< 2^30) for the tensor-core forms: its word by FastDivmod, not a 64-bit division.
+__device__ __forceinline__ uint32_t mma_field(const RowblockPlan& p, const int32_t* __restrict__ meta, uint32_t s) {
+  const uint32_t word = p.word_div.div(s);
+  const int shift = static_cast<int>(s - word * p.per_word) * p.bits;
+  if constexpr ((S3_LAB_ROWBLOCK_DIAG & 2) != 0) return (word >> shift) & p.field_mask;  // (no load)
+  return (static_cast<uint32_t>(ldg(meta + word)) >> shift) & p.field_mask;
+}
 
 // 16-byte words of T a run of B elements spans.
 template <typename T, int B>
@@ -263,10 +271,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             if (c + h >= p.per_row) break;
-            const uint32_t f = static_cast<uint32_t>(s + h);
-            const uint32_t word_index = p.word_div.div(f);
-            const int shift = static_cast<int>(f - word_index * p.per_word) * p.bits;
-            field[u][i][h] = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
+            field[u][i][h] = mma_field(p, meta, static_cast<uint32_t>(s + h));
           }
         }
       }
@@ -315,13 +320,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
         if (live && has_set[i]) {
           const int64_t s = scope0[i] + c;
           w[u][i] = ldg(reinterpret_cast<const uint2*>(values + s * 16 + 4 * t));
-          const uint32_t word_index = p.word_div.div(static_cast<uint32_t>(s));
-          const int shift = static_cast<int>(static_cast<uint32_t>(s) - word_index * p.per_word) * p.bits;
-          if constexpr ((S3_LAB_ROWBLOCK_DIAG & 2) != 0) {
-            field[u][i] = (word_index >> shift) & p.field_mask;
-          } else {
-            field[u][i] = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
-          }
+          field[u][i] = mma_field(p, meta, static_cast<uint32_t>(s));
         }
       }
     }
@@ -408,13 +407,7 @@ __device__ bool staged_group(const RowblockPlan& p, const T* __restrict__ values
       const int row = lane % 8;
       uint32_t b_all[2];
       ldmatrix_x2(b_all, buf + row * kSetStride + j * 32 + 16 * ((lane / 8) % 2));
-      uint32_t field = 0;
-      if (has_set) {
-        const uint32_t f = static_cast<uint32_t>(my_scope0 + c);
-        const uint32_t word_index = p.word_div.div(f);
-        const int shift = static_cast<int>(f - word_index * p.per_word) * p.bits;
-        field = (static_cast<uint32_t>(ldg(meta + word_index)) >> shift) & p.field_mask;
-      }
+      const uint32_t field = has_set ? mma_field(p, meta, static_cast<uint32_t>(my_scope0 + c)) : 0u;
       bad |= field >= static_cast<uint32_t>(p.G);
       const int64_t xc = int64_t(c) * 8;  // the run's first column, in 32-bit words of x
       const uint32_t a[4] = {lo ? ldg(x_lo + xc) : 0u, hi ? ldg(x_hi + xc) : 0u, lo ? ldg(x_lo + xc + 4) : 0u,
@@ -551,11 +544,13 @@ inline int64_t rowblock_sets(const PackedGeometry& g) {
   return R;
 }
 
-// The most tokens one launch takes: the tensor-core form's 16 for 16-bit values
-// in runs of 16, else the FMA form's 8.
+// Whether the tensor-core form takes such a weight (16-bit values in runs of 16, sm_80+), and so the
+// most tokens one launch takes: its 16, else the FMA form's 8.
+inline bool rowblock_has_mma_form(const PackedGeometry& g, at::ScalarType dtype) {
+  return (dtype == at::kHalf || dtype == at::kBFloat16) && g.B == 16 && device_has_mma();
+}
 inline int64_t rowblock_tokens(const PackedGeometry& g, at::ScalarType dtype) {
-  const bool mma = (dtype == at::kHalf || dtype == at::kBFloat16) && g.B == 16 && device_has_mma();
-  return mma ? rowblock::kMmaTokens : rowblock::kMaxTokens;
+  return rowblock_has_mma_form(g, dtype) ? rowblock::kMmaTokens : rowblock::kMaxTokens;
 }
 
 // Launches the row-block kernel for y (N, M) = x2 (N, K) W^T (+ bias), 1 <= N
@@ -573,7 +568,7 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
     constexpr bool k16bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
     const int64_t R = rowblock_sets(g);
     const int64_t rows = g.G * R;
-    const bool mma = k16bit && g.B == 16 && N >= S3_LAB_ROWBLOCK_MMA_MIN && device_has_mma();
+    const bool mma = N >= S3_LAB_ROWBLOCK_MMA_MIN && rowblock_has_mma_form(g, values.scalar_type());
     if (R == 0 || N < 1 || N > (mma ? kMmaTokens : kMaxTokens) || subsets.has_value() ||
         (g.B * int64_t(sizeof(T))) % 16 != 0)
       return false;
