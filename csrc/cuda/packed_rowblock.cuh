@@ -70,6 +70,9 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_STAGED_WARPS
 #define S3_LAB_ROWBLOCK_STAGED_WARPS 8  // its warps a block
 #endif
+#ifndef S3_LAB_ROWBLOCK_STAGES
+#define S3_LAB_ROWBLOCK_STAGES 3  // its stages (kStages - 1 in flight; at most 5 in 48 KiB of static shared memory)
+#endif
 #ifndef S3_LAB_ROWBLOCK_DIAG  // the tensor-core forms with steps left out (wrong results; lab variants
 #define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 integer ops for the mmas
 #endif
@@ -358,7 +361,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
 // column by ldmatrix (rows kSetStride bytes apart: 16 bytes of padding put the 8 rows in
 // different banks), in the run's own order (x likewise). Every thread of the block calls it.
 constexpr int kStageRuns = 32;
-constexpr int kStages = 3;
+constexpr int kStages = S3_LAB_ROWBLOCK_STAGES;
 constexpr int kSetStride = kStageRuns * 32 + 16;  // bytes a set takes in a stage (16-bit values, B = 16)
 
 template <typename T>
