@@ -614,6 +614,17 @@ def test_bad_data_raise_clear_errors(device):
         _call_dense(p, block_off=p.block_off + 128)
     with pytest.raises(ValueError, match="outside W"):
         _call_dense(p, in_features=15)
+    # Offsets far outside W (rows past the CUDA kernels' int32 clamp) are reported as offsets, not
+    # as bad block indices, on every path: decode (3 tokens), tensor-core (fp16, 6), workspace (20).
+    x20 = torch.randn(20, 16, device=device)
+    for shift in (2**40, -(2**40)):
+        far = p.block_off + shift
+        for call in (lambda: _call_dense(p, block_off=far), lambda: _call_linear(p, x, block_off=far),
+                     lambda: _call_linear(p16, x6, block_off=far),
+                     lambda: _call_linear(p, x20, block_off=far)):
+            with pytest.raises(ValueError, match="outside W") as raised:
+                call()
+            assert "block index" not in str(raised.value), str(raised.value)
     # A row_group promise that does not hold: 2:4 scopes taken column-major over the scope grid
     # (scope_shape (K/4, M), strides (4, K)) with row_group=1 claims a row per K/4 consecutive
     # scopes. With W larger than one CPU tile (2**19 elements), a tile's scopes reach other rows.

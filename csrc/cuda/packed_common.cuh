@@ -14,6 +14,9 @@ namespace packed_cuda {
 
 constexpr int64_t kInt32Safe = int64_t(1) << 30;
 constexpr int kRowClamp = 1 << 29;  // decomposed row offsets are clamped to +-this (always out of range)
+// A code-table entry whose subsets entry is bad (also out of range; kept apart from
+// kRowClamp so that an offset far outside W is reported as one, not as a bad index).
+constexpr int kRowBadEntry = kRowClamp + 1;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

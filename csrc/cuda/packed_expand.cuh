@@ -230,7 +230,7 @@ __device__ inline int expand_group_scatter(const ExpandPlan& e, const T* __restr
           col -= K;
           ++row;
         }
-        if (o.y == kRowClamp) {  // a bad subset entry (the table build reported it)
+        if (o.y == kRowBadEntry) {  // a bad subset entry (the table build reported it)
           bad |= kPackedBadIndex;
           continue;
         }

@@ -439,7 +439,7 @@ __device__ inline int block_by_values(const MmaPlan& m, const T* __restrict__ va
       }
       for (int v = 0; v < P; ++v) {
         const int2 o = t.entry[code[k] * P + v];
-        if (o.y == kRowClamp) {
+        if (o.y == kRowBadEntry) {  // (an offset far outside W has kRowClamp: reported below)
           chunk_bad |= kPackedBadIndex;
           continue;
         }

@@ -253,7 +253,8 @@ __device__ __forceinline__ void stage_x(const StreamPlan& p, const T* __restrict
 //     out-of-range row (the element is then skipped as bad);
 //   col (n_codes, P) int32: the col offsets alone (the fast path);
 //   row (n_codes) int32: the row offset shared by all of a code's values, or
-//     kRowClamp when they differ or one is bad (then the checked path);
+//     kRowClamp when they differ or one is bad (then the checked path); an
+//     entry of a bad subsets entry has row kRowBadEntry;
 //   cmax: the largest col offset of any code.
 struct CodeTables {
   int2* entry;
@@ -274,7 +275,7 @@ __device__ __forceinline__ int build_code_tables(const StreamPlan& p, const int3
   for (int32_t i = tid; i < p.n_codes * P; i += nt) {
     const int32_t code = i / P, v = i - code * P, j = v / B, e = v - j * B;
     const int32_t k = subsets != nullptr ? subsets[code * nnz + j] : code;
-    int32_t row = kRowClamp, col = 0;
+    int32_t row = kRowBadEntry, col = 0;
     if (k >= 0 && k < G) {
       split_offset(block_off[k] + elem_off[e], p.g.K, &row, &col);
     } else {
@@ -288,7 +289,7 @@ __device__ __forceinline__ int build_code_tables(const StreamPlan& p, const int3
   __syncthreads();
   for (int32_t c = tid; c < p.n_codes; c += nt) {
     const int32_t r0 = t.entry[c * P].y;
-    bool same = r0 != kRowClamp;
+    bool same = r0 != kRowClamp && r0 != kRowBadEntry;
     for (int v = 1; v < P; ++v) same = same && t.entry[c * P + v].y == r0;
     t.row[c] = same ? r0 : kRowClamp;
   }
