@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|bench|crossover|lab|spanlab|sp24ext|rowblock|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|bench|crossover|lab|spanlab|sp24ext|rowblock|rowblockncu|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -103,6 +103,15 @@ for step in "${@:-all}"; do
       # (Written to $OUT line by line: a call cut short still brings back what was timed.)
       timeout ${SP24EXT_TIMEOUT:-400} python3 benchmarks/lab/sp24_ext.py > "$OUT/sp24-ext.txt" 2>&1
       grep -v "^check" "$OUT/sp24-ext.txt" | tail -40; grep -c FAILED "$OUT/sp24-ext.txt"
+      ;;&
+    rowblockncu)
+      # ncu of the row-block kernel on 2560x9728 block16-rows: its FMA form (1 token) and tensor-core form
+      # (16 tokens), one call each after a warm-up (benchmarks/lab/rowblock_one.py; RB_SHAPE picks another).
+      (cd /tmp && timeout ${NCU_TIMEOUT:-300} ${NCU:-ncu} --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section LaunchStats -k regex:rowblock python3 "$repo/benchmarks/lab/rowblock_one.py" 1 16 \
+        > "$OUT/ncu-rowblock.txt" 2>&1)
+      grep -E "Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued" "$OUT/ncu-rowblock.txt"
       ;;&
     trueobs)
       # Issue 16: True OBS's blocked form on the 16-column pattern, panel_batches G (one timed call each).

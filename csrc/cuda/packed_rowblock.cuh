@@ -64,17 +64,8 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_MMA_PAIRS
 #define S3_LAB_ROWBLOCK_MMA_PAIRS 0  // two runs a step by 16-byte loads and a lane exchange
 #endif
-#ifndef S3_LAB_ROWBLOCK_MMA_STAGED
-#define S3_LAB_ROWBLOCK_MMA_STAGED 0  // runs staged in shared memory by contiguous cp.async, ldmatrix (R <= 8)
-#endif
-#ifndef S3_LAB_ROWBLOCK_STAGED_WARPS
-#define S3_LAB_ROWBLOCK_STAGED_WARPS 8  // its warps a block
-#endif
-#ifndef S3_LAB_ROWBLOCK_STAGES
-#define S3_LAB_ROWBLOCK_STAGES 3  // its stages (kStages - 1 in flight; at most 5 in 48 KiB of static shared memory)
-#endif
-#ifndef S3_LAB_ROWBLOCK_DIAG  // the tensor-core forms with steps left out (wrong results; lab variants
-#define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 integer ops for the mmas
+#ifndef S3_LAB_ROWBLOCK_DIAG  // the tensor-core form with steps left out (wrong results; lab variants
+#define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 no mmas (PAIRS: bit 2 only)
 #endif
 #ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
 #define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
@@ -86,8 +77,7 @@ constexpr int kMaxThreads = 512;  // a block (so 128 registers a thread: no spil
 constexpr int kMaxTokens = 8;     // tokens a launch of the FMA form (the caller slices larger batches)
 constexpr int kMmaTokens = 16;    // of the tensor-core form (16-bit values, B = 16)
 constexpr int kUnroll = 2;        // runs a lane has in flight
-static_assert(32 * S3_LAB_ROWBLOCK_MMA_WARPS <= kMaxThreads && 32 * S3_LAB_ROWBLOCK_STAGED_WARPS <= kMaxThreads,
-              "S3_LAB_ROWBLOCK_*_WARPS: at most kMaxThreads / 32");
+static_assert(32 * S3_LAB_ROWBLOCK_MMA_WARPS <= kMaxThreads, "S3_LAB_ROWBLOCK_MMA_WARPS: at most kMaxThreads / 32");
 
 struct RowblockPlan {
   int32_t M = 0, K = 0, N = 0;    // W (M, K), x (N, K)
@@ -353,84 +343,6 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
   return bad;
 }
 
-#if S3_LAB_ROWBLOCK_MMA_STAGED
-// The staged tensor-core form (lab; R <= 8 sets, one tile): the block copies kStageRuns run
-// columns of its R sets a stage into shared memory, each set's runs one contiguous piece of
-// global memory (16-byte cp.async, as the FMA form reads them), kStages stages in flight; then
-// warp w takes the stage's run columns w, w + nwarps, ... and reads the 8 sets' runs of a
-// column by ldmatrix (rows kSetStride bytes apart: 16 bytes of padding put the 8 rows in
-// different banks), in the run's own order (x likewise). Every thread of the block calls it.
-constexpr int kStageRuns = 32;
-constexpr int kStages = S3_LAB_ROWBLOCK_STAGES;
-constexpr int kSetStride = kStageRuns * 32 + 16;  // bytes a set takes in a stage (16-bit values, B = 16)
-
-template <typename T>
-__device__ bool staged_group(const RowblockPlan& p, const T* __restrict__ values, const int32_t* __restrict__ meta,
-                             const T* __restrict__ x, int64_t grp, int warp, int nwarps, int lane, float* sums) {
-  constexpr bool kBF16 = std::is_same_v<T, at::BFloat16>;
-  alignas(16) __shared__ unsigned char stage[kStages][8 * kSetStride];
-  const int g = lane / 4, t = lane % 4;
-  float acc[kMaxG][1][4];
-#pragma unroll
-  for (int k = 0; k < kMaxG; ++k)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[k][0][j] = 0.f;
-  const bool lo = g < p.N, hi = g + 8 < p.N, has_set = g < p.R;
-  const uint32_t* x_lo = reinterpret_cast<const uint32_t*>(x + int64_t(lo ? g : 0) * p.K) + t;
-  const uint32_t* x_hi = reinterpret_cast<const uint32_t*>(x + int64_t(hi ? g + 8 : 0) * p.K) + t;
-  const int64_t set0 = grp * p.R;  // the group's first set
-  const int64_t my_scope0 = (set0 + (has_set ? g : 0)) * p.per_row;
-  const int n_stages = (p.per_row + kStageRuns - 1) / kStageRuns;
-  const int pieces = p.R * kStageRuns * 2;  // 16-byte pieces a stage
-  auto issue = [&](int st) {  // stage st's copies (zero past the row's end), one commit group (empty past the last)
-    if (st < n_stages) {
-      unsigned char* buf = stage[st % kStages];
-      for (int q = threadIdx.x; q < pieces; q += blockDim.x) {
-        const int r = q / (2 * kStageRuns), piece = q % (2 * kStageRuns);
-        const int c = st * kStageRuns + piece / 2;
-        const bool live = c < p.per_row;
-        const T* src = values + ((set0 + r) * p.per_row + (live ? c : 0)) * 16 + 8 * (piece % 2);
-        cp_async16(buf + r * kSetStride + piece * 16, src, live);
-      }
-    }
-    cp_async_commit();
-  };
-  bool bad = false;
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) issue(st);
-  for (int st = 0; st < n_stages; ++st) {
-    issue(st + kStages - 1);
-    cp_async_wait<kStages - 1>();
-    __syncthreads();
-    const unsigned char* buf = stage[st % kStages];
-    for (int j = warp; j < kStageRuns; j += nwarps) {
-      const int c = st * kStageRuns + j;
-      if (c >= p.per_row) break;  // (warp-uniform)
-      // ldmatrix x2: lanes 0-7 name set l's run (columns 0-7), lanes 8-15 its columns 8-15.
-      const int row = lane % 8;
-      uint32_t b_all[2];
-      ldmatrix_x2(b_all, buf + row * kSetStride + j * 32 + 16 * ((lane / 8) % 2));
-      const uint32_t field = has_set ? mma_field(p, meta, static_cast<uint32_t>(my_scope0 + c)) : 0u;
-      bad |= field >= static_cast<uint32_t>(p.G);
-      const int64_t xc = int64_t(c) * 8;  // the run's first column, in 32-bit words of x
-      const uint32_t a[4] = {lo ? ldg(x_lo + xc) : 0u, hi ? ldg(x_hi + xc) : 0u, lo ? ldg(x_lo + xc + 4) : 0u,
-                             hi ? ldg(x_hi + xc + 4) : 0u};
-#pragma unroll
-      for (int k = 0; k < kMaxG; ++k) {
-        if (k >= p.G) break;  // (uniform)
-        const bool mine = has_set && field == static_cast<uint32_t>(k);  // (sets >= R: stale rows, masked)
-        const uint32_t b[2] = {mine ? b_all[0] : 0u, mine ? b_all[1] : 0u};
-        mma_16816<kBF16>(acc[k][0], a, b);
-      }
-    }
-    __syncthreads();  // (the next issue overwrites this stage's buffer)
-  }
-  cp_async_wait<0>();
-  add_mma_sums<1>(p, acc, lane, sums);
-  return bad;
-}
-#endif
-
 // The general form for row group grp: every element of every scope of the
 // group placed through block_off / elem_off and checked; block-wide.
 template <typename T, int B, int NT>
@@ -495,11 +407,6 @@ packed_rowblock_kernel(const RowblockPlan p, const T* __restrict__ values, const
   if (fast) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if constexpr (TILES > 0) {
-#if S3_LAB_ROWBLOCK_MMA_STAGED
-      if constexpr (TILES == 1) {
-        if (staged_group<T>(p, values, meta, x, grp, warp, blockDim.x / 32, lane, sums)) my_bad = kPackedBadIndex;
-      } else
-#endif
       if (mma_group<T, TILES>(p, values, meta, x, grp, warp, blockDim.x / 32, lane, sums)) my_bad = kPackedBadIndex;
     } else {
       const int r = warp / p.warps_per_set, share = warp % p.warps_per_set;
@@ -597,7 +504,6 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
       // (608) 10-12 % slower, 4096x4096 (256) the same (benchmarks/results/packed-rowblock-lab-mma-h100-*).
       const int64_t per_warp = 20;
       threads = static_cast<int>(32 * std::clamp<int64_t>(p.per_row / per_warp, 1, S3_LAB_ROWBLOCK_MMA_WARPS));
-      if (S3_LAB_ROWBLOCK_MMA_STAGED && R <= 8) threads = 32 * S3_LAB_ROWBLOCK_STAGED_WARPS;
     } else {
       // Warps a set: enough that a lane has a few runs of a long row, at most kMaxThreads a block.
       int64_t wps = 1;
