@@ -43,7 +43,9 @@ package's packed_linear (whatever path that wheel takes)::
 
     PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock u2=-DS3_LAB_ROWBLOCK_MMA_UNROLL=2 ...
 
-Prints one line a case and writes $OUT/packed_<kernel>_lab.json (else /tmp).
+LAB_SHAPES="2048x9728,2560x9728,5120x9728" times other shapes (default 2560x9728, 4096x4096, 9728x2560):
+block16-rows has one block a 16-row group, so 2048, 2560 and 5120 rows give 128, 160 and 320 blocks for an
+H100's 132 SMs. Prints one line a case and writes $OUT/packed_<kernel>_lab.json (else /tmp).
 """
 
 from __future__ import annotations
@@ -99,7 +101,10 @@ def main() -> None:
         mods = dict(zip(variants, pool.map(lambda kv: build(kernel, *kv), variants.items())))
     print(f"built {len(mods)} variants in {time.time() - t0:.0f} s", flush=True)
     rows = []
-    for M, K in [(2560, 9728), (4096, 4096), (9728, 2560)]:
+    # LAB_SHAPES="2048x9728,2560x9728,5120x9728" picks the shapes (MxK, comma-separated).
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in
+              os.environ.get("LAB_SHAPES", "2560x9728,4096x4096,9728x2560").split(",")]
+    for M, K in shapes:
         for pattern in ["block16"] if kernel == "rowblock" else ["24", "48", "coupled24"]:
             W = torch.nn.Parameter(torch.randn(M, K, device="cuda", dtype=torch.float16))
             scope, nnz = patterns.by_name(pattern, W)
