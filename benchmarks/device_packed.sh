@@ -82,7 +82,7 @@ for step in "${@:-all}"; do
       tail -3 "$LOG/lab.txt"; cp "$LOG/lab.txt" "$OUT/packed-mma-lab.txt"
       ;;&
     rowblock)
-      # The row-block kernel alone (block16-rows, 1-8 tokens) against dense and the installed package's path.
+      # The row-block kernel alone (block16-rows, 1-16 tokens) against dense and the installed package's path.
       # ROWBLOCK_VARIANTS="pairs=-DS3_LAB_ROWBLOCK_MMA_PAIRS=1,-DS3_LAB_ROWBLOCK_MMA_UNROLL=2 diag_nox=-DS3_LAB_ROWBLOCK_DIAG=1"
       # adds variants beside the package's form (base); the knobs are at the top of csrc/cuda/packed_rowblock.cuh.
       (cd "$repo" && timeout ${ROWBLOCK_TIMEOUT:-240} python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock \
@@ -106,12 +106,14 @@ for step in "${@:-all}"; do
       ;;&
     rowblockncu)
       # ncu of the row-block kernel on 2560x9728 block16-rows: its FMA form (1 token) and tensor-core form
-      # (16 tokens), one call each after a warm-up (benchmarks/lab/rowblock_one.py; RB_SHAPE picks another).
-      (cd /tmp && timeout ${NCU_TIMEOUT:-300} ${NCU:-ncu} --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
-        --section LaunchStats -k regex:rowblock python3 "$repo/benchmarks/lab/rowblock_one.py" 1 16 \
-        > "$OUT/ncu-rowblock.txt" 2>&1)
-      grep -E "Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued" "$OUT/ncu-rowblock.txt"
+      # (16 tokens), the call after the warm-ups only (its NVTX range; benchmarks/lab/rowblock_one.py;
+      # RB_SHAPE picks another shape).
+      (cd /tmp && timeout ${NCU_TIMEOUT:-300} ${NCU:-ncu} --nvtx --nvtx-include "tokens1/" --nvtx-include "tokens16/" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+        --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+        -k regex:rowblock python3 "$repo/benchmarks/lab/rowblock_one.py" 1 16 > "$OUT/ncu-rowblock.txt" 2>&1)
+      grep -E "rowblock_kernel|Block Size|Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued" \
+        "$OUT/ncu-rowblock.txt"
       ;;&
     trueobs)
       # Issue 16: True OBS's blocked form on the 16-column pattern, panel_batches G (one timed call each).

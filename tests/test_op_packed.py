@@ -616,6 +616,7 @@ def test_bad_data_raise_clear_errors(device):
         _call_dense(p, in_features=15)
     # Offsets far outside W (rows past the CUDA kernels' int32 clamp) are reported as offsets, not
     # as bad block indices, on every path: decode (3 tokens), tensor-core (fp16, 6), workspace (20).
+    # (The tensor-core and workspace paths said "block index" for +2**40 before b64c2d7.)
     x20 = torch.randn(20, 16, device=device)
     for shift in (2**40, -(2**40)):
         far = p.block_off + shift

@@ -103,7 +103,7 @@ def main() -> None:
     rows = []
     # LAB_SHAPES="2048x9728,2560x9728,5120x9728" picks the shapes (MxK, comma-separated).
     shapes = [tuple(int(v) for v in sh.split("x")) for sh in
-              os.environ.get("LAB_SHAPES", "2560x9728,4096x4096,9728x2560").split(",")]
+              os.environ.get("LAB_SHAPES", "2560x9728,4096x4096,9728x2560").split(",") if sh.strip()]
     for M, K in shapes:
         for pattern in ["block16"] if kernel == "rowblock" else ["24", "48", "coupled24"]:
             W = torch.nn.Parameter(torch.randn(M, K, device="cuda", dtype=torch.float16))

@@ -848,6 +848,7 @@ bool plan_decode(const PackedGeometry& g, int64_t N, const at::Tensor& values, G
   if (values.scalar_type() == at::kDouble) return false;
   if (g.M * g.K >= kInt32Safe || g.S * g.nnz * g.B >= kInt32Safe || g.S >= kInt32Safe) return false;
   if (g.G >= kInt32Safe || g.n_codes * g.nnz >= kInt32Safe) return false;
+  if (g.M >= kRowClamp) return false;  // (a clamped row must stay outside W: K = 1 allows M up to 2^30)
   GemvPlan p;
   p.g = g;
   p.N = static_cast<int32_t>(N);

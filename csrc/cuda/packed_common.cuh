@@ -13,7 +13,8 @@ namespace s3sparse {
 namespace packed_cuda {
 
 constexpr int64_t kInt32Safe = int64_t(1) << 30;
-constexpr int kRowClamp = 1 << 29;  // decomposed row offsets are clamped to +-this (always out of range)
+constexpr int kRowClamp = 1 << 29;  // decomposed row offsets are clamped to +-this (out of range: the plans
+                                    // that decompose offsets take M < kRowClamp only)
 // A code-table entry whose subsets entry is bad (also out of range; kept apart from
 // kRowClamp so that an offset far outside W is reported as one, not as a bad index).
 constexpr int kRowBadEntry = kRowClamp + 1;

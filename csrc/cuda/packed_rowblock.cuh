@@ -67,6 +67,9 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_DIAG  // the tensor-core form with steps left out (wrong results; lab variants
 #define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 no mmas (PAIRS: bit 2 only)
 #endif
+#ifdef S3_LAB_ROWBLOCK_MMA_STAGED
+#error "S3_LAB_ROWBLOCK_MMA_STAGED: the staged form was removed (timed slower; docs/performance.md, thirteenth session)"
+#endif
 #ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
 #define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
 #endif

@@ -1282,6 +1282,7 @@ bool plan_stream_geometry(const PackedGeometry& g, const at::Tensor& values, con
   if (!p_ok) return false;
   if (!subsets.has_value() && g.nnz != 1) return false;  // one block index a scope, used as its code
   if (g.M * g.K >= kInt32Safe || g.S * P >= kInt32Safe || g.n_fields >= kInt32Safe) return false;
+  if (g.M >= kRowClamp) return false;  // (a clamped row must stay outside W: K = 1 allows M up to 2^30)
   int64_t lo = 0, hi = 0;
   g.scope_base_range(&lo, &hi);
   if (lo < 0 || hi >= kInt32Safe) return false;
