@@ -70,6 +70,9 @@ namespace rowblock {
 #ifdef S3_LAB_ROWBLOCK_MMA_STAGED
 #error "S3_LAB_ROWBLOCK_MMA_STAGED: the staged form was removed (timed slower; docs/performance.md, thirteenth session)"
 #endif
+#ifndef S3_LAB_ROWBLOCK_DIAG_SPLIT  // the tensor-core form's row group split over this many blocks by run
+#define S3_LAB_ROWBLOCK_DIAG_SPLIT 1   // columns, each writing its part alone (wrong results; the grid's cost)
+#endif
 #ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
 #define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
 #endif
@@ -81,6 +84,8 @@ constexpr int kMaxTokens = 8;     // tokens a launch of the FMA form (the caller
 constexpr int kMmaTokens = 16;    // of the tensor-core form (16-bit values, B = 16)
 constexpr int kUnroll = 2;        // runs a lane has in flight
 static_assert(32 * S3_LAB_ROWBLOCK_MMA_WARPS <= kMaxThreads, "S3_LAB_ROWBLOCK_MMA_WARPS: at most kMaxThreads / 32");
+static_assert(S3_LAB_ROWBLOCK_DIAG_SPLIT >= 1 && (S3_LAB_ROWBLOCK_DIAG_SPLIT == 1 || !S3_LAB_ROWBLOCK_MMA_PAIRS),
+              "S3_LAB_ROWBLOCK_DIAG_SPLIT: >= 1, and not with PAIRS (whose loop does not split)");
 
 struct RowblockPlan {
   int32_t M = 0, K = 0, N = 0;    // W (M, K), x (N, K)
@@ -299,13 +304,18 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
     }
   }
 #else
-  for (int c0 = warp; c0 < p.per_row; c0 += kU * nwarps) {
+  // (DIAG_SPLIT: this block's share of the run columns, [c_begin, c_end); else all of them)
+  constexpr int kSplit = S3_LAB_ROWBLOCK_DIAG_SPLIT;
+  const int part = kSplit > 1 ? static_cast<int>(blockIdx.x % kSplit) : 0;
+  const int c_begin = kSplit > 1 ? p.per_row * part / kSplit : 0;
+  const int c_end = kSplit > 1 ? p.per_row * (part + 1) / kSplit : p.per_row;
+  for (int c0 = c_begin + warp; c0 < c_end; c0 += kU * nwarps) {
     uint2 xa[kU][2], w[kU][TILES];
     uint32_t field[kU][TILES];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {  // the loads first, so kU steps are in flight
       const int c = c0 + u * nwarps;
-      const bool live = c < p.per_row;
+      const bool live = c < c_end;
       xa[u][0] = live && lo ? ldg(reinterpret_cast<const uint2*>(x_lo + int64_t(c) * 16)) : make_uint2(0, 0);
       xa[u][1] = live && hi ? ldg(reinterpret_cast<const uint2*>(x_hi + int64_t(c) * 16)) : make_uint2(0, 0);
       if constexpr ((S3_LAB_ROWBLOCK_DIAG & 1) != 0) xa[u][0] = xa[u][1] = make_uint2(c, c);
@@ -322,7 +332,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      if (c0 + u * nwarps >= p.per_row) break;  // (warp-uniform)
+      if (c0 + u * nwarps >= c_end) break;  // (warp-uniform)
       const uint32_t a[4] = {xa[u][0].x, xa[u][1].x, xa[u][0].y, xa[u][1].y};
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
@@ -395,7 +405,7 @@ packed_rowblock_kernel(const RowblockPlan p, const T* __restrict__ values, const
                        const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int* status) {
   __shared__ float sums[kMaxG * kMaxR * NT];
   __shared__ int fast, bad;
-  const int64_t grp = blockIdx.x;
+  const int64_t grp = TILES > 0 ? blockIdx.x / S3_LAB_ROWBLOCK_DIAG_SPLIT : blockIdx.x;
   const int rows = p.G * p.R;
   if (threadIdx.x == 0) {
     bool canonical = true;
@@ -514,7 +524,7 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
       p.warps_per_set = static_cast<int32_t>(wps);
       threads = static_cast<int>(R * wps * 32);
     }
-    const unsigned blocks = static_cast<unsigned>(g.M / rows);
+    const unsigned blocks = static_cast<unsigned>(g.M / rows * (mma ? S3_LAB_ROWBLOCK_DIAG_SPLIT : 1));
     const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
     auto go = [&](auto kernel) {
       S3_LAUNCH(blocks, threads, 0, stream, kernel)(p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
