@@ -26,6 +26,12 @@ def _prune(name: str, ng: int, G: int, c_dtype: torch.dtype, seed: int, **option
     return Wp.detach()
 
 
+def _row_costs(V, W, H):
+    """Each row's output error (V - W)_i H (V - W)_iᵀ, in float64."""
+    D = (V - W).double()
+    return torch.einsum("ij,jk,ik->i", D, H.double(), D)
+
+
 CASES = [  # (pattern, ng, options)
     ("block16", 1, {}),
     ("coupled24", 1, {}),
@@ -48,6 +54,7 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
     want = _prune(name, ng, 1, c_dtype, seed, **options)
     assert not formed  # G = 1: no block panel
     W, _, H = make_layer(32, 256, 512, seed)  # (_prune's layer)
+    want_costs = _row_costs(want, W, H)
     for G in (3, 8, 1000):  # G not dividing the batches; G past the last batch
         formed.clear()
         got = _prune(name, ng, G, c_dtype, seed, **options)
@@ -64,9 +71,8 @@ def test_blocked_sweep_gives_the_unblocked_result(name, ng, options, c_dtype, se
             # A tipped row then follows the other branch of its greedy path, so its error may differ by more than
             # round-off, not by much (seed 1605420522, coupled 2:4: row 15 2.0 % higher, the layer 2.2e-4 relative).
             # The other rows' weights are checked below, so their errors agree.
-            row_cost = lambda V: torch.einsum("ij,jk,ik->i", (V - W).double(), H.double(), (V - W).double())  # noqa: E731
             tipped = rows.nonzero().flatten()
-            torch.testing.assert_close(row_cost(got)[tipped], row_cost(want)[tipped], rtol=0.05, atol=0.0)
+            torch.testing.assert_close(_row_costs(got, W, H)[tipped], want_costs[tipped], rtol=0.05, atol=0.0)
         # (fp16 factors: a kept weight may move by a fraction of fp16's unit roundoff of the layer's largest
         # weight; seed 210 with 2 threads, coupled 2:4: 1.07e-4 of it, one element)
         tol = torch.finfo(torch.float16).eps / 4 if c_dtype == torch.float16 else 1e-6

@@ -573,7 +573,6 @@ void launch_mma_kernel(const MmaPlan& m, const at::Tensor& values, const at::Ten
                                   elem_off, x2, bias, y, status);
 }
 
-// Tensor cores with mma.m16n8k16: sm_80 and later.
 }  // namespace mma
 
 template <typename T>
