@@ -228,6 +228,18 @@ def test_packed_linear_row_block_kernel(device, seed, dtype):
                                  msg + " elem_off reversed")
 
 
+def test_packed_linear_row_block_tensor_core_form_is_deterministic(device):
+    """The row-block kernel's tensor-core form (fp16 block16-rows, 3-16 tokens) sums its warps in a fixed
+    order, so repeated calls give the same bits (12 warps share a row group's 256 runs here)."""
+    W, p = _row_block_case("block16-rows", 64, 4096, torch.float16, device)
+    for tokens in (4, 16):
+        x = torch.randn(tokens, 4096, dtype=torch.float16, device=device)
+        first = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, None)
+        for _ in range(8):
+            again = ops.packed_linear(x, *_args(p), p.out_features, p.row_group, None)
+            assert torch.equal(again, first), f"{tokens} tokens: a repeated call changed the result"
+
+
 def test_packed_linear_row_block_bad_data(device):
     """Bad data on the row-block patterns: a block offset outside W raises (unchecked) or gives NaN in
     the rows of its group only (checked); a meta field >= G (2-bit fields, G = 2) likewise."""

@@ -20,8 +20,10 @@
 // tokens (H100, 2560x9728: 26-32 us at 4-16 tokens against the FMA form's 31-54
 // at 4-8; benchmarks/results/packed-rowblock-lab-mma-h100-*). A block owns one
 // row group (R sets, G R rows), so bad data or a layout the fast form does not
-// take stays inside the block. Its warps' sums meet in shared memory by atomic
-// adds, so the last bits of a result may differ from call to call.
+// take stays inside the block. The tensor-core form's warps' sums meet in a
+// fixed order (a tree in shared memory: the same bits every call); the FMA
+// form's (a set's warps, 1-4) and the general form's by shared atomic adds, so
+// there the last bits of a result may differ from call to call.
 //
 // The host sees only the integers (scope grid, strides, G, B, row_group); it
 // cannot read block_off and elem_off without a sync. So every block checks
@@ -61,8 +63,8 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_MMA_WARPS
 #define S3_LAB_ROWBLOCK_MMA_WARPS 16  // its warps a block, at most
 #endif
-#ifndef S3_LAB_ROWBLOCK_MMA_PAIRS
-#define S3_LAB_ROWBLOCK_MMA_PAIRS 0  // two runs a step by 16-byte loads and a lane exchange
+#ifndef S3_LAB_ROWBLOCK_MMA_PAIRS  // two runs a step by 16-byte loads and a lane exchange (H100, 2048-5120 x
+#define S3_LAB_ROWBLOCK_MMA_PAIRS 1   // 9728, 4-16 tokens: 2-10 % faster than one run a step by 8-byte loads)
 #endif
 #ifndef S3_LAB_ROWBLOCK_DIAG  // the tensor-core form with steps left out (wrong results; lab variants
 #define S3_LAB_ROWBLOCK_DIAG 0   // named diag*): bit 1 no x loads, 2 no meta loads, 4 no mmas (PAIRS: bit 2 only)
@@ -73,8 +75,11 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_DIAG_SPLIT  // the tensor-core form's row group split over this many blocks by run
 #define S3_LAB_ROWBLOCK_DIAG_SPLIT 1   // columns, each writing its part alone (wrong results; the grid's cost)
 #endif
-#ifndef S3_LAB_ROWBLOCK_MMA_UNROLL
-#define S3_LAB_ROWBLOCK_MMA_UNROLL 4  // its runs a warp has in flight
+#ifndef S3_LAB_ROWBLOCK_TREE  // the tensor-core form's warps summed by a tree in shared memory (0: shared
+#define S3_LAB_ROWBLOCK_TREE 1   // fp32 atomics, the form before 2026-12-07)
+#endif
+#ifndef S3_LAB_ROWBLOCK_MMA_UNROLL  // its steps a warp has in flight
+#define S3_LAB_ROWBLOCK_MMA_UNROLL (S3_LAB_ROWBLOCK_MMA_PAIRS ? 2 : 4)
 #endif
 
 constexpr int kMaxG = 4;          // rows a set
@@ -189,9 +194,45 @@ __device__ bool fast_set(const RowblockPlan& p, const T* __restrict__ values, co
 
 // A tensor-core form's sums into the block's: acc[k][i] = D_k[g][2t], D_k[g][2t + 1], D_k[g + 8][2t],
 // D_k[g + 8][2t + 1], i.e. token g / g + 8 of set 8 i + 2t (+ 1), row k; sums[(k R + r) 16 + token].
+// The warps' sums meet in a fixed order, a tree over the warps through shared memory (the upper half
+// of the warps stores, the lower half adds, log2(nwarps) rounds), then warp 0 stores the totals: the
+// result does not depend on which warp finishes first, and no shared fp32 atomics, which are
+// compare-and-swap loops on sm_90 and took 16-way contention here (every warp adds into the same
+// 16 x G R sums). All the block's threads call it (it has barriers).
 template <int TILES>
-__device__ __forceinline__ void add_mma_sums(const RowblockPlan& p, const float (&acc)[kMaxG][TILES][4], int lane,
-                                             float* sums) {
+__device__ __forceinline__ void reduce_mma_sums(const RowblockPlan& p, float (&acc)[kMaxG][TILES][4], int warp,
+                                                int nwarps, int lane, float* sums) {
+#if S3_LAB_ROWBLOCK_TREE
+  __shared__ float stage[kMaxThreads / 64][kMaxG * TILES * 4][32];  // [warp - half][fragment][lane]
+  int span = 1;
+  while (span < nwarps) span *= 2;
+  for (int half = span / 2; half >= 1; half /= 2) {
+    if (warp >= half && warp < nwarps) {  // (warp < 2 half: the warps above were added last round)
+#pragma unroll
+      for (int k = 0; k < kMaxG; ++k) {
+        if (k >= p.G) break;
+#pragma unroll
+        for (int i = 0; i < TILES; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) stage[warp - half][(k * TILES + i) * 4 + j][lane] = acc[k][i][j];
+      }
+    }
+    __syncthreads();
+    if (warp < half && warp + half < nwarps) {
+#pragma unroll
+      for (int k = 0; k < kMaxG; ++k) {
+        if (k >= p.G) break;
+#pragma unroll
+        for (int i = 0; i < TILES; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[k][i][j] += stage[warp][(k * TILES + i) * 4 + j][lane];
+      }
+    }
+    __syncthreads();
+    nwarps = half;
+  }
+  if (warp != 0) return;
+#endif
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int k = 0; k < kMaxG; ++k) {
@@ -201,7 +242,11 @@ __device__ __forceinline__ void add_mma_sums(const RowblockPlan& p, const float 
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int r = 8 * i + 2 * t + (j & 1), token = g + 8 * (j >> 1);
-        if (r < p.R && token < p.N) atomicAdd(&sums[(k * p.R + r) * 16 + token], acc[k][i][j]);
+        if (r < p.R && token < p.N) {
+          float* sum = &sums[(k * p.R + r) * 16 + token];
+          if constexpr (S3_LAB_ROWBLOCK_TREE) *sum = acc[k][i][j];  // (each (k, r, token) once, from warp 0)
+          else atomicAdd(sum, acc[k][i][j]);
+        }
       }
     }
   }
@@ -352,7 +397,7 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
     }
   }
 #endif
-  add_mma_sums<TILES>(p, acc, lane, sums);
+  reduce_mma_sums<TILES>(p, acc, warp, nwarps, lane, sums);
   return bad;
 }
 
