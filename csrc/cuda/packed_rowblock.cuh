@@ -75,12 +75,6 @@ namespace rowblock {
 #ifndef S3_LAB_ROWBLOCK_DIAG_SPLIT  // the tensor-core form's row group split over this many blocks by run
 #define S3_LAB_ROWBLOCK_DIAG_SPLIT 1   // columns, each writing its part alone (wrong results; the grid's cost)
 #endif
-#ifndef S3_LAB_ROWBLOCK_DIAG_GROUPS  // the tensor-core form's block over this many row groups of <= 8 sets
-#define S3_LAB_ROWBLOCK_DIAG_GROUPS 1   // (tile i = group i: x loaded once for all; wrong results, only group 0's
-#endif                                  // sums kept; with DIAG_SPLIT, what a split grid could reach)
-#ifndef S3_LAB_ROWBLOCK_MAX_G  // rows a set, at most (2 for block16-rows alone: fewer registers)
-#define S3_LAB_ROWBLOCK_MAX_G 4
-#endif
 #ifndef S3_LAB_ROWBLOCK_TREE  // the tensor-core form's warps summed by a tree in shared memory (0: shared
 #define S3_LAB_ROWBLOCK_TREE 1   // fp32 atomics, the form before 2026-12-07)
 #endif
@@ -88,7 +82,7 @@ namespace rowblock {
 #define S3_LAB_ROWBLOCK_MMA_UNROLL (S3_LAB_ROWBLOCK_MMA_PAIRS ? 2 : 4)
 #endif
 
-constexpr int kMaxG = S3_LAB_ROWBLOCK_MAX_G;  // rows a set
+constexpr int kMaxG = 4;          // rows a set
 constexpr int kMaxR = 16;         // sets a row group (a warp each, at least)
 constexpr int kMaxThreads = 512;  // a block (so 128 registers a thread: no spills at 8 tokens)
 constexpr int kMaxTokens = 8;     // tokens a launch of the FMA form (the caller slices larger batches)
@@ -97,7 +91,6 @@ constexpr int kUnroll = 2;        // runs a lane has in flight
 static_assert(32 * S3_LAB_ROWBLOCK_MMA_WARPS <= kMaxThreads, "S3_LAB_ROWBLOCK_MMA_WARPS: at most kMaxThreads / 32");
 static_assert(S3_LAB_ROWBLOCK_DIAG_SPLIT >= 1 && (S3_LAB_ROWBLOCK_DIAG_SPLIT == 1 || !S3_LAB_ROWBLOCK_MMA_PAIRS),
               "S3_LAB_ROWBLOCK_DIAG_SPLIT: >= 1, and not with PAIRS (whose loop does not split)");
-static_assert(S3_LAB_ROWBLOCK_DIAG_GROUPS == 1 || !S3_LAB_ROWBLOCK_MMA_PAIRS, "S3_LAB_ROWBLOCK_DIAG_GROUPS: not with PAIRS");
 
 struct RowblockPlan {
   int32_t M = 0, K = 0, N = 0;    // W (M, K), x (N, K)
@@ -290,13 +283,8 @@ __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, c
   bool has_set[TILES];
 #pragma unroll
   for (int i = 0; i < TILES; ++i) {
-    if constexpr (S3_LAB_ROWBLOCK_DIAG_GROUPS > 1) {  // (tile i: set g of group grp X + i)
-      has_set[i] = g < p.R;
-      scope0[i] = ((grp * S3_LAB_ROWBLOCK_DIAG_GROUPS + i) * p.R + (has_set[i] ? g : 0)) * p.per_row;
-    } else {
-      has_set[i] = 8 * i + g < p.R;
-      scope0[i] = (grp * p.R + (has_set[i] ? 8 * i + g : 0)) * p.per_row;
-    }
+    has_set[i] = 8 * i + g < p.R;
+    scope0[i] = (grp * p.R + (has_set[i] ? 8 * i + g : 0)) * p.per_row;
   }
   bool bad = false;
 #if S3_LAB_ROWBLOCK_MMA_PAIRS
@@ -581,9 +569,7 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
       p.warps_per_set = static_cast<int32_t>(wps);
       threads = static_cast<int>(R * wps * 32);
     }
-    constexpr int kGroups = S3_LAB_ROWBLOCK_DIAG_GROUPS;
-    if (mma && kGroups > 1 && (R > 8 || (g.M / rows) % kGroups != 0)) return false;
-    const unsigned blocks = static_cast<unsigned>(mma ? g.M / rows / kGroups * S3_LAB_ROWBLOCK_DIAG_SPLIT : g.M / rows);
+    const unsigned blocks = static_cast<unsigned>(g.M / rows * (mma ? S3_LAB_ROWBLOCK_DIAG_SPLIT : 1));
     const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
     auto go = [&](auto kernel) {
       S3_LAUNCH(blocks, threads, 0, stream, kernel)(p, values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
@@ -594,10 +580,6 @@ bool launch_packed_rowblock(const PackedGeometry& g, int64_t N, const at::Tensor
     };
     if constexpr (k16bit) {
       if (mma) {
-        if constexpr (kGroups > 1) {
-          go(packed_rowblock_kernel<T, 16, kMmaTokens, kGroups>);
-          return true;
-        }
         if (R <= 8) go(packed_rowblock_kernel<T, 16, kMmaTokens, 1>);
         else go(packed_rowblock_kernel<T, 16, kMmaTokens, 2>);
         return true;
