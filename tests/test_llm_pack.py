@@ -238,6 +238,42 @@ def test_channel_patterns_are_compacted_into_smaller_dense_layers(tmp_path):
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
+def test_column_patterns_outside_the_mlp_become_gathered_dense_layers(tmp_path):
+    """A column pattern no MLP compaction covers (attention's o_proj on col-blocks, q_proj on columns) is kept
+    as a smaller dense Linear over its kept input columns behind a gather (GatherLinear), not packed: the
+    pruned model's outputs, half the bytes, and load_packed builds it back as such; --no-compact packs it."""
+    from s3sparse.sparse import GatherLinear
+
+    model_dir = save_tiny_model(str(tmp_path / "qwen3"))
+    pruned, packed = str(tmp_path / "pruned"), str(tmp_path / "packed")
+    rc, _ = _run(["prune", model_dir, "--out", pruned, "--pattern", "dense", "--method", "magnitude",
+                  "--override", "*.o_proj=col-blocks:16:0.5", "--override", "*.q_proj=columns:0.5", *FAST])
+    assert rc == 0
+    rc, text = _run(["pack", pruned, "--out", packed])
+    assert rc == 0, text
+    with open(os.path.join(packed, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    layers = manifest["pack"]["layers"]
+    assert layers and {layer["kind"] for layer in layers} == {"gathered"}, layers
+    for layer in layers:
+        assert layer["bytes_after"] < 0.52 * layer["bytes_before"], layer  # half the columns, + the index
+        assert layer["max_abs_diff"] is not None and layer["max_abs_diff"] < 1e-5
+    dense = transformers.AutoModelForCausalLM.from_pretrained(pruned).eval()
+    loaded = load_packed(packed)
+    for layer in layers:
+        module = loaded.get_submodule(layer["name"])
+        assert isinstance(module, GatherLinear) and module.index.numel() == module.in_features // 2, layer["name"]
+        kept = dense.get_submodule(layer["name"]).weight.index_select(1, module.index)
+        assert torch.equal(module.linear.weight, kept) and not bool(kept.eq(0).all(0).any()), layer["name"]
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    rc, text = _run(["pack", pruned, "--out", str(tmp_path / "packed-no-compact"), "--no-compact"])
+    assert rc == 0, text
+    with open(os.path.join(str(tmp_path / "packed-no-compact"), MANIFEST_NAME)) as f:
+        assert {layer["kind"] for layer in json.load(f)["pack"]["layers"]} == {"packed"}
+
+
 def test_gpt2_conv1d_layers_are_packed(tmp_path):
     model = tiny_model("gpt2")
     calib = tiny_calibration(n_samples=4, seq_len=32)

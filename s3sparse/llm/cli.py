@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     required = k.add_argument_group("required")
     required.add_argument("--out", required=True, metavar="PACKED_DIR", help="where to write the packed model (must not exist)")
     k.add_argument("--no-compact", action="store_true",
-                   help="pack whole-channel patterns too instead of compacting the MLPs to smaller dense layers")
+                   help="pack whole-channel patterns too instead of compacting the MLPs to smaller dense layers "
+                        "(and gathering the other column-pattern layers' kept columns into smaller dense ones)")
     k.add_argument("--dtype", default="auto", choices=dtypes, help="load dtype (auto: the checkpoint's)")
     k.add_argument("--overwrite", action="store_true", help="replace PACKED_DIR if it exists")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
