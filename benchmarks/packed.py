@@ -19,7 +19,10 @@ magnitude-pruned to the pattern (``scope.hard_threshold``), packed once, and for
   ``packed_path`` says ``dense cache`` and GB/s count the dense bytes);
 * ``semi``   — ``F.linear(x, torch.sparse.to_sparse_semi_structured(W))``, torch's 2:4 semi-structured
   sparsity (cuSPARSELt or CUTLASS), where it runs: only a weight that is 2:4 (2:4 and coupled 2:4 are),
-  fp16 / bf16 on a GPU that supports it; otherwise the row says why not (``semi_status``).
+  fp16 / bf16 on a GPU that supports it; otherwise the row says why not (``semi_status``);
+* ``gather`` — for the patterns of whole input columns (``columns:S``, ``col-blocks:W:S``), what
+  ``s3sparse pack`` makes of such a layer: ``s3sparse.sparse.compact_inputs``'s ``GatherLinear``, the
+  kept columns as a smaller dense Linear behind ``index_select`` (bytes: that weight and the index).
 
 Two timings of each, labelled in the table and the JSON:
 
@@ -77,12 +80,13 @@ from common import (  # noqa: E402
 )
 
 from s3sparse.llm import parse_pattern  # noqa: E402
-from s3sparse.sparse import PackedLinear, PackedWeight  # noqa: E402
+from s3sparse.sparse import PackedLinear, PackedWeight, compact_inputs  # noqa: E402
 
 SHAPES = ["2560x9728", "9728x2560", "4096x4096"]
 TOKENS = [1, 4, 16, 64, 512, 4096]
 PATTERNS = ["2:4", "4:8", "coupled-2:4", "block16-rows", "col-blocks:16:0.5"]
-METHODS = ["dense", "packed", "semi"]
+METHODS = ["dense", "packed", "semi", "gather"]
+COLUMN_PATTERNS = ("columns:", "col-blocks:")  # whole input columns: the gather method runs
 QUICK_SHAPES = ["64x256", "128x128"]
 QUICK_TOKENS = [1, 4, 64]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -139,6 +143,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     if not bool(torch.isfinite(got).all()):
         return math.inf
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def _gathered(W: torch.Tensor) -> torch.nn.Module:
+    """The GatherLinear of the pruned weight W: its nonzero input columns as a smaller dense Linear."""
+    layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(W, requires_grad=False)
+    return compact_inputs(layer)
 
 
 def sp24_taken(packed: PackedLinear, x: torch.Tensor) -> bool:
@@ -210,6 +221,14 @@ class Bench:
                 info["semi_backend"] = backend
                 extra = [semi_structured(W.clone())[0] for _ in range(n_copies(semi_bytes, self.rotate_bytes) - 1)]
                 weights["semi"] = (semi_bytes, [lambda x, w=w: F.linear(x, w) for w in [Ws0, *extra]])
+        if "gather" in self.methods:
+            if not pattern.startswith(COLUMN_PATTERNS):
+                info["gather_status"] = "not a pattern of whole input columns"
+            else:
+                gathered = _gathered(W)
+                gather_bytes = sum(t.numel() * t.element_size() for t in [*gathered.parameters(), *gathered.buffers()])
+                mods = [gathered] + [copy.deepcopy(gathered) for _ in range(n_copies(gather_bytes, self.rotate_bytes) - 1)]
+                weights["gather"] = (gather_bytes, mods)
         for method, (nbytes, fns) in weights.items():
             info[f"{method}_bytes"], info[f"{method}_copies"] = nbytes, len(fns)
 
@@ -247,7 +266,7 @@ class Bench:
                             row[f"{method}_{mode}_GB/s"] = nbytes / t / 1e9
                             row[f"{method}_{mode}_of_copy"] = nbytes / t / self.copy_bps
                             row[f"{method}_{mode}_TFLOP/s"] = 2.0 * N * M * K / t / 1e12
-            for method in ("packed", "semi"):
+            for method in ("packed", "semi", "gather"):
                 for mode in self.modes:
                     if row.get(f"{method}_{mode}_s") and row.get(f"dense_{mode}_s"):
                         row[f"{method}_{mode}_speedup"] = row[f"dense_{mode}_s"] / row[f"{method}_{mode}_s"]
@@ -285,7 +304,8 @@ class Bench:
     @staticmethod
     def header() -> str:
         return (f"{'shape':>10} {'pattern':<17} {'N':>5} {'timing':<6} {'dense µs':>9} {'packed µs':>9} {'×dense':>6} "
-                f"{'GB/s':>7} {'of copy':>7} {'semi µs':>9} {'×dense':>6} {'dense GB/s':>10}  notes")
+                f"{'GB/s':>7} {'of copy':>7} {'semi µs':>9} {'×dense':>6} {'gather µs':>9} {'×dense':>6} "
+                f"{'dense GB/s':>10}  notes")
 
     def print_row(self, r: dict) -> None:
         def us(key: str) -> str:
@@ -307,6 +327,7 @@ class Bench:
                   f"{us(f'packed_{mode}_s')} {num(f'packed_{mode}_speedup', 6, '.2f')} "
                   f"{num(f'packed_{mode}_GB/s', 7, '.1f')} {num(f'packed_{mode}_of_copy', 7, '.0%')} "
                   f"{us(f'semi_{mode}_s')} {num(f'semi_{mode}_speedup', 6, '.2f')} "
+                  f"{us(f'gather_{mode}_s')} {num(f'gather_{mode}_speedup', 6, '.2f')} "
                   f"{num(f'dense_{mode}_GB/s', 10, '.1f')}  {'; '.join(notes)}", flush=True)
 
 

@@ -174,6 +174,13 @@ def test_packed_benchmark_runs(tmp_path):
         assert r["packed_eager_speedup"] > 0 and r["unpack_exact"]
         # Semi-structured sparsity runs only on a GPU; the row says why not.
         assert "semi_eager_s" not in r and "CUDA only" in r["semi_status"]
+        # The gather method (pack's GatherLinear) runs on the patterns of whole input columns only.
+        if r["pattern"].startswith(packed_bench.COLUMN_PATTERNS):
+            assert r["gather_eager_s"] > 0 and r["gather_rel_err"] < 5e-3, r
+            kept = r["K"] // 2
+            assert r["gather_bytes"] == r["M"] * kept * 2 + kept * 8, r  # half the columns (fp16) + the int64 index
+        else:
+            assert "gather_eager_s" not in r and "whole input columns" in r["gather_status"]
     ratio = {r["pattern"]: r["ratio"] for r in rows if (r["M"], r["K"]) == (64, 256)}
     assert ratio["2:4"] <= 0.56 and ratio["block16-rows"] < ratio["4:8"] < ratio["2:4"]
 
