@@ -274,6 +274,58 @@ def test_column_patterns_outside_the_mlp_become_gathered_dense_layers(tmp_path):
         assert {layer["kind"] for layer in json.load(f)["pack"]["layers"]} == {"packed"}
 
 
+def test_gpt2_column_patterns_are_gathered_and_load_in_half_precision(tmp_path):
+    """GPT-2's Conv1D layers (with biases) on column patterns become GatherLinears; load_packed casts their
+    weights and biases to the dtype asked for and keeps the index an integer."""
+    from s3sparse.sparse import GatherLinear
+
+    model_dir = save_tiny_model(str(tmp_path / "gpt2"), "gpt2")
+    pruned, packed = str(tmp_path / "pruned"), str(tmp_path / "packed")
+    rc, _ = _run(["prune", model_dir, "--out", pruned, "--pattern", "dense", "--method", "magnitude",
+                  "--override", "*.attn.c_attn=columns:0.5", "--override", "*.attn.c_proj=col-blocks:16:0.5", *FAST])
+    assert rc == 0
+    rc, text = _run(["pack", pruned, "--out", packed])
+    assert rc == 0, text
+    with open(os.path.join(packed, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    assert {layer["kind"] for layer in manifest["pack"]["layers"]} == {"gathered"}
+    assert not any(name.endswith(".linear") for name in manifest["modules"])  # built by their GatherLinear's entry
+    loaded = load_packed(packed, dtype=torch.float16)
+    gathers = [m for m in loaded.modules() if isinstance(m, GatherLinear)]
+    assert len(gathers) == 2 * loaded.config.n_layer
+    for module in gathers:
+        assert module.index.dtype == torch.int64 and module.linear.weight.dtype == torch.float16
+        assert module.linear.bias is not None and module.linear.bias.dtype == torch.float16
+    dense = transformers.AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float16).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits.float(), dense(ids).logits.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_column_patterns_inside_a_compacted_mlp_are_gathered_too():
+    """An MLP of column patterns: down_proj's zero columns compact the MLP's channels (down_proj shrinks), then
+    gate/up, compacted in their rows, still hold zero input columns: those are gathered. An output-channel
+    pattern outside any MLP (q_proj, channels) is packed."""
+    model = tiny_model("llama")
+    calib = tiny_calibration(n_samples=4, seq_len=32)
+    overrides = {"*.mlp.gate_proj": "columns:0.5", "*.mlp.up_proj": "columns:0.5", "*.mlp.down_proj": "columns:0.5",
+                 "*.self_attn.q_proj": "channels:0.5"}
+    report = prune_model(model, calib, pattern="dense", method="magnitude", progress=False, overrides=overrides)
+    layer_patterns = {r.name: r.pattern for r in report.layers if r.status == "pruned"}
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    result = pack_model(model, layer_patterns)
+    assert len(result.layers) == 4 * 2  # 2 blocks
+    for layer in result.layers:
+        kind = {"down_proj": "compacted", "q_proj": "packed"}.get(layer.name.split(".")[-1], "gathered")
+        assert layer.kind == kind, layer
+        if kind == "gathered":  # gate / up: half the rows, then half the columns
+            assert "compacted to" in layer.note and layer.bytes_after < 0.3 * layer.bytes_before, layer
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
 def test_gpt2_conv1d_layers_are_packed(tmp_path):
     model = tiny_model("gpt2")
     calib = tiny_calibration(n_samples=4, seq_len=32)

@@ -38,11 +38,10 @@ The row-block kernel's knobs (csrc/cuda/packed_rowblock.cuh, top): S3_LAB_ROWBLO
 tensor-core form from n tokens; 1 times that form at 1-2 tokens too), S3_LAB_ROWBLOCK_MMA_WARPS=n,
 S3_LAB_ROWBLOCK_MMA_UNROLL=n, S3_LAB_ROWBLOCK_MMA_PAIRS=0/1 (two runs a step by 16-byte loads; the
 default), S3_LAB_ROWBLOCK_TREE=0/1 (the warps' sums by a tree in shared memory, the default, or by shared
-atomics), S3_LAB_ROWBLOCK_MAX_G=n (rows a set, at most: 2 for block16-rows alone, fewer registers), and
-the diagnostics S3_LAB_ROWBLOCK_DIAG=bits (1 no x loads, 2 no meta loads, 4 no mmas; with PAIRS only
-bit 2 acts), S3_LAB_ROWBLOCK_DIAG_SPLIT=S (a row group over S blocks, each writing its share alone)
-and S3_LAB_ROWBLOCK_DIAG_GROUPS=X (a block over X row groups of <= 8 sets, x loaded once for them; only
-group 0's sums kept; PAIRS=0): the grid's cost, wrong results; name such variants diag*; it is timed at 1, 2, 4, 8 and 16 tokens beside ``package_us``, the installed
+atomics), and the diagnostics S3_LAB_ROWBLOCK_DIAG=bits (1 no x loads, 2 no meta loads, 4 no mmas; with
+PAIRS only bit 2 acts) and S3_LAB_ROWBLOCK_DIAG_SPLIT=S (a row group over S blocks, each writing its
+share alone; needs -DS3_LAB_ROWBLOCK_MMA_PAIRS=0): the grid's cost, wrong results; name such variants
+diag*; it is timed at 1, 2, 4, 8 and 16 tokens beside ``package_us``, the installed
 package's packed_linear (whatever path that wheel takes)::
 
     PYTHONPATH=$PWD python3 benchmarks/lab/packed_mma_lab.py --kernel=rowblock u2=-DS3_LAB_ROWBLOCK_MMA_UNROLL=2 ...

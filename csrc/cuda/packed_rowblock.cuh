@@ -22,8 +22,9 @@
 // row group (R sets, G R rows), so bad data or a layout the fast form does not
 // take stays inside the block. The tensor-core form's warps' sums meet in a
 // fixed order (a tree in shared memory: the same bits every call); the FMA
-// form's (a set's warps, 1-4) and the general form's by shared atomic adds, so
-// there the last bits of a result may differ from call to call.
+// form's (a set's warps) and the general form's by shared atomic adds, so
+// there, with more than two addends a sum, the last bits of a result may
+// differ from call to call.
 //
 // The host sees only the integers (scope grid, strides, G, B, row_group); it
 // cannot read block_off and elem_off without a sync. So every block checks
@@ -195,7 +196,7 @@ __device__ bool fast_set(const RowblockPlan& p, const T* __restrict__ values, co
 // A tensor-core form's sums into the block's: acc[k][i] = D_k[g][2t], D_k[g][2t + 1], D_k[g + 8][2t],
 // D_k[g + 8][2t + 1], i.e. token g / g + 8 of set 8 i + 2t (+ 1), row k; sums[(k R + r) 16 + token].
 // The warps' sums meet in a fixed order, a tree over the warps through shared memory (the upper half
-// of the warps stores, the lower half adds, log2(nwarps) rounds), then warp 0 stores the totals: the
+// of the warps stores, the lower half adds, ceil(log2(nwarps)) rounds), then warp 0 stores the totals: the
 // result does not depend on which warp finishes first, and no shared fp32 atomics, which are
 // compare-and-swap loops on sm_90 and took 16-way contention here (every warp adds into the same
 // 16 x G R sums). All the block's threads call it (it has barriers).
@@ -259,9 +260,12 @@ __device__ __forceinline__ void reduce_mma_sums(const RowblockPlan& p, float (&a
 // sums row k's dot products on the tensor cores (the per-token FMAs of fast_set
 // are what made its time grow with the tokens). A run's 16 columns enter the mma
 // in the order that gives lane (g, t) elements 4t..4t+3 as its k = 2t, 2t+1,
-// 2t+8, 2t+9 (mma.cuh's layouts): one 8-byte load of the set's run and one of
-// each token's x. Warp w of nwarps takes run columns w, w + nwarps, ...; its sums
-// are added into sums[(k R + r) 16 + token]. Returns whether a meta field was >= G.
+// 2t+8, 2t+9 (mma.cuh's layouts). The default (PAIRS) takes two run columns a
+// step, 2w and 2w + 1 for warp w of nwarps, then 2w + 2 nwarps, ...: a 16-byte load
+// a lane and one lane exchange give each lane its elements of both runs (below);
+// PAIRS = 0 takes one column a step (w, w + nwarps, ...) by one 8-byte load of the
+// set's run and one of each token's x. The warps' sums meet in sums[(k R + r) 16 +
+// token] (reduce_mma_sums). Returns whether a meta field was >= G.
 template <typename T, int TILES>
 __device__ bool mma_group(const RowblockPlan& p, const T* __restrict__ values, const int32_t* __restrict__ meta,
                           const T* __restrict__ x, int64_t grp, int warp, int nwarps, int lane, float* sums) {

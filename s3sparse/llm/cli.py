@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("pack", help="swap every pruned Linear of a pruned model for a packed (or compacted) one and save it",
                        description="Swap every pruned Linear of the OUT_DIR of `s3sparse prune` for a PackedLinear (or "
-                                   "compact whole-channel MLPs) and save it; load it with s3sparse.llm.load_packed.")
+                                   "compact whole-channel MLPs, and keep the other layers of whole input columns as "
+                                   "smaller dense ones behind a gather, GatherLinear) and save it; load it with "
+                                   "s3sparse.llm.load_packed.")
     k.add_argument("model_dir", metavar="PRUNED_DIR", help="the OUT_DIR of `s3sparse prune` (only read)")
     required = k.add_argument_group("required")
     required.add_argument("--out", required=True, metavar="PACKED_DIR", help="where to write the packed model (must not exist)")

@@ -154,7 +154,7 @@ def pack_model(
     progress_fn: Optional[Callable[[str], None]] = None,
     progress: bool = False,
 ) -> PackReport:
-    """Swap the pruned linear layers of ``model`` for packed (or compacted) ones, in place.
+    """Swap the pruned linear layers of ``model`` for packed (or compacted, or gathered) ones, in place.
 
     Args:
         model: a pruned model (e.g. loaded from ``s3sparse prune``'s OUT_DIR).
@@ -220,20 +220,23 @@ def pack_model(
         if pattern.is_dense:
             report.layers.append(PackedLayer(name, pattern.name, "dense", shape, before_bytes[name], _layer_bytes(module)))
             continue
+        linear = as_linear(module)
+        if compact_channels and str(pattern).startswith(_COLUMN_PREFIXES):
+            # (compacted or not: the input columns still all zero, e.g. the hidden-side ones of an MLP's up rows)
+            gathered = compact_inputs(module)
+            kept = int(gathered.index.numel())
+            if kept < shape[1]:
+                diff = _check_same(linear, gathered, shape[1], name) if check else None
+                _set_module(model, name, gathered)
+                where = f"compacted to {shape[0]}x{shape[1]}, then " if name in compacted else ""
+                report.layers.append(PackedLayer(name, pattern.name, "gathered", (shape[0], kept), before_bytes[name],
+                                                 _layer_bytes(gathered), diff,
+                                                 f"{where}{kept} of {shape[1]} input columns gathered"))
+                say(f"{name}: {where}{kept} of {shape[1]} input columns kept (GatherLinear)")
+                continue
         if name in compacted:
             report.layers.append(PackedLayer(name, pattern.name, "compacted", shape, before_bytes[name], _layer_bytes(module)))
             say(f"{name}: compacted to {shape[0]}x{shape[1]}")
-            continue
-        linear = as_linear(module)
-        if compact_channels and str(pattern).startswith(_COLUMN_PREFIXES):
-            gathered = compact_inputs(module)
-            diff = _check_same(linear, gathered, shape[1], name) if check else None
-            _set_module(model, name, gathered)
-            kept = int(gathered.index.numel())
-            report.layers.append(PackedLayer(name, pattern.name, "gathered", (shape[0], kept), before_bytes[name],
-                                             _layer_bytes(gathered), diff,
-                                             f"column pattern outside a compacted MLP: {kept} of {shape[1]} input columns gathered"))
-            say(f"{name}: {kept} of {shape[1]} input columns kept (GatherLinear)")
             continue
         packed = PackedLinear.from_linear(linear, pattern=pattern.name)
         diff = _check_same(linear, packed, shape[1], name) if check else None
@@ -266,8 +269,13 @@ def _module_entry(module: nn.Module) -> Optional[Dict[str, Any]]:
 
 def _manifest_modules(model: nn.Module, fresh_shapes: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> Dict[str, Dict[str, Any]]:
     """Entries for the modules whose type or weight shape differs from what the config builds."""
+    from ..sparse import GatherLinear
+
     out = {}
+    gathers = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, GatherLinear))
     for name, module in model.named_modules():
+        if name.startswith(gathers):  # (a GatherLinear's inner Linear: its entry builds it)
+            continue
         entry = _module_entry(module)
         if entry is None:
             continue
