@@ -68,9 +68,9 @@ GUARD_CONFIG: Dict[str, Any] = {
 
 # Pattern constructors whose blocks are whole rows or columns: compacted, not packed.
 _CHANNEL_PREFIXES = ("channels:", "columns:", "col-blocks:")
-# Those of whole input columns: a layer no MLP compaction shrank keeps its kept columns as a smaller dense
-# Linear behind a gather (GatherLinear), which reads half the bytes of the dense layer at half sparsity;
-# packed, such a weight has no fast kernel (the general decode path: 0.17-0.21x dense on an H100).
+# Those of whole input columns: a layer of them keeps its kept columns (those still nonzero after any MLP
+# compaction) as a smaller dense Linear behind a gather (GatherLinear), which reads half the bytes of the
+# dense layer at half sparsity; packed, such a weight has no fast kernel (0.17-0.21x dense on an H100).
 _COLUMN_PREFIXES = ("columns:", "col-blocks:")
 
 
