@@ -238,21 +238,33 @@ def test_channel_patterns_are_compacted_into_smaller_dense_layers(tmp_path):
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
+def _prune_and_pack(tmp_path, family, overrides):
+    """(pruned dir, packed dir, the packed manifest) of a tiny ``family`` model, dense but for ``overrides``
+    (magnitude)."""
+    model_dir = save_tiny_model(str(tmp_path / family), family)
+    pruned, packed = str(tmp_path / "pruned"), str(tmp_path / "packed")
+    rc, _ = _run(["prune", model_dir, "--out", pruned, "--pattern", "dense", "--method", "magnitude",
+                  *(arg for o in overrides for arg in ("--override", o)), *FAST])
+    assert rc == 0
+    return pruned, packed, _pack(pruned, packed)
+
+
+def _pack(pruned, packed, *pack_args):
+    """`s3sparse pack` of ``pruned`` into ``packed``; its manifest."""
+    rc, text = _run(["pack", pruned, "--out", packed, *pack_args])
+    assert rc == 0, text
+    with open(os.path.join(packed, MANIFEST_NAME)) as f:
+        return json.load(f)
+
+
 def test_column_patterns_outside_the_mlp_become_gathered_dense_layers(tmp_path):
     """A column pattern no MLP compaction covers (attention's o_proj on col-blocks, q_proj on columns) is kept
     as a smaller dense Linear over its kept input columns behind a gather (GatherLinear), not packed: the
     pruned model's outputs, half the bytes, and load_packed builds it back as such; --no-compact packs it."""
     from s3sparse.sparse import GatherLinear
 
-    model_dir = save_tiny_model(str(tmp_path / "qwen3"))
-    pruned, packed = str(tmp_path / "pruned"), str(tmp_path / "packed")
-    rc, _ = _run(["prune", model_dir, "--out", pruned, "--pattern", "dense", "--method", "magnitude",
-                  "--override", "*.o_proj=col-blocks:16:0.5", "--override", "*.q_proj=columns:0.5", *FAST])
-    assert rc == 0
-    rc, text = _run(["pack", pruned, "--out", packed])
-    assert rc == 0, text
-    with open(os.path.join(packed, MANIFEST_NAME)) as f:
-        manifest = json.load(f)
+    overrides = ["*.o_proj=col-blocks:16:0.5", "*.q_proj=columns:0.5"]
+    pruned, packed, manifest = _prune_and_pack(tmp_path, "qwen3", overrides)
     layers = manifest["pack"]["layers"]
     assert layers and {layer["kind"] for layer in layers} == {"gathered"}, layers
     for layer in layers:
@@ -268,10 +280,8 @@ def test_column_patterns_outside_the_mlp_become_gathered_dense_layers(tmp_path):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
-    rc, text = _run(["pack", pruned, "--out", str(tmp_path / "packed-no-compact"), "--no-compact"])
-    assert rc == 0, text
-    with open(os.path.join(str(tmp_path / "packed-no-compact"), MANIFEST_NAME)) as f:
-        assert {layer["kind"] for layer in json.load(f)["pack"]["layers"]} == {"packed"}
+    manifest = _pack(pruned, str(tmp_path / "packed-no-compact"), "--no-compact")
+    assert {layer["kind"] for layer in manifest["pack"]["layers"]} == {"packed"}
 
 
 def test_gpt2_column_patterns_are_gathered_and_load_in_half_precision(tmp_path):
@@ -279,15 +289,8 @@ def test_gpt2_column_patterns_are_gathered_and_load_in_half_precision(tmp_path):
     weights and biases to the dtype asked for and keeps the index an integer."""
     from s3sparse.sparse import GatherLinear
 
-    model_dir = save_tiny_model(str(tmp_path / "gpt2"), "gpt2")
-    pruned, packed = str(tmp_path / "pruned"), str(tmp_path / "packed")
-    rc, _ = _run(["prune", model_dir, "--out", pruned, "--pattern", "dense", "--method", "magnitude",
-                  "--override", "*.attn.c_attn=columns:0.5", "--override", "*.attn.c_proj=col-blocks:16:0.5", *FAST])
-    assert rc == 0
-    rc, text = _run(["pack", pruned, "--out", packed])
-    assert rc == 0, text
-    with open(os.path.join(packed, MANIFEST_NAME)) as f:
-        manifest = json.load(f)
+    overrides = ["*.attn.c_attn=columns:0.5", "*.attn.c_proj=col-blocks:16:0.5"]
+    pruned, packed, manifest = _prune_and_pack(tmp_path, "gpt2", overrides)
     assert {layer["kind"] for layer in manifest["pack"]["layers"]} == {"gathered"}
     assert not any(name.endswith(".linear") for name in manifest["modules"])  # built by their GatherLinear's entry
     loaded = load_packed(packed, dtype=torch.float16)

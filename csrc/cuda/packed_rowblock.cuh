@@ -205,30 +205,24 @@ __device__ __forceinline__ void reduce_mma_sums(const RowblockPlan& p, float (&a
                                                 int nwarps, int lane, float* sums) {
 #if S3_LAB_ROWBLOCK_TREE
   __shared__ float stage[kMaxThreads / 64][kMaxG * TILES * 4][32];  // [warp - half][fragment][lane]
+  // op(this lane's fragment (k, i, j), its slot (k TILES + i) 4 + j) for every row k < G.
+  auto each_fragment = [&](auto&& op) {
+#pragma unroll
+    for (int k = 0; k < kMaxG; ++k) {
+      if (k >= p.G) break;
+#pragma unroll
+      for (int i = 0; i < TILES; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) op(acc[k][i][j], (k * TILES + i) * 4 + j);
+    }
+  };
   int span = 1;
   while (span < nwarps) span *= 2;
   for (int half = span / 2; half >= 1; half /= 2) {
-    if (warp >= half && warp < nwarps) {  // (warp < 2 half: the warps above were added last round)
-#pragma unroll
-      for (int k = 0; k < kMaxG; ++k) {
-        if (k >= p.G) break;
-#pragma unroll
-        for (int i = 0; i < TILES; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) stage[warp - half][(k * TILES + i) * 4 + j][lane] = acc[k][i][j];
-      }
-    }
+    if (warp >= half && warp < nwarps)  // (warp < 2 half: the warps above were added last round)
+      each_fragment([&](float& a, int f) { stage[warp - half][f][lane] = a; });
     __syncthreads();
-    if (warp < half && warp + half < nwarps) {
-#pragma unroll
-      for (int k = 0; k < kMaxG; ++k) {
-        if (k >= p.G) break;
-#pragma unroll
-        for (int i = 0; i < TILES; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[k][i][j] += stage[warp][(k * TILES + i) * 4 + j][lane];
-      }
-    }
+    if (warp < half && warp + half < nwarps) each_fragment([&](float& a, int f) { a += stage[warp][f][lane]; });
     __syncthreads();
     nwarps = half;
   }
