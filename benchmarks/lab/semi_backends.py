@@ -2,20 +2,20 @@
 
     python benchmarks/lab/semi_backends.py [--shapes 2560x9728 ...] [--tokens 64 512 ...] [--out lab.json]
 
-The question it answers: can PackedLinear's 2:4 weights run their large batches on torch's CUTLASS 2:4 GEMM
-(``torch._sparse_semi_structured_mm``) with the packed values shared, not copied? For column order 0 (plain
-2:4) the packed values (M, K/2) are the kept values of each row in column order, which is exactly the
-CUTLASS form's ``packed`` operand; only its metadata (M, K/16 int16, 1/16 of the dense bytes) is new. So the
-large-batch path would cost 6 % of dense in memory, against 56 % for a cuSPARSELt copy. Timed, fp16, GPU time
-by CUDA-graph replay, weights rotated over 200 MiB (L2 cold), µs a call:
+The questions: from how many tokens does torch's 2:4 path beat PackedLinear's default, and how much do
+cuSPARSELt's algorithm search and its fused transpose add? (A first version also asked whether torch's
+CUTLASS 2:4 GEMM could run on PackedLinear's own values, shared, not copied: for plain 2:4 they are exactly
+its ``packed`` operand. It cannot on an H100: ``sparse_semi_structured_mad_op : Supported only on GPUs with
+compute capability 8.x``; benchmarks/results/semi-backends-h100-350efa5.txt.) Timed, fp16, GPU time by
+CUDA-graph replay, weights rotated over 200 MiB (L2 cold), µs a call:
 
 * ``dense``     F.linear(x, W)
 * ``packed``    PackedLinear's default path (whatever it picks at that token count)
-* ``cslt``      F.linear(x, to_sparse_semi_structured(W)): torch's default, cuSPARSELt (its own copy)
-* ``cutlass``   F.linear(x, SparseSemiStructuredTensorCUTLASS(packed=PackedLinear's values, meta)): the shared
-                values, through torch's subclass (its output copied to row-major)
-* ``cutlass_t`` torch._sparse_semi_structured_mm(values, meta, x.t()).t(): the same GEMM, no output copy
-                (a transposed view: not what a Linear may return; it prices the copy)
+* ``cslt``      F.linear(x, to_sparse_semi_structured(W)): what ``use_semi_structured`` runs (cuSPARSELt,
+                algorithm 0, its own copy of W)
+* ``cslt_t``    torch._cslt_sparse_mm(compressed, x.t(), transpose_result=True): the same, the output's
+                transpose fused
+* ``cslt_best`` the same with the algorithm ``torch._cslt_sparse_mm_search`` picks for this (shape, tokens)
 
 Each output is checked against F.linear in fp32 (relative error printed). JSON with the device, torch and
 commit goes to ``--out``.
@@ -43,26 +43,15 @@ from s3sparse.sparse import PackedLinear, PackedWeight  # noqa: E402
 ROTATE_BYTES = 200 * 2**20
 
 
-def cutlass_meta(W: torch.Tensor) -> torch.Tensor:
-    """CUTLASS's reordered metadata of the 2:4 weight W's kept positions (from its mask, so kept zeros count)."""
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
-
-    return sparse_semi_structured_from_dense_cutlass((W != 0).to(W.dtype))[1]
-
-
 def build(M: int, K: int, dtype: torch.dtype):
     W = torch.randn(M, K, device="cuda", dtype=dtype)
     with torch.no_grad():
         scope, nnz = parse_pattern("2:4").build(W)
         scope.hard_threshold(nnz=nnz)
     layer = PackedLinear(PackedWeight.from_pattern(W, "2:4"))
-    values = layer.packed.values.view(M, K // 2)
-    meta = cutlass_meta(W)
-    from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
+    from torch.sparse import to_sparse_semi_structured
 
-    shared = SparseSemiStructuredTensorCUTLASS(W.shape, packed=values, meta=meta, packed_t=None, meta_t=None,
-                                               compressed_swizzled_bitmask=None)
-    return dict(W=W, layer=layer, values=values, meta=meta, shared=shared, cslt=to_sparse_semi_structured(W))
+    return dict(W=W, layer=layer, cslt=to_sparse_semi_structured(W), compressed=torch._cslt_compress(W))
 
 
 def main() -> None:
@@ -75,24 +64,26 @@ def main() -> None:
     dev = torch.device("cuda")
     dtype = torch.float16
     rows = []
-    print(f"{'shape':>10} {'N':>5} " + " ".join(f"{m:>10}" for m in ("dense", "packed", "cslt", "cutlass", "cutlass_t"))
-          + "   ×dense: packed cslt cutlass   err cutlass")
+    print(f"{'shape':>10} {'N':>5} " + " ".join(f"{m:>10}" for m in ("dense", "packed", "cslt", "cslt_t", "cslt_best"))
+          + "   ×dense: packed cslt cslt_best  alg")
     for shape in args.shapes:
         M, K = (int(v) for v in shape.split("x"))
         copies = max(1, math.ceil(ROTATE_BYTES / (M * K * 2)))
         sets = [build(M, K, dtype) for _ in range(copies)]
         for n in args.tokens:
             x = torch.randn(n, K, device=dev, dtype=dtype)
+            alg = torch._cslt_sparse_mm_search(sets[0]["compressed"], x.t(), transpose_result=True)
             fns = {
                 "dense": [lambda s=s: F.linear(x, s["W"]) for s in sets],
                 "packed": [lambda s=s: s["layer"](x) for s in sets],
                 "cslt": [lambda s=s: F.linear(x, s["cslt"]) for s in sets],
-                "cutlass": [lambda s=s: F.linear(x, s["shared"]) for s in sets],
-                "cutlass_t": [lambda s=s: torch._sparse_semi_structured_mm(s["values"], s["meta"], x.t()).t()
-                              for s in sets],
+                "cslt_t": [lambda s=s: torch._cslt_sparse_mm(s["compressed"], x.t(), transpose_result=True)
+                           for s in sets],
+                "cslt_best": [lambda s=s: torch._cslt_sparse_mm(s["compressed"], x.t(), transpose_result=True,
+                                                                alg_id=alg) for s in sets],
             }
             want = F.linear(x.float(), sets[0]["W"].float())
-            row = dict(M=M, K=K, tokens=n, us={}, err={})
+            row = dict(M=M, K=K, tokens=n, alg=alg, us={}, err={})
             for name, calls in fns.items():
                 try:
                     with torch.no_grad():
@@ -108,7 +99,7 @@ def main() -> None:
             us, d = row["us"], row["us"]["dense"]
             ratio = lambda k: f"{d / us[k]:.2f}" if us.get(k) else "-"  # noqa: E731
             print(f"{shape:>10} {n:>5} " + " ".join(f"{us[k]:>10.1f}" if us.get(k) else f"{'-':>10}" for k in fns)
-                  + f"   {ratio('packed')} {ratio('cslt')} {ratio('cutlass')}   {row['err']['cutlass']}", flush=True)
+                  + f"   {ratio('packed')} {ratio('cslt')} {ratio('cslt_best')}  {alg}  {row['err']['cslt_best']}", flush=True)
         del sets
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(dict(environment=environment(dev), rows=rows), indent=1))
