@@ -92,8 +92,10 @@ class DecodeStep:
     side, reads no device value on the host, and every shape is fixed).
     """
 
-    def __init__(self, model: nn.Module, prefix_len: int):
+    def __init__(self, model: nn.Module, prefix_len: int, fused: Optional[list] = None):
         self.model, self.prefix_len = model, prefix_len
+        # fused[i] = (qkv, gate_up) of layer i (fuse_siblings), or None: the model's own projections.
+        self.fused = fused
         config = model.config
         weight = model.lm_head.weight
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -118,9 +120,14 @@ class DecodeStep:
 
     def _attention(self, i: int, attn: nn.Module, h: torch.Tensor, cos, sin, positions, length: int) -> torch.Tensor:
         B, T, _ = h.shape
-        q = attn.q_norm(attn.q_proj(h).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(h).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.fused is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = self.fused[i][0](h).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                                 attn.v_proj.out_features], dim=-1)
+        q = attn.q_norm(q.reshape(B, T, -1, self.head_dim)).transpose(1, 2)
+        k = attn.k_norm(k.reshape(B, T, -1, self.head_dim)).transpose(1, 2)
+        v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         self.keys[i].index_copy_(2, positions, k)
@@ -138,8 +145,14 @@ class DecodeStep:
         cos, sin = inner.rotary_emb(h, positions.view(1, -1))
         for i, layer in enumerate(inner.layers):
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, positions, length)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
         return self.model.lm_head(inner.norm(h[:, -1]))
+
+    def _mlp(self, i: int, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.fused is None:
+            return mlp(h)
+        gate, up = self.fused[i][1](h).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -178,6 +191,31 @@ def prune_block_linears(model: nn.Module, pattern: str) -> dict:
             scope.hard_threshold(nnz=nnz)
             names[name] = pattern
     return names
+
+
+@torch.no_grad()
+def fuse_siblings(model: nn.Module, pattern: str) -> list:
+    """Per decoder layer, (q|k|v, gate|up): the sibling projections that read the same input as one layer
+    each, their weights stacked by rows (a row-wise pattern stays that pattern): an ``nn.Linear`` for a dense
+    model, a ``PackedLinear`` packed from the stacked pruned weights for a packed one. What serving engines
+    do (vLLM's QKV and gate-up layers): 4 weight reads a layer instead of 7."""
+    from s3sparse.sparse import PackedLinear, PackedWeight
+
+    def stacked(*mods: nn.Module) -> nn.Module:
+        W = torch.cat([m.weight.detach() if isinstance(m, nn.Linear) else m.weight for m in mods])
+        if isinstance(mods[0], PackedLinear):
+            return PackedLinear(PackedWeight.from_pattern(W, pattern))
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
+        lin.weight.copy_(W)
+        return lin
+
+    fused = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if any(getattr(m, "bias", None) is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+            raise ValueError("fuse_siblings: projections with a bias are not stacked here")
+        fused.append((stacked(attn.q_proj, attn.k_proj, attn.v_proj), stacked(mlp.gate_proj, mlp.up_proj)))
+    return fused
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -254,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--repeat", type=int, default=None, help="timed samples (default 10; 3 with --quick)")
     ap.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inductor, "
                     "fullgraph) before timing it, dense and packed alike")
+    ap.add_argument("--fuse", action="store_true", help="also time both models with q|k|v and gate|up stacked "
+                    "into one layer each (dense-fused, packed-fused): what that fusion adds, apart from packing")
     ap.add_argument("--profile", default=None, help="also write here each model's time per step: by kernel on a GPU, "
                     "by op on the CPU (torch.profiler over a few eager steps, sorted by time)")
     ap.add_argument("--quick", action="store_true", help="a tiny Qwen3 (hidden 64, 2 layers, vocabulary 512) on the CPU")
@@ -298,12 +338,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * (prefix + 1) * \
         config.head_dim * torch.finfo(dtype).bits // 8
     results, logits, profiles = {}, {}, {}
-    for name, model in (("dense", dense), ("packed", packed)):
+    variants = [("dense", dense, False), ("packed", packed, False)]
+    if args.fuse:
+        variants += [("dense-fused", dense, True), ("packed-fused", packed, True)]
+    for name, model, fuse in variants:
         if model is None:
             continue
         step = None
         try:
-            step = DecodeStep(model, prefix)
+            step = DecodeStep(model, prefix, fuse_siblings(model, args.pattern) if fuse else None)
             step.prefill(ids[:, :prefix])
             step.token.copy_(ids[:, prefix:])
             if args.compile:
@@ -335,20 +378,25 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if "dense" in logits and "packed" in logits:
         checks["packed_vs_dense_rel_err"] = rel_err(logits["packed"], logits["dense"])
         checks["same_greedy_token"] = bool(logits["packed"].argmax(-1).eq(logits["dense"].argmax(-1)).all())
+    for name in ("dense-fused", "packed-fused"):
+        if "dense" in logits and name in logits:
+            checks[f"{name}_vs_dense_rel_err"] = rel_err(logits[name], logits["dense"])
+            checks["same_greedy_token"] &= bool(logits[name].argmax(-1).eq(logits["dense"].argmax(-1)).all())
     checks["tolerance"] = CHECK_TOL[dtype]
     checks["ok"] = all(checks.get(k, math.inf) <= CHECK_TOL[dtype]
                        for k in ("step_vs_model_rel_err", "packed_vs_dense_rel_err")) and checks.get("same_greedy_token", False)
+    checks["ok"] &= all(v <= CHECK_TOL[dtype] for k, v in checks.items() if k.endswith("-fused_vs_dense_rel_err"))
 
-    print(f"{'model':<7} {'timing':<6} {'ms/step':>8} {'tokens/s':>9} {'×dense':>7} {'GB/s':>6} {'of copy':>7} {'MB read':>8}")
+    print(f"{'model':<12} {'timing':<6} {'ms/step':>8} {'tokens/s':>9} {'×dense':>7} {'GB/s':>6} {'of copy':>7} {'MB read':>8}")
     for mode in ("graph", "eager"):
         for name, res in results.items():
             if f"{mode}_s" not in res:
                 continue
             speedup = ""
-            if name == "packed" and f"{mode}_s" in results.get("dense", {}):
+            if name != "dense" and f"{mode}_s" in results.get("dense", {}):
                 res[f"{mode}_speedup"] = results["dense"][f"{mode}_s"] / res[f"{mode}_s"]
                 speedup = f"{res[f'{mode}_speedup']:7.2f}"
-            print(f"{name:<7} {mode:<6} {res[f'{mode}_s'] * 1e3:8.3f} {res[f'{mode}_tokens_per_s']:9.1f} {speedup:>7} "
+            print(f"{name:<12} {mode:<6} {res[f'{mode}_s'] * 1e3:8.3f} {res[f'{mode}_tokens_per_s']:9.1f} {speedup:>7} "
                   f"{res[f'{mode}_GB/s']:6.0f} {res[f'{mode}_of_copy']:7.0%} "
                   f"{(res['weight_bytes'] + kv_bytes) / 1e6:8.1f}")
     print("checks: " + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items()))

@@ -15,7 +15,9 @@ CUDA-graph replay, weights rotated over 200 MiB (L2 cold), µs a call:
                 algorithm 0, its own copy of W)
 * ``cslt_t``    torch._cslt_sparse_mm(compressed, x.t(), transpose_result=True): the same, the output's
                 transpose fused
-* ``cslt_best`` the same with the algorithm ``torch._cslt_sparse_mm_search`` picks for this (shape, tokens)
+
+(``torch._cslt_sparse_mm_search`` failed on the H100 with cuSPARSELt's "internal error", so the algorithm
+stays 0.)
 
 Each output is checked against F.linear in fp32 (relative error printed). JSON with the device, torch and
 commit goes to ``--out``.
@@ -64,26 +66,23 @@ def main() -> None:
     dev = torch.device("cuda")
     dtype = torch.float16
     rows = []
-    print(f"{'shape':>10} {'N':>5} " + " ".join(f"{m:>10}" for m in ("dense", "packed", "cslt", "cslt_t", "cslt_best"))
-          + "   ×dense: packed cslt cslt_best  alg")
+    print(f"{'shape':>10} {'N':>5} " + " ".join(f"{m:>10}" for m in ("dense", "packed", "cslt", "cslt_t"))
+          + "   ×dense: packed cslt cslt_t   err cslt_t")
     for shape in args.shapes:
         M, K = (int(v) for v in shape.split("x"))
         copies = max(1, math.ceil(ROTATE_BYTES / (M * K * 2)))
         sets = [build(M, K, dtype) for _ in range(copies)]
         for n in args.tokens:
             x = torch.randn(n, K, device=dev, dtype=dtype)
-            alg = torch._cslt_sparse_mm_search(sets[0]["compressed"], x.t(), transpose_result=True)
             fns = {
                 "dense": [lambda s=s: F.linear(x, s["W"]) for s in sets],
                 "packed": [lambda s=s: s["layer"](x) for s in sets],
                 "cslt": [lambda s=s: F.linear(x, s["cslt"]) for s in sets],
                 "cslt_t": [lambda s=s: torch._cslt_sparse_mm(s["compressed"], x.t(), transpose_result=True)
                            for s in sets],
-                "cslt_best": [lambda s=s: torch._cslt_sparse_mm(s["compressed"], x.t(), transpose_result=True,
-                                                                alg_id=alg) for s in sets],
             }
             want = F.linear(x.float(), sets[0]["W"].float())
-            row = dict(M=M, K=K, tokens=n, alg=alg, us={}, err={})
+            row = dict(M=M, K=K, tokens=n, us={}, err={})
             for name, calls in fns.items():
                 try:
                     with torch.no_grad():
@@ -99,7 +98,7 @@ def main() -> None:
             us, d = row["us"], row["us"]["dense"]
             ratio = lambda k: f"{d / us[k]:.2f}" if us.get(k) else "-"  # noqa: E731
             print(f"{shape:>10} {n:>5} " + " ".join(f"{us[k]:>10.1f}" if us.get(k) else f"{'-':>10}" for k in fns)
-                  + f"   {ratio('packed')} {ratio('cslt')} {ratio('cslt_best')}  {alg}  {row['err']['cslt_best']}", flush=True)
+                  + f"   {ratio('packed')} {ratio('cslt')} {ratio('cslt_t')}   {row['err']['cslt_t']}", flush=True)
         del sets
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(dict(environment=environment(dev), rows=rows), indent=1))
