@@ -61,6 +61,7 @@ from common import (TINY_QWEN3, copy_bandwidth, environment, pick_calls, sync, t
                     warm_up)
 
 from s3sparse.llm import pack_model, parse_pattern  # noqa: E402
+from s3sparse.sparse import fuse_siblings  # noqa: E402
 
 # Qwen3-0.6B's shape (its config.json), random weights.
 QWEN3_0_6B = dict(
@@ -92,10 +93,8 @@ class DecodeStep:
     side, reads no device value on the host, and every shape is fixed).
     """
 
-    def __init__(self, model: nn.Module, prefix_len: int, fused: Optional[list] = None):
+    def __init__(self, model: nn.Module, prefix_len: int):
         self.model, self.prefix_len = model, prefix_len
-        # fused[i] = (qkv, gate_up) of layer i (fuse_siblings), or None: the model's own projections.
-        self.fused = fused
         config = model.config
         weight = model.lm_head.weight
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -120,11 +119,7 @@ class DecodeStep:
 
     def _attention(self, i: int, attn: nn.Module, h: torch.Tensor, cos, sin, positions, length: int) -> torch.Tensor:
         B, T, _ = h.shape
-        if self.fused is None:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        else:
-            q, k, v = self.fused[i][0](h).split([attn.q_proj.out_features, attn.k_proj.out_features,
-                                                 attn.v_proj.out_features], dim=-1)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # (fused: slices of one stacked output)
         q = attn.q_norm(q.reshape(B, T, -1, self.head_dim)).transpose(1, 2)
         k = attn.k_norm(k.reshape(B, T, -1, self.head_dim)).transpose(1, 2)
         v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
@@ -145,14 +140,8 @@ class DecodeStep:
         cos, sin = inner.rotary_emb(h, positions.view(1, -1))
         for i, layer in enumerate(inner.layers):
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, positions, length)
-            h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(inner.norm(h[:, -1]))
-
-    def _mlp(self, i: int, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        if self.fused is None:
-            return mlp(h)
-        gate, up = self.fused[i][1](h).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -193,28 +182,12 @@ def prune_block_linears(model: nn.Module, pattern: str) -> dict:
     return names
 
 
-@torch.no_grad()
-def fuse_siblings(model: nn.Module, pattern: str) -> list:
-    """Per decoder layer, (q|k|v, gate|up): the sibling projections that read the same input as one layer
-    each, their weights stacked by rows (a row-wise pattern stays that pattern): an ``nn.Linear`` for a dense
-    model, a ``PackedLinear`` packed from the stacked pruned weights for a packed one. What serving engines
-    do (vLLM's QKV and gate-up layers): 4 weight reads a layer instead of 7."""
-    from s3sparse.sparse import PackedLinear, PackedWeight
-
-    def stacked(*mods: nn.Module) -> nn.Module:
-        W = torch.cat([m.weight.detach() if isinstance(m, nn.Linear) else m.weight for m in mods])
-        if isinstance(mods[0], PackedLinear):
-            return PackedLinear(PackedWeight.from_pattern(W, pattern))
-        lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
-        lin.weight.copy_(W)
-        return lin
-
-    fused = []
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if any(getattr(m, "bias", None) is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
-            raise ValueError("fuse_siblings: projections with a bias are not stacked here")
-        fused.append((stacked(attn.q_proj, attn.k_proj, attn.v_proj), stacked(mlp.gate_proj, mlp.up_proj)))
+def _fused_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its q|k|v and gate|up projections stacked (``fuse_siblings``)."""
+    fused = copy.deepcopy(model)
+    report = fuse_siblings(fused)
+    if report.skipped:
+        print(report)
     return fused
 
 
@@ -292,8 +265,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--repeat", type=int, default=None, help="timed samples (default 10; 3 with --quick)")
     ap.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inductor, "
                     "fullgraph) before timing it, dense and packed alike")
-    ap.add_argument("--fuse", action="store_true", help="also time both models with q|k|v and gate|up stacked "
-                    "into one layer each (dense-fused, packed-fused): what that fusion adds, apart from packing")
+    ap.add_argument("--fuse", action="store_true", help="also time copies of both models with q|k|v and gate|up "
+                    "stacked into one layer each by s3sparse.sparse.fuse_siblings (dense-fused, packed-fused): what "
+                    "that fusion adds, apart from packing")
     ap.add_argument("--profile", default=None, help="also write here each model's time per step: by kernel on a GPU, "
                     "by op on the CPU (torch.profiler over a few eager steps, sorted by time)")
     ap.add_argument("--quick", action="store_true", help="a tiny Qwen3 (hidden 64, 2 layers, vocabulary 512) on the CPU")
@@ -338,15 +312,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * (prefix + 1) * \
         config.head_dim * torch.finfo(dtype).bits // 8
     results, logits, profiles = {}, {}, {}
-    variants = [("dense", dense, False), ("packed", packed, False)]
+    variants = [("dense", dense), ("packed", packed)]
     if args.fuse:
-        variants += [("dense-fused", dense, True), ("packed-fused", packed, True)]
-    for name, model, fuse in variants:
+        variants += [(f"{name}-fused", _fused_copy(model)) for name, model in variants if model is not None]
+    for name, model in variants:
         if model is None:
             continue
         step = None
         try:
-            step = DecodeStep(model, prefix, fuse_siblings(model, args.pattern) if fuse else None)
+            step = DecodeStep(model, prefix)
             step.prefill(ids[:, :prefix])
             step.token.copy_(ids[:, prefix:])
             if args.compile:
@@ -415,7 +389,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         HERE / "results" / f"packed-model-{device.type}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(benchmark="packed_model", **env, dtype=str(dtype).replace("torch.", ""), pattern=args.pattern,
-                prefix=prefix, batch=1, repeat=repeat, compiled=args.compile, **{"copy_GB/s": copy_bps / 1e9},
+                prefix=prefix, batch=1, repeat=repeat, compiled=args.compile, fused=args.fuse, **{"copy_GB/s": copy_bps / 1e9},
                 config={k: v for k, v in config.to_dict().items() if k in QWEN3_0_6B or k == "rope_parameters"},
                 pruned_linears=len(layer_patterns), pack=pack_info,
                 timed="one decode step at batch 1 (DecodeStep): embedding, every decoder layer with a preallocated "

@@ -202,7 +202,7 @@ def test_packed_model_benchmark_runs(tmp_path):
     import packed_model
 
     out = tmp_path / "model.json"
-    res = packed_model.main(["--quick", "--repeat", "1", "--prefix", "8", "--out", str(out)])
+    res = packed_model.main(["--quick", "--repeat", "1", "--prefix", "8", "--fuse", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=str))
     meta, results, checks = res["meta"], res["results"], res["checks"]
     assert meta["device"] and meta["torch"] == torch.__version__ and meta["commit"] and meta["transformers"]
@@ -218,6 +218,9 @@ def test_packed_model_benchmark_runs(tmp_path):
     # fp32 on the CPU: the decode step is the model's forward, and the packed model the pruned dense one.
     assert checks["ok"] and checks["same_greedy_token"]
     assert checks["step_vs_model_rel_err"] < 1e-5 and checks["packed_vs_dense_rel_err"] < 1e-5
+    # --fuse: copies of both with q|k|v and gate|up stacked (fuse_siblings), timed and checked the same way.
+    assert meta["fused"] and results["packed-fused"]["eager_speedup"] > 0 and results["dense-fused"]["eager_s"] > 0
+    assert checks["dense-fused_vs_dense_rel_err"] < 1e-5 and checks["packed-fused_vs_dense_rel_err"] < 1e-5
 
 
 def test_packed_model_profile_names_what_each_model_runs(tmp_path):

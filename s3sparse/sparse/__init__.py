@@ -10,6 +10,9 @@
 * :func:`compact` / :func:`compact_model` — whole-channel patterns turned into
   physically smaller dense layers (:mod:`.compact`); :class:`GatherLinear` for
   input columns whose producer cannot shrink.
+* :func:`fuse_siblings` — sibling projections that read one input (q/k/v,
+  gate/up) stacked into one layer each, dense or packed, in a loaded model
+  (:mod:`.fuse`): fewer, larger weight reads a decode step.
 * :mod:`.layer` — an ``nn.Linear`` or GPT-2 ``Conv1D`` seen as ``out × in``: the
   one adapter, which the model pipeline (:mod:`s3sparse.llm`) prunes through too.
 
@@ -33,6 +36,7 @@ from .compact import (
     load_compacted,
     save_compacted,
 )
+from .fuse import FuseReport, fuse_siblings
 from .linear import PackedLinear
 from .packed import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, PackedWeight
 
@@ -54,4 +58,6 @@ __all__ = [
     "SIDECAR_NAME",
     "save_compacted",
     "load_compacted",
+    "fuse_siblings",
+    "FuseReport",
 ]
