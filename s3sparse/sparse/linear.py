@@ -211,15 +211,20 @@ class PackedLinear(nn.Module):
         """Bytes of the packed weight (without the bias)."""
         return self.packed.nbytes
 
-    def use_semi_structured(self, min_tokens: Optional[int] = 1024) -> "PackedLinear":
+    def use_semi_structured(self, min_tokens: Optional[int] = 256) -> "PackedLinear":
         """Run batches of at least ``min_tokens`` tokens through torch's 2:4 semi-structured path.
 
-        At thousands of tokens a layer is compute-bound, and the sparse tensor
-        cores (cuSPARSELt or CUTLASS through ``torch.sparse.to_sparse_semi_structured``)
-        multiply a 2:4 weight faster than dense cuBLAS; the packed kernels cannot
-        (they expand W and call cuBLAS above 8 tokens). The cost is memory: the
-        semi-structured copy of W (about 0.56 of dense) is kept beside the
-        packed buffers, built now and rebuilt when the buffers change. It is
+        From a few hundred tokens a layer nears the compute bound, and the sparse
+        tensor cores through cuSPARSELt (``torch.sparse.to_sparse_semi_structured``)
+        beat the packed kernels, whose own sparse tensor-core kernel stops at 128
+        tokens (above it they expand W and call cuBLAS). Measured on an H100, 2:4
+        fp16 (``benchmarks/results/semi-backends-h100-*.txt``), x dense at 256 /
+        512 / 4096 tokens: this path 0.65 / 0.77 / 1.22 (2560x9728), 1.05 / 0.78 /
+        1.28 (9728x2560), 0.57 / 0.77 / 1.19 (4096x4096), against the packed
+        path's 0.35-0.48 / 0.41-0.48 / 0.62-0.75; below 256 the packed path is as
+        fast or faster on two of the three shapes, hence the default. The cost is
+        memory: the semi-structured copy of W (about 0.56 of dense) is kept beside
+        the packed buffers, built now and rebuilt when the buffers change. It is
         not part of ``state_dict``. ``min_tokens=None`` turns it off and frees
         the copy. Returns the module.
 
