@@ -136,3 +136,17 @@ def test_bad_arguments_name_the_argument():
         fuse_siblings(nn.Linear(2, 2), groups=[("q_proj",)])
     with pytest.raises(ArgumentError, match="`groups`"):
         fuse_siblings(nn.Linear(2, 2), groups=[("a.q", "a.k")])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "bert"])
+def test_each_stacked_layer_runs_once_a_forward_in_hugging_face_models(family):
+    model = tiny_model(family)
+    report = fuse_siblings(model)
+    stacked = [m for m in model.modules() if isinstance(m, StackedSiblings)]
+    assert len(stacked) == len(report.fused) == (2 if family == "bert" else 4), str(report)
+    calls = []
+    for m in stacked:
+        m.layer.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    with torch.no_grad():
+        model(_ids())
+    assert len(calls) == len(stacked)  # the siblings shared one run of their stacked layer
