@@ -150,3 +150,93 @@ def test_each_stacked_layer_runs_once_a_forward_in_hugging_face_models(family):
     with torch.no_grad():
         model(_ids())
     assert len(calls) == len(stacked)  # the siblings shared one run of their stacked layer
+
+
+def _qkv(widths=(8, 8, 8), bias=True) -> nn.Module:
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (nn.Linear(16, w, bias=bias) for w in widths)
+    return parent
+
+
+def test_grad_mode_inference_mode_and_a_second_call_are_served_right():
+    parent = _qkv()
+    ref = copy.deepcopy(parent)
+    fuse_siblings(parent)
+    x = torch.randn(3, 16, requires_grad=True)  # (the stacked weights are frozen: the grad flows to x)
+    with torch.no_grad():
+        parent.q_proj(x)
+    k = parent.k_proj(x)  # grad on now: not the no-grad output
+    assert k.requires_grad
+    torch.testing.assert_close(k, ref.k_proj(x))
+    x = x.detach()
+    with torch.no_grad():
+        q1 = parent.q_proj(x)
+        q1.mul_(10)  # the caller edits its output, then asks again: a new run, not the edited one
+        torch.testing.assert_close(parent.q_proj(x), ref.q_proj(x))
+    with torch.inference_mode():  # inference tensors have no version counter
+        xi = torch.randn(3, 16)
+        got = [parent.v_proj(xi), parent.q_proj(xi), parent.k_proj(xi)]
+        want = [ref.v_proj(xi), ref.q_proj(xi), ref.k_proj(xi)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert parent.fused_q_proj_k_proj_v_proj._last is None
+
+
+def test_a_compiled_call_does_not_reuse_an_eager_output_of_an_input_changed_since():
+    parent = _qkv()
+    ref = copy.deepcopy(parent)
+    fuse_siblings(parent)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        parent.q_proj(x)  # eager: kept for k and v
+        x.mul_(3)
+        got = torch.compile(lambda h: parent.k_proj(h), fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, ref.k_proj(x))
+
+
+def test_slices_expose_their_rows_of_the_stacked_weight_and_bias():
+    parent = _qkv(widths=(8, 4, 4))
+    ref = copy.deepcopy(parent)
+    fuse_siblings(parent)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(parent, n).weight, getattr(ref, n).weight)
+        assert torch.equal(getattr(parent, n).bias, getattr(ref, n).bias)
+    assert parent.k_proj.out_features == 4 and parent.k_proj.in_features == 16
+
+
+def test_cross_attention_and_name_clashes_are_left_alone():
+    parent = nn.Module()
+    parent.encoder_attn = _qkv()
+    parent.self_attn = _qkv()
+    parent.self_attn.is_cross_attention = True
+    clash = _qkv()
+    clash.fused_q_proj_k_proj_v_proj = nn.Identity()
+    parent.other = clash
+    report = fuse_siblings(parent)
+    assert not report.fused
+    reasons = dict(report.skipped)
+    assert "cross-attention" in reasons["encoder_attn.q_proj/k_proj/v_proj"]
+    assert "cross-attention" in reasons["self_attn.q_proj/k_proj/v_proj"]
+    assert "already has a child" in reasons["other.q_proj/k_proj/v_proj"]
+
+
+def test_packed_siblings_keep_their_paths_and_column_patterns_say_why_not():
+    model, patterns = _pruned()
+    pack_model(model, patterns)
+    attn = model.model.layers[0].self_attn
+    for n in ("q_proj", "k_proj", "v_proj"):
+        getattr(attn, n).use_dense_cache(16).use_sp24(None)
+    fuse_siblings(model)
+    stacked = attn.fused_q_proj_k_proj_v_proj.layer
+    assert stacked._dense_min_tokens == 16 and not stacked._sp24_max_tokens
+    cols, cpat = _pruned(pattern="col-blocks:16:0.5")
+    pack_model(cols, cpat, compact_channels=False)
+    report = fuse_siblings(cols)
+    assert report.skipped and all("not one col-blocks" in why or "seams" in why for _, why in report.skipped)
+
+
+@pytest.mark.parametrize("groups", ["gate_proj", ("gate_proj", "up_proj"), [("gate_proj", "gate_proj")]])
+def test_malformed_groups_are_refused(groups):
+    with pytest.raises(ArgumentError, match="`groups`"):
+        fuse_siblings(nn.Linear(2, 2), groups=groups)

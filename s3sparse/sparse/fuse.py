@@ -10,8 +10,12 @@ without touching the model's code: the siblings' weights (rows) are stacked into
 registered once on the parent module, and each sibling becomes a :class:`SiblingSlice` that returns its
 columns of the stacked layer's output. The first sibling called with an input runs the stacked layer
 and keeps its output until every sibling has taken its part of it; a sibling called with another
-input (or the same tensor changed in place) runs the stacked layer again, so any call order gives the
-same numbers as before, only the sharing is lost.
+input, a second time, in another grad mode, or (eager, not inference tensors) with the same tensor
+changed in place runs the stacked layer again, so any call order gives the same numbers as before,
+only the sharing is lost. Not detected: an input changed in place between two siblings' calls inside
+one compiled graph, or an inference-mode tensor changed in place between them. Cross-attention
+modules are left alone (their key and value read the encoder's states, not the query's input).
+A sibling's ``weight`` and ``bias`` are its rows of the stacked ones.
 
 Measured on an H100 (random Qwen3-0.6B shape, 2:4, decode step compiled and replayed in a CUDA graph,
 ``benchmarks/packed_model.py --fuse --compile``): dense 2.236 ms, packed 1.980 (1.13x), dense fused
@@ -56,16 +60,29 @@ class StackedSiblings(nn.Module):
         self.names = list(names)
         starts = [sum(widths[:i]) for i in range(len(widths))]
         self.bounds = [(s, s + w) for s, w in zip(starts, widths)]
-        self._last: Optional[tuple] = None  # (input, its version, output, parts served)
+        # The last input, its key (_key), the stacked output, and the bit mask of the siblings served from it.
+        self._last: Optional[tuple] = None
+
+    @staticmethod
+    def _key(x: Tensor) -> tuple:
+        """What must match besides the input's identity for an output to be reused: the grad mode, whether
+        this is a compiled trace (an eager entry never serves a trace, nor the reverse), and in eager the
+        input's version (an in-place change recomputes; inference tensors have none: not detected there,
+        nor inside one compiled graph)."""
+        compiling = torch.compiler.is_compiling()
+        version = None if compiling or x.is_inference() else x._version
+        return torch.is_grad_enabled(), compiling, version
 
     def part(self, index: int, x: Tensor) -> Tensor:
-        last = self._last
-        compiling = torch.compiler.is_compiling()
-        if last is None or last[0] is not x or (not compiling and last[1] != x._version):
-            last = (x, None if compiling else x._version, self.layer(x), 0)
-        served = last[3] + 1
-        # The output is dropped once every sibling has had a part of it (nothing kept between steps).
-        self._last = None if served >= len(self.bounds) else (last[0], last[1], last[2], served)
+        """Sibling ``index``'s columns of the stacked output for ``x``: reused when ``x`` is the input of the
+        kept output, unchanged, and this sibling has not had its part of it yet; else the stacked layer
+        runs again."""
+        last, key, bit = self._last, self._key(x), 1 << index
+        if last is None or last[0] is not x or last[1] != key or last[3] & bit:
+            last = (x, key, self.layer(x), 0)
+        served = last[3] | bit
+        # Dropped once every sibling has had its part (nothing kept between steps).
+        self._last = None if served == (1 << len(self.bounds)) - 1 else (last[0], last[1], last[2], served)
         start, end = self.bounds[index]
         return last[2][..., start:end]
 
@@ -94,6 +111,18 @@ class SiblingSlice(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._stacked.part(self.index, x)
 
+    @property
+    def weight(self) -> Tensor:
+        """This sibling's rows of the stacked weight (decoded, for a packed one: for checks, not speed)."""
+        start, end = self._stacked.bounds[self.index]
+        return self._stacked.layer.weight[start:end]
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        b = self._stacked.layer.bias
+        start, end = self._stacked.bounds[self.index]
+        return None if b is None else b[start:end]
+
     def extra_repr(self) -> str:
         return f"{self._stacked.names[self.index]} of the stacked layer, out_features={self.out_features}"
 
@@ -112,8 +141,18 @@ class FuseReport:
         return "\n".join(lines)
 
 
-def _why_not(mods: Sequence[nn.Module]) -> Optional[str]:
-    """Why these siblings cannot be stacked (None: they can)."""
+# Attention modules whose key and value read another input than the query (the encoder's states): stacking
+# would run all three for the query's input and again for the other.
+CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
+
+
+def _why_not(parent_name: str, parent: nn.Module, names: Sequence[str], mods: Sequence[nn.Module]) -> Optional[str]:
+    """Why these siblings of ``parent`` cannot be stacked (None: they can)."""
+    if getattr(parent, "is_cross_attention", False) is True or any(
+            part in CROSS_ATTENTION_NAMES for part in parent_name.split(".")):
+        return "cross-attention (its siblings read different inputs)"
+    if _stacked_name(names) in parent._modules:
+        return f"the parent already has a child named {_stacked_name(names)!r}"
     kinds = {type(m) for m in mods}
     if len(kinds) != 1 or not kinds <= {nn.Linear, PackedLinear}:
         return f"not all nn.Linear or all PackedLinear ({', '.join(sorted(k.__name__ for k in kinds))})"
@@ -131,16 +170,33 @@ def _why_not(mods: Sequence[nn.Module]) -> Optional[str]:
     return None
 
 
+def _stacked_name(names: Sequence[str]) -> str:
+    return "fused_" + "_".join(names)
+
+
+def _copy_paths(src: PackedLinear, dst: PackedLinear) -> None:
+    """The first sibling's choices of path (sp24 limit, dense cache, semi-structured) on the stacked layer."""
+    if dst._sp24_max_tokens != src._sp24_max_tokens:
+        dst.use_sp24(src._sp24_max_tokens or None)
+    if src._dense_min_tokens is not None:
+        dst.use_dense_cache(src._dense_min_tokens)
+    if src._semi_min_tokens is not None:
+        dst.use_semi_structured(src._semi_min_tokens)
+
+
 @torch.no_grad()
 def _stack(mods: Sequence[nn.Module]) -> nn.Module:
     weight = torch.cat([m.weight.detach() for m in mods])
     bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
     if isinstance(mods[0], PackedLinear):
         pattern = mods[0].pattern["registry_name"]
-        layer = PackedLinear(PackedWeight.from_pattern(weight, pattern, index_format=mods[0].packed.index_format),
-                             None if bias is None else bias.clone())
+        try:
+            layer = PackedLinear(PackedWeight.from_pattern(weight, pattern), None if bias is None else bias.clone())
+        except ArgumentError as exc:  # (SpecError too) e.g. a column pattern: each sibling keeps its own columns
+            raise ValueError(f"the stacked rows are not one {pattern} weight ({str(exc).splitlines()[0]})") from None
         if not torch.equal(layer.weight, weight):  # a pattern whose scopes straddle the siblings' seams
             raise ValueError(f"the stacked weight is not {pattern} at the seams between siblings")
+        _copy_paths(mods[0], layer)
         return layer
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                       dtype=weight.dtype)
@@ -170,10 +226,16 @@ def fuse_siblings(model: nn.Module, groups: Optional[Iterable[Sequence[str]]] = 
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    groups = [tuple(g) for g in (DEFAULT_GROUPS if groups is None else groups)]
+    if groups is None:
+        groups = DEFAULT_GROUPS
+    if isinstance(groups, str) or any(isinstance(g, str) for g in groups):
+        raise ArgumentError(f"`groups` must be a list of tuples of child names, e.g. [('gate_proj', 'up_proj')], "
+                            f"got {groups!r}")
+    groups = [tuple(g) for g in groups]
     for g in groups:
-        if len(g) < 2 or not all(isinstance(n, str) and n and "." not in n for n in g):
-            raise ArgumentError(f"each of `groups` must name two or more direct children (no dots), got {g!r}")
+        if len(g) < 2 or len(set(g)) != len(g) or not all(isinstance(n, str) and n and "." not in n for n in g):
+            raise ArgumentError(f"each of `groups` must name two or more different direct children (no dots), "
+                                f"got {g!r}")
     report = FuseReport()
     for parent_name, parent in list(model.named_modules()):
         for names in groups:
@@ -181,7 +243,7 @@ def fuse_siblings(model: nn.Module, groups: Optional[Iterable[Sequence[str]]] = 
             if any(m is None for m in mods):
                 continue
             where = f"{parent_name + '.' if parent_name else ''}{'/'.join(names)}"
-            reason = _why_not(mods)
+            reason = _why_not(parent_name, parent, names, mods)
             if reason is None:
                 try:
                     layer = _stack(mods)
@@ -191,7 +253,7 @@ def fuse_siblings(model: nn.Module, groups: Optional[Iterable[Sequence[str]]] = 
                 report.skipped.append((where, reason))
                 continue
             stacked = StackedSiblings(layer, names, [m.out_features for m in mods])
-            stacked_name = "fused_" + "_".join(names)
+            stacked_name = _stacked_name(names)
             parent.add_module(stacked_name, stacked)
             for i, n in enumerate(names):
                 setattr(parent, n, SiblingSlice(stacked, i, mods[i].in_features))
