@@ -164,8 +164,8 @@ def _why_not(parent_name: str, parent: nn.Module, names: Sequence[str], mods: Se
     if len({m.bias is None for m in mods}) != 1:
         return "some have a bias and some not"
     if isinstance(mods[0], PackedLinear):
-        names = {(m.pattern or {}).get("registry_name") for m in mods}
-        if len(names) != 1 or None in names:
+        patterns = {(m.pattern or {}).get("registry_name") for m in mods}
+        if len(patterns) != 1 or None in patterns:
             return "packed in different or unnamed patterns (fusing re-packs by pattern name)"
     return None
 

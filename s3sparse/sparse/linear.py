@@ -221,7 +221,7 @@ class PackedLinear(nn.Module):
         fp16 (``benchmarks/results/semi-backends-h100-*.txt``), x dense at 256 /
         512 / 4096 tokens: this path 0.65 / 0.77 / 1.22 (2560x9728), 1.05 / 0.78 /
         1.28 (9728x2560), 0.57 / 0.77 / 1.19 (4096x4096), against the packed
-        path's 0.35-0.48 / 0.41-0.48 / 0.62-0.75; below 256 the packed path is as
+        path's 0.35-0.40 / 0.41-0.48 / 0.62-0.75; below 256 the packed path is as
         fast or faster on two of the three shapes, hence the default. The cost is
         memory: the semi-structured copy of W (about 0.56 of dense) is kept beside
         the packed buffers, built now and rebuilt when the buffers change. It is
