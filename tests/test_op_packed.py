@@ -833,3 +833,25 @@ def test_compile_fullgraph(device, backend):
             want = _dense_then_linear(x, *args, geo)
             for g, e in zip(got, want):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["2:4", "4:8", "coupled-2:4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_cpu_direct_decode_matches_the_tile_path_and_the_reference(name, dtype):
+    """On the CPU, 1-8 tokens of a row_group-1 weight with subset codes take the direct decode (each kept
+    element multiplied into its row's sums as decoded); 9 and more the tile path (decode a tile, BLAS)."""
+    from s3sparse.patterns import parse_pattern
+
+    W = torch.randn(48, 128)
+    scope, nnz = parse_pattern(name).build(W)
+    scope.hard_threshold(nnz=nnz)
+    p = PackedWeight.from_pattern(W, name).to(dtype)
+    bias = torch.randn(48, dtype=dtype)
+    x = torch.randn(9, 128, dtype=dtype)
+    want = torch.nn.functional.linear(x.double(), p.to_dense().double(), bias.double())
+    tile = _call_linear(p, x, bias=bias)  # 9 tokens: the tile path
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for n in (1, 3, 8):
+        direct = _call_linear(p, x[:n], bias=bias)
+        torch.testing.assert_close(direct.double(), want[:n], rtol=tol, atol=tol)
+        torch.testing.assert_close(direct, tile[:n], rtol=tol, atol=tol)
