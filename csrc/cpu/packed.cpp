@@ -3,8 +3,9 @@
 // packed_to_dense scatters every kept block into a zero W, scopes in parallel.
 // packed_linear, for up to 8 tokens of a weight whose scopes each lie in one row
 // (row_group 1, subset codes: n:m, coupled n:m), multiplies every kept element
-// into its row's sums as it decodes it (direct_rows); otherwise it decodes W tile by tile into the accumulation precision (fp32,
-// fp64 for fp64) and multiplies each tile by BLAS: with a row_group promise a
+// into its row's sums as it decodes it (direct_rows); otherwise it decodes W
+// tile by tile into the accumulation precision (fp32, fp64 for fp64) and
+// multiplies each tile by BLAS: with a row_group promise a
 // tile is a few whole row groups (about 2 MiB, so it stays in cache and W is
 // never materialised), without one the tile is all of W. Both validate the data
 // while decoding (block indices, codes, offsets, the row-group promise) and
@@ -283,7 +284,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x2 = x.reshape({N, g.K}).to(acc).contiguous();
   const CodeOffsets c = code_offsets(g, t);
-  if (g.row_group == 1 && N <= kDirectMaxTokens && t.subsets != nullptr) {
+  if (g.row_group == 1 && N <= kDirectMaxTokens && c.per_code > 0) {  // (per_code 0: no codes, or nothing kept)
     at::Tensor y = at::empty({N, g.M}, x2.options());
     std::atomic<int> status{0};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_linear_cpu_direct", [&] {
