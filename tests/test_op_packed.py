@@ -855,3 +855,26 @@ def test_cpu_direct_decode_matches_the_tile_path_and_the_reference(name, dtype):
         direct = _call_linear(p, x[:n], bias=bias)
         torch.testing.assert_close(direct.double(), want[:n], rtol=tol, atol=tol)
         torch.testing.assert_close(direct, tile[:n], rtol=tol, atol=tol)
+
+
+def test_cpu_direct_decode_edge_cases_match_the_tile_path():
+    """Found by review of the CPU direct decode: no scopes, empty blocks, and a subset row naming one block
+    twice must give at 1-8 tokens what 9+ tokens (the tile path) and the reference give."""
+    op = torch.ops.s3sparse
+    table = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], dtype=torch.int32)
+    no_scopes = (torch.zeros(0, 2, 1), torch.zeros(0, dtype=torch.int32), table, torch.arange(4),
+                 torch.zeros(1, dtype=torch.int64), [0], [4], 3)
+    empty_blocks = (torch.zeros(2, 1, 0), torch.zeros(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                    torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), [2], [100], 1)
+    for args, (M, K) in ((no_scopes, (4, 8)), (empty_blocks, (2, 4))):
+        for n in (2, 9):
+            assert torch.equal(op.packed_linear(torch.randn(n, K), *args, M, 1, None), torch.zeros(n, M))
+    # One code whose row names block 1 twice: the reference stores the value twice at one place (the last
+    # wins); every CPU path must agree with it, whatever the token count.
+    dup = (torch.tensor([[[1.0], [1.0]], [[1.0], [1.0]]]), torch.zeros(1, dtype=torch.int32),
+           torch.tensor([[1, 1]], dtype=torch.int32), torch.arange(4), torch.zeros(1, dtype=torch.int64), [2], [4], 1)
+    W = ref.packed_to_dense(*dup, 2, 4)
+    assert torch.equal(op.packed_to_dense(*dup, 2, 4), W)
+    for n in (1, 8, 9):
+        x = torch.ones(n, 4)
+        torch.testing.assert_close(op.packed_linear(x, *dup, 2, 1, None), x @ W.t())

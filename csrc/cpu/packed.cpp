@@ -96,37 +96,45 @@ struct ScopeCursor {
 };
 
 // Every code's kept elements as offsets from the scope's origin (n_codes x nnz B), and each code's smallest
-// and largest offset: one lookup a scope instead of a block index and an offset a kept block.
+// and largest offset: one lookup a scope instead of a block index and an offset a kept block. Built
+// (`ready`) only where it pays and means the same: subset codes, no more codes than scopes (so the table
+// is no larger than the values), and no code placing two of its elements at one offset (there the kernels
+// that store would keep the last and the direct sums would add both: such tables take the per-block path).
 struct CodeOffsets {
   std::vector<int64_t> off, lo, hi;
   int64_t per_code = 0;
+  bool ready = false;
 };
 
 CodeOffsets code_offsets(const PackedGeometry& g, const PackedTables& t) {
   CodeOffsets c;
-  if (t.subsets == nullptr) return c;  // per-block indices: no codes
+  if (t.subsets == nullptr || g.n_codes > g.S) return c;
   c.per_code = g.nnz * g.B;
   c.off.resize(static_cast<size_t>(g.n_codes * c.per_code));
   c.lo.assign(static_cast<size_t>(g.n_codes), 0);
   c.hi.assign(static_cast<size_t>(g.n_codes), 0);
+  std::vector<int64_t> sorted(static_cast<size_t>(c.per_code));
   for (int64_t code = 0; code < g.n_codes; ++code) {
     int64_t* o = c.off.data() + code * c.per_code;
     for (int64_t j = 0; j < g.nnz; ++j)  // (subsets entries < G: check_packed_subsets_host)
       for (int64_t e = 0; e < g.B; ++e) o[j * g.B + e] = t.block_off[t.subsets[code * g.nnz + j]] + t.elem_off[e];
-    if (c.per_code > 0) {
-      c.lo[code] = *std::min_element(o, o + c.per_code);
-      c.hi[code] = *std::max_element(o, o + c.per_code);
-    }
+    if (c.per_code == 0) continue;
+    std::copy(o, o + c.per_code, sorted.begin());
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) return CodeOffsets{};
+    c.lo[code] = sorted.front();
+    c.hi[code] = sorted.back();
   }
+  c.ready = true;
   return c;
 }
 
 // Scatter scopes [s0, s1) into `dst`, which holds W's flat elements [lo, hi)
 // (dst[f - lo]). Returns the PackedDataError bits of what was skipped. With subset codes
-// (`c` their offsets) one lookup and one bounds check a scope; with per-block indices a
-// lookup and a check a block.
+// and their offset table (`c` ready) one lookup and one bounds check a scope; else a
+// block index and a check a kept block.
 template <typename src_t, typename dst_t>
-int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const CodeOffsets* c, const src_t* values,
+int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const CodeOffsets& c, const src_t* values,
                    dst_t* dst, int64_t lo, int64_t hi, int64_t s0, int64_t s1, int out_of_range_error) {
   int status = 0;
   const bool codes = t.subsets != nullptr;
@@ -135,26 +143,30 @@ int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const CodeOff
   const int64_t w_end = g.M * g.K;
   for (int64_t s = s0; s < s1; ++s, scope.next()) {
     const src_t* src = values + s * g.nnz * g.B;
+    const int32_t* kept_row = nullptr;
     if (codes) {
       const uint32_t code = field.take();
       if (code >= static_cast<uint64_t>(g.n_codes)) {
         status |= kPackedBadCode;
         continue;
       }
-      if (c->per_code == 0) continue;
-      const int64_t first = scope.base + c->lo[code], last = scope.base + c->hi[code];
-      if (first < lo || last >= hi) {
-        // Outside W, or (for a tile) outside the rows this scope's group owns.
-        status |= (first >= 0 && last < w_end) ? out_of_range_error : kPackedBadOffset;
+      if (c.ready) {
+        if (c.per_code == 0) continue;
+        const int64_t first = scope.base + c.lo[code], last = scope.base + c.hi[code];
+        if (first < lo || last >= hi) {
+          // Outside W, or (for a tile) outside the rows this scope's group owns.
+          status |= (first >= 0 && last < w_end) ? out_of_range_error : kPackedBadOffset;
+          continue;
+        }
+        const int64_t* o = c.off.data() + code * c.per_code;
+        dst_t* out = dst + (scope.base - lo);
+        for (int64_t i = 0; i < c.per_code; ++i) out[o[i]] = static_cast<dst_t>(src[i]);
         continue;
       }
-      const int64_t* o = c->off.data() + code * c->per_code;
-      dst_t* out = dst + (scope.base - lo);
-      for (int64_t i = 0; i < c->per_code; ++i) out[o[i]] = static_cast<dst_t>(src[i]);
-      continue;
+      kept_row = t.subsets + static_cast<int64_t>(code) * g.nnz;
     }
     for (int64_t j = 0; j < g.nnz; ++j, src += g.B) {
-      const int64_t k = static_cast<int64_t>(field.take());
+      const int64_t k = codes ? static_cast<int64_t>(kept_row[j]) : static_cast<int64_t>(field.take());
       if (k >= g.G) {
         status |= kPackedBadIndex;
         continue;
@@ -174,7 +186,7 @@ int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const CodeOff
 
 // Scatter scopes [s0, s1) in parallel; raise on bad data.
 template <typename src_t, typename dst_t>
-void scatter_scopes_parallel(const PackedGeometry& g, const PackedTables& t, const CodeOffsets* c,
+void scatter_scopes_parallel(const PackedGeometry& g, const PackedTables& t, const CodeOffsets& c,
                              const src_t* values, dst_t* dst, int64_t lo, int64_t hi, int64_t s0, int64_t s1,
                              int out_of_range_error, const char* op) {
   std::atomic<int> status{0};
@@ -200,7 +212,7 @@ at::Tensor packed_to_dense_cpu(const at::Tensor& values, const at::Tensor& meta,
   if (g.S == 0 || g.nnz == 0) return out;
   const CodeOffsets c = code_offsets(g, t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_to_dense_cpu", [&] {
-    scatter_scopes_parallel(g, t, &c, values.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), 0,
+    scatter_scopes_parallel(g, t, c, values.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), 0,
                             g.M * g.K, 0, g.S, kPackedBadOffset, op);
   });
   return out;
@@ -212,7 +224,8 @@ at::Tensor packed_to_dense_cpu(const at::Tensor& values, const at::Tensor& meta,
 // a second pass over the tile for one token (2:4, 2560x9728, fp32, one thread: 78 ms against dense 6.3).
 constexpr int kDirectMaxTokens = 8;
 
-// y[t, r] (y is (N, M)) for rows [r0, r1) of a row_group-1 weight with subset codes; x is (N, K); N a
+// y[t, r] (y is (N, M)) for rows [r0, r1) of a row_group-1 weight with subset codes (their offset table
+// ready, something kept); x is (N, K); N a
 // compile-time count, so the sums stay in registers. Returns the PackedDataError bits of what was skipped
 // (a bad code; a scope reaching outside its row: outside W or outside the row it promised).
 template <int N, typename src_t, typename acc_t>
@@ -284,7 +297,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x2 = x.reshape({N, g.K}).to(acc).contiguous();
   const CodeOffsets c = code_offsets(g, t);
-  if (g.row_group == 1 && N <= kDirectMaxTokens && c.per_code > 0) {  // (per_code 0: no codes, or nothing kept)
+  if (g.row_group == 1 && N <= kDirectMaxTokens && c.ready && c.per_code > 0) {  // (ready: codes and S >= 1)
     at::Tensor y = at::empty({N, g.M}, x2.options());
     std::atomic<int> status{0};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "packed_linear_cpu_direct", [&] {
@@ -317,7 +330,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
       const int64_t s0 = g.row_group > 0 ? r0 / g.row_group * scopes_per_group : 0;
       const int64_t s1 = g.row_group > 0 ? r1 / g.row_group * scopes_per_group : g.S;
       if (g.nnz > 0 && s1 > s0) {
-        scatter_scopes_parallel(g, t, &c, v, part.mutable_data_ptr<acc_t>(), r0 * g.K, r1 * g.K, s0, s1,
+        scatter_scopes_parallel(g, t, c, v, part.mutable_data_ptr<acc_t>(), r0 * g.K, r1 * g.K, s0, s1,
                                 kPackedBadGroup, op);
       }
       at::Tensor out_rows = yt.narrow(0, r0, r1 - r0);
