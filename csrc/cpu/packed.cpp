@@ -228,12 +228,13 @@ constexpr int kDirectMaxTokens = 8;
 // ready, something kept); x is (N, K); N a
 // compile-time count, so the sums stay in registers. Returns the PackedDataError bits of what was skipped
 // (a bad code; a scope reaching outside its row: outside W or outside the row it promised).
-template <int N, typename src_t, typename acc_t>
+template <int N, int FixedL, typename src_t, typename acc_t>
 int direct_rows(const PackedGeometry& g, const PackedTables& t, const CodeOffsets& c, const src_t* values,
                 const acc_t* x, acc_t* y, int64_t r0, int64_t r1) {
   int status = 0;
   const int64_t per_row = g.S / g.M;  // scopes a row (exact: checked with row_group)
-  const int64_t w_end = g.M * g.K, L = c.per_code;
+  // Elements a scope: a constant for the common 2 (2:4) and 4 (4:8, coupled 2:4), so the loop unrolls.
+  const int64_t w_end = g.M * g.K, L = FixedL > 0 ? FixedL : c.per_code;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s0 = r * per_row, lo = r * g.K;
     FieldCursor field(t.meta, s0, g.meta_bits, g.per_word);
@@ -270,7 +271,9 @@ int direct_rows_n(int64_t n, const PackedGeometry& g, const PackedTables& t, con
   if constexpr (N < kDirectMaxTokens) {
     if (n != N) return direct_rows_n<src_t, acc_t, N + 1>(n, g, t, c, values, x, y, r0, r1);
   }
-  return direct_rows<N>(g, t, c, values, x, y, r0, r1);
+  if (c.per_code == 2) return direct_rows<N, 2>(g, t, c, values, x, y, r0, r1);
+  if (c.per_code == 4) return direct_rows<N, 4>(g, t, c, values, x, y, r0, r1);
+  return direct_rows<N, 0>(g, t, c, values, x, y, r0, r1);
 }
 
 // Rows per tile: whole row groups, about 2 MiB of fp32 (at least one group).
