@@ -3,6 +3,7 @@
     python benchmarks/packed_model.py --device cuda --out /tmp/model.json   # 28 layers, fp16, about a minute
     python benchmarks/packed_model.py --device cuda --layers 4              # a shallower model
     python benchmarks/packed_model.py --quick                               # CPU smoke run, a tiny config
+    python benchmarks/packed_model.py --device cuda --fuse --compile        # + both with q|k|v, gate|up stacked
 
 The model is ``transformers.Qwen3ForCausalLM`` built from a ``Qwen3Config`` of Qwen3-0.6B's shape
 (hidden 1024, MLP 3072, 28 layers, 16 query heads and 8 KV heads of 128, vocabulary 151936, tied
