@@ -208,6 +208,14 @@ def time_eager(fns, device: torch.device, calls: int, repeat: int) -> dict:
                 timing="eager: wall clock of a loop of calls, synchronised at the end")
 
 
+def graph_us(fns, device: torch.device, repeat: int, target_s: float = 2e-3, max_calls: int = 50) -> float:
+    """Microseconds of GPU time a call of ``fns`` (rotated): warmed, a sample of about ``target_s``
+    (:func:`pick_calls`, at least one call of each), timed by :func:`time_graph` (the labs' one line)."""
+    warm_up(fns, device)
+    calls = max(pick_calls(fns, device, target_s, max_calls), len(fns))
+    return time_graph(fns, device, calls, repeat)["seconds"] * 1e6
+
+
 def time_graph(fns, device: torch.device, calls: int, repeat: int) -> dict:
     """GPU time of one call: ``calls`` calls captured in one CUDA graph, replayed ``repeat`` times.
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, pick_calls, time_graph, warm_up  # noqa: E402
+from common import environment, graph_us  # noqa: E402
 
 from s3sparse.patterns import parse_pattern  # noqa: E402
 from s3sparse.sparse.compact import compact_inputs  # noqa: E402
@@ -73,9 +73,7 @@ def main() -> None:
             row = dict(M=M, K=K, kept=int(sets[0]["index"].numel()), tokens=n, us={})
             with torch.no_grad():
                 for name, calls in fns.items():
-                    warm_up(calls, dev)
-                    c = pick_calls(calls, dev, 2e-3, 50)
-                    row["us"][name] = time_graph(calls, dev, max(c, len(calls)), args.repeat)["seconds"] * 1e6
+                    row["us"][name] = graph_us(calls, dev, args.repeat)
             rows.append(row)
             print(f"{shape:>10} {n:>4} " + " ".join(f"{row['us'][k]:>8.1f}" for k in names), flush=True)
         del sets

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, pick_calls, time_graph, warm_up  # noqa: E402
+from common import environment, graph_us  # noqa: E402
 
 from s3sparse.patterns import parse_pattern  # noqa: E402
 from s3sparse.sparse import PackedLinear, PackedWeight  # noqa: E402
@@ -88,9 +88,7 @@ def main() -> None:
                     with torch.no_grad():
                         got = calls[0]().float()
                         row["err"][name] = float((got - want).norm() / want.norm())
-                        warm_up(calls, dev)
-                        c = pick_calls(calls, dev, 2e-3, 50)
-                        row["us"][name] = time_graph(calls, dev, max(c, len(calls)), args.repeat)["seconds"] * 1e6
+                        row["us"][name] = graph_us(calls, dev, args.repeat)
                 except Exception as exc:  # noqa: BLE001 - the lab reports what fails
                     row["us"][name] = None
                     row["err"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"

@@ -104,6 +104,15 @@ struct CodeOffsets {
   std::vector<int64_t> off, lo, hi;
   int64_t per_code = 0;
   bool ready = false;
+
+  // 0 when `code`'s elements from a scope at flat `base` all lie in W's flat [lo, hi); else the error
+  // bit: `out_of_range` (inside W, outside the promised rows) or kPackedBadOffset (outside W).
+  inline int span_error(uint32_t code, int64_t base, int64_t lo, int64_t hi, int64_t w_end,
+                        int out_of_range) const {
+    const int64_t first = base + this->lo[code], last = base + this->hi[code];
+    if (first >= lo && last < hi) return 0;
+    return (first >= 0 && last < w_end) ? out_of_range : kPackedBadOffset;
+  }
 };
 
 CodeOffsets code_offsets(const PackedGeometry& g, const PackedTables& t) {
@@ -152,10 +161,9 @@ int scatter_scopes(const PackedGeometry& g, const PackedTables& t, const CodeOff
       }
       if (c.ready) {
         if (c.per_code == 0) continue;
-        const int64_t first = scope.base + c.lo[code], last = scope.base + c.hi[code];
-        if (first < lo || last >= hi) {
-          // Outside W, or (for a tile) outside the rows this scope's group owns.
-          status |= (first >= 0 && last < w_end) ? out_of_range_error : kPackedBadOffset;
+        // Outside W, or (for a tile) outside the rows this scope's group owns.
+        if (const int bad = c.span_error(code, scope.base, lo, hi, w_end, out_of_range_error)) {
+          status |= bad;
           continue;
         }
         const int64_t* o = c.off.data() + code * c.per_code;
@@ -246,12 +254,11 @@ int direct_rows(const PackedGeometry& g, const PackedTables& t, const CodeOffset
         status |= kPackedBadCode;
         continue;
       }
-      const int64_t col = scope.base - lo;  // the scope's origin as a column of row r
-      if (col + c.lo[code] < 0 || col + c.hi[code] >= g.K) {
-        const bool in_w = scope.base + c.lo[code] >= 0 && scope.base + c.hi[code] < w_end;
-        status |= in_w ? kPackedBadGroup : kPackedBadOffset;
+      if (const int bad = c.span_error(code, scope.base, lo, lo + g.K, w_end, kPackedBadGroup)) {
+        status |= bad;
         continue;
       }
+      const int64_t col = scope.base - lo;  // the scope's origin as a column of row r
       const int64_t* o = c.off.data() + code * L;
       const src_t* v = values + s * L;
       const acc_t* xs = x + col;

@@ -158,8 +158,8 @@ def _why_not(parent_name: str, parent: nn.Module, names: Sequence[str], mods: Se
         return f"not all nn.Linear or all PackedLinear ({', '.join(sorted(k.__name__ for k in kinds))})"
     if len({m.in_features for m in mods}) != 1:
         return "their in_features differ"
-    if len({(m.weight.dtype, m.weight.device) for m in mods if isinstance(m, nn.Linear)}
-           | {(m.values.dtype, m.values.device) for m in mods if isinstance(m, PackedLinear)}) != 1:
+    stored = [m.weight if isinstance(m, nn.Linear) else m.values for m in mods]
+    if len({(w.dtype, w.device) for w in stored}) != 1:
         return "their dtypes or devices differ"
     if len({m.bias is None for m in mods}) != 1:
         return "some have a bias and some not"
@@ -203,10 +203,7 @@ def _stack(mods: Sequence[nn.Module]) -> nn.Module:
     layer.weight.copy_(weight)
     if bias is not None:
         layer.bias.copy_(bias)
-    layer.weight.requires_grad_(False)
-    if layer.bias is not None:
-        layer.bias.requires_grad_(False)
-    return layer
+    return layer.requires_grad_(False)
 
 
 def fuse_siblings(model: nn.Module, groups: Optional[Iterable[Sequence[str]]] = None) -> FuseReport:
