@@ -175,6 +175,37 @@ def test_load_packed_with_torch_compile(packed_dir):
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def _fused_equals_unfused(out, device):
+    """``load_packed(fuse=True)`` stacks gate/up (both 2:4 here) and leaves q/k/v (q is coupled 2:4, k/v 2:4:
+    not one pattern) alone; its logits equal the unfused model's."""
+    from s3sparse.sparse.fuse import SiblingSlice, StackedSiblings
+
+    plain, fused = load_packed(out, device=device), load_packed(out, device=device, fuse=True)
+    mlp, attn = fused.model.layers[0].mlp, fused.model.layers[0].self_attn
+    assert isinstance(mlp.gate_proj, SiblingSlice) and isinstance(mlp.up_proj, SiblingSlice)
+    stacked = [m for m in mlp.children() if isinstance(m, StackedSiblings)]
+    assert len(stacked) == 1 and isinstance(stacked[0].layer, PackedLinear)
+    assert isinstance(attn.q_proj, PackedLinear) and isinstance(attn.k_proj, PackedLinear)
+    ids = _ids().to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_load_packed_fuse_stacks_siblings_of_one_pattern(packed_dir):
+    out, _ = packed_dir
+    _fused_equals_unfused(out, "cpu")
+    with pytest.raises(Exception, match="`fuse` must be True or False"):
+        load_packed(out, fuse="yes")
+
+
+@pytest.mark.cuda
+def test_load_packed_fuse_on_cuda(packed_dir):
+    out, _ = packed_dir
+    _fused_equals_unfused(out, "cuda")
+    fused = load_packed(out, device="cuda", fuse=True)
+    assert all(m._tables_ok for m in fused.modules() if isinstance(m, PackedLinear))  # the stacked ones too
+
+
 def _check_on(model, device, dtype):
     """Every PackedLinear of ``model`` sits on ``device`` with ``dtype`` values; its index tensors stay integers."""
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]

@@ -17,9 +17,10 @@ one compiled graph, or an inference-mode tensor changed in place between them. C
 modules are left alone (their key and value read the encoder's states, not the query's input).
 A sibling's ``weight`` and ``bias`` are its rows of the stacked ones.
 
-Measured on an H100 (random Qwen3-0.6B shape, 2:4, decode step compiled and replayed in a CUDA graph,
-``benchmarks/packed_model.py --fuse --compile``): dense 2.236 ms, packed 1.980 (1.13x), dense fused
-1.926 (1.16x), packed fused 1.718 ms (1.30x the dense model's tokens/s).
+Measured on an H200 (random Qwen3-0.6B shape, 2:4, decode step compiled and replayed in a CUDA graph,
+``benchmarks/packed_model.py --fuse --compile``): dense 2.377 ms, packed 1.876 (1.27x), dense fused
+1.954 (1.22x), packed fused 1.605 ms (1.48x the dense model's tokens/s). ``load_packed(..., fuse=True)``
+calls this after loading.
 
 For inference: the fused model's ``state_dict`` has the stacked layers' keys, not the siblings'; save
 (``s3sparse pack``, ``save_pretrained``) before fusing, and fuse after loading.
