@@ -878,3 +878,54 @@ def test_cpu_direct_decode_edge_cases_match_the_tile_path():
     for n in (1, 8, 9):
         x = torch.ones(n, 4)
         torch.testing.assert_close(op.packed_linear(x, *dup, 2, 1, None), x @ W.t())
+
+
+def _raw_subset_rows(rng: random.Random, M: int, K: int, E: int, grid: str, extra_code_hi: int = 0):
+    """Op arguments after x (and M, K) of a row_group-1 weight with subset codes written directly in the
+    format: scopes of E columns, 2 of them kept (blocks of 1), on a scope grid laid out as `grid`:
+    "flat" (one dimension, stride E: 2:4's), "rows" ((M, K/E), strides (K, E)) or "pairs" (runs of 2 scopes
+    interleaved in 2E columns, coupled 2:4's). `extra_code_hi` > 0 adds a code no scope uses whose second
+    element sits that far past the scope (its reach is what a whole-row check must allow for)."""
+    pairs = [(a, b) for a in range(E) for b in range(a + 1, E)]
+    table = [[a, b] for a, b in pairs]
+    block_off = list(range(E))
+    if extra_code_hi:
+        block_off.append(E - 1 + extra_code_hi)
+        table.append([0, E])
+    S = M * K // E
+    fields = torch.tensor([rng.randrange(len(pairs)) for _ in range(S)], dtype=torch.int64)
+    bits = max(1, (len(table) - 1).bit_length())
+    if grid == "flat":
+        shape, stride = [S], [E]
+    elif grid == "rows":
+        shape, stride = [M, K // E], [K, E]
+    else:  # "pairs": scope 2j + i of a row at columns 2E j + i + {its code's two of 0, 2, .., 2E - 2}
+        shape, stride = [S // 2, 2], [2 * E, 1]
+        block_off = [2 * b for b in block_off]
+    return (torch.randn(S, 2, 1), pack_fields(fields, bits), torch.tensor(table, dtype=torch.int32),
+            torch.tensor(block_off, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), shape, stride, bits)
+
+
+@pytest.mark.parametrize("grid", ["flat", "rows", "pairs"])
+def test_cpu_direct_decode_regular_rows_and_their_fallback(grid, seed):
+    """The CPU direct decode checks a row once where its scopes are regular (RowSteps) and scope by scope
+    otherwise: both give the reference's numbers, on every scope layout of subset codes; a code reaching
+    past the row (in the table, used by no scope) sends boundary rows to the per-scope checks, still exact;
+    a bad code raises either way."""
+    rng = random.Random(seed)
+    M, E = rng.choice([3, 8, 17]), rng.choice([4, 8])
+    K = 2 * E * rng.choice([1, 3, 8])
+    for extra in (0, 1, K):
+        args = _raw_subset_rows(rng, M, K, E, grid, extra_code_hi=extra)
+        W = ref.packed_to_dense(*args, M, K).double()
+        x = torch.randn(9, K)
+        for n in (1, 2, 5, 8, 9):  # (9: the tile path)
+            got = torch.ops.s3sparse.packed_linear(x[:n], *args, M, 1, None)
+            torch.testing.assert_close(got.double(), x[:n].double() @ W.t(), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"grid={grid} M={M} K={K} E={E} extra={extra} n={n}: {m}")
+    values, meta, *rest = _raw_subset_rows(rng, M, K, E, grid)
+    bad = meta.clone()
+    bad[-1] = bad[-1] | int(2 ** 31 - 1)  # the last word's fields all ones: codes past the table
+    for n in (1, 8):
+        with pytest.raises(ValueError, match="subset code"):
+            torch.ops.s3sparse.packed_linear(torch.randn(n, K), values, bad, *rest, M, 1, None)

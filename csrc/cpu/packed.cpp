@@ -102,6 +102,7 @@ struct ScopeCursor {
 // that store would keep the last and the direct sums would add both: such tables take the per-block path).
 struct CodeOffsets {
   std::vector<int64_t> off, lo, hi;
+  int64_t all_lo = 0, all_hi = 0;  // the smallest lo and the largest hi over every code
   int64_t per_code = 0;
   bool ready = false;
 
@@ -133,6 +134,10 @@ CodeOffsets code_offsets(const PackedGeometry& g, const PackedTables& t) {
     if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) return CodeOffsets{};
     c.lo[code] = sorted.front();
     c.hi[code] = sorted.back();
+  }
+  if (c.per_code > 0 && g.n_codes > 0) {
+    c.all_lo = *std::min_element(c.lo.begin(), c.lo.end());
+    c.all_hi = *std::max_element(c.hi.begin(), c.hi.end());
   }
   c.ready = true;
   return c;
@@ -232,10 +237,39 @@ at::Tensor packed_to_dense_cpu(const at::Tensor& values, const at::Tensor& meta,
 // a second pass over the tile for one token (2:4, 2560x9728, fp32, one thread: 78 ms against dense 6.3).
 constexpr int kDirectMaxTokens = 8;
 
+// How a row's scopes lie, where they are regular: `outer` runs of `inner` scopes, a scope `istep` after the
+// previous in its run, a run `ostep` after the previous run. That holds where the row's scopes are consecutive
+// along the scope grid's last dimension (n:m: one run), or are whole runs of it, consecutive along the
+// dimension before (coupled n:m: runs of 2). Then whether every code of every scope of the row stays inside
+// the row is one check a row (the extreme origins and the extreme offsets of any code), and the loop walks x.
+struct RowSteps {
+  int64_t inner = 0, outer = 0, istep = 0, ostep = 0;
+
+  RowSteps(const PackedGeometry& g, const ScopeCursor& first, int64_t per_row) {
+    if (g.ndim < 1) return;
+    const int d = g.ndim - 1;
+    if (first.idx[d] + per_row <= g.scope_shape[d]) {
+      inner = per_row, outer = 1, istep = g.scope_stride[d];
+    } else if (g.ndim >= 2 && first.idx[d] == 0 && per_row % g.scope_shape[d] == 0 &&
+               first.idx[d - 1] + per_row / g.scope_shape[d] <= g.scope_shape[d - 1]) {
+      inner = g.scope_shape[d], outer = per_row / inner, istep = g.scope_stride[d], ostep = g.scope_stride[d - 1];
+    }
+  }
+  // Whether every scope (origins from `base`) with any code stays in W's flat [lo, hi).
+  bool inside(int64_t base, const CodeOffsets& c, int64_t lo, int64_t hi) const {
+    if (inner == 0) return false;
+    const int64_t di = (inner - 1) * istep, dout = (outer - 1) * ostep;
+    const int64_t first = base + std::min<int64_t>(0, di) + std::min<int64_t>(0, dout) + c.all_lo;
+    const int64_t last = base + std::max<int64_t>(0, di) + std::max<int64_t>(0, dout) + c.all_hi;
+    return first >= lo && last < hi;
+  }
+};
+
 // y[t, r] (y is (N, M)) for rows [r0, r1) of a row_group-1 weight with subset codes (their offset table
-// ready, something kept); x is (N, K); N a
-// compile-time count, so the sums stay in registers. Returns the PackedDataError bits of what was skipped
-// (a bad code; a scope reaching outside its row: outside W or outside the row it promised).
+// ready, something kept); x is (N, K); N a compile-time count, so the sums stay in registers. Returns the
+// PackedDataError bits of what was skipped (a bad code; a scope reaching outside its row: outside W or
+// outside the row it promised). A row whose scopes are regular and inside it (RowSteps) takes one check;
+// any other, one a scope.
 template <int N, int FixedL, typename src_t, typename acc_t>
 int direct_rows(const PackedGeometry& g, const PackedTables& t, const CodeOffsets& c, const src_t* values,
                 const acc_t* x, acc_t* y, int64_t r0, int64_t r1) {
@@ -243,28 +277,45 @@ int direct_rows(const PackedGeometry& g, const PackedTables& t, const CodeOffset
   const int64_t per_row = g.S / g.M;  // scopes a row (exact: checked with row_group)
   // Elements a scope: a constant for the common 2 (2:4) and 4 (4:8, coupled 2:4), so the loop unrolls.
   const int64_t w_end = g.M * g.K, L = FixedL > 0 ? FixedL : c.per_code;
+  const int64_t* off = c.off.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s0 = r * per_row, lo = r * g.K;
     FieldCursor field(t.meta, s0, g.meta_bits, g.per_word);
     ScopeCursor scope(g, s0);
     acc_t acc[N] = {};
-    for (int64_t s = s0; s < s0 + per_row; ++s, scope.next()) {
-      const uint32_t code = field.take();
-      if (code >= static_cast<uint64_t>(g.n_codes)) {
-        status |= kPackedBadCode;
-        continue;
-      }
-      if (const int bad = c.span_error(code, scope.base, lo, lo + g.K, w_end, kPackedBadGroup)) {
-        status |= bad;
-        continue;
-      }
-      const int64_t col = scope.base - lo;  // the scope's origin as a column of row r
-      const int64_t* o = c.off.data() + code * L;
-      const src_t* v = values + s * L;
-      const acc_t* xs = x + col;
+    const src_t* v = values + s0 * L;
+    // One scope at column `col` of the row, its code checked: its products into the sums.
+    const auto add = [&](const acc_t* xs, uint32_t code) {
+      const int64_t* o = off + code * L;
       for (int64_t i = 0; i < L; ++i) {
         const acc_t w = static_cast<acc_t>(v[i]);
         for (int n = 0; n < N; ++n) acc[n] += w * xs[n * g.K + o[i]];
+      }
+    };
+    const RowSteps steps(g, scope, per_row);
+    if (steps.inside(scope.base, c, lo, lo + g.K)) {
+      const acc_t* run = x + (scope.base - lo);
+      for (int64_t j = 0; j < steps.outer; ++j, run += steps.ostep) {
+        const acc_t* xs = run;
+        for (int64_t k = 0; k < steps.inner; ++k, xs += steps.istep, v += L) {
+          const uint32_t code = field.take();
+          if (code < static_cast<uint64_t>(g.n_codes)) {
+            add(xs, code);
+          } else {
+            status |= kPackedBadCode;
+          }
+        }
+      }
+    } else {
+      for (int64_t s = s0; s < s0 + per_row; ++s, scope.next(), v += L) {
+        const uint32_t code = field.take();
+        if (code >= static_cast<uint64_t>(g.n_codes)) {
+          status |= kPackedBadCode;
+        } else if (const int bad = c.span_error(code, scope.base, lo, lo + g.K, w_end, kPackedBadGroup)) {
+          status |= bad;
+        } else {
+          add(x + (scope.base - lo), code);
+        }
       }
     }
     for (int n = 0; n < N; ++n) y[n * g.M + r] = acc[n];
