@@ -929,3 +929,23 @@ def test_cpu_direct_decode_regular_rows_and_their_fallback(grid, seed):
     for n in (1, 8):
         with pytest.raises(ValueError, match="subset code"):
             torch.ops.s3sparse.packed_linear(torch.randn(n, K), values, bad, *rest, M, 1, None)
+
+
+def test_cpu_direct_decode_huge_strides_and_offsets_are_refused_not_wrapped():
+    """Found by fuzzing the one check a regular row takes: strides or offsets near 2^63 wrapped its 64-bit
+    bounds into a false yes (numbers where the tile path refuses, reads before x, a crash). Every token
+    count now refuses them alike."""
+    op = torch.ops.s3sparse.packed_linear
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    cases = [  # (values, meta, subsets, block_off, elem_off, scope_shape, scope_stride, bits), M, K
+        ((torch.ones(3, 1, 1), pack_fields(torch.zeros(3, dtype=torch.int64), 1), table[:1].clone(),
+          torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), [3], [-(2**63)], 1), 1, 4),
+        ((torch.ones(9, 1, 1), pack_fields(torch.zeros(9, dtype=torch.int64), 1), table[:1].clone(),
+          torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), [9], [2**61], 1), 1, 4),
+        ((torch.ones(2, 1, 1), pack_fields(torch.tensor([1, 0]), 1), table, torch.tensor([0, 2**63 - 1]),
+          torch.zeros(1, dtype=torch.int64), [2], [1], 1), 1, 2),
+    ]
+    for args, M, K in cases:
+        for n in (1, 8, 9):
+            with pytest.raises(ValueError, match="outside W"):
+                op(torch.randn(n, K), *args, M, 1, None)

@@ -255,12 +255,14 @@ struct RowSteps {
       inner = g.scope_shape[d], outer = per_row / inner, istep = g.scope_stride[d], ostep = g.scope_stride[d - 1];
     }
   }
-  // Whether every scope (origins from `base`) with any code stays in W's flat [lo, hi).
+  // Whether every scope (origins from `base`) with any code stays in W's flat [lo, hi). In 128 bits: strides
+  // and offsets near 2^63 (nothing bounds them) must not wrap into a false yes.
   bool inside(int64_t base, const CodeOffsets& c, int64_t lo, int64_t hi) const {
     if (inner == 0) return false;
-    const int64_t di = (inner - 1) * istep, dout = (outer - 1) * ostep;
-    const int64_t first = base + std::min<int64_t>(0, di) + std::min<int64_t>(0, dout) + c.all_lo;
-    const int64_t last = base + std::max<int64_t>(0, di) + std::max<int64_t>(0, dout) + c.all_hi;
+    using wide = __int128;
+    const wide di = wide(inner - 1) * istep, dout = wide(outer - 1) * ostep;
+    const wide first = wide(base) + std::min<wide>(0, di) + std::min<wide>(0, dout) + c.all_lo;
+    const wide last = wide(base) + std::max<wide>(0, di) + std::max<wide>(0, dout) + c.all_hi;
     return first >= lo && last < hi;
   }
 };
