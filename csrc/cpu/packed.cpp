@@ -286,7 +286,7 @@ int direct_rows(const PackedGeometry& g, const PackedTables& t, const CodeOffset
     ScopeCursor scope(g, s0);
     acc_t acc[N] = {};
     const src_t* v = values + s0 * L;
-    // One scope at column `col` of the row, its code checked: its products into the sums.
+    // The products of the scope at `v` (its code checked), its origin at `xs` in x, into the sums.
     const auto add = [&](const acc_t* xs, uint32_t code) {
       const int64_t* o = off + code * L;
       for (int64_t i = 0; i < L; ++i) {
