@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -67,6 +68,12 @@ def environment(device: torch.device) -> dict:
         commit=git_commit(),
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
+
+
+def write_rows(path, device: torch.device, rows: list) -> None:
+    """A lab's JSON: the environment (:func:`environment`) and its rows, written to ``path``."""
+    Path(path).write_text(json.dumps(dict(environment=environment(device), rows=rows), indent=1))
+    print(f"wrote {path}")
 
 
 @contextlib.contextmanager

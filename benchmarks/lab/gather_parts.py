@@ -16,7 +16,6 @@ CUDA-graph replay, weights rotated over 200 MiB, µs a call:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, graph_us  # noqa: E402
+from common import graph_us, write_rows  # noqa: E402
 
 from s3sparse.patterns import parse_pattern  # noqa: E402
 from s3sparse.sparse.compact import compact_inputs  # noqa: E402
@@ -78,8 +77,7 @@ def main() -> None:
             print(f"{shape:>10} {n:>4} " + " ".join(f"{row['us'][k]:>8.1f}" for k in names), flush=True)
         del sets
         torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(dict(environment=environment(dev), rows=rows), indent=1))
-    print(f"wrote {args.out}")
+    write_rows(args.out, dev, rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ commit goes to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, graph_us  # noqa: E402
+from common import graph_us, write_rows  # noqa: E402
 
 from s3sparse.patterns import parse_pattern  # noqa: E402
 from s3sparse.sparse import PackedLinear, PackedWeight  # noqa: E402
@@ -99,8 +98,7 @@ def main() -> None:
                   + f"   {ratio('packed')} {ratio('cslt')} {ratio('cslt_t')}   {row['err']['cslt_t']}", flush=True)
         del sets
         torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(dict(environment=environment(dev), rows=rows), indent=1))
-    print(f"wrote {args.out}")
+    write_rows(args.out, dev, rows)
 
 
 if __name__ == "__main__":
