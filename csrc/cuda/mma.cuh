@@ -1,6 +1,7 @@
 // Warp-level tensor-core and async-copy primitives (sm_80 and later) used by
 // the tensor-core kernel of packed_linear (packed_mma.cuh):
 //   cp_async16 / cp_async_ca<B>   global -> shared copies that bypass registers (B = 4 or 8 bytes)
+//   prefetch_l2, grid_dependency_trigger / _wait   an L2 hint; programmatic dependent launch (sm_90)
 //   ldmatrix_x2 / x4         8x8 b16 tiles from shared memory into fragments
 //   mma_16816                D (16x8, fp32) += A (16x16) B (16x8), fp16 or bf16
 //   mma_sp_16832             D (16x8, fp32) += A (16x32, 2:4, given as 16x16 kept
@@ -41,6 +42,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void prefetch_l2(const void*) {}
+__device__ __forceinline__ void grid_dependency_trigger() {}
+__device__ __forceinline__ void grid_dependency_wait() {}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) { s3emu_ldmatrix(r, 4, row); }
 __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) { s3emu_ldmatrix(r, 2, row); }
 template <bool BF16>
@@ -90,6 +94,25 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// A hint: the line holding p into L2 (no data reaches this thread).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#endif
+}
+// Programmatic dependent launch (sm_90): let the next kernel on the stream start launching (it waits for this
+// one before using its results), and wait for the previous kernel's completion and memory. Both are no-ops in a
+// kernel not launched as a programmatic dependent, and before sm_90.
+__device__ __forceinline__ void grid_dependency_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 // Lanes 8i..8i+7 give the row addresses of tile i.

@@ -291,6 +291,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
   const int64_t row_vecs = K / 16;  // 16-byte vectors a row of values
   const uint4* v0 = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + t;
   const uint4* v1 = v0 + 8 * row_vecs;
+  // As a programmatic dependent (dependent_launch_enabled) the kernel runs from here while the previous kernel
+  // ends: the next may start as this one's blocks leave; the first U iterations' values are asked into L2 (a
+  // prefetch brings nothing into this kernel, so an unfinished writer of them is harmless); then it waits for
+  // the previous kernel before reading anything. Launched plainly, both are no-ops.
+  grid_dependency_trigger();
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (it0 + u < it1) {
+      prefetch_l2(v0 + 4 * static_cast<int64_t>(it0 + u));
+      prefetch_l2(v1 + 4 * static_cast<int64_t>(it0 + u));
+    }
+  }
+  grid_dependency_wait();
   const uint32_t* mp = meta + static_cast<int64_t>(tile) * iters * 32 + lane;
   bool x_on[NT];
   const T* xp[NT];
@@ -442,9 +455,12 @@ struct Sp24Operands {
         N(static_cast<int>(xs.size(0))),
         S(static_cast<int>(s)) {}
 
+  // dependent: a programmatic dependent launch (launch.cuh), for kernels that call grid_dependency_wait first.
   template <typename Kernel, typename... Extra>
-  void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, cudaStream_t stream, Extra... extra) const {
-    S3_LAUNCH(grid, threads, smem, stream, kernel)(values, meta, x, bias, y, ws, counters, M, K, N, S, extra...);
+  void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, cudaStream_t stream, bool dependent,
+              Extra... extra) const {
+    launch_maybe_dependent(kernel, grid, dim3(static_cast<unsigned>(threads)), smem, stream, dependent, values, meta,
+                           x, bias, y, ws, counters, M, K, N, S, extra...);
   }
 };
 
@@ -468,7 +484,9 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
                                        : (tiles * S + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int blocks = static_cast<int>(blocks_wide);
   const Sp24Operands<T> args(xs, values, sp_meta, bias, ys, M, K, S, ws, cnt);
-  const auto launch = [&](auto kernel) { args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, in_block); };
+  const auto launch = [&](auto kernel) {
+    args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, dependent_launch_enabled(), in_block);
+  };
   const auto by_tokens = [&](auto order_tag) {
     constexpr int O = decltype(order_tag)::value;
     if (nt == 1) {

@@ -422,13 +422,13 @@ void launch_sp24_tiled(const at::Tensor& xs, const at::Tensor& values, const at:
       const int64_t smem = int64_t(P) * (x_stage + kTiledWarps * kTiledWm * (64 * 16 + 32 * 4)) +
                            (O == 1 ? 2 * tn * kTiledRow * 2 : 0);
       allow_shared<kernel>(smem);
-      args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
+      args.launch(kernel, grid, kTiledWarps * 32, smem, stream, false);
     } else {
       constexpr int U = kTiledU;
       constexpr auto kernel = sp24_tiled_kernel<T, NT, kTiledWm, U, C, O>;
       const int64_t smem = 2 * int64_t(U) * 8 * NT * kTiledRow * 2;
       allow_shared<kernel>(smem);
-      args.launch(kernel, grid, kTiledWarps * 32, smem, stream);
+      args.launch(kernel, grid, kTiledWarps * 32, smem, stream, false);
     }
   };
   const auto by_check = [&](auto nt_tag, auto order_tag) {
