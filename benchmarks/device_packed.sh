@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|cudaalt|bench|crossover|nmab|lab|spanlab|sp24ext|rowblock|rowblockncu|trueobs|refine|host|refineab|refineprof|model36|bf16probe|model|all]...
+#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|cudaalt|bench|crossover|nmab|lab|spanlab|sp24ext|rowblock|rowblockncu|trueobs|refine|host|refineab|refineprof|model36|bf16probe|modelpdl|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -61,9 +61,8 @@ for step in "${@:-all}"; do
       fi
       ;;&
     cudaalt)
-      # The packed and sp24 cuda tests with the decode's alternatives on: the n:m path's cp.async ring and the
-      # programmatic dependent launches (S3SPARSE_PACKED_NM_ASYNC=1 S3SPARSE_PACKED_PDL=1).
-      (cd /tmp && S3SPARSE_PACKED_NM_ASYNC=1 S3SPARSE_PACKED_PDL=1 timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider \
+      # The packed and sp24 cuda tests with the decode kernels launched plainly (S3SPARSE_PACKED_PDL=0).
+      (cd /tmp && S3SPARSE_PACKED_PDL=0 timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider \
         "$repo/tests/test_op_packed.py" "$repo/tests/test_op_sp24.py" "$repo/tests/test_sparse_packed.py" "$repo/tests/test_llm_pack.py" \
         > "$LOG/pytest-cuda-alt.txt" 2>&1)
       tail -15 "$LOG/pytest-cuda-alt.txt" | tee "$OUT/pytest-cuda-alt.txt"
@@ -84,17 +83,16 @@ for step in "${@:-all}"; do
       ;;&
     nmab)
       # Issue 17: decode at 1-16 tokens in variants, one process each (the switches are read once):
-      # S3SPARSE_PACKED_SP24 (2:4 / 4:8 / coupled 2:4 on sp24_linear, the default, or the packed kernels' n:m path),
-      # S3SPARSE_PACKED_NM_ASYNC (the n:m path's cp.async ring, or its register form), S3SPARSE_PACKED_PDL (the
-      # decode kernels as programmatic dependent launches); the default again last, for the run-to-run drift.
-      # A variant is name:SP24:NM_ASYNC:PDL.
-      for v in ${NMAB_VARIANTS:-base:1:1:0 pdl:1:1:1 nm-regs:0:0:0 nm-ring:0:1:0 nm-ring-pdl:0:1:1 base2:1:1:0}; do
-        IFS=: read -r name sp24 ring pdl <<< "$v"
-        (cd /tmp && S3SPARSE_PACKED_SP24=$sp24 S3SPARSE_PACKED_NM_ASYNC=$ring S3SPARSE_PACKED_PDL=$pdl timeout ${NMAB_TIMEOUT:-120} \
+      # S3SPARSE_PACKED_SP24 (2:4 / 4:8 / coupled 2:4 on sp24_linear, the default, or the packed kernels' n:m path)
+      # and S3SPARSE_PACKED_PDL (the decode kernels as programmatic dependent launches, the default, or plainly);
+      # the default again last, for the run-to-run drift. A variant is name:SP24:PDL.
+      for v in ${NMAB_VARIANTS:-base:1:1 nopdl:1:0 nm:0:1 nm-nopdl:0:0 base2:1:1}; do
+        IFS=: read -r name sp24 pdl <<< "$v"
+        (cd /tmp && S3SPARSE_PACKED_SP24=$sp24 S3SPARSE_PACKED_PDL=$pdl timeout ${NMAB_TIMEOUT:-120} \
           python3 "$repo/benchmarks/packed.py" --device cuda --check --shapes ${NMAB_SHAPES:-2560x9728 9728x2560 4096x4096} \
           --tokens ${NMAB_TOKENS:-1 2 16} --patterns 2:4 4:8 coupled-2:4 --methods dense packed \
           --out "$LOG/nmab-$name.json" > "$LOG/nmab-$name.txt" 2>&1
-          echo "# $name: S3SPARSE_PACKED_SP24=$sp24 S3SPARSE_PACKED_NM_ASYNC=$ring S3SPARSE_PACKED_PDL=$pdl"
+          echo "# $name: S3SPARSE_PACKED_SP24=$sp24 S3SPARSE_PACKED_PDL=$pdl"
           cat "$LOG/nmab-$name.txt")
       done | tee "$OUT/packed-nmab.txt"
       (cd "$LOG" && tar cf "$OUT/packed-nmab-json.tar" nmab-*.json)
@@ -185,6 +183,15 @@ for step in "${@:-all}"; do
     bf16probe)
       # The bf16 packed_linear case an H200 once computed double-rounded, through each kernel path.
       (cd /tmp && timeout 200 python3 "$repo/benchmarks/lab/bf16_bias_probe.py" 2>&1 | tail -20 | tee "$OUT/bf16-bias-probe.txt")
+      ;;&
+    modelpdl)
+      # Issue 17: the model step (fused siblings, compiled + graph) with the decode kernels launched as programmatic
+      # dependents (the default) and plainly (S3SPARSE_PACKED_PDL=0), one process each.
+      for pdl in 1 0 1; do
+        (cd /tmp && S3SPARSE_PACKED_PDL=$pdl timeout ${MODELPDL_TIMEOUT:-200} python3 "$repo/benchmarks/packed_model.py" --device cuda \
+          --fuse --compile --repeat 3 --out "$LOG/packed-model-pdl$pdl.json" > "$LOG/packed-model-pdl$pdl.txt" 2>&1
+          echo "# S3SPARSE_PACKED_PDL=$pdl"; tail -12 "$LOG/packed-model-pdl$pdl.txt")
+      done | tee "$OUT/packed-model-pdl.txt"
       ;;&
     model|all)
       # (MODEL_ARGS="--compile" for the compiled step; the profile: GPU time a step by kernel, eager steps)

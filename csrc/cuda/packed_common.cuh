@@ -108,9 +108,18 @@ inline bool stream_capturing(cudaStream_t stream) {
 // given is remembered per device (the call would otherwise be made on every
 // launch); it only ever grows. The kernel is a template argument so that every
 // kernel has its own record (kernels of one signature share a pointer type).
+// The 48 KiB a launch gets without asking covers static and dynamic shared
+// memory together: a kernel with static shared memory must ask from 48 KiB
+// minus that (at exactly 48 KiB of dynamic memory the span kernel's 16 static
+// bytes failed its launch with "invalid argument").
 template <auto Kernel>
 void allow_shared(int64_t bytes) {
-  if (bytes <= 48 * 1024) return;
+  static const int64_t static_bytes = [] {
+    cudaFuncAttributes a{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&a, Kernel));
+    return static_cast<int64_t>(a.sharedSizeBytes);
+  }();
+  if (bytes + static_bytes <= 48 * 1024) return;
   static std::atomic<int> allowed[kMaxDevices] = {};
   const int device = current_device();
   const int want = static_cast<int>(bytes);

@@ -118,7 +118,6 @@ struct StreamPlan {
   int32_t used_bits = 0;      // per_word * bits
   int32_t smem_goff = 0, smem_hits = 0;  // byte offsets: slot offsets (C, goff_rows, P) int32; tiling hits (L) int32
   int32_t nm_kind = 0;        // NmKind: the n:m path (nm_rows) is planned for this format
-  int32_t nm_ring = 0;        // bytes a warp of the n:m path's cp.async ring (nm_rows_async), 0: the register form
 };
 
 // The format's index tensors (subsets, block_off, elem_off): in shared memory
@@ -961,33 +960,6 @@ __device__ __forceinline__ void nm_compute(const StreamPlan& p, const T* __restr
   }
 }
 
-// A warp's sums of its current row on the n:m path (scopes alternate between
-// A sums) and the largest code seen; finish writes the row and starts the next.
-template <int NT, int A>
-struct NmSums {
-  float sums[A][NT] = {};
-  uint32_t max_code = 0;
-  template <typename T>
-  __device__ __forceinline__ void finish(const StreamPlan& p, int lane, int32_t q, const T* __restrict__ bias,
-                                         T* __restrict__ y, int* __restrict__ status) {
-    float acc[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[n] = 0.f;
-#pragma unroll
-      for (int a = 0; a < A; ++a) acc[n] += sums[a][n];
-    }
-    finish_row<T, NT>(p, acc, max_code >= static_cast<uint32_t>(kNmCodes) ? p.bad_code : 0, 0, lane, q, bias, y,
-                      status);
-#pragma unroll
-    for (int a = 0; a < A; ++a) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) sums[a][n] = 0.f;
-    }
-    max_code = 0;
-  }
-};
-
 // The n:m path of the span kernel: the rows of this warp (the span kernel's
 // order) as one stream of batches (with kNmPrefetch, each batch's loads
 // issued before the previous batch is computed, also across rows), with the
@@ -1012,7 +984,8 @@ __device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restr
   int32_t base = 0;
   NmBatch<U> cur;
   nm_load<C, U>(p, v16, meta, row_chunks, q, base, lane, cur);
-  NmSums<NT, A> r;
+  float sums[A][NT] = {};
+  uint32_t max_code = 0;
   while (true) {
     int32_t nq = q, nbase = base + 32 * U;
     if (nbase >= row_chunks) {
@@ -1024,13 +997,27 @@ __device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restr
     if constexpr (kNmPrefetch) {
       if (more) nm_load<C, U>(p, v16, meta, row_chunks, nq, nbase, lane, nxt);
     }
-    nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, base, lane, cur, r.sums, &r.max_code);
+    nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, base, lane, cur, sums, &max_code);
     if (nq != q) {
       if (!decided) {
         if (!decide()) return false;
         decided = true;
       }
-      r.finish(p, lane, q, bias, y, status);
+      float acc[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n] = 0.f;
+#pragma unroll
+        for (int a = 0; a < A; ++a) acc[n] += sums[a][n];
+      }
+      finish_row<T, NT>(p, acc, max_code >= static_cast<uint32_t>(kNmCodes) ? p.bad_code : 0, 0, lane, q, bias, y,
+                        status);
+#pragma unroll
+      for (int a = 0; a < A; ++a) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) sums[a][n] = 0.f;
+      }
+      max_code = 0;
     }
     if (!more) break;
     q = nq;
@@ -1044,132 +1031,20 @@ __device__ __forceinline__ bool nm_rows_of(const StreamPlan& p, const T* __restr
   return true;
 }
 
-// The n:m path with its loads in shared memory (p.nm_ring > 0): each lane
-// copies its own batches (values and their meta words) by cp.async,
-// kNmStages batches ahead, into its warp's ring, and reads back only its own
-// copies, so a batch costs one wait_group and no barrier. A warp then has
-// kNmStages batches of values in flight (the register form: two) without
-// holding them in registers. Same rows, order, sums and checks as nm_rows_of.
-#ifndef S3_LAB_NM_STAGES
-#define S3_LAB_NM_STAGES 4
-#endif
-constexpr int kNmStages = S3_LAB_NM_STAGES;
-// A warp's ring: kNmStages x U x 32 lanes x (16 bytes of values + two meta words).
-constexpr int64_t nm_ring_bytes(int U) { return int64_t(kNmStages) * U * 32 * (16 + 8); }
-
-// A position of a warp's stream: row q, its chunks from base.
-struct NmAt {
-  int32_t q, base;
-  __device__ __forceinline__ NmAt next(int32_t batch, int32_t row_chunks, int32_t step) const {
-    return base + batch >= row_chunks ? NmAt{q + step, 0} : NmAt{q, base + batch};
-  }
-};
-
-// Issues lane's copies of the batch at `at` (a live row) into ring stage (sv, sm).
-template <int C, int U>
-__device__ __forceinline__ void nm_copy(const StreamPlan& p, const uint4* __restrict__ values,
-                                        const int32_t* __restrict__ meta, int32_t row_chunks, NmAt at, int lane,
-                                        uint4* sv, uint2* sm) {
-  const uint4* vrow = values + static_cast<int64_t>(at.q) * row_chunks;
-  const uint32_t f_row = static_cast<uint32_t>(at.q) * static_cast<uint32_t>(row_chunks) * C;
-  const uint32_t per_word = static_cast<uint32_t>(p.per_word);
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int32_t c = at.base + lane + 32 * u;
-    const bool valid = c < row_chunks;
-    const uint32_t f = f_row + static_cast<uint32_t>(valid ? c : 0) * C;
-    const uint32_t word = p.div_per_word.div(f);
-    const bool second = valid && f - word * per_word + C > per_word;
-    cp_async16(sv + 32 * u + lane, vrow + (valid ? c : 0), valid);
-    cp_async_ca<4>(&sm[32 * u + lane].x, meta + word, valid);
-    cp_async_ca<4>(&sm[32 * u + lane].y, meta + word + (second ? 1 : 0), second);
-  }
-}
-
-template <typename T, int KIND, int NT, int U>
-__device__ __forceinline__ bool nm_rows_async(const StreamPlan& p, const T* __restrict__ values,
-                                              const int32_t* __restrict__ meta, const NmCheck& check,
-                                              const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
-                                              int* __restrict__ status, unsigned char* ring) {
-  constexpr int C = KIND == kNm24 ? 4 : 2;
-  constexpr int A = NT <= 2 ? 2 : 1;
-  constexpr int kStage = U * 32;  // ring entries a stage
-  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
-  const int32_t step = static_cast<int32_t>(blockDim.x / 32 * gridDim.x);
-  const int32_t row_chunks = p.K / 16;
-  const uint4* v16 = reinterpret_cast<const uint4*>(values);
-  uint4* sv = reinterpret_cast<uint4*>(ring + warp * nm_ring_bytes(U));
-  uint2* sm = reinterpret_cast<uint2*>(ring + warp * nm_ring_bytes(U) + kNmStages * kStage * 16);
-  auto decide = [&]() { return __ballot_sync(0xffffffffu, check.found == check.want) == 0xffffffffu; };
-  NmAt at{warp * static_cast<int32_t>(gridDim.x) + static_cast<int32_t>(blockIdx.x), 0};
-  if (at.q >= p.groups) return decide();
-  // Stage s holds the batch s, s + kNmStages, ... of the stream; one group committed a stage, empty past the end.
-  NmAt ld = at;
-#pragma unroll
-  for (int s = 0; s < kNmStages; ++s) {
-    if (ld.q < p.groups) {
-      nm_copy<C, U>(p, v16, meta, row_chunks, ld, lane, sv + s * kStage, sm + s * kStage);
-      ld = ld.next(32 * U, row_chunks, step);
-    }
-    cp_async_commit();
-  }
-  NmSums<NT, A> r;
-  bool decided = false;
-  int s = 0;
-  while (true) {
-    cp_async_wait<kNmStages - 1>();
-    NmBatch<U> cur;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint2 m = sm[s * kStage + 32 * u + lane];
-      cur.raw[u] = sv[s * kStage + 32 * u + lane];
-      cur.w0[u] = m.x;
-      cur.w1[u] = m.y;
-      const uint32_t f = (static_cast<uint32_t>(at.q) * static_cast<uint32_t>(row_chunks) +
-                          static_cast<uint32_t>(at.base + lane + 32 * u)) * C;
-      cur.slot[u] = f - p.div_per_word.div(f) * static_cast<uint32_t>(p.per_word);
-    }
-    nm_compute<T, KIND, NT, A, U>(p, x, row_chunks, at.base, lane, cur, r.sums, &r.max_code);
-    // The stage is read (its values went into the sums): refill it kNmStages batches on.
-    if (ld.q < p.groups) {
-      nm_copy<C, U>(p, v16, meta, row_chunks, ld, lane, sv + s * kStage, sm + s * kStage);
-      ld = ld.next(32 * U, row_chunks, step);
-    }
-    cp_async_commit();
-    const NmAt nx = at.next(32 * U, row_chunks, step);
-    if (nx.q != at.q) {
-      if (!decided) {
-        if (!decide()) {
-          cp_async_wait<0>();  // the span path reuses this shared memory
-          return false;
-        }
-        decided = true;
-      }
-      r.finish(p, lane, at.q, bias, y, status);
-    }
-    if (nx.q >= p.groups) break;
-    at = nx;
-    s = s + 1 == kNmStages ? 0 : s + 1;
-  }
-  return true;
-}
-
 template <typename T, int P, int NT>
 __device__ __forceinline__ bool nm_rows(const StreamPlan& p, const T* __restrict__ values,
                                         const int32_t* __restrict__ meta, const int32_t* __restrict__ subsets,
                                         const int64_t* __restrict__ block_off, const int64_t* __restrict__ elem_off,
                                         const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
-                                        int* __restrict__ status, unsigned char* ring) {
+                                        int* __restrict__ status) {
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const NmCheck check = nm_check_issue(p.nm_kind, static_cast<int32_t>(p.g.B), subsets, block_off, elem_off, lane);
-  auto run = [&]<int KIND>() {
-    return p.nm_ring > 0 ? nm_rows_async<T, KIND, NT, kNmLoads>(p, values, meta, check, x, bias, y, status, ring)
-                         : nm_rows_of<T, KIND, NT, kNmLoads>(p, values, meta, check, x, bias, y, status);
-  };
   if constexpr (P == 2) {
-    return run.template operator()<kNm24>();
+    return nm_rows_of<T, kNm24, NT, kNmLoads>(p, values, meta, check, x, bias, y, status);
   } else {
-    return p.nm_kind == kNmPairs48 ? run.template operator()<kNmPairs48>() : run.template operator()<kNmCoupled24>();
+    return p.nm_kind == kNmPairs48
+               ? nm_rows_of<T, kNmPairs48, NT, kNmLoads>(p, values, meta, check, x, bias, y, status)
+               : nm_rows_of<T, kNmCoupled24, NT, kNmLoads>(p, values, meta, check, x, bias, y, status);
   }
 }
 
@@ -1198,29 +1073,28 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
 #ifdef S3_LAB_SPAN_EMPTY
   if (p.K > 0) return;
 #endif
-  // Launched as a programmatic dependent (dependent_launch_enabled), the kernel runs from here while the previous kernel
-  // finishes: it lets the next one start as its own blocks leave, asks L2 for its first row's values (a
-  // prefetch reads nothing into this kernel, so an unfinished writer of W is harmless), then waits for the
-  // previous kernel before reading anything. Launched plainly, both are no-ops.
+  // Launched as a programmatic dependent (dependent_launch_enabled), the kernel runs from here while the
+  // previous kernel ends: it lets the next one start as its own blocks leave, asks L2 for the start of its first
+  // row's values (a prefetch brings nothing into this kernel, so a writer of W still running is harmless), then
+  // waits for the previous kernel before it reads anything. Launched plainly, both are no-ops.
   grid_dependency_trigger();
   if (p.nm_kind != kNmNone) {
     const int32_t q = static_cast<int32_t>(threadIdx.x) / 32 * static_cast<int32_t>(gridDim.x) +
                       static_cast<int32_t>(blockIdx.x);
-    const int32_t row_chunks = p.K / 16, ahead = 32 * kNmLoads * kNmStages;
+    const int32_t row_chunks = p.K / 16;
     if (q < p.groups) {
       const uint4* vrow = reinterpret_cast<const uint4*>(values) + static_cast<int64_t>(q) * row_chunks;
-      for (int32_t c = static_cast<int32_t>(threadIdx.x) % 32; c < row_chunks && c < ahead; c += 32)
+      for (int32_t c = static_cast<int32_t>(threadIdx.x) % 32; c < row_chunks && c < 32 * 2 * kNmLoads; c += 32)
         prefetch_l2(vrow + c);
     }
   }
   grid_dependency_wait();
-  S3_DYNAMIC_SHARED(unsigned char, smem);
   if constexpr ((P == 2 || P == 4) && NT <= 2) {
     // All warps agree (the tables are the same), so a block leaves together.
-    if (p.nm_kind != kNmNone &&
-        nm_rows<T, P, NT>(p, values, meta, subsets, block_off, elem_off, x, bias, y, status, smem))
+    if (p.nm_kind != kNmNone && nm_rows<T, P, NT>(p, values, meta, subsets, block_off, elem_off, x, bias, y, status))
       return;
   }
+  S3_DYNAMIC_SHARED(unsigned char, smem);
   __shared__ int table_bad, span_bad;
   __shared__ int32_t cmax;
   XT* xs = reinterpret_cast<XT*>(smem);
@@ -1335,17 +1209,12 @@ void launch_linear_kernel(Kernel kernel, const Plan& plan, unsigned blocks, int 
                           cudaStream_t stream, const at::Tensor& values, const at::Tensor& meta,
                           const std::optional<at::Tensor>& subsets, const at::Tensor& block_off,
                           const at::Tensor& elem_off, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
-                          at::Tensor& y, int* status, bool pdl = false) {
-  const T* v = values.const_data_ptr<T>();
-  const int32_t* m = meta.const_data_ptr<int32_t>();
-  const int32_t* sub = subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr;
-  const int64_t* bo = block_off.const_data_ptr<int64_t>();
-  const int64_t* eo = elem_off.const_data_ptr<int64_t>();
-  const T* xp = x2.const_data_ptr<T>();
-  const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-  T* yp = y.mutable_data_ptr<T>();
-  launch_maybe_dependent(kernel, dim3(blocks), dim3(static_cast<unsigned>(threads)), smem, stream, pdl, plan, v, m, sub, bo,
-                         eo, xp, b, yp, status);
+                          at::Tensor& y, int* status, bool dependent = false) {
+  launch_maybe_dependent(kernel, dim3(blocks), dim3(static_cast<unsigned>(threads)), smem, stream, dependent, plan,
+                         values.const_data_ptr<T>(), meta.const_data_ptr<int32_t>(),
+                         subsets.has_value() ? subsets->const_data_ptr<int32_t>() : nullptr,
+                         block_off.const_data_ptr<int64_t>(), elem_off.const_data_ptr<int64_t>(), x2.const_data_ptr<T>(),
+                         bias.has_value() ? bias->const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), status);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1357,21 +1226,14 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
   if constexpr (ROW1 && sizeof(T) == 2 && chunk_scopes<T, P>() * P * sizeof(T) == 16) {
     if (p.span_L > 0) {
       auto kernel = packed_span_kernel<T, P, NT>;
-      // Up to three blocks of 8 warps an SM while their shared memory fits, else 2 of 12 or 1 of 24; a block's
-      // shared memory also holds its warps' n:m rings when planned (the span path's x and tables, taken only
-      // when the n:m path declines, reuse it).
-      int64_t per_sm = kSpanWarpsPerSM / 8, smem = p.smem_total;
-      for (; per_sm > 1; --per_sm) {
-        smem = std::max<int64_t>(p.smem_total, p.nm_ring * (kSpanWarpsPerSM / per_sm));
-        if (per_sm * (smem + 1024) <= 220 * 1024) break;
-      }
-      smem = std::max<int64_t>(p.smem_total, p.nm_ring * (kSpanWarpsPerSM / per_sm));
-      allow_shared<packed_span_kernel<T, P, NT>>(smem);
+      allow_shared<packed_span_kernel<T, P, NT>>(p.smem_total);
+      const int64_t per_sm =
+          std::max<int64_t>(1, std::min<int64_t>(kSpanWarpsPerSM / 8, (220 * 1024) / (p.smem_total + 1024)));
       const int64_t warps = kSpanWarpsPerSM / per_sm;
       const int64_t want = ceil_div(int64_t(p.groups), warps);
       const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, multiprocessors() * per_sm)));
-      launch_linear_kernel<T>(kernel, p, blocks, static_cast<int>(warps * 32), smem, stream, values, meta, subsets,
-                              block_off, elem_off, x2, bias, y, status, dependent_launch_enabled());
+      launch_linear_kernel<T>(kernel, p, blocks, static_cast<int>(warps * 32), p.smem_total, stream, values, meta,
+                              subsets, block_off, elem_off, x2, bias, y, status, dependent_launch_enabled());
       return;
     }
   }
@@ -1411,17 +1273,6 @@ inline bool nm_path_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("S3SPARSE_PACKED_NM");
     return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  return enabled;
-}
-
-// The n:m path's loads through a cp.async ring in shared memory
-// (nm_rows_async) when S3SPARSE_PACKED_NM_ASYNC=1 (read once), else in
-// registers (nm_rows_of). Off by default until it has run on a GPU.
-inline bool nm_async_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("S3SPARSE_PACKED_NM_ASYNC");
-    return env != nullptr && std::strcmp(env, "1") == 0;
   }();
   return enabled;
 }
@@ -1533,7 +1384,6 @@ bool launch_packed_stream(const PackedGeometry& g, int64_t N, const at::Tensor& 
     if (P == 2 && g.B == 1 && p.s1_c == 4) p.nm_kind = kNm24;
     if (P == 4 && g.B == 2 && p.s1_c == 8) p.nm_kind = kNmPairs48;
     if (P == 4 && g.B == 2 && p.s1_c == 4) p.nm_kind = kNmCoupled24;
-    if (p.nm_kind != kNmNone && nm_async_enabled()) p.nm_ring = static_cast<int32_t>(nm_ring_bytes(kNmLoads));
   }
   const int64_t format_bytes = format_copy_bytes(p);
   if (format_bytes > 0 && p.smem_total + format_bytes <= kMaxSmem) {
