@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "cuda/launch.cuh"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -96,6 +98,12 @@ inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessor
 // Whether the current device has the mma.sync instructions (sm_80 and later): on older cards the
 // tensor-core kernels are compiled to a trap, so their launchers decline there.
 inline bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
+
+// Whether a decode kernel is launched as a programmatic dependent (launch.cuh): switched on, and on sm_90 or
+// later, where its griddepcontrol instructions exist.
+inline bool launch_as_dependent() {
+  return dependent_launch_enabled() && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
+}
 
 // Whether `stream` is capturing a CUDA graph (no host sync, no per-call state may be made then).
 inline bool stream_capturing(cudaStream_t stream) {

@@ -1233,7 +1233,7 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
       const int64_t want = ceil_div(int64_t(p.groups), warps);
       const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, multiprocessors() * per_sm)));
       launch_linear_kernel<T>(kernel, p, blocks, static_cast<int>(warps * 32), p.smem_total, stream, values, meta,
-                              subsets, block_off, elem_off, x2, bias, y, status, dependent_launch_enabled());
+                              subsets, block_off, elem_off, x2, bias, y, status, launch_as_dependent());
       return;
     }
   }

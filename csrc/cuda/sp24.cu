@@ -485,7 +485,7 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int blocks = static_cast<int>(blocks_wide);
   const Sp24Operands<T> args(xs, values, sp_meta, bias, ys, M, K, S, ws, cnt);
   const auto launch = [&](auto kernel) {
-    args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, dependent_launch_enabled(), in_block);
+    args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, launch_as_dependent(), in_block);
   };
   const auto by_tokens = [&](auto order_tag) {
     constexpr int O = decltype(order_tag)::value;
