@@ -187,7 +187,7 @@ for step in "${@:-all}"; do
     modelpdl)
       # Issue 17: the model step (fused siblings, compiled + graph) with the decode kernels launched as programmatic
       # dependents (the default) and plainly (S3SPARSE_PACKED_PDL=0), one process each.
-      for pdl in 1 0 1; do
+      for pdl in ${MODELPDL_RUNS:-1 0 1}; do
         (cd /tmp && S3SPARSE_PACKED_PDL=$pdl timeout ${MODELPDL_TIMEOUT:-200} python3 "$repo/benchmarks/packed_model.py" --device cuda \
           --fuse --compile --repeat 3 --out "$LOG/packed-model-pdl$pdl.json" > "$LOG/packed-model-pdl$pdl.txt" 2>&1
           echo "# S3SPARSE_PACKED_PDL=$pdl"; tail -12 "$LOG/packed-model-pdl$pdl.txt")
