@@ -189,9 +189,10 @@ for step in "${@:-all}"; do
       # dependents (the default) and plainly (S3SPARSE_PACKED_PDL=0), one process each.
       for pdl in ${MODELPDL_RUNS:-1 0 1}; do
         (cd /tmp && S3SPARSE_PACKED_PDL=$pdl timeout ${MODELPDL_TIMEOUT:-200} python3 "$repo/benchmarks/packed_model.py" --device cuda \
-          --fuse --compile --repeat 3 --out "$LOG/packed-model-pdl$pdl.json" > "$LOG/packed-model-pdl$pdl.txt" 2>&1
+          ${MODELPDL_ARGS:---fuse --compile --repeat 3} --out "$LOG/packed-model-pdl$pdl.json" > "$LOG/packed-model-pdl$pdl.txt" 2>&1
           echo "# S3SPARSE_PACKED_PDL=$pdl"; tail -12 "$LOG/packed-model-pdl$pdl.txt")
       done | tee "$OUT/packed-model-pdl.txt"
+      (cd "$LOG" && tar cf "$OUT/packed-model-pdl-json.tar" packed-model-pdl*.json)
       ;;&
     model|all)
       # (MODEL_ARGS="--compile" for the compiled step; the profile: GPU time a step by kernel, eager steps)
