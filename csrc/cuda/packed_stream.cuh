@@ -118,6 +118,7 @@ struct StreamPlan {
   int32_t used_bits = 0;      // per_word * bits
   int32_t smem_goff = 0, smem_hits = 0;  // byte offsets: slot offsets (C, goff_rows, P) int32; tiling hits (L) int32
   int32_t nm_kind = 0;        // NmKind: the n:m path (nm_rows) is planned for this format
+  bool dependent = false;     // launched as a programmatic dependent (launch_as_dependent)
 };
 
 // The format's index tensors (subsets, block_off, elem_off): in shared memory
@@ -1073,12 +1074,12 @@ packed_span_kernel(const StreamPlan p, const T* __restrict__ values, const int32
 #ifdef S3_LAB_SPAN_EMPTY
   if (p.K > 0) return;
 #endif
-  // Launched as a programmatic dependent (dependent_launch_enabled), the kernel runs from here while the
-  // previous kernel ends: it lets the next one start as its own blocks leave, asks L2 for the start of its first
-  // row's values (a prefetch brings nothing into this kernel, so a writer of W still running is harmless), then
-  // waits for the previous kernel before it reads anything. Launched plainly, both are no-ops.
+  // Launched as a programmatic dependent (p.dependent), the kernel runs from here while the previous kernel
+  // ends: it lets the next one start as its own blocks leave, asks L2 for the start of its first row's values (a
+  // prefetch brings nothing into this kernel, so a writer of W still running is harmless), then waits for the
+  // previous kernel before it reads anything. Launched plainly, trigger and wait are no-ops.
   grid_dependency_trigger();
-  if (p.nm_kind != kNmNone) {
+  if (p.dependent && p.nm_kind != kNmNone) {
     const int32_t q = static_cast<int32_t>(threadIdx.x) / 32 * static_cast<int32_t>(gridDim.x) +
                       static_cast<int32_t>(blockIdx.x);
     const int32_t row_chunks = p.K / 16;
@@ -1226,14 +1227,16 @@ void launch_kernel(const StreamPlan& p, const at::Tensor& values, const at::Tens
   if constexpr (ROW1 && sizeof(T) == 2 && chunk_scopes<T, P>() * P * sizeof(T) == 16) {
     if (p.span_L > 0) {
       auto kernel = packed_span_kernel<T, P, NT>;
+      StreamPlan plan = p;
+      plan.dependent = launch_as_dependent();
       allow_shared<packed_span_kernel<T, P, NT>>(p.smem_total);
       const int64_t per_sm =
           std::max<int64_t>(1, std::min<int64_t>(kSpanWarpsPerSM / 8, (220 * 1024) / (p.smem_total + 1024)));
       const int64_t warps = kSpanWarpsPerSM / per_sm;
       const int64_t want = ceil_div(int64_t(p.groups), warps);
       const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, multiprocessors() * per_sm)));
-      launch_linear_kernel<T>(kernel, p, blocks, static_cast<int>(warps * 32), p.smem_total, stream, values, meta,
-                              subsets, block_off, elem_off, x2, bias, y, status, launch_as_dependent());
+      launch_linear_kernel<T>(kernel, plan, blocks, static_cast<int>(warps * 32), p.smem_total, stream, values, meta,
+                              subsets, block_off, elem_off, x2, bias, y, status, plan.dependent);
       return;
     }
   }

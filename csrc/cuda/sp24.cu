@@ -268,7 +268,7 @@ template <typename T, int NT, int U, bool kCheck, int kOrder, bool kWideX>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBlock)
     sp24_linear_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                        const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
-                       int M, int K, int N, int S, bool in_block) {
+                       int M, int K, int N, int S, bool in_block, bool dependent) {
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -291,16 +291,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWarpsPerSm / kWarpsPerBl
   const int64_t row_vecs = K / 16;  // 16-byte vectors a row of values
   const uint4* v0 = vals + static_cast<int64_t>(tile * 16 + g) * row_vecs + t;
   const uint4* v1 = v0 + 8 * row_vecs;
-  // As a programmatic dependent (dependent_launch_enabled) the kernel runs from here while the previous kernel
-  // ends: the next may start as this one's blocks leave; the first U iterations' values are asked into L2 (a
-  // prefetch brings nothing into this kernel, so an unfinished writer of them is harmless); then it waits for
-  // the previous kernel before reading anything. Launched plainly, both are no-ops.
+  // Launched as a programmatic dependent (`dependent`, launch_as_dependent) the kernel runs from here while the
+  // previous kernel ends: the next may start as this one's blocks leave; the first U iterations' values are asked
+  // into L2 (a prefetch brings nothing into this kernel, so an unfinished writer of them is harmless); then it
+  // waits for the previous kernel before reading anything. Launched plainly, trigger and wait are no-ops.
   grid_dependency_trigger();
+  if (dependent) {
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (it0 + u < it1) {
-      prefetch_l2(v0 + 4 * static_cast<int64_t>(it0 + u));
-      prefetch_l2(v1 + 4 * static_cast<int64_t>(it0 + u));
+    for (int u = 0; u < U; ++u) {
+      if (it0 + u < it1) {
+        prefetch_l2(v0 + 4 * static_cast<int64_t>(it0 + u));
+        prefetch_l2(v1 + 4 * static_cast<int64_t>(it0 + u));
+      }
     }
   }
   grid_dependency_wait();
@@ -485,7 +487,8 @@ void launch_sp24(const at::Tensor& xs, const at::Tensor& values, const at::Tenso
   const int blocks = static_cast<int>(blocks_wide);
   const Sp24Operands<T> args(xs, values, sp_meta, bias, ys, M, K, S, ws, cnt);
   const auto launch = [&](auto kernel) {
-    args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, launch_as_dependent(), in_block);
+    const bool dependent = launch_as_dependent();
+    args.launch(kernel, dim3(blocks), kWarpsPerBlock * 32, 0, stream, dependent, in_block, dependent);
   };
   const auto by_tokens = [&](auto order_tag) {
     constexpr int O = decltype(order_tag)::value;
