@@ -187,10 +187,13 @@ for step in "${@:-all}"; do
     modelpdl)
       # Issue 17: the model step (fused siblings, compiled + graph) with the decode kernels launched as programmatic
       # dependents (S3SPARSE_PACKED_PDL=1) and plainly (the default), one process each.
+      # (run i with PDL p writes packed-model-pdl<p>-<i>: a repeated setting does not overwrite the earlier run)
+      i=0
       for pdl in ${MODELPDL_RUNS:-1 0 1}; do
+        i=$((i + 1)); run="packed-model-pdl$pdl-$i"
         (cd /tmp && S3SPARSE_PACKED_PDL=$pdl timeout ${MODELPDL_TIMEOUT:-200} python3 "$repo/benchmarks/packed_model.py" --device cuda \
-          ${MODELPDL_ARGS:---fuse --compile --repeat 3} --out "$LOG/packed-model-pdl$pdl.json" > "$LOG/packed-model-pdl$pdl.txt" 2>&1
-          echo "# S3SPARSE_PACKED_PDL=$pdl"; tail -12 "$LOG/packed-model-pdl$pdl.txt")
+          ${MODELPDL_ARGS:---fuse --compile --repeat 3} --out "$LOG/$run.json" > "$LOG/$run.txt" 2>&1
+          echo "# run $i: S3SPARSE_PACKED_PDL=$pdl"; tail -12 "$LOG/$run.txt")
       done | tee "$OUT/packed-model-pdl.txt"
       (cd "$LOG" && tar cf "$OUT/packed-model-pdl-json.tar" packed-model-pdl*.json)
       ;;&
