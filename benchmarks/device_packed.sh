@@ -61,8 +61,9 @@ for step in "${@:-all}"; do
       fi
       ;;&
     cudaalt)
-      # The packed and sp24 cuda tests with the decode kernels launched as programmatic dependents (S3SPARSE_PACKED_PDL=1).
-      (cd /tmp && S3SPARSE_PACKED_PDL=1 timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider \
+      # The packed and sp24 cuda tests with the decode kernels launched plainly (S3SPARSE_PACKED_PDL=0; the default
+      # launches them as programmatic dependents on sm_90+).
+      (cd /tmp && S3SPARSE_PACKED_PDL=0 timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider \
         "$repo/tests/test_op_packed.py" "$repo/tests/test_op_sp24.py" "$repo/tests/test_sparse_packed.py" "$repo/tests/test_llm_pack.py" \
         > "$LOG/pytest-cuda-alt.txt" 2>&1)
       tail -15 "$LOG/pytest-cuda-alt.txt" | tee "$OUT/pytest-cuda-alt.txt"
@@ -84,7 +85,7 @@ for step in "${@:-all}"; do
     nmab)
       # Issue 17: decode at 1-16 tokens in variants, one process each (the switches are read once):
       # S3SPARSE_PACKED_SP24 (2:4 / 4:8 / coupled 2:4 on sp24_linear, the default, or the packed kernels' n:m path)
-      # and S3SPARSE_PACKED_PDL (the decode kernels as programmatic dependent launches, or plainly, the default);
+      # and S3SPARSE_PACKED_PDL (1: the decode kernels as programmatic dependent launches, the default; 0: plainly);
       # the first again last, for the run-to-run drift. A variant is name:SP24:PDL.
       for v in ${NMAB_VARIANTS:-base:1:0 pdl:1:1 nm:0:0 nm-pdl:0:1 base2:1:0}; do
         IFS=: read -r name sp24 pdl <<< "$v"
@@ -186,7 +187,7 @@ for step in "${@:-all}"; do
       ;;&
     modelpdl)
       # Issue 17: the model step (fused siblings, compiled + graph) with the decode kernels launched as programmatic
-      # dependents (S3SPARSE_PACKED_PDL=1) and plainly (the default), one process each.
+      # dependents (S3SPARSE_PACKED_PDL=1, the default) and plainly (0), one process each.
       # (run i with PDL p writes packed-model-pdl<p>-<i>: a repeated setting does not overwrite the earlier run)
       i=0
       for pdl in ${MODELPDL_RUNS:-1 0 1}; do
