@@ -2,7 +2,7 @@
 # One GPU session of the packed-execution work (see docs/performance.md):
 # build (or reuse a carried wheel in .whl/), install, the packed CUDA tests,
 # then the packed benchmarks. Results go to $OUT (default ./out).
-#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|cudaalt|bench|crossover|nmab|lab|spanlab|sp24ext|rowblock|rowblockncu|trueobs|refine|host|refineab|refineprof|model36|bf16probe|modelpdl|model|all]...
+#   bash benchmarks/device_packed.sh [build|cpubuild|tests|cuda|cudaalt|bench|table1|crossover|nmab|lab|spanlab|sp24ext|rowblock|rowblockncu|trueobs|refine|host|refineab|refineprof|model36|bf16probe|modelpdl|model|all]...
 # After the install, the wheel's compiled library is copied into this checkout
 # and PYTHONPATH points here, so Python-only changes run without a new wheel.
 # At most 8 files come back from a device call: logs stay in $LOG (copied to
@@ -138,6 +138,18 @@ for step in "${@:-all}"; do
         -k regex:rowblock python3 "$repo/benchmarks/lab/rowblock_one.py" 1 16 > "$OUT/ncu-rowblock.txt" 2>&1)
       grep -E "rowblock_kernel|Block Size|Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued" \
         "$OUT/ncu-rowblock.txt"
+      ;;&
+    table1)
+      # Issue 16: benchmarks/table1.py on the 2560x9728 layer, ours on the four patterns (SparseGPT, interleaved-16,
+      # True OBS) and, when its wheel is carried in .whl/peer/, the reference (sparsekit 0.1.5) on 2:4 in the same run.
+      peer=()
+      if ls .whl/peer/sparsekit-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-deps --target /tmp/peer-site .whl/peer/sparsekit-*.whl > "$LOG/peer.log" 2>&1 &&
+          peer=(--peer sparsekit --peer-path /tmp/peer-site --skip-peer-cells "48:*,coupled24:*,block16:*")
+      fi
+      (cd /tmp && timeout ${TABLE1_TIMEOUT:-420} python3 "$repo/benchmarks/table1.py" --device cuda \
+        --methods ${TABLE1_METHODS:-sparsegpt obs_interleaved true_obs_l2r} --repeat 3 --cell-budget 10 "${peer[@]}" \
+        --markdown --out "$OUT/table1.json" > "$OUT/table1.txt" 2>&1; tail -30 "$OUT/table1.txt")
       ;;&
     trueobs)
       # Issue 16: True OBS's blocked form on the 16-column pattern, panel_batches G (one timed call each).
