@@ -1,6 +1,7 @@
 """The decode kernels as programmatic dependent launches (the default on sm_90+; ``S3SPARSE_PACKED_PDL``
-is read once per process, so each case runs in a child process with it set): chains of packed layers whose second kernel reads
-the first one's output, eagerly and replayed in a CUDA graph, must equal the pruned dense chain."""
+is read once per process, so each case runs in a child process with it set): chains of packed layers
+whose second kernel reads the first one's output, eagerly and replayed in a CUDA graph, must equal the
+pruned dense chain."""
 
 from __future__ import annotations
 
