@@ -1,5 +1,5 @@
-// Small device helpers shared by the packed-weight kernels (packed.cu and the
-// stream decode kernel of packed_stream.cuh).
+// Small device helpers shared by the packed-weight kernels (packed.cu, the general decode kernels of
+// packed_decode.cuh and the stream decode kernel of packed_stream.cuh).
 #pragma once
 
 #include <ATen/ATen.h>
