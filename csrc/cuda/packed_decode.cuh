@@ -413,6 +413,22 @@ __device__ __forceinline__ void load_values(const T* __restrict__ src, T (&out)[
   }
 }
 
+// acc[n] += the dot product of VEC weights w with x's token n at columns col .. col + VEC - 1,
+// for the call's N tokens (x row-major with K columns, read as VEC-value vectors).
+template <typename T, int VEC, int NT>
+__device__ __forceinline__ void dot_tokens(float (&acc)[NT], const T* w, const T* __restrict__ x, int32_t K,
+                                           int32_t col, int32_t N) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    if (NT == 1 || n < N) {
+      T xv[VEC];
+      load_values<T, VEC>(x + static_cast<int64_t>(n) * K + col, xv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[n] += to_float(w[v]) * to_float(xv[v]);
+    }
+  }
+}
+
 // Every thread: chunks c_begin + threadIdx.x, + blockDim.x, ... below c_end
 // (VEC consecutive values from value index base + c * VEC), kUnroll loads in
 // flight, then fn(vals, value index of vals[0]) for each.
@@ -524,15 +540,7 @@ packed_gemv_kernel(const GemvPlan p, const T* __restrict__ values, const int32_t
       if (!dec.locate_at(dec.e + VEC - 1, &row_last, &col_last)) return;
       use_row(row - row0);
       if (row_last == row && col % VEC == 0) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          if (NT == 1 || n < N) {
-            T xv[VEC];
-            load_values<T, VEC>(x + static_cast<int64_t>(n) * K + col, xv);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) acc[n] += to_float(vals[v]) * to_float(xv[v]);
-          }
-        }
+        dot_tokens<T, VEC, NT>(acc, vals, x, K, col, N);
         return;
       }
     }
@@ -634,15 +642,7 @@ packed_rowtile_kernel(const GemvPlan p, const T* __restrict__ values, const int3
       for (int32_t col = tid * kXVec; col < K; col += nt * kXVec) {
         T wv[kXVec];
         std::memcpy(wv, trow + col, 16);
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          if (NT == 1 || n < N) {
-            T xv[kXVec];
-            load_values<T, kXVec>(x + static_cast<int64_t>(n) * K + col, xv);
-#pragma unroll
-            for (int v = 0; v < kXVec; ++v) acc[n] += to_float(wv[v]) * to_float(xv[v]);
-          }
-        }
+        dot_tokens<T, kXVec, NT>(acc, wv, x, K, col, N);
       }
     } else {
       for (int32_t col = tid; col < K; col += nt) {
